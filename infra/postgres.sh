@@ -1,0 +1,98 @@
+#!/usr/bin/env bash
+# A throwaway PostgreSQL server from Debian's packages, for tests, benchmarks and local runs.
+#
+#   infra/postgres.sh up | down | status | url | reset
+#
+# Environment:
+#   CONNTRACK_PG_PORT   TCP port on 127.0.0.1                    (default 55432)
+#   CONNTRACK_PG_DIR    data directory (must be reachable by the  (default /tmp/conntrack-pg-<port>)
+#                       'postgres' OS user, hence not inside a checkout that may live under /root)
+#
+# The server trusts loopback connections: it is for tests on this machine, never for production.
+# It creates role and database 'conntrack'; `infra/postgres.sh url` prints the SQLAlchemy URL.
+set -euo pipefail
+
+port="${CONNTRACK_PG_PORT:-55432}"
+dir="${CONNTRACK_PG_DIR:-/tmp/conntrack-pg-$port}"
+data="$dir/data"
+
+die() { echo "infra/postgres: $*" >&2; exit 1; }
+
+pg_bin() {
+  local d
+  for d in /usr/lib/postgresql/*/bin; do [ -x "$d/initdb" ] && echo "$d"; done | sort -V | tail -1
+}
+
+ensure_installed() {
+  [ -n "$(pg_bin)" ] && return 0
+  command -v apt-get >/dev/null 2>&1 ||
+    die "PostgreSQL server binaries not found and apt-get is unavailable; install PostgreSQL 13+."
+  [ "$(id -u)" = 0 ] || die "PostgreSQL is not installed; run as root or: sudo apt-get install postgresql"
+  echo "infra/postgres: installing PostgreSQL from Debian's packages"
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -q postgresql >/dev/null 2>&1 ||
+    { apt-get update -q >/dev/null 2>&1 && DEBIAN_FRONTEND=noninteractive apt-get install -y -q postgresql >/dev/null; } ||
+    die "apt-get install postgresql failed"
+  [ -n "$(pg_bin)" ] || die "postgresql installed but initdb not found under /usr/lib/postgresql"
+}
+
+# PostgreSQL refuses to run as root: run it as the 'postgres' OS user when we are root.
+as_pg() {
+  if [ "$(id -u)" = 0 ]; then
+    id postgres >/dev/null 2>&1 || useradd --system --home-dir /var/lib/postgresql --shell /bin/sh postgres
+    runuser -u postgres -- "$@"
+  else
+    "$@"
+  fi
+}
+
+running() { [ -n "$(pg_bin)" ] && [ -f "$data/postmaster.pid" ] && as_pg "$(pg_bin)/pg_ctl" -D "$data" status >/dev/null 2>&1; }
+
+url() { echo "postgresql+asyncpg://conntrack@127.0.0.1:$port/conntrack"; }
+
+up() {
+  ensure_installed
+  local bin; bin="$(pg_bin)"
+  if running; then echo "infra/postgres: already running on 127.0.0.1:$port"; return 0; fi
+  (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null && die "port $port is taken; set CONNTRACK_PG_PORT."
+  mkdir -p "$dir"
+  [ "$(id -u)" = 0 ] && { id postgres >/dev/null 2>&1 || as_pg true; chown postgres: "$dir"; }
+  if [ ! -f "$data/PG_VERSION" ]; then
+    as_pg "$bin/initdb" -D "$data" -U postgres --auth=trust --encoding=UTF8 --locale=C.UTF-8 >"$dir/initdb.log" 2>&1 ||
+      { cat "$dir/initdb.log" >&2; die "initdb failed"; }
+    cat >>"$data/postgresql.conf" <<CONF
+listen_addresses = '127.0.0.1'
+port = $port
+unix_socket_directories = '$dir'
+max_connections = 200
+shared_buffers = 256MB
+# A throwaway server: a crash may lose the last commits, never corrupt data.
+synchronous_commit = off
+CONF
+  fi
+  as_pg "$bin/pg_ctl" -D "$data" -l "$dir/server.log" -w -t 60 start >/dev/null ||
+    { tail -30 "$dir/server.log" >&2; die "server did not start"; }
+  as_pg "$bin/psql" -h 127.0.0.1 -p "$port" -U postgres -d postgres -q -v ON_ERROR_STOP=1 >/dev/null <<SQL
+SELECT 'CREATE ROLE conntrack LOGIN SUPERUSER' WHERE NOT EXISTS (SELECT FROM pg_roles WHERE rolname = 'conntrack')\gexec
+SELECT 'CREATE DATABASE conntrack OWNER conntrack' WHERE NOT EXISTS (SELECT FROM pg_database WHERE datname = 'conntrack')\gexec
+SQL
+  echo "infra/postgres: ready on 127.0.0.1:$port ($(url))"
+}
+
+down() {
+  if ! running; then echo "infra/postgres: not running"; return 0; fi
+  as_pg "$(pg_bin)/pg_ctl" -D "$data" -m fast -w stop >/dev/null
+  echo "infra/postgres: stopped"
+}
+
+status() {
+  if running; then echo "infra/postgres: running on 127.0.0.1:$port (data $data)"; else echo "infra/postgres: not running (port $port)"; return 3; fi
+}
+
+case "${1:-}" in
+  up) up ;;
+  down) down ;;
+  status) status ;;
+  url) url ;;
+  reset) down; rm -rf "$dir"; echo "infra/postgres: data removed" ;;
+  *) echo "usage: infra/postgres.sh up|down|status|url|reset" >&2; exit 2 ;;
+esac
