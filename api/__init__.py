@@ -1,0 +1,1 @@
+"""The gRPC API: yandex.cloud.serverless.apigateway.websocket.v1.ConnectionService from the read model."""

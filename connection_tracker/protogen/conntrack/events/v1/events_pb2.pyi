@@ -1,0 +1,57 @@
+import datetime
+
+from google.protobuf import timestamp_pb2 as _timestamp_pb2
+from google.protobuf import descriptor as _descriptor
+from google.protobuf import message as _message
+from collections.abc import Mapping as _Mapping
+from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
+
+DESCRIPTOR: _descriptor.FileDescriptor
+
+class ConnectionEvent(_message.Message):
+    __slots__ = ("schema_version", "event_id", "connection_id", "gateway_id", "occurred_at", "connected", "activity", "disconnected")
+    SCHEMA_VERSION_FIELD_NUMBER: _ClassVar[int]
+    EVENT_ID_FIELD_NUMBER: _ClassVar[int]
+    CONNECTION_ID_FIELD_NUMBER: _ClassVar[int]
+    GATEWAY_ID_FIELD_NUMBER: _ClassVar[int]
+    OCCURRED_AT_FIELD_NUMBER: _ClassVar[int]
+    CONNECTED_FIELD_NUMBER: _ClassVar[int]
+    ACTIVITY_FIELD_NUMBER: _ClassVar[int]
+    DISCONNECTED_FIELD_NUMBER: _ClassVar[int]
+    schema_version: int
+    event_id: str
+    connection_id: str
+    gateway_id: str
+    occurred_at: _timestamp_pb2.Timestamp
+    connected: Connected
+    activity: Activity
+    disconnected: Disconnected
+    def __init__(self, schema_version: _Optional[int] = ..., event_id: _Optional[str] = ..., connection_id: _Optional[str] = ..., gateway_id: _Optional[str] = ..., occurred_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., connected: _Optional[_Union[Connected, _Mapping]] = ..., activity: _Optional[_Union[Activity, _Mapping]] = ..., disconnected: _Optional[_Union[Disconnected, _Mapping]] = ...) -> None: ...
+
+class Connected(_message.Message):
+    __slots__ = ("identity",)
+    IDENTITY_FIELD_NUMBER: _ClassVar[int]
+    identity: CallerIdentity
+    def __init__(self, identity: _Optional[_Union[CallerIdentity, _Mapping]] = ...) -> None: ...
+
+class Activity(_message.Message):
+    __slots__ = ("frames",)
+    FRAMES_FIELD_NUMBER: _ClassVar[int]
+    frames: int
+    def __init__(self, frames: _Optional[int] = ...) -> None: ...
+
+class Disconnected(_message.Message):
+    __slots__ = ("status_code", "reason")
+    STATUS_CODE_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    status_code: int
+    reason: str
+    def __init__(self, status_code: _Optional[int] = ..., reason: _Optional[str] = ...) -> None: ...
+
+class CallerIdentity(_message.Message):
+    __slots__ = ("source_ip", "user_agent")
+    SOURCE_IP_FIELD_NUMBER: _ClassVar[int]
+    USER_AGENT_FIELD_NUMBER: _ClassVar[int]
+    source_ip: str
+    user_agent: str
+    def __init__(self, source_ip: _Optional[str] = ..., user_agent: _Optional[str] = ...) -> None: ...

@@ -1,0 +1,50 @@
+"""Alembic environment: runs migrations through the project's async engine factory."""
+
+from __future__ import annotations
+
+import asyncio
+
+from alembic import context
+from sqlalchemy.engine import Connection
+
+from connection_tracker.database import create_engine
+from connection_tracker.schema import metadata
+
+config = context.config
+
+
+def _do_run(connection: Connection) -> None:
+    context.configure(
+        connection=connection,
+        target_metadata=metadata,
+        # SQLite cannot ALTER most things in place; batch mode rebuilds tables instead.
+        render_as_batch=connection.dialect.name == "sqlite",
+        compare_type=True,
+    )
+    with context.begin_transaction():
+        context.run_migrations()
+
+
+async def _run_online(url: str) -> None:
+    engine = create_engine(url)
+    try:
+        async with engine.connect() as conn:
+            await conn.run_sync(_do_run)
+            await conn.commit()
+    finally:
+        await engine.dispose()
+
+
+def _run_offline(url: str) -> None:
+    context.configure(url=url, target_metadata=metadata, literal_binds=True)
+    with context.begin_transaction():
+        context.run_migrations()
+
+
+_url = config.get_main_option("sqlalchemy.url")
+if not _url:
+    raise SystemExit("no database URL: set CONNTRACK_DATABASE_URL or pass --database-url")
+if context.is_offline_mode():
+    _run_offline(_url)
+else:
+    asyncio.run(_run_online(_url))

@@ -1,0 +1,83 @@
+"""Dead-lettering: a record the projector cannot use is republished, byte for byte, to the
+dead-letter topic with headers that say where it came from and why it was rejected."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from aiokafka import AIOKafkaProducer
+
+# Provenance headers added to every dead-lettered record (the original headers are kept too).
+SOURCE_TOPIC = "dlq.source.topic"
+SOURCE_PARTITION = "dlq.source.partition"
+SOURCE_OFFSET = "dlq.source.offset"
+SOURCE_TIMESTAMP = "dlq.source.timestamp"
+ERROR = "dlq.error"
+
+
+@dataclass(frozen=True, slots=True)
+class Rejected:
+    topic: str
+    partition: int
+    offset: int
+    timestamp_ms: int
+    key: bytes | None
+    value: bytes | None
+    headers: tuple[tuple[str, bytes], ...]
+    error: str
+
+    @classmethod
+    def of(cls, record: Any, error: str) -> Rejected:
+        return cls(
+            topic=record.topic,
+            partition=record.partition,
+            offset=record.offset,
+            timestamp_ms=record.timestamp,
+            key=record.key,
+            value=record.value,
+            headers=tuple(record.headers or ()),
+            error=error,
+        )
+
+    def dead_letter_headers(self) -> list[tuple[str, bytes]]:
+        return [
+            *self.headers,
+            (SOURCE_TOPIC, self.topic.encode()),
+            (SOURCE_PARTITION, str(self.partition).encode()),
+            (SOURCE_OFFSET, str(self.offset).encode()),
+            (SOURCE_TIMESTAMP, str(self.timestamp_ms).encode()),
+            (ERROR, self.error.encode("utf-8", "replace")),
+        ]
+
+
+class DeadLetterPublisher:
+    """Publishes rejected records and waits until the broker has them (acks=all): the projector
+    only moves past a poison record once its dead letter is durable."""
+
+    def __init__(self, bootstrap_servers: str, topic: str) -> None:
+        self._topic = topic
+        self._producer = AIOKafkaProducer(
+            bootstrap_servers=bootstrap_servers, acks="all", enable_idempotence=True
+        )
+        self._started = False
+
+    async def start(self) -> None:
+        if not self._started:
+            await self._producer.start()
+            self._started = True
+
+    async def stop(self) -> None:
+        if self._started:
+            self._started = False
+            await self._producer.stop()
+
+    async def publish(self, rejected: list[Rejected]) -> None:
+        futures = [
+            await self._producer.send(
+                self._topic, value=r.value, key=r.key, headers=r.dead_letter_headers()
+            )
+            for r in rejected
+        ]
+        for fut in futures:
+            await fut
