@@ -28,7 +28,9 @@ INSTALL_HINT = "Debian: apt-get install --no-install-recommends docker-compose"
 KeyPath = tuple[str, ...]
 
 # `key:` or `key: value` at some indentation, in the block style that `config` prints.
-_YAML_KEY = re.compile(r"^(?P<indent> *)(?P<key>[^\s\-#'\"][^:]*?|'[^']*'|\"[^\"]*\"):(?: (?P<value>.*))?$")
+_YAML_KEY = re.compile(
+    r"^(?P<indent> *)(?P<key>[^\s\-#'\"][^:]*?|'[^']*'|\"[^\"]*\"):(?: (?P<value>.*))?$"
+)
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,141 @@
+"""Shared fixtures. Integration tests run against the real broker and PostgreSQL server that
+`make test` starts (infra/kafka.sh, infra/postgres.sh); nothing is mocked.
+
+Each test gets fresh resources: its own topics, consumer group and database, so tests never see
+each other's events or rows.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+import asyncpg
+import pytest
+from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+from sqlalchemy.engine import make_url
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from connection_tracker.database import create_engine
+from connection_tracker.settings import Settings
+from migrations.cli import upgrade
+
+KAFKA = os.environ.get("CONNTRACK_TEST_KAFKA", "127.0.0.1:19092")
+POSTGRES_URL = os.environ.get(
+    "CONNTRACK_TEST_POSTGRES_URL", "postgresql+asyncpg://conntrack@127.0.0.1:55432/conntrack"
+)
+BACKENDS = ("sqlite", "postgres")
+
+
+def _reachable(hostport: str) -> bool:
+    host, _, port = hostport.split(",")[0].rpartition(":")
+    try:
+        with socket.create_connection((host, int(port)), timeout=2):
+            return True
+    except OSError:
+        return False
+
+
+@pytest.fixture(scope="session")
+def kafka_bootstrap() -> str:
+    if not _reachable(KAFKA):
+        pytest.fail(f"no Kafka broker at {KAFKA}: run infra/kafka.sh up (make test does)")
+    return KAFKA
+
+
+def unique(prefix: str) -> str:
+    return f"{prefix}-{uuid.uuid4().hex[:12]}"
+
+
+async def create_topic(bootstrap: str, name: str, partitions: int = 3) -> None:
+    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
+    await admin.start()
+    try:
+        await admin.create_topics([NewTopic(name, partitions, 1)])
+    finally:
+        await admin.close()
+
+
+async def delete_topics(bootstrap: str, names: list[str]) -> None:
+    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
+    await admin.start()
+    try:
+        await admin.delete_topics(names)
+    finally:
+        await admin.close()
+
+
+@pytest.fixture
+async def kafka_settings(kafka_bootstrap: str) -> AsyncIterator[Settings]:
+    """Settings naming a fresh events topic (3 partitions), dead-letter topic and group."""
+    events, dlq = unique("events"), unique("dlq")
+    await create_topic(kafka_bootstrap, events, 3)
+    await create_topic(kafka_bootstrap, dlq, 1)
+    yield Settings(
+        kafka_bootstrap_servers=kafka_bootstrap,
+        events_topic=events,
+        dead_letter_topic=dlq,
+        consumer_group=unique("group"),
+        batch_max_wait_ms=50,
+    )
+    await delete_topics(kafka_bootstrap, [events, dlq])
+
+
+async def _create_pg_database() -> str:
+    if not _reachable(f"{make_url(POSTGRES_URL).host}:{make_url(POSTGRES_URL).port}"):
+        pytest.fail(f"no PostgreSQL at {POSTGRES_URL}: run infra/postgres.sh up (make test does)")
+    name = f"t_{uuid.uuid4().hex[:16]}"
+    url = make_url(POSTGRES_URL)
+    conn = await asyncpg.connect(
+        host=url.host, port=url.port, user=url.username, database=url.database
+    )
+    try:
+        await conn.execute(f'CREATE DATABASE "{name}"')
+    finally:
+        await conn.close()
+    return url.set(database=name).render_as_string(hide_password=False)
+
+
+async def _drop_pg_database(db_url: str) -> None:
+    url = make_url(POSTGRES_URL)
+    conn = await asyncpg.connect(
+        host=url.host, port=url.port, user=url.username, database=url.database
+    )
+    try:
+        await conn.execute(f'DROP DATABASE IF EXISTS "{make_url(db_url).database}" WITH (FORCE)')
+    finally:
+        await conn.close()
+
+
+@pytest.fixture
+async def empty_database_url(backend: str, tmp_path: Path) -> AsyncIterator[str]:
+    """A fresh, empty database on each backend (tests using it run once per backend)."""
+    if backend == "sqlite":
+        yield f"sqlite+aiosqlite:///{tmp_path / 'readmodel.db'}"
+        return
+    url = await _create_pg_database()
+    yield url
+    await _drop_pg_database(url)
+
+
+@pytest.fixture
+def database_url(empty_database_url: str) -> str:
+    """A fresh database migrated to the newest schema."""
+    upgrade(empty_database_url)
+    return empty_database_url
+
+
+@pytest.fixture
+async def engine(database_url: str) -> AsyncIterator[AsyncEngine]:
+    eng = create_engine(database_url)
+    yield eng
+    await eng.dispose()
+
+
+@pytest.fixture(params=BACKENDS)
+def backend(request: pytest.FixtureRequest) -> Iterator[str]:
+    """Runs a test once per read-model backend: the contract every backend must keep."""
+    yield str(request.param)
