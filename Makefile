@@ -1,0 +1,23 @@
+# Front door. See README.md.
+.PHONY: demo test stop lint proto infra-up infra-down
+
+demo:  ## run the whole system on SQLite with a simulated workload, print a Get answer
+	bash scripts/demo.sh
+
+test:  ## provision Kafka + PostgreSQL and run linters, type checks and the full test suite
+	bash scripts/test.sh
+
+stop:  ## stop what demo/test started (API, projector, Kafka, PostgreSQL)
+	bash scripts/stop.sh
+
+lint:
+	.venv/bin/ruff check . && .venv/bin/ruff format --check . && .venv/bin/mypy
+
+proto:  ## regenerate connection_tracker/protogen from proto/
+	.venv/bin/python proto/generate.py
+
+infra-up:
+	bash infra/kafka.sh up && bash infra/postgres.sh up
+
+infra-down:
+	bash infra/kafka.sh down; bash infra/postgres.sh down
