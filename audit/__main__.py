@@ -1,0 +1,193 @@
+"""conntrack-audit: replay history for audits.
+
+  history ID            a connection's full ordered event timeline (table or JSON lines)
+  as-of TIME            the read model as the system knew it at TIME, into a separate database
+                        (an SQLite file by default); with --connection, one connection's state
+  verify                fold history afresh and compare with the live read model; exits 1 on
+                        any divergence
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import dataclasses
+import json
+import sys
+from datetime import UTC, datetime
+from typing import Any
+
+from audit.log import LogReader
+from audit.replay import HistoryEntry, fold_until, history, state_of, verify
+from connection_tracker.database import create_engine
+from connection_tracker.lifecycle import setup_logging
+from connection_tracker.settings import Settings
+from connection_tracker.timeutil import format_ns
+from migrations.cli import upgrade
+from projector.fold import ConnectionState
+from projector.store import ProjectionStore
+
+
+def parse_time_ms(text: str) -> int:
+    """RFC 3339 / ISO 8601 (naive means UTC), or integer milliseconds since the epoch."""
+    if text.isdigit():
+        return int(text)
+    dt = datetime.fromisoformat(text.replace("Z", "+00:00"))
+    if dt.tzinfo is None:
+        dt = dt.replace(tzinfo=UTC)
+    return int(dt.timestamp() * 1000)
+
+
+def entry_json(e: HistoryEntry) -> dict[str, Any]:
+    out: dict[str, Any] = {
+        "partition": e.partition,
+        "offset": e.offset,
+        "log_timestamp_ms": e.log_timestamp_ms,
+    }
+    if e.event is None:
+        out["invalid"] = e.error
+        return out
+    ev = e.event
+    out |= {
+        "event_id": ev.event_id,
+        "kind": ev.kind,
+        "occurred_at": format_ns(ev.occurred_at_ns),
+        "occurred_at_ns": ev.occurred_at_ns,
+        "gateway_id": ev.gateway_id,
+        **dataclasses.asdict(ev.payload),
+    }
+    return out
+
+
+def state_json(state: ConnectionState) -> dict[str, Any]:
+    out = dataclasses.asdict(state)
+    for name in ("connected_at_ns", "last_active_at_ns", "disconnected_at_ns"):
+        if out[name] is not None:
+            out[name.removesuffix("_ns")] = format_ns(out[name])
+    return out
+
+
+async def cmd_history(settings: Settings, ns: argparse.Namespace) -> int:
+    found = 0
+    async with LogReader(settings.kafka_bootstrap_servers, settings.events_topic) as reader:
+        async for entry in history(reader, ns.connection_id, until_ms=ns.until):
+            found += 1
+            if ns.format == "jsonl":
+                print(json.dumps(entry_json(entry), ensure_ascii=False))
+                continue
+            if found == 1:
+                print(f"{'partition':>9} {'offset':>10}  {'occurred_at (gateway clock)':<31} {'kind':<12} details")
+            j = entry_json(entry)
+            if entry.event is None:
+                print(f"{entry.partition:>9} {entry.offset:>10}  {'-':<31} {'INVALID':<12} {entry.error}")
+            else:
+                details = {k: v for k, v in j.items() if k not in {
+                    "partition", "offset", "log_timestamp_ms", "kind", "occurred_at", "occurred_at_ns"}}
+                print(f"{entry.partition:>9} {entry.offset:>10}  {j['occurred_at']:<31} {j['kind']:<12} "
+                      + json.dumps(details, ensure_ascii=False))
+    if not found:
+        print(f"no events for connection {ns.connection_id}", file=sys.stderr)
+        return 1
+    return 0
+
+
+async def cmd_as_of(settings: Settings, ns: argparse.Namespace) -> int:
+    async with LogReader(settings.kafka_bootstrap_servers, settings.events_topic) as reader:
+        if ns.connection:
+            state = await state_of(reader, ns.connection, until_ms=ns.time)
+            if state is None:
+                print(f"no events for connection {ns.connection} before that time", file=sys.stderr)
+                return 1
+            print(json.dumps(state_json(state), indent=2, ensure_ascii=False))
+            return 0
+        replay = await fold_until(reader, ns.time)
+    url = ns.output_url or f"sqlite+aiosqlite:///{ns.output or f'as-of-{ns.time}.db'}"
+    await asyncio.to_thread(upgrade, url)
+    engine = create_engine(url)
+    try:
+        store = ProjectionStore(engine)
+        stored = await store.positions(settings.events_topic, replay.bounds)
+        if any(stored.values()):
+            print(f"error: {url} already holds a projection; use a new file", file=sys.stderr)
+            return 1
+        await store.apply_batch(
+            settings.events_topic,
+            {p: (0, end) for p, (_, end) in replay.bounds.items()},
+            replay.states,
+        )
+    finally:
+        await engine.dispose()
+    print(
+        f"wrote {len(replay.states)} connections ({replay.events} events, {replay.invalid} invalid) "
+        f"as of {ns.time} ms to {url}; cut offsets {{{', '.join(f'{p}: {e}' for p, (_, e) in sorted(replay.bounds.items()))}}}"
+    )
+    return 0
+
+
+async def cmd_verify(settings: Settings, ns: argparse.Namespace) -> int:
+    engine = create_engine(settings.database_url)
+    try:
+        async with LogReader(settings.kafka_bootstrap_servers, settings.events_topic) as reader:
+            result = await verify(engine, reader)
+    finally:
+        await engine.dispose()
+    print(
+        f"compared {result.compared} connections ({result.events} events, {result.invalid} invalid) "
+        f"up to stored positions {dict(sorted(result.positions.items()))}"
+    )
+    if result.ok:
+        print("OK: the read model equals a fresh fold of the log")
+        return 0
+    print(f"DIVERGED: {len(result.differences)} connections differ", file=sys.stderr)
+    for d in result.differences[: ns.examples]:
+        print(
+            json.dumps(
+                {
+                    "connection_id": d.connection_id,
+                    "live": d.live and state_json(d.live),
+                    "replayed": d.replayed and state_json(d.replayed),
+                },
+                ensure_ascii=False,
+            ),
+            file=sys.stderr,
+        )
+    return 1
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(
+        prog="conntrack-audit", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--bootstrap-servers", help="overrides CONNTRACK_KAFKA_BOOTSTRAP_SERVERS")
+    parser.add_argument("--topic", help="overrides CONNTRACK_EVENTS_TOPIC")
+    parser.add_argument("--database-url", help="overrides CONNTRACK_DATABASE_URL (verify)")
+    sub = parser.add_subparsers(dest="command", required=True)
+    h = sub.add_parser("history", help="a connection's ordered event timeline")
+    h.add_argument("connection_id")
+    h.add_argument("--format", choices=("table", "jsonl"), default="table")
+    h.add_argument("--until", type=parse_time_ms, help="only what the log held before this time")
+    a = sub.add_parser("as-of", help="reconstruct the read model as of a time")
+    a.add_argument("time", type=parse_time_ms, help="RFC 3339 time or epoch milliseconds")
+    a.add_argument("--output", help="SQLite file to create (default as-of-<ms>.db)")
+    a.add_argument("--output-url", help="any SQLAlchemy async URL instead of --output")
+    a.add_argument("--connection", help="print only this connection's state as JSON")
+    v = sub.add_parser("verify", help="compare the live read model with a fresh fold")
+    v.add_argument("--examples", type=int, default=10, help="differences to print")
+    ns = parser.parse_args(argv)
+    overrides = {
+        k: val
+        for k, val in {
+            "kafka_bootstrap_servers": ns.bootstrap_servers,
+            "events_topic": ns.topic,
+            "database_url": ns.database_url,
+        }.items()
+        if val is not None
+    }
+    settings = Settings(**overrides)
+    setup_logging("WARNING")
+    handler = {"history": cmd_history, "as-of": cmd_as_of, "verify": cmd_verify}[ns.command]
+    sys.exit(asyncio.run(handler(settings, ns)))
+
+
+if __name__ == "__main__":
+    main()

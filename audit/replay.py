@@ -1,0 +1,146 @@
+"""Folding history afresh: the whole log, a cut of it at a moment, or one connection's events.
+
+Everything here is read-only towards the live system: it reads the log outside any consumer
+group and reads the live read model in one snapshot."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+
+from sqlalchemy import select
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from audit.log import Bounds, LogReader, partition_for_key
+from connection_tracker.events import Event, InvalidEvent, decode
+from connection_tracker.schema import connections, projection_offsets
+from projector.fold import ConnectionState, apply
+from projector.store import row_to_state
+
+
+@dataclass
+class Replay:
+    """The result of folding a bounded part of the log."""
+
+    states: dict[str, ConnectionState] = field(default_factory=dict)
+    bounds: dict[int, tuple[int, int]] = field(default_factory=dict)
+    events: int = 0
+    invalid: int = 0
+
+    def add(self, event: Event) -> None:
+        self.states[event.connection_id] = apply(self.states.get(event.connection_id), event)
+        self.events += 1
+
+
+async def fold_log(reader: LogReader, bounds: Bounds) -> Replay:
+    replay = Replay(bounds=dict(bounds))
+    async for batch in reader.read(bounds):
+        for record in batch:
+            try:
+                replay.add(decode(record.value, record.key))
+            except InvalidEvent:
+                replay.invalid += 1  # the projector dead-letters these; they fold to nothing
+    return replay
+
+
+async def fold_until(reader: LogReader, timestamp_ms: int) -> Replay:
+    """The read model as the system knew it at timestamp_ms: each partition cut at the first
+    record the log stamped at or after that moment."""
+    parts = await reader.partitions()
+    start, cut = await reader.beginning(parts), await reader.offsets_at(parts, timestamp_ms)
+    return await fold_log(reader, {p: (start[p], max(start[p], cut[p])) for p in parts})
+
+
+@dataclass(frozen=True)
+class HistoryEntry:
+    partition: int
+    offset: int
+    log_timestamp_ms: int
+    event: Event | None
+    error: str | None = None
+
+
+async def history(
+    reader: LogReader, connection_id: str, *, until_ms: int | None = None
+) -> AsyncIterator[HistoryEntry]:
+    """Every record keyed by connection_id, in log order, reading only the partition the key
+    maps to (and, with until_ms, only what the log held before that moment)."""
+    key = connection_id.encode()
+    parts = await reader.partitions()
+    p = partition_for_key(key, len(parts))
+    (start, end), = (await reader.full_bounds([p])).values()
+    if until_ms is not None:
+        end = max(start, (await reader.offsets_at([p], until_ms))[p])
+    async for batch in reader.read({p: (start, end)}):
+        for r in batch:
+            if r.key != key:
+                continue
+            try:
+                yield HistoryEntry(r.partition, r.offset, r.timestamp, decode(r.value, r.key))
+            except InvalidEvent as exc:
+                yield HistoryEntry(r.partition, r.offset, r.timestamp, None, str(exc))
+
+
+async def state_of(
+    reader: LogReader, connection_id: str, *, until_ms: int | None = None
+) -> ConnectionState | None:
+    state: ConnectionState | None = None
+    async for entry in history(reader, connection_id, until_ms=until_ms):
+        if entry.event is not None:
+            state = apply(state, entry.event)
+    return state
+
+
+async def snapshot(engine: AsyncEngine, topic: str) -> tuple[dict[str, ConnectionState], dict[int, int]]:
+    """The live read model's rows and stored positions, read in one transaction so they agree
+    even while the projector keeps writing (SQLite WAL and PostgreSQL REPEATABLE READ give a
+    consistent snapshot)."""
+    options = {} if engine.dialect.name == "sqlite" else {"isolation_level": "REPEATABLE READ"}
+    async with engine.connect() as conn:
+        conn = await conn.execution_options(**options)
+        async with conn.begin():
+            rows = await conn.execute(
+                select(projection_offsets).where(projection_offsets.c.topic == topic)
+            )
+            positions = {int(r.partition): int(r.next_offset) for r in rows}
+            states = {
+                r["connection_id"]: row_to_state(r)
+                for r in (await conn.execute(select(connections))).mappings()
+            }
+    return states, positions
+
+
+@dataclass(frozen=True)
+class Difference:
+    connection_id: str
+    live: ConnectionState | None
+    replayed: ConnectionState | None
+
+
+@dataclass
+class Verification:
+    compared: int
+    differences: list[Difference]
+    positions: dict[int, int]
+    events: int
+    invalid: int
+
+    @property
+    def ok(self) -> bool:
+        return not self.differences
+
+
+async def verify(engine: AsyncEngine, reader: LogReader) -> Verification:
+    """Fold history afresh up to the positions the live read model claims, and compare."""
+    live, positions = await snapshot(engine, reader.topic)
+    parts = await reader.partitions()
+    start = await reader.beginning(parts)
+    bounds = {p: (start[p], max(start[p], positions.get(p, start[p]))) for p in parts}
+    replay = await fold_log(reader, bounds)
+    diffs = [
+        Difference(cid, live.get(cid), replay.states.get(cid))
+        for cid in sorted(live.keys() | replay.states.keys())
+        if live.get(cid) != replay.states.get(cid)
+    ]
+    return Verification(len(live.keys() | replay.states.keys()), diffs, positions, replay.events, replay.invalid)
+
