@@ -1,10 +1,10 @@
 """conntrack-audit: replay history for audits.
 
-  history ID            a connection's full ordered event timeline (table or JSON lines)
-  as-of TIME            the read model as the system knew it at TIME, into a separate database
-                        (an SQLite file by default); with --connection, one connection's state
-  verify                fold history afresh and compare with the live read model; exits 1 on
-                        any divergence
+history ID            a connection's full ordered event timeline (table or JSON lines)
+as-of TIME            the read model as the system knew it at TIME, into a separate database
+                      (an SQLite file by default); with --connection, one connection's state
+verify                fold history afresh and compare with the live read model; exits 1 on
+                      any divergence
 """
 
 from __future__ import annotations
@@ -67,6 +67,11 @@ def state_json(state: ConnectionState) -> dict[str, Any]:
     return out
 
 
+_TABLE_COLUMNS = frozenset(
+    {"partition", "offset", "log_timestamp_ms", "kind", "occurred_at", "occurred_at_ns"}
+)
+
+
 async def cmd_history(settings: Settings, ns: argparse.Namespace) -> int:
     found = 0
     async with LogReader(settings.kafka_bootstrap_servers, settings.events_topic) as reader:
@@ -76,15 +81,17 @@ async def cmd_history(settings: Settings, ns: argparse.Namespace) -> int:
                 print(json.dumps(entry_json(entry), ensure_ascii=False))
                 continue
             if found == 1:
-                print(f"{'partition':>9} {'offset':>10}  {'occurred_at (gateway clock)':<31} {'kind':<12} details")
+                print(f"{'partition':>9} {'offset':>10}  {'occurred_at':<31} {'kind':<12} details")
             j = entry_json(entry)
+            where = f"{entry.partition:>9} {entry.offset:>10}"
             if entry.event is None:
-                print(f"{entry.partition:>9} {entry.offset:>10}  {'-':<31} {'INVALID':<12} {entry.error}")
-            else:
-                details = {k: v for k, v in j.items() if k not in {
-                    "partition", "offset", "log_timestamp_ms", "kind", "occurred_at", "occurred_at_ns"}}
-                print(f"{entry.partition:>9} {entry.offset:>10}  {j['occurred_at']:<31} {j['kind']:<12} "
-                      + json.dumps(details, ensure_ascii=False))
+                print(f"{where}  {'-':<31} {'INVALID':<12} {entry.error}")
+                continue
+            details = {k: v for k, v in j.items() if k not in _TABLE_COLUMNS}
+            print(
+                f"{where}  {j['occurred_at']:<31} {j['kind']:<12} "
+                + json.dumps(details, ensure_ascii=False)
+            )
     if not found:
         print(f"no events for connection {ns.connection_id}", file=sys.stderr)
         return 1
@@ -117,9 +124,10 @@ async def cmd_as_of(settings: Settings, ns: argparse.Namespace) -> int:
         )
     finally:
         await engine.dispose()
+    cut = {p: end for p, (_, end) in sorted(replay.bounds.items())}
     print(
-        f"wrote {len(replay.states)} connections ({replay.events} events, {replay.invalid} invalid) "
-        f"as of {ns.time} ms to {url}; cut offsets {{{', '.join(f'{p}: {e}' for p, (_, e) in sorted(replay.bounds.items()))}}}"
+        f"wrote {len(replay.states)} connections ({replay.events} events, "
+        f"{replay.invalid} invalid) as of {ns.time} ms to {url}; cut offsets {cut}"
     )
     return 0
 
@@ -132,7 +140,8 @@ async def cmd_verify(settings: Settings, ns: argparse.Namespace) -> int:
     finally:
         await engine.dispose()
     print(
-        f"compared {result.compared} connections ({result.events} events, {result.invalid} invalid) "
+        f"compared {result.compared} connections "
+        f"({result.events} events, {result.invalid} invalid) "
         f"up to stored positions {dict(sorted(result.positions.items()))}"
     )
     if result.ok:
@@ -156,7 +165,9 @@ async def cmd_verify(settings: Settings, ns: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
-        prog="conntrack-audit", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+        prog="conntrack-audit",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--bootstrap-servers", help="overrides CONNTRACK_KAFKA_BOOTSTRAP_SERVERS")
     parser.add_argument("--topic", help="overrides CONNTRACK_EVENTS_TOPIC")

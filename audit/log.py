@@ -89,8 +89,10 @@ class LogReader:
             self._consumer.seek(tp, todo[tp.partition][0])
         remaining = set(tps)
         while remaining:
-            batch = await self._consumer.getmany(*remaining, timeout_ms=1000, max_records=max_records)
-            out = []
+            batch = await self._consumer.getmany(
+                *remaining, timeout_ms=1000, max_records=max_records
+            )
+            out: list[Any] = []
             for tp, records in batch.items():
                 end = todo[tp.partition][1]
                 out.extend(r for r in records if r.offset < end)

@@ -68,7 +68,7 @@ async def history(
     key = connection_id.encode()
     parts = await reader.partitions()
     p = partition_for_key(key, len(parts))
-    (start, end), = (await reader.full_bounds([p])).values()
+    ((start, end),) = (await reader.full_bounds([p])).values()
     if until_ms is not None:
         end = max(start, (await reader.offsets_at([p], until_ms))[p])
     async for batch in reader.read({p: (start, end)}):
@@ -91,7 +91,9 @@ async def state_of(
     return state
 
 
-async def snapshot(engine: AsyncEngine, topic: str) -> tuple[dict[str, ConnectionState], dict[int, int]]:
+async def snapshot(
+    engine: AsyncEngine, topic: str
+) -> tuple[dict[str, ConnectionState], dict[int, int]]:
     """The live read model's rows and stored positions, read in one transaction so they agree
     even while the projector keeps writing (SQLite WAL and PostgreSQL REPEATABLE READ give a
     consistent snapshot)."""
@@ -142,5 +144,6 @@ async def verify(engine: AsyncEngine, reader: LogReader) -> Verification:
         for cid in sorted(live.keys() | replay.states.keys())
         if live.get(cid) != replay.states.get(cid)
     ]
-    return Verification(len(live.keys() | replay.states.keys()), diffs, positions, replay.events, replay.invalid)
-
+    return Verification(
+        len(live.keys() | replay.states.keys()), diffs, positions, replay.events, replay.invalid
+    )

@@ -7,6 +7,7 @@ exception of another kind, so a poison record can always be dead-lettered.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Final
 
@@ -89,6 +90,31 @@ def encode(event: Event) -> bytes:
     return msg.SerializeToString()
 
 
+# Upcasters: UPCASTERS[v] turns a message written with schema version v into version v + 1, so
+# history written by old producers keeps replaying after the schema changes. Version 1 is the
+# first, so there is nothing to upcast yet; a future version 2 adds UPCASTERS[1] and bumps
+# SCHEMA_VERSION (tests/unit/test_event_fixtures.py keeps a stored v1 log replaying).
+Upcaster = Callable[[pb.ConnectionEvent], pb.ConnectionEvent]
+UPCASTERS: dict[int, Upcaster] = {}
+
+
+def upcast(msg: pb.ConnectionEvent) -> pb.ConnectionEvent:
+    """Bring a decoded message to SCHEMA_VERSION, or raise InvalidEvent."""
+    version = msg.schema_version
+    if version > SCHEMA_VERSION:
+        raise InvalidEvent(f"schema_version {version} is newer than this reader ({SCHEMA_VERSION})")
+    if version < 1:
+        raise InvalidEvent("schema_version is missing")
+    while version < SCHEMA_VERSION:
+        step = UPCASTERS.get(version)
+        if step is None:
+            raise InvalidEvent(f"no upcaster from schema_version {version}")
+        msg = step(msg)
+        version += 1
+        msg.schema_version = version
+    return msg
+
+
 def decode(value: bytes | None, key: bytes | None = None) -> Event:
     """Decode and validate one record. Raises InvalidEvent (only) for anything unusable."""
     if value is None:
@@ -98,8 +124,7 @@ def decode(value: bytes | None, key: bytes | None = None) -> Event:
         msg.ParseFromString(value)
     except (DecodeError, RecursionError) as exc:
         raise InvalidEvent(f"not a ConnectionEvent protobuf: {exc}") from None
-    if msg.schema_version != SCHEMA_VERSION:
-        raise InvalidEvent(f"unsupported schema_version {msg.schema_version}")
+    msg = upcast(msg)
     for name in ("event_id", "connection_id", "gateway_id"):
         v = getattr(msg, name)
         if not v:
@@ -128,4 +153,19 @@ def decode(value: bytes | None, key: bytes | None = None) -> Event:
         )
     else:
         raise InvalidEvent("event kind is missing or unknown")
+    # The read model must be able to store what decode() accepts (PostgreSQL text cannot hold
+    # NUL; an INTEGER column holds any 16-bit close code): otherwise one event stalls a partition.
+    if isinstance(payload, Disconnected) and payload.status_code > 0xFFFF:
+        raise InvalidEvent("disconnected.status_code is not a 16-bit WebSocket close code")
+    texts = (msg.event_id, msg.connection_id, msg.gateway_id, *_payload_texts(payload))
+    if any("\x00" in t for t in texts):
+        raise InvalidEvent("a text field contains a NUL character")
     return Event(msg.event_id, msg.connection_id, msg.gateway_id, at, payload)
+
+
+def _payload_texts(payload: Payload) -> tuple[str, ...]:
+    if isinstance(payload, Connected):
+        return (payload.source_ip, payload.user_agent)
+    if isinstance(payload, Disconnected):
+        return (payload.reason,)
+    return ()

@@ -5,7 +5,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable, Coroutine
+from typing import Any
 
 
 def setup_logging(level: str) -> None:
@@ -17,10 +18,11 @@ def setup_logging(level: str) -> None:
     logging.getLogger("aiokafka").setLevel(max(logging.WARNING, logging.getLogger().level))
 
 
-def on_shutdown_signal(callback: Callable[[], Awaitable[None]]) -> None:
+def on_shutdown_signal(callback: Callable[[], Coroutine[Any, Any, None]]) -> None:
     """Run callback once on the first SIGTERM or SIGINT; a second signal kills as usual."""
     loop = asyncio.get_running_loop()
     fired = False
+    tasks: set[asyncio.Task[None]] = set()  # the loop keeps only weak references to tasks
 
     def handler(sig: signal.Signals) -> None:
         nonlocal fired
@@ -29,7 +31,9 @@ def on_shutdown_signal(callback: Callable[[], Awaitable[None]]) -> None:
             loop.remove_signal_handler(s)
         if not fired:
             fired = True
-            loop.create_task(callback())
+            task = loop.create_task(callback())
+            tasks.add(task)
+            task.add_done_callback(tasks.discard)
 
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, handler, sig)

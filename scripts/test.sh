@@ -7,6 +7,14 @@ cd "$repo"
 bash scripts/bootstrap.sh
 bash infra/kafka.sh up
 bash infra/postgres.sh up
+# tests/test_docker_compose.py validates docker-compose.yml with Debian's docker-compose (no
+# engine needed); --no-install-recommends keeps the Docker daemon off the machine.
+if ! command -v docker-compose >/dev/null 2>&1 && command -v apt-get >/dev/null 2>&1; then
+  echo "test: installing docker-compose (validation only)"
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends docker-compose >/dev/null 2>&1 ||
+    { apt-get update -q >/dev/null 2>&1 &&
+      DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends docker-compose >/dev/null; }
+fi
 export CONNTRACK_TEST_KAFKA="127.0.0.1:${CONNTRACK_KAFKA_PORT:-19092}"
 export CONNTRACK_TEST_POSTGRES_URL="$(bash infra/postgres.sh url)"
 echo "== ruff";  .venv/bin/ruff check . && .venv/bin/ruff format --check .
