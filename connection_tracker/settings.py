@@ -3,7 +3,9 @@
 
 from __future__ import annotations
 
-from pydantic import Field
+from pathlib import Path
+
+from pydantic import Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -20,12 +22,39 @@ class Settings(BaseSettings):
     consumer_group: str = Field("conntrack-projector", description="Projector consumer group.")
     database_url: str = Field(
         "sqlite+aiosqlite:///.local/readmodel.db",
-        description="SQLAlchemy async URL of the read model (sqlite+aiosqlite or postgresql+asyncpg).",
+        description="SQLAlchemy async URL of the read model.",
     )
     api_listen: str = Field("127.0.0.1:50051", description="host:port the gRPC API listens on.")
+    # The API (docs/api.md, "Configuration" explains each one).
+    api_grace_seconds: float = Field(10.0, ge=0)
+    api_health_interval_seconds: float = Field(2.0, gt=0)
+    api_tls_cert_file: Path | None = None
+    api_tls_key_file: Path | None = None
+    api_tls_client_ca_file: Path | None = None
+    api_tokens: SecretStr | None = None
+    api_tokens_file: Path | None = None
+    api_client_token: SecretStr | None = None
+    api_max_message_bytes: int = Field(262_144, ge=1024)
+    api_max_concurrent_calls: int = Field(64, ge=1)
+    api_db_timeout_seconds: float = Field(5.0, gt=0)
+    api_db_pool_size: int = Field(10, ge=1)
+    api_freshness_ttl_ms: int = Field(1000, ge=0)
     metrics_port: int = Field(0, description="Prometheus metrics port; 0 disables the endpoint.")
     log_level: str = Field("INFO", description="Python logging level.")
 
     # Projector batching: a batch closes at batch_max_events or after batch_max_wait_ms.
     batch_max_events: int = Field(5000, ge=1)
     batch_max_wait_ms: int = Field(100, ge=1)
+
+    # Projector retention (docs/projector.md, "Retention"): rows of connections disconnected
+    # longer ago than this are pruned from the read model (0 keeps them forever); a tombstone
+    # keeps a late duplicate event from resurrecting them, for retention_tombstone_seconds
+    # after the disconnect (0: forever).
+    retention_disconnected_seconds: int = Field(0, ge=0)
+    retention_tombstone_seconds: int = Field(0, ge=0)
+    retention_interval_seconds: float = Field(60.0, gt=0)
+    # Longest pause between retries while the database or broker is unavailable.
+    retry_max_backoff_seconds: float = Field(10.0, gt=0)
+    # How long the group waits for a silent projector (crashed, partitioned) before giving its
+    # partitions to the others; the broker bounds it (group.min/max.session.timeout.ms).
+    consumer_session_timeout_ms: int = Field(10000, ge=1000)

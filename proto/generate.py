@@ -30,8 +30,8 @@ _IMPORT_RE = re.compile(rf"^(from|import) ({'|'.join(_OWN_ROOTS)})(\.|\b)", re.M
 
 
 def _generate(out: Path) -> None:
-    from grpc_tools import protoc  # dev dependency: only needed to regenerate
     import grpc_tools
+    from grpc_tools import protoc  # dev dependency: only needed to regenerate
 
     protos = sorted(str(p.relative_to(PROTO_ROOT)) for p in PROTO_ROOT.rglob("*.proto"))
     include = Path(grpc_tools.__file__).parent / "_proto"

@@ -40,9 +40,9 @@ async def running_projector(settings: Settings, engine: AsyncEngine) -> AsyncIte
 
 
 async def get_until_found(
-    stub: svc_grpc.ConnectionServiceStub, connection_id: str, timeout: float = 30.0
+    stub: svc_grpc.ConnectionServiceStub, connection_id: str, patience: float = 30.0
 ) -> object:
-    deadline = asyncio.get_running_loop().time() + timeout
+    deadline = asyncio.get_running_loop().time() + patience
     while True:
         try:
             return await stub.Get(svc.GetConnectionRequest(connection_id=connection_id), timeout=5)
@@ -58,14 +58,19 @@ async def test_published_connection_is_served_with_exact_fields(
     kafka_settings: Settings, engine: AsyncEngine
 ) -> None:
     async with (
-        Publisher(kafka_settings.kafka_bootstrap_servers, kafka_settings.events_topic, "gw-1") as pub,
+        Publisher(
+            kafka_settings.kafka_bootstrap_servers, kafka_settings.events_topic, "gw-1"
+        ) as pub,
         running_projector(kafka_settings, engine),
         ApiServer(ConnectionRepository(engine), "127.0.0.1:0") as server,
         grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel,
     ):
         stub = svc_grpc.ConnectionServiceStub(channel)
         connected = await pub.connected(
-            "conn-e2e-1", "2001:db8::7", "Mozilla/5.0 (X11; Linux x86_64) test", at_ns=1_764_300_000_123_456_789
+            "conn-e2e-1",
+            "2001:db8::7",
+            "Mozilla/5.0 (X11; Linux x86_64) test",
+            at_ns=1_764_300_000_123_456_789,
         )
         await pub.activity("conn-e2e-1", at_ns=1_764_300_005_987_654_321)
         await pub.connected("conn-e2e-2", "10.1.2.3", "okhttp/4.12.0")
