@@ -1,1 +1,2 @@
-"""The gRPC API: yandex.cloud.serverless.apigateway.websocket.v1.ConnectionService from the read model."""
+"""The gRPC API: yandex.cloud.serverless.apigateway.websocket.v1.ConnectionService served
+from the read model (docs/api.md)."""

@@ -1,14 +1,22 @@
-"""Read access to the projection for the API."""
+"""Read access to the projection for the API: one connection row, the projection's position,
+and a readiness probe. Every database failure surfaces as ReadModelUnavailable."""
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
+from typing import Any
 
-from sqlalchemy import select, text
-from sqlalchemy.exc import DBAPIError, OperationalError, TimeoutError
-from sqlalchemy.ext.asyncio import AsyncEngine
+from sqlalchemy import select
+from sqlalchemy.engine import make_url
+from sqlalchemy.exc import DBAPIError, SQLAlchemyError
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
-from connection_tracker.schema import connections
+from connection_tracker.database import create_engine
+from connection_tracker.schema import connections, projection_offsets
+
+APPLICATION_NAME = "conntrack-api"
 
 
 class ReadModelUnavailable(RuntimeError):
@@ -25,6 +33,13 @@ class ConnectionView:
     last_active_at_ns: int
 
 
+@dataclass(frozen=True, slots=True)
+class PartitionPosition:
+    topic: str
+    partition: int
+    next_offset: int
+
+
 _OPEN = select(
     connections.c.connection_id,
     connections.c.gateway_id,
@@ -37,20 +52,64 @@ _OPEN = select(
     connections.c.disconnected_at_ns.is_(None),
 )
 
+_POSITIONS = select(
+    projection_offsets.c.topic, projection_offsets.c.partition, projection_offsets.c.next_offset
+).order_by(projection_offsets.c.topic, projection_offsets.c.partition)
+
+_READY = select(connections.c.connection_id).limit(1)
+
+
+def create_read_engine(
+    url: str, *, pool_size: int = 10, timeout_seconds: float = 5.0
+) -> AsyncEngine:
+    """An engine for the API: a bounded pool (bursts may open as many again), waits for a
+    pooled connection or a new one bounded by timeout_seconds, and on PostgreSQL an
+    application_name so operators can tell the API's sessions apart in pg_stat_activity."""
+    parsed = make_url(url)
+    kwargs: dict[str, Any] = {}
+    if parsed.get_backend_name() != "sqlite" or parsed.database not in (None, "", ":memory:"):
+        kwargs.update(pool_size=pool_size, max_overflow=pool_size, pool_timeout=timeout_seconds)
+    if parsed.get_backend_name() == "postgresql":
+        kwargs["connect_args"] = {
+            "server_settings": {
+                "application_name": APPLICATION_NAME,
+                # A call that is cancelled (deadline, client gone) closes its connection; without
+                # this, PostgreSQL would keep running (or waiting for a lock on behalf of) the
+                # abandoned query until it next writes to the socket.
+                "client_connection_check_interval": "500",
+                # Nothing the API asks may outlive the time the API waits for its answer.
+                "statement_timeout": str(int(timeout_seconds * 1000)),
+            },
+            "timeout": timeout_seconds,
+        }
+    return create_engine(url, **kwargs)
+
 
 class ConnectionRepository:
     def __init__(self, engine: AsyncEngine) -> None:
         self._engine = engine
+        # PostgreSQL text cannot hold NUL, so no stored id contains one; asking would only
+        # make the server reject the parameter.
+        self._nul_is_unstorable = engine.dialect.name == "postgresql"
+
+    @asynccontextmanager
+    async def _connect(self) -> AsyncIterator[AsyncConnection]:
+        try:
+            async with self._engine.connect() as conn:
+                yield conn
+        # OSError: refused or reset sockets the driver did not wrap; SQLAlchemyError covers
+        # pool timeouts and missing tables as well as every wrapped driver error.
+        except (SQLAlchemyError, OSError) as exc:
+            raise ReadModelUnavailable(_describe(exc)) from exc
 
     async def get_open(self, connection_id: str) -> ConnectionView | None:
         """The connection if it is known and has not disconnected, else None."""
-        try:
-            async with self._engine.connect() as conn:
-                row = (
-                    await conn.execute(_OPEN.where(connections.c.connection_id == connection_id))
-                ).first()
-        except (DBAPIError, OperationalError, TimeoutError, OSError) as exc:
-            raise ReadModelUnavailable(str(exc)) from exc
+        if self._nul_is_unstorable and "\x00" in connection_id:
+            return None
+        async with self._connect() as conn:
+            row = (
+                await conn.execute(_OPEN.where(connections.c.connection_id == connection_id))
+            ).first()
         if row is None:
             return None
         return ConnectionView(
@@ -62,11 +121,21 @@ class ConnectionRepository:
             last_active_at_ns=row.last_active_at_ns or row.connected_at_ns,
         )
 
-    async def ping(self) -> bool:
-        try:
-            async with self._engine.connect() as conn:
-                await conn.execute(select(connections.c.connection_id).limit(1))
-                await conn.execute(text("SELECT 1"))
-        except Exception:
-            return False
-        return True
+    async def positions(self) -> tuple[PartitionPosition, ...]:
+        """How far the projection has applied each partition (its stored next offsets)."""
+        async with self._connect() as conn:
+            rows = (await conn.execute(_POSITIONS)).all()
+        return tuple(PartitionPosition(r.topic, r.partition, r.next_offset) for r in rows)
+
+    async def ping(self) -> None:
+        """Raises ReadModelUnavailable unless the read model answers a query on its table."""
+        async with self._connect() as conn:
+            await conn.execute(_READY)
+
+
+def _describe(exc: BaseException) -> str:
+    """The driver's own message without the SQL statement and parameters SQLAlchemy appends:
+    parameters are request data and do not belong in logs."""
+    if isinstance(exc, DBAPIError) and exc.orig is not None:
+        return f"{type(exc.orig).__name__}: {exc.orig}"
+    return f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"

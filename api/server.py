@@ -1,26 +1,30 @@
-"""The gRPC server's lifecycle: ConnectionService, health checking that follows the read
-model's readiness, server reflection (grpcurl works without .proto files), graceful stop."""
+"""The gRPC server's lifecycle: ConnectionService behind the interceptors, health checking
+that follows the read model's readiness, server reflection (grpcurl works without .proto
+files), optional TLS, a Prometheus endpoint, and a graceful stop."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
 import logging
+from typing import Any, Final
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from api.repository import ConnectionRepository
-from api.service import ConnectionService
-from connection_tracker.protogen.yandex.cloud.serverless.apigateway.websocket.v1 import (
-    connection_service_pb2,
-    connection_service_pb2_grpc,
-)
+from api.auth import BearerTokens, load_tokens
+from api.interceptors import BearerAuthInterceptor, ConcurrencyLimitInterceptor, MetricsInterceptor
+from api.metrics import ApiMetrics
+from api.repository import ConnectionRepository, ReadModelUnavailable
+from api.service import SERVICE_NAME, ConnectionService, connection_service_handlers
+from api.tls import ServerTls
+from connection_tracker.settings import Settings
 
 log = logging.getLogger(__name__)
 
-SERVICE_NAME = connection_service_pb2.DESCRIPTOR.services_by_name["ConnectionService"].full_name
+# Room for upstream's largest valid request (Send with 131072 bytes of data) plus framing.
+DEFAULT_MAX_MESSAGE_BYTES: Final = 262_144
 
 
 class ApiServer:
@@ -33,41 +37,144 @@ class ApiServer:
         *,
         grace_seconds: float = 5.0,
         health_interval_seconds: float = 2.0,
+        tls: ServerTls | None = None,
+        tokens: BearerTokens | None = None,
+        max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
+        max_concurrent_calls: int = 64,
+        db_timeout_seconds: float = 5.0,
+        freshness_ttl_seconds: float = 1.0,
+        metrics_port: int | None = None,
+        metrics_addr: str = "0.0.0.0",
     ) -> None:
+        """metrics_port None serves no /metrics endpoint; 0 picks a free port."""
         self._repository = repository
         self._listen = listen
         self._grace = grace_seconds
         self._health_interval = health_interval_seconds
+        self._tls = tls
+        self._tokens = tokens
+        self._max_message_bytes = max_message_bytes
+        self._db_timeout = db_timeout_seconds
+        self._metrics_port = metrics_port
+        self._metrics_addr = metrics_addr
+        self.metrics = ApiMetrics()
+        self._service = ConnectionService(
+            repository,
+            db_timeout_seconds=db_timeout_seconds,
+            freshness_ttl_seconds=freshness_ttl_seconds,
+        )
+        self._limit = ConcurrencyLimitInterceptor(
+            max_concurrent_calls, f"/{SERVICE_NAME}/", self.metrics.in_flight.set
+        )
         self._server: grpc.aio.Server | None = None
-        self._health = health.aio.HealthServicer()
+        # grpc-stubs do not know the asyncio servicer.
+        self._health = health.aio.HealthServicer()  # type: ignore[attr-defined]
         self._health_task: asyncio.Task[None] | None = None
+        self._serving: bool | None = None
+        self._stopped = asyncio.Event()
         self.port: int | None = None
+        self.metrics_http_port: int | None = None
+
+    @classmethod
+    def from_settings(cls, repository: ConnectionRepository, settings: Settings) -> ApiServer:
+        """A server configured by CONNTRACK_API_* (docs/api.md); raises TlsConfigError or
+        TokenConfigError for unusable certificate or token configuration."""
+        tokens = load_tokens(
+            settings.api_tokens.get_secret_value() if settings.api_tokens else None,
+            settings.api_tokens_file,
+        )
+        return cls(
+            repository,
+            settings.api_listen,
+            grace_seconds=settings.api_grace_seconds,
+            health_interval_seconds=settings.api_health_interval_seconds,
+            tls=ServerTls.from_files(
+                settings.api_tls_cert_file,
+                settings.api_tls_key_file,
+                settings.api_tls_client_ca_file,
+            ),
+            tokens=BearerTokens(tokens) if tokens else None,
+            max_message_bytes=settings.api_max_message_bytes,
+            max_concurrent_calls=settings.api_max_concurrent_calls,
+            db_timeout_seconds=settings.api_db_timeout_seconds,
+            freshness_ttl_seconds=settings.api_freshness_ttl_ms / 1000,
+            metrics_port=settings.metrics_port or None,
+        )
+
+    @property
+    def in_flight(self) -> int:
+        """ConnectionService calls being served now."""
+        return self._limit.in_flight
+
+    def _interceptors(self) -> list[grpc.aio.ServerInterceptor[Any, Any]]:
+        chain: list[grpc.aio.ServerInterceptor[Any, Any]] = [MetricsInterceptor(self.metrics)]
+        if self._tokens is not None:
+            chain.append(BearerAuthInterceptor(self._tokens, f"/{SERVICE_NAME}/"))
+        chain.append(self._limit)
+        return chain
 
     async def start(self) -> None:
         if self._server is not None:
             return
-        server = grpc.aio.server()
-        connection_service_pb2_grpc.add_ConnectionServiceServicer_to_server(
-            ConnectionService(self._repository), server
+        credentials = self._tls.credentials() if self._tls else None
+        server = grpc.aio.server(
+            interceptors=self._interceptors(),
+            options=[
+                ("grpc.max_receive_message_length", self._max_message_bytes),
+                ("grpc.max_send_message_length", self._max_message_bytes),
+            ],
         )
+        handlers = connection_service_handlers(self._service)
+        server.add_generic_rpc_handlers(
+            (grpc.method_handlers_generic_handler(SERVICE_NAME, handlers),)
+        )
+        server.add_registered_method_handlers(SERVICE_NAME, handlers)  # type: ignore[attr-defined]
         health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
         reflection.enable_server_reflection(
             (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server
         )
-        self.port = server.add_insecure_port(self._listen)
-        if self.port == 0:
-            raise OSError(f"cannot listen on {self._listen}")
+        try:
+            if credentials is None:
+                self.port = server.add_insecure_port(self._listen)
+            else:
+                self.port = server.add_secure_port(self._listen, credentials)
+        except RuntimeError as exc:  # grpc's way of saying the bind failed
+            raise OSError(f"cannot listen on {self._listen} (address in use?)") from exc
         await self._update_health()
         await server.start()
         self._server = server
         self._health_task = asyncio.create_task(self._watch_health())
-        log.info("serving %s on %s", SERVICE_NAME, self._listen)
+        if self._metrics_port is not None:
+            self.metrics_http_port = self.metrics.serve_http(self._metrics_port, self._metrics_addr)
+            log.info("metrics on %s:%d", self._metrics_addr, self.metrics_http_port)
+        log.info(
+            "serving %s on %s (%s, %s, at most %d concurrent calls)",
+            SERVICE_NAME,
+            self._listen,
+            ("mutual TLS" if self._tls.mutual else "TLS") if self._tls else "plaintext",
+            f"bearer tokens: {len(self._tokens)}" if self._tokens else "no authentication",
+            self._limit.limit,
+        )
 
     async def _update_health(self) -> None:
-        ok = await self._repository.ping()
+        try:
+            async with asyncio.timeout(self._db_timeout):
+                await self._repository.ping()
+            serving, reason = True, ""
+        except ReadModelUnavailable as exc:
+            serving, reason = False, str(exc)
+        except TimeoutError:
+            serving, reason = False, f"no answer within {self._db_timeout:g}s"
+        if serving != self._serving:
+            if serving:
+                log.info("read model ready: SERVING")
+            else:
+                log.warning("read model not ready (%s): NOT_SERVING", reason)
+        self._serving = serving
+        self.metrics.read_model_up.set(1 if serving else 0)
         status = (
             health_pb2.HealthCheckResponse.SERVING
-            if ok
+            if serving
             else health_pb2.HealthCheckResponse.NOT_SERVING
         )
         for name in ("", SERVICE_NAME):
@@ -76,7 +183,10 @@ class ApiServer:
     async def _watch_health(self) -> None:
         while True:
             await asyncio.sleep(self._health_interval)
-            await self._update_health()
+            try:
+                await self._update_health()
+            except Exception:  # a probe must never stop probing
+                log.exception("health probe failed")
 
     async def stop(self) -> None:
         """Stop accepting calls, let in-flight calls finish within the grace period."""
@@ -89,11 +199,14 @@ class ApiServer:
                 await self._health_task
         await self._health.enter_graceful_shutdown()
         await server.stop(self._grace)
+        self.metrics.stop_http()
         log.info("stopped")
+        self._stopped.set()
 
     async def wait(self) -> None:
+        """Until stop() has finished (returns at once if the server never started)."""
         if self._server is not None:
-            await self._server.wait_for_termination()
+            await self._stopped.wait()
 
     async def __aenter__(self) -> ApiServer:
         await self.start()

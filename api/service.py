@@ -1,31 +1,57 @@
-"""ConnectionService: Get from the read model; Send and Disconnect are not this tracker's job."""
+"""ConnectionService: Get from the read model; Send and Disconnect are not this tracker's job.
+
+Status codes (docs/api.md): INVALID_ARGUMENT for a missing, over-long or undecodable
+connection_id; NOT_FOUND for unknown and disconnected connections; UNAVAILABLE when the read
+model cannot answer; DEADLINE_EXCEEDED when the caller's deadline passes first; UNIMPLEMENTED
+for Send and Disconnect. No input reaches INTERNAL or UNKNOWN."""
 
 from __future__ import annotations
 
+import asyncio
 import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, Final, TypeVar
 
 import grpc
+from google.protobuf.message import DecodeError, Message
 
+from api.freshness import ProjectionPosition
 from api.repository import ConnectionRepository, ConnectionView, ReadModelUnavailable
+from api.validation import connection_id_problem
 from connection_tracker.protogen.yandex.cloud.serverless.apigateway.websocket.v1 import (
     connection_pb2,
     connection_service_pb2,
-    connection_service_pb2_grpc,
 )
 from connection_tracker.timeutil import to_timestamp
 
 log = logging.getLogger(__name__)
 
-MAX_CONNECTION_ID_LENGTH = 50
+SERVICE_NAME: Final = connection_service_pb2.DESCRIPTOR.services_by_name[
+    "ConnectionService"
+].full_name
+
+M = TypeVar("M", bound=Message)
 
 
-def validate_connection_id(connection_id: str) -> str | None:
-    """The upstream rule for every connection_id: required, at most 50 characters."""
-    if not connection_id:
-        return "connection_id is required"
-    if len(connection_id) > MAX_CONNECTION_ID_LENGTH:
-        return f"connection_id must be at most {MAX_CONNECTION_ID_LENGTH} characters"
-    return None
+@dataclass(frozen=True, slots=True)
+class UndecodableRequest:
+    """A request body that is not a valid message of the method's request type (e.g. a string
+    field holding invalid UTF-8). grpcio would answer UNKNOWN for it; we answer
+    INVALID_ARGUMENT."""
+
+    message_type: str
+    reason: str
+
+
+def tolerant_parser(message_type: type[M]) -> Callable[[bytes], M | UndecodableRequest]:
+    def parse(data: bytes) -> M | UndecodableRequest:
+        try:
+            return message_type.FromString(data)
+        except DecodeError as exc:
+            return UndecodableRequest(message_type.DESCRIPTOR.name, str(exc))
+
+    return parse
 
 
 def to_proto(view: ConnectionView) -> connection_pb2.Connection:
@@ -38,52 +64,106 @@ def to_proto(view: ConnectionView) -> connection_pb2.Connection:
     )
 
 
-class ConnectionService(connection_service_pb2_grpc.ConnectionServiceServicer):
-    def __init__(self, repository: ConnectionRepository) -> None:
-        self._repository = repository
+Context = grpc.aio.ServicerContext[object, object]
 
-    async def Get(  # noqa: N802 (gRPC method name)
+
+class ConnectionService:
+    """The servicer; register it with connection_service_handlers()."""
+
+    def __init__(
         self,
-        request: connection_service_pb2.GetConnectionRequest,
-        context: grpc.aio.ServicerContext[
-            connection_service_pb2.GetConnectionRequest, connection_pb2.Connection
-        ],
+        repository: ConnectionRepository,
+        *,
+        db_timeout_seconds: float = 5.0,
+        freshness_ttl_seconds: float = 1.0,
+    ) -> None:
+        self._repository = repository
+        self._db_timeout = db_timeout_seconds
+        self._position = ProjectionPosition(repository, freshness_ttl_seconds)
+
+    async def Get(
+        self,
+        request: connection_service_pb2.GetConnectionRequest | UndecodableRequest,
+        context: Context,
     ) -> connection_pb2.Connection:
-        problem = validate_connection_id(request.connection_id)
+        if isinstance(request, UndecodableRequest):
+            await context.abort(
+                grpc.StatusCode.INVALID_ARGUMENT,
+                f"request is not a valid {request.message_type} "
+                f"(connection_id must be valid UTF-8): {request.reason}",
+            )
+        problem = connection_id_problem(request.connection_id)
         if problem:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, problem)
+
+        remaining = context.time_remaining()
+        deadline_binds = remaining is not None and remaining <= self._db_timeout
         try:
-            view = await self._repository.get_open(request.connection_id)
+            async with asyncio.timeout(remaining if deadline_binds else self._db_timeout):
+                # Position first: the header is then a lower bound of what the row reflects.
+                freshness = await self._position.metadata()
+                view = await self._repository.get_open(request.connection_id)
+        except TimeoutError:
+            if deadline_binds:
+                await context.abort(
+                    grpc.StatusCode.DEADLINE_EXCEEDED, "deadline exceeded reading the read model"
+                )
+            log.warning("read model did not answer within %.1fs", self._db_timeout)
+            await context.abort(
+                grpc.StatusCode.UNAVAILABLE,
+                f"read model did not answer within {self._db_timeout:g}s; retry",
+            )
         except ReadModelUnavailable as exc:
             log.warning("read model unavailable: %s", exc)
             await context.abort(grpc.StatusCode.UNAVAILABLE, "read model is unavailable; retry")
+
+        context.set_trailing_metadata(freshness)
         if view is None:
             await context.abort(
-                grpc.StatusCode.NOT_FOUND, f"connection {request.connection_id} not found"
+                grpc.StatusCode.NOT_FOUND,
+                f"connection {request.connection_id!r} not found (unknown or disconnected)",
             )
         return to_proto(view)
 
-    async def Send(  # noqa: N802
-        self,
-        request: connection_service_pb2.SendToConnectionRequest,
-        context: grpc.aio.ServicerContext[
-            connection_service_pb2.SendToConnectionRequest,
-            connection_service_pb2.SendToConnectionResponse,
-        ],
+    async def Send(
+        self, request: object, context: Context
     ) -> connection_service_pb2.SendToConnectionResponse:
         await context.abort(
             grpc.StatusCode.UNIMPLEMENTED,
-            "Send is not supported: this service tracks connections, it does not carry their data",
+            "Send is not supported: this service tracks connections, it does not carry their "
+            "data; send through the API gateway itself",
         )
 
-    async def Disconnect(  # noqa: N802
-        self,
-        request: connection_service_pb2.DisconnectRequest,
-        context: grpc.aio.ServicerContext[
-            connection_service_pb2.DisconnectRequest, connection_service_pb2.DisconnectResponse
-        ],
+    async def Disconnect(
+        self, request: object, context: Context
     ) -> connection_service_pb2.DisconnectResponse:
         await context.abort(
             grpc.StatusCode.UNIMPLEMENTED,
-            "Disconnect is not supported: this service tracks connections, it cannot close them",
+            "Disconnect is not supported: this service tracks connections, it cannot close "
+            "them; disconnect through the API gateway itself",
         )
+
+
+def connection_service_handlers(
+    service: ConnectionService,
+) -> dict[str, grpc.RpcMethodHandler[Any, Any]]:
+    """Method handlers like the generated add_ConnectionServiceServicer_to_server registers,
+    but with request parsers that turn undecodable bodies into INVALID_ARGUMENT."""
+    svc = connection_service_pb2
+    return {
+        "Get": grpc.unary_unary_rpc_method_handler(
+            service.Get,
+            request_deserializer=tolerant_parser(svc.GetConnectionRequest),
+            response_serializer=connection_pb2.Connection.SerializeToString,
+        ),
+        "Send": grpc.unary_unary_rpc_method_handler(
+            service.Send,
+            request_deserializer=tolerant_parser(svc.SendToConnectionRequest),
+            response_serializer=svc.SendToConnectionResponse.SerializeToString,
+        ),
+        "Disconnect": grpc.unary_unary_rpc_method_handler(
+            service.Disconnect,
+            request_deserializer=tolerant_parser(svc.DisconnectRequest),
+            response_serializer=svc.DisconnectResponse.SerializeToString,
+        ),
+    }

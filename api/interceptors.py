@@ -1,0 +1,154 @@
+"""Server interceptors, outermost first: metrics (sees every outcome, rejections included),
+bearer-token authentication, then the cap on concurrent calls (so unauthenticated callers
+cannot take slots). Authentication and the cap apply to ConnectionService only: health checks
+and reflection stay open so that probes and grpcurl work, and keep working under load."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING, Any, TypeAlias
+
+import grpc
+
+from api.auth import BearerTokens
+from api.metrics import ApiMetrics
+
+log = logging.getLogger(__name__)
+
+Behavior = Callable[[Any, grpc.aio.ServicerContext[Any, Any]], Awaitable[Any]]
+Handler: TypeAlias = "grpc.RpcMethodHandler[Any, Any]"
+if TYPE_CHECKING:
+    # The stubs make these generic; at run time they are not subscriptable.
+    Interceptor = grpc.aio.ServerInterceptor[Any, Any]
+else:
+    Interceptor = grpc.aio.ServerInterceptor
+Continuation = Callable[[grpc.HandlerCallDetails], Awaitable[Handler]]
+
+
+def _unary(handler: Handler | None) -> Behavior | None:
+    if handler is None or handler.unary_unary is None:
+        return None
+    behavior: Behavior = handler.unary_unary  # type: ignore[assignment]
+    return behavior
+
+
+def _replace(handler: Handler, behavior: Behavior) -> Handler:
+    # grpc's RpcMethodHandler implementation is a namedtuple.
+    replaced: Handler = handler._replace(unary_unary=behavior)  # type: ignore[attr-defined]
+    return replaced
+
+
+def _deadline_passed(context: grpc.aio.ServicerContext[Any, Any]) -> bool:
+    remaining = context.time_remaining()
+    return remaining is not None and remaining <= 0
+
+
+class MetricsInterceptor(Interceptor):
+    def __init__(self, metrics: ApiMetrics) -> None:
+        self._metrics = metrics
+
+    async def intercept_service(  # type: ignore[override]
+        self, continuation: Continuation, handler_call_details: grpc.HandlerCallDetails
+    ) -> Handler | None:
+        handler = await continuation(handler_call_details)
+        behavior = _unary(handler)
+        if handler is None or behavior is None:
+            return handler
+        method = handler_call_details.method
+        metrics = self._metrics
+
+        async def observed(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
+            started = time.perf_counter()
+            code = grpc.StatusCode.UNKNOWN
+            try:
+                response = await behavior(request, context)
+                code = context.code() or grpc.StatusCode.OK
+                return response
+            except asyncio.CancelledError:
+                # grpc cancels the handler when the caller goes away or its deadline passes.
+                code = (
+                    grpc.StatusCode.DEADLINE_EXCEEDED
+                    if _deadline_passed(context)
+                    else grpc.StatusCode.CANCELLED
+                )
+                raise
+            except BaseException:
+                code = context.code() or grpc.StatusCode.UNKNOWN
+                raise
+            finally:
+                metrics.observe(method, code.name, time.perf_counter() - started)
+
+        return _replace(handler, observed)
+
+
+class BearerAuthInterceptor(Interceptor):
+    def __init__(self, tokens: BearerTokens, protected_prefix: str) -> None:
+        self._tokens = tokens
+        self._prefix = protected_prefix
+
+    async def intercept_service(  # type: ignore[override]
+        self, continuation: Continuation, handler_call_details: grpc.HandlerCallDetails
+    ) -> Handler | None:
+        handler = await continuation(handler_call_details)
+        if handler is None or not handler_call_details.method.startswith(self._prefix):
+            return handler
+        if self._tokens.accepts(handler_call_details.invocation_metadata):
+            return handler
+        # Never log the metadata: it may hold a (wrong but real) credential.
+        log.info("rejected %s: missing or invalid bearer token", handler_call_details.method)
+
+        async def reject(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
+            await context.abort(
+                grpc.StatusCode.UNAUTHENTICATED,
+                "missing or invalid bearer token: send metadata 'authorization: Bearer <token>'",
+            )
+
+        return _replace(handler, reject)
+
+
+class ConcurrencyLimitInterceptor(Interceptor):
+    """At most `limit` protected calls at a time; beyond that RESOURCE_EXHAUSTED at once, so
+    overload sheds calls instead of queueing them until everything times out."""
+
+    def __init__(
+        self, limit: int, protected_prefix: str, on_change: Callable[[int], None] | None = None
+    ) -> None:
+        self.limit = limit
+        self._prefix = protected_prefix
+        self._on_change = on_change
+        self.in_flight = 0
+
+    def _set(self, value: int) -> None:
+        self.in_flight = value
+        if self._on_change is not None:
+            self._on_change(value)
+
+    async def intercept_service(  # type: ignore[override]
+        self, continuation: Continuation, handler_call_details: grpc.HandlerCallDetails
+    ) -> Handler | None:
+        handler = await continuation(handler_call_details)
+        behavior = _unary(handler)
+        if (
+            handler is None
+            or behavior is None
+            or not handler_call_details.method.startswith(self._prefix)
+        ):
+            return handler
+
+        async def limited(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
+            # One event loop serves every call, so check-and-increment cannot race.
+            if self.in_flight >= self.limit:
+                await context.abort(
+                    grpc.StatusCode.RESOURCE_EXHAUSTED,
+                    f"too many concurrent calls (limit {self.limit}); retry with backoff",
+                )
+            self._set(self.in_flight + 1)
+            try:
+                return await behavior(request, context)
+            finally:
+                self._set(self.in_flight - 1)
+
+        return _replace(handler, limited)

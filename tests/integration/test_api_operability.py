@@ -1,0 +1,414 @@
+"""Operating the API: health that follows the read model, reflection as grpcurl uses it, the
+`conntrack-api` command (get prints JSON; serve drains in-flight calls on SIGTERM), and the
+Prometheus endpoint."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import urllib.request
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+import grpc
+import pytest
+from google.protobuf import descriptor_pool, message_factory
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha.proto_reflection_descriptor_database import (
+    ProtoReflectionDescriptorDatabase,
+)
+from sqlalchemy import insert, text
+from sqlalchemy.engine import make_url
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from api.repository import APPLICATION_NAME, ConnectionRepository, create_read_engine
+from api.server import ApiServer
+from api.service import SERVICE_NAME
+from connection_tracker.protogen.yandex.cloud.serverless.apigateway.websocket.v1 import (
+    connection_service_pb2 as svc,
+)
+from connection_tracker.protogen.yandex.cloud.serverless.apigateway.websocket.v1 import (
+    connection_service_pb2_grpc as svc_grpc,
+)
+from connection_tracker.schema import connections
+
+REPO = Path(__file__).resolve().parents[2]
+CONNECTED_NS = 1_764_300_000_123_456_789
+ACTIVE_NS = 1_764_300_005_000_000_001
+SERVING = health_pb2.HealthCheckResponse.SERVING
+NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
+
+
+async def seed(engine: AsyncEngine, connection_id: str = "conn-ops-1") -> None:
+    async with engine.begin() as conn:
+        await conn.execute(
+            insert(connections).values(
+                connection_id=connection_id,
+                gateway_id="gw-ops",
+                source_ip="192.0.2.10",
+                user_agent="curl/8.5.0",
+                connected_at_ns=CONNECTED_NS,
+                last_active_at_ns=ACTIVE_NS,
+            )
+        )
+
+
+@pytest.fixture
+async def read_engine(database_url: str) -> AsyncIterator[AsyncEngine]:
+    engine = create_read_engine(database_url)
+    await seed(engine)
+    yield engine
+    await engine.dispose()
+
+
+async def eventually(predicate: Any, within: float = 20.0) -> None:
+    deadline = asyncio.get_running_loop().time() + within
+    while not await predicate():
+        assert asyncio.get_running_loop().time() < deadline, "condition not reached in time"
+        await asyncio.sleep(0.05)
+
+
+async def health_status(port: int, service: str = "") -> int:
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+        stub = health_pb2_grpc.HealthStub(channel)
+        answer = await stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=5)
+        return int(answer.status)
+
+
+async def get_code(port: int, connection_id: str) -> grpc.StatusCode:
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+        stub = svc_grpc.ConnectionServiceStub(channel)
+        try:
+            await stub.Get(svc.GetConnectionRequest(connection_id=connection_id), timeout=10)
+        except grpc.aio.AioRpcError as exc:
+            return exc.code()
+        return grpc.StatusCode.OK
+
+
+async def _pg_admin(sql: str) -> None:
+    url = make_url(
+        os.environ.get(
+            "CONNTRACK_TEST_POSTGRES_URL", "postgresql://conntrack@127.0.0.1:55432/conntrack"
+        )
+    )
+    conn = await asyncpg.connect(
+        host=url.host, port=url.port, user=url.username, database="postgres"
+    )
+    try:
+        await conn.execute(sql)
+    finally:
+        await conn.close()
+
+
+@contextlib.asynccontextmanager
+async def read_model_gone(database_url: str, engine: AsyncEngine) -> AsyncIterator[None]:
+    """Takes the read model away for the block: on PostgreSQL the database refuses connections
+    and its sessions are terminated; on SQLite the table disappears (renamed)."""
+    name = make_url(database_url).database
+    if make_url(database_url).get_backend_name() == "postgresql":
+        await _pg_admin(f'ALTER DATABASE "{name}" ALLOW_CONNECTIONS false')
+        await _pg_admin(
+            f"SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = '{name}'"
+        )
+        try:
+            yield
+        finally:
+            await _pg_admin(f'ALTER DATABASE "{name}" ALLOW_CONNECTIONS true')
+    else:
+        async with engine.begin() as conn:
+            await conn.execute(text("ALTER TABLE connections RENAME TO connections_away"))
+        try:
+            yield
+        finally:
+            async with engine.begin() as conn:
+                await conn.execute(text("ALTER TABLE connections_away RENAME TO connections"))
+
+
+async def test_health_follows_the_read_model(database_url: str, read_engine: AsyncEngine) -> None:
+    async with ApiServer(
+        ConnectionRepository(read_engine), "127.0.0.1:0", health_interval_seconds=0.1
+    ) as server:
+        port = server.port
+        assert port is not None
+        for service in ("", SERVICE_NAME):
+            assert await health_status(port, service) == SERVING
+
+        async with read_model_gone(database_url, read_engine):
+
+            async def not_serving() -> bool:
+                return bool(await health_status(port) == NOT_SERVING)
+
+            await eventually(not_serving)
+            assert await health_status(port, SERVICE_NAME) == NOT_SERVING
+            assert await get_code(port, "conn-ops-1") == grpc.StatusCode.UNAVAILABLE
+
+        async def serving_again() -> bool:
+            return bool(await health_status(port) == SERVING)
+
+        await eventually(serving_again)
+        assert await health_status(port, SERVICE_NAME) == SERVING
+        assert await get_code(port, "conn-ops-1") == grpc.StatusCode.OK
+
+
+def _reflection_get(port: int, connection_id: str) -> tuple[list[str], dict[str, Any]]:
+    """What grpcurl does: learn the service and message types from the server, build the
+    request dynamically, call, and decode the answer; no generated code is involved."""
+    with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+        reflection_db = ProtoReflectionDescriptorDatabase(channel)
+        services = list(reflection_db.get_services())
+        pool = descriptor_pool.DescriptorPool(reflection_db)
+        method = pool.FindServiceByName(SERVICE_NAME).FindMethodByName("Get")
+        request_class = message_factory.GetMessageClass(method.input_type)
+        response_class = message_factory.GetMessageClass(method.output_type)
+        call = channel.unary_unary(
+            f"/{SERVICE_NAME}/Get",
+            request_serializer=request_class.SerializeToString,
+            response_deserializer=response_class.FromString,
+        )
+        answer = call(request_class(connection_id=connection_id), timeout=10)
+        return services, {
+            "type": answer.DESCRIPTOR.full_name,
+            "id": answer.id,
+            "gateway_id": answer.gateway_id,
+            "source_ip": answer.identity.source_ip,
+            "user_agent": answer.identity.user_agent,
+            "connected_at": (answer.connected_at.seconds, answer.connected_at.nanos),
+            "last_active_at": (answer.last_active_at.seconds, answer.last_active_at.nanos),
+        }
+
+
+async def test_reflection_based_call_as_grpcurl_makes(read_engine: AsyncEngine) -> None:
+    async with ApiServer(ConnectionRepository(read_engine), "127.0.0.1:0") as server:
+        assert server.port is not None
+        services, answer = await asyncio.to_thread(_reflection_get, server.port, "conn-ops-1")
+    assert SERVICE_NAME in services
+    assert "grpc.health.v1.Health" in services
+    assert answer == {
+        "type": "yandex.cloud.serverless.apigateway.websocket.v1.Connection",
+        "id": "conn-ops-1",
+        "gateway_id": "gw-ops",
+        "source_ip": "192.0.2.10",
+        "user_agent": "curl/8.5.0",
+        "connected_at": divmod(CONNECTED_NS, 1_000_000_000),
+        "last_active_at": divmod(ACTIVE_NS, 1_000_000_000),
+    }
+
+
+def _grpcurl() -> str | None:
+    local = REPO / ".local" / "go" / "bin" / "grpcurl"
+    return shutil.which("grpcurl") or (str(local) if local.exists() else None)
+
+
+@pytest.mark.parametrize("backend", ["sqlite"])
+async def test_grpcurl_calls_get_without_proto_files(read_engine: AsyncEngine) -> None:
+    grpcurl = _grpcurl()
+    if grpcurl is None:
+        pytest.skip("grpcurl not installed (docs/api.md says how); the reflection test covers it")
+    async with ApiServer(ConnectionRepository(read_engine), "127.0.0.1:0") as server:
+        process = await asyncio.create_subprocess_exec(
+            grpcurl,
+            "-plaintext",
+            "-d",
+            '{"connection_id": "conn-ops-1"}',
+            f"127.0.0.1:{server.port}",
+            f"{SERVICE_NAME}/Get",
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+        )
+        out, err = await asyncio.wait_for(process.communicate(), 30)
+    assert process.returncode == 0, err.decode()
+    # grpcurl prints proto field names.
+    assert json.loads(out) == {
+        "id": "conn-ops-1",
+        "gateway_id": "gw-ops",
+        "identity": {"source_ip": "192.0.2.10", "user_agent": "curl/8.5.0"},
+        "connected_at": "2025-11-28T03:20:00.123456789Z",
+        "last_active_at": "2025-11-28T03:20:05.000000001Z",
+    }
+
+
+async def run_cli(*args: str, env: dict[str, str] | None = None) -> tuple[int, str, str]:
+    process = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "api",
+        *args,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env={**os.environ, **(env or {})},
+    )
+    out, err = await asyncio.wait_for(process.communicate(), 60)
+    assert process.returncode is not None
+    return process.returncode, out.decode(), err.decode()
+
+
+@pytest.mark.parametrize("backend", ["sqlite"])
+async def test_cli_get_prints_the_connection_as_json(read_engine: AsyncEngine) -> None:
+    async with ApiServer(ConnectionRepository(read_engine), "127.0.0.1:0") as server:
+        target = f"127.0.0.1:{server.port}"
+        code, out, err = await run_cli("get", "conn-ops-1", "--target", target, "-v")
+        missing = await run_cli("get", "nope", "--target", target)
+    assert code == 0, err
+    assert json.loads(out) == {
+        "id": "conn-ops-1",
+        "gatewayId": "gw-ops",
+        "identity": {"sourceIp": "192.0.2.10", "userAgent": "curl/8.5.0"},
+        "connectedAt": "2025-11-28T03:20:00.123456789Z",
+        "lastActiveAt": "2025-11-28T03:20:05.000000001Z",
+    }
+    assert "x-projection-offsets:" in err
+    assert missing[0] == 1
+    assert missing[1] == ""
+    assert missing[2].startswith("NOT_FOUND: ")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@pytest.mark.postgres
+@pytest.mark.parametrize("backend", ["postgres"])
+async def test_sigterm_drains_the_call_in_flight_and_exits_zero(
+    database_url: str, read_engine: AsyncEngine, tmp_path: Path
+) -> None:
+    port = _free_port()
+    log_path = tmp_path / "serve.log"
+    with log_path.open("wb") as log_file:
+        process = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-m",
+            "api",
+            "serve",
+            stdout=log_file,
+            stderr=log_file,
+            env={
+                **os.environ,
+                "CONNTRACK_DATABASE_URL": database_url,
+                "CONNTRACK_API_LISTEN": f"127.0.0.1:{port}",
+                "CONNTRACK_API_GRACE_SECONDS": "30",
+                "CONNTRACK_API_DB_TIMEOUT_SECONDS": "30",
+            },
+        )
+    try:
+
+        async def up() -> bool:
+            try:
+                return bool(await health_status(port) == SERVING)
+            except grpc.aio.AioRpcError:
+                return False
+
+        await eventually(up, within=30)
+        parsed = make_url(database_url)
+        locker = await asyncpg.connect(
+            host=parsed.host, port=parsed.port, user=parsed.username, database=parsed.database
+        )
+        try:
+            tx = locker.transaction()
+            await tx.start()
+            await locker.execute("LOCK TABLE connections IN ACCESS EXCLUSIVE MODE")
+            async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+                stub = svc_grpc.ConnectionServiceStub(channel)
+                in_flight = asyncio.ensure_future(
+                    stub.Get(svc.GetConnectionRequest(connection_id="conn-ops-1"), timeout=60)
+                )
+
+                async def blocked_in_database() -> bool:
+                    waiting = await locker.fetchval(
+                        "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database()"
+                        " AND application_name = $1 AND wait_event_type = 'Lock'",
+                        APPLICATION_NAME,
+                    )
+                    return int(waiting) > 0
+
+                await eventually(blocked_in_database)
+                process.send_signal(signal.SIGTERM)
+
+                async def refuses_new_calls() -> bool:
+                    try:
+                        await health_status(port)
+                    except grpc.aio.AioRpcError:
+                        return True
+                    return False
+
+                # Stopped accepting calls while the old one is still held by the lock.
+                await eventually(refuses_new_calls)
+                assert not in_flight.done()
+                await tx.rollback()
+                answer = await asyncio.wait_for(in_flight, 30)
+            assert answer.id == "conn-ops-1"
+        finally:
+            await locker.close()
+        assert await asyncio.wait_for(process.wait(), 30) == 0, log_path.read_text()
+    finally:
+        if process.returncode is None:
+            process.kill()
+            await process.wait()
+    log = log_path.read_text()
+    assert "received SIGTERM" in log
+    assert "stopped" in log
+
+
+@pytest.mark.parametrize("backend", ["sqlite"])
+async def test_metrics_endpoint_serves_counts_by_method_and_code(
+    read_engine: AsyncEngine,
+) -> None:
+    async with ApiServer(
+        ConnectionRepository(read_engine), "127.0.0.1:0", metrics_port=0, metrics_addr="127.0.0.1"
+    ) as server:
+        assert server.port is not None
+        assert await get_code(server.port, "conn-ops-1") == grpc.StatusCode.OK
+        assert await get_code(server.port, "nope") == grpc.StatusCode.NOT_FOUND
+        url = f"http://127.0.0.1:{server.metrics_http_port}/metrics"
+        body = await asyncio.to_thread(lambda: urllib.request.urlopen(url, timeout=10).read())
+    exposition = body.decode()
+    get = f"/{SERVICE_NAME}/Get"
+    assert f'conntrack_api_requests_total{{code="OK",method="{get}"}} 1.0' in exposition
+    assert f'conntrack_api_requests_total{{code="NOT_FOUND",method="{get}"}} 1.0' in exposition
+    assert f'conntrack_api_request_seconds_count{{code="OK",method="{get}"}} 1.0' in exposition
+    assert "conntrack_api_read_model_up 1.0" in exposition
+
+
+@pytest.mark.parametrize("backend", ["sqlite"])
+async def test_serve_refuses_to_start_on_an_unusable_configuration(
+    database_url: str, tmp_path: Path
+) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        busy = f"127.0.0.1:{taken.getsockname()[1]}"
+        base = {"CONNTRACK_DATABASE_URL": database_url}
+        in_use = await run_cli("serve", env={**base, "CONNTRACK_API_LISTEN": busy})
+    missing_cert = await run_cli(
+        "serve",
+        env={
+            **base,
+            "CONNTRACK_API_LISTEN": "127.0.0.1:0",
+            "CONNTRACK_API_TLS_CERT_FILE": str(tmp_path / "absent.crt"),
+            "CONNTRACK_API_TLS_KEY_FILE": str(tmp_path / "absent.key"),
+        },
+    )
+    half_tls = await run_cli(
+        "serve",
+        env={
+            **base,
+            "CONNTRACK_API_LISTEN": "127.0.0.1:0",
+            "CONNTRACK_API_TLS_CERT_FILE": str(tmp_path / "absent.crt"),
+        },
+    )
+    assert in_use[0] == 2
+    assert f"cannot listen on {busy}" in in_use[2]
+    assert missing_cert[0] == 2
+    assert "cannot read TLS" in missing_cert[2]
+    assert half_tls[0] == 2
+    assert "needs both a certificate file and a key file" in half_tls[2]
