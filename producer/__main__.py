@@ -4,75 +4,178 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import sys
+import time
 
-from connection_tracker.lifecycle import setup_logging
+from connection_tracker.events import Event
+from connection_tracker.lifecycle import on_shutdown_signal, setup_logging
 from connection_tracker.settings import Settings
+from producer.errors import PublisherError
 from producer.publisher import Publisher
 from producer.simulator import Workload, generate
-from producer.topics import HistoryLosingTopicError, TopicSpec, ensure_topics
+from producer.topics import (
+    HistoryLosingTopicError,
+    TopicProvisioningError,
+    TopicSpec,
+    ensure_topics,
+)
 
 
 async def provision(settings: Settings, ns: argparse.Namespace) -> int:
-    specs = [
-        TopicSpec(settings.events_topic, ns.partitions, ns.replication_factor, ns.min_insync_replicas),
-        TopicSpec(settings.dead_letter_topic, ns.partitions, ns.replication_factor, ns.min_insync_replicas),
-    ]
     try:
-        for line in await ensure_topics(settings.kafka_bootstrap_servers, specs):
-            print(line)
+        specs = [
+            TopicSpec(name, ns.partitions, ns.replication_factor, ns.min_insync_replicas)
+            for name in (settings.events_topic, settings.dead_letter_topic)
+        ]
+        reports = await ensure_topics(settings.kafka_bootstrap_servers, specs)
     except HistoryLosingTopicError as exc:
+        for report in exc.reports:
+            print(report)
         print(f"error: {exc}", file=sys.stderr)
         return 1
+    except (TopicProvisioningError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    for report in reports:
+        print(report)
     return 0
+
+
+class Progress:
+    """A line on stderr every `interval_s` while publishing (stdout stays for results)."""
+
+    def __init__(self, interval_s: float) -> None:
+        self._interval_s = interval_s
+        self._started = self._last = time.monotonic()
+
+    def tick(
+        self, published: int, open_connections: int, publisher: Publisher, *, final: bool = False
+    ) -> None:
+        now = time.monotonic()
+        if self._interval_s <= 0 or (not final and now - self._last < self._interval_s):
+            return
+        self._last = now
+        elapsed = max(now - self._started, 1e-9)
+        stats = publisher.stats()
+        print(
+            f"simulate: {published} events in {elapsed:.1f} s ({published / elapsed:.0f}/s), "
+            f"{open_connections} open connections, {stats.delivered} acknowledged, "
+            f"{stats.undelivered} undelivered",
+            file=sys.stderr,
+            flush=True,
+        )
 
 
 async def simulate(settings: Settings, ns: argparse.Namespace) -> int:
-    workload = Workload(
-        gateways=ns.gateways,
-        connections=ns.connections,
-        activities_per_connection=ns.activities,
-        disconnect_ratio=ns.disconnect_ratio,
-        seed=ns.seed,
-    )
+    try:
+        workload = Workload(
+            gateways=ns.gateways,
+            connections=ns.connections,
+            activities_per_connection=ns.activities,
+            disconnect_ratio=ns.disconnect_ratio,
+            seed=ns.seed,
+            concurrent=ns.concurrent,
+            connect_rate=ns.connect_rate,
+            activity_rate=ns.activity_rate,
+            duration_s=ns.duration,
+            max_events=ns.events,
+            ipv6_share=ns.ipv6_share,
+        )
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    stop = asyncio.Event()
+
+    async def request_stop() -> None:
+        stop.set()
+
+    on_shutdown_signal(request_stop)
     count = 0
-    last_open: str | None = None
-    async with Publisher(settings.kafka_bootstrap_servers, settings.events_topic, "simulator") as pub:
-        open_ids: set[str] = set()
-        for event in generate(workload):
-            await pub.publish(event)
-            count += 1
-            if event.kind == "connected":
-                open_ids.add(event.connection_id)
-                last_open = event.connection_id
-            elif event.kind == "disconnected":
-                open_ids.discard(event.connection_id)
-        await pub.flush()
-        if last_open not in open_ids:
-            last_open = next(iter(sorted(open_ids)), None)
-    print(f"published {count} events for {workload.connections} connections to {settings.events_topic}")
-    if last_open:
-        print(f"an open connection: {last_open}")
+    open_ids: dict[str, None] = {}  # insertion-ordered: the last one is the newest
+    progress = Progress(ns.progress_interval)
+    start_ns = time.time_ns()
+    publisher = Publisher(
+        settings.kafka_bootstrap_servers,
+        settings.events_topic,
+        "simulator",
+        delivery_timeout_s=ns.delivery_timeout,
+    )
+    try:
+        async with publisher:
+            for event in generate(workload, start_ns, order="time"):
+                if stop.is_set():
+                    break
+                if ns.realtime:
+                    await _wait_until(event, stop)
+                await publisher.publish(event)
+                count += 1
+                if event.kind == "connected":
+                    open_ids[event.connection_id] = None
+                elif event.kind == "disconnected":
+                    open_ids.pop(event.connection_id, None)
+                progress.tick(count, len(open_ids), publisher)
+            await publisher.flush()
+            progress.tick(count, len(open_ids), publisher, final=True)
+    except PublisherError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    print(
+        f"published {count} events for {workload.connections} connections "
+        f"to {settings.events_topic}"
+    )
+    if open_ids:
+        print(f"an open connection: {next(reversed(open_ids))}")
     return 0
+
+
+async def _wait_until(event: Event, stop: asyncio.Event) -> None:
+    delay = (event.occurred_at_ns - time.time_ns()) / 1e9
+    if delay > 0:
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(stop.wait(), delay)
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="conntrack-producer", description=__doc__)
     parser.add_argument("--bootstrap-servers", help="overrides CONNTRACK_KAFKA_BOOTSTRAP_SERVERS")
     sub = parser.add_subparsers(dest="command", required=True)
-    topics = sub.add_parser("topics", help="create the events and dead-letter topics")
+    topics = sub.add_parser(
+        "topics",
+        help="create the events and dead-letter topics (idempotent); refuse history-losing ones",
+    )
     topics.add_argument("--partitions", type=int, default=6)
     topics.add_argument("--replication-factor", type=int, default=1)
     topics.add_argument("--min-insync-replicas", type=int, default=1)
     sim = sub.add_parser("simulate", help="publish simulated gateway traffic")
     sim.add_argument("--gateways", type=int, default=3)
-    sim.add_argument("--connections", type=int, default=100)
+    sim.add_argument("--connections", type=int, default=100, help="connections opened in total")
+    sim.add_argument("--concurrent", type=int, default=None, help="most connections open at once")
     sim.add_argument("--activities", type=int, default=5, help="activity events per connection")
-    sim.add_argument("--disconnect-ratio", type=float, default=0.5)
+    sim.add_argument("--disconnect-ratio", type=float, default=0.5, help="share that disconnect")
+    sim.add_argument("--connect-rate", type=float, default=100.0, help="new connections per second")
+    sim.add_argument("--activity-rate", type=float, default=1.0, help="activities/s per connection")
+    sim.add_argument("--ipv6-share", type=float, default=0.3)
+    sim.add_argument(
+        "--duration", type=float, default=None, help="stop after this many simulated seconds"
+    )
+    sim.add_argument("--events", type=int, default=None, help="stop after this many events")
     sim.add_argument("--seed", type=int, default=1)
+    sim.add_argument(
+        "--realtime", action="store_true", help="publish each event at its simulated time"
+    )
+    sim.add_argument("--delivery-timeout", type=float, default=30.0, help="seconds")
+    sim.add_argument(
+        "--progress-interval",
+        type=float,
+        default=2.0,
+        help="seconds between progress lines; 0: none",
+    )
     ns = parser.parse_args(argv)
     settings = (
-        Settings(kafka_bootstrap_servers=ns.bootstrap_servers) if ns.bootstrap_servers else Settings()
+        Settings(kafka_bootstrap_servers=ns.bootstrap_servers)
+        if ns.bootstrap_servers
+        else Settings()
     )
     setup_logging(settings.log_level)
     run = provision if ns.command == "topics" else simulate

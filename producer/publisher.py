@@ -3,29 +3,101 @@
 Each event gets a fresh UUID event id and the gateway's clock in nanoseconds; the record key is
 the connection id, so one connection's events land on one partition in order. The producer is
 idempotent with acks from all in-sync replicas, so broker retries never duplicate or reorder.
+
+Activity is coalesced per connection (producer/coalescing.py): at most one Activity event per
+`activity_interval_s`, carrying the latest activity time, flushed before the connection's
+Disconnected and on flush()/stop().
+
+Failure behaviour, in one rule: every event handed in is either acknowledged by the broker, or
+counted in `undelivered` and passed to `on_undeliverable` exactly once; in addition the call that
+handed it in (or the next flush()/stop()) raises. Memory is bounded by `max_pending`
+unacknowledged events: beyond it, publishing waits (backpressure), and gives up with
+BrokerUnavailableError after `delivery_timeout_s`.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import logging
 import time
 import uuid
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from typing import Any
 
 from aiokafka import AIOKafkaProducer
+from aiokafka.errors import KafkaConnectionError, KafkaError, KafkaTimeoutError
 
 from connection_tracker.events import (
     HEADERS,
+    MAX_ID_LENGTH,
+    MAX_TIME_NS,
+    MIN_TIME_NS,
     Activity,
     Connected,
     Disconnected,
     Event,
+    InvalidEvent,
     Payload,
+    decode,
     encode,
 )
+from producer.coalescing import ActivityCoalescer, CoalescedActivity
+from producer.errors import (
+    BrokerUnavailableError,
+    DeliveryTimeoutError,
+    PublisherClosedError,
+    PublisherError,
+    TopicNotFoundError,
+    UndeliveredEventsError,
+)
+
+log = logging.getLogger(__name__)
+
+UndeliverableCallback = Callable[[Event, BaseException], None]
+
+_UINT32_MAX = 2**32 - 1
+_UINT64_MAX = 2**64 - 1
+_CONNECT_BACKOFF_S = 0.5
+
+
+@dataclass(frozen=True, slots=True)
+class PublisherStats:
+    delivered: int
+    """Events the broker acknowledged."""
+    undelivered: int
+    """Events that could not be delivered (each also went to on_undeliverable)."""
+    in_flight: int
+    """Events handed to the producer and not yet acknowledged."""
+    pending_activities: int
+    """Connections with coalesced activity not yet published."""
+    coalesced_activities: int
+    """activity() calls merged into another Activity event instead of publishing their own."""
+
+
+def _check_id(name: str, value: str) -> None:
+    if not value:
+        raise InvalidEvent(f"{name} is missing")
+    if len(value) > MAX_ID_LENGTH:
+        raise InvalidEvent(f"{name} is longer than {MAX_ID_LENGTH} characters")
+
+
+def _check_time(at_ns: int) -> None:
+    if not MIN_TIME_NS <= at_ns < MAX_TIME_NS:
+        raise InvalidEvent(f"time {at_ns} ns is outside 2000-01-01..2100-01-01")
 
 
 class Publisher:
-    """Async context manager. start() and stop() are idempotent; stop() flushes."""
+    """Async context manager. start() and stop() are idempotent; stop() (alias close()) flushes.
+
+    activity_interval_s: coalescing interval per connection; 0 publishes every activity call.
+    delivery_timeout_s: how long the broker may take to accept and acknowledge events (also
+        bounds start(), flush() and stop()).
+    max_pending: unacknowledged events held in memory before publishing waits.
+    on_undeliverable: called once per event that could not be delivered, with the cause; it runs
+        on the event loop and must not block.
+    """
 
     def __init__(
         self,
@@ -33,59 +105,234 @@ class Publisher:
         topic: str,
         gateway_id: str,
         *,
+        activity_interval_s: float = 1.0,
+        delivery_timeout_s: float = 30.0,
+        max_pending: int = 10_000,
+        on_undeliverable: UndeliverableCallback | None = None,
         linger_ms: int = 5,
+        monotonic_ns: Callable[[], int] = time.monotonic_ns,
+        wall_clock_ns: Callable[[], int] = time.time_ns,
         **producer_options: Any,
     ) -> None:
+        _check_id("gateway_id", gateway_id)
+        if activity_interval_s < 0:
+            raise ValueError("activity_interval_s must be >= 0")
+        if delivery_timeout_s <= 0:
+            raise ValueError("delivery_timeout_s must be > 0")
+        if max_pending < 1:
+            raise ValueError("max_pending must be >= 1")
+        self._bootstrap_servers = bootstrap_servers
         self._topic = topic
         self._gateway_id = gateway_id
-        self._producer = AIOKafkaProducer(
-            bootstrap_servers=bootstrap_servers,
-            acks="all",
-            enable_idempotence=True,
-            linger_ms=linger_ms,
+        self._delivery_timeout_s = delivery_timeout_s
+        self._max_pending = max_pending
+        self._on_undeliverable = on_undeliverable
+        self._monotonic_ns = monotonic_ns
+        self._wall_clock_ns = wall_clock_ns
+        self._producer_options: dict[str, Any] = {
+            "linger_ms": linger_ms,
+            # aiokafka uses it for metadata waits, full-buffer waits and produce requests.
+            "request_timeout_ms": max(1, int(delivery_timeout_s * 1000)),
             **producer_options,
+            # Not overridable: these are what make per-connection order and no-duplicates hold.
+            "acks": "all",
+            "enable_idempotence": True,
+        }
+        self._coalescer = ActivityCoalescer(int(activity_interval_s * 1_000_000_000))
+        self._producer: Any = None
+        self._accepting = False
+        self._lifecycle = asyncio.Lock()
+        # One lock orders every send: an activity taken from the coalescer and the Disconnected
+        # after it reach the producer in that order even when other tasks publish concurrently.
+        self._send_lock = asyncio.Lock()
+        self._room = asyncio.Semaphore(max_pending)
+        self._in_flight: dict[asyncio.Future[Any], Event] = {}
+        self._stopping = asyncio.Event()
+        self._flusher: asyncio.Task[None] | None = None
+        self._delivered = 0
+        self._undelivered = 0
+        self._coalesced = 0
+        self._failures_since_check = 0
+        self._first_failure: BaseException | None = None
+
+    # -- lifecycle ---------------------------------------------------------------------------
+
+    @property
+    def started(self) -> bool:
+        return self._accepting
+
+    def stats(self) -> PublisherStats:
+        return PublisherStats(
+            delivered=self._delivered,
+            undelivered=self._undelivered,
+            in_flight=len(self._in_flight),
+            pending_activities=self._coalescer.pending,
+            coalesced_activities=self._coalesced,
         )
-        self._started = False
+
+    @property
+    def undelivered(self) -> int:
+        return self._undelivered
 
     async def start(self) -> None:
-        if not self._started:
-            await self._producer.start()
-            self._started = True
+        """Connect (retrying until delivery_timeout_s) and check that the topic exists."""
+        async with self._lifecycle:
+            if self._producer is not None:
+                return
+            self._producer = await self._connect()
+            self._room = asyncio.Semaphore(self._max_pending)
+            self._stopping = asyncio.Event()
+            self._accepting = True
+            if self._coalescer.interval_ns > 0:
+                self._flusher = asyncio.create_task(self._publish_due_activity())
+
+    async def _connect(self) -> Any:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self._delivery_timeout_s
+        while True:
+            producer = AIOKafkaProducer(
+                bootstrap_servers=self._bootstrap_servers, **self._producer_options
+            )
+            try:
+                async with asyncio.timeout_at(deadline):
+                    await producer.start()
+                    await self._check_topic(producer)
+                return producer
+            except (KafkaConnectionError, TimeoutError) as exc:
+                await producer.stop()
+                if loop.time() + _CONNECT_BACKOFF_S >= deadline:
+                    raise BrokerUnavailableError(
+                        f"cannot reach Kafka at {self._bootstrap_servers} within "
+                        f"{self._delivery_timeout_s:g} s: {exc or type(exc).__name__}"
+                    ) from exc
+                log.warning("Kafka at %s unreachable, retrying: %s", self._bootstrap_servers, exc)
+                await asyncio.sleep(_CONNECT_BACKOFF_S)
+            except BaseException:
+                await producer.stop()
+                raise
+
+    async def _check_topic(self, producer: Any) -> None:
+        # A topic created a moment ago may be missing from the first metadata answer: ask again
+        # a few times before calling it missing.
+        for attempt in range(5):
+            updated = await (
+                producer.client.add_topic(self._topic)
+                if attempt == 0
+                else producer.client.force_metadata_update()
+            )
+            if not updated:
+                raise KafkaConnectionError("no broker answered the metadata request")
+            if producer.client.cluster.partitions_for_topic(self._topic):
+                return
+            await asyncio.sleep(0.2)
+        raise TopicNotFoundError(
+            f"topic {self._topic} does not exist at {self._bootstrap_servers}; "
+            "create it with `conntrack-producer topics`"
+        )
 
     async def stop(self) -> None:
-        if self._started:
-            self._started = False
-            await self._producer.stop()  # flushes what is pending
+        """Publish pending activity, wait up to delivery_timeout_s for acknowledgements, close.
+
+        Events still unacknowledged then are counted and reported as undeliverable, and this
+        raises UndeliveredEventsError (after closing) if anything failed since the last check."""
+        async with self._lifecycle:
+            if self._producer is None:
+                return
+            self._accepting = False
+            self._stopping.set()
+            if self._flusher is not None:
+                await self._flusher
+                self._flusher = None
+            deadline = asyncio.get_running_loop().time() + self._delivery_timeout_s
+            # Holding the send lock to the end: a publish that got past the started check just
+            # before stop() either goes out before the drain or finds the publisher closed.
+            async with self._send_lock:
+                try:
+                    # A failure here is already counted and reported; it is raised below, with
+                    # any others, as UndeliveredEventsError once the producer is closed.
+                    with contextlib.suppress(PublisherError):
+                        pending = self._activity_events(self._coalescer.drain())
+                        await self._send_all(pending, deadline)
+                    await self._wait_in_flight(deadline)
+                finally:
+                    await self._close_producer()
+            self._raise_if_failures()
+
+    close = stop
 
     async def __aenter__(self) -> Publisher:
         await self.start()
         return self
 
-    async def __aexit__(self, *exc: object) -> None:
-        await self.stop()
+    async def __aexit__(self, exc_type: object, exc: object, tb: object) -> None:
+        if exc_type is None:
+            await self.stop()
+            return
+        try:
+            await self.stop()
+        except PublisherError as err:
+            # Do not hide the exception that ended the block; this one is logged and counted.
+            log.error("while closing the publisher after %r: %s", exc, err)
 
-    async def flush(self) -> None:
-        await self._producer.flush()
+    async def _close_producer(self) -> None:
+        producer, self._producer = self._producer, None
+        if self._in_flight:
+            # aiokafka's idempotent producer retries a batch forever (it has no equivalent of
+            # Java's delivery.timeout.ms), so its stop() would never return while the broker is
+            # away. Stop its sender and fail what it still holds, so those events are reported.
+            error = DeliveryTimeoutError(
+                f"not acknowledged within {self._delivery_timeout_s:g} s; the broker may still "
+                "have received it"
+            )
+            sender = getattr(producer, "_sender", None)
+            accumulator = getattr(producer, "_message_accumulator", None)
+            if sender is not None and accumulator is not None:
+                await sender.close()
+                accumulator.fail_all(error)
+            for future, event in list(self._in_flight.items()):
+                del self._in_flight[future]
+                self._room.release()
+                cause = future.exception() if future.done() and not future.cancelled() else None
+                self._report(event, cause or error)
+        await producer.stop()
 
-    async def publish(self, event: Event) -> None:
-        """Hand one event to the producer; delivery completes in the background (see flush)."""
-        if not self._started:
-            raise RuntimeError("Publisher is not started")
-        await self._producer.send(
-            self._topic,
-            value=encode(event),
-            key=event.connection_id.encode(),
-            headers=list(HEADERS),
-        )
+    # -- publishing --------------------------------------------------------------------------
+
+    def _require_accepting(self) -> None:
+        if not self._accepting:
+            raise PublisherClosedError("Publisher is not started (or is stopping)")
 
     def _event(self, connection_id: str, payload: Payload, at_ns: int | None) -> Event:
         return Event(
             event_id=str(uuid.uuid4()),
             connection_id=connection_id,
             gateway_id=self._gateway_id,
-            occurred_at_ns=time.time_ns() if at_ns is None else at_ns,
+            occurred_at_ns=self._wall_clock_ns() if at_ns is None else at_ns,
             payload=payload,
         )
+
+    def _activity_events(self, activities: Iterable[CoalescedActivity]) -> list[Event]:
+        return [
+            self._event(a.connection_id, Activity(a.frames), a.latest_at_ns) for a in activities
+        ]
+
+    async def publish(self, event: Event) -> None:
+        """Hand one ready-made event to the producer; delivery completes in the background (see
+        flush). The event is validated as the projector would (InvalidEvent if it would be
+        dead-lettered). Coalesced activity of its connection is published before it."""
+        self._require_accepting()
+        try:
+            value = encode(event)
+        except (ValueError, TypeError) as exc:
+            raise InvalidEvent(f"cannot encode event: {exc}") from None
+        decode(value, event.connection_id.encode())
+        deadline = asyncio.get_running_loop().time() + self._delivery_timeout_s
+        async with self._send_lock:
+            pending = self._coalescer.take(event.connection_id)
+            if pending is None:
+                await self._send(event, deadline, value)
+            else:
+                await self._send_all([*self._activity_events([pending]), event], deadline)
 
     async def connected(
         self, connection_id: str, source_ip: str, user_agent: str, *, at_ns: int | None = None
@@ -96,9 +343,25 @@ class Publisher:
 
     async def activity(
         self, connection_id: str, *, frames: int = 1, at_ns: int | None = None
-    ) -> Event:
-        event = self._event(connection_id, Activity(frames), at_ns)
-        await self.publish(event)
+    ) -> Event | None:
+        """Record activity on a connection. Returns the Activity event if one was published now,
+        None if this call was merged into one that goes out when the interval ends (or before
+        the connection's next event, or on flush/stop). Cheap when merged: no I/O."""
+        self._require_accepting()
+        _check_id("connection_id", connection_id)
+        if not 0 <= frames <= _UINT64_MAX:
+            raise InvalidEvent(f"frames {frames} is outside 0..2**64-1")
+        at = self._wall_clock_ns() if at_ns is None else at_ns
+        _check_time(at)
+        ready = self._coalescer.record(connection_id, at, frames, self._monotonic_ns())
+        if ready is None:
+            self._coalesced += 1
+            return None
+        (event,) = self._activity_events([ready])
+        # No await between record() and taking the lock (asyncio.Lock is FIFO), so this event is
+        # ordered before any event of the connection handed in after this call.
+        async with self._send_lock:
+            await self._send(event, asyncio.get_running_loop().time() + self._delivery_timeout_s)
         return event
 
     async def disconnected(
@@ -109,6 +372,160 @@ class Publisher:
         reason: str = "",
         at_ns: int | None = None,
     ) -> Event:
+        """Publish the connection's pending activity, then its Disconnected."""
+        if not 0 <= status_code <= _UINT32_MAX:
+            raise InvalidEvent(f"status_code {status_code} is outside 0..2**32-1")
         event = self._event(connection_id, Disconnected(status_code, reason), at_ns)
         await self.publish(event)
         return event
+
+    async def flush(self) -> None:
+        """Publish all coalesced activity now and wait until every event handed in so far is
+        acknowledged. Raises DeliveryTimeoutError if some are still unacknowledged after
+        delivery_timeout_s (they stay in flight), UndeliveredEventsError if any failed since
+        the last flush."""
+        self._require_accepting()
+        deadline = asyncio.get_running_loop().time() + self._delivery_timeout_s
+        async with self._send_lock:
+            await self._send_all(self._activity_events(self._coalescer.drain()), deadline)
+        remaining = await self._wait_in_flight(deadline)
+        if remaining:
+            raise DeliveryTimeoutError(
+                f"{remaining} event(s) not acknowledged within {self._delivery_timeout_s:g} s; "
+                "they stay in flight until stop()"
+            )
+        self._raise_if_failures()
+
+    # -- internals ---------------------------------------------------------------------------
+
+    async def _publish_due_activity(self) -> None:
+        """Background task: publishes coalesced activity when its interval ends."""
+        loop = asyncio.get_running_loop()
+        interval_s = self._coalescer.interval_ns / 1e9
+        while not self._stopping.is_set():
+            next_ns = self._coalescer.next_deadline_ns()
+            # A window opened after this point ends at least a whole interval from now.
+            wait_s = (
+                interval_s if next_ns is None else max(0.0, (next_ns - self._monotonic_ns()) / 1e9)
+            )
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._stopping.wait(), wait_s)
+                return
+            try:
+                async with self._send_lock:
+                    due = self._coalescer.due(self._monotonic_ns())
+                    if due:
+                        await self._send_all(
+                            self._activity_events(due), loop.time() + self._delivery_timeout_s
+                        )
+            except PublisherError:
+                pass  # already counted and reported; the next interval tries again
+            except Exception:
+                log.exception("publishing coalesced activity failed")
+
+    async def _send_all(self, events: list[Event], deadline: float) -> None:
+        """Send each event; after the deadline the rest are reported without trying. Raises the
+        first failure once all have been handled."""
+        first: PublisherError | None = None
+        for event in events:
+            if first is not None and asyncio.get_running_loop().time() >= deadline:
+                self._report(event, first)
+                continue
+            try:
+                await self._send(event, deadline)
+            except PublisherError as exc:
+                first = first or exc
+        if first is not None:
+            raise first
+
+    async def _send(self, event: Event, deadline: float, value: bytes | None = None) -> None:
+        """Hand one event (and its encoding, if already made) to the producer; the caller holds
+        _send_lock. Waits for room while max_pending events are unacknowledged; reports and
+        raises on failure."""
+        if self._producer is None:
+            closed = PublisherClosedError("Publisher was stopped before the event could be sent")
+            self._report(event, closed)
+            raise closed
+        acquired = False
+        try:
+            if self._room.locked():
+                async with asyncio.timeout_at(deadline):
+                    await self._room.acquire()
+            else:
+                await self._room.acquire()  # returns at once; skips the timer's cost
+            acquired = True
+            # aiokafka bounds its own waits (metadata, a full batch) by request_timeout_ms,
+            # which is delivery_timeout_s, and raises KafkaTimeoutError after it.
+            future = await self._producer.send(
+                self._topic,
+                value=encode(event) if value is None else value,
+                key=event.connection_id.encode(),
+                headers=list(HEADERS),
+            )
+        except (TimeoutError, KafkaTimeoutError) as exc:
+            if acquired:
+                self._room.release()
+            error: PublisherError = BrokerUnavailableError(
+                f"the broker did not take event {event.event_id} within "
+                f"{self._delivery_timeout_s:g} s ({len(self._in_flight)} events unacknowledged)"
+            )
+            self._report(event, error)
+            raise error from exc
+        except KafkaError as exc:
+            if acquired:
+                self._room.release()
+            error = PublisherError(f"cannot publish event {event.event_id}: {exc!r}")
+            self._report(event, error)
+            raise error from exc
+        except BaseException as exc:
+            if acquired:
+                self._room.release()
+            self._report(event, exc)
+            raise
+        self._in_flight[future] = event
+        future.add_done_callback(self._settle)
+
+    def _settle(self, future: asyncio.Future[Any]) -> None:
+        event = self._in_flight.pop(future, None)
+        if event is None:
+            return  # already reported when the producer was closed
+        self._room.release()
+        if future.cancelled():
+            self._report(event, DeliveryTimeoutError("delivery was cancelled"))
+        elif (exc := future.exception()) is not None:
+            self._report(event, exc)
+        else:
+            self._delivered += 1
+
+    async def _wait_in_flight(self, deadline: float) -> int:
+        """Wait until everything in flight is settled or the deadline passes; how many remain."""
+        futures = list(self._in_flight)
+        if futures:
+            timeout = max(0.0, deadline - asyncio.get_running_loop().time())
+            await asyncio.wait(futures, timeout=timeout)
+        return sum(1 for f in futures if f in self._in_flight)
+
+    def _report(self, event: Event, error: BaseException) -> None:
+        self._undelivered += 1
+        self._failures_since_check += 1
+        if self._first_failure is None:
+            self._first_failure = error
+            log.warning(
+                "event %s (%s of connection %s) not delivered: %r",
+                event.event_id,
+                event.kind,
+                event.connection_id,
+                error,
+            )
+        if self._on_undeliverable is not None:
+            try:
+                self._on_undeliverable(event, error)
+            except Exception:
+                log.exception("on_undeliverable raised for event %s", event.event_id)
+
+    def _raise_if_failures(self) -> None:
+        if self._failures_since_check:
+            count, first = self._failures_since_check, self._first_failure
+            self._failures_since_check, self._first_failure = 0, None
+            assert first is not None
+            raise UndeliveredEventsError(count, first)

@@ -2,16 +2,26 @@
 
 The events topic is the system of record, so it must keep history: retention.ms=-1 and
 retention.bytes=-1 with cleanup.policy=delete (compaction would drop all but the last event of a
-connection). An existing topic whose settings would lose history is reported and refused.
+connection). The dead-letter topic is evidence of what was rejected, so it keeps history too.
+An existing topic is reported with its settings; one whose settings would lose history is refused.
+
+aiokafka's admin client does not raise on a failed CreateTopics or DescribeConfigs: the broker's
+per-topic error codes come back in the response, so they are checked here.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import asyncio
+from dataclasses import dataclass, field
+from typing import Any
 
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
-from aiokafka.errors import TopicAlreadyExistsError
+from aiokafka.errors import TopicAlreadyExistsError, for_code
+
+# The settings that decide whether a topic keeps history and how durably; reported per topic.
+_METADATA_ATTEMPTS = 25
+REPORTED_CONFIGS = ("cleanup.policy", "retention.ms", "retention.bytes", "min.insync.replicas")
 
 
 @dataclass(frozen=True)
@@ -20,6 +30,19 @@ class TopicSpec:
     partitions: int
     replication_factor: int
     min_insync_replicas: int
+
+    def __post_init__(self) -> None:
+        if not self.name:
+            raise ValueError("topic name is empty")
+        if self.partitions < 1:
+            raise ValueError(f"{self.name}: partitions must be >= 1")
+        if self.replication_factor < 1:
+            raise ValueError(f"{self.name}: replication factor must be >= 1")
+        if not 1 <= self.min_insync_replicas <= self.replication_factor:
+            # acks=all could never be satisfied: every write would fail.
+            raise ValueError(
+                f"{self.name}: min.insync.replicas must be between 1 and the replication factor"
+            )
 
     def configs(self) -> dict[str, str]:
         return {
@@ -30,8 +53,48 @@ class TopicSpec:
         }
 
 
-class HistoryLosingTopicError(RuntimeError):
+@dataclass(frozen=True)
+class TopicReport:
+    name: str
+    created: bool
+    partitions: int
+    replication_factor: int
+    configs: dict[str, str]
+    problems: list[str] = field(default_factory=list)
+    """Settings that would lose history: the topic is refused."""
+    warnings: list[str] = field(default_factory=list)
+    """Differences from the spec that do not lose history."""
+
+    def __str__(self) -> str:
+        settings = ", ".join(f"{k}={self.configs.get(k, '?')}" for k in REPORTED_CONFIGS)
+        state = "created" if self.created else "exists"
+        verdict = "REFUSED: would lose history" if self.problems else "keeps history"
+        line = (
+            f"{self.name}: {state}, {self.partitions} partitions, replication factor "
+            f"{self.replication_factor}, {settings}; {verdict}"
+        )
+        return "\n".join(
+            [line]
+            + [f"  problem: {p}" for p in self.problems]
+            + [f"  warning: {w}" for w in self.warnings]
+        )
+
+
+class TopicProvisioningError(RuntimeError):
+    """The broker refused to create or describe a topic; the message has its reason."""
+
+
+class HistoryLosingTopicError(TopicProvisioningError):
     """An existing topic is configured to delete or compact history."""
+
+    def __init__(self, reports: list[TopicReport]) -> None:
+        refused = [r for r in reports if r.problems]
+        super().__init__(
+            "; ".join(
+                f"topic {r.name} would lose history: " + ", ".join(r.problems) for r in refused
+            )
+        )
+        self.reports = reports
 
 
 def history_problems(configs: dict[str, str]) -> list[str]:
@@ -45,46 +108,102 @@ def history_problems(configs: dict[str, str]) -> list[str]:
     return problems
 
 
+def _raise_for(error_code: int, message: str | None, what: str) -> None:
+    if error_code:
+        error = for_code(error_code)
+        raise TopicProvisioningError(f"{what}: {error.__name__}: {message or error.description}")
+
+
 async def describe_topic_configs(admin: AIOKafkaAdminClient, name: str) -> dict[str, str]:
-    responses = await admin.describe_configs([ConfigResource(ConfigResourceType.TOPIC, name)])
-    out: dict[str, str] = {}
-    for response in responses:
-        for resource in response.resources:
-            for entry in resource[4]:
-                out[entry[0]] = entry[1]
+    for _ in range(_METADATA_ATTEMPTS):
+        responses = await admin.describe_configs([ConfigResource(ConfigResourceType.TOPIC, name)])
+        resources = [r for response in responses for r in response.resources]
+        errors = [(code, message) for code, message, *_ in resources if code]
+        if not errors:
+            return {entry[0]: entry[1] for *_, entries in resources for entry in entries}
+        # A topic created a moment ago may not be known to the answering broker yet.
+        if not all(for_code(code).retriable for code, _ in errors):
+            break
+        await asyncio.sleep(0.2)
+    code, message = errors[0]
+    _raise_for(code, message, f"cannot describe topic {name}")
+    raise AssertionError("unreachable")
+
+
+async def _describe_layout(admin: AIOKafkaAdminClient, name: str) -> tuple[int, int]:
+    """(partitions, replication factor) of an existing topic."""
+    for _ in range(_METADATA_ATTEMPTS):
+        (topic,) = await admin.describe_topics([name])
+        partitions: list[dict[str, Any]] = topic["partitions"]
+        # A topic created a moment ago may not be in every broker's metadata yet.
+        if topic["error_code"] == 0 and partitions:
+            return len(partitions), min(len(p["replicas"]) for p in partitions)
+        if not for_code(topic["error_code"]).retriable and topic["error_code"] != 0:
+            break
+        await asyncio.sleep(0.2)
+    _raise_for(topic["error_code"] or -1, None, f"cannot describe topic {name}")
+    raise AssertionError("unreachable")
+
+
+async def _create(admin: AIOKafkaAdminClient, spec: TopicSpec) -> bool:
+    """Create the topic; False if it already exists (perhaps created concurrently)."""
+    response = await admin.create_topics(
+        [
+            NewTopic(
+                spec.name, spec.partitions, spec.replication_factor, topic_configs=spec.configs()
+            )
+        ]
+    )
+    for entry in response.topic_errors:
+        error_code, error_message = entry[1], entry[2] if len(entry) > 2 else None
+        if error_code == TopicAlreadyExistsError.errno:
+            return False
+        _raise_for(error_code, error_message, f"cannot create topic {spec.name}")
+    return True
+
+
+def _warnings(
+    spec: TopicSpec, partitions: int, replication: int, configs: dict[str, str]
+) -> list[str]:
+    out = []
+    if partitions != spec.partitions:
+        out.append(
+            f"has {partitions} partitions, {spec.partitions} requested (not changed: adding "
+            "partitions moves keys, and so connections, to other partitions)"
+        )
+    if replication < spec.replication_factor:
+        out.append(f"replication factor {replication} < {spec.replication_factor} requested")
+    min_isr = configs.get("min.insync.replicas", "1")
+    if min_isr.isdigit() and int(min_isr) < spec.min_insync_replicas:
+        out.append(f"min.insync.replicas={min_isr} < {spec.min_insync_replicas} requested")
     return out
 
 
-async def ensure_topics(bootstrap_servers: str, specs: list[TopicSpec]) -> list[str]:
-    """Create missing topics; verify existing ones keep history. Returns what it did, per topic."""
+async def ensure_topics(bootstrap_servers: str, specs: list[TopicSpec]) -> list[TopicReport]:
+    """Create missing topics; report existing ones with their settings. Raises
+    HistoryLosingTopicError (after checking every topic) if any would lose history, and
+    TopicProvisioningError if the broker refuses a request."""
     admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap_servers)
     await admin.start()
-    report = []
+    reports = []
     try:
-        existing = set(await admin.list_topics())
         for spec in specs:
-            if spec.name not in existing:
-                try:
-                    await admin.create_topics(
-                        [
-                            NewTopic(
-                                spec.name,
-                                spec.partitions,
-                                spec.replication_factor,
-                                topic_configs=spec.configs(),
-                            )
-                        ]
-                    )
-                    report.append(f"created {spec.name} ({spec.partitions} partitions)")
-                    continue
-                except TopicAlreadyExistsError:
-                    pass  # created concurrently: check it like any existing topic
-            problems = history_problems(await describe_topic_configs(admin, spec.name))
-            if problems:
-                raise HistoryLosingTopicError(
-                    f"topic {spec.name} exists but would lose history: " + "; ".join(problems)
+            created = await _create(admin, spec)
+            configs = await describe_topic_configs(admin, spec.name)
+            partitions, replication = await _describe_layout(admin, spec.name)
+            reports.append(
+                TopicReport(
+                    name=spec.name,
+                    created=created,
+                    partitions=partitions,
+                    replication_factor=replication,
+                    configs={k: configs[k] for k in REPORTED_CONFIGS if k in configs},
+                    problems=history_problems(configs),
+                    warnings=[] if created else _warnings(spec, partitions, replication, configs),
                 )
-            report.append(f"{spec.name} exists and keeps history")
+            )
     finally:
         await admin.close()
-    return report
+    if any(r.problems for r in reports):
+        raise HistoryLosingTopicError(reports)
+    return reports
