@@ -1,5 +1,5 @@
 # Front door. See README.md.
-.PHONY: demo test stop lint proto infra-up infra-down
+.PHONY: demo test stop lint proto infra-up infra-down bench
 
 demo:  ## run the whole system on SQLite with a simulated workload, print a Get answer
 	bash scripts/demo.sh
@@ -12,6 +12,10 @@ stop:  ## stop what demo/test started (API, projector, Kafka, PostgreSQL)
 
 lint:
 	.venv/bin/ruff check . && .venv/bin/ruff format --check . && .venv/bin/mypy
+
+bench:  ## benchmark on real Kafka + PostgreSQL (BENCHMARKS.md); narrow with BENCH_ARGS="--scale 0.1 --only get"
+	bash infra/kafka.sh up && bash infra/postgres.sh up
+	.venv/bin/python -m bench run --postgres-url "$$(bash infra/postgres.sh url)" $(BENCH_ARGS)
 
 proto:  ## regenerate connection_tracker/protogen from proto/
 	.venv/bin/python proto/generate.py

@@ -1,0 +1,78 @@
+"""The Get ceiling: a grpc.aio server on the same stack as the API (grpcio, asyncio, the same
+generated messages, health checking) that answers every Get with one fixed Connection, without
+touching a database. `python -m bench.constant_server --listen 127.0.0.1:50099`."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+
+from connection_tracker.lifecycle import on_shutdown_signal, setup_logging
+from connection_tracker.protogen.yandex.cloud.serverless.apigateway.websocket.v1 import (
+    connection_pb2,
+    connection_service_pb2,
+)
+from connection_tracker.timeutil import to_timestamp
+
+SERVICE = "yandex.cloud.serverless.apigateway.websocket.v1.ConnectionService"
+_NOW_NS = 1_767_225_600_000_000_000
+
+ANSWER = connection_pb2.Connection(
+    id="0123456789abcdef01234567",
+    gateway_id="d5d0123456789abcdef",
+    identity=connection_pb2.Identity(
+        source_ip="203.0.113.7",
+        user_agent="Mozilla/5.0 (X11; Linux x86_64; rv:133.0) Gecko/20100101 Firefox/133.0",
+    ),
+    connected_at=to_timestamp(_NOW_NS),
+    last_active_at=to_timestamp(_NOW_NS + 1_000_000_000),
+)
+
+
+async def get(
+    request: connection_service_pb2.GetConnectionRequest,
+    context: grpc.aio.ServicerContext[object, object],
+) -> connection_pb2.Connection:
+    return ANSWER
+
+
+async def serve(listen: str) -> None:
+    server = grpc.aio.server()
+    handlers = {
+        "Get": grpc.unary_unary_rpc_method_handler(
+            get,
+            request_deserializer=connection_service_pb2.GetConnectionRequest.FromString,
+            response_serializer=connection_pb2.Connection.SerializeToString,
+        )
+    }
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE, handlers),))
+    # grpcio-health-checking ships the asyncio servicer without type information.
+    health_servicer = health.aio.HealthServicer()  # type: ignore[attr-defined]
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    if server.add_insecure_port(listen) == 0:
+        raise SystemExit(f"cannot listen on {listen}")
+    await server.start()
+    for name in ("", SERVICE):
+        await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+
+    async def stop() -> None:
+        await server.stop(1.0)
+
+    on_shutdown_signal(stop)
+    await server.wait_for_termination()
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m bench.constant_server", description=__doc__)
+    parser.add_argument("--listen", default="127.0.0.1:50099")
+    parser.add_argument("--log-level", default="WARNING")
+    ns = parser.parse_args(argv)
+    setup_logging(ns.log_level)
+    asyncio.run(serve(ns.listen))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,201 @@
+"""Ways of reading a pre-loaded topic from the beginning, timed: the raw consume ceiling, the
+decode+fold ceiling, the naive projector, and the real Projector until it has caught up."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any
+
+from aiokafka import AIOKafkaConsumer, TopicPartition
+
+from bench.procstat import CpuUse, CpuWindow
+from connection_tracker.database import create_engine
+from connection_tracker.events import decode
+from connection_tracker.settings import Settings
+from projector.fold import fold
+from projector.runner import Projector
+from projector.store import ProjectionStore
+
+# The Projector's own consumer settings (projector/runner.py), so the ceilings read the same way.
+FETCH_BYTES = 4 * 1024 * 1024
+MAX_RECORDS = 5000
+
+
+@dataclass(frozen=True)
+class Timed:
+    events: int
+    seconds: float
+    cpu: CpuUse | None = None
+
+    @property
+    def rate(self) -> float:
+        return self.events / self.seconds if self.seconds > 0 else 0.0
+
+
+async def _from_beginning(bootstrap: str, topic: str, partitions: int) -> AIOKafkaConsumer:
+    consumer = AIOKafkaConsumer(
+        bootstrap_servers=bootstrap,
+        enable_auto_commit=False,
+        auto_offset_reset="earliest",
+        max_partition_fetch_bytes=FETCH_BYTES,
+    )
+    await consumer.start()
+    tps = [TopicPartition(topic, p) for p in range(partitions)]
+    consumer.assign(tps)
+    await consumer.seek_to_beginning(*tps)
+    return consumer
+
+
+async def _drain(
+    bootstrap: str,
+    topic: str,
+    partitions: int,
+    total: int,
+    on_batch: Callable[[dict[TopicPartition, list[Any]]], Awaitable[None] | None] | None,
+    timeout_s: float,
+) -> Timed:
+    consumer = await _from_beginning(bootstrap, topic, partitions)
+    try:
+        cpu = CpuWindow()
+        started = time.perf_counter()
+        seen = 0
+        while seen < total:
+            batch = await consumer.getmany(timeout_ms=100, max_records=MAX_RECORDS)
+            for records in batch.values():
+                seen += len(records)
+            if on_batch is not None:
+                pending = on_batch(batch)
+                if pending is not None:
+                    await pending
+            if time.perf_counter() - started > timeout_s:
+                raise TimeoutError(f"read {seen} of {total} records in {timeout_s:.0f}s")
+        return Timed(seen, time.perf_counter() - started, cpu.finish())
+    finally:
+        await consumer.stop()
+
+
+async def raw_consume(
+    bootstrap: str, topic: str, partitions: int, total: int, timeout_s: float = 300
+) -> Timed:
+    """aiokafka alone: getmany() in a loop, records counted and dropped (no decoding)."""
+    return await _drain(bootstrap, topic, partitions, total, None, timeout_s)
+
+
+async def decode_and_fold(
+    bootstrap: str, topic: str, partitions: int, total: int, timeout_s: float = 300
+) -> Timed:
+    """What the projector does before the database: decode every record, fold each batch."""
+
+    def work(batch: dict[TopicPartition, list[Any]]) -> None:
+        fold([decode(r.value, r.key) for records in batch.values() for r in records])
+
+    return await _drain(bootstrap, topic, partitions, total, work, timeout_s)
+
+
+async def naive_projector(
+    bootstrap: str,
+    topic: str,
+    partitions: int,
+    database_url: str,
+    limit: int,
+    seconds_cap: float,
+) -> Timed:
+    """The obvious projector: one transaction per event (same store, same fence, same fold).
+    Runs over the first `limit` records or `seconds_cap` seconds, whichever ends first."""
+    engine = create_engine(database_url)
+    store = ProjectionStore(engine)
+    consumer = await _from_beginning(bootstrap, topic, partitions)
+    try:
+        expected = await store.positions(topic, range(partitions))
+        cpu = CpuWindow()
+        started = time.perf_counter()
+        done = 0
+        while done < limit and time.perf_counter() - started < seconds_cap:
+            batch = await consumer.getmany(timeout_ms=100, max_records=500)
+            for tp, records in batch.items():
+                for r in records:
+                    if done >= limit or time.perf_counter() - started >= seconds_cap:
+                        break
+                    states = fold([decode(r.value, r.key)])
+                    advance = {tp.partition: (expected[tp.partition], r.offset + 1)}
+                    await store.apply_batch(topic, advance, states)
+                    expected[tp.partition] = r.offset + 1
+                    done += 1
+        return Timed(done, time.perf_counter() - started, cpu.finish())
+    finally:
+        await consumer.stop()
+        await engine.dispose()
+
+
+@dataclass(frozen=True)
+class CatchUp:
+    """A Projector run from an empty read model to the end of a pre-loaded topic."""
+
+    events: int
+    total_seconds: float  # from constructing the Projector to caught up
+    assignment_seconds: float  # of which: starting, joining the group, reading positions
+    cpu: CpuUse
+    rows: int
+
+    @property
+    def applying_seconds(self) -> float:
+        return self.total_seconds - self.assignment_seconds
+
+    @property
+    def rate(self) -> float:
+        return self.events / self.applying_seconds if self.applying_seconds > 0 else 0.0
+
+
+async def projector_catch_up(
+    settings: Settings, partitions: int, end: dict[int, int], timeout_s: float
+) -> CatchUp:
+    """Run the real Projector in this process until its stored positions reach `end`; then
+    check the database agrees (positions and a row count)."""
+    engine = create_engine(settings.database_url)
+    store = ProjectionStore(engine)
+    try:
+        started = time.perf_counter()
+        projector = Projector(settings, store)
+        async with projector:
+            task = asyncio.create_task(projector.run())
+            try:
+                assigned_at: float | None = None
+                cpu: CpuWindow | None = None
+                while True:
+                    now = time.perf_counter()
+                    if task.done():
+                        task.result()  # raises what stopped it
+                        raise RuntimeError("the projector stopped before catching up")
+                    owned = projector.owned_positions
+                    if assigned_at is None and len(owned) == partitions:
+                        assigned_at, cpu = now, CpuWindow()
+                    if owned == end:
+                        break
+                    if now - started > timeout_s:
+                        raise TimeoutError(
+                            f"projector not caught up after {timeout_s:.0f}s: at {owned}, end {end}"
+                        )
+                    await asyncio.sleep(0.005)
+                caught_up = time.perf_counter()
+                assert assigned_at is not None
+                assert cpu is not None
+                use = cpu.finish()
+            finally:
+                await projector.stop()
+                await asyncio.wait_for(task, 60)
+        stored = await store.all_positions()
+        mine = {p: o for (t, p), o in stored.items() if t == settings.events_topic}
+        if mine != end:
+            raise RuntimeError(f"stored positions {mine} differ from the end offsets {end}")
+        return CatchUp(
+            events=sum(end.values()),
+            total_seconds=caught_up - started,
+            assignment_seconds=assigned_at - started,
+            cpu=use,
+            rows=await store.count(),
+        )
+    finally:
+        await engine.dispose()

@@ -1,0 +1,205 @@
+"""Figure 3: Get throughput and latency of `conntrack-api serve` over a PostgreSQL read model,
+beside the constant-answer server (bench/constant_server.py) under the same load generator.
+
+Each server runs alone (never both at once) as a subprocess: first at fixed concurrency, closed
+loop (the maximum it sustains: QPS, p50, p99, server CPU), then at a fixed rate of half the
+constant server's maximum (the p99 target of the issue)."""
+
+from __future__ import annotations
+
+import random
+from dataclasses import astuple, fields
+
+import asyncpg
+
+from bench.config import BenchConfig
+from bench.infra import asyncpg_dsn, fresh_database
+from bench.loadgen import LoadGenerator, LoadResult, find_ghz
+from bench.results import Figure, ScenarioResult, TargetCheck, at_most
+from bench.services import (
+    Service,
+    api_service,
+    constant_service,
+    free_port,
+    running,
+    wait_grpc_serving,
+)
+from bench.workloads import START_NS
+from producer.simulator import Workload, generate
+from projector.fold import ConnectionState, fold
+
+QPS_RATIO_TARGET = 0.75
+HALF_LOAD_P99_TARGET_MS = 10.0
+SAMPLE_IDS = 10_000
+# Below this share of OK answers the figures would describe error handling, not Get.
+MIN_OK_FRACTION = 0.99
+
+
+def load_generator(cfg: BenchConfig) -> LoadGenerator:
+    ghz = None if cfg.load_generator == "python" else find_ghz(cfg.ghz_path)
+    if cfg.load_generator == "ghz" and ghz is None:
+        raise RuntimeError(
+            "--load-generator ghz but no ghz found: go install github.com/bojand/ghz/cmd/ghz@latest"
+        )
+    return LoadGenerator(ghz, cfg.loadgen_processes, cfg.work_dir)
+
+
+async def populate_open_connections(database_url: str, connections: int, seed: int) -> list[str]:
+    """Open connections written straight into the read model (COPY), as the projector would
+    have folded them; returns their ids. Faster than projecting them, and Get cannot tell."""
+    workload = Workload(
+        connections=connections, activities_per_connection=1, disconnect_ratio=0.0, seed=seed
+    )
+    states = fold(generate(workload, START_NS))
+    columns = [f.name for f in fields(ConnectionState)]
+    conn = await asyncpg.connect(asyncpg_dsn(database_url))
+    try:
+        await conn.copy_records_to_table(
+            "connections", records=[astuple(s) for s in states.values()], columns=columns
+        )
+        # A plausible projection position, so the freshness header Get sends is not empty.
+        await conn.executemany(
+            "INSERT INTO projection_offsets (topic, partition, next_offset) VALUES ($1, $2, $3)",
+            [("conntrack.events.v1", p, connections) for p in range(6)],
+        )
+        await conn.execute("ANALYZE")
+    finally:
+        await conn.close()
+    return list(states)
+
+
+def sample_ids(ids: list[str], seed: int, k: int = SAMPLE_IDS) -> list[str]:
+    rng = random.Random(seed)
+    return rng.sample(ids, min(k, len(ids)))
+
+
+async def _measure(
+    lg: LoadGenerator,
+    server: Service,
+    target: str,
+    ids: list[str],
+    cfg: BenchConfig,
+    result: ScenarioResult,
+    rps: float | None,
+) -> LoadResult:
+    await wait_grpc_serving(target, server)
+    load = await lg.run(
+        target, ids, cfg.get_concurrency, cfg.get_seconds, rps, watch={"server": server.pid}
+    )
+    server.check_alive()
+    what = "max" if rps is None else f"{rps:,.0f} rps"
+    assert load.cpu is not None
+    result.cpu[f"{server.name} {what}"] = {
+        **load.cpu.as_dict(),
+        "load generator": round(load.client_cpu_cores, 3),
+    }
+    result.params.setdefault("runs", []).append({"server": server.name, **load.as_dict()})
+    if load.ok_fraction < MIN_OK_FRACTION:
+        raise RuntimeError(
+            f"{server.name} answered only {load.ok_fraction:.1%} OK ({load.statuses}; "
+            f"{load.errors}):\n{server.log_tail()}"
+        )
+    return load
+
+
+async def run(cfg: BenchConfig, result: ScenarioResult) -> None:
+    lg = load_generator(cfg)
+    result.params.update(
+        rows=cfg.get_rows,
+        concurrency=cfg.get_concurrency,
+        seconds_per_run=cfg.get_seconds,
+        load_generator=lg.name,
+    )
+    log_dir = cfg.work_dir / "logs"
+    async with fresh_database(cfg, "get") as url:
+        ids = sample_ids(await populate_open_connections(url, cfg.get_rows, cfg.seed), cfg.seed)
+        target = f"127.0.0.1:{free_port()}"
+        async with running(constant_service(target, log_dir)) as server:
+            await wait_grpc_serving(target, server)
+            await lg.run(target, ids, cfg.get_concurrency, min(1.0, cfg.get_seconds))  # warm-up
+            const_max = await _measure(lg, server, target, ids, cfg, result, None)
+            half = const_max.qps / 2
+            const_half = await _measure(lg, server, target, ids, cfg, result, half)
+        target = f"127.0.0.1:{free_port()}"
+        async with running(api_service(url, target, log_dir)) as server:
+            await wait_grpc_serving(target, server)
+            await lg.run(target, ids, cfg.get_concurrency, min(1.0, cfg.get_seconds))
+            api_max = await _measure(lg, server, target, ids, cfg, result, None)
+            api_half = await _measure(lg, server, target, ids, cfg, result, half)
+    c = cfg.get_concurrency
+    const_label = "constant-answer server"
+    qps = result.add(
+        Figure("qps", f"Get QPS at concurrency {c}", api_max.qps, "QPS", const_max.qps, const_label)
+    )
+    result.add(
+        Figure(
+            "p50_ms",
+            f"Get p50 at concurrency {c}",
+            api_max.p50_ms,
+            "ms",
+            const_max.p50_ms,
+            const_label,
+        )
+    )
+    result.add(
+        Figure(
+            "p99_ms",
+            f"Get p99 at concurrency {c}",
+            api_max.p99_ms,
+            "ms",
+            const_max.p99_ms,
+            const_label,
+        )
+    )
+    p99_half = result.add(
+        Figure(
+            "p99_half_load_ms",
+            f"Get p99 at {half:,.0f} rps (half the constant max)",
+            api_half.p99_ms,
+            "ms",
+            const_half.p99_ms,
+            const_label,
+            note=f"achieved {api_half.qps:,.0f} rps",
+        )
+    )
+    result.add(
+        Figure(
+            "half_load_qps", "  achieved rate at half load", api_half.qps, "QPS", half, "asked for"
+        )
+    )
+    api_cpu = result.cpu["conntrack-api max"]["server"]
+    const_cpu = result.cpu["constant-server max"]["server"]
+    result.add(
+        Figure(
+            "server_cpu_cores",
+            "API server CPU at max load",
+            api_cpu,
+            "cores",
+            const_cpu,
+            const_label,
+        )
+    )
+    result.add(
+        Figure(
+            "server_cpu_ms_per_call",
+            "  server CPU per Get",
+            1000 * api_cpu / api_max.qps,
+            "ms",
+            1000 * const_cpu / const_max.qps,
+            const_label,
+        )
+    )
+    assert qps.ratio is not None
+    result.targets.append(
+        TargetCheck(
+            ">= 75% of the constant server's QPS", f"{qps.ratio:.0%}", qps.ratio >= QPS_RATIO_TARGET
+        )
+    )
+    result.targets.append(
+        at_most(p99_half.value, HALF_LOAD_P99_TARGET_MS, "p99 <= 10 ms at half that load", " ms")
+    )
+    if api_half.qps < 0.9 * half:
+        result.notes.append(
+            f"the API reached only {api_half.qps:,.0f} of the {half:,.0f} rps asked for at half "
+            "load: its p99 there is a saturated figure"
+        )
