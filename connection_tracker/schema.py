@@ -3,7 +3,7 @@ tests/integration/test_migrations.py checks that the two agree."""
 
 from __future__ import annotations
 
-from sqlalchemy import BigInteger, Column, Integer, MetaData, String, Table, Text
+from sqlalchemy import BigInteger, Column, Index, Integer, MetaData, String, Table, Text
 
 # Deterministic constraint names, so migrations can refer to them on every backend.
 NAMING_CONVENTION = {
@@ -32,6 +32,17 @@ connections = Table(
     Column("disconnect_status_code", Integer),
     Column("disconnect_reason", Text),
     Column("disconnected_event_id", String(255)),
+)
+# Retention prunes by disconnect time (projector/store.py, ProjectionStore.prune).
+Index(None, connections.c.disconnected_at_ns)
+
+# Tombstones of connections pruned by retention: a late duplicate event of a pruned connection
+# must not resurrect it as a half-empty row (docs/projector.md, "Retention").
+pruned_connections = Table(
+    "pruned_connections",
+    metadata,
+    Column("connection_id", String(255), primary_key=True),
+    Column("disconnected_at_ns", BigInteger, nullable=False, index=True),
 )
 
 # The consumer position of every partition the projection has applied, written in the same

@@ -11,7 +11,7 @@ from prometheus_client import start_http_server
 from connection_tracker.database import create_engine
 from connection_tracker.lifecycle import on_shutdown_signal, setup_logging
 from connection_tracker.settings import Settings
-from projector.runner import Projector
+from projector.runner import Abandoned, Projector
 from projector.store import ProjectionStore
 
 log = logging.getLogger("projector")
@@ -23,15 +23,30 @@ async def serve(settings: Settings) -> None:
         projector = Projector(settings, ProjectionStore(engine))
         if settings.metrics_port:
             start_http_server(settings.metrics_port, registry=projector.metrics.registry)
-        async with projector:
-            on_shutdown_signal(projector.stop)
-            log.info(
-                "projecting %s from %s into %s",
-                settings.events_topic,
-                settings.kafka_bootstrap_servers,
-                engine.url.render_as_string(hide_password=True),
-            )
-            await projector.run()
+        # Installed before connecting: SIGTERM while the broker is still unreachable is a
+        # clean stop too.
+        on_shutdown_signal(projector.stop)
+        s = settings
+        log.info(
+            "event=starting topic=%s dead_letter_topic=%s group=%s bootstrap=%s database=%s "
+            "batch_max_events=%d batch_max_wait_ms=%d retention_disconnected_seconds=%d "
+            "retention_tombstone_seconds=%d metrics_port=%d",
+            s.events_topic,
+            s.dead_letter_topic,
+            s.consumer_group,
+            s.kafka_bootstrap_servers,
+            engine.url.render_as_string(hide_password=True),
+            s.batch_max_events,
+            s.batch_max_wait_ms,
+            s.retention_disconnected_seconds,
+            s.retention_tombstone_seconds,
+            s.metrics_port,
+        )
+        try:
+            async with projector:
+                await projector.run()
+        except Abandoned:
+            log.info("event=abandoned_start: stopped before the broker could be reached")
         log.info("stopped cleanly")
     finally:
         await engine.dispose()

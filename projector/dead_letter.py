@@ -64,7 +64,11 @@ class DeadLetterPublisher:
 
     async def start(self) -> None:
         if not self._started:
-            await self._producer.start()
+            try:
+                await self._producer.start()
+            except BaseException:
+                await self._producer.stop()  # releases what a failed start left behind
+                raise
             self._started = True
 
     async def stop(self) -> None:

@@ -5,9 +5,12 @@ events, so applying the same events in any order, any number of times, in any ba
 gives the same state (property-tested in tests/unit/test_fold.py):
 
 - gateway, identity and connected_at come from the Connected event that sorts first by
-  (occurred_at, event_id): a retried or duplicated Connected cannot move them;
+  (occurred_at, event_id, then its contents): a retried or duplicated Connected cannot move them;
 - last_active_at is the latest event time of any kind;
-- disconnected_at, status and reason come from the first Disconnected by (occurred_at, event_id).
+- disconnected_at, status and reason come from the first Disconnected by the same order.
+
+Ties on (occurred_at, event_id) are broken by the event's contents, so even two different
+events that (wrongly) share an id fold to the same state in every order.
 
 Because merge() is associative, commutative and idempotent, a batch can be folded on its own
 and then merged into the stored row; the store needs no knowledge of events.
@@ -41,13 +44,38 @@ class ConnectionState:
         return self.connected_at_ns is not None and self.disconnected_at_ns is None
 
 
-def _earlier(a_ns: int | None, a_id: str | None, b_ns: int | None, b_id: str | None) -> bool:
+_Key = tuple[int, str, str, str, str]
+
+
+def _connected_key(s: ConnectionState) -> _Key | None:
+    if s.connected_at_ns is None or s.connected_event_id is None:
+        return None
+    return (
+        s.connected_at_ns,
+        s.connected_event_id,
+        s.gateway_id or "",
+        s.source_ip or "",
+        s.user_agent or "",
+    )
+
+
+def _disconnected_key(s: ConnectionState) -> _Key | None:
+    if s.disconnected_at_ns is None or s.disconnected_event_id is None:
+        return None
+    return (
+        s.disconnected_at_ns,
+        s.disconnected_event_id,
+        f"{s.disconnect_status_code or 0:010d}",
+        s.disconnect_reason or "",
+        "",
+    )
+
+
+def _earlier(a: _Key | None, b: _Key | None) -> bool:
     """Whether event a sorts strictly before event b; a missing event sorts last."""
-    if b_ns is None or b_id is None:
-        return a_ns is not None
-    if a_ns is None or a_id is None:
+    if a is None:
         return False
-    return (a_ns, a_id) < (b_ns, b_id)
+    return b is None or a < b
 
 
 def _max(a: int | None, b: int | None) -> int | None:
@@ -63,7 +91,7 @@ def merge(a: ConnectionState, b: ConnectionState) -> ConnectionState:
     if a.connection_id != b.connection_id:
         raise ValueError("cannot merge states of different connections")
     out = a
-    if _earlier(b.connected_at_ns, b.connected_event_id, a.connected_at_ns, a.connected_event_id):
+    if _earlier(_connected_key(b), _connected_key(a)):
         out = replace(
             out,
             gateway_id=b.gateway_id,
@@ -72,9 +100,7 @@ def merge(a: ConnectionState, b: ConnectionState) -> ConnectionState:
             connected_at_ns=b.connected_at_ns,
             connected_event_id=b.connected_event_id,
         )
-    if _earlier(
-        b.disconnected_at_ns, b.disconnected_event_id, a.disconnected_at_ns, a.disconnected_event_id
-    ):
+    if _earlier(_disconnected_key(b), _disconnected_key(a)):
         out = replace(
             out,
             disconnected_at_ns=b.disconnected_at_ns,

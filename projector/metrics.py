@@ -1,8 +1,11 @@
-"""Prometheus metrics of the projector (one registry per Projector, so tests can run several)."""
+"""Prometheus metrics of the projector (one registry per Projector, so tests can run several).
+docs/projector.md lists them with their meaning."""
 
 from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+_BATCH_SIZE_BUCKETS = (1, 10, 50, 100, 500, 1000, 2000, 5000, 10000, 20000)
 
 
 class ProjectorMetrics:
@@ -10,18 +13,38 @@ class ProjectorMetrics:
         self.registry = registry or CollectorRegistry()
         r = self.registry
         self.events_applied = Counter(
-            "conntrack_projector_events_applied", "Events folded into the read model.", ["kind"],
+            "conntrack_projector_events_applied",
+            "Events folded into the read model, by kind.",
+            ["kind"],
             registry=r,
         )
         self.dead_lettered = Counter(
-            "conntrack_projector_events_dead_lettered", "Records sent to the dead-letter topic.",
+            "conntrack_projector_events_dead_lettered",
+            "Records sent to the dead-letter topic.",
             registry=r,
         )
         self.batches = Counter(
             "conntrack_projector_batches", "Batches committed to the read model.", registry=r
         )
         self.batch_seconds = Histogram(
-            "conntrack_projector_batch_seconds", "Time to write one batch to the read model.",
+            "conntrack_projector_batch_seconds",
+            "Time to write one batch to the read model (one transaction).",
+            registry=r,
+        )
+        self.batch_records = Histogram(
+            "conntrack_projector_batch_records",
+            "Records (events and rejected ones) in one committed batch.",
+            buckets=_BATCH_SIZE_BUCKETS,
+            registry=r,
+        )
+        self.rows_written = Counter(
+            "conntrack_projector_rows_written",
+            "Connection rows inserted or updated (after coalescing per connection).",
+            registry=r,
+        )
+        self.suppressed = Counter(
+            "conntrack_projector_events_of_pruned_connections",
+            "Connection states dropped because retention had pruned the connection.",
             registry=r,
         )
         self.fenced = Counter(
@@ -30,14 +53,35 @@ class ProjectorMetrics:
             registry=r,
         )
         self.retries = Counter(
-            "conntrack_projector_retries", "Retries after a database or broker error.", ["cause"],
+            "conntrack_projector_retries",
+            "Retries after a database or broker error.",
+            ["cause"],
             registry=r,
         )
         self.last_offset = Gauge(
-            "conntrack_projector_last_applied_offset", "Last applied offset per partition.",
-            ["topic", "partition"], registry=r,
+            "conntrack_projector_last_applied_offset",
+            "Offset of the last record applied, per owned partition.",
+            ["topic", "partition"],
+            registry=r,
         )
         self.lag = Gauge(
-            "conntrack_projector_lag", "Records behind the log end per partition.",
-            ["topic", "partition"], registry=r,
+            "conntrack_projector_lag",
+            "Records between the log end and the applied position, per owned partition.",
+            ["topic", "partition"],
+            registry=r,
+        )
+        self.assigned = Gauge(
+            "conntrack_projector_assigned_partitions",
+            "Partitions of the events topic this process owns.",
+            registry=r,
+        )
+        self.pruned = Counter(
+            "conntrack_projector_pruned_connections",
+            "Rows of disconnected connections deleted by retention.",
+            registry=r,
+        )
+        self.tombstones_expired = Counter(
+            "conntrack_projector_tombstones_expired",
+            "Tombstones of pruned connections deleted after their own retention.",
+            registry=r,
         )

@@ -4,29 +4,52 @@ Positions live in the read-model database (ProjectionStore), not in Kafka: on pa
 assignment the consumer seeks to the stored positions ("Storing Offsets Outside Kafka" in the
 aiokafka docs). Kafka group offsets are committed after each database commit only so that
 standard lag tools see progress; they are never read back.
+
+A batch is everything getmany() hands over (at most batch_max_events records, waiting at most
+batch_max_wait_ms for the first): it is decoded, folded (coalescing per connection), its poison
+records are dead-lettered, and then it is written in one transaction together with the new
+positions. While the database or broker is unavailable the same batch is retried with
+exponential backoff; a retry after an unclear commit is safe because the fence turns it into a
+FencedError, after which the stored positions tell whether the earlier attempt had committed.
 """
 
 from __future__ import annotations
 
 import asyncio
+import collections
+import contextlib
 import logging
 import time
-from typing import Any
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
 
 from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener, TopicPartition
 from aiokafka.errors import KafkaError
 from sqlalchemy.exc import DBAPIError, OperationalError
+from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 
 from connection_tracker.events import Event, InvalidEvent, decode
 from connection_tracker.settings import Settings
 from projector.dead_letter import DeadLetterPublisher, Rejected
 from projector.fold import fold
 from projector.metrics import ProjectorMetrics
-from projector.store import FencedError, ProjectionStore
+from projector.store import CHUNK, BatchResult, FencedError, ProjectionStore
 
 log = logging.getLogger(__name__)
 
-_MAX_BACKOFF_S = 10.0
+T = TypeVar("T")
+
+# What "the database or the broker is unavailable" looks like from here: anything else is a bug
+# and should crash loudly rather than spin.
+_TRANSIENT = (OperationalError, DBAPIError, PoolTimeoutError, OSError, KafkaError)
+
+
+# How long a partition may stay assigned without a stored position before the loop seeks it.
+_STRAGGLER_GRACE_S = 5.0
+
+
+class Abandoned(Exception):
+    """stop() was called while an operation was waiting to be retried; nothing was committed."""
 
 
 class _SeekToStored(ConsumerRebalanceListener):  # type: ignore[misc]
@@ -34,11 +57,14 @@ class _SeekToStored(ConsumerRebalanceListener):  # type: ignore[misc]
         self._projector = projector
 
     async def on_partitions_revoked(self, revoked: Any) -> None:
-        for tp in revoked:
-            self._projector._expected.pop(tp, None)
+        self._projector._forget(list(revoked))
 
     async def on_partitions_assigned(self, assigned: Any) -> None:
-        await self._projector._seek_to_stored(list(assigned))
+        self._projector._assigning += 1
+        try:
+            await self._projector._seek_to_stored(list(assigned))
+        finally:
+            self._projector._assigning -= 1
 
 
 class Projector:
@@ -51,13 +77,7 @@ class Projector:
         self._store = store
         self.metrics = metrics or ProjectorMetrics()
         self._topic = settings.events_topic
-        self._consumer = AIOKafkaConsumer(
-            bootstrap_servers=settings.kafka_bootstrap_servers,
-            group_id=settings.consumer_group,
-            enable_auto_commit=False,
-            auto_offset_reset="earliest",
-            max_partition_fetch_bytes=4 * 1024 * 1024,
-        )
+        self._consumer = self._new_consumer()
         self._dead_letters = DeadLetterPublisher(
             settings.kafka_bootstrap_servers, settings.dead_letter_topic
         )
@@ -65,21 +85,53 @@ class Projector:
         self._expected: dict[TopicPartition, int] = {}
         self._stopping = asyncio.Event()
         self._started = False
+        self._assigning = 0  # assignment listener calls in progress
+        self._unpositioned_since: dict[TopicPartition, float] = {}
+        # Records (events and dead letters) this process has committed: over clean runs of all
+        # processes of a group these add up to the log's length, each record exactly once.
+        self.records_committed = 0
+
+    def _new_consumer(self) -> AIOKafkaConsumer:
+        s = self._settings
+        return AIOKafkaConsumer(
+            bootstrap_servers=s.kafka_bootstrap_servers,
+            group_id=s.consumer_group,
+            enable_auto_commit=False,
+            auto_offset_reset="earliest",
+            max_partition_fetch_bytes=4 * 1024 * 1024,
+            session_timeout_ms=s.consumer_session_timeout_ms,
+            heartbeat_interval_ms=min(3000, s.consumer_session_timeout_ms // 3),
+        )
 
     async def start(self) -> None:
+        """Connect to the broker, retrying with backoff while it is unavailable. Raises
+        Abandoned if stop() is called before it succeeds."""
         if self._started:
             return
-        await self._dead_letters.start()
+        await self._retrying("broker", self._connect)
+        self._started = True
+
+    async def _connect(self) -> None:
         try:
+            await self._dead_letters.start()
             self._consumer.subscribe([self._topic], listener=_SeekToStored(self))
             await self._consumer.start()
         except BaseException:
-            await self._dead_letters.stop()
+            # aiokafka clients cannot be started again after a failed start: fresh ones for
+            # the next attempt.
+            with contextlib.suppress(Exception):
+                await self._consumer.stop()
+            with contextlib.suppress(Exception):
+                await self._dead_letters.stop()
+            self._consumer = self._new_consumer()
+            self._dead_letters = DeadLetterPublisher(
+                self._settings.kafka_bootstrap_servers, self._settings.dead_letter_topic
+            )
             raise
-        self._started = True
 
     async def stop(self) -> None:
-        """Ask run() to finish the batch in hand and return; then release the consumer."""
+        """Ask run() to finish the batch in hand and return (a batch waiting for an unavailable
+        database or broker is abandoned instead: it was not committed and will be replayed)."""
         self._stopping.set()
 
     async def close(self) -> None:
@@ -99,56 +151,178 @@ class Projector:
         await self.stop()
         await self.close()
 
+    @property
+    def owned_positions(self) -> dict[int, int]:
+        """Stored next offset of each owned partition, as this process last read or wrote it."""
+        return {tp.partition: offset for tp, offset in self._expected.items()}
+
+    # Partition ownership
+
+    def _forget(self, revoked: list[TopicPartition]) -> None:
+        for tp in revoked:
+            if self._expected.pop(tp, None) is not None:
+                labels = (tp.topic, str(tp.partition))
+                for gauge in (self.metrics.lag, self.metrics.last_offset):
+                    with contextlib.suppress(KeyError):
+                        gauge.remove(*labels)
+        self.metrics.assigned.set(len(self._expected))
+        if revoked:
+            log.info("event=revoked partitions=%s", sorted(tp.partition for tp in revoked))
+
     async def _seek_to_stored(self, assigned: list[TopicPartition]) -> None:
         mine = [tp for tp in assigned if tp.topic == self._topic]
         if not mine:
             return
-        positions = await self._retrying(
-            "database", lambda: self._store.positions(self._topic, [tp.partition for tp in mine])
-        )
+        try:
+            positions = await self._retrying(
+                "database",
+                lambda: self._store.positions(self._topic, [tp.partition for tp in mine]),
+            )
+        except Abandoned:
+            return  # stopping; the partitions stay unpositioned and their records are skipped
+        owned = self._consumer.assignment()
         for tp in mine:
-            self._consumer.seek(tp, positions[tp.partition])
-            self._expected[tp] = positions[tp.partition]
-        log.info("assigned %s at stored positions %s", sorted(tp.partition for tp in mine), positions)
+            if tp in owned:
+                self._consumer.seek(tp, positions[tp.partition])
+                self._expected[tp] = positions[tp.partition]
+        self.metrics.assigned.set(len(self._expected))
+        log.info(
+            "event=assigned topic=%s positions=%s",
+            self._topic,
+            ",".join(f"{p}:{o}" for p, o in sorted(positions.items())),
+        )
 
-    async def _retrying(self, cause: str, op: Any) -> Any:
+    # Retrying
+
+    async def _retrying(self, cause: str, op: Callable[[], Awaitable[T]]) -> T:
         delay = 0.1
         while True:
+            if self._stopping.is_set():
+                raise Abandoned(cause)
             try:
                 return await op()
-            except (OperationalError, DBAPIError, OSError, KafkaError) as exc:
-                if self._stopping.is_set():
-                    raise
+            except _TRANSIENT as exc:
                 self.metrics.retries.labels(cause).inc()
-                log.warning("%s unavailable (%s); retrying in %.1fs", cause, exc, delay)
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, _MAX_BACKOFF_S)
+                log.warning(
+                    "event=retry cause=%s delay_s=%.1f error=%r", cause, delay, _one_line(exc)
+                )
+            # Wake up at once on stop(): a stopping process should not sit out a backoff.
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._stopping.wait(), delay)
+            delay = min(delay * 2, self._settings.retry_max_backoff_seconds)
+
+    # The loop
 
     async def run(self) -> None:
-        """Consume and apply batches until stop() is called."""
+        """Consume and apply batches (and prune, if retention is on) until stop() is called."""
         await self.start()
         s = self._settings
-        while not self._stopping.is_set():
-            batch = await self._consumer.getmany(
-                timeout_ms=s.batch_max_wait_ms, max_records=s.batch_max_events
+        pruner = (
+            asyncio.create_task(self._prune_periodically())
+            if s.retention_disconnected_seconds > 0
+            else None
+        )
+        try:
+            while not self._stopping.is_set():
+                await self._position_stragglers()
+                try:
+                    batch = await self._retrying("broker", self._fetch)
+                except Abandoned:
+                    break
+                if batch:
+                    try:
+                        await self.apply(batch)
+                    except Abandoned as exc:
+                        log.info("event=abandoned cause=%s: batch not committed", exc)
+                        break
+                self._update_lag()
+        finally:
+            log.info(
+                "event=stopped records_committed=%d positions=%s",
+                self.records_committed,
+                ",".join(f"{p}:{o}" for p, o in sorted(self.owned_positions.items())),
             )
-            if batch:
-                await self.apply(batch)
+            if pruner is not None:
+                pruner.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await pruner
+
+    async def _position_stragglers(self) -> None:
+        """Seek partitions that stayed assigned without a stored position: the assignment
+        listener failed (aiokafka only logs its errors), and nothing of them would be applied.
+        A grace period keeps this from racing a listener that is merely slow (two seeks from
+        reads at different times would cost a fenced batch)."""
+        now = time.monotonic()
+        since = self._unpositioned_since
+        assigned = self._consumer.assignment()
+        for tp in [tp for tp in since if tp not in assigned or tp in self._expected]:
+            del since[tp]
+        unpositioned = [
+            tp for tp in assigned if tp.topic == self._topic and tp not in self._expected
+        ]
+        late = [
+            tp
+            for tp in unpositioned
+            if now - since.setdefault(tp, now) >= _STRAGGLER_GRACE_S and not self._assigning
+        ]
+        if late:
+            log.warning("event=positioning_late partitions=%s", sorted(t.partition for t in late))
+            await self._seek_to_stored(late)
+
+    async def _fetch(self) -> dict[TopicPartition, list[Any]]:
+        s = self._settings
+        batch: dict[TopicPartition, list[Any]] = await self._consumer.getmany(
+            timeout_ms=s.batch_max_wait_ms, max_records=s.batch_max_events
+        )
+        return batch
+
+    def _update_lag(self) -> None:
+        assigned = self._consumer.assignment()
+        for tp, applied in self._expected.items():
+            if tp not in assigned:
+                continue  # being revoked right now; the listener will forget it
+            highwater = self._consumer.highwater(tp)
+            if highwater is not None:
+                self.metrics.lag.labels(tp.topic, str(tp.partition)).set(
+                    max(0, highwater - applied)
+                )
 
     async def apply(self, batch: dict[TopicPartition, list[Any]]) -> None:
+        """Apply one getmany() result. Raises Abandoned if stopped while waiting to retry."""
         events: list[Event] = []
         rejected: list[Rejected] = []
         advances: dict[int, tuple[int, int]] = {}
+        records_in_batch = 0
         for tp, records in batch.items():
             expected = self._expected.get(tp)
-            if expected is None or not records:
-                continue  # revoked while the batch was in flight
-            for record in records:
+            if expected is None:
+                # Revoked while the batch was in flight, or never positioned: those records
+                # are not ours to apply (the owner reads them from its stored position).
+                continue
+            fresh = [r for r in records if r.offset >= expected]
+            if len(fresh) < len(records):
+                # Fetched before a seek, or the log is behind the stored position (a topic
+                # recreated under the same name): already applied or not this log's, skipped.
+                log.warning(
+                    "event=skipped_below_position topic=%s partition=%d position=%d records=%d",
+                    tp.topic,
+                    tp.partition,
+                    expected,
+                    len(records) - len(fresh),
+                )
+            if not fresh:
+                continue
+            for record in fresh:
                 try:
+                    if record.key is None:
+                        # A keyless record may sit on any partition, out of order with the
+                        # connection's other events and outside the partition fence.
+                        raise InvalidEvent("record has no key (the key must be connection_id)")
                     events.append(decode(record.value, record.key))
                 except InvalidEvent as exc:
                     rejected.append(Rejected.of(record, str(exc)))
-            advances[tp.partition] = (expected, records[-1].offset + 1)
+            advances[tp.partition] = (expected, fresh[-1].offset + 1)
+            records_in_batch += len(fresh)
         if not advances:
             return
         states = fold(events)
@@ -156,32 +330,130 @@ class Projector:
             # Durable in the dead-letter topic before the position moves past them; a crash in
             # between re-sends them on replay (at least once there, never lost).
             await self._retrying("broker", lambda: self._dead_letters.publish(rejected))
+            for r in rejected:
+                log.warning(
+                    "event=dead_lettered topic=%s partition=%d offset=%d error=%r",
+                    r.topic,
+                    r.partition,
+                    r.offset,
+                    r.error,
+                )
         started = time.perf_counter()
+        attempts = 0
+
+        async def write() -> BatchResult:
+            nonlocal attempts
+            attempts += 1
+            return await self._store.apply_batch(self._topic, advances, states)
+
         try:
-            await self._retrying(
-                "database", lambda: self._store.apply_batch(self._topic, advances, states)
-            )
+            result = await self._retrying("database", write)
         except FencedError as exc:
-            self.metrics.fenced.inc()
-            log.warning("%s; re-reading stored positions", exc)
-            await self._seek_to_stored(list(self._expected))
-            return
-        m = self.metrics
-        m.batch_seconds.observe(time.perf_counter() - started)
-        m.batches.inc()
-        for event in events:
-            m.events_applied.labels(event.kind).inc()
-        m.dead_lettered.inc(len(rejected))
+            if attempts > 1 and await self._already_committed(advances):
+                # The connection died after an earlier attempt's COMMIT reached the database
+                # but before its answer came back: that attempt did commit this very batch.
+                log.info("event=commit_confirmed: an earlier attempt of this batch had committed")
+                result = BatchResult(written=len(states), suppressed=0)
+            else:
+                self.metrics.fenced.inc()
+                log.warning("event=fenced error=%r; re-reading stored positions", str(exc))
+                await self._seek_to_stored(list(self._expected))
+                return
+        elapsed = time.perf_counter() - started
+        self.records_committed += records_in_batch
+        self._count(events, rejected, records_in_batch, result.written, result.suppressed, elapsed)
         commit: dict[TopicPartition, int] = {}
         for partition, (_, new) in advances.items():
             tp = TopicPartition(self._topic, partition)
+            if tp not in self._expected:
+                # Revoked while the batch was being written (rebalance listeners run
+                # concurrently): committed under the fence, but no longer ours to track.
+                continue
             self._expected[tp] = new
             commit[tp] = new
-            m.last_offset.labels(self._topic, str(partition)).set(new - 1)
-            highwater = self._consumer.highwater(tp)
-            if highwater is not None:
-                m.lag.labels(self._topic, str(partition)).set(max(0, highwater - new))
+            self.metrics.last_offset.labels(self._topic, str(partition)).set(new - 1)
+        log.debug(
+            "event=batch_applied records=%d rows=%d rejected=%d seconds=%.4f offsets=%s",
+            records_in_batch,
+            result.written,
+            len(rejected),
+            elapsed,
+            ",".join(f"{p}:{a[0]}-{a[1]}" for p, a in sorted(advances.items())),
+        )
         try:
-            await self._consumer.commit(commit)
+            if commit:
+                await self._consumer.commit(commit)
         except KafkaError as exc:  # only lag tools read these; the database is the truth
-            log.info("could not commit group offsets (%s); the read model is unaffected", exc)
+            log.info("event=group_commit_failed error=%r; the read model is unaffected", str(exc))
+
+    async def _already_committed(self, advances: dict[int, tuple[int, int]]) -> bool:
+        """Whether every partition of the batch is stored exactly at the batch's end."""
+        stored = await self._retrying(
+            "database", lambda: self._store.positions(self._topic, list(advances))
+        )
+        return all(stored[p] == new for p, (_, new) in advances.items())
+
+    def _count(
+        self,
+        events: list[Event],
+        rejected: list[Rejected],
+        records: int,
+        written: int,
+        suppressed: int,
+        elapsed: float,
+    ) -> None:
+        m = self.metrics
+        m.batch_seconds.observe(elapsed)
+        m.batch_records.observe(records)
+        m.batches.inc()
+        # One labels() lookup per kind, not per event: this runs for every batch.
+        for kind, n in collections.Counter(e.kind for e in events).items():
+            m.events_applied.labels(kind).inc(n)
+        if rejected:
+            m.dead_lettered.inc(len(rejected))
+        m.rows_written.inc(written)
+        if suppressed:
+            m.suppressed.inc(suppressed)
+
+    # Retention
+
+    async def _prune_periodically(self) -> None:
+        s = self._settings
+        while not self._stopping.is_set():
+            try:
+                await self.prune_once()
+            except Abandoned:
+                return
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._stopping.wait(), s.retention_interval_seconds)
+
+    async def prune_once(self, now_ns: int | None = None) -> int:
+        """Prune everything due now, in small transactions. Returns the rows pruned."""
+        s = self._settings
+        now_ns = time.time_ns() if now_ns is None else now_ns
+        before = now_ns - s.retention_disconnected_seconds * 1_000_000_000
+        # A tombstone younger than the retention age would be useless: it is kept at least as
+        # long as the rows themselves are.
+        tombstone_age_s = max(s.retention_tombstone_seconds, s.retention_disconnected_seconds)
+        tombstones_before = (
+            now_ns - tombstone_age_s * 1_000_000_000 if s.retention_tombstone_seconds > 0 else None
+        )
+        total = 0
+        while True:
+            result = await self._retrying(
+                "database", lambda: self._store.prune(before, tombstones_before, CHUNK)
+            )
+            total += result.pruned
+            self.metrics.pruned.inc(result.pruned)
+            self.metrics.tombstones_expired.inc(result.tombstones_expired)
+            if result.pruned < CHUNK and result.tombstones_expired < CHUNK:
+                break
+            await asyncio.sleep(0)  # let batches in between: pruning is never urgent
+        if total:
+            log.info("event=pruned rows=%d disconnected_before_ns=%d", total, before)
+        return total
+
+
+def _one_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[0] if text else ''}"

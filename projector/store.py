@@ -1,28 +1,36 @@
 """The SQL view of the projection: stores fold states and consumer positions together.
 
-Every write goes through apply_batch(), which in ONE transaction (1) advances the stored
-position of each partition, but only from the position this process expects (a fence: a
+Every write of events goes through apply_batch(), which in ONE transaction (1) advances the
+stored position of each partition, but only from the position this process expects (a fence: a
 process that lost its partitions in a rebalance cannot overwrite its successor's work), then
 (2) merges the batch's states into the stored rows. So the read model is always exactly the fold
 of the log up to the stored positions, and re-delivered events change nothing.
+
+Retention (prune()) deletes rows of connections that disconnected long ago and leaves a
+tombstone per row; apply_batch() drops batch states of tombstoned connections, so a late
+duplicate event cannot bring a pruned connection back half-empty. Row locks (SELECT .. FOR
+UPDATE on PostgreSQL; SQLite has one writer at a time anyway) order a prune and a batch that
+touch the same connection, whichever process runs them.
 """
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import asdict, fields
+from dataclasses import dataclass, fields
 from typing import Any
 
-from sqlalchemy import and_, select, update
+from sqlalchemy import RowMapping, and_, delete, func, select, text, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
-from connection_tracker.schema import connections, projection_offsets
+from connection_tracker.schema import connections, projection_offsets, pruned_connections
 from projector.fold import ConnectionState, merge
 
 _STATE_FIELDS = tuple(f.name for f in fields(ConnectionState))
-# Keeps IN (...) lists and multi-row VALUES well inside every backend's parameter limits.
-_CHUNK = 500
+# Keeps IN (...) lists and multi-row VALUES (11 parameters a row) well inside every backend's
+# parameter limit (SQLite 32766, PostgreSQL 32767).
+CHUNK = 500
 
 
 class FencedError(RuntimeError):
@@ -30,11 +38,36 @@ class FencedError(RuntimeError):
     consumer has applied events for it since. The batch was rolled back."""
 
 
+@dataclass(frozen=True, slots=True)
+class BatchResult:
+    written: int  # connection rows inserted or updated
+    suppressed: int  # batch states dropped because their connection was pruned (tombstoned)
+
+
+@dataclass(frozen=True, slots=True)
+class PruneResult:
+    pruned: int  # connection rows deleted (each left a tombstone)
+    tombstones_expired: int
+
+
 def _dialect_insert(conn: AsyncConnection) -> Callable[..., Any]:
     return postgresql.insert if conn.dialect.name == "postgresql" else sqlite.insert
 
 
-def row_to_state(row: Mapping[str, Any]) -> ConnectionState:
+def _row(state: ConnectionState) -> dict[str, Any]:
+    return {name: getattr(state, name) for name in _STATE_FIELDS}
+
+
+@functools.cache
+def _upsert(insert: Callable[..., Any]) -> Any:
+    stmt = insert(connections)
+    return stmt.on_conflict_do_update(
+        index_elements=[connections.c.connection_id],
+        set_={n: stmt.excluded[n] for n in _STATE_FIELDS if n != "connection_id"},
+    ).returning(connections.c.connection_id)
+
+
+def row_to_state(row: RowMapping | Mapping[str, Any]) -> ConnectionState:
     return ConnectionState(**{name: row[name] for name in _STATE_FIELDS})
 
 
@@ -76,10 +109,18 @@ class ProjectionStore:
         topic: str,
         advances: Mapping[int, tuple[int, int]],
         states: Mapping[str, ConnectionState],
-    ) -> None:
+    ) -> BatchResult:
         """Atomically move each partition from expected to new offset and merge the states.
         advances: partition -> (expected stored offset, new offset). Raises FencedError."""
         async with self._engine.begin() as conn:
+            if conn.dialect.name == "postgresql":
+                # The driver prepares statements, and after five runs PostgreSQL may switch to a
+                # generic plan in which `IN ($1 .. $500)` is a linear search per row instead of
+                # a hash: the batch's SELECTs became 30x slower. Batches are few and large, so
+                # planning each statement for its actual values is the better trade.
+                await conn.execute(text("SET LOCAL plan_cache_mode = force_custom_plan"))
+            # The fence comes first: its row locks (and SQLite's write lock) are held for the
+            # whole transaction, so the merge below never races the partition's next owner.
             for partition, (expected, new) in sorted(advances.items()):
                 result = await conn.execute(
                     update(projection_offsets)
@@ -97,44 +138,122 @@ class ProjectionStore:
                         f"{topic}[{partition}] is no longer at offset {expected}; "
                         "another projector has applied it"
                     )
-            if states:
-                await self._merge_states(conn, states)
+            if not states:
+                return BatchResult(0, 0)
+            return await self._merge_states(conn, states)
 
     async def _merge_states(
         self, conn: AsyncConnection, states: Mapping[str, ConnectionState]
-    ) -> None:
-        ids = list(states)
-        merged = dict(states)
-        for i in range(0, len(ids), _CHUNK):
-            chunk = ids[i : i + _CHUNK]
+    ) -> BatchResult:
+        insert = _dialect_insert(conn)
+        ids = sorted(states)  # a fixed lock order: two writers cannot deadlock on rows
+        written = suppressed = 0
+        for i in range(0, len(ids), CHUNK):
+            chunk = ids[i : i + CHUNK]
+            merged = {cid: states[cid] for cid in chunk}
+            # Lock the stored rows before looking for tombstones: a concurrent prune either
+            # waits for this transaction or has committed its tombstone before we read it.
             rows = await conn.execute(
-                select(connections).where(connections.c.connection_id.in_(chunk))
+                select(connections).where(connections.c.connection_id.in_(chunk)).with_for_update()
             )
             for row in rows.mappings():
                 stored = row_to_state(row)
                 merged[stored.connection_id] = merge(stored, merged[stored.connection_id])
-        insert = _dialect_insert(conn)
-        values = [asdict(s) for s in merged.values()]
-        # One multi-row INSERT .. ON CONFLICT DO UPDATE per chunk: the rows were merged above
-        # under the partition fence, so the stored row is simply replaced.
-        for i in range(0, len(values), _CHUNK):
-            stmt = insert(connections).values(values[i : i + _CHUNK])
-            stmt = stmt.on_conflict_do_update(
-                index_elements=[connections.c.connection_id],
-                set_={n: stmt.excluded[n] for n in _STATE_FIELDS if n != "connection_id"},
+            tombstoned = await conn.execute(
+                select(pruned_connections.c.connection_id).where(
+                    pruned_connections.c.connection_id.in_(chunk)
+                )
             )
-            await conn.execute(stmt)
+            for (cid,) in tombstoned:
+                del merged[cid]
+                suppressed += 1
+            if not merged:
+                continue
+            # The rows were merged above under the partition fence and row locks, so the stored
+            # row is simply replaced. Executed with a list of rows and RETURNING, SQLAlchemy
+            # sends multi-row INSERT .. VALUES (..), (..) .. ON CONFLICT DO UPDATE statements
+            # ("insertmanyvalues") from one cached compilation; .values([...]) would recompile
+            # a 5500-parameter statement for every chunk, which cost most of a batch's time.
+            await conn.execute(_upsert(insert), [_row(s) for s in merged.values()])
+            written += len(merged)
+        return BatchResult(written, suppressed)
+
+    async def prune(
+        self, disconnected_before_ns: int, tombstones_before_ns: int | None, limit: int = CHUNK
+    ) -> PruneResult:
+        """Delete up to `limit` rows of connections disconnected before disconnected_before_ns,
+        leaving a tombstone for each, and up to `limit` tombstones of disconnects before
+        tombstones_before_ns (None keeps tombstones). One small transaction; call again while
+        it returns `limit` of either."""
+        async with self._engine.begin() as conn:
+            victims = [
+                cid
+                for (cid,) in await conn.execute(
+                    select(connections.c.connection_id)
+                    .where(connections.c.disconnected_at_ns < disconnected_before_ns)
+                    .order_by(connections.c.disconnected_at_ns)
+                    .limit(limit)
+                )
+            ]
+            pruned = 0
+            if victims:
+                # The condition is checked again at delete time: a batch may have changed the
+                # row since it was selected.
+                deleted = (
+                    await conn.execute(
+                        delete(connections)
+                        .where(
+                            connections.c.connection_id.in_(victims),
+                            connections.c.disconnected_at_ns < disconnected_before_ns,
+                        )
+                        .returning(connections.c.connection_id, connections.c.disconnected_at_ns)
+                    )
+                ).all()
+                if deleted:
+                    insert = _dialect_insert(conn)
+                    await conn.execute(
+                        insert(pruned_connections).on_conflict_do_nothing(),
+                        [{"connection_id": c, "disconnected_at_ns": d} for c, d in deleted],
+                    )
+                pruned = len(deleted)
+            expired = 0
+            if tombstones_before_ns is not None:
+                old = select(pruned_connections.c.connection_id).where(
+                    pruned_connections.c.disconnected_at_ns < tombstones_before_ns
+                )
+                result = await conn.execute(
+                    delete(pruned_connections).where(
+                        pruned_connections.c.connection_id.in_(old.limit(limit))
+                    )
+                )
+                expired = max(result.rowcount, 0)
+            return PruneResult(pruned, expired)
 
     async def get(self, connection_id: str) -> ConnectionState | None:
         async with self._engine.connect() as conn:
             row = (
-                await conn.execute(
-                    select(connections).where(connections.c.connection_id == connection_id)
+                (
+                    await conn.execute(
+                        select(connections).where(connections.c.connection_id == connection_id)
+                    )
                 )
-            ).mappings().first()
+                .mappings()
+                .first()
+            )
         return None if row is None else row_to_state(row)
 
     async def all_states(self) -> dict[str, ConnectionState]:
         async with self._engine.connect() as conn:
             rows = await conn.execute(select(connections))
             return {r["connection_id"]: row_to_state(r) for r in rows.mappings()}
+
+    async def tombstones(self) -> dict[str, int]:
+        async with self._engine.connect() as conn:
+            rows = await conn.execute(select(pruned_connections))
+            return {r.connection_id: int(r.disconnected_at_ns) for r in rows}
+
+    async def count(self) -> int:
+        async with self._engine.connect() as conn:
+            return int(
+                (await conn.execute(select(func.count()).select_from(connections))).scalar_one()
+            )

@@ -1,0 +1,75 @@
+"""The Alembic migrations and connection_tracker.schema agree, on SQLite and PostgreSQL."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+from alembic.autogenerate import compare_metadata
+from alembic.migration import MigrationContext
+from alembic.script import ScriptDirectory
+from sqlalchemy import inspect
+from sqlalchemy.engine import Connection
+
+from connection_tracker.database import create_engine
+from connection_tracker.schema import metadata
+from migrations.cli import SCRIPT_LOCATION, alembic_config, downgrade, upgrade
+
+
+def _diff(conn: Connection) -> list[Any]:
+    context = MigrationContext.configure(conn, opts={"compare_type": True})
+    return list(compare_metadata(context, metadata))
+
+
+def _tables_and_indexes(conn: Connection) -> dict[str, list[str]]:
+    insp = inspect(conn)
+    return {
+        t: sorted(str(i["name"]) for i in insp.get_indexes(t))
+        for t in sorted(insp.get_table_names())
+        if t != "alembic_version"
+    }
+
+
+async def _inspect(url: str) -> tuple[list[Any], dict[str, list[str]]]:
+    engine = create_engine(url)
+    try:
+        async with engine.connect() as conn:
+            return await conn.run_sync(_diff), await conn.run_sync(_tables_and_indexes)
+    finally:
+        await engine.dispose()
+
+
+async def test_migrated_database_matches_the_models(database_url: str) -> None:
+    diff, tables = await _inspect(database_url)
+    assert diff == []
+    assert tables == {
+        "connections": ["ix_connections_disconnected_at_ns"],
+        "projection_offsets": [],
+        "pruned_connections": ["ix_pruned_connections_disconnected_at_ns"],
+    }
+
+
+async def test_upgrade_downgrade_upgrade(empty_database_url: str) -> None:
+    url = empty_database_url
+    revisions = [
+        s.revision for s in reversed(list(ScriptDirectory(str(SCRIPT_LOCATION)).walk_revisions()))
+    ]
+    assert revisions[0] == "0001"
+    # Step up one revision at a time, then all the way down, then up again. (Alembic's env.py
+    # runs its own event loop, hence the threads.)
+    for rev in revisions:
+        await asyncio.to_thread(upgrade, url, rev)
+    assert (await _inspect(url))[0] == []
+    await asyncio.to_thread(downgrade, url, "0001")
+    _, tables = await _inspect(url)
+    assert "pruned_connections" not in tables
+    assert tables["connections"] == []
+    await asyncio.to_thread(downgrade, url, "base")
+    assert (await _inspect(url))[1] == {}
+    await asyncio.to_thread(upgrade, url)
+    assert (await _inspect(url))[0] == []
+
+
+def test_the_revision_history_is_linear() -> None:
+    script = ScriptDirectory.from_config(alembic_config("sqlite+aiosqlite:///:memory:"))
+    assert len(script.get_heads()) == 1

@@ -1,0 +1,213 @@
+"""The read-model store's contract, on SQLite and on PostgreSQL (the engine fixture runs each
+test once per backend)."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+
+import pytest
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from connection_tracker.database import create_engine
+from connection_tracker.events import (
+    MAX_TIME_NS,
+    Activity,
+    Connected,
+    Disconnected,
+    Event,
+    Payload,
+)
+from projector.fold import ConnectionState, fold, of_event
+from projector.store import CHUNK, FencedError, ProjectionStore
+
+T0 = 1_764_300_000_000_000_000
+TOPIC = "events"
+
+
+def random_events(rnd: random.Random, prefix: str, n: int, connections: int) -> list[Event]:
+    out = []
+    for i in range(n):
+        cid = f"{prefix}-{rnd.randrange(connections)}"
+        at = T0 + rnd.randrange(10**12)
+        choices: list[Payload] = [
+            Connected(f"10.0.0.{rnd.randrange(256)}", rnd.choice(["ua-1", "ua-2"])),
+            Activity(rnd.randrange(5)),
+            Disconnected(rnd.choice([1000, 1001, 1006]), rnd.choice(["", "bye"])),
+        ]
+        payload = rnd.choice(choices)
+        out.append(Event(f"{prefix}-e{i}", cid, rnd.choice(["gw-a", "gw-b"]), at, payload))
+    return out
+
+
+async def test_positions_start_at_zero_and_persist(engine: AsyncEngine) -> None:
+    store = ProjectionStore(engine)
+    assert await store.positions(TOPIC, [2, 0, 1, 1]) == {0: 0, 1: 0, 2: 0}
+    await store.apply_batch(TOPIC, {1: (0, 17)}, {})
+    assert await store.positions(TOPIC, [0, 1]) == {0: 0, 1: 17}
+    assert await store.positions(TOPIC, []) == {}
+    assert await store.all_positions() == {(TOPIC, 0): 0, (TOPIC, 1): 17, (TOPIC, 2): 0}
+    # Positions of another topic are separate.
+    assert await store.positions("other", [1]) == {1: 0}
+
+
+async def test_a_stale_expected_offset_is_fenced_and_changes_nothing(engine: AsyncEngine) -> None:
+    store = ProjectionStore(engine)
+    await store.positions(TOPIC, [0, 1])
+    first = of_event(Event("e1", "c1", "gw", T0, Connected("10.0.0.1", "ua")))
+    await store.apply_batch(TOPIC, {0: (0, 10)}, {"c1": first})
+    intruder = of_event(Event("e0", "c1", "gw-x", T0 - 5, Connected("10.6.6.6", "evil")))
+    other = of_event(Event("e2", "c2", "gw", T0, Connected("10.0.0.2", "ua")))
+    # Partition 1 would advance fine, but partition 0 is stale: the whole batch rolls back.
+    with pytest.raises(FencedError, match=r"\[0\] is no longer at offset 0"):
+        await store.apply_batch(TOPIC, {1: (0, 5), 0: (0, 20)}, {"c1": intruder, "c2": other})
+    assert await store.all_positions() == {(TOPIC, 0): 10, (TOPIC, 1): 0}
+    assert await store.all_states() == {"c1": first}
+
+
+async def test_an_unknown_partition_is_fenced(engine: AsyncEngine) -> None:
+    store = ProjectionStore(engine)
+    with pytest.raises(FencedError):
+        await store.apply_batch(TOPIC, {7: (0, 1)}, {})
+
+
+async def test_two_writers_with_the_same_expected_offset_one_wins(database_url: str) -> None:
+    engines = [create_engine(database_url), create_engine(database_url)]
+    try:
+        stores = [ProjectionStore(e) for e in engines]
+        await stores[0].positions(TOPIC, [0])
+        states = [{"c": of_event(Event(f"e{i}", "c", "gw", T0 + i, Activity()))} for i in range(2)]
+        results = await asyncio.gather(
+            *(s.apply_batch(TOPIC, {0: (0, 5 + i)}, states[i]) for i, s in enumerate(stores)),
+            return_exceptions=True,
+        )
+        fenced = [r for r in results if isinstance(r, FencedError)]
+        assert len(fenced) == 1, results
+        winner = next(i for i, r in enumerate(results) if not isinstance(r, BaseException))
+        assert await stores[0].all_positions() == {(TOPIC, 0): 5 + winner}
+        assert await stores[0].all_states() == states[winner]
+    finally:
+        for e in engines:
+            await e.dispose()
+
+
+@pytest.mark.parametrize("seed", range(4))
+async def test_batches_merged_with_stored_rows_equal_one_fold(
+    engine: AsyncEngine, seed: int
+) -> None:
+    rnd = random.Random(seed)
+    events = random_events(rnd, f"s{seed}", 400, 60)
+    store = ProjectionStore(engine)
+    await store.positions(TOPIC, [0])
+    # Replay with duplicates, shuffled, in batches of random sizes.
+    log = events + rnd.sample(events, 100)
+    rnd.shuffle(log)
+    offset = 0
+    while offset < len(log):
+        size = rnd.randint(1, 80)
+        batch = log[offset : offset + size]
+        await store.apply_batch(TOPIC, {0: (offset, offset + len(batch))}, fold(batch))
+        offset += len(batch)
+    assert await store.all_states() == fold(events)
+    assert await store.all_positions() == {(TOPIC, 0): len(log)}
+
+
+async def test_timestamps_are_exact_to_the_nanosecond(engine: AsyncEngine) -> None:
+    store = ProjectionStore(engine)
+    await store.positions(TOPIC, [0])
+    times = [T0 + 123_456_789, MAX_TIME_NS - 1, 946_684_800_000_000_001]
+    events = [
+        Event(f"e{i}", f"c{i}", "gw", at, Connected("::1", "ua")) for i, at in enumerate(times)
+    ]
+    await store.apply_batch(TOPIC, {0: (0, 3)}, fold(events))
+    for i, at in enumerate(times):
+        state = await store.get(f"c{i}")
+        assert state is not None
+        assert state.connected_at_ns == at
+        assert state.last_active_at_ns == at
+    assert await store.get("never") is None
+
+
+async def test_batches_larger_than_a_chunk(engine: AsyncEngine) -> None:
+    store = ProjectionStore(engine)
+    await store.positions(TOPIC, [0, 1])
+    n = CHUNK * 2 + 37
+    connects = [
+        Event(f"c{i}", f"conn-{i:05d}", "gw", T0 + i, Connected("10.0.0.1", "ua")) for i in range(n)
+    ]
+    result = await store.apply_batch(TOPIC, {0: (0, n)}, fold(connects))
+    assert (result.written, result.suppressed) == (n, 0)
+    # A second large batch on another partition touching every stored row and some new ones.
+    more = [
+        Event(f"d{i}", f"conn-{i:05d}", "gw", T0 + 10**9 + i, Disconnected(1000, ""))
+        for i in range(0, n + 100, 2)
+    ]
+    await store.apply_batch(TOPIC, {1: (0, len(more))}, fold(more))
+    assert await store.all_states() == fold(connects + more)
+    assert await store.count() == n + 50
+
+
+async def test_prune_removes_old_disconnected_rows_and_leaves_tombstones(
+    engine: AsyncEngine,
+) -> None:
+    store = ProjectionStore(engine)
+    await store.positions(TOPIC, [0])
+    events = [
+        Event("c-old", "old", "gw", T0, Connected("::1", "ua")),
+        Event("d-old", "old", "gw", T0 + 10, Disconnected(1000, "")),
+        Event("c-recent", "recent", "gw", T0, Connected("::1", "ua")),
+        Event("d-recent", "recent", "gw", T0 + 1000, Disconnected(1000, "")),
+        Event("c-open", "open", "gw", T0, Connected("::1", "ua")),
+    ]
+    await store.apply_batch(TOPIC, {0: (0, 5)}, fold(events))
+    result = await store.prune(disconnected_before_ns=T0 + 500, tombstones_before_ns=None)
+    assert (result.pruned, result.tombstones_expired) == (1, 0)
+    assert set(await store.all_states()) == {"recent", "open"}
+    assert await store.tombstones() == {"old": T0 + 10}
+    # A late duplicate (and a late activity) of the pruned connection does not resurrect it;
+    # the rest of the batch is applied.
+    late = [events[0], Event("a-late", "old", "gw", T0 + 20, Activity()), events[4]]
+    applied = await store.apply_batch(TOPIC, {0: (5, 8)}, fold(late))
+    assert (applied.written, applied.suppressed) == (1, 1)
+    assert await store.get("old") is None
+    # Pruning again is a no-op; tombstones expire on their own clock.
+    assert (await store.prune(T0 + 500, None)).pruned == 0
+    expired = await store.prune(T0 + 500, tombstones_before_ns=T0 + 11)
+    assert expired.tombstones_expired == 1
+    assert await store.tombstones() == {}
+
+
+async def test_prune_works_in_bounded_steps(engine: AsyncEngine) -> None:
+    store = ProjectionStore(engine)
+    await store.positions(TOPIC, [0])
+    gone = [Event(f"d{i}", f"c{i}", "gw", T0 + i, Disconnected(1000, "")) for i in range(25)]
+    await store.apply_batch(TOPIC, {0: (0, 25)}, fold(gone))
+    steps = []
+    while True:
+        result = await store.prune(T0 + 100, T0 + 100, limit=10)
+        steps.append((result.pruned, result.tombstones_expired))
+        if result.pruned < 10 and result.tombstones_expired < 10:
+            break
+    assert sum(p for p, _ in steps) == 25
+    assert all(p <= 10 and t <= 10 for p, t in steps)
+    assert await store.count() == 0
+
+
+async def test_state_fields_round_trip(engine: AsyncEngine) -> None:
+    store = ProjectionStore(engine)
+    await store.positions(TOPIC, [0])
+    state = ConnectionState(
+        "c",
+        gateway_id="g" * 255,
+        source_ip="2001:db8::1",
+        user_agent="Ünïcødé ✓ " * 100,
+        connected_at_ns=T0,
+        connected_event_id="e" * 255,
+        last_active_at_ns=T0 + 2,
+        disconnected_at_ns=T0 + 2,
+        disconnect_status_code=65535,
+        disconnect_reason="ы" * 300,
+        disconnected_event_id="d",
+    )
+    await store.apply_batch(TOPIC, {0: (0, 2)}, {"c": state})
+    assert await store.get("c") == state
