@@ -141,7 +141,8 @@ async def cmd_verify(settings: Settings, ns: argparse.Namespace) -> int:
         await engine.dispose()
     print(
         f"compared {result.compared} connections "
-        f"({result.events} events, {result.invalid} invalid) "
+        f"({result.events} events, {result.invalid} invalid, "
+        f"{result.pruned} pruned by retention) "
         f"up to stored positions {dict(sorted(result.positions.items()))}"
     )
     if result.ok:

@@ -13,7 +13,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from audit.log import Bounds, LogReader, partition_for_key
 from connection_tracker.events import Event, InvalidEvent, decode
-from connection_tracker.schema import connections, projection_offsets
+from connection_tracker.schema import connections, projection_offsets, pruned_connections
 from projector.fold import ConnectionState, apply
 from projector.store import row_to_state
 
@@ -91,12 +91,17 @@ async def state_of(
     return state
 
 
-async def snapshot(
-    engine: AsyncEngine, topic: str
-) -> tuple[dict[str, ConnectionState], dict[int, int]]:
-    """The live read model's rows and stored positions, read in one transaction so they agree
-    even while the projector keeps writing (SQLite WAL and PostgreSQL REPEATABLE READ give a
-    consistent snapshot)."""
+@dataclass(frozen=True)
+class Snapshot:
+    states: dict[str, ConnectionState]
+    positions: dict[int, int]
+    pruned: set[str]  # connections retention deleted (their tombstones)
+
+
+async def snapshot(engine: AsyncEngine, topic: str) -> Snapshot:
+    """The live read model's rows, tombstones and stored positions, read in one transaction so
+    they agree even while the projector keeps writing (SQLite WAL and PostgreSQL REPEATABLE
+    READ give a consistent snapshot)."""
     options = {} if engine.dialect.name == "sqlite" else {"isolation_level": "REPEATABLE READ"}
     async with engine.connect() as conn:
         conn = await conn.execution_options(**options)
@@ -109,7 +114,8 @@ async def snapshot(
                 r["connection_id"]: row_to_state(r)
                 for r in (await conn.execute(select(connections))).mappings()
             }
-    return states, positions
+            pruned = set((await conn.execute(select(pruned_connections.c.connection_id))).scalars())
+    return Snapshot(states, positions, pruned)
 
 
 @dataclass(frozen=True)
@@ -126,6 +132,7 @@ class Verification:
     positions: dict[int, int]
     events: int
     invalid: int
+    pruned: int  # connections absent live because retention pruned them (tombstoned)
 
     @property
     def ok(self) -> bool:
@@ -133,17 +140,20 @@ class Verification:
 
 
 async def verify(engine: AsyncEngine, reader: LogReader) -> Verification:
-    """Fold history afresh up to the positions the live read model claims, and compare."""
-    live, positions = await snapshot(engine, reader.topic)
+    """Fold history afresh up to the positions the live read model claims, and compare. A
+    connection that retention pruned (it has a tombstone) is expected to be absent live and is
+    counted, not reported."""
+    snap = await snapshot(engine, reader.topic)
+    live = snap.states
     parts = await reader.partitions()
     start = await reader.beginning(parts)
-    bounds = {p: (start[p], max(start[p], positions.get(p, start[p]))) for p in parts}
+    bounds = {p: (start[p], max(start[p], snap.positions.get(p, start[p]))) for p in parts}
     replay = await fold_log(reader, bounds)
+    pruned = {cid for cid in snap.pruned if cid not in live and cid in replay.states}
+    ids = (live.keys() | replay.states.keys()) - pruned
     diffs = [
         Difference(cid, live.get(cid), replay.states.get(cid))
-        for cid in sorted(live.keys() | replay.states.keys())
+        for cid in sorted(ids)
         if live.get(cid) != replay.states.get(cid)
     ]
-    return Verification(
-        len(live.keys() | replay.states.keys()), diffs, positions, replay.events, replay.invalid
-    )
+    return Verification(len(ids), diffs, snap.positions, replay.events, replay.invalid, len(pruned))

@@ -96,6 +96,33 @@ async def test_verify_passes_on_a_live_projection_and_reports_a_row_altered_behi
             )
         result = await verify(engine, r)
     assert not result.ok
+    assert result.pruned == 0
     assert [d.connection_id for d in result.differences] == [victim]
     assert result.differences[0].live is not None
     assert result.differences[0].live.source_ip == "203.0.113.66"
+
+
+async def test_verify_expects_connections_pruned_by_retention_to_be_absent(
+    kafka_settings: Settings, engine: AsyncEngine
+) -> None:
+    events = list(generate(Workload(connections=40, seed=4)))
+    await publish(kafka_settings, events)
+    store = ProjectionStore(engine)
+    async with Projector(kafka_settings, store) as projector:
+        task = asyncio.create_task(projector.run())
+        for _ in range(300):
+            if sum((await store.all_positions()).values()) >= len(events):
+                break
+            await asyncio.sleep(0.1)
+        await projector.stop()
+        await asyncio.wait_for(task, 30)
+    disconnected = {e.connection_id for e in events if e.kind == "disconnected"}
+    assert disconnected
+    while (await store.prune(time.time_ns() + 10**12, None)).pruned:
+        pass
+    assert await store.count() == len({e.connection_id for e in events}) - len(disconnected)
+
+    async with LogReader(kafka_settings.kafka_bootstrap_servers, kafka_settings.events_topic) as r:
+        result = await verify(engine, r)
+    assert result.ok, result.differences[:3]
+    assert result.pruned == len(disconnected)
