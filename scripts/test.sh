@@ -15,6 +15,12 @@ if ! command -v docker-compose >/dev/null 2>&1 && command -v apt-get >/dev/null 
     { apt-get update -q >/dev/null 2>&1 &&
       DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends docker-compose >/dev/null; }
 fi
+# grpcurl, for the test that calls the API the way operators do (reflection, no .proto files).
+if [ ! -x .local/go/bin/grpcurl ] && ! command -v grpcurl >/dev/null 2>&1 && command -v go >/dev/null 2>&1; then
+  echo "test: installing grpcurl into .local/go/bin"
+  GOBIN="$repo/.local/go/bin" go install github.com/fullstorydev/grpcurl/cmd/grpcurl@v1.9.4 ||
+    echo "test: grpcurl could not be installed; its test will be skipped" >&2
+fi
 export CONNTRACK_TEST_KAFKA="127.0.0.1:${CONNTRACK_KAFKA_PORT:-19092}"
 export CONNTRACK_TEST_POSTGRES_URL="$(bash infra/postgres.sh url)"
 echo "== ruff";  .venv/bin/ruff check . && .venv/bin/ruff format --check .
