@@ -38,24 +38,26 @@ class ProjectionPosition:
     def __init__(self, repository: ConnectionRepository, ttl_seconds: float) -> None:
         self._repository = repository
         self._ttl = ttl_seconds
-        self._value: tuple[PartitionPosition, ...] = ()
+        self._header = ""  # format_positions() of the last reading, formatted once per reading
         self._read_at: float | None = None
         self._lock = asyncio.Lock()
 
-    def _fresh(self) -> bool:
-        return self._read_at is not None and time.monotonic() - self._read_at < self._ttl
+    def _age(self) -> float | None:
+        """Seconds since the last reading, None if it is too old to reuse (or there is none)."""
+        if self._read_at is None:
+            return None
+        age = time.monotonic() - self._read_at
+        return age if age < self._ttl else None
 
     async def metadata(self) -> tuple[tuple[str, str], ...]:
         """Trailing-metadata pairs; raises ReadModelUnavailable if the position cannot be read."""
-        if not self._fresh():
+        age = self._age()
+        if age is None:
             # One refresh at a time: calls arriving meanwhile wait and reuse its result.
             async with self._lock:
-                if not self._fresh():
-                    self._value = await self._repository.positions()
+                if self._age() is None:
+                    self._header = format_positions(await self._repository.positions())
                     self._read_at = time.monotonic()
-        assert self._read_at is not None
-        age_ms = int((time.monotonic() - self._read_at) * 1000)
-        return (
-            (POSITION_HEADER, format_positions(self._value)),
-            (POSITION_AGE_HEADER, str(age_ms)),
-        )
+            assert self._read_at is not None
+            age = time.monotonic() - self._read_at
+        return ((POSITION_HEADER, self._header), (POSITION_AGE_HEADER, str(int(age * 1000))))

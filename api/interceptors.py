@@ -41,6 +41,24 @@ def _replace(handler: Handler, behavior: Behavior) -> Handler:
     return replaced
 
 
+class _WrappedHandlers:
+    """Each method's wrapped handler, built on its first call and reused: the server looks the
+    same handler up for every call of a method, so wrapping it anew per call would only
+    allocate. Bounded by the number of registered methods (unknown methods have no handler)."""
+
+    def __init__(self, wrap: Callable[[str, Behavior], Behavior]) -> None:
+        self._wrap = wrap
+        self._by_method: dict[str, tuple[Handler, Handler]] = {}
+
+    def get(self, method: str, handler: Handler, behavior: Behavior) -> Handler:
+        cached = self._by_method.get(method)
+        if cached is not None and cached[0] is handler:
+            return cached[1]
+        wrapped = _replace(handler, self._wrap(method, behavior))
+        self._by_method[method] = (handler, wrapped)
+        return wrapped
+
+
 def _deadline_passed(context: grpc.aio.ServicerContext[Any, Any]) -> bool:
     remaining = context.time_remaining()
     return remaining is not None and remaining <= 0
@@ -49,6 +67,7 @@ def _deadline_passed(context: grpc.aio.ServicerContext[Any, Any]) -> bool:
 class MetricsInterceptor(Interceptor):
     def __init__(self, metrics: ApiMetrics) -> None:
         self._metrics = metrics
+        self._handlers = _WrappedHandlers(self._observed)
 
     async def intercept_service(  # type: ignore[override]
         self, continuation: Continuation, handler_call_details: grpc.HandlerCallDetails
@@ -57,7 +76,9 @@ class MetricsInterceptor(Interceptor):
         behavior = _unary(handler)
         if handler is None or behavior is None:
             return handler
-        method = handler_call_details.method
+        return self._handlers.get(handler_call_details.method, handler, behavior)
+
+    def _observed(self, method: str, behavior: Behavior) -> Behavior:
         metrics = self._metrics
 
         async def observed(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
@@ -81,7 +102,7 @@ class MetricsInterceptor(Interceptor):
             finally:
                 metrics.observe(method, code.name, time.perf_counter() - started)
 
-        return _replace(handler, observed)
+        return observed
 
 
 class BearerAuthInterceptor(Interceptor):
@@ -99,14 +120,14 @@ class BearerAuthInterceptor(Interceptor):
             return handler
         # Never log the metadata: it may hold a (wrong but real) credential.
         log.info("rejected %s: missing or invalid bearer token", handler_call_details.method)
+        return _replace(handler, _reject_unauthenticated)
 
-        async def reject(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
-            await context.abort(
-                grpc.StatusCode.UNAUTHENTICATED,
-                "missing or invalid bearer token: send metadata 'authorization: Bearer <token>'",
-            )
 
-        return _replace(handler, reject)
+async def _reject_unauthenticated(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
+    await context.abort(
+        grpc.StatusCode.UNAUTHENTICATED,
+        "missing or invalid bearer token: send metadata 'authorization: Bearer <token>'",
+    )
 
 
 class ConcurrencyLimitInterceptor(Interceptor):
@@ -120,6 +141,7 @@ class ConcurrencyLimitInterceptor(Interceptor):
         self._prefix = protected_prefix
         self._on_change = on_change
         self.in_flight = 0
+        self._handlers = _WrappedHandlers(self._limited)
 
     def _set(self, value: int) -> None:
         self.in_flight = value
@@ -137,7 +159,9 @@ class ConcurrencyLimitInterceptor(Interceptor):
             or not handler_call_details.method.startswith(self._prefix)
         ):
             return handler
+        return self._handlers.get(handler_call_details.method, handler, behavior)
 
+    def _limited(self, _method: str, behavior: Behavior) -> Behavior:
         async def limited(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
             # One event loop serves every call, so check-and-increment cannot race.
             if self.in_flight >= self.limit:
@@ -151,4 +175,4 @@ class ConcurrencyLimitInterceptor(Interceptor):
             finally:
                 self._set(self.in_flight - 1)
 
-        return _replace(handler, limited)
+        return limited

@@ -40,10 +40,18 @@ class ApiMetrics:
             registry=r,
         )
         self._http: tuple[WSGIServer, threading.Thread] | None = None
+        # labels() looks its child up under a lock and validates the label values on every
+        # call; the (method, code) pairs are few, so each is looked up once.
+        self._children: dict[tuple[str, str], tuple[Counter, Histogram]] = {}
 
     def observe(self, method: str, code: str, seconds: float) -> None:
-        self.requests.labels(method, code).inc()
-        self.latency.labels(method, code).observe(seconds)
+        children = self._children.get((method, code))
+        if children is None:
+            children = self.requests.labels(method, code), self.latency.labels(method, code)
+            self._children[(method, code)] = children
+        requests, latency = children
+        requests.inc()
+        latency.observe(seconds)
 
     def serve_http(self, port: int, addr: str = "0.0.0.0") -> int:
         """Expose /metrics on port (0 picks a free one); returns the bound port."""

@@ -508,3 +508,41 @@ async def test_metrics_count_calls_by_method_and_code(read_engine: AsyncEngine) 
         labels = {"method": method, "code": code}
         assert registry.get_sample_value("conntrack_api_requests_total", labels) == count
         assert registry.get_sample_value("conntrack_api_request_seconds_count", labels) == count
+
+
+@pytest.mark.postgres
+@pytest.mark.parametrize("backend", ["postgres"])
+async def test_sessions_terminated_while_pooled_cost_callers_nothing(
+    database_url: str, read_engine: AsyncEngine
+) -> None:
+    """No ping before use: a pooled connection that died is found by the query, dropped with the
+    rest of the pool, and the read retried once, so the caller still gets OK."""
+    parsed = make_url(database_url)
+    admin = await asyncpg.connect(
+        host=parsed.host, port=parsed.port, user=parsed.username, database=parsed.database
+    )
+    try:
+        # No health probe in between: the Get itself must meet the dead connection.
+        async with (
+            serving(read_engine, health_interval_seconds=3600) as server,
+            stub_for(server) as stub,
+        ):
+            assert (await stub.Get(get_request(OPEN_ID), timeout=10)).id == OPEN_ID
+            sql = (
+                "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() "
+                "AND application_name = $1"
+            )
+            assert await admin.fetchval(sql, APPLICATION_NAME) >= 1
+            await admin.execute(
+                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                "WHERE datname = current_database() AND application_name = $1",
+                APPLICATION_NAME,
+            )
+            for _ in range(200):  # terminated sessions leave pg_stat_activity shortly after
+                if not await admin.fetchval(sql, APPLICATION_NAME):
+                    break
+                await asyncio.sleep(0.05)
+            for _ in range(3):
+                assert (await stub.Get(get_request(OPEN_ID), timeout=10)).id == OPEN_ID
+    finally:
+        await admin.close()
