@@ -120,6 +120,9 @@ class ApiServer:
         server = grpc.aio.server(
             interceptors=self._interceptors(),
             options=[
+                # gRPC on Linux would otherwise share a port with another server silently;
+                # a second API on the same address must fail loudly instead.
+                ("grpc.so_reuseport", 0),
                 ("grpc.max_receive_message_length", self._max_message_bytes),
                 ("grpc.max_send_message_length", self._max_message_bytes),
             ],
