@@ -14,8 +14,10 @@ fi
 stamp=.venv/.installed-$(sha256sum pyproject.toml | cut -c1-16)
 if [ ! -f "$stamp" ]; then
   echo "bootstrap: installing the project and its dev tools into .venv"
-  .venv/bin/python -m pip install -q --upgrade pip
-  .venv/bin/python -m pip install -q -e '.[dev]'
+  # The build backend's notices are noise on success; the log is shown when pip fails.
+  { .venv/bin/python -m pip install -q --upgrade pip &&
+    .venv/bin/python -m pip install -q -e '.[dev]'; } >.venv/pip.log 2>&1 ||
+    { cat .venv/pip.log >&2; echo "bootstrap: pip install failed (log above)" >&2; exit 1; }
   rm -f .venv/.installed-*
   touch "$stamp"
 fi
