@@ -5,6 +5,9 @@ as-of TIME            the read model as the system knew it at TIME, into a separ
                       (an SQLite file by default); with --connection, one connection's state
 verify                fold history afresh and compare with the live read model; exits 1 on
                       any divergence
+rebuild               rebuild the live read model from the beginning of history into shadow
+                      tables and switch to them atomically once caught up, while the projector
+                      and the API keep running (docs/rebuild.md); resumes if interrupted
 """
 
 from __future__ import annotations
@@ -14,10 +17,12 @@ import asyncio
 import dataclasses
 import json
 import sys
+import time
 from datetime import UTC, datetime
 from typing import Any
 
 from audit.log import LogReader
+from audit.rebuild import Progress, Rebuild, RebuildError, abandon, drop_retired, shadow_exists
 from audit.replay import HistoryEntry, fold_until, history, state_of, verify
 from connection_tracker.database import create_engine
 from connection_tracker.lifecycle import setup_logging
@@ -164,6 +169,61 @@ async def cmd_verify(settings: Settings, ns: argparse.Namespace) -> int:
     return 1
 
 
+async def cmd_rebuild(settings: Settings, ns: argparse.Namespace) -> int:
+    engine = create_engine(settings.database_url)
+    try:
+        if ns.abandon or ns.drop_retired:
+            if ns.abandon:
+                done = await abandon(engine)
+                print("dropped the shadow tables" if done else "no shadow tables to drop")
+            if ns.drop_retired:
+                done = await drop_retired(engine)
+                print("dropped the retired tables" if done else "no retired tables to drop")
+            return 0
+        last_print = 0.0
+
+        def show(progress: Progress) -> None:
+            nonlocal last_print
+            now = time.monotonic()
+            if now - last_print >= ns.progress_interval:
+                last_print = now
+                print(progress.line(now), file=sys.stderr, flush=True)
+
+        async with LogReader(settings.kafka_bootstrap_servers, settings.events_topic) as reader:
+            rebuild = Rebuild(
+                engine,
+                reader,
+                batch_events=ns.batch_events,
+                max_events_per_second=ns.max_events_per_second,
+                max_switch_gap=ns.max_switch_gap,
+                lock_timeout_seconds=ns.lock_timeout,
+                switch=not ns.no_switch,
+                on_batch=show,
+            )
+            if await shadow_exists(engine):
+                print("resuming the interrupted rebuild in the shadow tables", file=sys.stderr)
+            try:
+                result = await rebuild.run()
+            except RebuildError as exc:
+                print(f"error: {exc}", file=sys.stderr)
+                return 1
+        print(rebuild.progress.line(), file=sys.stderr)
+    finally:
+        await engine.dispose()
+    positions = dict(sorted(result.positions.items()))
+    if ns.no_switch:
+        print(f"shadow caught up at positions {positions}; not switched (--no-switch)")
+        return 0
+    print(
+        f"switched: the read model is now a fresh fold of {settings.events_topic} up to "
+        f"positions {positions} ({result.events} events folded by this run, {result.invalid} "
+        f"invalid skipped{', resumed' if result.resumed else ''}; switch attempts "
+        f"{result.switch_attempts}, writers held {result.switch_seconds:.3f} s); "
+        "the previous generation is kept in the *_retired tables"
+    )
+    return 0
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
         prog="conntrack-audit",
@@ -172,7 +232,7 @@ def main(argv: list[str] | None = None) -> None:
     )
     parser.add_argument("--bootstrap-servers", help="overrides CONNTRACK_KAFKA_BOOTSTRAP_SERVERS")
     parser.add_argument("--topic", help="overrides CONNTRACK_EVENTS_TOPIC")
-    parser.add_argument("--database-url", help="overrides CONNTRACK_DATABASE_URL (verify)")
+    parser.add_argument("--database-url", help="overrides CONNTRACK_DATABASE_URL (verify, rebuild)")
     sub = parser.add_subparsers(dest="command", required=True)
     h = sub.add_parser("history", help="a connection's ordered event timeline")
     h.add_argument("connection_id")
@@ -185,6 +245,36 @@ def main(argv: list[str] | None = None) -> None:
     a.add_argument("--connection", help="print only this connection's state as JSON")
     v = sub.add_parser("verify", help="compare the live read model with a fresh fold")
     v.add_argument("--examples", type=int, default=10, help="differences to print")
+    r = sub.add_parser(
+        "rebuild", help="rebuild the live read model without downtime (docs/rebuild.md)"
+    )
+    r.add_argument("--batch-events", type=int, default=5000, help="records per shadow commit")
+    r.add_argument(
+        "--max-events-per-second",
+        type=float,
+        help="throttle the rebuild to spare the database (default: as fast as it goes)",
+    )
+    r.add_argument(
+        "--max-switch-gap",
+        type=int,
+        default=2_000,
+        help="switch only when the live projection is at most this many records ahead "
+        "(they are folded while the live writers wait)",
+    )
+    r.add_argument(
+        "--lock-timeout",
+        type=float,
+        default=2.0,
+        help="PostgreSQL: seconds a switch waits for its locks before retrying",
+    )
+    r.add_argument("--progress-interval", type=float, default=2.0, help="seconds between lines")
+    r.add_argument("--no-switch", action="store_true", help="stop once caught up; do not switch")
+    r.add_argument(
+        "--abandon", action="store_true", help="drop the shadow tables of an unfinished rebuild"
+    )
+    r.add_argument(
+        "--drop-retired", action="store_true", help="drop the generation a switch retired"
+    )
     ns = parser.parse_args(argv)
     overrides = {
         k: val
@@ -197,8 +287,22 @@ def main(argv: list[str] | None = None) -> None:
     }
     settings = Settings(**overrides)
     setup_logging("WARNING")
-    handler = {"history": cmd_history, "as-of": cmd_as_of, "verify": cmd_verify}[ns.command]
-    sys.exit(asyncio.run(handler(settings, ns)))
+    handler = {
+        "history": cmd_history,
+        "as-of": cmd_as_of,
+        "verify": cmd_verify,
+        "rebuild": cmd_rebuild,
+    }[ns.command]
+    try:
+        sys.exit(asyncio.run(handler(settings, ns)))
+    except KeyboardInterrupt:
+        if ns.command == "rebuild":
+            print(
+                "interrupted: the shadow tables keep every committed batch; run "
+                "`conntrack-audit rebuild` again to resume (or --abandon)",
+                file=sys.stderr,
+            )
+        sys.exit(130)
 
 
 if __name__ == "__main__":

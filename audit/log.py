@@ -104,4 +104,7 @@ class LogReader:
                     remaining.discard(tp)
             if out:
                 yield out
-        self._consumer.unsubscribe()
+        # Paused, not unsubscribed: the fetcher has nothing more to prefetch, and its
+        # assignment stays active. (aiokafka 0.14 can swallow the cancellation of its fetch
+        # task when the consumer is stopped just after an unsubscribe, and stop() then hangs.)
+        self._consumer.pause(*tps)

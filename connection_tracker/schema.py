@@ -1,7 +1,12 @@
 """The read model's tables (SQLAlchemy Core). Alembic migrations in migrations/ create them;
-tests/integration/test_migrations.py checks that the two agree."""
+tests/integration/test_migrations.py checks that the two agree.
+
+The same tables can be defined under other names (generation()): a rebuild writes a shadow
+generation beside the live one and then swaps names (audit/rebuild.py, docs/rebuild.md)."""
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 from sqlalchemy import BigInteger, Column, Index, Integer, MetaData, String, Table, Text
 
@@ -14,43 +19,72 @@ NAMING_CONVENTION = {
     "pk": "pk_%(table_name)s",
 }
 
+
+@dataclass(frozen=True)
+class ReadModelTables:
+    """One generation of the read model: its rows, its tombstones and its positions."""
+
+    connections: Table
+    pruned_connections: Table
+    projection_offsets: Table
+
+    @property
+    def all(self) -> tuple[Table, Table, Table]:
+        return (self.connections, self.pruned_connections, self.projection_offsets)
+
+
+def define_read_model(metadata: MetaData, suffix: str = "") -> ReadModelTables:
+    """The read model's tables named <table><suffix>; with the naming convention every index
+    and constraint name follows the table name, so two generations never collide."""
+    # One row per connection: the fold's ConnectionState (projector/fold.py). Times are integer
+    # nanoseconds since the Unix epoch, exact on every backend.
+    conns = Table(
+        f"connections{suffix}",
+        metadata,
+        Column("connection_id", String(255), primary_key=True),
+        Column("gateway_id", String(255)),
+        Column("source_ip", Text),
+        Column("user_agent", Text),
+        Column("connected_at_ns", BigInteger),
+        Column("connected_event_id", String(255)),
+        Column("last_active_at_ns", BigInteger),
+        Column("disconnected_at_ns", BigInteger),
+        Column("disconnect_status_code", Integer),
+        Column("disconnect_reason", Text),
+        Column("disconnected_event_id", String(255)),
+    )
+    # Retention prunes by disconnect time (projector/store.py, ProjectionStore.prune).
+    Index(None, conns.c.disconnected_at_ns)
+
+    # Tombstones of connections pruned by retention: a late duplicate event of a pruned
+    # connection must not resurrect it as a half-empty row (docs/projector.md, "Retention").
+    pruned = Table(
+        f"pruned_connections{suffix}",
+        metadata,
+        Column("connection_id", String(255), primary_key=True),
+        Column("disconnected_at_ns", BigInteger, nullable=False, index=True),
+    )
+
+    # The consumer position of every partition the projection has applied, written in the same
+    # transaction as the rows it produced: the projection is exactly as far as this table says.
+    offsets = Table(
+        f"projection_offsets{suffix}",
+        metadata,
+        Column("topic", String(255), primary_key=True),
+        Column("partition", Integer, primary_key=True, autoincrement=False),
+        Column("next_offset", BigInteger, nullable=False),
+    )
+    return ReadModelTables(conns, pruned, offsets)
+
+
+def generation(suffix: str) -> ReadModelTables:
+    """The read model's tables under other names (a rebuild's shadow or a retired generation),
+    in a MetaData of their own: Alembic's target metadata holds only the live tables."""
+    return define_read_model(MetaData(naming_convention=NAMING_CONVENTION), suffix)
+
+
 metadata = MetaData(naming_convention=NAMING_CONVENTION)
-
-# One row per connection: the fold's ConnectionState (projector/fold.py). Times are integer
-# nanoseconds since the Unix epoch, exact on every backend.
-connections = Table(
-    "connections",
-    metadata,
-    Column("connection_id", String(255), primary_key=True),
-    Column("gateway_id", String(255)),
-    Column("source_ip", Text),
-    Column("user_agent", Text),
-    Column("connected_at_ns", BigInteger),
-    Column("connected_event_id", String(255)),
-    Column("last_active_at_ns", BigInteger),
-    Column("disconnected_at_ns", BigInteger),
-    Column("disconnect_status_code", Integer),
-    Column("disconnect_reason", Text),
-    Column("disconnected_event_id", String(255)),
-)
-# Retention prunes by disconnect time (projector/store.py, ProjectionStore.prune).
-Index(None, connections.c.disconnected_at_ns)
-
-# Tombstones of connections pruned by retention: a late duplicate event of a pruned connection
-# must not resurrect it as a half-empty row (docs/projector.md, "Retention").
-pruned_connections = Table(
-    "pruned_connections",
-    metadata,
-    Column("connection_id", String(255), primary_key=True),
-    Column("disconnected_at_ns", BigInteger, nullable=False, index=True),
-)
-
-# The consumer position of every partition the projection has applied, written in the same
-# transaction as the rows it produced: the projection is exactly as far as this table says.
-projection_offsets = Table(
-    "projection_offsets",
-    metadata,
-    Column("topic", String(255), primary_key=True),
-    Column("partition", Integer, primary_key=True, autoincrement=False),
-    Column("next_offset", BigInteger, nullable=False),
-)
+LIVE = define_read_model(metadata)
+connections = LIVE.connections
+pruned_connections = LIVE.pruned_connections
+projection_offsets = LIVE.projection_offsets

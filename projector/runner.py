@@ -355,6 +355,8 @@ class Projector:
                 log.info("event=commit_confirmed: an earlier attempt of this batch had committed")
                 result = BatchResult(written=len(states), suppressed=0)
             else:
+                # Another owner moved on, or a rebuild switched in a generation that is further
+                # on: either way the stored positions say where the rows now are.
                 self.metrics.fenced.inc()
                 log.warning("event=fenced error=%r; re-reading stored positions", str(exc))
                 await self._seek_to_stored(list(self._expected))

@@ -20,11 +20,11 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, fields
 from typing import Any
 
-from sqlalchemy import RowMapping, and_, delete, func, select, text, update
+from sqlalchemy import RowMapping, Table, and_, delete, func, select, text, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
-from connection_tracker.schema import connections, projection_offsets, pruned_connections
+from connection_tracker.schema import LIVE, ReadModelTables
 from projector.fold import ConnectionState, merge
 
 _STATE_FIELDS = tuple(f.name for f in fields(ConnectionState))
@@ -35,7 +35,8 @@ CHUNK = 500
 
 class FencedError(RuntimeError):
     """The stored position of a partition is not where this process expected it: another
-    consumer has applied events for it since. The batch was rolled back."""
+    consumer has applied events for it since, or a rebuild switched in a generation that is
+    further on (audit/rebuild.py). The batch was rolled back."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -59,7 +60,7 @@ def _row(state: ConnectionState) -> dict[str, Any]:
 
 
 @functools.cache
-def _upsert(insert: Callable[..., Any]) -> Any:
+def _upsert(insert: Callable[..., Any], connections: Table) -> Any:
     stmt = insert(connections)
     return stmt.on_conflict_do_update(
         index_elements=[connections.c.connection_id],
@@ -72,8 +73,15 @@ def row_to_state(row: RowMapping | Mapping[str, Any]) -> ConnectionState:
 
 
 class ProjectionStore:
-    def __init__(self, engine: AsyncEngine) -> None:
+    def __init__(self, engine: AsyncEngine, tables: ReadModelTables = LIVE) -> None:
+        """tables: the live read model by default; a rebuild writes its shadow generation
+        through the very same code (audit/rebuild.py)."""
         self._engine = engine
+        self._tables = tables
+
+    @property
+    def tables(self) -> ReadModelTables:
+        return self._tables
 
     @property
     def engine(self) -> AsyncEngine:
@@ -82,6 +90,7 @@ class ProjectionStore:
     async def positions(self, topic: str, partitions: Iterable[int]) -> dict[int, int]:
         """Stored next offsets of these partitions, creating 0 for ones never seen (a position
         before the log start makes the consumer reset to the earliest offset it still has)."""
+        projection_offsets = self._tables.projection_offsets
         parts = sorted(set(partitions))
         if not parts:
             return {}
@@ -100,6 +109,7 @@ class ProjectionStore:
             return {int(p): int(o) for p, o in rows}
 
     async def all_positions(self) -> dict[tuple[str, int], int]:
+        projection_offsets = self._tables.projection_offsets
         async with self._engine.connect() as conn:
             rows = await conn.execute(select(projection_offsets))
             return {(r.topic, int(r.partition)): int(r.next_offset) for r in rows}
@@ -113,38 +123,51 @@ class ProjectionStore:
         """Atomically move each partition from expected to new offset and merge the states.
         advances: partition -> (expected stored offset, new offset). Raises FencedError."""
         async with self._engine.begin() as conn:
-            if conn.dialect.name == "postgresql":
-                # The driver prepares statements, and after five runs PostgreSQL may switch to a
-                # generic plan in which `IN ($1 .. $500)` is a linear search per row instead of
-                # a hash: the batch's SELECTs became 30x slower. Batches are few and large, so
-                # planning each statement for its actual values is the better trade.
-                await conn.execute(text("SET LOCAL plan_cache_mode = force_custom_plan"))
-            # The fence comes first: its row locks (and SQLite's write lock) are held for the
-            # whole transaction, so the merge below never races the partition's next owner.
-            for partition, (expected, new) in sorted(advances.items()):
-                result = await conn.execute(
-                    update(projection_offsets)
-                    .where(
-                        and_(
-                            projection_offsets.c.topic == topic,
-                            projection_offsets.c.partition == partition,
-                            projection_offsets.c.next_offset == expected,
-                        )
+            return await self.apply_batch_in(conn, topic, advances, states)
+
+    async def apply_batch_in(
+        self,
+        conn: AsyncConnection,
+        topic: str,
+        advances: Mapping[int, tuple[int, int]],
+        states: Mapping[str, ConnectionState],
+    ) -> BatchResult:
+        """apply_batch() inside the caller's transaction (a rebuild's switch folds its last
+        events in the same transaction that swaps the generations)."""
+        projection_offsets = self._tables.projection_offsets
+        if conn.dialect.name == "postgresql":
+            # The driver prepares statements, and after five runs PostgreSQL may switch to a
+            # generic plan in which `IN ($1 .. $500)` is a linear search per row instead of
+            # a hash: the batch's SELECTs became 30x slower. Batches are few and large, so
+            # planning each statement for its actual values is the better trade.
+            await conn.execute(text("SET LOCAL plan_cache_mode = force_custom_plan"))
+        # The fence comes first: its row locks (and SQLite's write lock) are held for the
+        # whole transaction, so the merge below never races the partition's next owner.
+        for partition, (expected, new) in sorted(advances.items()):
+            result = await conn.execute(
+                update(projection_offsets)
+                .where(
+                    and_(
+                        projection_offsets.c.topic == topic,
+                        projection_offsets.c.partition == partition,
+                        projection_offsets.c.next_offset == expected,
                     )
-                    .values(next_offset=new)
                 )
-                if result.rowcount != 1:
-                    raise FencedError(
-                        f"{topic}[{partition}] is no longer at offset {expected}; "
-                        "another projector has applied it"
-                    )
-            if not states:
-                return BatchResult(0, 0)
-            return await self._merge_states(conn, states)
+                .values(next_offset=new)
+            )
+            if result.rowcount != 1:
+                raise FencedError(
+                    f"{topic}[{partition}] is no longer at offset {expected}; "
+                    "another projector (or a rebuild's switch) has moved it"
+                )
+        if not states:
+            return BatchResult(0, 0)
+        return await self._merge_states(conn, states)
 
     async def _merge_states(
         self, conn: AsyncConnection, states: Mapping[str, ConnectionState]
     ) -> BatchResult:
+        connections, pruned_connections = self._tables.connections, self._tables.pruned_connections
         insert = _dialect_insert(conn)
         ids = sorted(states)  # a fixed lock order: two writers cannot deadlock on rows
         written = suppressed = 0
@@ -174,7 +197,7 @@ class ProjectionStore:
             # sends multi-row INSERT .. VALUES (..), (..) .. ON CONFLICT DO UPDATE statements
             # ("insertmanyvalues") from one cached compilation; .values([...]) would recompile
             # a 5500-parameter statement for every chunk, which cost most of a batch's time.
-            await conn.execute(_upsert(insert), [_row(s) for s in merged.values()])
+            await conn.execute(_upsert(insert, connections), [_row(s) for s in merged.values()])
             written += len(merged)
         return BatchResult(written, suppressed)
 
@@ -185,6 +208,7 @@ class ProjectionStore:
         leaving a tombstone for each, and up to `limit` tombstones of disconnects before
         tombstones_before_ns (None keeps tombstones). One small transaction; call again while
         it returns `limit` of either."""
+        connections, pruned_connections = self._tables.connections, self._tables.pruned_connections
         async with self._engine.begin() as conn:
             victims = [
                 cid
@@ -230,6 +254,7 @@ class ProjectionStore:
             return PruneResult(pruned, expired)
 
     async def get(self, connection_id: str) -> ConnectionState | None:
+        connections = self._tables.connections
         async with self._engine.connect() as conn:
             row = (
                 (
@@ -243,16 +268,19 @@ class ProjectionStore:
         return None if row is None else row_to_state(row)
 
     async def all_states(self) -> dict[str, ConnectionState]:
+        connections = self._tables.connections
         async with self._engine.connect() as conn:
             rows = await conn.execute(select(connections))
             return {r["connection_id"]: row_to_state(r) for r in rows.mappings()}
 
     async def tombstones(self) -> dict[str, int]:
+        pruned_connections = self._tables.pruned_connections
         async with self._engine.connect() as conn:
             rows = await conn.execute(select(pruned_connections))
             return {r.connection_id: int(r.disconnected_at_ns) for r in rows}
 
     async def count(self) -> int:
+        connections = self._tables.connections
         async with self._engine.connect() as conn:
             return int(
                 (await conn.execute(select(func.count()).select_from(connections))).scalar_one()

@@ -1,0 +1,474 @@
+"""Rebuild the live read model from the beginning of history without downtime.
+
+A rebuild folds the whole log into a shadow generation (the read model's tables named
+`*_rebuild`, in the same database) through the very ProjectionStore code the projector uses, so
+the shadow is at every commit exactly the fold of the log up to its own stored positions. An
+interrupted rebuild resumes from those positions.
+
+When the shadow has caught up with the log end, one transaction switches generations:
+
+1. it locks the live tables against writers (PostgreSQL: LOCK .. IN EXCLUSIVE MODE, which readers
+   pass; SQLite: BEGIN IMMEDIATE, the single write lock; WAL readers are never blocked), so the
+   live projector's positions stand still;
+2. folds into the shadow whatever the live projector applied beyond the shadow (a handful of
+   records: the switch is only attempted when the gap is small), so that for every partition
+   the shadow's position is >= the live one;
+3. renames live -> `*_retired` and shadow -> live (indexes and constraints too, so names never
+   collide on the next rebuild), and commits.
+
+Readers (the API) name the live tables, so they see either the old generation or the complete
+new one, never a half-built one. The live projector's next batch finds its partition positions
+moved on (FencedError), re-reads them from the new table and carries on from there; where the
+positions are equal it simply carries on: the rows are the fold up to those positions either way.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from sqlalchemy import Connection, Table, inspect, select, text
+from sqlalchemy.exc import DBAPIError, OperationalError
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
+from sqlalchemy.schema import CreateIndex, CreateTable, DropIndex
+
+from audit.log import LogReader
+from connection_tracker.events import Event, InvalidEvent, decode
+from connection_tracker.schema import LIVE, ReadModelTables, generation
+from projector.fold import ConnectionState, fold
+from projector.store import FencedError, ProjectionStore
+
+log = logging.getLogger(__name__)
+
+SHADOW = generation("_rebuild")
+RETIRED = generation("_retired")
+
+# PostgreSQL SQLSTATEs after which a switch attempt is simply tried again: the lock wait timed
+# out (a long reader such as `conntrack-audit verify` holds the table) or the deadlock detector
+# chose the switch (a retention prune upgrading its lock at the same moment).
+_RETRYABLE_SQLSTATES = frozenset({"55P03", "40P01"})
+
+
+class RebuildError(RuntimeError):
+    """The rebuild cannot go on; nothing live was changed."""
+
+
+@dataclass
+class Progress:
+    """Events folded into the shadow against events known to be due, with rate and ETA."""
+
+    done: int = 0
+    total: int = 0
+    started: float = field(default_factory=time.monotonic)
+    resumed_from: int = 0  # events the shadow already held when this run started
+
+    def rate(self, now: float | None = None) -> float:
+        elapsed = (time.monotonic() if now is None else now) - self.started
+        return self.done / elapsed if elapsed > 0 else 0.0
+
+    def eta_seconds(self, now: float | None = None) -> float | None:
+        rate = self.rate(now)
+        if rate <= 0:
+            return None
+        return max(0, self.total - self.done) / rate
+
+    def line(self, now: float | None = None) -> str:
+        pct = 100.0 * self.done / self.total if self.total else 100.0
+        eta = self.eta_seconds(now)
+        eta_text = "?" if eta is None else _duration(eta)
+        return (
+            f"rebuild: {self.done:,}/{self.total:,} events ({pct:.1f}%), "
+            f"{self.rate(now):,.0f} events/s, ETA {eta_text}"
+        )
+
+
+def _duration(seconds: float) -> str:
+    s = round(seconds)
+    return f"{s // 3600}:{s // 60 % 60:02d}:{s % 60:02d}"
+
+
+@dataclass(frozen=True)
+class RebuildResult:
+    events: int  # valid events this run folded
+    invalid: int  # records this run skipped (the projector dead-letters them)
+    resumed: bool  # the shadow already existed: this run continued an interrupted rebuild
+    positions: dict[int, int]  # the new live generation's positions at the switch
+    switch_attempts: int
+    switch_seconds: float  # time the last (successful) switch transaction held its locks
+    folded_in_switch: int  # records the live projection had beyond the shadow at the switch
+
+
+async def _table_names(engine: AsyncEngine) -> set[str]:
+    async with engine.connect() as conn:
+        return set(await conn.run_sync(lambda c: inspect(c).get_table_names()))
+
+
+async def _drop(engine: AsyncEngine, tables: ReadModelTables) -> bool:
+    names = await _table_names(engine)
+    present = [t for t in tables.all if t.name in names]
+    if not present:
+        return False
+    async with engine.begin() as conn:
+        for t in present:
+            await conn.execute(text(f"DROP TABLE IF EXISTS {_quote(conn, t.name)}"))
+    return True
+
+
+async def abandon(engine: AsyncEngine) -> bool:
+    """Drop the shadow tables of an unfinished rebuild. Returns whether there were any."""
+    return await _drop(engine, SHADOW)
+
+
+async def drop_retired(engine: AsyncEngine) -> bool:
+    """Drop the previous generation kept by the last switch. Returns whether there was one."""
+    return await _drop(engine, RETIRED)
+
+
+async def shadow_exists(engine: AsyncEngine) -> bool:
+    return bool(await _table_names(engine) & {t.name for t in SHADOW.all})
+
+
+def _quote(conn: AsyncConnection, name: str) -> str:
+    return str(conn.dialect.identifier_preparer.quote(name))
+
+
+def _column_names(conn: Connection, table: str) -> list[str]:
+    return [col["name"] for col in inspect(conn).get_columns(table)]
+
+
+async def _prepare_shadow(engine: AsyncEngine) -> bool:
+    """Create the shadow tables, or check the ones an interrupted rebuild left. Returns
+    whether they existed (a resume)."""
+    names = await _table_names(engine)
+    existing = [t for t in SHADOW.all if t.name in names]
+    if existing and len(existing) != len(SHADOW.all):
+        raise RebuildError(
+            f"only some shadow tables exist ({', '.join(t.name for t in existing)}); "
+            "run `conntrack-audit rebuild --abandon` and start again"
+        )
+    if existing:
+        async with engine.connect() as conn:
+            for shadow, live in zip(SHADOW.all, LIVE.all, strict=True):
+                got = await conn.run_sync(_column_names, shadow.name)
+                if got != [c.name for c in live.columns]:
+                    raise RebuildError(
+                        f"{shadow.name} has columns {got}, the schema now has "
+                        f"{[c.name for c in live.columns]} (migrated since the rebuild began?); "
+                        "run `conntrack-audit rebuild --abandon` and start again"
+                    )
+        return True
+    async with engine.begin() as conn:
+        for t in SHADOW.all:
+            await conn.execute(CreateTable(t))
+            # SQLite cannot rename an index, so the switch creates the live index names on the
+            # new generation itself; building them here would be wasted work.
+            if conn.dialect.name != "sqlite":
+                for ix in t.indexes:
+                    await conn.execute(CreateIndex(ix))
+    return False
+
+
+class Rebuild:
+    """Fold the whole log into the shadow generation, then switch it live (run())."""
+
+    def __init__(
+        self,
+        engine: AsyncEngine,
+        reader: LogReader,
+        *,
+        batch_events: int = 5000,
+        max_events_per_second: float | None = None,
+        max_switch_gap: int = 2_000,
+        lock_timeout_seconds: float = 2.0,
+        max_switch_attempts: int = 50,
+        switch: bool = True,
+        on_batch: Callable[[Progress], None] | None = None,
+    ) -> None:
+        """max_switch_gap: switch only when the live projection is at most this many records
+        beyond the shadow (they are folded while the live writers wait). switch=False stops
+        once caught up, leaving the shadow for a later run. on_batch runs after every
+        committed shadow batch."""
+        if batch_events < 1:
+            raise ValueError("batch_events must be >= 1")
+        if max_events_per_second is not None and max_events_per_second <= 0:
+            raise ValueError("max_events_per_second must be > 0")
+        self._engine = engine
+        self._reader = reader
+        self._topic = reader.topic
+        self._shadow = ProjectionStore(engine, SHADOW)
+        self._live = ProjectionStore(engine, LIVE)
+        self._batch_events = batch_events
+        self._rate_limit = max_events_per_second
+        self._max_gap = max_switch_gap
+        self._lock_timeout = lock_timeout_seconds
+        self._max_attempts = max_switch_attempts
+        self._switch = switch
+        self._on_batch = on_batch
+        self.progress = Progress()
+        self._positions: dict[int, int] = {}
+        self._events = 0
+        self._invalid = 0
+        # Records the live projection had applied beyond the shadow, folded by the switch.
+        self.folded_in_switch = 0
+        self._resumed = False
+
+    async def run(self) -> RebuildResult:
+        """Fold everything into the shadow, then switch it live (unless switch=False)."""
+        await self.start()
+        attempts = 0
+        while True:
+            await self.catch_up()
+            if not self._switch:
+                return self._result(attempts, 0.0)
+            if self._gap(await self._live.all_positions()) > self._max_gap:
+                continue  # the live projection ran ahead: another round before locking
+            attempts += 1
+            try:
+                held = await self.try_switch()
+            except (DBAPIError, OperationalError) as exc:
+                if not _retryable(exc) or attempts >= self._max_attempts:
+                    raise
+                log.warning("event=switch_retry attempt=%d error=%r", attempts, _one_line(exc))
+                continue
+            if held is not None:
+                return self._result(attempts, held)
+            if attempts >= self._max_attempts:
+                raise RebuildError(
+                    f"the live projection stayed more than {self._max_gap} records ahead of "
+                    f"the shadow over {attempts} switch attempts; the shadow is kept, run "
+                    "again (or raise --max-switch-gap)"
+                )
+
+    async def start(self) -> None:
+        """Create the shadow tables (or take up the ones an interrupted rebuild left) and read
+        their positions."""
+        self._resumed = await _prepare_shadow(self._engine)
+        parts = await self._reader.partitions()
+        self._positions = await self._shadow.positions(self._topic, parts)
+        start = await self._reader.beginning(parts)
+        self.progress.resumed_from = sum(max(0, self._positions[p] - start[p]) for p in parts)
+        if self._resumed:
+            log.info("event=rebuild_resumed positions=%s", _fmt(self._positions))
+
+    def _result(self, attempts: int, held: float) -> RebuildResult:
+        return RebuildResult(
+            self._events,
+            self._invalid,
+            self._resumed,
+            dict(self._positions),
+            attempts,
+            held,
+            self.folded_in_switch,
+        )
+
+    def _gap(self, live: Mapping[tuple[str, int], int]) -> int:
+        others = sorted({t for t, _ in live if t != self._topic})
+        if others:
+            raise RebuildError(
+                f"the live read model also holds positions of topics {others}; a rebuild "
+                f"folds only {self._topic} and would drop them"
+            )
+        return sum(max(0, o - self._positions.get(p, 0)) for (_, p), o in live.items())
+
+    # Folding into the shadow
+
+    async def catch_up(self) -> None:
+        """Fold everything from the shadow's positions to the log end as it is now."""
+        parts = await self._reader.partitions()
+        new = [p for p in parts if p not in self._positions]
+        if new:  # partitions added to the topic since the rebuild began
+            self._positions |= await self._shadow.positions(self._topic, new)
+        start, end = await self._reader.beginning(parts), await self._reader.end(parts)
+        bounds = {p: (max(self._positions[p], start[p]), end[p]) for p in parts}
+        self.progress.total = self.progress.done + sum(max(0, e - s) for s, e in bounds.values())
+        async for records in self._reader.read(bounds, max_records=self._batch_events):
+            await self._apply(records, None)
+            await self._throttle()
+        # A compacted or transactional range can end in offsets that hold no record: the read
+        # has consumed them all the same.
+        tail = {
+            p: (self._positions[p], e) for p, (_, e) in bounds.items() if self._positions[p] < e
+        }
+        if tail:
+            await self._write(tail, {}, None)
+
+    async def _apply(self, records: list[Any], conn: AsyncConnection | None) -> None:
+        events: list[Event] = []
+        advances: dict[int, tuple[int, int]] = {}
+        for r in records:
+            try:
+                events.append(decode(r.value, r.key))
+            except InvalidEvent:
+                self._invalid += 1  # the live projector dead-letters it; it folds to nothing
+            expected = advances.get(r.partition, (self._positions[r.partition], 0))[0]
+            advances[r.partition] = (expected, r.offset + 1)
+        await self._write(advances, fold(events), conn)
+        self._events += len(events)
+        self.progress.done += len(records)
+        if self._on_batch is not None:
+            self._on_batch(self.progress)
+
+    async def _write(
+        self,
+        advances: dict[int, tuple[int, int]],
+        states: Mapping[str, ConnectionState],
+        conn: AsyncConnection | None,
+    ) -> None:
+        try:
+            if conn is None:
+                await self._shadow.apply_batch(self._topic, advances, states)
+            else:
+                await self._shadow.apply_batch_in(conn, self._topic, advances, states)
+        except FencedError as exc:
+            raise RebuildError(
+                f"another rebuild is writing the shadow tables ({exc}); run only one"
+            ) from exc
+        for p, (_, new) in advances.items():
+            self._positions[p] = new
+
+    async def _throttle(self) -> None:
+        if self._rate_limit is None:
+            return
+        due = self.progress.done / self._rate_limit
+        ahead = due - (time.monotonic() - self.progress.started)
+        if ahead > 0:
+            await asyncio.sleep(ahead)
+
+    # The switch
+
+    async def try_switch(self) -> float | None:
+        """One switch transaction. Returns how long it held its locks, or None when the live
+        projection was too far ahead (rolled back; nothing changed)."""
+        await drop_retired(self._engine)  # outside the locks: dropping may take a while
+        async with self._engine.connect() as conn:
+            sqlite = conn.dialect.name == "sqlite"
+            if sqlite:
+                # The write lock at once (a deferred transaction would take it only at the
+                # first write, after reading positions that may have moved by then).
+                await conn.exec_driver_sql("BEGIN IMMEDIATE")
+                locked_at = time.monotonic()
+            else:
+                await conn.execute(
+                    text(f"SET LOCAL lock_timeout = {int(self._lock_timeout * 1000)}")
+                )
+                # EXCLUSIVE stops every writer (projector, retention) but lets readers through;
+                # the renames below take ACCESS EXCLUSIVE only for their last moments.
+                names = ", ".join(_quote(conn, t.name) for t in LIVE.all)
+                await conn.execute(text(f"LOCK TABLE {names} IN EXCLUSIVE MODE"))
+                locked_at = time.monotonic()
+            saved = dict(self._positions)
+            try:
+                switched = await self._switch_locked(conn, sqlite)
+                if switched:
+                    await conn.commit()
+            except BaseException:
+                await conn.rollback()
+                self._positions = saved  # what was folded in the switch is rolled back too
+                raise
+            if not switched:
+                await conn.rollback()
+                return None
+            held = time.monotonic() - locked_at
+        log.info(
+            "event=rebuild_switched positions=%s locks_held_s=%.3f", _fmt(self._positions), held
+        )
+        return held
+
+    async def _switch_locked(self, conn: AsyncConnection, sqlite: bool) -> bool:
+        offsets = LIVE.projection_offsets
+        live = {
+            (r.topic, int(r.partition)): int(r.next_offset)
+            for r in await conn.execute(select(offsets))
+        }
+        if self._gap(live) > self._max_gap:
+            return False
+        behind = {
+            p: (self._positions.get(p, 0), o)
+            for (_, p), o in live.items()
+            if o > self._positions.get(p, 0)
+        }
+        if behind:
+            missing = [p for p in behind if p not in self._positions]
+            if missing:
+                return False  # a partition the shadow has no row for yet: one more round
+            await self._fold_in(conn, behind)
+            self.folded_in_switch = sum(new - old for old, new in behind.values())
+        shadow = {
+            int(r.partition): int(r.next_offset)
+            for r in await conn.execute(
+                select(SHADOW.projection_offsets).where(
+                    SHADOW.projection_offsets.c.topic == self._topic
+                )
+            )
+        }
+        short = {p: o for (_, p), o in live.items() if shadow.get(p, -1) < o}
+        if short:  # cannot happen after _fold_in; refuse rather than switch to less
+            raise RebuildError(f"shadow behind the live projection after folding: {short}")
+        for ddl in _switch_ddl(conn, sqlite):
+            await conn.execute(text(ddl))
+        return True
+
+    async def _fold_in(self, conn: AsyncConnection, bounds: dict[int, tuple[int, int]]) -> None:
+        async for records in self._reader.read(bounds, max_records=self._batch_events):
+            await self._apply(records, conn)
+        tail = {
+            p: (self._positions[p], e) for p, (_, e) in bounds.items() if self._positions[p] < e
+        }
+        if tail:
+            await self._write(tail, {}, conn)
+
+
+def _switch_ddl(conn: AsyncConnection, sqlite: bool) -> list[str]:
+    """Statements that make the shadow live and keep the old live generation as retired."""
+    q = conn.dialect.identifier_preparer.quote
+    out = [f"DROP TABLE IF EXISTS {q(t.name)}" for t in RETIRED.all]
+    for live, shadow, retired in zip(LIVE.all, SHADOW.all, RETIRED.all, strict=True):
+        out.append(f"ALTER TABLE {q(live.name)} RENAME TO {q(retired.name)}")
+        if sqlite:
+            # Index names are global in SQLite and cannot be renamed: the retired generation
+            # (kept for inspection, never queried by the service) loses its secondary indexes,
+            # and the new live tables get theirs built here under the live names.
+            out += [str(DropIndex(ix).compile(dialect=conn.dialect)) for ix in live.indexes]
+        else:
+            out += _rename_constraints(q, live, retired)
+        out.append(f"ALTER TABLE {q(shadow.name)} RENAME TO {q(live.name)}")
+        if sqlite:
+            out += [str(CreateIndex(ix).compile(dialect=conn.dialect)) for ix in live.indexes]
+        else:
+            out += _rename_constraints(q, shadow, live)
+    return out
+
+
+def _rename_constraints(q: Callable[[str], str], old: Table, new: Table) -> list[str]:
+    """PostgreSQL: give a table just renamed from old.name to new.name the primary key and
+    index names of its new generation, so the next rebuild can create its shadow again."""
+    out = [
+        f"ALTER TABLE {q(new.name)} RENAME CONSTRAINT {q(str(old.primary_key.name))} "
+        f"TO {q(str(new.primary_key.name))}"
+    ]
+    by_columns = {tuple(c.name for c in ix.columns): ix for ix in new.indexes}
+    for ix in old.indexes:
+        target = by_columns[tuple(c.name for c in ix.columns)]
+        out.append(f"ALTER INDEX {q(str(ix.name))} RENAME TO {q(str(target.name))}")
+    return out
+
+
+def _retryable(exc: BaseException) -> bool:
+    if isinstance(exc, OperationalError) and "locked" in str(exc):
+        return True  # SQLite: the write lock stayed busy past busy_timeout
+    orig = getattr(exc, "orig", None)
+    code = getattr(orig, "sqlstate", None) or getattr(orig, "pgcode", None)
+    return code in _RETRYABLE_SQLSTATES
+
+
+def _fmt(positions: Mapping[int, int]) -> str:
+    return ",".join(f"{p}:{o}" for p, o in sorted(positions.items()))
+
+
+def _one_line(exc: BaseException) -> str:
+    lines = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {lines[0] if lines else ''}"
