@@ -13,10 +13,19 @@ from connection_tracker.schema import metadata
 config = context.config
 
 
+def _include_object(
+    obj: object, name: str | None, type_: str, reflected: bool, compare_to: object
+) -> bool:
+    # Shadow and retired generations of `conntrack-audit rebuild` live beside the schema; they
+    # are not Alembic's to create or drop.
+    return not (type_ == "table" and reflected and (name or "").endswith(("_rebuild", "_retired")))
+
+
 def _do_run(connection: Connection) -> None:
     context.configure(
         connection=connection,
         target_metadata=metadata,
+        include_object=_include_object,
         # SQLite cannot ALTER most things in place; batch mode rebuilds tables instead.
         render_as_batch=connection.dialect.name == "sqlite",
         compare_type=True,
