@@ -4,8 +4,13 @@ InvalidEvent and never with another exception (fuzzed with arbitrary bytes)."""
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import functools
+from collections.abc import Callable
+from typing import Any
 
 import pytest
+from google.protobuf.message import DecodeError
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -20,10 +25,12 @@ from connection_tracker.events import (
     InvalidEvent,
     Payload,
     decode,
+    decode_tuple,
     encode,
+    upcast,
 )
 from connection_tracker.protogen.conntrack.events.v1 import events_pb2 as pb
-from connection_tracker.timeutil import to_timestamp
+from connection_tracker.timeutil import NANOS_PER_SECOND, to_timestamp
 
 # Any Unicode except surrogates (not encodable) and NUL (not storable in PostgreSQL text).
 _chars = st.characters(exclude_categories=["Cs"], exclude_characters="\x00")
@@ -141,3 +148,217 @@ def test_status_code_beyond_16_bits_is_rejected() -> None:
     msg.disconnected.status_code = 70000
     with pytest.raises(InvalidEvent, match="status_code"):
         decode(msg.SerializeToString(), b"c1")
+
+
+# The fast decoder against the plain one. decode() reads each field once and tests the common
+# case in one go (see connection_tracker/events.py); reference_decode is the straightforward
+# version it replaced, kept here as the oracle: both must accept the same records as the same
+# events and reject the others with the same reason.
+
+
+def reference_decode(value: bytes | None, key: bytes | None = None) -> Event:
+    if value is None:
+        raise InvalidEvent("record has no value")
+    msg = pb.ConnectionEvent()
+    try:
+        msg.ParseFromString(value)
+    except (DecodeError, RecursionError) as exc:
+        raise InvalidEvent(f"not a ConnectionEvent protobuf: {exc}") from None
+    msg = upcast(msg)
+    for name in ("event_id", "connection_id", "gateway_id"):
+        v = getattr(msg, name)
+        if not v:
+            raise InvalidEvent(f"{name} is missing")
+        if len(v) > MAX_ID_LENGTH:
+            raise InvalidEvent(f"{name} is longer than {MAX_ID_LENGTH} characters")
+    if key is not None and key != msg.connection_id.encode():
+        raise InvalidEvent("record key does not equal connection_id")
+    if not msg.HasField("occurred_at"):
+        raise InvalidEvent("occurred_at is missing")
+    if not 0 <= msg.occurred_at.nanos < NANOS_PER_SECOND:
+        raise InvalidEvent("occurred_at.nanos is out of range")
+    at = msg.occurred_at.seconds * NANOS_PER_SECOND + msg.occurred_at.nanos
+    if not MIN_TIME_NS <= at < MAX_TIME_NS:
+        raise InvalidEvent("occurred_at is outside 2000-01-01..2100-01-01")
+    which = msg.WhichOneof("kind")
+    payload: Payload
+    if which == "connected":
+        ident = msg.connected.identity
+        payload = Connected(source_ip=ident.source_ip, user_agent=ident.user_agent)
+    elif which == "activity":
+        payload = Activity(frames=msg.activity.frames)
+    elif which == "disconnected":
+        payload = Disconnected(
+            status_code=msg.disconnected.status_code, reason=msg.disconnected.reason
+        )
+    else:
+        raise InvalidEvent("event kind is missing or unknown")
+    if isinstance(payload, Disconnected) and payload.status_code > 0xFFFF:
+        raise InvalidEvent("disconnected.status_code is not a 16-bit WebSocket close code")
+    texts = [msg.event_id, msg.connection_id, msg.gateway_id]
+    if isinstance(payload, Connected):
+        texts += [payload.source_ip, payload.user_agent]
+    elif isinstance(payload, Disconnected):
+        texts.append(payload.reason)
+    if any("\x00" in t for t in texts):
+        raise InvalidEvent("a text field contains a NUL character")
+    return Event(msg.event_id, msg.connection_id, msg.gateway_id, at, payload)
+
+
+Outcome = tuple[str, object]
+
+
+def outcome(decoder: Callable[[bytes | None, bytes | None], object], *record: Any) -> Outcome:
+    try:
+        return ("accepted", decoder(*record))
+    except InvalidEvent as exc:
+        return ("rejected", str(exc))
+
+
+def assert_decoders_agree(value: bytes | None, key: bytes | None) -> None:
+    expected = outcome(reference_decode, value, key)
+    assert outcome(decode, value, key) == expected
+    as_tuple = outcome(decode_tuple, value, key)
+    if expected[0] == "accepted":
+        assert as_tuple[0] == "accepted"
+        assert Event(*as_tuple[1]) == expected[1]  # type: ignore[misc]
+    else:
+        assert as_tuple == expected
+
+
+# Records near every boundary decode() checks: a valid message of a random kind with up to
+# three defects from this list (so each check is hit alone and behind the others), plus a few
+# valid extremes. The first failing check must be named the same by both decoders.
+_FIRST_SECOND, _END_SECOND = MIN_TIME_NS // NANOS_PER_SECOND, MAX_TIME_NS // NANOS_PER_SECOND
+_Defect = Callable[[pb.ConnectionEvent], object]
+_DEFECTS: dict[str, _Defect] = {
+    "schema 0": lambda m: setattr(m, "schema_version", 0),
+    "schema 2": lambda m: setattr(m, "schema_version", 2),
+    "no time": lambda m: m.ClearField("occurred_at"),
+    "time 0": lambda m: m.occurred_at.CopyFrom(to_timestamp(0)),
+    "nanos 1e9": lambda m: setattr(m.occurred_at, "nanos", NANOS_PER_SECOND),
+    "nanos -1": lambda m: setattr(m.occurred_at, "nanos", -1),
+    "seconds -1": lambda m: setattr(m.occurred_at, "seconds", -1),
+    "before 2000": lambda m: m.occurred_at.CopyFrom(to_timestamp(MIN_TIME_NS - 1)),
+    "first instant": lambda m: m.occurred_at.CopyFrom(to_timestamp(MIN_TIME_NS)),
+    "last instant": lambda m: m.occurred_at.CopyFrom(to_timestamp(MAX_TIME_NS - 1)),
+    "2100": lambda m: setattr(m.occurred_at, "seconds", _END_SECOND),
+    "no kind": lambda m: m.ClearField(m.WhichOneof("kind") or "activity"),
+    "ip NUL": lambda m: setattr(m.connected.identity, "source_ip", "1\x00"),
+    "ua NUL": lambda m: setattr(m.connected.identity, "user_agent", "u\x00a"),
+    "empty identity": lambda m: m.connected.identity.Clear(),
+    "reason NUL": lambda m: setattr(m.disconnected, "reason", "\x00"),
+    "code 0xFFFF": lambda m: setattr(m.disconnected, "status_code", 0xFFFF),
+    "code 0x10000": lambda m: setattr(m.disconnected, "status_code", 0x10000),
+    "code 2**32-1": lambda m: setattr(m.disconnected, "status_code", 2**32 - 1),
+    "frames 2**64-1": lambda m: setattr(m.activity, "frames", 2**64 - 1),
+    "frames 1024": lambda m: setattr(m.activity, "frames", 1024),
+}
+
+
+def _set_field(m: pb.ConnectionEvent, field: str, value: str) -> None:
+    setattr(m, field, value)
+
+
+for _field in ("event_id", "connection_id", "gateway_id"):
+    for _name, _bad in [
+        ("empty", ""),
+        ("longest", "x" * MAX_ID_LENGTH),
+        ("too long", "x" * (MAX_ID_LENGTH + 1)),
+        ("NUL", "a\x00b"),
+        ("non-ASCII", "é"),
+    ]:
+        _DEFECTS[f"{_field} {_name}"] = functools.partial(_set_field, field=_field, value=_bad)
+
+
+def _with_kind(msg: pb.ConnectionEvent, kind: str) -> pb.ConnectionEvent:
+    if kind == "connected":
+        msg.connected.identity.source_ip = "10.0.0.1"
+        msg.connected.identity.user_agent = "ua"
+    elif kind == "disconnected":
+        msg.disconnected.status_code = 1000
+        msg.disconnected.reason = "bye"
+    return msg
+
+
+@pytest.mark.parametrize("kind", ["activity", "connected", "disconnected"])
+@pytest.mark.parametrize("defect", sorted(_DEFECTS))
+def test_decode_agrees_with_the_plain_decoder_on_each_defect(kind: str, defect: str) -> None:
+    msg = _with_kind(message(), kind)
+    _DEFECTS[defect](msg)
+    for key in (b"c1", None, b"", b"other"):
+        assert_decoders_agree(msg.SerializeToString(), key)
+
+
+@st.composite
+def messages(draw: st.DrawFn) -> bytes:
+    msg = message()
+    kind = draw(st.sampled_from(["activity", "connected", "disconnected"]))
+    if kind == "connected":
+        msg.connected.identity.source_ip = draw(st.sampled_from(["10.0.0.1", "", "ü"]))
+        msg.connected.identity.user_agent = draw(st.sampled_from(["ua", ""]))
+    elif kind == "disconnected":
+        msg.disconnected.status_code = draw(st.sampled_from([0, 1000]))
+        msg.disconnected.reason = draw(st.sampled_from(["", "bye"]))
+    for name in draw(st.lists(st.sampled_from(sorted(_DEFECTS)), max_size=3)):
+        _DEFECTS[name](msg)
+    raw = msg.SerializeToString()
+    if msg.WhichOneof("kind") is None and draw(st.booleans()):
+        raw += bytes([13 << 3 | 2, 0])  # a kind from a newer schema
+    return raw
+
+
+@given(messages(), st.sampled_from([b"c1", None, b"", b"other", "é".encode(), b"x" * 256]))
+def test_decode_agrees_with_the_plain_decoder_at_every_boundary(
+    raw: bytes, key: bytes | None
+) -> None:
+    assert_decoders_agree(raw, key)
+
+
+@given(valid_events, st.booleans())
+def test_decode_agrees_with_the_plain_decoder_on_valid_events(event: Event, keyed: bool) -> None:
+    assert_decoders_agree(encode(event), event.connection_id.encode() if keyed else None)
+
+
+@given(st.binary(max_size=256), st.none() | st.binary(max_size=4))
+def test_decode_agrees_with_the_plain_decoder_on_arbitrary_bytes(
+    data: bytes, key: bytes | None
+) -> None:
+    assert_decoders_agree(data, key)
+
+
+def test_decode_agrees_with_the_plain_decoder_on_no_value() -> None:
+    assert_decoders_agree(None, b"c1")
+
+
+@given(valid_events, st.data())
+def test_decode_agrees_with_the_plain_decoder_on_corrupted_encodings(
+    event: Event, data: st.DataObject
+) -> None:
+    raw = bytearray(encode(event))
+    for _ in range(data.draw(st.integers(1, 4))):
+        i = data.draw(st.integers(0, len(raw) - 1))
+        raw[i] = data.draw(st.integers(0, 255))
+    assert_decoders_agree(bytes(raw[: data.draw(st.integers(0, len(raw)))]), None)
+
+
+@given(valid_events)
+def test_decoded_events_equal_constructed_ones_in_every_way(event: Event) -> None:
+    decoded = decode(encode(event))
+    assert decoded == event
+    assert hash(decoded) == hash(event)
+    assert dataclasses.astuple(decoded) == dataclasses.astuple(event)
+    assert decoded.kind == event.kind == type(event.payload).__name__.lower()
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        decoded.event_id = "x"  # type: ignore[misc]
+
+
+def test_kind_names_a_payload_of_any_type() -> None:
+    class Resumed(Activity):
+        pass
+
+    assert Event("e", "c", "g", MIN_TIME_NS, Resumed(1)).kind == "resumed"
+    assert [Event("e", "c", "g", MIN_TIME_NS, p).kind for p in (Connected("", ""), Activity())] == [
+        "connected",
+        "activity",
+    ]

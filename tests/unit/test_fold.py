@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 from collections.abc import Iterable
 
@@ -10,7 +11,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from connection_tracker.events import Activity, Connected, Disconnected, Event, Payload
-from projector.fold import ConnectionState, apply, fold, merge, of_event
+from projector.fold import ConnectionState, _new_state, apply, fold, fold_tuples, merge, of_event
 
 T0 = 1_764_300_000_000_000_000
 
@@ -149,3 +150,197 @@ def test_events_sharing_an_id_and_time_still_fold_deterministically() -> None:
     b = ev("same", T0, Connected("10.0.0.2", "ua"))
     assert fold([a, b]) == fold([b, a])
     assert fold([a, b])["c"].source_ip == "10.0.0.1"
+
+
+# The fast fold against the definition. fold() does not apply() event by event (see
+# projector/fold.py); these check it gives exactly what doing so gives, and that merge() and
+# of_event() still equal their plain versions (written here with dataclasses.replace, as they
+# first were), on random batches full of ties, shared ids and duplicates.
+
+
+def reference_of_event(event: Event) -> ConnectionState:
+    p = event.payload
+    base = ConnectionState(event.connection_id, last_active_at_ns=event.occurred_at_ns)
+    if isinstance(p, Connected):
+        return dataclasses.replace(
+            base,
+            gateway_id=event.gateway_id,
+            source_ip=p.source_ip,
+            user_agent=p.user_agent,
+            connected_at_ns=event.occurred_at_ns,
+            connected_event_id=event.event_id,
+        )
+    if isinstance(p, Disconnected):
+        return dataclasses.replace(
+            base,
+            disconnected_at_ns=event.occurred_at_ns,
+            disconnect_status_code=p.status_code,
+            disconnect_reason=p.reason,
+            disconnected_event_id=event.event_id,
+        )
+    return base
+
+
+def _connected_order(s: ConnectionState) -> tuple[int, str, str, str, str] | None:
+    if s.connected_at_ns is None or s.connected_event_id is None:
+        return None
+    return (
+        s.connected_at_ns,
+        s.connected_event_id,
+        s.gateway_id or "",
+        s.source_ip or "",
+        s.user_agent or "",
+    )
+
+
+def _disconnected_order(s: ConnectionState) -> tuple[int, str, str, str] | None:
+    if s.disconnected_at_ns is None or s.disconnected_event_id is None:
+        return None
+    return (
+        s.disconnected_at_ns,
+        s.disconnected_event_id,
+        f"{s.disconnect_status_code or 0:010d}",
+        s.disconnect_reason or "",
+    )
+
+
+def reference_merge(a: ConnectionState, b: ConnectionState) -> ConnectionState:
+    out = a
+    ca, cb = _connected_order(a), _connected_order(b)
+    if cb is not None and (ca is None or cb < ca):
+        out = dataclasses.replace(
+            out,
+            gateway_id=b.gateway_id,
+            source_ip=b.source_ip,
+            user_agent=b.user_agent,
+            connected_at_ns=b.connected_at_ns,
+            connected_event_id=b.connected_event_id,
+        )
+    da, db = _disconnected_order(a), _disconnected_order(b)
+    if db is not None and (da is None or db < da):
+        out = dataclasses.replace(
+            out,
+            disconnected_at_ns=b.disconnected_at_ns,
+            disconnect_status_code=b.disconnect_status_code,
+            disconnect_reason=b.disconnect_reason,
+            disconnected_event_id=b.disconnected_event_id,
+        )
+    times = [t for t in (a.last_active_at_ns, b.last_active_at_ns) if t is not None]
+    return dataclasses.replace(out, last_active_at_ns=max(times) if times else None)
+
+
+def reference_fold(evs: Iterable[Event]) -> dict[str, ConnectionState]:
+    """The definition: each event's state merged into its connection's, one after another."""
+    states: dict[str, ConnectionState] = {}
+    for e in evs:
+        new = reference_of_event(e)
+        old = states.get(e.connection_id)
+        states[e.connection_id] = new if old is None else reference_merge(old, new)
+    return states
+
+
+# Wider than `events` above: empty texts, close codes of every width, a few distinct contents
+# behind the same (time, id), and times that collide often.
+_texts = st.sampled_from(["", "a", "b", "10.0.0.1", "ua/1"])
+wide_payloads: st.SearchStrategy[Payload] = st.one_of(
+    st.builds(Connected, _texts, _texts),
+    st.builds(Activity, st.integers(0, 2**64 - 1)),
+    # Codes past ten digits sort as text (the key pads to ten): the fold must agree exactly.
+    st.builds(Disconnected, st.sampled_from([0, 1000, 1001, 10**10 - 1, 10**10]), _texts),
+    st.builds(Disconnected, st.integers(0, 2**40), _texts),
+)
+wide_events = st.builds(
+    Event,
+    st.sampled_from(["e1", "e2", "e3", "", "e10"]),
+    st.sampled_from(["c1", "c2", "c3", "c4"]),
+    _texts,
+    st.integers(min_value=T0, max_value=T0 + 5) | st.integers(min_value=0, max_value=2**63),
+    wide_payloads,
+)
+# Mostly ties: one connection, two times, two ids, so different contents meet on equal keys.
+_tie_texts = st.sampled_from(["a", "b"])
+tied_events = st.builds(
+    Event,
+    st.sampled_from(["e1", "e2"]),
+    st.just("c1"),
+    st.sampled_from(["g", ""]),
+    st.sampled_from([T0, T0 + 1]),
+    st.one_of(
+        st.builds(Connected, _tie_texts, _tie_texts),
+        st.builds(Activity, st.integers(0, 3)),
+        st.builds(Disconnected, st.sampled_from([0, 1000, 10**10 - 1, 10**10]), _tie_texts),
+    ),
+)
+wide_lists = st.lists(wide_events, max_size=60) | st.lists(tied_events, max_size=30)
+
+
+@given(wide_lists, st.lists(st.integers(0, 59), max_size=20), st.randoms(use_true_random=False))
+def test_fold_equals_applying_event_by_event(
+    evs: list[Event], picks: list[int], rnd: object
+) -> None:
+    batch = evs + [evs[i % len(evs)] for i in picks] if evs else evs
+    rnd.shuffle(batch)  # type: ignore[attr-defined]
+    expected = reference_fold(batch)
+    got = fold(batch)
+    assert got == expected
+    assert list(got) == list(expected)  # connections in order of first appearance
+    by_apply: dict[str, ConnectionState] = {}
+    for e in batch:
+        by_apply[e.connection_id] = apply(by_apply.get(e.connection_id), e)
+    assert by_apply == expected
+
+
+@given(wide_lists)
+def test_fold_tuples_equals_fold(evs: list[Event]) -> None:
+    as_tuples = [
+        (e.event_id, e.connection_id, e.gateway_id, e.occurred_at_ns, e.payload) for e in evs
+    ]
+    assert fold_tuples(as_tuples) == fold(evs)
+    assert fold_tuples(iter(as_tuples)) == fold(evs)
+
+
+@given(wide_events)
+def test_of_event_equals_the_plain_version(e: Event) -> None:
+    assert of_event(e) == reference_of_event(e)
+
+
+def wide_states_of(cid: str) -> st.SearchStrategy[ConnectionState]:
+    return st.lists(wide_events.map(lambda e: _with_cid(e, cid)), min_size=1, max_size=6).map(
+        lambda evs: reference_fold(evs)[cid]
+    )
+
+
+@given(wide_states_of("c"), wide_states_of("c"))
+def test_merge_equals_the_plain_version(a: ConnectionState, b: ConnectionState) -> None:
+    assert merge(a, b) == reference_merge(a, b)
+    assert merge(b, a) == reference_merge(b, a)
+
+
+_optional_texts = st.none() | st.text(max_size=5)
+_optional_ints = st.none() | st.integers()
+
+
+@given(
+    st.text(max_size=5),
+    st.tuples(_optional_texts, _optional_texts, _optional_texts, _optional_ints, _optional_texts),
+    _optional_ints,
+    st.tuples(_optional_ints, _optional_ints, _optional_texts, _optional_texts),
+)
+def test_the_fast_state_constructor_equals_the_dataclass_one(
+    cid: str,
+    connected: tuple[str | None, str | None, str | None, int | None, str | None],
+    last: int | None,
+    disconnected: tuple[int | None, int | None, str | None, str | None],
+) -> None:
+    fast = _new_state(cid, *connected, last, *disconnected)
+    plain = ConnectionState(cid, *connected, last, *disconnected)
+    assert fast == plain
+    assert dataclasses.astuple(fast) == dataclasses.astuple(plain)
+    assert hash(fast) == hash(plain)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        fast.gateway_id = "x"  # type: ignore[misc]
+
+
+def test_fold_takes_any_iterable_once() -> None:
+    evs = [ev("c1", T0 + 1, Connected("10.0.0.1", "ua")), ev("a1", T0 + 2, Activity(1))]
+    assert fold(iter(evs)) == fold(evs) == reference_fold(evs)
