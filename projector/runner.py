@@ -28,10 +28,10 @@ from aiokafka.errors import KafkaError
 from sqlalchemy.exc import DBAPIError, OperationalError
 from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 
-from connection_tracker.events import Event, InvalidEvent, decode
+from connection_tracker.events import EventTuple, InvalidEvent, decode_tuple
 from connection_tracker.settings import Settings
 from projector.dead_letter import DeadLetterPublisher, Rejected
-from projector.fold import fold
+from projector.fold import fold_tuples
 from projector.metrics import ProjectorMetrics
 from projector.store import CHUNK, BatchResult, FencedError, ProjectionStore
 
@@ -289,7 +289,7 @@ class Projector:
 
     async def apply(self, batch: dict[TopicPartition, list[Any]]) -> None:
         """Apply one getmany() result. Raises Abandoned if stopped while waiting to retry."""
-        events: list[Event] = []
+        events: list[EventTuple] = []
         rejected: list[Rejected] = []
         advances: dict[int, tuple[int, int]] = {}
         records_in_batch = 0
@@ -318,14 +318,14 @@ class Projector:
                         # A keyless record may sit on any partition, out of order with the
                         # connection's other events and outside the partition fence.
                         raise InvalidEvent("record has no key (the key must be connection_id)")
-                    events.append(decode(record.value, record.key))
+                    events.append(decode_tuple(record.value, record.key))
                 except InvalidEvent as exc:
                     rejected.append(Rejected.of(record, str(exc)))
             advances[tp.partition] = (expected, fresh[-1].offset + 1)
             records_in_batch += len(fresh)
         if not advances:
             return
-        states = fold(events)
+        states = fold_tuples(events)
         if rejected:
             # Durable in the dead-letter topic before the position moves past them; a crash in
             # between re-sends them on replay (at least once there, never lost).
@@ -397,7 +397,7 @@ class Projector:
 
     def _count(
         self,
-        events: list[Event],
+        events: list[EventTuple],
         rejected: list[Rejected],
         records: int,
         written: int,
@@ -409,8 +409,8 @@ class Projector:
         m.batch_records.observe(records)
         m.batches.inc()
         # One labels() lookup per kind, not per event: this runs for every batch.
-        for kind, n in collections.Counter(e.kind for e in events).items():
-            m.events_applied.labels(kind).inc(n)
+        for payload_type, n in collections.Counter(type(e[4]) for e in events).items():
+            m.events_applied.labels(payload_type.__name__.lower()).inc(n)
         if rejected:
             m.dead_lettered.inc(len(rejected))
         m.rows_written.inc(written)
