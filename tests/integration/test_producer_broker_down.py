@@ -6,14 +6,6 @@ with infra/kafka.sh (own port, own state directory, the same distribution) and s
 
 from __future__ import annotations
 
-import asyncio
-import os
-import socket
-import subprocess
-from collections.abc import Iterator
-from dataclasses import dataclass
-from pathlib import Path
-
 import pytest
 
 from connection_tracker.events import Event
@@ -24,64 +16,10 @@ from producer.errors import (
 )
 from producer.publisher import Publisher
 from producer.topics import TopicSpec, ensure_topics
-from tests.conftest import unique
+from tests.conftest import PrivateBroker, unique
 from tests.integration.test_producer import T0, read_events
 
 pytestmark = [pytest.mark.kafka, pytest.mark.slow]
-
-REPO = Path(__file__).resolve().parents[2]
-KAFKA_SH = REPO / "infra" / "kafka.sh"
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-@dataclass
-class PrivateBroker:
-    bootstrap: str
-    env: dict[str, str]
-
-    def _run(self, command: str) -> None:
-        done = subprocess.run(
-            [str(KAFKA_SH), command], env=self.env, capture_output=True, text=True, timeout=180
-        )
-        assert done.returncode == 0, f"infra/kafka.sh {command}: {done.stdout}{done.stderr}"
-
-    async def up(self) -> None:
-        await asyncio.to_thread(self._run, "up")
-
-    async def down(self) -> None:
-        await asyncio.to_thread(self._run, "down")
-
-
-@pytest.fixture(scope="module")
-def private_broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PrivateBroker]:
-    """One broker for this module (starting one takes seconds); each test brings it up."""
-    tmp_path = tmp_path_factory.mktemp("kafka")
-    distributions = sorted((REPO / ".local").glob("kafka-dist-*"))
-    if not distributions:
-        pytest.fail("no Kafka distribution under .local: run infra/kafka.sh up once")
-    for dist in distributions:
-        (tmp_path / dist.name).symlink_to(dist)
-    port, controller_port = _free_port(), _free_port()
-    broker = PrivateBroker(
-        f"127.0.0.1:{port}",
-        {
-            **os.environ,
-            "CONNTRACK_STATE_DIR": str(tmp_path),
-            "CONNTRACK_KAFKA_PORT": str(port),
-            "CONNTRACK_KAFKA_CTRL_PORT": str(controller_port),
-            "CONNTRACK_KAFKA_HEAP": "256m",
-        },
-    )
-    broker._run("up")
-    try:
-        yield broker
-    finally:
-        broker._run("down")
 
 
 async def test_when_the_broker_goes_down_nothing_is_lost_silently(
