@@ -20,7 +20,7 @@ from connection_tracker.protogen.yandex.cloud.serverless.apigateway.websocket.v1
     connection_service_pb2,
     connection_service_pb2_grpc,
 )
-from connection_tracker.settings import Settings
+from connection_tracker.settings import Settings, settings_from
 
 log = logging.getLogger("api")
 
@@ -109,16 +109,11 @@ def main(argv: list[str] | None = None) -> None:
     )
     g.add_argument("-v", "--verbose", action="store_true", help="print freshness headers to stderr")
     ns = parser.parse_args(argv)
-    overrides = {
-        k: v
-        for k, v in {
-            "database_url": ns.database_url,
-            "api_listen": ns.listen,
-            "metrics_port": ns.metrics_port,
-        }.items()
-        if v is not None
-    }
-    settings = Settings(**overrides)
+    settings = settings_from(
+        database_url=ns.database_url,
+        api_listen=ns.listen,
+        metrics_port=ns.metrics_port,
+    )
     setup_logging(settings.log_level)
     if ns.command == "serve":
         sys.exit(asyncio.run(serve(settings)))

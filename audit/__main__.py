@@ -26,7 +26,7 @@ from audit.rebuild import Progress, Rebuild, RebuildError, abandon, drop_retired
 from audit.replay import HistoryEntry, fold_until, history, state_of, verify
 from connection_tracker.database import create_engine
 from connection_tracker.lifecycle import setup_logging
-from connection_tracker.settings import Settings
+from connection_tracker.settings import Settings, settings_from
 from connection_tracker.timeutil import format_ns
 from migrations.cli import upgrade
 from projector.fold import ConnectionState
@@ -276,16 +276,11 @@ def main(argv: list[str] | None = None) -> None:
         "--drop-retired", action="store_true", help="drop the generation a switch retired"
     )
     ns = parser.parse_args(argv)
-    overrides = {
-        k: val
-        for k, val in {
-            "kafka_bootstrap_servers": ns.bootstrap_servers,
-            "events_topic": ns.topic,
-            "database_url": ns.database_url,
-        }.items()
-        if val is not None
-    }
-    settings = Settings(**overrides)
+    settings = settings_from(
+        kafka_bootstrap_servers=ns.bootstrap_servers,
+        events_topic=ns.topic,
+        database_url=ns.database_url,
+    )
     setup_logging("WARNING")
     handler = {
         "history": cmd_history,

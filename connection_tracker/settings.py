@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 from pydantic import Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -58,3 +59,9 @@ class Settings(BaseSettings):
     # How long the group waits for a silent projector (crashed, partitioned) before giving its
     # partitions to the others; the broker bounds it (group.min/max.session.timeout.ms).
     consumer_session_timeout_ms: int = Field(10000, ge=1000)
+
+
+def settings_from(**flags: Any) -> Settings:
+    """Settings from the environment with the command-line flags that were given on top (a flag
+    left at None was not given and does not override anything)."""
+    return Settings(**{name: value for name, value in flags.items() if value is not None})

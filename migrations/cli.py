@@ -9,7 +9,7 @@ from pathlib import Path
 from alembic import command
 from alembic.config import Config
 
-from connection_tracker.settings import Settings
+from connection_tracker.settings import settings_from
 
 SCRIPT_LOCATION = Path(__file__).resolve().parent
 
@@ -40,7 +40,7 @@ def main(argv: list[str] | None = None) -> None:
     down.add_argument("revision")
     sub.add_parser("current", help="show the current revision")
     ns = parser.parse_args(argv)
-    settings = Settings() if ns.database_url is None else Settings(database_url=ns.database_url)
+    settings = settings_from(database_url=ns.database_url)
     logging.basicConfig(level=settings.log_level, format="%(levelname)s %(name)s: %(message)s")
     cfg = alembic_config(settings.database_url)
     if ns.action == "downgrade":

@@ -10,7 +10,7 @@ import time
 
 from connection_tracker.events import Event
 from connection_tracker.lifecycle import on_shutdown_signal, setup_logging
-from connection_tracker.settings import Settings
+from connection_tracker.settings import Settings, settings_from
 from producer.errors import PublisherError
 from producer.publisher import Publisher
 from producer.simulator import Workload, generate
@@ -172,11 +172,7 @@ def main(argv: list[str] | None = None) -> None:
         help="seconds between progress lines; 0: none",
     )
     ns = parser.parse_args(argv)
-    settings = (
-        Settings(kafka_bootstrap_servers=ns.bootstrap_servers)
-        if ns.bootstrap_servers
-        else Settings()
-    )
+    settings = settings_from(kafka_bootstrap_servers=ns.bootstrap_servers)
     setup_logging(settings.log_level)
     run = provision if ns.command == "topics" else simulate
     sys.exit(asyncio.run(run(settings, ns)))

@@ -10,7 +10,7 @@ from prometheus_client import start_http_server
 
 from connection_tracker.database import create_engine
 from connection_tracker.lifecycle import on_shutdown_signal, setup_logging
-from connection_tracker.settings import Settings
+from connection_tracker.settings import Settings, settings_from
 from projector.runner import Abandoned, Projector
 from projector.store import ProjectionStore
 
@@ -58,16 +58,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--bootstrap-servers", help="overrides CONNTRACK_KAFKA_BOOTSTRAP_SERVERS")
     parser.add_argument("--metrics-port", type=int, help="overrides CONNTRACK_METRICS_PORT")
     ns = parser.parse_args(argv)
-    overrides = {
-        k: v
-        for k, v in {
-            "database_url": ns.database_url,
-            "kafka_bootstrap_servers": ns.bootstrap_servers,
-            "metrics_port": ns.metrics_port,
-        }.items()
-        if v is not None
-    }
-    settings = Settings(**overrides)
+    settings = settings_from(
+        database_url=ns.database_url,
+        kafka_bootstrap_servers=ns.bootstrap_servers,
+        metrics_port=ns.metrics_port,
+    )
     setup_logging(settings.log_level)
     asyncio.run(serve(settings))
 
