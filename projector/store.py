@@ -20,9 +20,24 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, fields
 from typing import Any
 
-from sqlalchemy import RowMapping, Table, and_, delete, func, select, text, update
+from sqlalchemy import (
+    BigInteger,
+    Integer,
+    RowMapping,
+    String,
+    Table,
+    and_,
+    any_,
+    bindparam,
+    delete,
+    func,
+    select,
+    text,
+    update,
+)
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
+from sqlalchemy.sql.compiler import IdentifierPreparer
 
 from connection_tracker.schema import LIVE, ReadModelTables
 from projector.fold import ConnectionState, merge
@@ -31,6 +46,9 @@ _STATE_FIELDS = tuple(f.name for f in fields(ConnectionState))
 # Keeps IN (...) lists and multi-row VALUES (11 parameters a row) well inside every backend's
 # parameter limit (SQLite 32766, PostgreSQL 32767).
 CHUNK = 500
+# On PostgreSQL the ids and columns are bound as arrays (no parameter limit): fewer, larger
+# round trips per batch (measured: about 15% more events/s than chunks of 500).
+ARRAY_CHUNK = 5000
 
 
 class FencedError(RuntimeError):
@@ -66,6 +84,53 @@ def _upsert(insert: Callable[..., Any], connections: Table) -> Any:
         index_elements=[connections.c.connection_id],
         set_={n: stmt.excluded[n] for n in _STATE_FIELDS if n != "connection_id"},
     ).returning(connections.c.connection_id)
+
+
+@functools.cache
+def _read_back(connections: Table, pruned_connections: Table, postgres: bool) -> tuple[Any, Any]:
+    """The merge's two reads of a chunk's ids (bound as "ids"): the stored rows, locked, in
+    _STATE_FIELDS order, and the tombstoned ids. On PostgreSQL the ids are ONE array parameter:
+    an expanding `IN (..)` is re-rendered with a cast per id on every execution, which cost
+    about a fifth of a batch's time."""
+    if postgres:
+        ids: Any = any_(bindparam("ids", type_=postgresql.ARRAY(String())))
+        stored_match = connections.c.connection_id == ids
+        tombstone_match = pruned_connections.c.connection_id == ids
+    else:
+        stored_match = connections.c.connection_id.in_(bindparam("ids", expanding=True))
+        tombstone_match = pruned_connections.c.connection_id.in_(bindparam("ids", expanding=True))
+    stored = (
+        select(*(connections.c[n] for n in _STATE_FIELDS)).where(stored_match).with_for_update()
+    )
+    tombstoned = select(pruned_connections.c.connection_id).where(tombstone_match)
+    return stored, tombstoned
+
+
+def _pg_array_type(column: Any) -> str:
+    if isinstance(column.type, BigInteger):
+        return "int8[]"
+    if isinstance(column.type, Integer):
+        return "int4[]"
+    assert isinstance(column.type, String)  # String and Text
+    return "text[]"
+
+
+@functools.cache
+def _pg_upsert(connections: Table, preparer: IdentifierPreparer) -> Any:
+    """The upsert on PostgreSQL with one array parameter per column, unnested into rows:
+    SQLAlchemy binds 11 arrays instead of rendering and binding 11 parameters per row (its
+    "insertmanyvalues" bookkeeping cost about as much as the database's work)."""
+    quote = preparer.quote
+    table = preparer.format_table(connections)
+    names = ", ".join(quote(n) for n in _STATE_FIELDS)
+    arrays = ", ".join(f"CAST(:{n} AS {_pg_array_type(connections.c[n])})" for n in _STATE_FIELDS)
+    updates = ", ".join(
+        f"{quote(n)} = EXCLUDED.{quote(n)}" for n in _STATE_FIELDS if n != "connection_id"
+    )
+    return text(
+        f"INSERT INTO {table} ({names}) SELECT * FROM unnest({arrays}) "
+        f"ON CONFLICT ({quote('connection_id')}) DO UPDATE SET {updates}"
+    )
 
 
 def row_to_state(row: RowMapping | Mapping[str, Any]) -> ConnectionState:
@@ -171,33 +236,38 @@ class ProjectionStore:
         insert = _dialect_insert(conn)
         ids = sorted(states)  # a fixed lock order: two writers cannot deadlock on rows
         written = suppressed = 0
-        for i in range(0, len(ids), CHUNK):
-            chunk = ids[i : i + CHUNK]
+        postgres = conn.dialect.name == "postgresql"
+        read_stored, read_tombstoned = _read_back(connections, pruned_connections, postgres)
+        chunk_size = ARRAY_CHUNK if postgres else CHUNK
+        for i in range(0, len(ids), chunk_size):
+            chunk = ids[i : i + chunk_size]
             merged = {cid: states[cid] for cid in chunk}
             # Lock the stored rows before looking for tombstones: a concurrent prune either
             # waits for this transaction or has committed its tombstone before we read it.
-            rows = await conn.execute(
-                select(connections).where(connections.c.connection_id.in_(chunk)).with_for_update()
-            )
-            for row in rows.mappings():
-                stored = row_to_state(row)
+            for row in await conn.execute(read_stored, {"ids": chunk}):
+                stored = ConnectionState(*row)
                 merged[stored.connection_id] = merge(stored, merged[stored.connection_id])
-            tombstoned = await conn.execute(
-                select(pruned_connections.c.connection_id).where(
-                    pruned_connections.c.connection_id.in_(chunk)
-                )
-            )
+            tombstoned = await conn.execute(read_tombstoned, {"ids": chunk})
             for (cid,) in tombstoned:
                 del merged[cid]
                 suppressed += 1
             if not merged:
                 continue
             # The rows were merged above under the partition fence and row locks, so the stored
-            # row is simply replaced. Executed with a list of rows and RETURNING, SQLAlchemy
-            # sends multi-row INSERT .. VALUES (..), (..) .. ON CONFLICT DO UPDATE statements
-            # ("insertmanyvalues") from one cached compilation; .values([...]) would recompile
-            # a 5500-parameter statement for every chunk, which cost most of a batch's time.
-            await conn.execute(_upsert(insert, connections), [_row(s) for s in merged.values()])
+            # row is simply replaced.
+            if postgres:
+                values = list(merged.values())
+                await conn.execute(
+                    _pg_upsert(connections, conn.dialect.identifier_preparer),
+                    {n: [getattr(s, n) for s in values] for n in _STATE_FIELDS},
+                )
+            else:
+                # Executed with a list of rows and RETURNING, SQLAlchemy sends multi-row
+                # INSERT .. VALUES (..), (..) .. ON CONFLICT DO UPDATE statements
+                # ("insertmanyvalues") from one cached compilation; .values([...]) would
+                # recompile a 5500-parameter statement for every chunk, which cost most of a
+                # batch's time.
+                await conn.execute(_upsert(insert, connections), [_row(s) for s in merged.values()])
             written += len(merged)
         return BatchResult(written, suppressed)
 
