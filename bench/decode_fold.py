@@ -5,7 +5,7 @@
 The records are the benchmark's own mixes (bench/workloads.py, built from
 producer.simulator.generate(): activity-heavy by default, 90% Activity, round-robin over all
 live connections), encoded as the producer encodes them. They are cut into batches of the
-projector's size (CONNTRACK_BATCH_MAX_EVENTS, 5000 by default) and timed in-process, batch after
+projector's size (CONNTRACK_BATCH_MAX_EVENTS, 20000 by default) and timed in-process, batch after
 batch as the projector's loop handles them, with no Kafka and no database: the figures are the
 ceiling that decoding and folding in Python put on the projector.
 
@@ -112,7 +112,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--events", type=int, default=200_000, help="events in the mix")
-    parser.add_argument("--batch", type=int, default=5000, help="events per batch")
+    parser.add_argument("--batch", type=int, default=20000, help="events per batch")
     parser.add_argument("--repeat", type=int, default=5, help="runs of each measurement")
     parser.add_argument("--mix", choices=sorted(MIXES), default="activity-heavy")
     parser.add_argument("--seed", type=int, default=1)
