@@ -6,16 +6,23 @@ process that lost its partitions in a rebalance cannot overwrite its successor's
 (2) merges the batch's states into the stored rows. So the read model is always exactly the fold
 of the log up to the stored positions, and re-delivered events change nothing.
 
+The merge runs in the database: one `INSERT .. ON CONFLICT DO UPDATE` whose SET clause is
+projector/fold.py's merge() written in SQL (_merge_assignments), so a batch costs one
+statement and no read-back of the stored rows. tests/integration/test_store.py checks the SQL
+merge against merge() on random pairs of states, ties included, on every backend.
+
 Retention (prune()) deletes rows of connections that disconnected long ago and leaves a
-tombstone per row; apply_batch() drops batch states of tombstoned connections, so a late
-duplicate event cannot bring a pruned connection back half-empty. Row locks (SELECT .. FOR
-UPDATE on PostgreSQL; SQLite has one writer at a time anyway) order a prune and a batch that
-touch the same connection, whichever process runs them.
+tombstone per row; the upsert skips batch states of tombstoned connections, so a late duplicate
+event cannot bring a pruned connection back half-empty. A prune first locks every stored
+position (the rows the batches' fences update), so prunes and batches never overlap: a batch
+that starts after a prune sees its tombstones, and a prune that starts after a batch sees its
+rows.
 """
 
 from __future__ import annotations
 
 import functools
+import operator
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, fields
 from typing import Any
@@ -27,8 +34,6 @@ from sqlalchemy import (
     String,
     Table,
     and_,
-    any_,
-    bindparam,
     delete,
     func,
     select,
@@ -40,15 +45,16 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 from sqlalchemy.sql.compiler import IdentifierPreparer
 
 from connection_tracker.schema import LIVE, ReadModelTables
-from projector.fold import ConnectionState, merge
+from projector.fold import ConnectionState
 
 _STATE_FIELDS = tuple(f.name for f in fields(ConnectionState))
-# Keeps IN (...) lists and multi-row VALUES (11 parameters a row) well inside every backend's
-# parameter limit (SQLite 32766, PostgreSQL 32767).
+_state_values = operator.attrgetter(*_STATE_FIELDS)
+# Rows per prune transaction: keeps IN (...) lists well inside every backend's parameter limit
+# (SQLite 32766, PostgreSQL 32767) and prunes short.
 CHUNK = 500
-# On PostgreSQL the ids and columns are bound as arrays (no parameter limit): fewer, larger
-# round trips per batch (measured: about 15% more events/s than chunks of 500).
-ARRAY_CHUNK = 5000
+# On PostgreSQL a batch's columns are bound as arrays (no parameter limit); this only bounds
+# the size of one statement's message when a batch is very large.
+ARRAY_CHUNK = 20_000
 
 
 class FencedError(RuntimeError):
@@ -77,33 +83,77 @@ def _row(state: ConnectionState) -> dict[str, Any]:
     return {name: getattr(state, name) for name in _STATE_FIELDS}
 
 
-@functools.cache
-def _upsert(insert: Callable[..., Any], connections: Table) -> Any:
-    stmt = insert(connections)
-    return stmt.on_conflict_do_update(
-        index_elements=[connections.c.connection_id],
-        set_={n: stmt.excluded[n] for n in _STATE_FIELDS if n != "connection_id"},
-    ).returning(connections.c.connection_id)
+# merge() in SQL. In the SET clause `existing` is the stored row and EXCLUDED the batch's state;
+# every expression sees the stored row as it was before the update. Each key is the tuple
+# projector/fold.py orders events by: (time, event id, then the contents), NULL text as "" and a
+# NULL status as 0; the zero-padded status string of _disconnected_key_of orders like the
+# integer. Text compares by code point, as Python does: the "C" collation on PostgreSQL, and
+# SQLite's default BINARY (both compare UTF-8 bytes, which orders like code points).
+_CONNECTED_KEY = ("connected_at_ns", "connected_event_id", "gateway_id", "source_ip", "user_agent")
+_CONNECTED_FIELDS = (
+    "gateway_id",
+    "source_ip",
+    "user_agent",
+    "connected_at_ns",
+    "connected_event_id",
+)
+_DISCONNECTED_KEY = (
+    "disconnected_at_ns",
+    "disconnected_event_id",
+    "disconnect_status_code",
+    "disconnect_reason",
+)
+_DISCONNECTED_FIELDS = _DISCONNECTED_KEY
 
 
-@functools.cache
-def _read_back(connections: Table, pruned_connections: Table, postgres: bool) -> tuple[Any, Any]:
-    """The merge's two reads of a chunk's ids (bound as "ids"): the stored rows, locked, in
-    _STATE_FIELDS order, and the tombstoned ids. On PostgreSQL the ids are ONE array parameter:
-    an expanding `IN (..)` is re-rendered with a cast per id on every execution, which cost
-    about a fifth of a batch's time."""
-    if postgres:
-        ids: Any = any_(bindparam("ids", type_=postgresql.ARRAY(String())))
-        stored_match = connections.c.connection_id == ids
-        tombstone_match = pruned_connections.c.connection_id == ids
-    else:
-        stored_match = connections.c.connection_id.in_(bindparam("ids", expanding=True))
-        tombstone_match = pruned_connections.c.connection_id.in_(bindparam("ids", expanding=True))
-    stored = (
-        select(*(connections.c[n] for n in _STATE_FIELDS)).where(stored_match).with_for_update()
+def _key_sql(row: str, key: tuple[str, ...], table: Table, collate: str) -> str:
+    parts = [f"{row}.{key[0]}"]
+    for name in key[1:]:
+        column = table.c[name]
+        if isinstance(column.type, Integer) and not isinstance(column.type, BigInteger):
+            parts.append(f"COALESCE({row}.{name}, 0)")
+        elif name in ("connected_event_id", "disconnected_event_id"):
+            parts.append(f"{row}.{name}{collate}")
+        else:
+            parts.append(f"COALESCE({row}.{name}, ''){collate}")
+    return "(" + ", ".join(parts) + ")"
+
+
+def _earlier_sql(key: tuple[str, ...], existing: str, table: Table, collate: str) -> str:
+    """Whether the batch's event of this kind sorts strictly before the stored one (a missing
+    event sorts last: fold.py's _earlier())."""
+    at, event_id = key[0], key[1]
+    new_key = _key_sql("EXCLUDED", key, table, collate)
+    old_key = _key_sql(existing, key, table, "")
+    return (
+        f"(EXCLUDED.{at} IS NOT NULL AND EXCLUDED.{event_id} IS NOT NULL AND "
+        f"({existing}.{at} IS NULL OR {existing}.{event_id} IS NULL OR {new_key} < {old_key}))"
     )
-    tombstoned = select(pruned_connections.c.connection_id).where(tombstone_match)
-    return stored, tombstoned
+
+
+def _merge_assignments(table: Table, existing: str, collate: str) -> str:
+    """The SET clause of the merging upsert. Column names are plain identifiers (checked)."""
+    assert all(n.isidentifier() and n.islower() for n in _STATE_FIELDS)
+    connected = _earlier_sql(_CONNECTED_KEY, existing, table, collate)
+    disconnected = _earlier_sql(_DISCONNECTED_KEY, existing, table, collate)
+    sets = [
+        f"{n} = CASE WHEN {connected} THEN EXCLUDED.{n} ELSE {existing}.{n} END"
+        for n in _CONNECTED_FIELDS
+    ]
+    sets.append(
+        "last_active_at_ns = CASE WHEN "
+        f"{existing}.last_active_at_ns IS NULL OR "
+        f"EXCLUDED.last_active_at_ns > {existing}.last_active_at_ns "
+        f"THEN EXCLUDED.last_active_at_ns ELSE {existing}.last_active_at_ns END"
+    )
+    sets += [
+        f"{n} = CASE WHEN {disconnected} THEN EXCLUDED.{n} ELSE {existing}.{n} END"
+        for n in _DISCONNECTED_FIELDS
+    ]
+    assert {n for n in _STATE_FIELDS if n != "connection_id"} == {
+        s.split(" = ", 1)[0] for s in sets
+    }
+    return ", ".join(sets)
 
 
 def _pg_array_type(column: Any) -> str:
@@ -116,20 +166,39 @@ def _pg_array_type(column: Any) -> str:
 
 
 @functools.cache
-def _pg_upsert(connections: Table, preparer: IdentifierPreparer) -> Any:
-    """The upsert on PostgreSQL with one array parameter per column, unnested into rows:
-    SQLAlchemy binds 11 arrays instead of rendering and binding 11 parameters per row (its
-    "insertmanyvalues" bookkeeping cost about as much as the database's work)."""
-    quote = preparer.quote
+def _pg_merge(tables: ReadModelTables, preparer: IdentifierPreparer) -> Any:
+    """The merging upsert on PostgreSQL: the batch is bound as one array per column and
+    unnested into rows (binding 11 parameters per row cost about as much as the database's
+    work), tombstoned connections are skipped."""
+    connections = tables.connections
     table = preparer.format_table(connections)
-    names = ", ".join(quote(n) for n in _STATE_FIELDS)
+    tombstones = preparer.format_table(tables.pruned_connections)
+    names = ", ".join(_STATE_FIELDS)
     arrays = ", ".join(f"CAST(:{n} AS {_pg_array_type(connections.c[n])})" for n in _STATE_FIELDS)
-    updates = ", ".join(
-        f"{quote(n)} = EXCLUDED.{quote(n)}" for n in _STATE_FIELDS if n != "connection_id"
-    )
     return text(
-        f"INSERT INTO {table} ({names}) SELECT * FROM unnest({arrays}) "
-        f"ON CONFLICT ({quote('connection_id')}) DO UPDATE SET {updates}"
+        f"INSERT INTO {table} AS existing ({names}) "
+        f"SELECT * FROM unnest({arrays}) AS batch ({names}) "
+        f"WHERE NOT EXISTS (SELECT 1 FROM {tombstones} AS t "
+        "WHERE t.connection_id = batch.connection_id) "
+        "ON CONFLICT (connection_id) DO UPDATE SET "
+        + _merge_assignments(connections, "existing", ' COLLATE "C"')
+    )
+
+
+@functools.cache
+def _sqlite_merge(tables: ReadModelTables, preparer: IdentifierPreparer) -> Any:
+    """The merging upsert on SQLite, executed once per state (the driver runs one prepared
+    statement over all rows)."""
+    connections = tables.connections
+    table = preparer.format_table(connections)
+    tombstones = preparer.format_table(tables.pruned_connections)
+    names = ", ".join(_STATE_FIELDS)
+    values = ", ".join(f":{n}" for n in _STATE_FIELDS)
+    return text(
+        f"INSERT INTO {table} AS existing ({names}) SELECT {values} "
+        f"WHERE NOT EXISTS (SELECT 1 FROM {tombstones} WHERE connection_id = :connection_id) "
+        "ON CONFLICT (connection_id) DO UPDATE SET "
+        + _merge_assignments(connections, "existing", "")
     )
 
 
@@ -200,14 +269,9 @@ class ProjectionStore:
         """apply_batch() inside the caller's transaction (a rebuild's switch folds its last
         events in the same transaction that swaps the generations)."""
         projection_offsets = self._tables.projection_offsets
-        if conn.dialect.name == "postgresql":
-            # The driver prepares statements, and after five runs PostgreSQL may switch to a
-            # generic plan in which `IN ($1 .. $500)` is a linear search per row instead of
-            # a hash: the batch's SELECTs became 30x slower. Batches are few and large, so
-            # planning each statement for its actual values is the better trade.
-            await conn.execute(text("SET LOCAL plan_cache_mode = force_custom_plan"))
         # The fence comes first: its row locks (and SQLite's write lock) are held for the
-        # whole transaction, so the merge below never races the partition's next owner.
+        # whole transaction, so the merge below never races the partition's next owner, nor a
+        # prune (which takes the same locks first).
         for partition, (expected, new) in sorted(advances.items()):
             result = await conn.execute(
                 update(projection_offsets)
@@ -232,44 +296,27 @@ class ProjectionStore:
     async def _merge_states(
         self, conn: AsyncConnection, states: Mapping[str, ConnectionState]
     ) -> BatchResult:
-        connections, pruned_connections = self._tables.connections, self._tables.pruned_connections
-        insert = _dialect_insert(conn)
-        ids = sorted(states)  # a fixed lock order: two writers cannot deadlock on rows
-        written = suppressed = 0
-        postgres = conn.dialect.name == "postgresql"
-        read_stored, read_tombstoned = _read_back(connections, pruned_connections, postgres)
-        chunk_size = ARRAY_CHUNK if postgres else CHUNK
-        for i in range(0, len(ids), chunk_size):
-            chunk = ids[i : i + chunk_size]
-            merged = {cid: states[cid] for cid in chunk}
-            # Lock the stored rows before looking for tombstones: a concurrent prune either
-            # waits for this transaction or has committed its tombstone before we read it.
-            for row in await conn.execute(read_stored, {"ids": chunk}):
-                stored = ConnectionState(*row)
-                merged[stored.connection_id] = merge(stored, merged[stored.connection_id])
-            tombstoned = await conn.execute(read_tombstoned, {"ids": chunk})
-            for (cid,) in tombstoned:
-                del merged[cid]
-                suppressed += 1
-            if not merged:
-                continue
-            # The rows were merged above under the partition fence and row locks, so the stored
-            # row is simply replaced.
-            if postgres:
-                values = list(merged.values())
-                await conn.execute(
-                    _pg_upsert(connections, conn.dialect.identifier_preparer),
-                    {n: [getattr(s, n) for s in values] for n in _STATE_FIELDS},
+        preparer = conn.dialect.identifier_preparer
+        written = 0
+        if conn.dialect.name == "postgresql":
+            statement = _pg_merge(self._tables, preparer)
+            # Sorted ids: two writers (a rebuild's switch and a straggler) lock rows in one
+            # order and cannot deadlock.
+            values = [states[cid] for cid in sorted(states)]
+            for i in range(0, len(values), ARRAY_CHUNK):
+                columns = zip(*map(_state_values, values[i : i + ARRAY_CHUNK]), strict=True)
+                result = await conn.execute(
+                    statement, dict(zip(_STATE_FIELDS, map(list, columns), strict=True))
                 )
-            else:
-                # Executed with a list of rows and RETURNING, SQLAlchemy sends multi-row
-                # INSERT .. VALUES (..), (..) .. ON CONFLICT DO UPDATE statements
-                # ("insertmanyvalues") from one cached compilation; .values([...]) would
-                # recompile a 5500-parameter statement for every chunk, which cost most of a
-                # batch's time.
-                await conn.execute(_upsert(insert, connections), [_row(s) for s in merged.values()])
-            written += len(merged)
-        return BatchResult(written, suppressed)
+                written += result.rowcount
+        else:
+            # SQLite holds the database's write lock from the fence on: no order needed.
+            result = await conn.execute(
+                _sqlite_merge(self._tables, preparer), [_row(s) for s in states.values()]
+            )
+            written = result.rowcount
+        # Rows skipped for a tombstone are the only ones the upsert neither inserts nor updates.
+        return BatchResult(written, len(states) - written)
 
     async def prune(
         self, disconnected_before_ns: int, tombstones_before_ns: int | None, limit: int = CHUNK
@@ -279,7 +326,16 @@ class ProjectionStore:
         tombstones_before_ns (None keeps tombstones). One small transaction; call again while
         it returns `limit` of either."""
         connections, pruned_connections = self._tables.connections, self._tables.pruned_connections
+        projection_offsets = self._tables.projection_offsets
         async with self._engine.begin() as conn:
+            # Every stored position, locked in the fences' order (no deadlock): batches that
+            # hold any of them finish first, later ones wait for this prune's commit and then
+            # see its tombstones. (On SQLite the write lock does the same.)
+            await conn.execute(
+                select(projection_offsets.c.topic)
+                .order_by(projection_offsets.c.topic, projection_offsets.c.partition)
+                .with_for_update()
+            )
             victims = [
                 cid
                 for (cid,) in await conn.execute(

@@ -96,7 +96,12 @@ async def _create_pg_database() -> str:
         host=url.host, port=url.port, user=url.username, database=url.database
     )
     try:
-        await conn.execute(f'CREATE DATABASE "{name}"')
+        # A natural-language collation, as most production servers have (this server's default
+        # is C.UTF-8): text the store compares must not depend on it (test_store.py).
+        await conn.execute(
+            f'CREATE DATABASE "{name}" TEMPLATE template0 '
+            "LOCALE_PROVIDER icu ICU_LOCALE 'en-US' LOCALE 'C.UTF-8'"
+        )
     finally:
         await conn.close()
     return url.set(database=name).render_as_string(hide_password=False)

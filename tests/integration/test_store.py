@@ -18,7 +18,7 @@ from connection_tracker.events import (
     Event,
     Payload,
 )
-from projector.fold import ConnectionState, fold, of_event
+from projector.fold import ConnectionState, fold, merge, of_event
 from projector.store import ARRAY_CHUNK, CHUNK, FencedError, ProjectionStore
 
 T0 = 1_764_300_000_000_000_000
@@ -110,6 +110,51 @@ async def test_batches_merged_with_stored_rows_equal_one_fold(
         offset += len(batch)
     assert await store.all_states() == fold(events)
     assert await store.all_positions() == {(TOPIC, 0): len(log)}
+
+
+def random_state(rnd: random.Random, cid: str) -> ConnectionState:
+    """A state from small domains, so that pairs tie on times and ids and differ only in later
+    parts of the order; mixed case and non-ASCII text tell a code-point order from a locale's."""
+
+    def text(options: list[str | None]) -> str | None:
+        return rnd.choice(options)
+
+    words: list[str | None] = [None, "", "a", "B", "b", "Z", "é", "ё", "\U0001f642", "aa"]
+    connected = rnd.random() < 0.7
+    disconnected = rnd.random() < 0.5
+    times = [T0, T0 + 1, T0 + 2]
+    return ConnectionState(
+        cid,
+        gateway_id=text(words) if connected else None,
+        source_ip=text(words) if connected else None,
+        user_agent=text(words) if connected else None,
+        connected_at_ns=rnd.choice(times) if connected else None,
+        connected_event_id=text(["e", "E", "é", "e2"]) if connected else None,
+        last_active_at_ns=rnd.choice([None, *times]),
+        disconnected_at_ns=rnd.choice(times) if disconnected else None,
+        disconnect_status_code=rnd.choice([None, 0, 9, 10, 1000, 65535]) if disconnected else None,
+        disconnect_reason=text(words) if disconnected else None,
+        disconnected_event_id=text(["d", "D", "ð", "d2"]) if disconnected else None,
+    )
+
+
+@pytest.mark.parametrize("seed", range(3))
+async def test_the_database_merge_equals_the_fold_merge(engine: AsyncEngine, seed: int) -> None:
+    """The store merges in SQL; projector/fold.py's merge() is the definition."""
+    rnd = random.Random(seed)
+    store = ProjectionStore(engine)
+    await store.positions(TOPIC, [0])
+    pairs = {f"c{i}": (random_state(rnd, f"c{i}"), random_state(rnd, f"c{i}")) for i in range(3000)}
+    await store.apply_batch(TOPIC, {0: (0, 1)}, {cid: a for cid, (a, _) in pairs.items()})
+    result = await store.apply_batch(TOPIC, {0: (1, 2)}, {cid: b for cid, (_, b) in pairs.items()})
+    assert (result.written, result.suppressed) == (len(pairs), 0)
+    stored = await store.all_states()
+    wrong = {
+        cid: (a, b, stored[cid], merge(a, b))
+        for cid, (a, b) in pairs.items()
+        if stored[cid] != merge(a, b)
+    }
+    assert not wrong, next(iter(wrong.values()))
 
 
 async def test_timestamps_are_exact_to_the_nanosecond(engine: AsyncEngine) -> None:
