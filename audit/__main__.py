@@ -65,7 +65,7 @@ def entry_json(e: HistoryEntry) -> dict[str, Any]:
 
 
 def state_json(state: ConnectionState) -> dict[str, Any]:
-    out = dataclasses.asdict(state)
+    out = state._asdict()
     for name in ("connected_at_ns", "last_active_at_ns", "disconnected_at_ns"):
         if out[name] is not None:
             out[name.removesuffix("_ns")] = format_ns(out[name])

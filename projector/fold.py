@@ -16,7 +16,7 @@ Because merge() is associative, commutative and idempotent, a batch can be folde
 and then merged into the stored row; the store needs no knowledge of events.
 
 fold() is the projector's hot path, so it does not apply() event after event (each step would
-build a new frozen state): it reads each connection's events once, keeps the winning
+build a new state): it reads each connection's events once, keeps the winning
 Connected and Disconnected by the same order and the latest time, and builds one state per
 connection at the end. tests/unit/test_fold.py checks it equals the event-by-event apply() on
 random batches full of ties and duplicates.
@@ -26,13 +26,18 @@ from __future__ import annotations
 
 import operator
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, fields
+from typing import NamedTuple
 
 from connection_tracker.events import Activity, Connected, Disconnected, Event, EventTuple
 
 
-@dataclass(frozen=True, slots=True)
-class ConnectionState:
+class ConnectionState(NamedTuple):
+    """A connection's folded state, also the read model's row (projector/store.py).
+
+    A named tuple rather than a frozen dataclass: the fold builds one per connection per batch
+    and the store binds them column by column, and a tuple is several times cheaper to build
+    and to transpose (zip(*states)); it is just as immutable."""
+
     connection_id: str
     gateway_id: str | None = None
     source_ip: str | None = None
@@ -49,55 +54,6 @@ class ConnectionState:
     def is_open(self) -> bool:
         """Visible to Get: its Connected has been seen and no Disconnected."""
         return self.connected_at_ns is not None and self.disconnected_at_ns is None
-
-
-# Building a frozen dataclass runs its generated __init__, one object.__setattr__ per field;
-# setting the slots through their descriptors does the same at a third of the cost, and the fold
-# builds one state per connection per batch. The unpacking fails at import if a field is added
-# or removed; tests/unit/test_fold.py checks the result equals the ordinary constructor's.
-_new_object = object.__new__
-(
-    _set_connection_id,
-    _set_gateway_id,
-    _set_source_ip,
-    _set_user_agent,
-    _set_connected_at_ns,
-    _set_connected_event_id,
-    _set_last_active_at_ns,
-    _set_disconnected_at_ns,
-    _set_disconnect_status_code,
-    _set_disconnect_reason,
-    _set_disconnected_event_id,
-) = (getattr(ConnectionState, f.name).__set__ for f in fields(ConnectionState))
-
-
-def _new_state(
-    connection_id: str,
-    gateway_id: str | None,
-    source_ip: str | None,
-    user_agent: str | None,
-    connected_at_ns: int | None,
-    connected_event_id: str | None,
-    last_active_at_ns: int | None,
-    disconnected_at_ns: int | None,
-    disconnect_status_code: int | None,
-    disconnect_reason: str | None,
-    disconnected_event_id: str | None,
-) -> ConnectionState:
-    """ConnectionState with every field given positionally, faster."""
-    s = _new_object(ConnectionState)
-    _set_connection_id(s, connection_id)
-    _set_gateway_id(s, gateway_id)
-    _set_source_ip(s, source_ip)
-    _set_user_agent(s, user_agent)
-    _set_connected_at_ns(s, connected_at_ns)
-    _set_connected_event_id(s, connected_event_id)
-    _set_last_active_at_ns(s, last_active_at_ns)
-    _set_disconnected_at_ns(s, disconnected_at_ns)
-    _set_disconnect_status_code(s, disconnect_status_code)
-    _set_disconnect_reason(s, disconnect_reason)
-    _set_disconnected_event_id(s, disconnected_event_id)
-    return s
 
 
 _Key = tuple[int, str, str, str, str]
@@ -160,7 +116,7 @@ def merge(a: ConnectionState, b: ConnectionState) -> ConnectionState:
     last = _max(a.last_active_at_ns, b.last_active_at_ns)
     if c is a and d is a and last == a.last_active_at_ns:
         return a
-    return _new_state(
+    return ConnectionState(
         a.connection_id,
         c.gateway_id,
         c.source_ip,
@@ -180,13 +136,15 @@ def of_event(event: Event) -> ConnectionState:
     p = event.payload
     cid, at, eid = event.connection_id, event.occurred_at_ns, event.event_id
     if isinstance(p, Connected):
-        return _new_state(
+        return ConnectionState(
             cid, event.gateway_id, p.source_ip, p.user_agent, at, eid, at, None, None, None, None
         )
     if isinstance(p, Disconnected):
-        return _new_state(cid, None, None, None, None, None, at, at, p.status_code, p.reason, eid)
+        return ConnectionState(
+            cid, None, None, None, None, None, at, at, p.status_code, p.reason, eid
+        )
     assert isinstance(p, Activity)
-    return _new_state(cid, None, None, None, None, None, at, None, None, None, None)
+    return ConnectionState(cid, None, None, None, None, None, at, None, None, None, None)
 
 
 def apply(state: ConnectionState | None, event: Event) -> ConnectionState:
@@ -246,11 +204,11 @@ def fold_tuples(events: Iterable[EventTuple]) -> dict[str, ConnectionState]:
         c = connected.get(cid) if connected else None
         d = disconnected.get(cid) if disconnected else None
         if c is None and d is None:
-            states[cid] = _new_state(
+            states[cid] = ConnectionState(
                 cid, None, None, None, None, None, last, None, None, None, None
             )
             continue
         connected_fields = _NO_CONNECTED if c is None else c[1]
         disconnected_fields = _NO_DISCONNECTED if d is None else d[1]
-        states[cid] = _new_state(cid, *connected_fields, last, *disconnected_fields)
+        states[cid] = ConnectionState(cid, *connected_fields, last, *disconnected_fields)
     return states

@@ -22,9 +22,8 @@ rows.
 from __future__ import annotations
 
 import functools
-import operator
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from typing import Any
 
 from sqlalchemy import (
@@ -47,8 +46,7 @@ from sqlalchemy.sql.compiler import IdentifierPreparer
 from connection_tracker.schema import LIVE, ReadModelTables
 from projector.fold import ConnectionState
 
-_STATE_FIELDS = tuple(f.name for f in fields(ConnectionState))
-_state_values = operator.attrgetter(*_STATE_FIELDS)
+_STATE_FIELDS = ConnectionState._fields
 # Rows per prune transaction: keeps IN (...) lists well inside every backend's parameter limit
 # (SQLite 32766, PostgreSQL 32767) and prunes short.
 CHUNK = 500
@@ -80,7 +78,7 @@ def _dialect_insert(conn: AsyncConnection) -> Callable[..., Any]:
 
 
 def _row(state: ConnectionState) -> dict[str, Any]:
-    return {name: getattr(state, name) for name in _STATE_FIELDS}
+    return dict(zip(_STATE_FIELDS, state, strict=True))
 
 
 # merge() in SQL. In the SET clause `existing` is the stored row and EXCLUDED the batch's state;
@@ -304,7 +302,7 @@ class ProjectionStore:
             # order and cannot deadlock.
             values = [states[cid] for cid in sorted(states)]
             for i in range(0, len(values), ARRAY_CHUNK):
-                columns = zip(*map(_state_values, values[i : i + ARRAY_CHUNK]), strict=True)
+                columns = zip(*values[i : i + ARRAY_CHUNK], strict=True)
                 result = await conn.execute(
                     statement, dict(zip(_STATE_FIELDS, map(list, columns), strict=True))
                 )

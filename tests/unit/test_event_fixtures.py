@@ -4,7 +4,6 @@ event schema becomes (the upcasting path in connection_tracker/events.py)."""
 from __future__ import annotations
 
 import base64
-import dataclasses
 import json
 from pathlib import Path
 
@@ -22,7 +21,7 @@ def test_stored_version_1_events_replay_to_the_recorded_state() -> None:
     events = [decode(base64.b64decode(r["value_base64"]), r["key"].encode()) for r in records]
     assert len(events) == 6
     expected = json.loads((FIXTURES / "events-v1.expected.json").read_text())
-    assert {k: dataclasses.asdict(v) for k, v in fold(events).items()} == expected
+    assert {k: v._asdict() for k, v in fold(events).items()} == expected
 
 
 @pytest.mark.parametrize(("version", "message"), [(0, "missing"), (99, "newer than this reader")])
