@@ -20,7 +20,8 @@ import collections
 import contextlib
 import logging
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass
 from typing import Any, TypeVar
 
 from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener, TopicPartition
@@ -31,7 +32,7 @@ from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 from connection_tracker.events import EventTuple, InvalidEvent, decode_tuple
 from connection_tracker.settings import Settings
 from projector.dead_letter import DeadLetterPublisher, Rejected
-from projector.fold import fold_tuples
+from projector.fold import ConnectionState, fold_tuples
 from projector.metrics import ProjectorMetrics
 from projector.store import CHUNK, BatchResult, FencedError, ProjectionStore
 
@@ -46,6 +47,17 @@ _TRANSIENT = (OperationalError, DBAPIError, PoolTimeoutError, OSError, KafkaErro
 
 # How long a partition may stay assigned without a stored position before the loop seeks it.
 _STRAGGLER_GRACE_S = 5.0
+
+
+@dataclass(frozen=True, slots=True)
+class _Prepared:
+    """A decoded and folded batch, ready to be written."""
+
+    events: list[EventTuple]
+    rejected: list[Rejected]
+    advances: dict[int, tuple[int, int]]  # partition -> (position it starts at, new position)
+    records: int
+    states: dict[str, ConnectionState]
 
 
 class Abandoned(Exception):
@@ -87,6 +99,8 @@ class Projector:
         self._started = False
         self._assigning = 0  # assignment listener calls in progress
         self._unpositioned_since: dict[TopicPartition, float] = {}
+        # Where the batch being written leaves its partitions (the next one starts there).
+        self._in_flight_ends: dict[TopicPartition, int] = {}
         # Records (events and dead letters) this process has committed: over clean runs of all
         # processes of a group these add up to the log's length, each record exactly once.
         self.records_committed = 0
@@ -222,6 +236,11 @@ class Projector:
             if s.retention_disconnected_seconds > 0
             else None
         )
+        # One batch is written while the next is fetched, decoded and folded: the database's
+        # work overlaps the process's own. The next batch is prepared from the positions the
+        # batch in flight will leave, and committed only if they are still the positions when
+        # its turn comes (_is_current); otherwise it is dropped and its partitions re-read.
+        in_flight: asyncio.Task[None] | None = None
         try:
             while not self._stopping.is_set():
                 await self._position_stragglers()
@@ -229,14 +248,31 @@ class Projector:
                     batch = await self._retrying("broker", self._fetch)
                 except Abandoned:
                     break
+                prepared = None
                 if batch:
-                    try:
-                        await self.apply(batch)
-                    except Abandoned as exc:
-                        log.info("event=abandoned cause=%s: batch not committed", exc)
+                    planned = dict(self._expected)
+                    if in_flight is not None:
+                        planned |= self._in_flight_ends
+                    prepared = self._prepare(batch, planned)
+                if in_flight is not None:
+                    task, in_flight = in_flight, None
+                    if not await self._finished(task):
                         break
+                if prepared is not None:
+                    if self._is_current(prepared):
+                        self._in_flight_ends = {
+                            TopicPartition(self._topic, p): new
+                            for p, (_, new) in prepared.advances.items()
+                        }
+                        in_flight = asyncio.create_task(self._commit(prepared))
+                    else:
+                        self._rewind(prepared)
                 self._update_lag()
         finally:
+            if in_flight is not None:
+                # Stopping: the batch in flight is finished (or abandoned if its database is
+                # unavailable); a prepared one is simply not written and will be read again.
+                await self._finished(in_flight)
             log.info(
                 "event=stopped records_committed=%d positions=%s",
                 self.records_committed,
@@ -246,6 +282,39 @@ class Projector:
                 pruner.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await pruner
+
+    @staticmethod
+    async def _finished(task: asyncio.Task[None]) -> bool:
+        """Wait for a batch's write; False if it was abandoned (stop() during retries)."""
+        try:
+            await task
+        except Abandoned as exc:
+            log.info("event=abandoned cause=%s: batch not committed", exc)
+            return False
+        return True
+
+    def _is_current(self, prepared: _Prepared) -> bool:
+        """Whether every partition of a prepared batch is still owned and stored exactly where
+        the batch was prepared to start (a fence, a revocation or a seek may have moved it while
+        the batch before it was written)."""
+        return all(
+            self._expected.get(TopicPartition(self._topic, p)) == start
+            for p, (start, _) in prepared.advances.items()
+        )
+
+    def _rewind(self, prepared: _Prepared) -> None:
+        """Drop a prepared batch that is no longer current: its partitions that are still
+        owned are sought back to their positions, so their records are read again."""
+        owned = self._consumer.assignment()
+        for p in prepared.advances:
+            tp = TopicPartition(self._topic, p)
+            position = self._expected.get(tp)
+            if tp in owned and position is not None:
+                self._consumer.seek(tp, position)
+        log.info(
+            "event=prepared_batch_dropped partitions=%s: positions moved while it was prepared",
+            sorted(prepared.advances),
+        )
 
     async def _position_stragglers(self) -> None:
         """Seek partitions that stayed assigned without a stored position: the assignment
@@ -288,13 +357,22 @@ class Projector:
                 )
 
     async def apply(self, batch: dict[TopicPartition, list[Any]]) -> None:
-        """Apply one getmany() result. Raises Abandoned if stopped while waiting to retry."""
+        """Apply one getmany() result on its own (no pipelining). Raises Abandoned if stopped
+        while waiting to retry."""
+        prepared = self._prepare(batch, self._expected)
+        if prepared is not None:
+            await self._commit(prepared)
+
+    def _prepare(
+        self, batch: dict[TopicPartition, list[Any]], positions: Mapping[TopicPartition, int]
+    ) -> _Prepared | None:
+        """Decode and fold one getmany() result that is to start at these positions. No I/O."""
         events: list[EventTuple] = []
         rejected: list[Rejected] = []
         advances: dict[int, tuple[int, int]] = {}
         records_in_batch = 0
         for tp, records in batch.items():
-            expected = self._expected.get(tp)
+            expected = positions.get(tp)
             if expected is None:
                 # Revoked while the batch was in flight, or never positioned: those records
                 # are not ours to apply (the owner reads them from its stored position).
@@ -324,8 +402,13 @@ class Projector:
             advances[tp.partition] = (expected, fresh[-1].offset + 1)
             records_in_batch += len(fresh)
         if not advances:
-            return
-        states = fold_tuples(events)
+            return None
+        return _Prepared(events, rejected, advances, records_in_batch, fold_tuples(events))
+
+    async def _commit(self, prepared: _Prepared) -> None:
+        """Dead-letter a prepared batch's poison records, then write it with its positions."""
+        events, rejected, advances = prepared.events, prepared.rejected, prepared.advances
+        records_in_batch, states = prepared.records, prepared.states
         if rejected:
             # Durable in the dead-letter topic before the position moves past them; a crash in
             # between re-sends them on replay (at least once there, never lost).
