@@ -5,14 +5,16 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
+import pytest
 from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
 from alembic.script import ScriptDirectory
 from sqlalchemy import inspect
 from sqlalchemy.engine import Connection
+from sqlalchemy.schema import CreateTable
 
 from connection_tracker.database import create_engine
-from connection_tracker.schema import metadata
+from connection_tracker.schema import CONNECTIONS_FILLFACTOR, generation, metadata
 from migrations.cli import SCRIPT_LOCATION, alembic_config, downgrade, upgrade
 
 
@@ -68,6 +70,36 @@ async def test_upgrade_downgrade_upgrade(empty_database_url: str) -> None:
     assert (await _inspect(url))[1] == {}
     await asyncio.to_thread(upgrade, url)
     assert (await _inspect(url))[0] == []
+
+
+async def _fillfactor(url: str, table: str = "connections") -> str | None:
+    engine = create_engine(url)
+    try:
+        async with engine.connect() as conn:
+            options = await conn.run_sync(lambda c: inspect(c).get_table_options(table))
+    finally:
+        await engine.dispose()
+    return options.get("postgresql_with", {}).get("fillfactor")
+
+
+async def test_connections_leave_room_for_hot_updates_on_postgresql(
+    empty_database_url: str, backend: str
+) -> None:
+    """Migration 0003 and the model (which rebuilds' shadow tables are created from) agree."""
+    if backend != "postgres":
+        pytest.skip("a PostgreSQL storage parameter")
+    url = empty_database_url
+    await asyncio.to_thread(upgrade, url)
+    assert await _fillfactor(url) == str(CONNECTIONS_FILLFACTOR)
+    await asyncio.to_thread(downgrade, url, "0002")
+    assert await _fillfactor(url) is None
+    engine = create_engine(url)
+    try:
+        async with engine.begin() as conn:
+            await conn.execute(CreateTable(generation("_probe").connections))
+    finally:
+        await engine.dispose()
+    assert await _fillfactor(url, "connections_probe") == str(CONNECTIONS_FILLFACTOR)
 
 
 def test_the_revision_history_is_linear() -> None:
