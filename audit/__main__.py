@@ -248,7 +248,7 @@ def main(argv: list[str] | None = None) -> None:
     r = sub.add_parser(
         "rebuild", help="rebuild the live read model without downtime (docs/rebuild.md)"
     )
-    r.add_argument("--batch-events", type=int, default=5000, help="records per shadow commit")
+    r.add_argument("--batch-events", type=int, default=20_000, help="records per shadow commit")
     r.add_argument(
         "--max-events-per-second",
         type=float,

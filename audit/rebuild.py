@@ -25,6 +25,7 @@ positions are equal it simply carries on: the rows are the fold up to those posi
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections.abc import Callable, Mapping
@@ -37,9 +38,9 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 from sqlalchemy.schema import CreateIndex, CreateTable, DropIndex
 
 from audit.log import LogReader
-from connection_tracker.events import Event, InvalidEvent, decode
+from connection_tracker.events import EventTuple, InvalidEvent, decode_record_tuple
 from connection_tracker.schema import LIVE, ReadModelTables, generation
-from projector.fold import ConnectionState, fold
+from projector.fold import ConnectionState, fold_tuples
 from projector.store import FencedError, ProjectionStore
 
 log = logging.getLogger(__name__)
@@ -180,7 +181,7 @@ class Rebuild:
         engine: AsyncEngine,
         reader: LogReader,
         *,
-        batch_events: int = 5000,
+        batch_events: int = 20_000,
         max_events_per_second: float | None = None,
         max_switch_gap: int = 2_000,
         lock_timeout_seconds: float = 2.0,
@@ -285,9 +286,28 @@ class Rebuild:
         start, end = await self._reader.beginning(parts), await self._reader.end(parts)
         bounds = {p: (max(self._positions[p], start[p]), end[p]) for p in parts}
         self.progress.total = self.progress.done + sum(max(0, e - s) for s, e in bounds.values())
-        async for records in self._reader.read(bounds, max_records=self._batch_events):
-            await self._apply(records, None)
-            await self._throttle()
+        # Batch N is written while batch N+1 is read, decoded and folded (the database's work
+        # overlaps this process's). The shadow has one writer, so N+1 simply starts where N
+        # ends; if N fails, the rebuild stops and resumes from the stored positions.
+        writing: asyncio.Task[None] | None = None
+        planned = dict(self._positions)
+        try:
+            async for records in self._reader.read(bounds, max_records=self._batch_events):
+                advances, states, events, invalid = _prepare(records, planned)
+                planned |= {p: new for p, (_, new) in advances.items()}
+                if writing is not None:
+                    await writing
+                writing = asyncio.create_task(
+                    self._commit(advances, states, events, invalid, len(records))
+                )
+                await self._throttle()
+            if writing is not None:
+                await writing
+        finally:
+            if writing is not None and not writing.done():
+                writing.cancel()
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await writing
         # A compacted or transactional range can end in offsets that hold no record: the read
         # has consumed them all the same.
         tail = {
@@ -297,18 +317,22 @@ class Rebuild:
             await self._write(tail, {}, None)
 
     async def _apply(self, records: list[Any], conn: AsyncConnection | None) -> None:
-        events: list[Event] = []
-        advances: dict[int, tuple[int, int]] = {}
-        for r in records:
-            try:
-                events.append(decode(r.value, r.key))
-            except InvalidEvent:
-                self._invalid += 1  # the live projector dead-letters it; it folds to nothing
-            expected = advances.get(r.partition, (self._positions[r.partition], 0))[0]
-            advances[r.partition] = (expected, r.offset + 1)
-        await self._write(advances, fold(events), conn)
-        self._events += len(events)
-        self.progress.done += len(records)
+        advances, states, events, invalid = _prepare(records, self._positions)
+        await self._commit(advances, states, events, invalid, len(records), conn)
+
+    async def _commit(
+        self,
+        advances: dict[int, tuple[int, int]],
+        states: Mapping[str, ConnectionState],
+        events: int,
+        invalid: int,
+        records: int,
+        conn: AsyncConnection | None = None,
+    ) -> None:
+        await self._write(advances, states, conn)
+        self._events += events
+        self._invalid += invalid
+        self.progress.done += records
         if self._on_batch is not None:
             self._on_batch(self.progress)
 
@@ -420,6 +444,25 @@ class Rebuild:
         }
         if tail:
             await self._write(tail, {}, conn)
+
+
+def _prepare(
+    records: list[Any], positions: Mapping[int, int]
+) -> tuple[dict[int, tuple[int, int]], dict[str, ConnectionState], int, int]:
+    """Decode and fold records that start at these positions: (advances, states, events,
+    invalid records). An invalid record is dead-lettered by the live projector and folds to
+    nothing here, but its offset is passed all the same."""
+    events: list[EventTuple] = []
+    invalid = 0
+    advances: dict[int, tuple[int, int]] = {}
+    for r in records:
+        try:
+            events.append(decode_record_tuple(r.value, r.key))
+        except InvalidEvent:
+            invalid += 1
+        expected = advances.get(r.partition, (positions[r.partition], 0))[0]
+        advances[r.partition] = (expected, r.offset + 1)
+    return advances, fold_tuples(events), len(events), invalid
 
 
 def _switch_ddl(conn: AsyncConnection, sqlite: bool) -> list[str]:

@@ -12,7 +12,7 @@ from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from audit.log import Bounds, LogReader, partition_for_key
-from connection_tracker.events import Event, InvalidEvent, decode
+from connection_tracker.events import Event, InvalidEvent, decode_record
 from connection_tracker.schema import connections, projection_offsets, pruned_connections
 from projector.fold import ConnectionState, apply
 from projector.store import row_to_state
@@ -37,7 +37,7 @@ async def fold_log(reader: LogReader, bounds: Bounds) -> Replay:
     async for batch in reader.read(bounds):
         for record in batch:
             try:
-                replay.add(decode(record.value, record.key))
+                replay.add(decode_record(record.value, record.key))
             except InvalidEvent:
                 replay.invalid += 1  # the projector dead-letters these; they fold to nothing
     return replay
@@ -76,7 +76,9 @@ async def history(
             if r.key != key:
                 continue
             try:
-                yield HistoryEntry(r.partition, r.offset, r.timestamp, decode(r.value, r.key))
+                yield HistoryEntry(
+                    r.partition, r.offset, r.timestamp, decode_record(r.value, r.key)
+                )
             except InvalidEvent as exc:
                 yield HistoryEntry(r.partition, r.offset, r.timestamp, None, str(exc))
 

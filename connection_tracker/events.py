@@ -202,6 +202,21 @@ def decode_tuple(value: bytes | None, key: bytes | None = None) -> EventTuple:
 _parse = pb.ConnectionEvent.FromString
 
 
+def decode_record_tuple(value: bytes | None, key: bytes | None) -> EventTuple:
+    """decode_tuple() of a record of the events topic, whose key must be its connection_id. A
+    keyless record may sit on any partition, out of order with the connection's other events
+    and outside the projector's partition fence: the projector dead-letters it, so every replay
+    (verify, as-of, rebuild) must leave it out alike."""
+    if key is None:
+        raise InvalidEvent("record has no key (the key must be connection_id)")
+    return decode_tuple(value, key)
+
+
+def decode_record(value: bytes | None, key: bytes | None) -> Event:
+    """decode() of a record of the events topic (see decode_record_tuple)."""
+    return _new_event(*decode_record_tuple(value, key))
+
+
 def _reject_ids(*ids: str) -> NoReturn:
     for name, v in zip(("event_id", "connection_id", "gateway_id"), ids, strict=True):
         if not v:

@@ -29,7 +29,7 @@ from aiokafka.errors import KafkaError
 from sqlalchemy.exc import DBAPIError, OperationalError
 from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 
-from connection_tracker.events import EventTuple, InvalidEvent, decode_tuple
+from connection_tracker.events import EventTuple, InvalidEvent, decode_record_tuple
 from connection_tracker.settings import Settings
 from projector.dead_letter import DeadLetterPublisher, Rejected
 from projector.fold import ConnectionState, fold_tuples
@@ -392,11 +392,7 @@ class Projector:
                 continue
             for record in fresh:
                 try:
-                    if record.key is None:
-                        # A keyless record may sit on any partition, out of order with the
-                        # connection's other events and outside the partition fence.
-                        raise InvalidEvent("record has no key (the key must be connection_id)")
-                    events.append(decode_tuple(record.value, record.key))
+                    events.append(decode_record_tuple(record.value, record.key))
                 except InvalidEvent as exc:
                     rejected.append(Rejected.of(record, str(exc)))
             advances[tp.partition] = (expected, fresh[-1].offset + 1)

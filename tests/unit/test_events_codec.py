@@ -25,6 +25,8 @@ from connection_tracker.events import (
     InvalidEvent,
     Payload,
     decode,
+    decode_record,
+    decode_record_tuple,
     decode_tuple,
     encode,
     upcast,
@@ -91,6 +93,18 @@ def message(**fields: object) -> pb.ConnectionEvent:
         else:
             setattr(msg, name, value)
     return msg
+
+
+def test_a_record_of_the_events_topic_needs_its_key() -> None:
+    event = Event("e", "c", "gw", MIN_TIME_NS + 1, Activity(1))
+    assert decode_record(encode(event), b"c") == event
+    assert decode_record_tuple(encode(event), b"c") == decode_tuple(encode(event), b"c")
+    assert decode(encode(event)) == event  # a message on its own needs no key
+    for decoder in (decode_record, decode_record_tuple):
+        with pytest.raises(InvalidEvent, match="record has no key"):
+            decoder(encode(event), None)
+        with pytest.raises(InvalidEvent, match="key does not equal"):
+            decoder(encode(event), b"other")
 
 
 def test_a_valid_message_decodes_with_exact_nanoseconds() -> None:
