@@ -11,6 +11,8 @@ from typing import Any
 
 from aiokafka import AIOKafkaConsumer, TopicPartition
 
+from audit.log import LogReader
+from audit.rebuild import Rebuild
 from bench.procstat import CpuUse, CpuWindow
 from connection_tracker.database import create_engine
 from connection_tracker.events import decode
@@ -197,5 +199,38 @@ async def projector_catch_up(
             cpu=use,
             rows=await store.count(),
         )
+    finally:
+        await engine.dispose()
+
+
+@dataclass(frozen=True)
+class Rebuilt:
+    """`conntrack-audit rebuild` (audit.rebuild.Rebuild) from an empty read model to the end
+    of a pre-loaded topic, switch included."""
+
+    events: int
+    seconds: float
+    cpu: CpuUse
+    rows: int
+
+    @property
+    def rate(self) -> float:
+        return self.events / self.seconds if self.seconds > 0 else 0.0
+
+
+async def rebuild(bootstrap: str, topic: str, database_url: str) -> Rebuilt:
+    """Run the rebuild command's code in this process, from constructing its log reader to
+    the committed switch; then check the live read model holds the rows."""
+    engine = create_engine(database_url)
+    try:
+        started = time.perf_counter()
+        cpu = CpuWindow()
+        async with LogReader(bootstrap, topic) as reader:
+            result = await Rebuild(engine, reader).run()
+        seconds = time.perf_counter() - started
+        use = cpu.finish()
+        if result.invalid:
+            raise RuntimeError(f"the rebuild found {result.invalid} invalid records")
+        return Rebuilt(result.events, seconds, use, await ProjectionStore(engine).count())
     finally:
         await engine.dispose()
