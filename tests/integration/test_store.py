@@ -4,6 +4,7 @@ test once per backend)."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import random
 
 import pytest
@@ -86,6 +87,40 @@ async def test_two_writers_with_the_same_expected_offset_one_wins(database_url: 
         winner = next(i for i, r in enumerate(results) if not isinstance(r, BaseException))
         assert await stores[0].all_positions() == {(TOPIC, 0): 5 + winner}
         assert await stores[0].all_states() == states[winner]
+    finally:
+        for e in engines:
+            await e.dispose()
+
+
+async def test_writers_of_different_partitions_merge_the_same_rows_correctly(
+    database_url: str,
+) -> None:
+    """After a change of the partition count, one connection's events can sit in two partitions
+    with two owners, whose batches then write the same rows at the same time (new rows too)."""
+    rnd = random.Random(5)
+    engines = [create_engine(database_url), create_engine(database_url)]
+    try:
+        stores = [ProjectionStore(e) for e in engines]
+        await stores[0].positions(TOPIC, [0, 1])
+        logs: list[list[Event]] = [[], []]
+        for round_ in range(8):
+            batches = [random_events(rnd, f"r{round_}w{w}", 300, 40) for w in range(2)]
+            # The same connection ids on both sides.
+            batches = [
+                [dataclasses.replace(e, connection_id=e.connection_id.split("-")[-1]) for e in b]
+                for b in batches
+            ]
+            await asyncio.gather(
+                *(
+                    stores[w].apply_batch(
+                        TOPIC, {w: (round_ * 300, (round_ + 1) * 300)}, fold(batches[w])
+                    )
+                    for w in range(2)
+                )
+            )
+            for w in range(2):
+                logs[w] += batches[w]
+        assert await stores[0].all_states() == fold(logs[0] + logs[1])
     finally:
         for e in engines:
             await e.dispose()
