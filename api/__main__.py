@@ -33,7 +33,12 @@ async def serve(settings: Settings) -> int:
     )
     try:
         try:
-            server = ApiServer.from_settings(ConnectionRepository(engine), settings)
+            repository = ConnectionRepository(
+                engine,
+                batch_max_ids=settings.api_batch_max_ids,
+                batch_max_in_flight=settings.api_batch_max_in_flight,
+            )
+            server = ApiServer.from_settings(repository, settings)
             await server.start()
         except (TlsConfigError, TokenConfigError, OSError) as exc:
             log.error("cannot start: %s", exc)

@@ -3,17 +3,21 @@ and a readiness probe. Every database failure surfaces as ReadModelUnavailable."
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import bindparam, select
+import asyncpg
+from sqlalchemy import String, any_, bindparam, select
+from sqlalchemy.dialects.postgresql import ARRAY
 from sqlalchemy.engine import Row, make_url
 from sqlalchemy.exc import DBAPIError, SQLAlchemyError
-from sqlalchemy.ext.asyncio import AsyncEngine
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 from sqlalchemy.sql import Executable
 
+from api.batching import CoalescingLoader, LoaderStats
 from connection_tracker.database import create_engine
 from connection_tracker.schema import connections, projection_offsets
 
@@ -45,17 +49,23 @@ class PartitionPosition:
 
 # Built once: SQLAlchemy then finds the compiled form in its cache by the statement's memoized
 # key, where a statement built per call would be traversed to compute its key on every Get.
-_OPEN = select(
+_OPEN_COLUMNS = select(
     connections.c.connection_id,
     connections.c.gateway_id,
     connections.c.source_ip,
     connections.c.user_agent,
     connections.c.connected_at_ns,
     connections.c.last_active_at_ns,
-).where(
-    connections.c.connection_id == bindparam("connection_id"),
-    connections.c.connected_at_ns.is_not(None),
-    connections.c.disconnected_at_ns.is_(None),
+)
+_IS_OPEN = (connections.c.connected_at_ns.is_not(None), connections.c.disconnected_at_ns.is_(None))
+# One array parameter: the statement text (and so asyncpg's prepared statement) is the same
+# whatever the number of ids, where an IN list would prepare one statement per batch size.
+_OPEN_MANY_PG = _OPEN_COLUMNS.where(
+    connections.c.connection_id == any_(bindparam("ids", type_=ARRAY(String))), *_IS_OPEN
+)
+# SQLite has no arrays; its statements are cheap to prepare, so an expanding IN is fine.
+_OPEN_MANY = _OPEN_COLUMNS.where(
+    connections.c.connection_id.in_(bindparam("ids", expanding=True)), *_IS_OPEN
 )
 
 _POSITIONS = select(
@@ -98,12 +108,112 @@ def create_read_engine(
     return create_engine(url, **kwargs)
 
 
-class ConnectionRepository:
-    def __init__(self, engine: AsyncEngine) -> None:
+class _ConnectionLost(Exception):
+    """A held connection turned out dead (PostgreSQL restarted, the session was terminated)."""
+
+
+@dataclass(frozen=True, slots=True)
+class _Held:
+    connection: AsyncConnection
+    driver: Any  # the asyncpg.Connection under it
+
+
+class _HeldConnections:
+    """PostgreSQL connections taken from the engine's pool once and kept between batch queries
+    (at most one per query in flight), each query sent straight through asyncpg with asyncpg's
+    own prepared-statement cache. Per query this skips SQLAlchemy's pool checkout and checkin
+    and its execution machinery, which together cost about as much CPU as the rest of a Get
+    (docs/api.md, "How a Get is answered"). SQLAlchemy still makes the connections, so they
+    get the engine's settings (autocommit, application_name, timeouts)."""
+
+    def __init__(self, engine: AsyncEngine, sql: str) -> None:
         self._engine = engine
+        self._sql = sql
+        self._idle: list[_Held] = []
+
+    async def fetch(self, *args: Any) -> list[Any]:
+        """The statement's rows; raises _ConnectionLost for a connection that turned out dead,
+        ReadModelUnavailable for every other database failure."""
+        held = self._idle.pop() if self._idle else await self._take()
+        try:
+            rows: list[Any] = await held.driver.fetch(self._sql, *args)
+        except Exception as exc:
+            if held.driver.is_closed():
+                await self._drop(held)
+                raise _ConnectionLost(_describe(exc)) from exc
+            if isinstance(exc, asyncpg.PostgresError):
+                # The server refused this statement (e.g. statement_timeout, a missing table);
+                # the session itself is fine.
+                self._idle.append(held)
+            else:
+                await self._drop(held)
+            raise ReadModelUnavailable(_describe(exc)) from exc
+        except BaseException:
+            # Cancelled (every caller left): closing the socket is what stops PostgreSQL
+            # working on the query (client_connection_check_interval), and leaves no doubt
+            # about the connection's state.
+            held.driver.terminate()
+            await asyncio.shield(self._drop(held))
+            raise
+        self._idle.append(held)
+        return rows
+
+    async def _take(self) -> _Held:
+        try:
+            connection = await self._engine.connect()
+        except (SQLAlchemyError, OSError) as exc:
+            raise ReadModelUnavailable(_describe(exc)) from exc
+        try:
+            raw = await connection.get_raw_connection()
+        except BaseException:
+            await connection.close()
+            raise
+        return _Held(connection, raw.driver_connection)
+
+    async def _drop(self, held: _Held) -> None:
+        await held.connection.invalidate()
+        await held.connection.close()
+
+    async def release(self) -> None:
+        """Give the held connections back to the engine's pool."""
+        idle, self._idle = self._idle, []
+        for held in idle:
+            await held.connection.close()
+
+
+class ConnectionRepository:
+    """Concurrent get_open() calls share one query (api/batching.py): batch_max_ids caps the ids
+    per query, batch_max_in_flight the queries running at once (docs/api.md, "How a Get is
+    answered"). Call release_connections() when done serving (ApiServer.stop() does)."""
+
+    def __init__(
+        self, engine: AsyncEngine, *, batch_max_ids: int = 256, batch_max_in_flight: int = 1
+    ) -> None:
+        self._engine = engine
+        postgresql = engine.dialect.name == "postgresql"
         # PostgreSQL text cannot hold NUL, so no stored id contains one; asking would only
-        # make the server reject the parameter.
-        self._nul_is_unstorable = engine.dialect.name == "postgresql"
+        # make the server reject the parameter (and fail every other id in its batch).
+        self._nul_is_unstorable = postgresql
+        self._open_many = _OPEN_MANY_PG if postgresql else _OPEN_MANY
+        self._held = (
+            _HeldConnections(engine, str(_OPEN_MANY_PG.compile(dialect=engine.dialect)))
+            if postgresql
+            else None
+        )
+        self._open = CoalescingLoader(
+            self._fetch_open, max_keys=batch_max_ids, max_in_flight=batch_max_in_flight
+        )
+
+    def read_stats(self) -> LoaderStats:
+        """How Get lookups were batched into queries (for metrics and tests)."""
+        return self._open.stats()
+
+    async def release_connections(self) -> None:
+        """Waits for running queries, then returns held connections to the engine's pool (later
+        reads take them again)."""
+        await self._open.wait_idle()
+        if self._held is not None:
+            await self._held.release()
 
     async def _read(
         self, statement: Executable, parameters: Mapping[str, Any] | None = None
@@ -127,21 +237,25 @@ class ConnectionRepository:
         raise AssertionError("unreachable: the second attempt returns or raises")
 
     async def get_open(self, connection_id: str) -> ConnectionView | None:
-        """The connection if it is known and has not disconnected, else None."""
+        """The connection if it is known and has not disconnected, else None. Concurrent calls
+        share one query (see CoalescingLoader)."""
         if self._nul_is_unstorable and "\x00" in connection_id:
             return None
-        rows = await self._read(_OPEN, {"connection_id": connection_id})
-        if not rows:
-            return None
-        row = rows[0]
-        return ConnectionView(
-            id=row.connection_id,
-            gateway_id=row.gateway_id or "",
-            source_ip=row.source_ip or "",
-            user_agent=row.user_agent or "",
-            connected_at_ns=row.connected_at_ns,
-            last_active_at_ns=row.last_active_at_ns or row.connected_at_ns,
-        )
+        return await self._open.load(connection_id)
+
+    async def _fetch_open(self, connection_ids: Sequence[str]) -> dict[str, ConnectionView]:
+        if self._held is None:
+            rows = await self._read(self._open_many, {"ids": connection_ids})
+        else:
+            try:
+                rows = await self._held.fetch(connection_ids)
+            except _ConnectionLost as exc:
+                # The ordinary path: SQLAlchemy also discards every connection pooled before the
+                # dead one (and retries once more if the next one is dead as well).
+                log.info("read model connection was dead (%s); retrying once", exc)
+                rows = await self._read(self._open_many, {"ids": connection_ids})
+        views = map(_view, rows)
+        return {view.id: view for view in views}
 
     async def positions(self) -> tuple[PartitionPosition, ...]:
         """How far the projection has applied each partition (its stored next offsets)."""
@@ -151,6 +265,18 @@ class ConnectionRepository:
     async def ping(self) -> None:
         """Raises ReadModelUnavailable unless the read model answers a query on its table."""
         await self._read(_READY)
+
+
+def _view(row: Sequence[Any]) -> ConnectionView:
+    # By position: SQLAlchemy rows and asyncpg records both index, with different name APIs.
+    return ConnectionView(
+        id=row[0],
+        gateway_id=row[1] or "",
+        source_ip=row[2] or "",
+        user_agent=row[3] or "",
+        connected_at_ns=row[4],
+        last_active_at_ns=row[5] or row[4],
+    )
 
 
 def _describe(exc: BaseException) -> str:

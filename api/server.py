@@ -58,6 +58,7 @@ class ApiServer:
         self._metrics_port = metrics_port
         self._metrics_addr = metrics_addr
         self.metrics = ApiMetrics()
+        self.metrics.track_reads(repository.read_stats)
         self._service = ConnectionService(
             repository,
             db_timeout_seconds=db_timeout_seconds,
@@ -192,7 +193,8 @@ class ApiServer:
                 log.exception("health probe failed")
 
     async def stop(self) -> None:
-        """Stop accepting calls, let in-flight calls finish within the grace period."""
+        """Stop accepting calls, let in-flight calls finish within the grace period, then give
+        the connections the repository holds back to the engine's pool."""
         server, self._server = self._server, None
         if server is None:
             return
@@ -202,6 +204,7 @@ class ApiServer:
                 await self._health_task
         await self._health.enter_graceful_shutdown()
         await server.stop(self._grace)
+        await self._repository.release_connections()
         self.metrics.stop_http()
         log.info("stopped")
         self._stopped.set()

@@ -40,6 +40,10 @@ class Settings(BaseSettings):
     api_db_timeout_seconds: float = Field(5.0, gt=0)
     api_db_pool_size: int = Field(10, ge=1)
     api_freshness_ttl_ms: int = Field(1000, ge=0)
+    # Get coalescing (api/batching.py): concurrent lookups share one query of at most
+    # batch_max_ids ids; at most batch_max_in_flight such queries run at once.
+    api_batch_max_ids: int = Field(256, ge=1)
+    api_batch_max_in_flight: int = Field(1, ge=1)
     metrics_port: int = Field(0, description="Prometheus metrics port; 0 disables the endpoint.")
     log_level: str = Field("INFO", description="Python logging level.")
 
