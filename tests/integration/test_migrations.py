@@ -79,7 +79,8 @@ async def _fillfactor(url: str, table: str = "connections") -> str | None:
             options = await conn.run_sync(lambda c: inspect(c).get_table_options(table))
     finally:
         await engine.dispose()
-    return options.get("postgresql_with", {}).get("fillfactor")
+    fillfactor = options.get("postgresql_with", {}).get("fillfactor")
+    return None if fillfactor is None else str(fillfactor)
 
 
 async def test_connections_leave_room_for_hot_updates_on_postgresql(
