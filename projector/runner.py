@@ -101,6 +101,8 @@ class Projector:
         self._unpositioned_since: dict[TopicPartition, float] = {}
         # Where the batch being written leaves its partitions (the next one starts there).
         self._in_flight_ends: dict[TopicPartition, int] = {}
+        self._group_offsets_due: dict[TopicPartition, int] = {}
+        self._group_committer: asyncio.Task[None] | None = None
         # Records (events and dead letters) this process has committed: over clean runs of all
         # processes of a group these add up to the log's length, each record exactly once.
         self.records_committed = 0
@@ -174,6 +176,7 @@ class Projector:
 
     def _forget(self, revoked: list[TopicPartition]) -> None:
         for tp in revoked:
+            self._group_offsets_due.pop(tp, None)
             if self._expected.pop(tp, None) is not None:
                 labels = (tp.topic, str(tp.partition))
                 for gauge in (self.metrics.lag, self.metrics.last_offset):
@@ -273,6 +276,7 @@ class Projector:
                 # Stopping: the batch in flight is finished (or abandoned if its database is
                 # unavailable); a prepared one is simply not written and will be read again.
                 await self._finished(in_flight)
+            await self._flush_group_offsets()
             log.info(
                 "event=stopped records_committed=%d positions=%s",
                 self.records_committed,
@@ -461,11 +465,38 @@ class Projector:
             elapsed,
             ",".join(f"{p}:{a[0]}-{a[1]}" for p, a in sorted(advances.items())),
         )
-        try:
-            if commit:
-                await self._consumer.commit(commit)
-        except KafkaError as exc:  # only lag tools read these; the database is the truth
-            log.info("event=group_commit_failed error=%r; the read model is unaffected", str(exc))
+        if commit:
+            self._commit_group_offsets_soon(commit)
+
+    def _commit_group_offsets_soon(self, offsets: dict[TopicPartition, int]) -> None:
+        """Commit Kafka group offsets in the background: only lag tools read them (the database
+        is the truth), and waiting for the broker's answer (often 5-20 ms) after every batch
+        would delay the next batch and so the freshness of the read model. One commit at a
+        time; positions that arrive meanwhile are merged and go in the next one."""
+        self._group_offsets_due.update(offsets)
+        if self._group_committer is None or self._group_committer.done():
+            self._group_committer = asyncio.create_task(self._commit_group_offsets())
+
+    async def _commit_group_offsets(self) -> None:
+        while self._group_offsets_due:
+            due, self._group_offsets_due = self._group_offsets_due, {}
+            assigned = self._consumer.assignment()
+            mine = {tp: offset for tp, offset in due.items() if tp in assigned}
+            try:
+                if mine:
+                    await self._consumer.commit(mine)
+            except KafkaError as exc:  # only lag tools read these; the database is the truth
+                log.info(
+                    "event=group_commit_failed error=%r; the read model is unaffected", str(exc)
+                )
+
+    async def _flush_group_offsets(self) -> None:
+        """Wait (briefly) for the last group-offset commit, so lag tools see the final
+        positions after a clean stop."""
+        committer = self._group_committer
+        if committer is not None:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(committer, 10)
 
     async def _already_committed(self, advances: dict[int, tuple[int, int]]) -> bool:
         """Whether every partition of the batch is stored exactly at the batch's end."""
