@@ -45,6 +45,9 @@ T = TypeVar("T")
 _TRANSIENT = (OperationalError, DBAPIError, PoolTimeoutError, OSError, KafkaError)
 
 
+# Records between yields to the event loop while a batch is fetched and decoded (a few ms).
+_YIELD_EVERY = 1000
+
 # How long a partition may stay assigned without a stored position before the loop seeks it.
 _STRAGGLER_GRACE_S = 5.0
 
@@ -256,7 +259,7 @@ class Projector:
                     planned = dict(self._expected)
                     if in_flight is not None:
                         planned |= self._in_flight_ends
-                    prepared = self._prepare(batch, planned)
+                    prepared = await self._prepare(batch, planned)
                 if in_flight is not None:
                     task, in_flight = in_flight, None
                     if not await self._finished(task):
@@ -343,10 +346,25 @@ class Projector:
             await self._seek_to_stored(late)
 
     async def _fetch(self) -> dict[TopicPartition, list[Any]]:
+        """Up to batch_max_events records, waiting at most batch_max_wait_ms for the first.
+        Taken from the fetch buffer in slices of _YIELD_EVERY with a yield to the event loop in
+        between (unpacking records is CPU work that would otherwise hold the loop, and with it
+        the batch in flight, for the whole batch)."""
         s = self._settings
+        want = s.batch_max_events
+        size = min(_YIELD_EVERY, want)
         batch: dict[TopicPartition, list[Any]] = await self._consumer.getmany(
-            timeout_ms=s.batch_max_wait_ms, max_records=s.batch_max_events
+            timeout_ms=s.batch_max_wait_ms, max_records=size
         )
+        last = taken = sum(map(len, batch.values()))
+        while last == size and taken < want:  # a full slice: there may be more buffered
+            await asyncio.sleep(0)
+            size = min(_YIELD_EVERY, want - taken)
+            more = await self._consumer.getmany(timeout_ms=0, max_records=size)
+            for tp, records in more.items():
+                batch.setdefault(tp, []).extend(records)
+            last = sum(map(len, more.values()))
+            taken += last
         return batch
 
     def _update_lag(self) -> None:
@@ -363,14 +381,18 @@ class Projector:
     async def apply(self, batch: dict[TopicPartition, list[Any]]) -> None:
         """Apply one getmany() result on its own (no pipelining). Raises Abandoned if stopped
         while waiting to retry."""
-        prepared = self._prepare(batch, self._expected)
+        prepared = await self._prepare(batch, self._expected)
         if prepared is not None:
             await self._commit(prepared)
 
-    def _prepare(
+    async def _prepare(
         self, batch: dict[TopicPartition, list[Any]], positions: Mapping[TopicPartition, int]
     ) -> _Prepared | None:
-        """Decode and fold one getmany() result that is to start at these positions. No I/O."""
+        """Decode and fold one getmany() result that is to start at these positions. No I/O,
+        but it yields to the event loop every _YIELD_EVERY records: the batch in flight needs
+        the loop for each of its round trips, and only once its big statement is with the
+        database do the two overlap."""
+        since_yield = 0
         events: list[EventTuple] = []
         rejected: list[Rejected] = []
         advances: dict[int, tuple[int, int]] = {}
@@ -399,6 +421,10 @@ class Projector:
                     events.append(decode_record_tuple(record.value, record.key))
                 except InvalidEvent as exc:
                     rejected.append(Rejected.of(record, str(exc)))
+                since_yield += 1
+                if since_yield == _YIELD_EVERY:
+                    since_yield = 0
+                    await asyncio.sleep(0)
             advances[tp.partition] = (expected, fresh[-1].offset + 1)
             records_in_batch += len(fresh)
         if not advances:
