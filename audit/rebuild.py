@@ -289,20 +289,28 @@ class Rebuild:
         # Batch N is written while batch N+1 is read, decoded and folded (the database's work
         # overlaps this process's). The shadow has one writer, so N+1 simply starts where N
         # ends; if N fails, the rebuild stops and resumes from the stored positions.
+        # Records are read and decoded in slices with a yield to the event loop in between, so
+        # the batch in flight gets through its round trips while the next one is assembled.
         writing: asyncio.Task[None] | None = None
         planned = dict(self._positions)
+        batch = _Batch(planned)
         try:
-            async for records in self._reader.read(bounds, max_records=self._batch_events):
-                advances, states, events, invalid = _prepare(records, planned)
-                planned |= {p: new for p, (_, new) in advances.items()}
+            slice_size = min(_SLICE, self._batch_events)
+            async for records in self._reader.read(bounds, max_records=slice_size):
+                batch.add(records)
+                await asyncio.sleep(0)
+                if batch.records < self._batch_events:
+                    continue
+                planned |= {p: new for p, (_, new) in batch.advances.items()}
                 if writing is not None:
                     await writing
-                writing = asyncio.create_task(
-                    self._commit(advances, states, events, invalid, len(records))
-                )
+                writing = asyncio.create_task(self._commit(batch))
+                batch = _Batch(planned)
                 await self._throttle()
             if writing is not None:
                 await writing
+            if batch.records:
+                await self._commit(batch)
         finally:
             if writing is not None and not writing.done():
                 writing.cancel()
@@ -317,22 +325,15 @@ class Rebuild:
             await self._write(tail, {}, None)
 
     async def _apply(self, records: list[Any], conn: AsyncConnection | None) -> None:
-        advances, states, events, invalid = _prepare(records, self._positions)
-        await self._commit(advances, states, events, invalid, len(records), conn)
+        batch = _Batch(self._positions)
+        batch.add(records)
+        await self._commit(batch, conn)
 
-    async def _commit(
-        self,
-        advances: dict[int, tuple[int, int]],
-        states: Mapping[str, ConnectionState],
-        events: int,
-        invalid: int,
-        records: int,
-        conn: AsyncConnection | None = None,
-    ) -> None:
-        await self._write(advances, states, conn)
-        self._events += events
-        self._invalid += invalid
-        self.progress.done += records
+    async def _commit(self, batch: _Batch, conn: AsyncConnection | None = None) -> None:
+        await self._write(batch.advances, fold_tuples(batch.events), conn)
+        self._events += len(batch.events)
+        self._invalid += batch.invalid
+        self.progress.done += batch.records
         if self._on_batch is not None:
             self._on_batch(self.progress)
 
@@ -446,23 +447,32 @@ class Rebuild:
             await self._write(tail, {}, conn)
 
 
-def _prepare(
-    records: list[Any], positions: Mapping[int, int]
-) -> tuple[dict[int, tuple[int, int]], dict[str, ConnectionState], int, int]:
-    """Decode and fold records that start at these positions: (advances, states, events,
-    invalid records). An invalid record is dead-lettered by the live projector and folds to
+# Records per read from the log (the unit between yields to the event loop).
+_SLICE = 1000
+
+
+class _Batch:
+    """The decoded records of one shadow transaction, added slice by slice from positions
+    where it starts. An invalid record is dead-lettered by the live projector and folds to
     nothing here, but its offset is passed all the same."""
-    events: list[EventTuple] = []
-    invalid = 0
-    advances: dict[int, tuple[int, int]] = {}
-    for r in records:
-        try:
-            events.append(decode_record_tuple(r.value, r.key))
-        except InvalidEvent:
-            invalid += 1
-        expected = advances.get(r.partition, (positions[r.partition], 0))[0]
-        advances[r.partition] = (expected, r.offset + 1)
-    return advances, fold_tuples(events), len(events), invalid
+
+    def __init__(self, positions: Mapping[int, int]) -> None:
+        self._positions = dict(positions)
+        self.events: list[EventTuple] = []
+        self.invalid = 0
+        self.records = 0
+        self.advances: dict[int, tuple[int, int]] = {}
+
+    def add(self, records: list[Any]) -> None:
+        advances = self.advances
+        for r in records:
+            try:
+                self.events.append(decode_record_tuple(r.value, r.key))
+            except InvalidEvent:
+                self.invalid += 1
+            expected = advances.get(r.partition, (self._positions[r.partition], 0))[0]
+            advances[r.partition] = (expected, r.offset + 1)
+        self.records += len(records)
 
 
 def _switch_ddl(conn: AsyncConnection, sqlite: bool) -> list[str]:
