@@ -15,9 +15,9 @@ from audit.log import LogReader
 from audit.rebuild import Rebuild
 from bench.procstat import CpuUse, CpuWindow
 from connection_tracker.database import create_engine
-from connection_tracker.events import decode
+from connection_tracker.events import decode, decode_record_tuple
 from connection_tracker.settings import Settings
-from projector.fold import fold
+from projector.fold import fold, fold_tuples
 from projector.runner import Projector
 from projector.store import ProjectionStore
 
@@ -89,10 +89,13 @@ async def raw_consume(
 async def decode_and_fold(
     bootstrap: str, topic: str, partitions: int, total: int, timeout_s: float = 300
 ) -> Timed:
-    """What the projector does before the database: decode every record, fold each batch."""
+    """What the projector does before the database, with the projector's own functions:
+    decode every record (decode_record_tuple), fold each batch (fold_tuples)."""
 
     def work(batch: dict[TopicPartition, list[Any]]) -> None:
-        fold([decode(r.value, r.key) for records in batch.values() for r in records])
+        fold_tuples(
+            [decode_record_tuple(r.value, r.key) for records in batch.values() for r in records]
+        )
 
     return await _drain(bootstrap, topic, partitions, total, work, timeout_s)
 
