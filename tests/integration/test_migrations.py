@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
-import pytest
 from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
 from alembic.script import ScriptDirectory
@@ -87,10 +86,12 @@ async def test_connections_leave_room_for_hot_updates_on_postgresql(
     empty_database_url: str, backend: str
 ) -> None:
     """Migration 0003 and the model (which rebuilds' shadow tables are created from) agree."""
-    if backend != "postgres":
-        pytest.skip("a PostgreSQL storage parameter")
     url = empty_database_url
     await asyncio.to_thread(upgrade, url)
+    if backend != "postgres":
+        # A PostgreSQL storage parameter: SQLite has no such option, and the migration is a no-op.
+        assert await _fillfactor(url) is None
+        return
     assert await _fillfactor(url) == str(CONNECTIONS_FILLFACTOR)
     await asyncio.to_thread(downgrade, url, "0002")
     assert await _fillfactor(url) is None
