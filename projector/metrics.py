@@ -52,6 +52,12 @@ class ProjectorMetrics:
             "Batches rolled back because another projector had moved the partition on.",
             registry=r,
         )
+        self.prepared_dropped = Counter(
+            "conntrack_projector_prepared_batches_dropped",
+            "Batches decoded while the previous one was written, then dropped and read again "
+            "because their partitions' positions had moved meanwhile.",
+            registry=r,
+        )
         self.retries = Counter(
             "conntrack_projector_retries",
             "Retries after a database or broker error.",

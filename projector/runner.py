@@ -312,6 +312,7 @@ class Projector:
     def _rewind(self, prepared: _Prepared) -> None:
         """Drop a prepared batch that is no longer current: its partitions that are still
         owned are sought back to their positions, so their records are read again."""
+        self.metrics.prepared_dropped.inc()
         owned = self._consumer.assignment()
         for p in prepared.advances:
             tp = TopicPartition(self._topic, p)

@@ -7,6 +7,7 @@ import asyncio
 import contextlib
 import random
 from collections.abc import AsyncIterator, Iterable, Mapping
+from typing import Any
 
 import pytest
 from sqlalchemy.exc import OperationalError
@@ -122,6 +123,77 @@ async def test_a_rival_moving_the_partition_on_fences_the_batch(
         if (m.partition, m.offset) not in claimed
     ]
     assert await store.all_states() == fold(events[:300] + applied)
+
+
+class HeldFirstWrite(ProjectionStore):
+    """The first batch's write waits until released, so the projector prepares the next batch
+    meanwhile (its pipelining), and the test can move positions under both."""
+
+    def __init__(self, engine: AsyncEngine) -> None:
+        super().__init__(engine)
+        self.writing = asyncio.Event()
+        self.release = asyncio.Event()
+        self.calls = 0
+
+    async def apply_batch(
+        self,
+        topic: str,
+        advances: Mapping[int, tuple[int, int]],
+        states: Mapping[str, ConnectionState],
+    ) -> BatchResult:
+        self.calls += 1
+        if self.calls == 1:
+            self.writing.set()
+            await self.release.wait()
+        return await super().apply_batch(topic, advances, states)
+
+
+async def test_a_batch_prepared_behind_a_fenced_one_is_dropped_and_read_again(
+    kafka_settings: Settings, engine: AsyncEngine
+) -> None:
+    s = kafka_settings.model_copy(update={"batch_max_events": 60})
+    store = HeldFirstWrite(engine)
+    events = make_events(random.Random(13), "p", 600, 100)
+    records = as_records(events)
+    prepared = 0
+    original = Projector._prepare
+
+    async def counting(self: Projector, *args: Any) -> Any:
+        nonlocal prepared
+        prepared += 1
+        return await original(self, *args)
+
+    skip = 2
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(Projector, "_prepare", counting)
+        async with running(Projector(s, store)) as projector:
+            metas = await publish(s.kafka_bootstrap_servers, s.events_topic, records)
+            await asyncio.wait_for(store.writing.wait(), 30)
+            for _ in range(200):  # until the next batch has been prepared behind the first
+                if prepared >= 2:
+                    break
+                await asyncio.sleep(0.05)
+            assert prepared >= 2
+            # A rival claims the next `skip` records of every partition: the held batch is
+            # fenced, and the one prepared from the positions it would have left must not be
+            # written (it would start where nothing was stored).
+            before = await store.positions(s.events_topic, range(3))
+            await store.apply_batch(
+                s.events_topic, {p: (o, o + skip) for p, o in before.items()}, {}
+            )
+            store.release.set()
+            await wait_caught_up(store, s)
+            dropped = projector.metrics.registry.get_sample_value(
+                "conntrack_projector_prepared_batches_dropped_total"
+            )
+            assert fenced(projector) >= 1
+            assert dropped is not None
+            assert dropped >= 1
+    claimed = {(p, o) for p, start in before.items() for o in range(start, start + skip)}
+    applied = [
+        e for e, m in zip(events, metas, strict=True) if (m.partition, m.offset) not in claimed
+    ]
+    assert await store.all_states() == fold(applied)
 
 
 class FirstPositionsReadFails(ProjectionStore):
