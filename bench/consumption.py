@@ -7,13 +7,16 @@ import asyncio
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from aiokafka import AIOKafkaConsumer, TopicPartition
 
 from audit.log import LogReader
 from audit.rebuild import Rebuild
+from bench.infra import settings_environment
 from bench.procstat import CpuUse, CpuWindow
+from bench.services import projector_service
 from connection_tracker.database import create_engine
 from connection_tracker.events import decode, decode_record_tuple
 from connection_tracker.settings import Settings
@@ -236,4 +239,42 @@ async def rebuild(bootstrap: str, topic: str, database_url: str) -> Rebuilt:
             raise RuntimeError(f"the rebuild found {result.invalid} invalid records")
         return Rebuilt(result.events, seconds, use, await ProjectionStore(engine).count())
     finally:
+        await engine.dispose()
+
+
+async def processes_catch_up(
+    settings: Settings,
+    end: dict[int, int],
+    processes: int,
+    log_dir: Path,
+    timeout_s: float,
+) -> Timed:
+    """`processes` `conntrack-projector` subprocesses in one consumer group (they split the
+    partitions), from starting them to their stored positions reaching `end`: start-up and
+    group joins (the second member's join makes the group rebalance) are included, as they are
+    for an operator who scales out."""
+    env = settings_environment(settings)
+    services = [projector_service(env, log_dir) for _ in range(processes)]
+    engine = create_engine(settings.database_url)
+    store = ProjectionStore(engine)
+    try:
+        started = time.perf_counter()
+        for service in services:
+            await service.start()
+        cpu = CpuWindow({f"projector {i + 1}": s.pid for i, s in enumerate(services)})
+        while True:
+            for service in services:
+                service.check_alive()
+            stored = await store.all_positions()
+            if {p: o for (t, p), o in stored.items() if t == settings.events_topic} == end:
+                break
+            if time.perf_counter() - started > timeout_s:
+                raise TimeoutError(
+                    f"{processes} projector processes not caught up after {timeout_s:.0f}s"
+                )
+            await asyncio.sleep(0.02)
+        return Timed(sum(end.values()), time.perf_counter() - started, cpu.finish())
+    finally:
+        for service in services:
+            await service.stop()
         await engine.dispose()

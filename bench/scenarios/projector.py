@@ -11,8 +11,10 @@ import time
 
 from bench.config import BenchConfig
 from bench.consumption import (
+    Timed,
     decode_and_fold,
     naive_projector,
+    processes_catch_up,
     projector_catch_up,
     raw_consume,
     rebuild,
@@ -64,6 +66,18 @@ async def throughput(cfg: BenchConfig, result: ScenarioResult, mix: Mix) -> None
             run = await projector_catch_up(
                 projector_settings(cfg, topic, dlq, url), cfg.partitions, end, timeout
             )
+        # Scale-out on the same machine: one process, then two in one group, both measured from
+        # starting the processes to caught up.
+        group: dict[int, Timed] = {}
+        for processes in (1, 2):
+            async with fresh_database(cfg, f"{result.name}-{processes}p") as url:
+                group[processes] = await processes_catch_up(
+                    projector_settings(cfg, topic, dlq, url),
+                    end,
+                    processes,
+                    cfg.work_dir / "logs",
+                    timeout,
+                )
     result.params.update(rows=run.rows, assignment_seconds=round(run.assignment_seconds, 3))
     label = "projector events/s into PostgreSQL"
     main = result.add(
@@ -94,7 +108,21 @@ async def throughput(cfg: BenchConfig, result: ScenarioResult, mix: Mix) -> None
         f"naive projector measured over the first {naive.events:,} of {total:,} events "
         f"({naive.seconds:.1f}s); ratio vs naive reads as a speed-up"
     )
+    result.add(
+        Figure(
+            "two_processes_events_per_s",
+            "  2 conntrack-projector processes in one group",
+            group[2].rate,
+            "events/s",
+            group[1].rate,
+            "1 process, measured the same way",
+            note="from starting the processes to caught up: start-up and group joins included",
+        )
+    )
     result.cpu["projector"] = run.cpu.as_dict()
+    for processes, timed in group.items():
+        assert timed.cpu is not None
+        result.cpu[f"{processes} projector process(es)"] = timed.cpu.as_dict()
     result.cpu["raw consume"] = raw.cpu.as_dict() if raw.cpu else {}
     result.cpu["naive"] = naive.cpu.as_dict() if naive.cpu else {}
     if mix.name == "activity-heavy":
