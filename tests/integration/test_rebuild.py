@@ -8,7 +8,6 @@ import asyncio
 import contextlib
 import signal
 import sys
-from collections.abc import AsyncIterator
 
 import grpc
 import pytest
@@ -43,6 +42,7 @@ from producer.simulator import Workload, generate
 from projector.fold import ConnectionState, fold
 from projector.runner import Projector
 from projector.store import ProjectionStore
+from tests.integration.test_projector_faults import running
 
 pytestmark = [pytest.mark.kafka]
 
@@ -70,17 +70,6 @@ async def caught_up(store: ProjectionStore, settings: Settings, patience: float 
             return
         assert asyncio.get_running_loop().time() < deadline, (stored, end)
         await asyncio.sleep(0.05)
-
-
-@contextlib.asynccontextmanager
-async def running(projector: Projector) -> AsyncIterator[Projector]:
-    async with projector:
-        task = asyncio.create_task(projector.run())
-        try:
-            yield projector
-        finally:
-            await projector.stop()
-            await asyncio.wait_for(task, 30)
 
 
 async def table_names(engine: AsyncEngine) -> set[str]:
