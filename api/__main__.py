@@ -37,6 +37,7 @@ async def serve(settings: Settings) -> int:
                 engine,
                 batch_max_ids=settings.api_batch_max_ids,
                 batch_max_in_flight=settings.api_batch_max_in_flight,
+                batch_window_seconds=settings.api_batch_window_ms / 1000,
             )
             server = ApiServer.from_settings(repository, settings)
             await server.start()

@@ -7,6 +7,15 @@ which starts the moment one of the running queries finishes. So batches grow exa
 database round trip, not the event loop, is what callers wait for, and one query's fixed cost
 (connection, statement execution, a round trip) is shared by everyone in it.
 
+Under load that is not enough: a query returns in a fraction of the time the server spends on
+one call, so callers trickle in one per query. `window` (a batching window, like Kafka's
+`linger.ms` or Nagle's algorithm, but only under load) makes a query start no sooner than
+`window` seconds after the previous one started: lookups arriving meanwhile go together. Some
+lookups still go on the next turn: one arriving when no query started within the last `window`
+(an idle or lightly loaded server), one alone in the loader right after a query that answered
+a single caller (a client calling one Get after another: nobody could share its query), and a
+full batch (`max_keys`). Measured effect: docs/api.md, "How a Get is answered".
+
 A lookup only ever joins a query that has not started yet: a caller never receives a result
 read before it asked (callers rely on that for read-your-writes and freshness lower bounds).
 
@@ -18,6 +27,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import math
 from collections import deque
 from collections.abc import Awaitable, Callable, Hashable, Mapping, Sequence
 from dataclasses import dataclass
@@ -61,18 +71,25 @@ class CoalescingLoader(Generic[K, V]):
         *,
         max_keys: int = 256,
         max_in_flight: int = 1,
+        window: float = 0.0,
     ) -> None:
         if max_keys < 1 or max_in_flight < 1:
             raise ValueError("max_keys and max_in_flight must be at least 1")
+        if not window >= 0:
+            raise ValueError("window must be at least 0 seconds")
         self._fetch = fetch
         self._max_keys = max_keys
         self._max_in_flight = max_in_flight
+        self._window = window
+        self._last_launch = -math.inf  # loop.time() at which the newest query started
+        self._last_callers = 0  # callers of the newest query when it started
         # Queued batches, oldest first; only the newest one takes more keys, but a key already
         # queued joins the batch it is in.
         self._queue: deque[_Batch[K, V]] = deque()
         self._queued: dict[K, _Batch[K, V]] = {}
         self._running: set[_Batch[K, V]] = set()
-        self._launch_scheduled = False
+        # The pending launch: None, or the handle of a call_soon/call_later that runs _launch.
+        self._launch_handle: asyncio.Handle | None = None
         self._queries = 0
         self._keys = 0
 
@@ -99,10 +116,7 @@ class CoalescingLoader(Generic[K, V]):
             batch.waiters[key] = [future]
             self._queued[key] = batch
         batch.callers += 1
-        if not self._launch_scheduled and len(self._running) < self._max_in_flight:
-            # One turn later, not at once: callers resumed in the same loop turn join this query.
-            self._launch_scheduled = True
-            loop.call_soon(self._launch)
+        self._schedule_launch(full=len(batch.waiters) >= self._max_keys)
         try:
             return await future
         except asyncio.CancelledError:
@@ -114,11 +128,45 @@ class CoalescingLoader(Generic[K, V]):
         while pending := [b.task for b in self._running if b.task and not b.task.done()]:
             await asyncio.wait(pending)
 
-    def _launch(self) -> None:
-        self._launch_scheduled = False
+    def _schedule_launch(self, *, full: bool = False) -> None:
+        """Arranges for queued batches to start when a slot is free: on the next turn (so that
+        callers resumed in the same turn join), or, within `window` of the previous start, at
+        the end of that window; a full batch or a lone caller (_alone) does not wait for it."""
+        if not self._queue or len(self._running) >= self._max_in_flight:
+            return  # _finished schedules again when a slot frees
+        pending = self._launch_handle
+        if pending is not None and not (full and isinstance(pending, asyncio.TimerHandle)):
+            return  # a launch is already due no later than this one would be
         loop = asyncio.get_running_loop()
+        at_once = full or self._alone()
+        delay = 0.0 if at_once else self._last_launch + self._window - loop.time()
+        if pending is not None:
+            pending.cancel()  # a full batch does not wait for the window
+        self._launch_handle = (
+            loop.call_later(delay, self._launch) if delay > 0 else loop.call_soon(self._launch)
+        )
+
+    def _alone(self) -> bool:
+        """Whether the caller that just arrived is the only one in the loader, and the previous
+        query also answered just one: a client calling one Get after another, with nobody
+        around to share its query, for whom waiting for the window would only add latency.
+        Under load queries answer several callers, so a caller that happens to find the loader
+        empty still waits and batches keep forming."""
+        return (
+            self._last_callers <= 1
+            and not self._running
+            and len(self._queue) == 1
+            and self._queue[0].callers == 1
+        )
+
+    def _launch(self) -> None:
+        self._launch_handle = None
+        loop = asyncio.get_running_loop()
+        if self._queue and len(self._running) < self._max_in_flight:
+            self._last_launch = loop.time()
         while self._queue and len(self._running) < self._max_in_flight:
             batch = self._queue.popleft()
+            self._last_callers = batch.callers
             keys = list(batch.waiters)
             for key in keys:
                 del self._queued[key]
@@ -149,8 +197,14 @@ class CoalescingLoader(Generic[K, V]):
         for future in batch.unanswered():
             future.cancel()
         self._running.discard(batch)
-        # The callers queued meanwhile have waited a whole query already: no extra turn for them.
-        self._launch()
+        # The callers queued meanwhile have waited a whole query already: no extra turn for
+        # them, only what is left of the window.
+        if self._launch_handle is None and (
+            self._last_launch + self._window <= asyncio.get_running_loop().time()
+        ):
+            self._launch()
+        else:
+            self._schedule_launch()
 
     def _leave(self, batch: _Batch[K, V], key: K, future: asyncio.Future[V | None]) -> None:
         if future.done() and not future.cancelled():

@@ -183,11 +183,17 @@ class _HeldConnections:
 
 class ConnectionRepository:
     """Concurrent get_open() calls share one query (api/batching.py): batch_max_ids caps the ids
-    per query, batch_max_in_flight the queries running at once (docs/api.md, "How a Get is
+    per query, batch_max_in_flight the queries running at once, batch_window_seconds the least
+    time between two query starts under load (docs/api.md, "How a Get is
     answered"). Call release_connections() when done serving (ApiServer.stop() does)."""
 
     def __init__(
-        self, engine: AsyncEngine, *, batch_max_ids: int = 256, batch_max_in_flight: int = 1
+        self,
+        engine: AsyncEngine,
+        *,
+        batch_max_ids: int = 256,
+        batch_max_in_flight: int = 1,
+        batch_window_seconds: float = 0.0,
     ) -> None:
         self._engine = engine
         postgresql = engine.dialect.name == "postgresql"
@@ -201,7 +207,10 @@ class ConnectionRepository:
             else None
         )
         self._open = CoalescingLoader(
-            self._fetch_open, max_keys=batch_max_ids, max_in_flight=batch_max_in_flight
+            self._fetch_open,
+            max_keys=batch_max_ids,
+            max_in_flight=batch_max_in_flight,
+            window=batch_window_seconds,
         )
 
     def read_stats(self) -> LoaderStats:

@@ -41,9 +41,11 @@ class Settings(BaseSettings):
     api_db_pool_size: int = Field(10, ge=1)
     api_freshness_ttl_ms: int = Field(1000, ge=0)
     # Get coalescing (api/batching.py): concurrent lookups share one query of at most
-    # batch_max_ids ids; at most batch_max_in_flight such queries run at once.
+    # batch_max_ids ids; at most batch_max_in_flight such queries run at once, and under load
+    # one starts at most every batch_window_ms (docs/api.md, "How a Get is answered").
     api_batch_max_ids: int = Field(256, ge=1)
     api_batch_max_in_flight: int = Field(1, ge=1)
+    api_batch_window_ms: float = Field(3.0, ge=0, le=1000)
     metrics_port: int = Field(0, description="Prometheus metrics port; 0 disables the endpoint.")
     log_level: str = Field("INFO", description="Python logging level.")
 

@@ -84,9 +84,15 @@ async def read_engine(database_url: str) -> AsyncIterator[AsyncEngine]:
 
 @contextlib.asynccontextmanager
 async def serving(
-    engine: AsyncEngine, *, batch_max_ids: int = 256, **options: Any
+    engine: AsyncEngine,
+    *,
+    batch_max_ids: int = 256,
+    batch_window_seconds: float = 0.0,
+    **options: Any,
 ) -> AsyncIterator[tuple[ApiServer, svc_grpc.ConnectionServiceStub]]:
-    repository = ConnectionRepository(engine, batch_max_ids=batch_max_ids)
+    repository = ConnectionRepository(
+        engine, batch_max_ids=batch_max_ids, batch_window_seconds=batch_window_seconds
+    )
     options.setdefault("max_concurrent_calls", 10_000)
     async with (
         ApiServer(repository, "127.0.0.1:0", **options) as server,
@@ -141,11 +147,15 @@ def mixed_ids() -> list[str]:
     return [*ids, *reversed(ids)]
 
 
+@pytest.mark.parametrize("window", [0.0, 0.003], ids=["no-window", "window-3ms"])
 async def test_concurrent_gets_each_get_exactly_their_own_answer(
-    read_engine: AsyncEngine, backend: str
+    read_engine: AsyncEngine, backend: str, window: float
 ) -> None:
     ids = mixed_ids()
-    async with serving(read_engine, batch_max_ids=64) as (server, stub):
+    async with serving(read_engine, batch_max_ids=64, batch_window_seconds=window) as (
+        server,
+        stub,
+    ):
         answers = await asyncio.gather(*(get(stub, i) for i in ids))
         queries = metric(server, "conntrack_api_read_queries_total")
         asked = metric(server, "conntrack_api_read_query_ids_total")

@@ -5,14 +5,14 @@ from __future__ import annotations
 
 import asyncio
 import itertools
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from api.batching import CoalescingLoader
+from api.batching import CoalescingLoader, LoaderStats
 
 Answer = tuple[str, int]  # (key, id of the query that answered it)
 
@@ -76,9 +76,16 @@ async def turns(n: int = 5) -> None:
 
 
 def loader_for(
-    db: ScriptedDatabase, *, max_keys: int = 256, max_in_flight: int = 1
+    db: ScriptedDatabase, *, max_keys: int = 256, max_in_flight: int = 1, window: float = 0.0
 ) -> CoalescingLoader[str, Answer]:
-    return CoalescingLoader(db.fetch, max_keys=max_keys, max_in_flight=max_in_flight)
+    return CoalescingLoader(db.fetch, max_keys=max_keys, max_in_flight=max_in_flight, window=window)
+
+
+async def eventually(condition: Callable[[], bool], within_s: float = 10.0) -> None:
+    deadline = asyncio.get_running_loop().time() + within_s
+    while not condition():
+        assert asyncio.get_running_loop().time() < deadline, "condition never held"
+        await asyncio.sleep(0.005)
 
 
 async def test_a_lone_lookup_is_sent_on_the_next_turn() -> None:
@@ -281,6 +288,121 @@ def test_limits_must_be_positive() -> None:
         loader_for(db, max_keys=0)
     with pytest.raises(ValueError, match="at least 1"):
         loader_for(db, max_in_flight=0)
+    with pytest.raises(ValueError, match="at least 0"):
+        loader_for(db, window=-0.001)
+    with pytest.raises(ValueError, match="at least 0"):
+        loader_for(db, window=float("nan"))
+
+
+# --- the batching window ------------------------------------------------------------------------
+# A window of an hour stands for "never within this test": nothing here waits for it to end.
+
+HOUR = 3600.0
+
+
+async def a_shared_query_answered(
+    db: ScriptedDatabase, loader: CoalescingLoader[str, Answer]
+) -> None:
+    """Puts the loader under load: one query that two callers shared, answered."""
+    calls = [asyncio.ensure_future(loader.load(k)) for k in "ab"]
+    await turns()
+    db.answer(db.queries[-1])
+    await asyncio.gather(*calls)
+
+
+async def test_an_idle_loader_sends_a_lookup_on_the_next_turn_whatever_the_window() -> None:
+    db = ScriptedDatabase(frozenset("abcd"))
+    loader = loader_for(db, window=HOUR)
+    call = asyncio.ensure_future(loader.load("a"))
+    await turns(3)
+    assert [q.keys for q in db.queries] == [["a"]]
+    db.answer(db.queries[0])
+    assert await call == ("a", 0)
+
+
+async def test_one_get_after_another_never_waits_for_the_window() -> None:
+    """A client calling alone, each Get after the previous answer: nobody could share its
+    query, so the window would only add latency."""
+    db = ScriptedDatabase(frozenset("abcd"))
+    loader = loader_for(db, window=HOUR)
+    for i, key in enumerate("abcd"):
+        call = asyncio.ensure_future(loader.load(key))
+        await turns(3)
+        assert len(db.queries) == i + 1
+        db.answer(db.queries[i])
+        assert await call == (key, i)
+
+
+async def test_under_load_lookups_wait_for_the_window_and_go_together() -> None:
+    window = 0.5
+    db = ScriptedDatabase(frozenset("abcdef"))
+    loader = loader_for(db, window=window)
+    loop = asyncio.get_running_loop()
+    before_first = loop.time()
+    await a_shared_query_answered(db, loader)
+    # Even alone in the loader, a caller right after a shared query waits: under load the
+    # loader is often empty for a moment, and batches would stop forming.
+    later = [asyncio.ensure_future(loader.load("c"))]
+    await turns()
+    later += [asyncio.ensure_future(loader.load(k)) for k in "dc"]
+    await turns()
+    assert len(db.queries) == 1
+    assert loader.stats().waiting == 3
+    await eventually(lambda: len(db.queries) == 2)
+    assert loop.time() - before_first >= window
+    assert db.queries[1].keys == ["c", "d"]
+    db.answer(db.queries[1])
+    assert await asyncio.gather(*later) == [("c", 1), ("d", 1), ("c", 1)]
+
+
+async def test_a_full_batch_does_not_wait_for_the_window() -> None:
+    db = ScriptedDatabase(frozenset("abcdef"))
+    loader = loader_for(db, max_keys=2, window=HOUR)
+    await a_shared_query_answered(db, loader)
+    waiting = asyncio.ensure_future(loader.load("c"))
+    await turns()
+    assert len(db.queries) == 1
+    full = [asyncio.ensure_future(loader.load("d"))]
+    await turns()
+    assert [q.keys for q in db.queries] == [["a", "b"], ["c", "d"]]
+    # The next one waits again: the full batch did not end the window.
+    full.append(asyncio.ensure_future(loader.load("e")))
+    await turns()
+    assert len(db.queries) == 2
+    db.answer(db.queries[1])
+    assert (await waiting, await full[0]) == (("c", 1), ("d", 1))
+    full[1].cancel()
+    await turns()
+    assert loader.stats().waiting == 0
+
+
+async def test_lookups_queued_behind_a_quick_query_wait_for_the_rest_of_the_window() -> None:
+    db = ScriptedDatabase(frozenset("abcdef"))
+    loader = loader_for(db, window=HOUR)
+    shared = [asyncio.ensure_future(loader.load(k)) for k in "ab"]
+    await turns()
+    queued = [asyncio.ensure_future(loader.load(k)) for k in "cd"]
+    await turns()
+    db.answer(db.queries[0])
+    await asyncio.gather(*shared)
+    await turns()
+    assert len(db.queries) == 1  # the query took less than the window: the rest is waited
+    assert loader.stats().waiting == 2
+    for call in queued:
+        call.cancel()
+    await turns()
+    assert loader.stats() == LoaderStats(queries=1, keys=2, in_flight=0, waiting=0)
+
+
+async def test_a_window_of_zero_is_the_plain_loader() -> None:
+    db = ScriptedDatabase(frozenset("abcd"))
+    loader = loader_for(db, window=0.0)
+    await a_shared_query_answered(db, loader)
+    call = asyncio.ensure_future(loader.load("c"))
+    await turns(3)
+    assert len(db.queries) == 2
+    db.answer(db.queries[1])
+    assert await call == ("c", 1)
 
 
 # --- any interleaving ---------------------------------------------------------------------------
@@ -311,10 +433,10 @@ class Caller:
 
 
 async def interleave(
-    ops: list[tuple[str, object]], max_keys: int, max_in_flight: int
+    ops: list[tuple[str, object]], max_keys: int, max_in_flight: int, window: float
 ) -> tuple[ScriptedDatabase, list[Caller]]:
     db = ScriptedDatabase(PRESENT)
-    loader = loader_for(db, max_keys=max_keys, max_in_flight=max_in_flight)
+    loader = loader_for(db, max_keys=max_keys, max_in_flight=max_in_flight, window=window)
     callers: list[Caller] = []
 
     async def ask(caller: Caller) -> Answer | None:
@@ -344,6 +466,8 @@ async def interleave(
     # Then the database answers everything until every caller is done.
     for _ in range(1000):
         await turns()
+        if window:
+            await asyncio.sleep(window)  # batches held back by the window start meanwhile
         for query in db.open:
             db.answer(query)
         if all(c.running.done() for c in callers):
@@ -360,11 +484,12 @@ async def interleave(
     ops=st.lists(operation, max_size=60),
     max_keys=st.integers(1, 4),
     max_in_flight=st.integers(1, 3),
+    window=st.sampled_from([0.0, 0.0005]),
 )
 def test_every_caller_gets_exactly_its_own_answer_or_error(
-    ops: list[tuple[str, object]], max_keys: int, max_in_flight: int
+    ops: list[tuple[str, object]], max_keys: int, max_in_flight: int, window: float
 ) -> None:
-    db, callers = asyncio.run(interleave(ops, max_keys, max_in_flight))
+    db, callers = asyncio.run(interleave(ops, max_keys, max_in_flight, window))
     assert db.max_open <= max_in_flight
     for query in db.queries:
         assert 1 <= len(query.keys) <= max_keys
