@@ -3,7 +3,8 @@ beside the constant-answer server (bench/constant_server.py) under the same load
 
 Each server runs alone (never both at once) as a subprocess: first at fixed concurrency, closed
 loop (the maximum it sustains: QPS, p50, p99, server CPU), then at a fixed rate of half the
-constant server's maximum (the p99 target of the issue)."""
+constant server's maximum (the p99 target of the issue), then with one client calling one Get
+after another (the latency a lone client sees)."""
 
 from __future__ import annotations
 
@@ -80,13 +81,17 @@ async def _measure(
     cfg: BenchConfig,
     result: ScenarioResult,
     rps: float | None,
+    concurrency: int | None = None,
 ) -> LoadResult:
     await wait_grpc_serving(target, server)
+    concurrency = concurrency or cfg.get_concurrency
     load = await lg.run(
-        target, ids, cfg.get_concurrency, cfg.get_seconds, rps, watch={"server": server.pid}
+        target, ids, concurrency, cfg.get_seconds, rps, watch={"server": server.pid}
     )
     server.check_alive()
     what = "max" if rps is None else f"{rps:,.0f} rps"
+    if concurrency != cfg.get_concurrency:
+        what += f" at concurrency {concurrency}"
     assert load.cpu is not None
     result.cpu[f"{server.name} {what}"] = {
         **load.cpu.as_dict(),
@@ -119,12 +124,14 @@ async def run(cfg: BenchConfig, result: ScenarioResult) -> None:
             const_max = await _measure(lg, server, target, ids, cfg, result, None)
             half = const_max.qps / 2
             const_half = await _measure(lg, server, target, ids, cfg, result, half)
+            const_one = await _measure(lg, server, target, ids, cfg, result, None, 1)
         target = f"127.0.0.1:{free_port()}"
         async with running(api_service(url, target, log_dir)) as server:
             await wait_grpc_serving(target, server)
             await lg.run(target, ids, cfg.get_concurrency, min(1.0, cfg.get_seconds))
             api_max = await _measure(lg, server, target, ids, cfg, result, None)
             api_half = await _measure(lg, server, target, ids, cfg, result, half)
+            api_one = await _measure(lg, server, target, ids, cfg, result, None, 1)
     c = cfg.get_concurrency
     const_label = "constant-answer server"
     qps = result.add(
@@ -164,6 +171,17 @@ async def run(cfg: BenchConfig, result: ScenarioResult) -> None:
     result.add(
         Figure(
             "half_load_qps", "  achieved rate at half load", api_half.qps, "QPS", half, "asked for"
+        )
+    )
+    # One client calling one Get after another: what the batching window must not slow down.
+    result.add(
+        Figure(
+            "p50_one_client_ms",
+            "Get p50 at concurrency 1",
+            api_one.p50_ms,
+            "ms",
+            const_one.p50_ms,
+            const_label,
         )
     )
     api_cpu = result.cpu["conntrack-api max"]["server"]
