@@ -48,6 +48,9 @@ class Settings(BaseSettings):
     api_batch_window_ms: float = Field(3.0, ge=0, le=1000)
     metrics_port: int = Field(0, description="Prometheus metrics port; 0 disables the endpoint.")
     log_level: str = Field("INFO", description="Python logging level.")
+    # connection_tracker.lifecycle.tune_gc: container allocations between two young-generation
+    # collections (Python's default is 700; 0 keeps Python's defaults and skips gc.freeze).
+    gc_gen0_threshold: int = Field(50_000, ge=0)
 
     # Projector batching: a batch closes at batch_max_events or after batch_max_wait_ms.
     # Large batches only form while records wait; each batch pays a commit and other fixed costs
