@@ -15,7 +15,12 @@ from api.auth import TokenConfigError
 from api.repository import ConnectionRepository, create_read_engine
 from api.server import ApiServer
 from api.tls import TlsConfigError, client_credentials
-from connection_tracker.lifecycle import on_shutdown_signal, setup_logging, tune_gc
+from connection_tracker.lifecycle import (
+    PYTHON_GEN0_THRESHOLD,
+    on_shutdown_signal,
+    setup_logging,
+    tune_gc,
+)
 from connection_tracker.protogen.yandex.cloud.serverless.apigateway.websocket.v1 import (
     connection_service_pb2,
     connection_service_pb2_grpc,
@@ -121,7 +126,7 @@ def main(argv: list[str] | None = None) -> None:
         metrics_port=ns.metrics_port,
     )
     setup_logging(settings.log_level)
-    tune_gc(settings.gc_gen0_threshold)
+    tune_gc(settings.gc_gen0_threshold, default=PYTHON_GEN0_THRESHOLD)
     if ns.command == "serve":
         sys.exit(asyncio.run(serve(settings)))
     try:

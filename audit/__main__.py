@@ -25,7 +25,7 @@ from audit.log import LogReader
 from audit.rebuild import Progress, Rebuild, RebuildError, abandon, drop_retired, shadow_exists
 from audit.replay import HistoryEntry, fold_until, history, state_of, verify
 from connection_tracker.database import create_engine
-from connection_tracker.lifecycle import setup_logging, tune_gc
+from connection_tracker.lifecycle import BATCH_GEN0_THRESHOLD, setup_logging, tune_gc
 from connection_tracker.settings import Settings, settings_from
 from connection_tracker.timeutil import format_ns
 from migrations.cli import upgrade
@@ -282,7 +282,7 @@ def main(argv: list[str] | None = None) -> None:
         database_url=ns.database_url,
     )
     setup_logging("WARNING")
-    tune_gc(settings.gc_gen0_threshold)
+    tune_gc(settings.gc_gen0_threshold, default=BATCH_GEN0_THRESHOLD)
     handler = {
         "history": cmd_history,
         "as-of": cmd_as_of,

@@ -33,7 +33,7 @@ from bench.procstat import cpu_count
 from bench.results import ScenarioResult, document, render, write_json
 from bench.scenarios import freshness, get, memory, projector
 from bench.services import REPO
-from connection_tracker.lifecycle import tune_gc
+from connection_tracker.lifecycle import BATCH_GEN0_THRESHOLD, tune_gc
 from connection_tracker.settings import settings_from
 
 log = logging.getLogger("bench")
@@ -285,7 +285,7 @@ def main(argv: list[str] | None = None) -> None:
     meta = _meta(cfg, generator, argv)
     # The in-process projector and rebuild run under the collector settings their commands use
     # (and so do the ceilings measured beside them, in this same process).
-    tune_gc(settings_from().gc_gen0_threshold)
+    tune_gc(settings_from().gc_gen0_threshold, default=BATCH_GEN0_THRESHOLD)
     results = asyncio.run(run_scenarios(cfg, names))
     meta["finished_at"] = datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")
     doc = document(meta, results)

@@ -10,7 +10,12 @@ import asyncio
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
-from connection_tracker.lifecycle import on_shutdown_signal, setup_logging, tune_gc
+from connection_tracker.lifecycle import (
+    PYTHON_GEN0_THRESHOLD,
+    on_shutdown_signal,
+    setup_logging,
+    tune_gc,
+)
 from connection_tracker.protogen.yandex.cloud.serverless.apigateway.websocket.v1 import (
     connection_pb2,
     connection_service_pb2,
@@ -72,7 +77,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--log-level", default="WARNING")
     ns = parser.parse_args(argv)
     setup_logging(ns.log_level)
-    tune_gc(settings_from().gc_gen0_threshold)  # as `conntrack-api serve` does
+    tune_gc(
+        settings_from().gc_gen0_threshold, default=PYTHON_GEN0_THRESHOLD
+    )  # as `conntrack-api serve` does
     asyncio.run(serve(ns.listen))
 
 

@@ -32,7 +32,7 @@ from typing import Any
 
 from bench.workloads import Mix, Record, activity_heavy, churn_heavy, mixed_history
 from connection_tracker.events import decode, decode_tuple
-from connection_tracker.lifecycle import tune_gc
+from connection_tracker.lifecycle import BATCH_GEN0_THRESHOLD, tune_gc
 from connection_tracker.settings import settings_from
 from projector.fold import ConnectionState, fold, fold_tuples, merge
 
@@ -119,7 +119,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--mix", choices=sorted(MIXES), default="activity-heavy")
     parser.add_argument("--seed", type=int, default=1)
     args = parser.parse_args(argv)
-    tune_gc(settings_from().gc_gen0_threshold)  # as the projector's process runs
+    tune_gc(
+        settings_from().gc_gen0_threshold, default=BATCH_GEN0_THRESHOLD
+    )  # as the projector's process runs
 
     mix = MIXES[args.mix](args.events, args.seed)
     records = mix.records()

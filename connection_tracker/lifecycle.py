@@ -8,7 +8,7 @@ import gc
 import logging
 import signal
 from collections.abc import Callable, Coroutine
-from typing import Any
+from typing import Any, Final
 
 
 def setup_logging(level: str) -> None:
@@ -20,25 +20,34 @@ def setup_logging(level: str) -> None:
     logging.getLogger("aiokafka").setLevel(max(logging.WARNING, logging.getLogger().level))
 
 
-def tune_gc(gen0_threshold: int) -> None:
+# The young-generation thresholds the commands choose when CONNTRACK_GC_GEN0_THRESHOLD is unset.
+BATCH_GEN0_THRESHOLD: Final = 50_000  # projector, audit, producer: batch work
+PYTHON_GEN0_THRESHOLD: Final = 700  # the API: Python's own default, only the freeze added
+
+
+def tune_gc(gen0_threshold: int | None, *, default: int) -> None:
     """Set up the cyclic garbage collector for a long-running command; call once in main(),
-    after the imports. 0 leaves Python's defaults alone.
+    after the imports. gen0_threshold is the setting (None: the command's `default`); 0 leaves
+    Python's defaults alone.
 
     Everything allocated so far (modules, generated protobuf descriptors, SQLAlchemy metadata:
-    ~80k objects in the API) is moved out of the collector's sight (gc.freeze), and a young
-    collection runs every gen0_threshold container allocations instead of every 700. Batch work
-    (a projector batch is tens of thousands of tuples that live until it is written) otherwise
-    makes the collector traverse the same surviving objects over and over, and an old-generation
-    pass over everything paused the API for ~40 ms. Measured with `python -m bench.decode_fold`:
-    decode + fold 212-270k events/s with the defaults, 313-375k with a threshold of 50000, and
-    241-258k with the freeze alone. Reference counting still frees everything that is not in a
-    cycle at once; the threshold only delays cycles, which these commands rarely make."""
-    if gen0_threshold <= 0:
+    ~80k objects in the API) is moved out of the collector's sight (gc.freeze), so that an
+    old-generation pass no longer walks it: one such pass paused the API for ~40 ms. Then a
+    young collection runs every gen0_threshold container allocations. Batch work (a projector
+    batch is tens of thousands of tuples that live until it is written) otherwise makes the
+    collector traverse the same surviving objects over and over: with a threshold of 50000,
+    `python -m bench.decode_fold` ran decode + fold at 313-375k events/s against 212-270k with
+    Python's 700 (and 241-258k with the freeze alone). The API keeps 700: a young collection of
+    50000 objects is a pause every Get behind it waits for, and it measured slower per call.
+    Reference counting still frees everything that is not in a cycle at once; the threshold
+    only delays cycles, which these commands rarely make."""
+    threshold = default if gen0_threshold is None else gen0_threshold
+    if threshold <= 0:
         return
     gc.collect()
     gc.freeze()
     _, gen1, gen2 = gc.get_threshold()
-    gc.set_threshold(gen0_threshold, gen1, gen2)
+    gc.set_threshold(threshold, gen1, gen2)
 
 
 def on_shutdown_signal(callback: Callable[[], Coroutine[Any, Any, None]]) -> None:

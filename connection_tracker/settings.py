@@ -49,8 +49,9 @@ class Settings(BaseSettings):
     metrics_port: int = Field(0, description="Prometheus metrics port; 0 disables the endpoint.")
     log_level: str = Field("INFO", description="Python logging level.")
     # connection_tracker.lifecycle.tune_gc: container allocations between two young-generation
-    # collections (Python's default is 700; 0 keeps Python's defaults and skips gc.freeze).
-    gc_gen0_threshold: int = Field(50_000, ge=0)
+    # collections. Unset: each command's choice (50000 for batch work, Python's 700 for the
+    # API); 0 keeps Python's defaults and skips gc.freeze.
+    gc_gen0_threshold: int | None = Field(None, ge=0)
 
     # Projector batching: a batch closes at batch_max_events or after batch_max_wait_ms.
     # Large batches only form while records wait; each batch pays a commit and other fixed costs

@@ -9,7 +9,12 @@ import sys
 import time
 
 from connection_tracker.events import Event
-from connection_tracker.lifecycle import on_shutdown_signal, setup_logging, tune_gc
+from connection_tracker.lifecycle import (
+    BATCH_GEN0_THRESHOLD,
+    on_shutdown_signal,
+    setup_logging,
+    tune_gc,
+)
 from connection_tracker.settings import Settings, settings_from
 from producer.errors import PublisherError
 from producer.publisher import Publisher
@@ -174,7 +179,7 @@ def main(argv: list[str] | None = None) -> None:
     ns = parser.parse_args(argv)
     settings = settings_from(kafka_bootstrap_servers=ns.bootstrap_servers)
     setup_logging(settings.log_level)
-    tune_gc(settings.gc_gen0_threshold)
+    tune_gc(settings.gc_gen0_threshold, default=BATCH_GEN0_THRESHOLD)
     run = provision if ns.command == "topics" else simulate
     sys.exit(asyncio.run(run(settings, ns)))
 

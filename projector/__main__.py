@@ -9,7 +9,12 @@ import logging
 from prometheus_client import start_http_server
 
 from connection_tracker.database import create_engine
-from connection_tracker.lifecycle import on_shutdown_signal, setup_logging, tune_gc
+from connection_tracker.lifecycle import (
+    BATCH_GEN0_THRESHOLD,
+    on_shutdown_signal,
+    setup_logging,
+    tune_gc,
+)
 from connection_tracker.settings import Settings, settings_from
 from projector.runner import Abandoned, Projector
 from projector.store import ProjectionStore
@@ -64,7 +69,7 @@ def main(argv: list[str] | None = None) -> None:
         metrics_port=ns.metrics_port,
     )
     setup_logging(settings.log_level)
-    tune_gc(settings.gc_gen0_threshold)
+    tune_gc(settings.gc_gen0_threshold, default=BATCH_GEN0_THRESHOLD)
     asyncio.run(serve(settings))
 
 

@@ -22,7 +22,7 @@ def restored_gc() -> Iterator[None]:
 def test_tune_gc_freezes_what_exists_and_raises_the_young_threshold() -> None:
     _, gen1, gen2 = gc.get_threshold()
     gc.unfreeze()
-    tune_gc(50_000)
+    tune_gc(None, default=50_000)
     assert gc.get_threshold() == (50_000, gen1, gen2)
     assert gc.get_freeze_count() > 0
     # Objects made afterwards are collected as usual, cycles included.
@@ -36,6 +36,13 @@ def test_tune_gc_freezes_what_exists_and_raises_the_young_threshold() -> None:
 def test_tune_gc_zero_leaves_the_collector_alone() -> None:
     gc.unfreeze()
     threshold = gc.get_threshold()
-    tune_gc(0)
+    tune_gc(0, default=50_000)
     assert gc.get_threshold() == threshold
     assert gc.get_freeze_count() == 0
+
+
+@pytest.mark.usefixtures("restored_gc")
+def test_the_setting_wins_over_the_commands_default() -> None:
+    _, gen1, gen2 = gc.get_threshold()
+    tune_gc(1234, default=50_000)
+    assert gc.get_threshold() == (1234, gen1, gen2)
