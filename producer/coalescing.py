@@ -51,6 +51,10 @@ class ActivityCoalescer:
     def interval_ns(self) -> int:
         return self._interval_ns
 
+    def __contains__(self, connection_id: object) -> bool:
+        """Whether the connection emitted within the last interval (its window is open)."""
+        return connection_id in self._windows
+
     def __len__(self) -> int:
         """Connections tracked: those that emitted within the last interval."""
         return len(self._windows)

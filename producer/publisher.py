@@ -12,17 +12,21 @@ Failure behaviour, in one rule: every event handed in is either acknowledged by 
 counted in `undelivered` and passed to `on_undeliverable` exactly once; in addition the call that
 handed it in (or the next flush()/stop()) raises. Memory is bounded by `max_pending`
 unacknowledged events: beyond it, publishing waits (backpressure), and gives up with
-BrokerUnavailableError after `delivery_timeout_s`.
+BrokerUnavailableError after `delivery_timeout_s`. Once any delivery fails, a fresh producer
+takes over (see _replace_producer_soon), so one failure never stops the events after it.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
+import random
 import time
 import uuid
-from collections.abc import Callable, Iterable
+from collections import deque
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -57,9 +61,14 @@ log = logging.getLogger(__name__)
 
 UndeliverableCallback = Callable[[Event, BaseException], None]
 
-_UINT32_MAX = 2**32 - 1
 _UINT64_MAX = 2**64 - 1
+_MAX_STATUS_CODE = 0xFFFF
 _CONNECT_BACKOFF_S = 0.5
+# Between two metadata requests of one producer: retry.backoff.ms after an answer, and after a
+# failure an exponential backoff like the Java client's reconnect.backoff.ms/.max.ms.
+_METADATA_BACKOFF_S = 0.1
+_RECONNECT_BACKOFF_S = 0.05
+_RECONNECT_BACKOFF_MAX_S = 1.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -86,6 +95,67 @@ def _check_id(name: str, value: str) -> None:
 def _check_time(at_ns: int) -> None:
     if not MIN_TIME_NS <= at_ns < MAX_TIME_NS:
         raise InvalidEvent(f"time {at_ns} ns is outside 2000-01-01..2100-01-01")
+
+
+def _check_frames(frames: int) -> None:
+    if not 0 <= frames <= _UINT64_MAX:
+        raise InvalidEvent(f"frames {frames} is outside 0..2**64-1")
+
+
+def _checked_value(event: Event) -> bytes:
+    """The one check every event goes through before it is handed in: the fields the caller
+    gives, with messages naming them, then exactly what the projector will do (encode, then
+    decode), so nothing it would dead-letter is ever sent. Returns the encoding."""
+    _check_id("connection_id", event.connection_id)
+    _check_time(event.occurred_at_ns)
+    payload = event.payload
+    if isinstance(payload, Activity):
+        _check_frames(payload.frames)
+    elif isinstance(payload, Disconnected) and not 0 <= payload.status_code <= _MAX_STATUS_CODE:
+        raise InvalidEvent(
+            f"status_code {payload.status_code} is outside 0..65535 (WebSocket close codes)"
+        )
+    try:
+        value = encode(event)
+        key = event.connection_id.encode()
+    except (ValueError, TypeError) as exc:
+        raise InvalidEvent(f"cannot encode event: {exc}") from None
+    decode(value, key)
+    return value
+
+
+def _back_off_metadata_requests(client: Any) -> None:
+    """Make one aiokafka client wait between metadata requests.
+
+    aiokafka 0.14 has no reconnect backoff at all (no reconnect_backoff_ms option), and its
+    sender asks for metadata again as soon as the previous request ends whenever a partition
+    has no known leader (producer/sender.py, `if unknown_leaders_exist`). With the broker away
+    each request is one refused connection, so the loop reconnects thousands of times a second
+    and keeps a core busy for the whole outage. Every metadata request goes through
+    `_metadata_update` (the background synchroniser and fetch_all_metadata), so spacing its
+    calls bounds that loop without changing anything else."""
+    update: Callable[[Any, Any], Awaitable[bool]] = client._metadata_update
+    loop = asyncio.get_running_loop()
+    next_at = 0.0
+    backoff_s = _RECONNECT_BACKOFF_S
+
+    async def spaced_update(cluster_metadata: Any, topics: Any) -> bool:
+        nonlocal next_at, backoff_s
+        wait_s = next_at - loop.time()
+        if wait_s > 0:
+            await asyncio.sleep(wait_s)
+        updated = bool(await update(cluster_metadata, topics))
+        if updated:
+            backoff_s = _RECONNECT_BACKOFF_S
+            next_at = loop.time() + _METADATA_BACKOFF_S
+        else:
+            # Jitter, as in the Java client: many gateways losing one broker do not all come
+            # back in step.
+            next_at = loop.time() + backoff_s * random.uniform(0.8, 1.2)
+            backoff_s = min(2 * backoff_s, _RECONNECT_BACKOFF_MAX_S)
+        return updated
+
+    client._metadata_update = spaced_update
 
 
 class Publisher:
@@ -140,7 +210,14 @@ class Publisher:
         }
         self._coalescer = ActivityCoalescer(int(activity_interval_s * 1_000_000_000))
         self._producer: Any = None
+        self._running = False
         self._accepting = False
+        # Replacing the producer after a delivery failed (see _replace_producer). Meanwhile
+        # events wait here, in the order they were handed in, each with the future flush() and
+        # stop() see in _in_flight.
+        self._replacer: asyncio.Task[None] | None = None
+        self._failed_while_replacing = False
+        self._parked: deque[tuple[Event, bytes, asyncio.Future[Any]]] = deque()
         self._lifecycle = asyncio.Lock()
         # One lock orders every send: an activity taken from the coalescer and the Disconnected
         # after it reach the producer in that order even when other tasks publish concurrently.
@@ -177,11 +254,12 @@ class Publisher:
     async def start(self) -> None:
         """Connect (retrying until delivery_timeout_s) and check that the topic exists."""
         async with self._lifecycle:
-            if self._producer is not None:
+            if self._running:
                 return
             self._producer = await self._connect()
             self._room = asyncio.Semaphore(self._max_pending)
             self._stopping = asyncio.Event()
+            self._running = True
             self._accepting = True
             if self._coalescer.interval_ns > 0:
                 self._flusher = asyncio.create_task(self._publish_due_activity())
@@ -193,6 +271,7 @@ class Publisher:
             producer = AIOKafkaProducer(
                 bootstrap_servers=self._bootstrap_servers, **self._producer_options
             )
+            _back_off_metadata_requests(producer.client)
             try:
                 async with asyncio.timeout_at(deadline):
                     await producer.start()
@@ -236,7 +315,7 @@ class Publisher:
         Events still unacknowledged then are counted and reported as undeliverable, and this
         raises UndeliveredEventsError (after closing) if anything failed since the last check."""
         async with self._lifecycle:
-            if self._producer is None:
+            if not self._running:
                 return
             self._accepting = False
             self._stopping.set()
@@ -256,6 +335,7 @@ class Publisher:
                     await self._wait_in_flight(deadline)
                 finally:
                     await self._close_producer()
+                    self._running = False
             self._raise_if_failures()
 
     close = stop
@@ -275,26 +355,46 @@ class Publisher:
             log.error("while closing the publisher after %r: %s", exc, err)
 
     async def _close_producer(self) -> None:
+        if self._replacer is not None:
+            self._replacer.cancel()
+            try:
+                await self._replacer
+            except asyncio.CancelledError:
+                pass
+            except Exception:
+                log.exception("replacing the Kafka producer failed")
+            self._replacer = None
         producer, self._producer = self._producer, None
         if self._in_flight:
-            # aiokafka's idempotent producer retries a batch forever (it has no equivalent of
-            # Java's delivery.timeout.ms), so its stop() would never return while the broker is
-            # away. Stop its sender and fail what it still holds, so those events are reported.
-            error = DeliveryTimeoutError(
-                f"not acknowledged within {self._delivery_timeout_s:g} s; the broker may still "
-                "have received it"
-            )
-            sender = getattr(producer, "_sender", None)
-            accumulator = getattr(producer, "_message_accumulator", None)
-            if sender is not None and accumulator is not None:
-                await sender.close()
-                accumulator.fail_all(error)
-            for future, event in list(self._in_flight.items()):
-                del self._in_flight[future]
-                self._room.release()
-                cause = future.exception() if future.done() and not future.cancelled() else None
-                self._report(event, cause or error)
-        await producer.stop()
+            await self._abandon(producer, list(self._in_flight))
+        self._parked.clear()
+        if producer is not None:
+            await producer.stop()
+
+    async def _abandon(self, producer: Any, futures: list[asyncio.Future[Any]]) -> None:
+        """Report these in-flight events as not acknowledged in time, failing what the producer
+        still holds of them."""
+        # aiokafka retries a batch forever while its partition has a leader (it only expires
+        # batches of leaderless partitions), so its stop() would not return while the broker is
+        # away. Stop its sender and fail what it still holds, so those events are reported.
+        error = DeliveryTimeoutError(
+            f"not acknowledged within {self._delivery_timeout_s:g} s; the broker may still "
+            "have received it"
+        )
+        sender = getattr(producer, "_sender", None)
+        accumulator = getattr(producer, "_message_accumulator", None)
+        if sender is not None and accumulator is not None:
+            await sender.close()
+            accumulator.fail_all(error)
+        for future in futures:
+            event = self._in_flight.pop(future, None)
+            if event is None:
+                continue
+            self._room.release()
+            cause = future.exception() if future.done() and not future.cancelled() else None
+            # Its outcome is reported here; a parked future must not be settled again later.
+            future.cancel()
+            self._report(event, cause or error)
 
     # -- publishing --------------------------------------------------------------------------
 
@@ -321,11 +421,7 @@ class Publisher:
         flush). The event is validated as the projector would (InvalidEvent if it would be
         dead-lettered). Coalesced activity of its connection is published before it."""
         self._require_accepting()
-        try:
-            value = encode(event)
-        except (ValueError, TypeError) as exc:
-            raise InvalidEvent(f"cannot encode event: {exc}") from None
-        decode(value, event.connection_id.encode())
+        value = _checked_value(event)
         deadline = asyncio.get_running_loop().time() + self._delivery_timeout_s
         async with self._send_lock:
             pending = self._coalescer.take(event.connection_id)
@@ -348,20 +444,32 @@ class Publisher:
         None if this call was merged into one that goes out when the interval ends (or before
         the connection's next event, or on flush/stop). Cheap when merged: no I/O."""
         self._require_accepting()
-        _check_id("connection_id", connection_id)
-        if not 0 <= frames <= _UINT64_MAX:
-            raise InvalidEvent(f"frames {frames} is outside 0..2**64-1")
         at = self._wall_clock_ns() if at_ns is None else at_ns
-        _check_time(at)
+        checked: Event | None = None
+        value: bytes | None = None
+        if connection_id in self._coalescer:
+            # Its id passed the whole check when its interval opened (below); a merged call
+            # brings only frames and a time, checked by the same rules, and stays cheap.
+            _check_frames(frames)
+            _check_time(at)
+        else:
+            checked = self._event(connection_id, Activity(frames), at)
+            value = _checked_value(checked)
         ready = self._coalescer.record(connection_id, at, frames, self._monotonic_ns())
         if ready is None:
             self._coalesced += 1
             return None
-        (event,) = self._activity_events([ready])
+        if checked is not None and (ready.latest_at_ns, ready.frames) == (at, frames):
+            event = checked
+        else:
+            (event,) = self._activity_events([ready])
+            value = None
         # No await between record() and taking the lock (asyncio.Lock is FIFO), so this event is
         # ordered before any event of the connection handed in after this call.
         async with self._send_lock:
-            await self._send(event, asyncio.get_running_loop().time() + self._delivery_timeout_s)
+            await self._send(
+                event, asyncio.get_running_loop().time() + self._delivery_timeout_s, value
+            )
         return event
 
     async def disconnected(
@@ -373,8 +481,6 @@ class Publisher:
         at_ns: int | None = None,
     ) -> Event:
         """Publish the connection's pending activity, then its Disconnected."""
-        if not 0 <= status_code <= _UINT32_MAX:
-            raise InvalidEvent(f"status_code {status_code} is outside 0..2**32-1")
         event = self._event(connection_id, Disconnected(status_code, reason), at_ns)
         await self.publish(event)
         return event
@@ -441,8 +547,8 @@ class Publisher:
     async def _send(self, event: Event, deadline: float, value: bytes | None = None) -> None:
         """Hand one event (and its encoding, if already made) to the producer; the caller holds
         _send_lock. Waits for room while max_pending events are unacknowledged; reports and
-        raises on failure."""
-        if self._producer is None:
+        raises on failure. While the producer is being replaced, the event waits in _parked."""
+        if self._producer is None and self._replacer is None:
             closed = PublisherClosedError("Publisher was stopped before the event could be sent")
             self._report(event, closed)
             raise closed
@@ -454,6 +560,12 @@ class Publisher:
             else:
                 await self._room.acquire()  # returns at once; skips the timer's cost
             acquired = True
+            if self._replacer is not None:
+                parked: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+                self._parked.append((event, encode(event) if value is None else value, parked))
+                self._in_flight[parked] = event
+                parked.add_done_callback(self._settle)
+                return
             # aiokafka bounds its own waits (metadata, a full batch) by request_timeout_ms,
             # which is delivery_timeout_s, and raises KafkaTimeoutError after it.
             future = await self._producer.send(
@@ -494,8 +606,98 @@ class Publisher:
             self._report(event, DeliveryTimeoutError("delivery was cancelled"))
         elif (exc := future.exception()) is not None:
             self._report(event, exc)
+            self._replace_producer_soon()
         else:
             self._delivered += 1
+
+    # -- replacing the producer --------------------------------------------------------------
+
+    def _replace_producer_soon(self) -> None:
+        """A batch failed: from now on events wait for a fresh producer.
+
+        aiokafka's idempotent producer numbers each partition's batches when it drains them
+        and never takes a number back. A batch it fails (one whose partition had no leader for
+        delivery_timeout_s, in message_accumulator.py drain_by_nodes, or one the broker
+        refused) leaves a gap the broker will not accept: every later batch of that partition
+        is refused with OutOfOrderSequenceNumber, for as long as the producer lives. The Java
+        client resets its producer id in this case; aiokafka has no way to, so a new producer
+        (a new producer id, sequences from 0) takes over."""
+        if not self._accepting:
+            return  # stopping: stop() reports whatever does not arrive
+        if self._replacer is not None:
+            self._failed_while_replacing = True
+        elif self._producer is not None:
+            self._replacer = asyncio.create_task(self._replace_producer())
+
+    async def _replace_producer(self) -> None:
+        """Retire the failed producer, connect a new one (retrying until the broker answers),
+        hand it the events that waited, in order, and let new events go straight to it again.
+
+        A connection's events are never on two producers at once: the new producer sends
+        nothing before every event of the old one is settled (acknowledged, failed, or given
+        up after delivery_timeout_s and reported), so what is delivered keeps its order."""
+        old = self._producer
+        while True:
+            await self._retire(old)
+            self._producer = None
+            new = await self._reconnect()
+            self._producer = new  # stop() closes it if this task is cancelled from here on
+            # Failures until now were the old producer's; one from here on is the new one's.
+            self._failed_while_replacing = False
+            while self._parked:
+                event, value, parked = self._parked.popleft()
+                try:
+                    sent = await new.send(
+                        self._topic,
+                        value=value,
+                        key=event.connection_id.encode(),
+                        headers=list(HEADERS),
+                    )
+                except Exception as exc:
+                    if not parked.done():
+                        parked.set_exception(exc)
+                else:
+                    sent.add_done_callback(functools.partial(_pass_on, parked))
+            if not self._failed_while_replacing:
+                break
+            old = new
+        self._replacer = None
+        log.info("a new Kafka producer took over after a failed delivery")
+
+    async def _retire(self, producer: Any) -> None:
+        """Give the producer's events up to delivery_timeout_s to settle, then stop it; what is
+        still unacknowledged is reported."""
+        if producer is None:
+            return
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self._delivery_timeout_s
+        while carried := self._carried():
+            # A send that was under way when the replacement began may add one more: look again.
+            await asyncio.wait(carried, timeout=max(0.0, deadline - loop.time()))
+            if loop.time() >= deadline:
+                await self._abandon(producer, self._carried())
+                break
+        try:
+            await producer.stop()
+        except Exception:
+            # Its events are all settled or reported; a connection that does not close cleanly
+            # must not keep the new producer from taking over.
+            log.exception("closing the replaced Kafka producer failed")
+
+    def _carried(self) -> list[asyncio.Future[Any]]:
+        """In-flight events already handed to a producer (not waiting in _parked)."""
+        waiting = {parked for _, _, parked in self._parked}
+        return [f for f in self._in_flight if f not in waiting]
+
+    async def _reconnect(self) -> Any:
+        """A started producer. Retries until it gets one (stop() cancels): the events waiting
+        for it are bounded by max_pending, and flush() and stop() bound every wait for them."""
+        while True:
+            try:
+                return await self._connect()
+            except Exception as exc:
+                log.warning("no new Kafka producer yet, retrying: %r", exc)
+                await asyncio.sleep(_CONNECT_BACKOFF_S)
 
     async def _wait_in_flight(self, deadline: float) -> int:
         """Wait until everything in flight is settled or the deadline passes; how many remain."""
@@ -529,3 +731,15 @@ class Publisher:
             self._failures_since_check, self._first_failure = 0, None
             assert first is not None
             raise UndeliveredEventsError(count, first)
+
+
+def _pass_on(parked: asyncio.Future[Any], done: asyncio.Future[Any]) -> None:
+    """Settle a parked event's future as the producer settled its record."""
+    if parked.done():
+        return  # already reported (stop() gave up on it)
+    if done.cancelled():
+        parked.cancel()
+    elif (exc := done.exception()) is not None:
+        parked.set_exception(exc)
+    else:
+        parked.set_result(done.result())

@@ -231,6 +231,20 @@ async def test_bad_input_is_refused_before_anything_is_sent(kafka_settings: Sett
             await pub.activity("ok", frames=-1)
         with pytest.raises(InvalidEvent, match="status_code"):
             await pub.disconnected("ok", status_code=2**32)
+        # The codec keeps close codes to 16 bits (the read model's column): refused at the call.
+        with pytest.raises(InvalidEvent, match=r"status_code 65536 is outside 0\.\.65535"):
+            await pub.disconnected("ok", status_code=65536)
+        # Every call makes the projector's own check, so what it would dead-letter never leaves:
+        # a NUL cannot be stored by PostgreSQL, an unpaired surrogate cannot be encoded.
+        with pytest.raises(InvalidEvent, match="NUL"):
+            await pub.activity("a\x00b")
+        with pytest.raises(InvalidEvent, match="NUL"):
+            await pub.connected("a\x00b", "10.0.0.1", "ua")
+        with pytest.raises(InvalidEvent, match="NUL"):
+            await pub.disconnected("a\x00b")
+        with pytest.raises(InvalidEvent, match="cannot encode"):
+            await pub.activity("\ud800")
+        assert pub.stats().pending_activities == 0
         with pytest.raises(InvalidEvent, match="outside"):
             await pub.disconnected("ok", at_ns=2**62)
         with pytest.raises(InvalidEvent, match="event_id"):
