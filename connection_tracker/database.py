@@ -6,7 +6,7 @@ from pathlib import Path
 from typing import Any
 
 from sqlalchemy import event
-from sqlalchemy.engine import make_url
+from sqlalchemy.engine import ExceptionContext, make_url
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
 
@@ -27,9 +27,26 @@ def create_engine(url: str, **kwargs: Any) -> AsyncEngine:
             cur.execute("PRAGMA busy_timeout=30000")
             cur.close()
 
+        @event.listens_for(engine.sync_engine, "handle_error")
+        def _replace_read_only(context: ExceptionContext) -> None:
+            # SQLite opens a file it may not write read-only, silently, and such a connection
+            # stays read-only after the file is writable again: treated as a lost connection,
+            # it is discarded and the next attempt opens a fresh one.
+            if _is_read_only(context.original_exception):
+                context.is_disconnect = True
+
         return engine
     kwargs.setdefault("pool_pre_ping", True)
     return create_async_engine(url, **kwargs)
+
+
+# SQLITE_READONLY and its extended codes (SQLITE_READONLY_RECOVERY, _CANTLOCK, ...).
+_SQLITE_READONLY = 8
+
+
+def _is_read_only(exc: BaseException | None) -> bool:
+    code = getattr(exc, "sqlite_errorcode", None)
+    return isinstance(code, int) and code & 0xFF == _SQLITE_READONLY
 
 
 def is_sqlite(engine: AsyncEngine) -> bool:

@@ -58,6 +58,20 @@ class ProjectorMetrics:
             "because their partitions' positions had moved meanwhile.",
             registry=r,
         )
+        self.position_gaps = Counter(
+            "conntrack_projector_position_gaps",
+            "Fetched records of a partition that did not begin at its stored position: not "
+            "applied, the partition was sought to its position and read again.",
+            ["topic", "partition"],
+            registry=r,
+        )
+        self.offsets_unused = Counter(
+            "conntrack_projector_offsets_unused",
+            "Offsets passed over that hold no record a consumer sees (transaction markers, "
+            "aborted or compacted records).",
+            ["topic", "partition"],
+            registry=r,
+        )
         self.retries = Counter(
             "conntrack_projector_retries",
             "Retries after a database or broker error.",

@@ -25,12 +25,13 @@ from dataclasses import dataclass
 from typing import Any, TypeVar
 
 from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener, TopicPartition
-from aiokafka.errors import KafkaError
+from aiokafka.errors import IllegalStateError, KafkaError
 from sqlalchemy.exc import DBAPIError, OperationalError
 from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 
 from connection_tracker.events import EventTuple, InvalidEvent, decode_record_tuple
 from connection_tracker.settings import Settings
+from projector.continuity import run_from
 from projector.dead_letter import DeadLetterPublisher, Rejected
 from projector.fold import ConnectionState, fold_tuples
 from projector.metrics import ProjectorMetrics
@@ -53,12 +54,23 @@ _STRAGGLER_GRACE_S = 5.0
 
 
 @dataclass(frozen=True, slots=True)
+class _Fetched:
+    """Records taken from the consumer for one batch, per partition, each partition's from one
+    continuous read: the one begun by the seek whose stamp is recorded."""
+
+    records: dict[TopicPartition, list[Any]]
+    stamps: dict[TopicPartition, int]
+    reached: dict[TopicPartition, int]  # the consumer's position after the last of them
+
+
+@dataclass(frozen=True, slots=True)
 class _Prepared:
     """A decoded and folded batch, ready to be written."""
 
     events: list[EventTuple]
     rejected: list[Rejected]
     advances: dict[int, tuple[int, int]]  # partition -> (position it starts at, new position)
+    taken: dict[int, int]  # partition -> records applied (the rest of the range holds none)
     records: int
     states: dict[str, ConnectionState]
 
@@ -101,6 +113,10 @@ class Projector:
         self._stopping = asyncio.Event()
         self._started = False
         self._assigning = 0  # assignment listener calls in progress
+        # Every seek gets a stamp; records are applied only under the stamp of the partition's
+        # latest seek, whose offset is kept to tell Kafka's unused offsets from a gap.
+        self._seeks = 0
+        self._sought: dict[TopicPartition, tuple[int, int]] = {}  # tp -> (stamp, offset)
         self._unpositioned_since: dict[TopicPartition, float] = {}
         # Where the batch being written leaves its partitions (the next one starts there).
         self._in_flight_ends: dict[TopicPartition, int] = {}
@@ -203,7 +219,7 @@ class Projector:
         owned = self._consumer.assignment()
         for tp in mine:
             if tp in owned:
-                self._consumer.seek(tp, positions[tp.partition])
+                self._seek(tp, positions[tp.partition])
                 self._expected[tp] = positions[tp.partition]
         self.metrics.assigned.set(len(self._expected))
         log.info(
@@ -211,6 +227,15 @@ class Projector:
             self._topic,
             ",".join(f"{p}:{o}" for p, o in sorted(positions.items())),
         )
+
+    def _seek(self, tp: TopicPartition, offset: int) -> None:
+        """Position a partition's reads (every seek of this process goes through here)."""
+        self._seeks += 1
+        self._sought[tp] = (self._seeks, offset)
+        self._consumer.seek(tp, offset)
+
+    def _stamp(self, tp: TopicPartition) -> int:
+        return self._sought.get(tp, (0, 0))[0]
 
     # Retrying
 
@@ -255,7 +280,7 @@ class Projector:
                 except Abandoned:
                     break
                 prepared = None
-                if batch:
+                if batch.records:
                     planned = dict(self._expected)
                     if in_flight is not None:
                         planned |= self._in_flight_ends
@@ -318,7 +343,7 @@ class Projector:
             tp = TopicPartition(self._topic, p)
             position = self._expected.get(tp)
             if tp in owned and position is not None:
-                self._consumer.seek(tp, position)
+                self._seek(tp, position)
         log.info(
             "event=prepared_batch_dropped partitions=%s: positions moved while it was prepared",
             sorted(prepared.advances),
@@ -346,27 +371,50 @@ class Projector:
             log.warning("event=positioning_late partitions=%s", sorted(t.partition for t in late))
             await self._seek_to_stored(late)
 
-    async def _fetch(self) -> dict[TopicPartition, list[Any]]:
+    async def _fetch(self) -> _Fetched:
         """Up to batch_max_events records, waiting at most batch_max_wait_ms for the first.
         Taken from the fetch buffer in slices of _YIELD_EVERY with a yield to the event loop in
         between (unpacking records is CPU work that would otherwise hold the loop, and with it
-        the batch in flight, for the whole batch)."""
+        the batch in flight, for the whole batch).
+
+        Only records of partitions this process has positioned are kept: on assignment the
+        consumer starts fetching from the group's committed offset before the assignment
+        listener's seek, and those records (from wherever the group offset points) are not
+        the ones that follow the stored position. A partition sought again between two slices
+        keeps only the records of its new read."""
         s = self._settings
         want = s.batch_max_events
+        fetched = _Fetched({}, {}, {})
         size = min(_YIELD_EVERY, want)
-        batch: dict[TopicPartition, list[Any]] = await self._consumer.getmany(
-            timeout_ms=s.batch_max_wait_ms, max_records=size
-        )
-        last = taken = sum(map(len, batch.values()))
+        taken = last = await self._take(size, s.batch_max_wait_ms, fetched)
         while last == size and taken < want:  # a full slice: there may be more buffered
             await asyncio.sleep(0)
             size = min(_YIELD_EVERY, want - taken)
-            more = await self._consumer.getmany(timeout_ms=0, max_records=size)
-            for tp, records in more.items():
-                batch.setdefault(tp, []).extend(records)
-            last = sum(map(len, more.values()))
+            last = await self._take(size, 0, fetched)
             taken += last
-        return batch
+        return fetched
+
+    async def _take(self, size: int, timeout_ms: int, into: _Fetched) -> int:
+        """One getmany() slice into `into`; returns how many records it handed over."""
+        got: dict[TopicPartition, list[Any]] = await self._consumer.getmany(
+            timeout_ms=timeout_ms, max_records=size
+        )
+        # Nothing below suspends: position() answers at once for a partition whose records were
+        # just handed over, so it is the consumer's position right after them, and no seek can
+        # come in between.
+        for tp, records in got.items():
+            if tp not in self._expected:
+                continue  # not positioned by this process (yet): not its read
+            stamp = self._stamp(tp)
+            if into.stamps.get(tp) != stamp:
+                into.records[tp] = []
+                into.stamps[tp] = stamp
+            into.records[tp].extend(records)
+            try:
+                into.reached[tp] = await self._consumer.position(tp)
+            except IllegalStateError:  # revoked: _prepare will find it unowned
+                into.reached.pop(tp, None)
+        return sum(map(len, got.values()))
 
     def _update_lag(self) -> None:
         assigned = self._consumer.assignment()
@@ -379,45 +427,74 @@ class Projector:
                     max(0, highwater - applied)
                 )
 
-    async def apply(self, batch: dict[TopicPartition, list[Any]]) -> None:
-        """Apply one getmany() result on its own (no pipelining). Raises Abandoned if stopped
-        while waiting to retry."""
-        prepared = await self._prepare(batch, self._expected)
-        if prepared is not None:
-            await self._commit(prepared)
-
     async def _prepare(
-        self, batch: dict[TopicPartition, list[Any]], positions: Mapping[TopicPartition, int]
+        self, fetched: _Fetched, positions: Mapping[TopicPartition, int]
     ) -> _Prepared | None:
-        """Decode and fold one getmany() result that is to start at these positions. No I/O,
-        but it yields to the event loop every _YIELD_EVERY records: the batch in flight needs
-        the loop for each of its round trips, and only once its big statement is with the
-        database do the two overlap."""
+        """Decode and fold fetched records for a batch that is to start at these positions.
+        No I/O, but it yields to the event loop every _YIELD_EVERY records: the batch in flight
+        needs the loop for each of its round trips, and only once its big statement is with the
+        database do the two overlap.
+
+        A partition's records are taken only as far as projector/continuity.py allows: records
+        that do not begin at the partition's position are not applied, and the partition is
+        sought to that position to be read again."""
         since_yield = 0
         events: list[EventTuple] = []
         rejected: list[Rejected] = []
         advances: dict[int, tuple[int, int]] = {}
+        taken: dict[int, int] = {}
         records_in_batch = 0
-        for tp, records in batch.items():
-            expected = positions.get(tp)
-            if expected is None:
+        for tp, records in fetched.records.items():
+            start = positions.get(tp)
+            if start is None:
                 # Revoked while the batch was in flight, or never positioned: those records
                 # are not ours to apply (the owner reads them from its stored position).
                 continue
-            fresh = [r for r in records if r.offset >= expected]
-            if len(fresh) < len(records):
-                # Fetched before a seek, or the log is behind the stored position (a topic
-                # recreated under the same name): already applied or not this log's, skipped.
+            stamp = fetched.stamps[tp]
+            sought = self._sought.get(tp)
+            if sought is None or sought[0] != stamp:
+                continue  # sought again since they were taken: its new read brings them again
+            run = run_from(records, start, read_from=sought[1], reached=fetched.reached.get(tp))
+            if run.below:
+                # Fetched before a seek to a later position, or the log is behind the stored
+                # position (a topic recreated under the same name): already applied or not
+                # this log's, skipped.
                 log.warning(
                     "event=skipped_below_position topic=%s partition=%d position=%d records=%d",
                     tp.topic,
                     tp.partition,
-                    expected,
-                    len(records) - len(fresh),
+                    start,
+                    run.below,
                 )
-            if not fresh:
+            if run.gap:
+                labels = (tp.topic, str(tp.partition))
+                self.metrics.position_gaps.labels(*labels).inc()
+                log.warning(
+                    "event=position_gap topic=%s partition=%d position=%d first_offset=%d "
+                    "read_from=%d: not applied, reading the partition again from its position",
+                    tp.topic,
+                    tp.partition,
+                    start,
+                    next(r.offset for r in records if r.offset >= start),
+                    sought[1],
+                )
+                if tp in self._consumer.assignment():
+                    self._seek(tp, start)
                 continue
-            for record in fresh:
+            if not run.records:
+                continue
+            if run.unused:
+                self.metrics.offsets_unused.labels(tp.topic, str(tp.partition)).inc(run.unused)
+                log.info(
+                    "event=offsets_unused topic=%s partition=%d from=%d to=%d records=%d: the "
+                    "log holds no other record there (transaction markers or compaction)",
+                    tp.topic,
+                    tp.partition,
+                    start,
+                    run.end,
+                    len(run.records),
+                )
+            for record in run.records:
                 try:
                     events.append(decode_record_tuple(record.value, record.key))
                 except InvalidEvent as exc:
@@ -426,11 +503,12 @@ class Projector:
                 if since_yield == _YIELD_EVERY:
                     since_yield = 0
                     await asyncio.sleep(0)
-            advances[tp.partition] = (expected, fresh[-1].offset + 1)
-            records_in_batch += len(fresh)
+            advances[tp.partition] = (start, run.end)
+            taken[tp.partition] = len(run.records)
+            records_in_batch += len(run.records)
         if not advances:
             return None
-        return _Prepared(events, rejected, advances, records_in_batch, fold_tuples(events))
+        return _Prepared(events, rejected, advances, taken, records_in_batch, fold_tuples(events))
 
     async def _commit(self, prepared: _Prepared) -> None:
         """Dead-letter a prepared batch's poison records, then write it with its positions."""
@@ -490,7 +568,8 @@ class Projector:
             result.written,
             len(rejected),
             elapsed,
-            ",".join(f"{p}:{a[0]}-{a[1]}" for p, a in sorted(advances.items())),
+            # partition:from-to/records applied (a test checks each range against the log)
+            ",".join(f"{p}:{a[0]}-{a[1]}/{prepared.taken[p]}" for p, a in sorted(advances.items())),
         )
         if commit:
             self._commit_group_offsets_soon(commit)

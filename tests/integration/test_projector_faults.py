@@ -5,11 +5,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import random
 from collections.abc import AsyncIterator, Iterable, Mapping
 from typing import Any
 
 import pytest
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from sqlalchemy.exc import OperationalError
 from sqlalchemy.ext.asyncio import AsyncEngine
 
@@ -17,8 +19,11 @@ from connection_tracker.settings import Settings
 from projector.fold import ConnectionState, fold
 from projector.runner import Projector
 from projector.store import BatchResult, ProjectionStore
+from tests.conftest import create_topic, delete_topics, unique
 from tests.integration.test_projector_process import (
     as_records,
+    assert_each_advance_exact,
+    log_end_offsets,
     make_events,
     publish,
     wait_caught_up,
@@ -55,6 +60,15 @@ def fenced(projector: Projector) -> float:
     value = projector.metrics.registry.get_sample_value("conntrack_projector_fenced_batches_total")
     assert value is not None
     return value
+
+
+def per_partition(projector: Projector, metric: str, topic: str) -> float:
+    """A per-partition counter summed over the test topics' three partitions."""
+    registry = projector.metrics.registry
+    return sum(
+        registry.get_sample_value(metric, {"topic": topic, "partition": str(p)}) or 0.0
+        for p in range(3)
+    )
 
 
 @contextlib.asynccontextmanager
@@ -225,3 +239,142 @@ async def test_partitions_left_unpositioned_by_a_failed_listener_are_positioned_
         assert "event=positioning_late" in caplog.text
         assert projector.records_committed == len(events)
     assert await store.all_states() == fold(events)
+
+
+class PositionsAnsweredAfterAHandover(ProjectionStore):
+    """The assignment listener's first read of the stored positions answers only once the
+    consumer has handed records over: until then the consumer reads from the group's committed
+    offset, as it does whenever the listener is slower than the first fetch."""
+
+    def __init__(self, engine: AsyncEngine) -> None:
+        super().__init__(engine)
+        self.handed_over = asyncio.Event()
+        self.held = False
+
+    async def positions(self, topic: str, partitions: Iterable[int]) -> dict[int, int]:
+        result = await super().positions(topic, partitions)
+        if not self.held:
+            self.held = True
+            await asyncio.wait_for(self.handed_over.wait(), 30)
+        return result
+
+
+async def test_records_fetched_before_the_assignment_seek_are_never_applied(
+    kafka_settings: Settings, engine: AsyncEngine, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The group's committed offset is ahead of the stored position (a read model restored from
+    an older backup, or recreated, while the group's offsets stayed): the consumer first reads
+    from there, and the assignment listener's seek lands while the projector takes a batch in
+    slices. The records taken before the seek must not be committed as if they followed the
+    stored position (before the fix: 0 -> 2500 with 1000 records, the first 1500 never
+    applied)."""
+    caplog.set_level(logging.DEBUG, logger="projector.runner")
+    topic = unique("events")
+    await create_topic(kafka_settings.kafka_bootstrap_servers, topic, 1)
+    s = kafka_settings.model_copy(update={"events_topic": topic})
+    tp = TopicPartition(topic, 0)
+    try:
+        events = make_events(random.Random(14), "b", 9000, 600)
+        await publish(s.kafka_bootstrap_servers, topic, as_records(events))
+        ahead = AIOKafkaConsumer(
+            bootstrap_servers=s.kafka_bootstrap_servers,
+            group_id=s.consumer_group,
+            enable_auto_commit=False,
+        )
+        await ahead.start()
+        try:
+            ahead.assign([tp])
+            await ahead.commit({tp: 1500})
+        finally:
+            await ahead.stop()
+        store = PositionsAnsweredAfterAHandover(engine)
+        projector = Projector(s, store)
+        getmany = projector._consumer.getmany  # fault injection: the consumer's timing
+
+        async def observed(*args: Any, **kwargs: Any) -> Any:
+            if store.handed_over.is_set():
+                # The listener's seek lands in the yield between two slices of a batch.
+                async with asyncio.timeout(30):
+                    # Polled: the listener has no hook, its effect is what is observable.
+                    while 0 not in projector.owned_positions:  # noqa: ASYNC110
+                        await asyncio.sleep(0.001)
+            got = await getmany(*args, **kwargs)
+            if any(got.values()):
+                store.handed_over.set()
+            return got
+
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setattr(projector._consumer, "getmany", observed)
+            async with running(projector):
+                await wait_caught_up(store, s)
+        assert store.handed_over.is_set()
+        assert await store.all_states() == fold(events)
+        assert_each_advance_exact(caplog.text)
+    finally:
+        await delete_topics(s.kafka_bootstrap_servers, [topic])
+
+
+async def test_records_that_do_not_begin_at_the_position_are_read_again(
+    kafka_settings: Settings, engine: AsyncEngine, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Whatever moved the consumer (here a seek behind the projector's back, as a library fault
+    would), a batch whose records begin past the stored position is not applied: the partition
+    is read again from its position."""
+    caplog.set_level(logging.DEBUG, logger="projector.runner")
+    s = kafka_settings
+    store = ProjectionStore(engine)
+    events = make_events(random.Random(15), "r", 1500, 150)
+    records = as_records(events)
+    tps = [TopicPartition(s.events_topic, p) for p in range(3)]
+    async with running(Projector(s, store)) as projector:
+        await publish(s.kafka_bootstrap_servers, s.events_topic, records[:600])
+        positions = await wait_caught_up(store, s)
+        consumer = projector._consumer  # fault injection
+        consumer.pause(*tps)
+        await publish(s.kafka_bootstrap_servers, s.events_topic, records[600:])
+        for tp in tps:
+            consumer.seek(tp, positions[tp.partition] + 5)
+        consumer.resume(*tps)
+        await wait_caught_up(store, s)
+        gaps = per_partition(projector, "conntrack_projector_position_gaps_total", s.events_topic)
+    assert gaps == 3
+    assert "event=position_gap" in caplog.text
+    assert await store.all_states() == fold(events)
+    assert_each_advance_exact(caplog.text)
+
+
+async def test_offsets_kafka_leaves_unused_are_passed_over(
+    kafka_settings: Settings, engine: AsyncEngine, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A gateway publishing in transactions leaves a commit marker after each one: offsets no
+    consumer sees. They are not gaps: every event is applied, none twice."""
+    caplog.set_level(logging.INFO, logger="projector.runner")
+    s = kafka_settings.model_copy(update={"batch_max_events": 37})
+    store = ProjectionStore(engine)
+    events = make_events(random.Random(16), "t", 1200, 100)
+    records = as_records(events)
+    producer = AIOKafkaProducer(
+        bootstrap_servers=s.kafka_bootstrap_servers, transactional_id=unique("gateway")
+    )
+    await producer.start()
+    try:
+        for i in range(0, len(records), 40):
+            async with producer.transaction():
+                for key, value, headers in records[i : i + 40]:
+                    await producer.send(s.events_topic, key=key, value=value, headers=headers)
+    finally:
+        await producer.stop()
+    ends = await log_end_offsets(s.kafka_bootstrap_servers, s.events_topic)
+    assert sum(ends.values()) > len(records)  # the markers take offsets too
+    async with running(Projector(s, store)) as projector:
+        for _ in range(600):
+            if await store.all_states() == fold(events):
+                break
+            await asyncio.sleep(0.05)
+        assert await settled_count(projector, len(records)) == len(records)
+        unused = per_partition(
+            projector, "conntrack_projector_offsets_unused_total", s.events_topic
+        )
+    assert await store.all_states() == fold(events)
+    assert unused > 0
+    assert "event=offsets_unused" in caplog.text

@@ -12,8 +12,10 @@ from pathlib import Path
 import asyncpg
 import pytest
 from sqlalchemy.engine import make_url
+from sqlalchemy.exc import OperationalError
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from connection_tracker.database import create_engine
 from connection_tracker.events import Activity, Connected, Disconnected, Event
 from connection_tracker.settings import Settings
 from projector.fold import fold
@@ -137,6 +139,59 @@ async def test_sqlite_file_unwritable_mid_run(
     finally:
         _set_immutable(files, False)
     await publish(s.kafka_bootstrap_servers, topic, as_records(events[2000:]))
+    await wait_caught_up(store, s, within=90)
+    await assert_matches_fold(store, events)
+    assert await p.terminate() == 0
+    assert p.records_committed() == len(events)
+
+
+@pytest.mark.parametrize("backend", ["sqlite"])
+async def test_a_connection_opened_while_the_sqlite_file_was_unwritable_is_replaced(
+    database_url: str,
+) -> None:
+    """SQLite opens a file it may not write read-only, without a word, and such a connection
+    stays read-only for good: the engine must discard it, not hand it out again."""
+    db = Path(make_url(database_url).database or "")
+    files = [db, db.with_name(db.name + "-wal")]
+    engine = create_engine(database_url)
+    store = ProjectionStore(engine)
+    try:
+        _set_immutable(files, True)
+        try:
+            with pytest.raises(OperationalError, match="readonly database"):
+                await store.positions("t", [0])
+        finally:
+            _set_immutable(files, False)
+        assert await store.positions("t", [0]) == {0: 0}
+        await store.apply_batch("t", {0: (0, 5)}, {})
+        assert await store.positions("t", [0]) == {0: 5}
+    finally:
+        _set_immutable(files, False)
+        await engine.dispose()
+
+
+@pytest.mark.parametrize("backend", ["sqlite"])
+async def test_a_projector_started_while_the_sqlite_file_is_unwritable_recovers_by_itself(
+    kafka_settings: Settings,
+    database_url: str,
+    engine: AsyncEngine,
+    tmp_path: Path,
+    processes: list[ProjectorProcess],  # noqa: F811
+) -> None:
+    s = kafka_settings
+    store = ProjectionStore(engine)
+    db = Path(make_url(database_url).database or "")
+    files = [db, db.with_name(db.name + "-wal")]
+    events = make_events(random.Random(9), "ro", 2000, 300)
+    await publish(s.kafka_bootstrap_servers, s.events_topic, as_records(events[:800]))
+    _set_immutable(files, True)
+    try:
+        processes.append(p := ProjectorProcess(s, database_url, tmp_path / "p.log"))
+        await wait_for_log(p, "readonly database", more_than=2)
+        assert p.process.poll() is None, p.log()
+    finally:
+        _set_immutable(files, False)
+    await publish(s.kafka_bootstrap_servers, s.events_topic, as_records(events[800:]))
     await wait_caught_up(store, s, within=90)
     await assert_matches_fold(store, events)
     assert await p.terminate() == 0
