@@ -25,11 +25,11 @@ from audit.log import LogReader
 from audit.rebuild import Progress, Rebuild, RebuildError, abandon, drop_retired, shadow_exists
 from audit.replay import HistoryEntry, fold_until, history, state_of, verify
 from connection_tracker.database import create_engine
+from connection_tracker.fold import ConnectionState
 from connection_tracker.lifecycle import BATCH_GEN0_THRESHOLD, setup_logging, tune_gc
 from connection_tracker.settings import Settings, settings_from
 from connection_tracker.timeutil import format_ns
 from migrations.cli import upgrade
-from projector.fold import ConnectionState
 from projector.store import ProjectionStore
 
 

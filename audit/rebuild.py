@@ -39,8 +39,8 @@ from sqlalchemy.schema import CreateIndex, CreateTable, DropIndex
 
 from audit.log import LogReader
 from connection_tracker.events import EventTuple, InvalidEvent, decode_record_tuple
+from connection_tracker.fold import ConnectionState, fold_tuples
 from connection_tracker.schema import LIVE, ReadModelTables, generation
-from projector.fold import ConnectionState, fold_tuples
 from projector.store import FencedError, ProjectionStore
 
 log = logging.getLogger(__name__)

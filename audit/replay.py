@@ -13,9 +13,13 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from audit.log import Bounds, LogReader, partition_for_key
 from connection_tracker.events import Event, InvalidEvent, decode_record
-from connection_tracker.schema import connections, projection_offsets, pruned_connections
-from projector.fold import ConnectionState, apply
-from projector.store import row_to_state
+from connection_tracker.fold import ConnectionState, apply
+from connection_tracker.schema import (
+    connections,
+    projection_offsets,
+    pruned_connections,
+    row_to_state,
+)
 
 
 @dataclass

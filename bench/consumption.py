@@ -19,8 +19,8 @@ from bench.procstat import CpuUse, CpuWindow
 from bench.services import projector_service
 from connection_tracker.database import create_engine
 from connection_tracker.events import decode, decode_record_tuple
+from connection_tracker.fold import fold, fold_tuples
 from connection_tracker.settings import Settings
-from projector.fold import fold, fold_tuples
 from projector.runner import Projector
 from projector.store import ProjectionStore
 

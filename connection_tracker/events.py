@@ -124,7 +124,8 @@ def upcast(msg: pb.ConnectionEvent) -> pb.ConnectionEvent:
 
 EventTuple = tuple[str, str, str, int, Payload]
 """An event as a plain tuple, (event_id, connection_id, gateway_id, occurred_at_ns, payload):
-what decode_tuple() returns and projector.fold.fold_tuples() folds. Event(*t) is the event."""
+what decode_tuple() returns and fold_tuples() (connection_tracker/fold.py) folds. Event(*t) is
+the event."""
 
 
 def decode(value: bytes | None, key: bytes | None = None) -> Event:
@@ -136,7 +137,7 @@ def decode_tuple(value: bytes | None, key: bytes | None = None) -> EventTuple:
     """decode() without building the Event: the same checks, the same InvalidEvent reasons.
 
     For a consumer's hot loop (the projector's batches): a tuple costs a fraction of an Event,
-    and projector.fold.fold_tuples() folds these tuples directly."""
+    and connection_tracker.fold.fold_tuples() folds these tuples directly."""
     # The projector's hot path (BENCHMARKS.md): every field is read from the message once
     # (each read of a protobuf string builds a new str), and the common case is accepted by
     # one cheap combined test per group; only a rejected record goes through the _reject_*

@@ -6,9 +6,23 @@ generation beside the live one and then swaps names (audit/rebuild.py, docs/rebu
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Any
 
-from sqlalchemy import BigInteger, Column, Index, Integer, MetaData, String, Table, Text
+from sqlalchemy import (
+    BigInteger,
+    Column,
+    Index,
+    Integer,
+    MetaData,
+    RowMapping,
+    String,
+    Table,
+    Text,
+)
+
+from connection_tracker.fold import ConnectionState
 
 # Deterministic constraint names, so migrations can refer to them on every backend.
 NAMING_CONVENTION = {
@@ -39,8 +53,8 @@ class ReadModelTables:
 def define_read_model(metadata: MetaData, suffix: str = "") -> ReadModelTables:
     """The read model's tables named <table><suffix>; with the naming convention every index
     and constraint name follows the table name, so two generations never collide."""
-    # One row per connection: the fold's ConnectionState (projector/fold.py). Times are integer
-    # nanoseconds since the Unix epoch, exact on every backend.
+    # One row per connection: the fold's ConnectionState (connection_tracker/fold.py). Times
+    # are integer nanoseconds since the Unix epoch, exact on every backend.
     conns = Table(
         f"connections{suffix}",
         metadata,
@@ -94,3 +108,15 @@ LIVE = define_read_model(metadata)
 connections = LIVE.connections
 pruned_connections = LIVE.pruned_connections
 projection_offsets = LIVE.projection_offsets
+
+
+# A connection row's columns are ConnectionState's fields, by name.
+_STATE_FIELDS = ConnectionState._fields
+
+
+def row_to_state(row: RowMapping | Mapping[str, Any]) -> ConnectionState:
+    return ConnectionState(**{name: row[name] for name in _STATE_FIELDS})
+
+
+def state_to_row(state: ConnectionState) -> dict[str, Any]:
+    return dict(zip(_STATE_FIELDS, state, strict=True))

@@ -30,10 +30,10 @@ from sqlalchemy.exc import DBAPIError, OperationalError
 from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 
 from connection_tracker.events import EventTuple, InvalidEvent, decode_record_tuple
+from connection_tracker.fold import ConnectionState, fold_tuples
 from connection_tracker.settings import Settings
 from projector.continuity import run_from
 from projector.dead_letter import DeadLetterPublisher, Rejected
-from projector.fold import ConnectionState, fold_tuples
 from projector.metrics import ProjectorMetrics
 from projector.store import CHUNK, BatchResult, FencedError, ProjectionStore
 

@@ -7,7 +7,7 @@ process that lost its partitions in a rebalance cannot overwrite its successor's
 of the log up to the stored positions, and re-delivered events change nothing.
 
 The merge runs in the database: one `INSERT .. ON CONFLICT DO UPDATE` whose SET clause is
-projector/fold.py's merge() written in SQL (_merge_assignments), so a batch costs one
+connection_tracker/fold.py's merge() written in SQL (_merge_assignments), so a batch costs one
 statement and no read-back of the stored rows. tests/integration/test_store.py checks the SQL
 merge against merge() on random pairs of states, ties included, on every backend.
 
@@ -29,7 +29,6 @@ from typing import Any
 from sqlalchemy import (
     BigInteger,
     Integer,
-    RowMapping,
     String,
     Table,
     and_,
@@ -43,8 +42,8 @@ from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 from sqlalchemy.sql.compiler import IdentifierPreparer
 
-from connection_tracker.schema import LIVE, ReadModelTables
-from projector.fold import ConnectionState
+from connection_tracker.fold import ConnectionState
+from connection_tracker.schema import LIVE, ReadModelTables, row_to_state, state_to_row
 
 _STATE_FIELDS = ConnectionState._fields
 # Rows per prune transaction: keeps IN (...) lists well inside every backend's parameter limit
@@ -77,16 +76,13 @@ def _dialect_insert(conn: AsyncConnection) -> Callable[..., Any]:
     return postgresql.insert if conn.dialect.name == "postgresql" else sqlite.insert
 
 
-def _row(state: ConnectionState) -> dict[str, Any]:
-    return dict(zip(_STATE_FIELDS, state, strict=True))
-
-
 # merge() in SQL. In the SET clause `existing` is the stored row and EXCLUDED the batch's state;
 # every expression sees the stored row as it was before the update. Each key is the tuple
-# projector/fold.py orders events by: (time, event id, then the contents), NULL text as "" and a
-# NULL status as 0; the zero-padded status string of _disconnected_key_of orders like the
-# integer. Text compares by code point, as Python does: the "C" collation on PostgreSQL, and
-# SQLite's default BINARY (both compare UTF-8 bytes, which orders like code points).
+# connection_tracker/fold.py orders events by: (time, event id, then the contents), NULL
+# text as "" and a NULL status as 0; the zero-padded status string of _disconnected_key_of
+# orders like the integer. Text compares by code point, as Python does: the "C" collation on
+# PostgreSQL, and SQLite's default BINARY (both compare UTF-8 bytes, which orders like code
+# points).
 _CONNECTED_KEY = ("connected_at_ns", "connected_event_id", "gateway_id", "source_ip", "user_agent")
 _CONNECTED_FIELDS = (
     "gateway_id",
@@ -119,7 +115,7 @@ def _key_sql(row: str, key: tuple[str, ...], table: Table, collate: str) -> str:
 
 def _earlier_sql(key: tuple[str, ...], existing: str, table: Table, collate: str) -> str:
     """Whether the batch's event of this kind sorts strictly before the stored one (a missing
-    event sorts last: fold.py's _earlier())."""
+    event sorts last: connection_tracker/fold.py's _earlier())."""
     at, event_id = key[0], key[1]
     new_key = _key_sql("EXCLUDED", key, table, collate)
     old_key = _key_sql(existing, key, table, "")
@@ -198,10 +194,6 @@ def _sqlite_merge(tables: ReadModelTables, preparer: IdentifierPreparer) -> Any:
         "ON CONFLICT (connection_id) DO UPDATE SET "
         + _merge_assignments(connections, "existing", "")
     )
-
-
-def row_to_state(row: RowMapping | Mapping[str, Any]) -> ConnectionState:
-    return ConnectionState(**{name: row[name] for name in _STATE_FIELDS})
 
 
 class ProjectionStore:
@@ -310,7 +302,7 @@ class ProjectionStore:
         else:
             # SQLite holds the database's write lock from the fence on: no order needed.
             result = await conn.execute(
-                _sqlite_merge(self._tables, preparer), [_row(s) for s in states.values()]
+                _sqlite_merge(self._tables, preparer), [state_to_row(s) for s in states.values()]
             )
             written = result.rowcount
         # Rows skipped for a tombstone are the only ones the upsert neither inserts nor updates.

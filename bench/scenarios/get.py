@@ -25,8 +25,8 @@ from bench.services import (
     wait_grpc_serving,
 )
 from bench.workloads import START_NS
+from connection_tracker.fold import ConnectionState, fold
 from producer.simulator import Workload, generate
-from projector.fold import ConnectionState, fold
 
 QPS_RATIO_TARGET = 0.75
 HALF_LOAD_P99_TARGET_MS = 10.0

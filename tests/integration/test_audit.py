@@ -13,11 +13,11 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from audit.log import LogReader, partition_for_key
 from audit.replay import fold_until, history, state_of, verify
 from connection_tracker.events import Connected, Event, encode
+from connection_tracker.fold import fold
 from connection_tracker.schema import connections
 from connection_tracker.settings import Settings
 from producer.publisher import Publisher
 from producer.simulator import Workload, generate
-from projector.fold import fold
 from projector.runner import Projector
 from projector.store import ProjectionStore
 

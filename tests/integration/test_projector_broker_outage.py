@@ -10,9 +10,9 @@ import random
 import pytest
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from connection_tracker.fold import fold
 from connection_tracker.settings import Settings
 from producer.topics import TopicSpec, ensure_topics
-from projector.fold import fold
 from projector.runner import Projector
 from projector.store import ProjectionStore
 from tests.conftest import PrivateBroker, unique

@@ -15,8 +15,8 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from sqlalchemy.exc import OperationalError
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from connection_tracker.fold import ConnectionState, fold
 from connection_tracker.settings import Settings
-from projector.fold import ConnectionState, fold
 from projector.runner import Projector
 from projector.store import BatchResult, ProjectionStore
 from tests.conftest import create_topic, delete_topics, unique

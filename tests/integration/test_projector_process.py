@@ -2,8 +2,9 @@
 CONNTRACK_* variables, on the real broker, killed, restarted, doubled, and fed poison. Each test
 runs once per read-model backend.
 
-The oracle is projector.fold.fold over the events that were published: whatever happened to the
-processes, the read model must equal it once the stored positions reach the log end offsets.
+The oracle is connection_tracker.fold.fold over the events that were published: whatever
+happened to the processes, the read model must equal it once the stored positions reach the
+log end offsets.
 """
 
 from __future__ import annotations
@@ -36,9 +37,9 @@ from connection_tracker.events import (
     Event,
     encode,
 )
+from connection_tracker.fold import fold
 from connection_tracker.settings import Settings
 from projector import dead_letter
-from projector.fold import fold
 from projector.store import ProjectionStore
 
 pytestmark = [pytest.mark.kafka, pytest.mark.slow]

@@ -28,6 +28,7 @@ from audit.rebuild import (
 )
 from audit.replay import verify
 from connection_tracker.events import Event
+from connection_tracker.fold import ConnectionState, fold
 from connection_tracker.protogen.yandex.cloud.serverless.apigateway.websocket.v1 import (
     connection_service_pb2 as svc,
 )
@@ -39,7 +40,6 @@ from connection_tracker.settings import Settings
 from connection_tracker.timeutil import to_ns
 from producer.publisher import Publisher
 from producer.simulator import Workload, generate
-from projector.fold import ConnectionState, fold
 from projector.runner import Projector
 from projector.store import ProjectionStore
 from tests.integration.test_projector_faults import running

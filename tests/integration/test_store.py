@@ -19,7 +19,7 @@ from connection_tracker.events import (
     Event,
     Payload,
 )
-from projector.fold import ConnectionState, fold, merge, of_event
+from connection_tracker.fold import ConnectionState, fold, merge, of_event
 from projector.store import ARRAY_CHUNK, CHUNK, FencedError, ProjectionStore
 
 T0 = 1_764_300_000_000_000_000
@@ -175,7 +175,7 @@ def random_state(rnd: random.Random, cid: str) -> ConnectionState:
 
 @pytest.mark.parametrize("seed", range(3))
 async def test_the_database_merge_equals_the_fold_merge(engine: AsyncEngine, seed: int) -> None:
-    """The store merges in SQL; projector/fold.py's merge() is the definition."""
+    """The store merges in SQL; connection_tracker/fold.py's merge() is the definition."""
     rnd = random.Random(seed)
     store = ProjectionStore(engine)
     await store.positions(TOPIC, [0])

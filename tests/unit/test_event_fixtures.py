@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 
 from connection_tracker.events import InvalidEvent, decode, upcast
+from connection_tracker.fold import fold
 from connection_tracker.protogen.conntrack.events.v1 import events_pb2 as pb
-from projector.fold import fold
 
 FIXTURES = Path(__file__).resolve().parents[1] / "fixtures"
 

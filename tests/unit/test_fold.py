@@ -10,7 +10,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from connection_tracker.events import Activity, Connected, Disconnected, Event, Payload
-from projector.fold import ConnectionState, apply, fold, fold_tuples, merge, of_event
+from connection_tracker.fold import ConnectionState, apply, fold, fold_tuples, merge, of_event
 
 T0 = 1_764_300_000_000_000_000
 
@@ -152,9 +152,9 @@ def test_events_sharing_an_id_and_time_still_fold_deterministically() -> None:
 
 
 # The fast fold against the definition. fold() does not apply() event by event (see
-# projector/fold.py); these check it gives exactly what doing so gives, and that merge() and
-# of_event() still equal their plain versions (written here with _replace, field by field, as they
-# first were), on random batches full of ties, shared ids and duplicates.
+# connection_tracker/fold.py); these check it gives exactly what doing so gives, and that
+# merge() and of_event() still equal their plain versions (written here with _replace, field
+# by field, as they first were), on random batches full of ties, shared ids and duplicates.
 
 
 def reference_of_event(event: Event) -> ConnectionState:
