@@ -264,7 +264,7 @@ class Publisher:
             if self._coalescer.interval_ns > 0:
                 self._flusher = asyncio.create_task(self._publish_due_activity())
 
-    async def _connect(self) -> Any:
+    async def _connect(self, retry_log_level: int = logging.WARNING) -> Any:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self._delivery_timeout_s
         while True:
@@ -284,7 +284,12 @@ class Publisher:
                         f"cannot reach Kafka at {self._bootstrap_servers} within "
                         f"{self._delivery_timeout_s:g} s: {exc or type(exc).__name__}"
                     ) from exc
-                log.warning("Kafka at %s unreachable, retrying: %s", self._bootstrap_servers, exc)
+                log.log(
+                    retry_log_level,
+                    "Kafka at %s unreachable, retrying: %s",
+                    self._bootstrap_servers,
+                    exc,
+                )
                 await asyncio.sleep(_CONNECT_BACKOFF_S)
             except BaseException:
                 await producer.stop()
@@ -386,6 +391,13 @@ class Publisher:
         if sender is not None and accumulator is not None:
             await sender.close()
             accumulator.fail_all(error)
+            # fail_all also fails the drain waiter of each batch nobody was appending to; left
+            # unread, each would be logged as "Future exception was never retrieved".
+            for batches in getattr(accumulator, "_batches", {}).values():
+                for batch in batches:
+                    waiter = getattr(batch, "_drain_waiter", None)
+                    if waiter is not None and waiter.done() and not waiter.cancelled():
+                        waiter.exception()
         for future in futures:
             event = self._in_flight.pop(future, None)
             if event is None:
@@ -694,7 +706,8 @@ class Publisher:
         for it are bounded by max_pending, and flush() and stop() bound every wait for them."""
         while True:
             try:
-                return await self._connect()
+                # One warning per delivery_timeout_s of outage, not one per attempt.
+                return await self._connect(retry_log_level=logging.DEBUG)
             except Exception as exc:
                 log.warning("no new Kafka producer yet, retrying: %r", exc)
                 await asyncio.sleep(_CONNECT_BACKOFF_S)
