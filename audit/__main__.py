@@ -28,9 +28,9 @@ from connection_tracker.database import create_engine
 from connection_tracker.fold import ConnectionState
 from connection_tracker.lifecycle import BATCH_GEN0_THRESHOLD, setup_logging, tune_gc
 from connection_tracker.settings import Settings, settings_from
+from connection_tracker.store import ProjectionStore
 from connection_tracker.timeutil import format_ns
 from migrations.cli import upgrade
-from projector.store import ProjectionStore
 
 
 def parse_time_ms(text: str) -> int:

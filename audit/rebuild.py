@@ -25,7 +25,6 @@ positions are equal it simply carries on: the rows are the fold up to those posi
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
 from collections.abc import Callable, Mapping
@@ -38,10 +37,11 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 from sqlalchemy.schema import CreateIndex, CreateTable, DropIndex
 
 from audit.log import LogReader
-from connection_tracker.events import EventTuple, InvalidEvent, decode_record_tuple
-from connection_tracker.fold import ConnectionState, fold_tuples
+from connection_tracker.batch import Batch, WriteBehind
+from connection_tracker.fold import ConnectionState
+from connection_tracker.retry import Backoff, one_line
 from connection_tracker.schema import LIVE, ReadModelTables, generation
-from projector.store import FencedError, ProjectionStore
+from connection_tracker.store import FencedError, ProjectionStore
 
 log = logging.getLogger(__name__)
 
@@ -188,6 +188,7 @@ class Rebuild:
         max_switch_attempts: int = 50,
         switch: bool = True,
         on_batch: Callable[[Progress], None] | None = None,
+        backoff: Backoff | None = None,
     ) -> None:
         """max_switch_gap: switch only when the live projection is at most this many records
         beyond the shadow (they are folded while the live writers wait). switch=False stops
@@ -209,6 +210,8 @@ class Rebuild:
         self._max_attempts = max_switch_attempts
         self._switch = switch
         self._on_batch = on_batch
+        # Between switch attempts that met a lock or a deadlock.
+        self._backoff = backoff or Backoff(max_s=lock_timeout_seconds)
         self.progress = Progress()
         self._positions: dict[int, int] = {}
         self._events = 0
@@ -221,6 +224,7 @@ class Rebuild:
         """Fold everything into the shadow, then switch it live (unless switch=False)."""
         await self.start()
         attempts = 0
+        delays = self._backoff.delays()
         while True:
             await self.catch_up()
             if not self._switch:
@@ -233,7 +237,14 @@ class Rebuild:
             except (DBAPIError, OperationalError) as exc:
                 if not _retryable(exc) or attempts >= self._max_attempts:
                     raise
-                log.warning("event=switch_retry attempt=%d error=%r", attempts, _one_line(exc))
+                delay = next(delays)
+                log.warning(
+                    "event=switch_retry attempt=%d delay_s=%.1f error=%r",
+                    attempts,
+                    delay,
+                    one_line(exc),
+                )
+                await asyncio.sleep(delay)
                 continue
             if held is not None:
                 return self._result(attempts, held)
@@ -291,31 +302,26 @@ class Rebuild:
         # ends; if N fails, the rebuild stops and resumes from the stored positions.
         # Records are read and decoded in slices with a yield to the event loop in between, so
         # the batch in flight gets through its round trips while the next one is assembled.
-        writing: asyncio.Task[None] | None = None
+        writing = WriteBehind()
         planned = dict(self._positions)
-        batch = _Batch(planned)
+        batch = Batch(planned)
         try:
             slice_size = min(_SLICE, self._batch_events)
             async for records in self._reader.read(bounds, max_records=slice_size):
-                batch.add(records)
+                batch.add_records(records)
                 await asyncio.sleep(0)
                 if batch.records < self._batch_events:
                     continue
                 planned |= {p: new for p, (_, new) in batch.advances.items()}
-                if writing is not None:
-                    await writing
-                writing = asyncio.create_task(self._commit(batch))
-                batch = _Batch(planned)
+                await writing.finish()
+                writing.start(self._commit(batch))
+                batch = Batch(planned)
                 await self._throttle()
-            if writing is not None:
-                await writing
+            await writing.finish()
             if batch.records:
                 await self._commit(batch)
         finally:
-            if writing is not None and not writing.done():
-                writing.cancel()
-                with contextlib.suppress(asyncio.CancelledError, Exception):
-                    await writing
+            await writing.cancel()
         # A compacted or transactional range can end in offsets that hold no record: the read
         # has consumed them all the same.
         tail = {
@@ -325,14 +331,15 @@ class Rebuild:
             await self._write(tail, {}, None)
 
     async def _apply(self, records: list[Any], conn: AsyncConnection | None) -> None:
-        batch = _Batch(self._positions)
-        batch.add(records)
+        batch = Batch(self._positions)
+        batch.add_records(records)
         await self._commit(batch, conn)
 
-    async def _commit(self, batch: _Batch, conn: AsyncConnection | None = None) -> None:
-        await self._write(batch.advances, fold_tuples(batch.events), conn)
+    async def _commit(self, batch: Batch, conn: AsyncConnection | None = None) -> None:
+        # A record that does not decode folds to nothing here (the projector dead-letters it).
+        await self._write(batch.advances, batch.fold(), conn)
         self._events += len(batch.events)
-        self._invalid += batch.invalid
+        self._invalid += len(batch.rejected)
         self.progress.done += batch.records
         if self._on_batch is not None:
             self._on_batch(self.progress)
@@ -451,30 +458,6 @@ class Rebuild:
 _SLICE = 1000
 
 
-class _Batch:
-    """The decoded records of one shadow transaction, added slice by slice from positions
-    where it starts. An invalid record is dead-lettered by the live projector and folds to
-    nothing here, but its offset is passed all the same."""
-
-    def __init__(self, positions: Mapping[int, int]) -> None:
-        self._positions = dict(positions)
-        self.events: list[EventTuple] = []
-        self.invalid = 0
-        self.records = 0
-        self.advances: dict[int, tuple[int, int]] = {}
-
-    def add(self, records: list[Any]) -> None:
-        advances = self.advances
-        for r in records:
-            try:
-                self.events.append(decode_record_tuple(r.value, r.key))
-            except InvalidEvent:
-                self.invalid += 1
-            expected = advances.get(r.partition, (self._positions[r.partition], 0))[0]
-            advances[r.partition] = (expected, r.offset + 1)
-        self.records += len(records)
-
-
 def _switch_ddl(conn: AsyncConnection, sqlite: bool) -> list[str]:
     """Statements that make the shadow live and keep the old live generation as retired."""
     q = conn.dialect.identifier_preparer.quote
@@ -520,8 +503,3 @@ def _retryable(exc: BaseException) -> bool:
 
 def _fmt(positions: Mapping[int, int]) -> str:
     return ",".join(f"{p}:{o}" for p, o in sorted(positions.items()))
-
-
-def _one_line(exc: BaseException) -> str:
-    lines = str(exc).strip().splitlines()
-    return f"{type(exc).__name__}: {lines[0] if lines else ''}"

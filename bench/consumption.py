@@ -21,8 +21,8 @@ from connection_tracker.database import create_engine
 from connection_tracker.events import decode, decode_record_tuple
 from connection_tracker.fold import fold, fold_tuples
 from connection_tracker.settings import Settings
+from connection_tracker.store import ProjectionStore
 from projector.runner import Projector
-from projector.store import ProjectionStore
 
 # The Projector's own consumer settings (projector/runner.py), so the ceilings read the same way.
 FETCH_BYTES = 4 * 1024 * 1024

@@ -32,7 +32,7 @@ from connection_tracker.events import Activity, Connected, Disconnected, Event, 
 
 
 class ConnectionState(NamedTuple):
-    """A connection's folded state, also the read model's row (projector/store.py).
+    """A connection's folded state, also the read model's row (connection_tracker/store.py).
 
     A named tuple rather than a frozen dataclass: the fold builds one per connection per batch
     and the store binds them column by column, and a tuple is several times cheaper to build

@@ -73,7 +73,7 @@ def define_read_model(metadata: MetaData, suffix: str = "") -> ReadModelTables:
         # (in place, no new index entries). Migration 0003 explains the figure.
         postgresql_with={"fillfactor": CONNECTIONS_FILLFACTOR},
     )
-    # Retention prunes by disconnect time (projector/store.py, ProjectionStore.prune).
+    # Retention prunes by disconnect time (connection_tracker/store.py, ProjectionStore.prune).
     Index(None, conns.c.disconnected_at_ns)
 
     # Tombstones of connections pruned by retention: a late duplicate event of a pruned

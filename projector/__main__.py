@@ -16,8 +16,8 @@ from connection_tracker.lifecycle import (
     tune_gc,
 )
 from connection_tracker.settings import Settings, settings_from
+from connection_tracker.store import ProjectionStore
 from projector.runner import Abandoned, Projector
-from projector.store import ProjectionStore
 
 log = logging.getLogger("projector")
 

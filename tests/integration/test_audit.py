@@ -16,10 +16,10 @@ from connection_tracker.events import Connected, Event, encode
 from connection_tracker.fold import fold
 from connection_tracker.schema import connections
 from connection_tracker.settings import Settings
+from connection_tracker.store import ProjectionStore
 from producer.publisher import Publisher
 from producer.simulator import Workload, generate
 from projector.runner import Projector
-from projector.store import ProjectionStore
 
 pytestmark = [pytest.mark.kafka]
 

@@ -19,10 +19,10 @@ from connection_tracker.protogen.yandex.cloud.serverless.apigateway.websocket.v1
     connection_service_pb2_grpc as svc_grpc,
 )
 from connection_tracker.settings import Settings
+from connection_tracker.store import ProjectionStore
 from connection_tracker.timeutil import to_ns
 from producer.publisher import Publisher
 from projector.runner import Projector
-from projector.store import ProjectionStore
 
 pytestmark = [pytest.mark.kafka]
 

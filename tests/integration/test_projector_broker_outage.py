@@ -12,9 +12,9 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from connection_tracker.fold import fold
 from connection_tracker.settings import Settings
+from connection_tracker.store import ProjectionStore
 from producer.topics import TopicSpec, ensure_topics
 from projector.runner import Projector
-from projector.store import ProjectionStore
 from tests.conftest import PrivateBroker, unique
 from tests.integration.test_projector_faults import running
 from tests.integration.test_projector_process import (

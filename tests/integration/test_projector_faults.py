@@ -17,8 +17,8 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from connection_tracker.fold import ConnectionState, fold
 from connection_tracker.settings import Settings
+from connection_tracker.store import BatchResult, ProjectionStore
 from projector.runner import Projector
-from projector.store import BatchResult, ProjectionStore
 from tests.conftest import create_topic, delete_topics, unique
 from tests.integration.test_projector_process import (
     as_records,

@@ -39,8 +39,8 @@ from connection_tracker.events import (
 )
 from connection_tracker.fold import fold
 from connection_tracker.settings import Settings
+from connection_tracker.store import ProjectionStore
 from projector import dead_letter
-from projector.store import ProjectionStore
 
 pytestmark = [pytest.mark.kafka, pytest.mark.slow]
 

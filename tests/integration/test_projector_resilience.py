@@ -19,7 +19,7 @@ from connection_tracker.database import create_engine
 from connection_tracker.events import Activity, Connected, Disconnected, Event
 from connection_tracker.fold import fold
 from connection_tracker.settings import Settings
-from projector.store import ProjectionStore
+from connection_tracker.store import ProjectionStore
 from tests.conftest import POSTGRES_URL
 from tests.integration.test_projector_process import (
     ProjectorProcess,

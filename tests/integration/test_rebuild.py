@@ -37,11 +37,11 @@ from connection_tracker.protogen.yandex.cloud.serverless.apigateway.websocket.v1
 )
 from connection_tracker.schema import LIVE
 from connection_tracker.settings import Settings
+from connection_tracker.store import ProjectionStore
 from connection_tracker.timeutil import to_ns
 from producer.publisher import Publisher
 from producer.simulator import Workload, generate
 from projector.runner import Projector
-from projector.store import ProjectionStore
 from tests.integration.test_projector_faults import running
 
 pytestmark = [pytest.mark.kafka]

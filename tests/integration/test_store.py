@@ -20,7 +20,7 @@ from connection_tracker.events import (
     Payload,
 )
 from connection_tracker.fold import ConnectionState, fold, merge, of_event
-from projector.store import ARRAY_CHUNK, CHUNK, FencedError, ProjectionStore
+from connection_tracker.store import ARRAY_CHUNK, CHUNK, FencedError, ProjectionStore
 
 T0 = 1_764_300_000_000_000_000
 TOPIC = "events"

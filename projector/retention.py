@@ -1,0 +1,75 @@
+"""Retention: rows of connections that disconnected long ago are pruned in small transactions,
+each leaving a tombstone so a late duplicate cannot bring the connection back half-empty
+(connection_tracker/store.py, prune())."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+
+from connection_tracker.retry import Abandoned, Retrier
+from connection_tracker.settings import Settings
+from connection_tracker.store import CHUNK, ProjectionStore
+from projector.metrics import ProjectorMetrics
+
+log = logging.getLogger(__name__)
+
+
+class Retention:
+    def __init__(
+        self,
+        settings: Settings,
+        store: ProjectionStore,
+        metrics: ProjectorMetrics,
+        retry: Retrier,
+        stopping: asyncio.Event,
+    ) -> None:
+        self._settings = settings
+        self._store = store
+        self._metrics = metrics
+        self._retry = retry
+        self._stopping = stopping
+
+    @property
+    def enabled(self) -> bool:
+        return self._settings.retention_disconnected_seconds > 0
+
+    async def run(self) -> None:
+        """Prune every retention_interval_seconds until stopping is set."""
+        while not self._stopping.is_set():
+            try:
+                await self.prune_once()
+            except Abandoned:
+                return
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(
+                    self._stopping.wait(), self._settings.retention_interval_seconds
+                )
+
+    async def prune_once(self, now_ns: int | None = None) -> int:
+        """Prune everything due now, in small transactions. Returns the rows pruned."""
+        s = self._settings
+        now_ns = time.time_ns() if now_ns is None else now_ns
+        before = now_ns - s.retention_disconnected_seconds * 1_000_000_000
+        # A tombstone younger than the retention age would be useless: it is kept at least as
+        # long as the rows themselves are.
+        tombstone_age_s = max(s.retention_tombstone_seconds, s.retention_disconnected_seconds)
+        tombstones_before = (
+            now_ns - tombstone_age_s * 1_000_000_000 if s.retention_tombstone_seconds > 0 else None
+        )
+        total = 0
+        while True:
+            result = await self._retry(
+                "database", lambda: self._store.prune(before, tombstones_before, CHUNK)
+            )
+            total += result.pruned
+            self._metrics.pruned.inc(result.pruned)
+            self._metrics.tombstones_expired.inc(result.tombstones_expired)
+            if result.pruned < CHUNK and result.tombstones_expired < CHUNK:
+                break
+            await asyncio.sleep(0)  # let batches in between: pruning is never urgent
+        if total:
+            log.info("event=pruned rows=%d disconnected_before_ns=%d", total, before)
+        return total
