@@ -65,8 +65,14 @@ def _deadline_passed(context: grpc.aio.ServicerContext[Any, Any]) -> bool:
 
 
 class MetricsInterceptor(Interceptor):
-    def __init__(self, metrics: ApiMetrics) -> None:
+    """Counts the calls of the methods under `counted_prefix` (ConnectionService: health checks
+    and reflection are not traffic) and makes a call that ended before it could be answered
+    (the caller's deadline passed, or the caller went away) end as a cancellation. Outermost,
+    so it sees every outcome, rejections included."""
+
+    def __init__(self, metrics: ApiMetrics, counted_prefix: str) -> None:
         self._metrics = metrics
+        self._prefix = counted_prefix
         self._handlers = _WrappedHandlers(self._observed)
 
     async def intercept_service(  # type: ignore[override]
@@ -74,7 +80,11 @@ class MetricsInterceptor(Interceptor):
     ) -> Handler | None:
         handler = await continuation(handler_call_details)
         behavior = _unary(handler)
-        if handler is None or behavior is None:
+        if (
+            handler is None
+            or behavior is None
+            or not handler_call_details.method.startswith(self._prefix)
+        ):
             return handler
         return self._handlers.get(handler_call_details.method, handler, behavior)
 
@@ -82,27 +92,43 @@ class MetricsInterceptor(Interceptor):
         metrics = self._metrics
 
         async def observed(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
+            handling = metrics.call_started(method)
             started = time.perf_counter()
             code = grpc.StatusCode.UNKNOWN
             try:
                 response = await behavior(request, context)
+                if _deadline_passed(context):
+                    # Too late to answer: gRPC ends the call with DEADLINE_EXCEEDED itself, and
+                    # an answer sent meanwhile would fail (which grpc logs as an error).
+                    raise asyncio.CancelledError
                 code = context.code() or grpc.StatusCode.OK
                 return response
             except asyncio.CancelledError:
                 # grpc cancels the handler when the caller goes away or its deadline passes.
-                code = (
-                    grpc.StatusCode.DEADLINE_EXCEEDED
-                    if _deadline_passed(context)
-                    else grpc.StatusCode.CANCELLED
-                )
+                code = _ended_early(context)
                 raise
+            except grpc.aio.InternalError as exc:
+                # A status (context.abort) could not be sent: the call had already ended, its
+                # deadline passing or its caller leaving while the answer was being made.
+                # That is a cancellation, not a failure of this server.
+                code = _ended_early(context)
+                log.debug("%s ended before its status could be sent: %s", method, exc)
+                raise asyncio.CancelledError from None
             except BaseException:
                 code = context.code() or grpc.StatusCode.UNKNOWN
                 raise
             finally:
-                metrics.observe(method, code.name, time.perf_counter() - started)
+                metrics.call_handled(method, code, time.perf_counter() - started, handling)
 
         return observed
+
+
+def _ended_early(context: grpc.aio.ServicerContext[Any, Any]) -> grpc.StatusCode:
+    return (
+        grpc.StatusCode.DEADLINE_EXCEEDED
+        if _deadline_passed(context)
+        else grpc.StatusCode.CANCELLED
+    )
 
 
 class BearerAuthInterceptor(Interceptor):

@@ -1,13 +1,30 @@
 """Prometheus metrics of the API (one registry per server, so tests can run several).
-docs/api.md lists them with their meaning."""
+docs/api.md lists them with their meaning.
+
+Calls are counted under the names and labels of go-grpc-prometheus (grpc_server_started_total,
+grpc_server_handled_total, grpc_server_handling_seconds; labels grpc_type, grpc_service,
+grpc_method, grpc_code with codes spelled as Go spells them), so the usual gRPC dashboards and
+alert rules work unchanged. The registry also holds prometheus_client's process, GC and
+platform collectors, as the default registry would."""
 
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
+from typing import Final
 from wsgiref.simple_server import WSGIServer
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+import grpc
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    GCCollector,
+    Histogram,
+    PlatformCollector,
+    ProcessCollector,
+    start_http_server,
+)
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
@@ -16,21 +33,51 @@ from api.batching import LoaderStats
 # Get is one indexed query: most answers take well under 10 ms; the tail shows a slow database.
 _LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
 
+UNARY: Final = "unary"
+
+
+def code_label(code: grpc.StatusCode) -> str:
+    """A status code as go-grpc-prometheus's grpc_code label spells it (Go's codes.Code
+    String()): OK, Canceled, InvalidArgument, NotFound, DeadlineExceeded, Unavailable..."""
+    if code is grpc.StatusCode.CANCELLED:
+        return "Canceled"
+    if code is grpc.StatusCode.OK:
+        return "OK"
+    return "".join(word.capitalize() for word in code.name.split("_"))
+
+
+def split_method(full_method: str) -> tuple[str, str]:
+    """'/package.Service/Method' as (grpc_service, grpc_method)."""
+    service, _, method = full_method.lstrip("/").rpartition("/")
+    return service, method
+
 
 class ApiMetrics:
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
         self.registry = registry or CollectorRegistry()
         r = self.registry
-        self.requests = Counter(
-            "conntrack_api_requests",
-            "Finished unary calls, by full method name and gRPC status code.",
-            ["method", "code"],
+        # What the default registry holds (process_*, python_gc_*, python_info).
+        ProcessCollector(registry=r)
+        GCCollector(registry=r)
+        PlatformCollector(registry=r)
+        call_labels = ["grpc_type", "grpc_service", "grpc_method"]
+        self.started = Counter(
+            "grpc_server_started",
+            "Total number of RPCs started on the server.",
+            call_labels,
             registry=r,
         )
-        self.latency = Histogram(
-            "conntrack_api_request_seconds",
-            "Time from receiving a unary call to its status, by method and status code.",
-            ["method", "code"],
+        self.handled = Counter(
+            "grpc_server_handled",
+            "Total number of RPCs completed on the server, regardless of success or failure.",
+            [*call_labels, "grpc_code"],
+            registry=r,
+        )
+        self.handling = Histogram(
+            "grpc_server_handling_seconds",
+            "Histogram of response latency (seconds) of gRPC that had been application-level "
+            "handled by the server.",
+            call_labels,
             buckets=_LATENCY_BUCKETS,
             registry=r,
         )
@@ -47,27 +94,55 @@ class ApiMetrics:
         self._http: tuple[WSGIServer, threading.Thread] | None = None
         # labels() looks its child up under a lock and validates the label values on every
         # call; the (method, code) pairs are few, so each is looked up once.
-        self._children: dict[tuple[str, str], tuple[Counter, Histogram]] = {}
+        self._calls: dict[str, tuple[Counter, Histogram]] = {}
+        self._handled: dict[tuple[str, grpc.StatusCode], Counter] = {}
+
+    def initialize(self, full_methods: Iterable[str]) -> None:
+        """Create every series of these methods at zero (every code, as go-grpc-prometheus's
+        InitializeMetrics does), so that rates and alerts see a series before its first call."""
+        for full_method in full_methods:
+            self._call(full_method)
+            for code in grpc.StatusCode:
+                self._handled_counter(full_method, code)
+
+    def call_started(self, full_method: str) -> Histogram:
+        """Counts a call as started; returns the histogram its handling time goes to."""
+        started, handling = self._call(full_method)
+        started.inc()
+        return handling
+
+    def _call(self, full_method: str) -> tuple[Counter, Histogram]:
+        children = self._calls.get(full_method)
+        if children is None:
+            labels = (UNARY, *split_method(full_method))
+            children = self.started.labels(*labels), self.handling.labels(*labels)
+            self._calls[full_method] = children
+        return children
+
+    def _handled_counter(self, full_method: str, code: grpc.StatusCode) -> Counter:
+        counter = self._handled.get((full_method, code))
+        if counter is None:
+            counter = self.handled.labels(UNARY, *split_method(full_method), code_label(code))
+            self._handled[(full_method, code)] = counter
+        return counter
+
+    def call_handled(
+        self, full_method: str, code: grpc.StatusCode, seconds: float, handling: Histogram
+    ) -> None:
+        self._handled_counter(full_method, code).inc()
+        handling.observe(seconds)
 
     def track_reads(self, stats: Callable[[], LoaderStats]) -> None:
         """Expose how Get lookups were batched into queries, read from `stats` at each scrape
         (so the hot path pays nothing for these metrics)."""
         self.registry.register(_ReadBatchCollector(stats))
 
-    def observe(self, method: str, code: str, seconds: float) -> None:
-        children = self._children.get((method, code))
-        if children is None:
-            children = self.requests.labels(method, code), self.latency.labels(method, code)
-            self._children[(method, code)] = children
-        requests, latency = children
-        requests.inc()
-        latency.observe(seconds)
-
-    def serve_http(self, port: int, addr: str = "0.0.0.0") -> int:
-        """Expose /metrics on port (0 picks a free one); returns the bound port."""
+    def serve_http(self, port: int, addr: str) -> tuple[str, int]:
+        """Expose /metrics on addr:port (port 0 picks a free one); returns the bound address."""
         if self._http is None:
             self._http = start_http_server(port, addr=addr, registry=self.registry)
-        return int(self._http[0].server_port)
+        host, bound_port = self._http[0].server_address[:2]
+        return str(host), int(bound_port)
 
     def stop_http(self) -> None:
         if self._http is not None:

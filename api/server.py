@@ -11,8 +11,8 @@ from typing import Any, Final
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
 
+from api import reflection
 from api.auth import BearerTokens, load_tokens
 from api.interceptors import BearerAuthInterceptor, ConcurrencyLimitInterceptor, MetricsInterceptor
 from api.metrics import ApiMetrics
@@ -25,6 +25,16 @@ log = logging.getLogger(__name__)
 
 # Room for upstream's largest valid request (Send with 131072 bytes of data) plus framing.
 DEFAULT_MAX_MESSAGE_BYTES: Final = 262_144
+
+
+def listen_host(listen: str) -> str:
+    """The host part of a gRPC listen address ('127.0.0.1:50051', '[::]:50051',
+    '0.0.0.0:50051'), for binding the metrics endpoint alongside; '' (all interfaces) for
+    an address without one (':50051'), loopback for a Unix socket ('unix:/path')."""
+    if listen.startswith("unix:"):
+        return "127.0.0.1"
+    host, _, _ = listen.rpartition(":")
+    return host.removeprefix("[").removesuffix("]")
 
 
 class ApiServer:
@@ -44,9 +54,10 @@ class ApiServer:
         db_timeout_seconds: float = 5.0,
         freshness_ttl_seconds: float = 1.0,
         metrics_port: int | None = None,
-        metrics_addr: str = "0.0.0.0",
+        metrics_host: str | None = None,
     ) -> None:
-        """metrics_port None serves no /metrics endpoint; 0 picks a free port."""
+        """metrics_port None serves no /metrics endpoint; 0 picks a free port. metrics_host
+        None binds it to the host of `listen`."""
         self._repository = repository
         self._listen = listen
         self._grace = grace_seconds
@@ -56,7 +67,7 @@ class ApiServer:
         self._max_message_bytes = max_message_bytes
         self._db_timeout = db_timeout_seconds
         self._metrics_port = metrics_port
-        self._metrics_addr = metrics_addr
+        self._metrics_host = listen_host(listen) if metrics_host is None else metrics_host
         self.metrics = ApiMetrics()
         self.metrics.track_reads(repository.read_stats)
         self._service = ConnectionService(
@@ -74,6 +85,7 @@ class ApiServer:
         self._serving: bool | None = None
         self._stopped = asyncio.Event()
         self.port: int | None = None
+        self.metrics_http_host: str | None = None  # where /metrics listens, once started
         self.metrics_http_port: int | None = None
 
     @classmethod
@@ -100,6 +112,7 @@ class ApiServer:
             db_timeout_seconds=settings.api_db_timeout_seconds,
             freshness_ttl_seconds=settings.api_freshness_ttl_ms / 1000,
             metrics_port=settings.metrics_port or None,
+            metrics_host=settings.api_metrics_host,
         )
 
     @property
@@ -108,7 +121,9 @@ class ApiServer:
         return self._limit.in_flight
 
     def _interceptors(self) -> list[grpc.aio.ServerInterceptor[Any, Any]]:
-        chain: list[grpc.aio.ServerInterceptor[Any, Any]] = [MetricsInterceptor(self.metrics)]
+        chain: list[grpc.aio.ServerInterceptor[Any, Any]] = [
+            MetricsInterceptor(self.metrics, f"/{SERVICE_NAME}/")
+        ]
         if self._tokens is not None:
             chain.append(BearerAuthInterceptor(self._tokens, f"/{SERVICE_NAME}/"))
         chain.append(self._limit)
@@ -133,10 +148,9 @@ class ApiServer:
             (grpc.method_handlers_generic_handler(SERVICE_NAME, handlers),)
         )
         server.add_registered_method_handlers(SERVICE_NAME, handlers)  # type: ignore[attr-defined]
+        self.metrics.initialize(f"/{SERVICE_NAME}/{method}" for method in handlers)
         health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
-        reflection.enable_server_reflection(
-            (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server
-        )
+        reflection.enable_server_reflection((SERVICE_NAME, health.SERVICE_NAME), server)
         try:
             if credentials is None:
                 self.port = server.add_insecure_port(self._listen)
@@ -149,8 +163,10 @@ class ApiServer:
         self._server = server
         self._health_task = asyncio.create_task(self._watch_health())
         if self._metrics_port is not None:
-            self.metrics_http_port = self.metrics.serve_http(self._metrics_port, self._metrics_addr)
-            log.info("metrics on %s:%d", self._metrics_addr, self.metrics_http_port)
+            self.metrics_http_host, self.metrics_http_port = self.metrics.serve_http(
+                self._metrics_port, self._metrics_host
+            )
+            log.info("metrics on %s:%d", self.metrics_http_host, self.metrics_http_port)
         log.info(
             "serving %s on %s (%s, %s, at most %d concurrent calls)",
             SERVICE_NAME,

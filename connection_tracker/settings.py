@@ -47,6 +47,8 @@ class Settings(BaseSettings):
     api_batch_max_in_flight: int = Field(1, ge=1)
     api_batch_window_ms: float = Field(3.0, ge=0, le=1000)
     metrics_port: int = Field(0, description="Prometheus metrics port; 0 disables the endpoint.")
+    # The API's metrics endpoint binds here; unset: the host of api_listen.
+    api_metrics_host: str | None = None
     log_level: str = Field("INFO", description="Python logging level.")
     # connection_tracker.lifecycle.tune_gc: container allocations between two young-generation
     # collections. Unset: each command's choice (50000 for batch work, Python's 700 for the

@@ -22,16 +22,20 @@ import asyncpg
 import grpc
 import pytest
 from google.protobuf import descriptor_pool, message_factory
+from google.protobuf.descriptor_pb2 import FileDescriptorProto
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection_pb2
 from grpc_reflection.v1alpha.proto_reflection_descriptor_database import (
     ProtoReflectionDescriptorDatabase,
 )
+from prometheus_client.metrics_core import Metric
+from prometheus_client.parser import text_string_to_metric_families
 from sqlalchemy import insert, text
 from sqlalchemy.engine import make_url
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from api.repository import APPLICATION_NAME, ConnectionRepository, create_read_engine
-from api.server import ApiServer
+from api.server import ApiServer, listen_host
 from api.service import SERVICE_NAME
 from connection_tracker.protogen.yandex.cloud.serverless.apigateway.websocket.v1 import (
     connection_service_pb2 as svc,
@@ -40,6 +44,7 @@ from connection_tracker.protogen.yandex.cloud.serverless.apigateway.websocket.v1
     connection_service_pb2_grpc as svc_grpc,
 )
 from connection_tracker.schema import connections
+from connection_tracker.settings import Settings
 
 REPO = Path(__file__).resolve().parents[2]
 CONNECTED_NS = 1_764_300_000_123_456_789
@@ -203,6 +208,80 @@ async def test_reflection_based_call_as_grpcurl_makes(read_engine: AsyncEngine) 
     }
 
 
+def _reflect(
+    port: int, version: str, request: reflection_pb2.ServerReflectionRequest
+) -> reflection_pb2.ServerReflectionResponse:
+    """One request to grpc.reflection.<version>.ServerReflection, by raw stub: v1 and v1alpha
+    messages have the same fields and numbers, so v1alpha's classes read and write both."""
+    with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+        info = channel.stream_stream(
+            f"/grpc.reflection.{version}.ServerReflection/ServerReflectionInfo",
+            request_serializer=reflection_pb2.ServerReflectionRequest.SerializeToString,
+            response_deserializer=reflection_pb2.ServerReflectionResponse.FromString,
+        )
+        answers = list(info(iter([request]), timeout=10))
+    assert len(answers) == 1
+    return answers[0]
+
+
+def _list_services(port: int, version: str) -> list[str]:
+    answer = _reflect(port, version, reflection_pb2.ServerReflectionRequest(list_services=""))
+    assert answer.HasField("list_services_response"), answer
+    return [service.name for service in answer.list_services_response.service]
+
+
+def _file_containing(port: int, version: str, symbol: str) -> list[FileDescriptorProto]:
+    answer = _reflect(
+        port, version, reflection_pb2.ServerReflectionRequest(file_containing_symbol=symbol)
+    )
+    assert answer.HasField("file_descriptor_response"), answer
+    return [
+        FileDescriptorProto.FromString(raw)
+        for raw in answer.file_descriptor_response.file_descriptor_proto
+    ]
+
+
+@pytest.mark.parametrize("backend", ["sqlite"])
+async def test_reflection_answers_as_v1_and_as_v1alpha(read_engine: AsyncEngine) -> None:
+    async with ApiServer(ConnectionRepository(read_engine), "127.0.0.1:0") as server:
+        assert server.port is not None
+        port = server.port
+        listed = {v: await asyncio.to_thread(_list_services, port, v) for v in ("v1", "v1alpha")}
+        files = {
+            v: await asyncio.to_thread(_file_containing, port, v, SERVICE_NAME)
+            for v in ("v1", "v1alpha")
+        }
+        v1_itself = await asyncio.to_thread(
+            _file_containing, port, "v1", "grpc.reflection.v1.ServerReflection"
+        )
+    expected = {
+        SERVICE_NAME,
+        "grpc.health.v1.Health",
+        "grpc.reflection.v1.ServerReflection",
+        "grpc.reflection.v1alpha.ServerReflection",
+    }
+    assert set(listed["v1"]) == expected
+    assert set(listed["v1alpha"]) == expected
+    for version in ("v1", "v1alpha"):
+        services = {f"{f.package}.{s.name}" for f in files[version] for s in f.service}
+        assert SERVICE_NAME in services
+    # v1 describes itself under its own package, and the description builds.
+    (v1_file,) = [f for f in v1_itself if f.package == "grpc.reflection.v1"]
+    assert v1_file.name == "grpc/reflection/v1/reflection.proto"
+    (method,) = v1_file.service[0].method
+    assert (method.name, method.input_type, method.output_type) == (
+        "ServerReflectionInfo",
+        ".grpc.reflection.v1.ServerReflectionRequest",
+        ".grpc.reflection.v1.ServerReflectionResponse",
+    )
+    pool = descriptor_pool.DescriptorPool()
+    pool.Add(v1_file)
+    built = pool.FindMessageTypeByName("grpc.reflection.v1.ServerReflectionResponse")
+    assert {f.name: f.number for f in built.fields} == {
+        f.name: f.number for f in reflection_pb2.ServerReflectionResponse.DESCRIPTOR.fields
+    }
+
+
 def _grpcurl() -> str | None:
     local = REPO / ".local" / "go" / "bin" / "grpcurl"
     return shutil.which("grpcurl") or (str(local) if local.exists() else None)
@@ -359,24 +438,99 @@ async def test_sigterm_drains_the_call_in_flight_and_exits_zero(
     assert "stopped" in log
 
 
+def _scrape(host: str, port: int) -> dict[str, Metric]:
+    url = f"http://{host}:{port}/metrics"
+    body = urllib.request.urlopen(url, timeout=10).read().decode()
+    return {family.name: family for family in text_string_to_metric_families(body)}
+
+
+def _value(families: dict[str, Metric], sample: str, **labels: str) -> float | None:
+    family = families[sample.removesuffix("_total").removesuffix("_count")]
+    for s in family.samples:
+        if s.name == sample and s.labels == labels:
+            return float(s.value)
+    return None
+
+
 @pytest.mark.parametrize("backend", ["sqlite"])
-async def test_metrics_endpoint_serves_counts_by_method_and_code(
+async def test_metrics_endpoint_counts_calls_as_grpc_prometheus_does(
     read_engine: AsyncEngine,
 ) -> None:
     async with ApiServer(
-        ConnectionRepository(read_engine), "127.0.0.1:0", metrics_port=0, metrics_addr="127.0.0.1"
+        ConnectionRepository(read_engine), "127.0.0.1:0", metrics_port=0
     ) as server:
-        assert server.port is not None
-        assert await get_code(server.port, "conn-ops-1") == grpc.StatusCode.OK
-        assert await get_code(server.port, "nope") == grpc.StatusCode.NOT_FOUND
-        url = f"http://127.0.0.1:{server.metrics_http_port}/metrics"
-        body = await asyncio.to_thread(lambda: urllib.request.urlopen(url, timeout=10).read())
-    exposition = body.decode()
-    get = f"/{SERVICE_NAME}/Get"
-    assert f'conntrack_api_requests_total{{code="OK",method="{get}"}} 1.0' in exposition
-    assert f'conntrack_api_requests_total{{code="NOT_FOUND",method="{get}"}} 1.0' in exposition
-    assert f'conntrack_api_request_seconds_count{{code="OK",method="{get}"}} 1.0' in exposition
-    assert "conntrack_api_read_model_up 1.0" in exposition
+        port = server.port
+        assert port is not None
+        for connection_id, code in [
+            ("conn-ops-1", grpc.StatusCode.OK),
+            ("conn-ops-1", grpc.StatusCode.OK),
+            ("nope", grpc.StatusCode.NOT_FOUND),
+            ("", grpc.StatusCode.INVALID_ARGUMENT),
+            ("x" * 51, grpc.StatusCode.INVALID_ARGUMENT),
+        ]:
+            assert await get_code(port, connection_id) == code
+        for service in ("", SERVICE_NAME):
+            assert await health_status(port, service) == SERVING
+        listed = await asyncio.to_thread(_list_services, port, "v1")
+        assert SERVICE_NAME in listed
+        # The endpoint binds to the host the API listens on, not to every interface.
+        assert server.metrics_http_host == "127.0.0.1"
+        assert server.metrics_http_port is not None
+        families = await asyncio.to_thread(_scrape, "127.0.0.1", server.metrics_http_port)
+
+    call = {"grpc_type": "unary", "grpc_service": SERVICE_NAME}
+    get = {**call, "grpc_method": "Get"}
+    assert families["grpc_server_handled"].type == "counter"
+    assert families["grpc_server_started"].type == "counter"
+    assert families["grpc_server_handling_seconds"].type == "histogram"
+    assert _value(families, "grpc_server_started_total", **get) == 5
+    assert _value(families, "grpc_server_handling_seconds_count", **get) == 5
+    assert _value(families, "grpc_server_handled_total", **get, grpc_code="OK") == 2
+    assert _value(families, "grpc_server_handled_total", **get, grpc_code="NotFound") == 1
+    assert _value(families, "grpc_server_handled_total", **get, grpc_code="InvalidArgument") == 2
+    # Every code of every method exists from the start, at zero.
+    assert _value(families, "grpc_server_handled_total", **get, grpc_code="Unavailable") == 0
+    send = {**call, "grpc_method": "Send"}
+    assert _value(families, "grpc_server_handled_total", **send, grpc_code="Unimplemented") == 0
+    # Health checks and reflection are not traffic: only ConnectionService is counted.
+    services = {
+        s.labels["grpc_service"]
+        for name in ("grpc_server_started", "grpc_server_handled", "grpc_server_handling_seconds")
+        for s in families[name].samples
+    }
+    assert services == {SERVICE_NAME}
+    handled = sum(
+        s.value for s in families["grpc_server_handled"].samples if s.name.endswith("_total")
+    )
+    assert handled == 5
+    # The collectors the default registry has, and the API's own metrics.
+    assert "process_cpu_seconds" in families
+    assert "process_resident_memory_bytes" in families
+    assert "python_gc_collections" in families
+    assert "python_info" in families
+    assert _value(families, "conntrack_api_read_model_up") == 1
+    assert _value(families, "conntrack_api_calls_in_flight") == 0
+    assert _value(families, "conntrack_api_read_queries_total") == 3  # OK, OK, NOT_FOUND
+
+
+@pytest.mark.parametrize("backend", ["sqlite"])
+async def test_metrics_endpoint_binds_to_the_configured_host(
+    database_url: str, read_engine: AsyncEngine
+) -> None:
+    settings = Settings(
+        database_url=database_url,
+        api_listen="127.0.0.1:0",
+        metrics_port=_free_port(),
+        api_metrics_host="127.0.0.2",
+    )
+    async with ApiServer.from_settings(ConnectionRepository(read_engine), settings) as server:
+        assert server.metrics_http_host == "127.0.0.2"
+        families = await asyncio.to_thread(_scrape, "127.0.0.2", settings.metrics_port)
+    assert "grpc_server_handled" in families
+    assert listen_host("0.0.0.0:50051") == "0.0.0.0"
+    assert listen_host("[::]:50051") == "::"
+    assert listen_host("localhost:50051") == "localhost"
+    assert listen_host(":50051") == ""
 
 
 @pytest.mark.parametrize("backend", ["sqlite"])

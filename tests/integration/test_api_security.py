@@ -211,8 +211,13 @@ async def test_bearer_tokens_are_required_when_configured(
             assert health.status == health_pb2.HealthCheckResponse.SERVING
 
     assert server.metrics.registry.get_sample_value(
-        "conntrack_api_requests_total",
-        {"method": f"/{SERVICE_NAME}/Get", "code": "UNAUTHENTICATED"},
+        "grpc_server_handled_total",
+        {
+            "grpc_type": "unary",
+            "grpc_service": SERVICE_NAME,
+            "grpc_method": "Get",
+            "grpc_code": "Unauthenticated",
+        },
     ) == len(rejected)
     assert "missing or invalid bearer token" in caplog.text  # the rejections were logged...
     for secret in (TOKEN_A, TOKEN_B, "wrong-token"):

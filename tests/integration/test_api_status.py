@@ -36,6 +36,22 @@ from connection_tracker.schema import connections, projection_offsets
 from connection_tracker.timeutil import to_ns
 
 GET = f"/{SERVICE_NAME}/Get"
+
+
+def handled(server: ApiServer, method: str, code: str) -> float | None:
+    """grpc_server_handled_total of a ConnectionService method (e.g. "Get") and a grpc_code
+    (spelled as go-grpc-prometheus does, e.g. "NotFound")."""
+    return server.metrics.registry.get_sample_value(
+        "grpc_server_handled_total",
+        {
+            "grpc_type": "unary",
+            "grpc_service": SERVICE_NAME,
+            "grpc_method": method,
+            "grpc_code": code,
+        },
+    )
+
+
 OPEN_ID = "conn-open-1"
 CLOSED_ID = "conn-closed-1"
 CONNECTED_NS = 1_764_300_000_123_456_789
@@ -426,12 +442,7 @@ async def test_deadline_exceeded_promptly_and_the_work_is_freed(
             # The handler was cancelled and its query with it, while the lock is still held.
             await _eventually(freed)
         assert (await stub.Get(get_request(OPEN_ID), timeout=10)).id == OPEN_ID
-    assert (
-        server.metrics.registry.get_sample_value(
-            "conntrack_api_requests_total", {"method": GET, "code": "DEADLINE_EXCEEDED"}
-        )
-        == 1
-    )
+    assert handled(server, "Get", "DeadlineExceeded") == 1
 
 
 @pytest.mark.postgres
@@ -474,17 +485,8 @@ async def test_calls_beyond_the_cap_are_resource_exhausted(
         answers = await asyncio.gather(*held)
         assert [a.id for a in answers] == [OPEN_ID, OPEN_ID]
         assert (await stub.Get(get_request(OPEN_ID), timeout=10)).id == OPEN_ID
-    registry = server.metrics.registry
-    assert (
-        registry.get_sample_value(
-            "conntrack_api_requests_total", {"method": GET, "code": "RESOURCE_EXHAUSTED"}
-        )
-        == 1
-    )
-    assert (
-        registry.get_sample_value("conntrack_api_requests_total", {"method": GET, "code": "OK"})
-        == 3
-    )
+    assert handled(server, "Get", "ResourceExhausted") == 1
+    assert handled(server, "Get", "OK") == 3
 
 
 async def test_metrics_count_calls_by_method_and_code(read_engine: AsyncEngine) -> None:
@@ -499,15 +501,20 @@ async def test_metrics_count_calls_by_method_and_code(read_engine: AsyncEngine) 
             await status_of(call)
     registry = server.metrics.registry
     expected = {
-        (GET, "OK"): 2,
-        (GET, "NOT_FOUND"): 1,
-        (GET, "INVALID_ARGUMENT"): 1,
-        (f"/{SERVICE_NAME}/Disconnect", "UNIMPLEMENTED"): 1,
+        ("Get", "OK"): 2,
+        ("Get", "NotFound"): 1,
+        ("Get", "InvalidArgument"): 1,
+        ("Disconnect", "Unimplemented"): 1,
     }
     for (method, code), count in expected.items():
-        labels = {"method": method, "code": code}
-        assert registry.get_sample_value("conntrack_api_requests_total", labels) == count
-        assert registry.get_sample_value("conntrack_api_request_seconds_count", labels) == count
+        assert handled(server, method, code) == count
+    for method, count in {"Get": 4, "Disconnect": 1, "Send": 0}.items():
+        labels = {"grpc_type": "unary", "grpc_service": SERVICE_NAME, "grpc_method": method}
+        assert registry.get_sample_value("grpc_server_started_total", labels) == count
+        assert registry.get_sample_value("grpc_server_handling_seconds_count", labels) == count
+    # Every other code of every method is there, at zero.
+    assert handled(server, "Send", "Unavailable") == 0
+    assert handled(server, "Get", "Unavailable") == 0
 
 
 @pytest.mark.postgres
