@@ -40,7 +40,7 @@ class ProjectionPosition:
         self._ttl = ttl_seconds
         self._header = ""  # format_positions() of the last reading, formatted once per reading
         self._read_at: float | None = None
-        self._lock = asyncio.Lock()
+        self._refreshing: asyncio.Task[None] | None = None
 
     def _age(self) -> float | None:
         """Seconds since the last reading, None if it is too old to reuse (or there is none)."""
@@ -53,11 +53,18 @@ class ProjectionPosition:
         """Trailing-metadata pairs; raises ReadModelUnavailable if the position cannot be read."""
         age = self._age()
         if age is None:
-            # One refresh at a time: calls arriving meanwhile wait and reuse its result.
-            async with self._lock:
-                if self._age() is None:
-                    self._header = format_positions(await self._repository.positions())
-                    self._read_at = time.monotonic()
+            # One refresh at a time: calls arriving meanwhile wait for it and share its result
+            # (or its error). A caller that gives up does not stop it for the others.
+            if self._refreshing is None:
+                self._refreshing = asyncio.get_running_loop().create_task(self._refresh())
+            await asyncio.shield(self._refreshing)
             assert self._read_at is not None
             age = time.monotonic() - self._read_at
         return ((POSITION_HEADER, self._header), (POSITION_AGE_HEADER, str(int(age * 1000))))
+
+    async def _refresh(self) -> None:
+        try:
+            self._header = format_positions(await self._repository.positions())
+            self._read_at = time.monotonic()
+        finally:
+            self._refreshing = None

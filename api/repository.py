@@ -130,6 +130,7 @@ class _HeldConnections:
         self._engine = engine
         self._sql = sql
         self._idle: list[_Held] = []
+        self._opening: set[asyncio.Task[_Held]] = set()
 
     async def fetch(self, *args: Any) -> list[Any]:
         """The statement's rows; raises _ConnectionLost for a connection that turned out dead,
@@ -149,16 +150,35 @@ class _HeldConnections:
                 await self._drop(held)
             raise ReadModelUnavailable(_describe(exc)) from exc
         except BaseException:
-            # Cancelled (every caller left): closing the socket is what stops PostgreSQL
-            # working on the query (client_connection_check_interval), and leaves no doubt
-            # about the connection's state.
-            held.driver.terminate()
-            await asyncio.shield(self._drop(held))
+            # Cancelled (every caller left): asyncpg has sent PostgreSQL a cancel request for
+            # the query (which also ends a wait on a lock), and the connection's next query
+            # waits until the server has acknowledged it, so the session can be reused. Were it
+            # closed instead, asyncpg would abandon that cancel request half-connected.
+            self._idle.append(held)
             raise
         self._idle.append(held)
         return rows
 
     async def _take(self) -> _Held:
+        """A new connection. Opening it is not abandoned with the lookup that asked for it
+        (asyncpg leaves the error of a connect cancelled half-way unretrieved, logged as
+        "Future exception was never retrieved"): if the lookup is cancelled meanwhile, the
+        connection, once open, waits idle for the next lookup."""
+        opening = asyncio.get_running_loop().create_task(self._open())
+        self._opening.add(opening)
+        opening.add_done_callback(self._opening.discard)
+        try:
+            return await asyncio.shield(opening)
+        except asyncio.CancelledError:
+            opening.add_done_callback(self._adopt)
+            raise
+
+    def _adopt(self, opening: asyncio.Task[_Held]) -> None:
+        # The lookup left; shield() has marked a failure as retrieved (it was the lookup's).
+        if not opening.cancelled() and opening.exception() is None:
+            self._idle.append(opening.result())
+
+    async def _open(self) -> _Held:
         try:
             connection = await self._engine.connect()
         except (SQLAlchemyError, OSError) as exc:
@@ -175,7 +195,10 @@ class _HeldConnections:
         await held.connection.close()
 
     async def release(self) -> None:
-        """Give the held connections back to the engine's pool."""
+        """Give the held connections back to the engine's pool (after any still opening)."""
+        while self._opening:
+            await asyncio.wait(set(self._opening))
+            await asyncio.sleep(0)  # let _adopt run
         idle, self._idle = self._idle, []
         for held in idle:
             await held.connection.close()
@@ -212,6 +235,7 @@ class ConnectionRepository:
             max_in_flight=batch_max_in_flight,
             window=batch_window_seconds,
         )
+        self._reads: set[asyncio.Task[Sequence[Row[Any]]]] = set()  # _read()s not finished
 
     def read_stats(self) -> LoaderStats:
         """How Get lookups were batched into queries (for metrics and tests)."""
@@ -221,16 +245,35 @@ class ConnectionRepository:
         """Waits for running queries, then returns held connections to the engine's pool (later
         reads take them again)."""
         await self._open.wait_idle()
+        while self._reads:
+            await asyncio.wait(set(self._reads))
         if self._held is not None:
             await self._held.release()
 
     async def _read(
         self, statement: Executable, parameters: Mapping[str, Any] | None = None
     ) -> Sequence[Row[Any]]:
-        """The rows of one read. A pooled connection that turns out dead (PostgreSQL restarted,
-        the session was terminated) makes SQLAlchemy discard it and every connection pooled
-        before it; the read is then retried once on a fresh connection, so a restart costs
-        callers nothing while a database that is really gone still fails at once."""
+        """The rows of one read through SQLAlchemy. A caller that is cancelled stops waiting,
+        but the read itself runs to its end (bounded by the pool timeout and, on PostgreSQL,
+        statement_timeout): SQLAlchemy answers a cancellation inside a read by invalidating
+        the connection mid-operation, and what that leaves behind is reported by asyncio as
+        errors ("Task was destroyed but it is pending!" from aiosqlite's close, an
+        unretrieved exception from a connect asyncpg abandons half-way). Cancelling would
+        not stop a SQLite statement anyway; PostgreSQL lookups, which do need to stop, take
+        the held-connection path."""
+        read = asyncio.get_running_loop().create_task(self._read_through(statement, parameters))
+        self._reads.add(read)
+        read.add_done_callback(self._reads.discard)
+        # If the caller is cancelled, shield() marks the read's exception as retrieved.
+        return await asyncio.shield(read)
+
+    async def _read_through(
+        self, statement: Executable, parameters: Mapping[str, Any] | None
+    ) -> Sequence[Row[Any]]:
+        """A pooled connection that turns out dead (PostgreSQL restarted, the session was
+        terminated) makes SQLAlchemy discard it and every connection pooled before it; the
+        read is then retried once on a fresh connection, so a restart costs callers nothing
+        while a database that is really gone still fails at once."""
         for attempt in (1, 2):
             try:
                 async with self._engine.connect() as conn:

@@ -96,18 +96,15 @@ class ConnectionService:
         if problem:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, problem)
 
-        remaining = context.time_remaining()
-        deadline_binds = remaining is not None and remaining <= self._db_timeout
+        # The caller's deadline is gRPC's to enforce: when it passes, gRPC ends the call with
+        # DEADLINE_EXCEEDED and cancels this handler, which abandons the read. A status sent
+        # from here as well would race gRPC's own and fail (logged by grpc as an error).
         try:
-            async with asyncio.timeout(remaining if deadline_binds else self._db_timeout):
+            async with asyncio.timeout(self._db_timeout):
                 # Position first: the header is then a lower bound of what the row reflects.
                 freshness = await self._position.metadata()
                 view = await self._repository.get_open(request.connection_id)
         except TimeoutError:
-            if deadline_binds:
-                await context.abort(
-                    grpc.StatusCode.DEADLINE_EXCEEDED, "deadline exceeded reading the read model"
-                )
             log.warning("read model did not answer within %.1fs", self._db_timeout)
             await context.abort(
                 grpc.StatusCode.UNAVAILABLE,
