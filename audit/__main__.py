@@ -5,6 +5,10 @@ as-of TIME            the read model as the system knew it at TIME, into a separ
                       (an SQLite file by default); with --connection, one connection's state
 verify                fold history afresh and compare with the live read model; exits 1 on
                       any divergence
+
+Exit codes: 0 done; 1 a negative answer (no events, a divergence, a refused output, a rebuild
+that cannot go on); 2 a bad flag or setting; 69 the broker or database unreachable; 130
+interrupted (SIGINT or SIGTERM).
 rebuild               rebuild the live read model from the beginning of history into shadow
                       tables and switch to them atomically once caught up, while the projector
                       and the API keep running (docs/rebuild.md); resumes if interrupted
@@ -18,16 +22,20 @@ import dataclasses
 import json
 import sys
 import time
+from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Any
 
-from audit.log import LogReader
+from sqlalchemy.engine import make_url
+
+from audit.log import LogReader, TopicNotFoundError
 from audit.rebuild import Progress, Rebuild, RebuildError, abandon, drop_retired, shadow_exists
 from audit.replay import HistoryEntry, fold_until, history, state_of, verify
+from connection_tracker import cli
 from connection_tracker.database import create_engine
 from connection_tracker.fold import ConnectionState
 from connection_tracker.lifecycle import BATCH_GEN0_THRESHOLD, setup_logging, tune_gc
-from connection_tracker.settings import Settings, settings_from
+from connection_tracker.settings import Settings
 from connection_tracker.store import ProjectionStore
 from connection_tracker.timeutil import format_ns
 from migrations.cli import upgrade
@@ -82,7 +90,7 @@ async def cmd_history(settings: Settings, ns: argparse.Namespace) -> int:
     async with LogReader(settings.kafka_bootstrap_servers, settings.events_topic) as reader:
         async for entry in history(reader, ns.connection_id, until_ms=ns.until):
             found += 1
-            if ns.format == "jsonl":
+            if ns.format in ("json", "jsonl"):
                 print(json.dumps(entry_json(entry), ensure_ascii=False))
                 continue
             if found == 1:
@@ -99,8 +107,8 @@ async def cmd_history(settings: Settings, ns: argparse.Namespace) -> int:
             )
     if not found:
         print(f"no events for connection {ns.connection_id}", file=sys.stderr)
-        return 1
-    return 0
+        return cli.Exit.NEGATIVE
+    return cli.Exit.OK
 
 
 async def cmd_as_of(settings: Settings, ns: argparse.Namespace) -> int:
@@ -109,10 +117,10 @@ async def cmd_as_of(settings: Settings, ns: argparse.Namespace) -> int:
             state = await state_of(reader, ns.connection, until_ms=ns.time)
             if state is None:
                 print(f"no events for connection {ns.connection} before that time", file=sys.stderr)
-                return 1
+                return cli.Exit.NEGATIVE
             print(json.dumps(state_json(state), indent=2, ensure_ascii=False))
-            return 0
-        replay = await fold_until(reader, ns.time)
+            return cli.Exit.OK
+        replay = await fold_until(reader, ns.time, _progress("as-of", ns.progress_interval))
     url = ns.output_url or f"sqlite+aiosqlite:///{ns.output or f'as-of-{ns.time}.db'}"
     await asyncio.to_thread(upgrade, url)
     engine = create_engine(url)
@@ -121,7 +129,7 @@ async def cmd_as_of(settings: Settings, ns: argparse.Namespace) -> int:
         stored = await store.positions(settings.events_topic, replay.bounds)
         if any(stored.values()):
             print(f"error: {url} already holds a projection; use a new file", file=sys.stderr)
-            return 1
+            return cli.Exit.NEGATIVE
         await store.apply_batch(
             settings.events_topic,
             {p: (0, end) for p, (_, end) in replay.bounds.items()},
@@ -130,20 +138,58 @@ async def cmd_as_of(settings: Settings, ns: argparse.Namespace) -> int:
     finally:
         await engine.dispose()
     cut = {p: end for p, (_, end) in sorted(replay.bounds.items())}
+    if ns.format == "json":
+        print(
+            json.dumps(
+                {
+                    "connections": len(replay.states),
+                    "events": replay.events,
+                    "invalid": replay.invalid,
+                    "as_of_ms": ns.time,
+                    "output_url": make_url(url).render_as_string(hide_password=True),
+                    "cut_offsets": {str(p): o for p, o in cut.items()},
+                }
+            )
+        )
+        return cli.Exit.OK
     print(
         f"wrote {len(replay.states)} connections ({replay.events} events, "
         f"{replay.invalid} invalid) as of {ns.time} ms to {url}; cut offsets {cut}"
     )
-    return 0
+    return cli.Exit.OK
 
 
 async def cmd_verify(settings: Settings, ns: argparse.Namespace) -> int:
     engine = create_engine(settings.database_url)
     try:
         async with LogReader(settings.kafka_bootstrap_servers, settings.events_topic) as reader:
-            result = await verify(engine, reader)
+            result = await verify(engine, reader, _progress("verify", ns.progress_interval))
     finally:
         await engine.dispose()
+    if ns.format == "json":
+        print(
+            json.dumps(
+                {
+                    "ok": result.ok,
+                    "compared": result.compared,
+                    "events": result.events,
+                    "invalid": result.invalid,
+                    "pruned": result.pruned,
+                    "positions": {str(p): o for p, o in sorted(result.positions.items())},
+                    "differences": [
+                        {
+                            "connection_id": d.connection_id,
+                            "live": d.live and state_json(d.live),
+                            "replayed": d.replayed and state_json(d.replayed),
+                        }
+                        for d in result.differences[: ns.examples]
+                    ],
+                    "differing": len(result.differences),
+                },
+                ensure_ascii=False,
+            )
+        )
+        return cli.Exit.OK if result.ok else cli.Exit.NEGATIVE
     print(
         f"compared {result.compared} connections "
         f"({result.events} events, {result.invalid} invalid, "
@@ -152,7 +198,7 @@ async def cmd_verify(settings: Settings, ns: argparse.Namespace) -> int:
     )
     if result.ok:
         print("OK: the read model equals a fresh fold of the log")
-        return 0
+        return cli.Exit.OK
     print(f"DIVERGED: {len(result.differences)} connections differ", file=sys.stderr)
     for d in result.differences[: ns.examples]:
         print(
@@ -166,7 +212,28 @@ async def cmd_verify(settings: Settings, ns: argparse.Namespace) -> int:
             ),
             file=sys.stderr,
         )
-    return 1
+    return cli.Exit.NEGATIVE
+
+
+def _progress(what: str, interval_s: float) -> Callable[[int, int], None]:
+    """A line on stderr at most every interval_s while the log is read (0: none)."""
+    started = last = time.monotonic()
+
+    def show(done: int, total: int) -> None:
+        nonlocal last
+        now = time.monotonic()
+        if interval_s <= 0 or (now - last < interval_s and done < total):
+            return
+        last = now
+        pct = 100.0 * done / total if total else 100.0
+        rate = done / max(now - started, 1e-9)
+        print(
+            f"{what}: {done:,}/{total:,} records ({pct:.1f}%), {rate:,.0f} records/s",
+            file=sys.stderr,
+            flush=True,
+        )
+
+    return show
 
 
 async def cmd_rebuild(settings: Settings, ns: argparse.Namespace) -> int:
@@ -193,10 +260,10 @@ async def cmd_rebuild(settings: Settings, ns: argparse.Namespace) -> int:
             rebuild = Rebuild(
                 engine,
                 reader,
-                batch_events=ns.batch_events,
-                max_events_per_second=ns.max_events_per_second,
-                max_switch_gap=ns.max_switch_gap,
-                lock_timeout_seconds=ns.lock_timeout,
+                batch_events=settings.rebuild_batch_events,
+                max_events_per_second=settings.rebuild_max_events_per_second,
+                max_switch_gap=settings.rebuild_max_switch_gap,
+                lock_timeout_seconds=settings.rebuild_lock_timeout_seconds,
                 switch=not ns.no_switch,
                 on_batch=show,
             )
@@ -206,7 +273,7 @@ async def cmd_rebuild(settings: Settings, ns: argparse.Namespace) -> int:
                 result = await rebuild.run()
             except RebuildError as exc:
                 print(f"error: {exc}", file=sys.stderr)
-                return 1
+                return cli.Exit.NEGATIVE
         print(rebuild.progress.line(), file=sys.stderr)
     finally:
         await engine.dispose()
@@ -225,18 +292,15 @@ async def cmd_rebuild(settings: Settings, ns: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(
-        prog="conntrack-audit",
-        description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    parser.add_argument("--bootstrap-servers", help="overrides CONNTRACK_KAFKA_BOOTSTRAP_SERVERS")
-    parser.add_argument("--topic", help="overrides CONNTRACK_EVENTS_TOPIC")
-    parser.add_argument("--database-url", help="overrides CONNTRACK_DATABASE_URL (verify, rebuild)")
+    prog = "conntrack-audit"
+    sections = ("kafka", "database", "logging")
+    parser = cli.parser(prog, __doc__, sections)
     sub = parser.add_subparsers(dest="command", required=True)
     h = sub.add_parser("history", help="a connection's ordered event timeline")
     h.add_argument("connection_id")
-    h.add_argument("--format", choices=("table", "jsonl"), default="table")
+    h.add_argument(
+        "--format", choices=("table", "json", "jsonl"), default="table", help="jsonl: as json"
+    )
     h.add_argument("--until", type=parse_time_ms, help="only what the log held before this time")
     a = sub.add_parser("as-of", help="reconstruct the read model as of a time")
     a.add_argument("time", type=parse_time_ms, help="RFC 3339 time or epoch milliseconds")
@@ -245,27 +309,13 @@ def main(argv: list[str] | None = None) -> None:
     a.add_argument("--connection", help="print only this connection's state as JSON")
     v = sub.add_parser("verify", help="compare the live read model with a fresh fold")
     v.add_argument("--examples", type=int, default=10, help="differences to print")
+    for p in (a, v):
+        p.add_argument("--format", choices=("table", "json"), default="table")
+        p.add_argument(
+            "--progress-interval", type=float, default=2.0, help="seconds between lines; 0: none"
+        )
     r = sub.add_parser(
         "rebuild", help="rebuild the live read model without downtime (docs/rebuild.md)"
-    )
-    r.add_argument("--batch-events", type=int, default=20_000, help="records per shadow commit")
-    r.add_argument(
-        "--max-events-per-second",
-        type=float,
-        help="throttle the rebuild to spare the database (default: as fast as it goes)",
-    )
-    r.add_argument(
-        "--max-switch-gap",
-        type=int,
-        default=2_000,
-        help="switch only when the live projection is at most this many records ahead "
-        "(they are folded while the live writers wait)",
-    )
-    r.add_argument(
-        "--lock-timeout",
-        type=float,
-        default=2.0,
-        help="PostgreSQL: seconds a switch waits for its locks before retrying",
     )
     r.add_argument("--progress-interval", type=float, default=2.0, help="seconds between lines")
     r.add_argument("--no-switch", action="store_true", help="stop once caught up; do not switch")
@@ -275,13 +325,16 @@ def main(argv: list[str] | None = None) -> None:
     r.add_argument(
         "--drop-retired", action="store_true", help="drop the generation a switch retired"
     )
+    for p in (h, a, v):
+        cli.add_settings(p, sections)
+    cli.add_settings(r, (*sections, "rebuild"))
     ns = parser.parse_args(argv)
-    settings = settings_from(
-        kafka_bootstrap_servers=ns.bootstrap_servers,
-        events_topic=ns.topic,
-        database_url=ns.database_url,
-    )
-    setup_logging("WARNING")
+    try:
+        settings = cli.settings_from_args(ns)
+    except cli.CommandError as exc:
+        cli.fail(prog, exc)
+    # Commands print their results; the log says only what went wrong.
+    setup_logging("WARNING", settings.log_format)
     tune_gc(settings.gc_gen0_threshold, default=BATCH_GEN0_THRESHOLD)
     handler = {
         "history": cmd_history,
@@ -289,16 +342,22 @@ def main(argv: list[str] | None = None) -> None:
         "verify": cmd_verify,
         "rebuild": cmd_rebuild,
     }[ns.command]
-    try:
-        sys.exit(asyncio.run(handler(settings, ns)))
-    except KeyboardInterrupt:
-        if ns.command == "rebuild":
-            print(
-                "interrupted: the shadow tables keep every committed batch; run "
-                "`conntrack-audit rebuild` again to resume (or --abandon)",
-                file=sys.stderr,
-            )
-        sys.exit(130)
+    interrupted = "interrupted"
+    if ns.command == "rebuild":
+        interrupted = (
+            "interrupted: the shadow tables keep every committed batch; run "
+            "`conntrack-audit rebuild` again to resume (or --abandon)"
+        )
+
+    async def body() -> int:
+        try:
+            return await handler(settings, ns)
+        except TopicNotFoundError as exc:
+            raise cli.CommandError(
+                f"{exc}; check CONNTRACK_EVENTS_TOPIC / --events-topic", cli.Exit.USAGE
+            ) from None
+
+    cli.run(prog, body, settings, interrupted)
 
 
 if __name__ == "__main__":

@@ -19,6 +19,12 @@ def partition_for_key(key: bytes, partitions: int) -> int:
     return int(DefaultPartitioner()(key, all_parts, all_parts))
 
 
+class TopicNotFoundError(LookupError):
+    def __init__(self, topic: str) -> None:
+        super().__init__(f"topic {topic} does not exist")
+        self.topic = topic
+
+
 class LogReader:
     """Async context manager over one topic of the log."""
 
@@ -34,7 +40,11 @@ class LogReader:
         )
 
     async def __aenter__(self) -> LogReader:
-        await self._consumer.start()
+        try:
+            await self._consumer.start()
+        except BaseException:
+            await self._consumer.stop()  # a failed start leaves its client open otherwise
+            raise
         return self
 
     async def __aexit__(self, *exc: object) -> None:
@@ -46,7 +56,7 @@ class LogReader:
         cluster = await self._consumer._client.fetch_all_metadata()
         parts = cluster.partitions_for_topic(self.topic)
         if not parts:
-            raise LookupError(f"topic {self.topic} does not exist")
+            raise TopicNotFoundError(self.topic)
         return sorted(parts)
 
     def _tps(self, partitions: list[int]) -> list[TopicPartition]:

@@ -5,7 +5,7 @@ group and reads the live read model in one snapshot."""
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 
 from sqlalchemy import select
@@ -36,23 +36,37 @@ class Replay:
         self.events += 1
 
 
-async def fold_log(reader: LogReader, bounds: Bounds) -> Replay:
+# on_progress(records read, records to read): called after every batch read from the log.
+OnProgress = Callable[[int, int], None]
+
+
+async def fold_log(
+    reader: LogReader, bounds: Bounds, on_progress: OnProgress | None = None
+) -> Replay:
     replay = Replay(bounds=dict(bounds))
+    total = sum(max(0, end - start) for start, end in bounds.values())
+    done = 0
     async for batch in reader.read(bounds):
         for record in batch:
             try:
                 replay.add(decode_record(record.value, record.key))
             except InvalidEvent:
                 replay.invalid += 1  # the projector dead-letters these; they fold to nothing
+        done += len(batch)
+        if on_progress is not None:
+            on_progress(done, total)
     return replay
 
 
-async def fold_until(reader: LogReader, timestamp_ms: int) -> Replay:
+async def fold_until(
+    reader: LogReader, timestamp_ms: int, on_progress: OnProgress | None = None
+) -> Replay:
     """The read model as the system knew it at timestamp_ms: each partition cut at the first
     record the log stamped at or after that moment."""
     parts = await reader.partitions()
     start, cut = await reader.beginning(parts), await reader.offsets_at(parts, timestamp_ms)
-    return await fold_log(reader, {p: (start[p], max(start[p], cut[p])) for p in parts})
+    bounds = {p: (start[p], max(start[p], cut[p])) for p in parts}
+    return await fold_log(reader, bounds, on_progress)
 
 
 @dataclass(frozen=True)
@@ -145,7 +159,9 @@ class Verification:
         return not self.differences
 
 
-async def verify(engine: AsyncEngine, reader: LogReader) -> Verification:
+async def verify(
+    engine: AsyncEngine, reader: LogReader, on_progress: OnProgress | None = None
+) -> Verification:
     """Fold history afresh up to the positions the live read model claims, and compare. A
     connection that retention pruned (it has a tombstone) is expected to be absent live and is
     counted, not reported."""
@@ -154,7 +170,7 @@ async def verify(engine: AsyncEngine, reader: LogReader) -> Verification:
     parts = await reader.partitions()
     start = await reader.beginning(parts)
     bounds = {p: (start[p], max(start[p], snap.positions.get(p, start[p]))) for p in parts}
-    replay = await fold_log(reader, bounds)
+    replay = await fold_log(reader, bounds, on_progress)
     pruned = {cid for cid in snap.pruned if cid not in live and cid in replay.states}
     ids = (live.keys() | replay.states.keys()) - pruned
     diffs = [

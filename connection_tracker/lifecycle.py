@@ -5,18 +5,85 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import json
 import logging
+import re
 import signal
+import time
 from collections.abc import Callable, Coroutine
 from typing import Any, Final
 
+# What aiokafka says at ERROR about every refused connection, failed fetch or lost coordinator
+# while a broker is away. Whoever waits for the broker says so once, in its own words (a retry
+# line, or a command's one-line error), so these go to DEBUG.
+_CONNECTION_NOISE = (
+    "Unable connect to",
+    "Unable to update metadata",
+    "Failed fetch messages",
+    "Failed fetch offsets",
+    "Group Coordinator Request failed",
+    "FindCoordinator Request failed",
+    "Heartbeat session expired",
+    "Cannot send",
+)
 
-def setup_logging(level: str) -> None:
-    logging.basicConfig(
-        level=level.upper(),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
-    # aiokafka logs every coordinator hiccup at ERROR/WARNING while a broker starts; keep it terse.
+
+class _Quieter(logging.Filter):
+    """On the handler: aiokafka's loggers are many, and a logger's filter misses its children."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if (
+            record.name.startswith("aiokafka")
+            and isinstance(record.msg, str)
+            and record.msg.startswith(_CONNECTION_NOISE)
+        ):
+            return logging.getLogger().isEnabledFor(logging.DEBUG)
+        return True
+
+
+# key=value, key="quoted value" or key='quoted value' (a %r of a string) in a log message.
+_PAIR = re.compile(
+    r"""(?<![\w.])([a-z_][a-z0-9_]*)=("(?:[^"\\]|\\.)*"|'(?:[^'\\]|\\.)*'|[^\s;,]+)"""
+)
+
+
+class JsonFormatter(logging.Formatter):
+    """One JSON object per line: time, level, logger, message, and the message's key=value
+    pairs (the project's log lines are `event=name key=value ...`) as fields of their own."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.converter = time.gmtime
+
+    def format(self, record: logging.LogRecord) -> str:
+        message = record.getMessage()
+        out: dict[str, Any] = {
+            "time": self.formatTime(record, "%Y-%m-%dT%H:%M:%S") + f".{int(record.msecs):03d}Z",
+            "level": record.levelname,
+            "logger": record.name,
+            "message": message,
+        }
+        for key, value in _PAIR.findall(message):
+            if key not in out:
+                out[key] = value[1:-1] if value[:1] in "\"'" and len(value) > 1 else value
+        if record.exc_info:
+            out["exception"] = self.formatException(record.exc_info)
+        return json.dumps(out, ensure_ascii=False)
+
+
+def setup_logging(level: str, log_format: str = "text") -> None:
+    """The one log style of every command: `time level logger: message` lines on stderr, or
+    JSON lines (log_format "json"), UTC times."""
+    handler: logging.Handler = logging.StreamHandler()
+    if log_format == "json":
+        handler.setFormatter(JsonFormatter())
+    else:
+        formatter = logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s")
+        formatter.converter = time.gmtime
+        handler.setFormatter(formatter)
+    logging.basicConfig(level=level.upper(), handlers=[handler], force=True)
+    handler.addFilter(_Quieter())
+    # aiokafka logs every coordinator hiccup at WARNING while a broker starts; keep it terse.
     logging.getLogger("aiokafka").setLevel(max(logging.WARNING, logging.getLogger().level))
 
 

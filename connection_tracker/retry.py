@@ -64,8 +64,11 @@ class Retrier:
         backoff: Backoff,
         stopping: asyncio.Event,
         on_retry: Callable[[str], None] | None = None,
+        logger: logging.Logger = log,
     ) -> None:
-        """on_retry(cause) runs before every wait (a metric, typically)."""
+        """on_retry(cause) runs before every wait (a metric, typically); each retry is logged
+        to `logger` (the component's own)."""
+        self._log = logger
         self._backoff = backoff
         self._stopping = stopping
         self._on_retry = on_retry

@@ -1,18 +1,29 @@
 """The one typed settings object. Each command builds it in main() from the environment
-(prefix CONNTRACK_) and its flags, then passes it down; nothing reads the environment elsewhere."""
+(prefix CONNTRACK_) and its flags (connection_tracker/cli.py: one flag per setting), then passes
+it down; nothing reads the environment elsewhere, and no component has defaults of its own for
+what is set here: each default is stated once, below.
+
+SECTIONS groups the settings by the component that uses them; each command offers the flags
+of the sections it needs."""
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
-from pydantic import Field, SecretStr
+from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+ENV_PREFIX = "CONNTRACK_"
+
+# The async drivers the read model runs on (SQLAlchemy URL schemes).
+DATABASE_SCHEMES = ("sqlite+aiosqlite", "postgresql+asyncpg")
 
 
 class Settings(BaseSettings):
-    model_config = SettingsConfigDict(env_prefix="CONNTRACK_", extra="ignore", frozen=True)
+    model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, extra="ignore", frozen=True)
 
+    # kafka
     kafka_bootstrap_servers: str = Field(
         "127.0.0.1:19092", description="Kafka bootstrap servers, comma separated."
     )
@@ -20,59 +31,171 @@ class Settings(BaseSettings):
     dead_letter_topic: str = Field(
         "conntrack.events.v1.dlq", description="Where undecodable or invalid events go."
     )
-    consumer_group: str = Field("conntrack-projector", description="Projector consumer group.")
+
+    # database
     database_url: str = Field(
         "sqlite+aiosqlite:///.local/readmodel.db",
-        description="SQLAlchemy async URL of the read model.",
+        description="SQLAlchemy async URL of the read model "
+        "(sqlite+aiosqlite:///PATH or postgresql+asyncpg://USER:PASSWORD@HOST:PORT/DB).",
     )
+
+    # projector
+    consumer_group: str = Field("conntrack-projector", description="Projector consumer group.")
+    # A batch closes at batch_max_events or after batch_max_wait_ms. Large batches only form
+    # while records wait; each batch pays a commit and other fixed costs (docs/projector.md,
+    # "Batching and performance").
+    batch_max_events: int = Field(20000, ge=1, description="Projector: most events per batch.")
+    batch_max_wait_ms: int = Field(
+        100, ge=1, description="Projector: longest wait to fill a batch, milliseconds."
+    )
+    retry_max_backoff_seconds: float = Field(
+        10.0, gt=0, description="Longest pause between retries while a dependency is down."
+    )
+    # The broker bounds it (group.min/max.session.timeout.ms).
+    consumer_session_timeout_ms: int = Field(
+        10000,
+        ge=1000,
+        description="How long the group waits for a silent projector before giving its "
+        "partitions to the others, milliseconds.",
+    )
+
+    # retention (docs/projector.md, "Retention"): a tombstone keeps a late duplicate event from
+    # resurrecting a pruned connection.
+    retention_disconnected_seconds: int = Field(
+        0, ge=0, description="Prune connections disconnected longer ago than this; 0 keeps them."
+    )
+    retention_tombstone_seconds: int = Field(
+        0, ge=0, description="Keep tombstones of pruned connections this long; 0: forever."
+    )
+    retention_interval_seconds: float = Field(
+        60.0, gt=0, description="Seconds between two retention passes."
+    )
+
+    # api (docs/api.md, "Configuration" explains each one)
     api_listen: str = Field("127.0.0.1:50051", description="host:port the gRPC API listens on.")
-    # The API (docs/api.md, "Configuration" explains each one).
-    api_grace_seconds: float = Field(10.0, ge=0)
-    api_health_interval_seconds: float = Field(2.0, gt=0)
-    api_tls_cert_file: Path | None = None
-    api_tls_key_file: Path | None = None
-    api_tls_client_ca_file: Path | None = None
-    api_tokens: SecretStr | None = None
-    api_tokens_file: Path | None = None
-    api_client_token: SecretStr | None = None
-    api_max_message_bytes: int = Field(262_144, ge=1024)
-    api_max_concurrent_calls: int = Field(64, ge=1)
-    api_db_timeout_seconds: float = Field(5.0, gt=0)
-    api_db_pool_size: int = Field(10, ge=1)
-    api_freshness_ttl_ms: int = Field(1000, ge=0)
+    api_grace_seconds: float = Field(
+        10.0, ge=0, description="On SIGTERM, how long in-flight calls may finish."
+    )
+    api_health_interval_seconds: float = Field(
+        2.0, gt=0, description="Seconds between the health service's read-model probes."
+    )
+    api_tls_cert_file: Path | None = Field(None, description="TLS certificate chain (PEM).")
+    api_tls_key_file: Path | None = Field(None, description="TLS private key (PEM).")
+    api_tls_client_ca_file: Path | None = Field(
+        None, description="CA (PEM) that client certificates must chain to (mutual TLS)."
+    )
+    api_tokens: SecretStr | None = Field(
+        None, description="Accepted bearer tokens, comma separated."
+    )
+    api_tokens_file: Path | None = Field(None, description="File of accepted bearer tokens.")
+    api_client_token: SecretStr | None = Field(
+        None, description="Bearer token `conntrack-api get` sends."
+    )
+    api_max_message_bytes: int = Field(
+        262_144, ge=1024, description="Largest request or response message."
+    )
+    api_max_concurrent_calls: int = Field(
+        64, ge=1, description="Calls served at once; more are refused (RESOURCE_EXHAUSTED)."
+    )
+    api_db_timeout_seconds: float = Field(
+        5.0, gt=0, description="Longest a read-model lookup may take."
+    )
+    api_db_pool_size: int = Field(10, ge=1, description="Read-model connections of the API.")
+    api_freshness_ttl_ms: int = Field(
+        1000, ge=0, description="How long a read of the projection's freshness is reused."
+    )
     # Get coalescing (api/batching.py): concurrent lookups share one query of at most
     # batch_max_ids ids; at most batch_max_in_flight such queries run at once, and under load
     # one starts at most every batch_window_ms (docs/api.md, "How a Get is answered").
-    api_batch_max_ids: int = Field(256, ge=1)
-    api_batch_max_in_flight: int = Field(1, ge=1)
-    api_batch_window_ms: float = Field(3.0, ge=0, le=1000)
-    metrics_port: int = Field(0, description="Prometheus metrics port; 0 disables the endpoint.")
-    # The API's metrics endpoint binds here; unset: the host of api_listen.
-    api_metrics_host: str | None = None
+    api_batch_max_ids: int = Field(
+        256, ge=1, description="Most connection ids one shared lookup asks for."
+    )
+    api_batch_max_in_flight: int = Field(1, ge=1, description="Shared lookups running at once.")
+    api_batch_window_ms: float = Field(
+        3.0,
+        ge=0,
+        le=1000,
+        description="Under load, least time between two shared lookups' starts; 0: off.",
+    )
+
+    # rebuild (docs/rebuild.md)
+    rebuild_batch_events: int = Field(20_000, ge=1, description="Rebuild: records per commit.")
+    rebuild_max_events_per_second: float | None = Field(
+        None, gt=0, description="Rebuild: throttle to spare the database; unset: no limit."
+    )
+    rebuild_max_switch_gap: int = Field(
+        2_000,
+        ge=0,
+        description="Rebuild: switch only when the live projection is at most this many "
+        "records ahead (folded while the live writers wait).",
+    )
+    rebuild_lock_timeout_seconds: float = Field(
+        2.0, gt=0, description="Rebuild: how long a switch waits for its locks (PostgreSQL)."
+    )
+
+    # metrics
+    metrics_port: int = Field(0, ge=0, le=65535, description="Prometheus port; 0: no endpoint.")
+    api_metrics_host: str | None = Field(
+        None, description="Host the API's metrics endpoint binds to; unset: api_listen's host."
+    )
+
+    # logging and the process
     log_level: str = Field("INFO", description="Python logging level.")
-    # connection_tracker.lifecycle.tune_gc: container allocations between two young-generation
-    # collections. Unset: each command's choice (50000 for batch work, Python's 700 for the
-    # API); 0 keeps Python's defaults and skips gc.freeze.
-    gc_gen0_threshold: int | None = Field(None, ge=0)
+    log_format: Literal["text", "json"] = Field(
+        "text", description="text: `time level logger: message` lines; json: one object a line."
+    )
+    # connection_tracker.lifecycle.tune_gc
+    gc_gen0_threshold: int | None = Field(
+        None,
+        ge=0,
+        description="Allocations between young-generation collections; unset: each command's "
+        "choice; 0: Python's defaults.",
+    )
 
-    # Projector batching: a batch closes at batch_max_events or after batch_max_wait_ms.
-    # Large batches only form while records wait; each batch pays a commit and other fixed costs
-    # (20000 measured ~1.8x the rate of 5000: docs/projector.md, "Batching and performance").
-    batch_max_events: int = Field(20000, ge=1)
-    batch_max_wait_ms: int = Field(100, ge=1)
+    @field_validator("database_url")
+    @classmethod
+    def _async_driver(cls, url: str) -> str:
+        scheme = url.split("://", 1)[0] if "://" in url else ""
+        if scheme not in DATABASE_SCHEMES:
+            raise ValueError(
+                f"the read model needs an async driver: use {DATABASE_SCHEMES[0]}:///PATH or "
+                f"{DATABASE_SCHEMES[1]}://USER:PASSWORD@HOST:PORT/DB, not {scheme or url!r}"
+            )
+        return url
 
-    # Projector retention (docs/projector.md, "Retention"): rows of connections disconnected
-    # longer ago than this are pruned from the read model (0 keeps them forever); a tombstone
-    # keeps a late duplicate event from resurrecting them, for retention_tombstone_seconds
-    # after the disconnect (0: forever).
-    retention_disconnected_seconds: int = Field(0, ge=0)
-    retention_tombstone_seconds: int = Field(0, ge=0)
-    retention_interval_seconds: float = Field(60.0, gt=0)
-    # Longest pause between retries while the database or broker is unavailable.
-    retry_max_backoff_seconds: float = Field(10.0, gt=0)
-    # How long the group waits for a silent projector (crashed, partitioned) before giving its
-    # partitions to the others; the broker bounds it (group.min/max.session.timeout.ms).
-    consumer_session_timeout_ms: int = Field(10000, ge=1000)
+    @field_validator("log_level")
+    @classmethod
+    def _level(cls, level: str) -> str:
+        if level.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"):
+            raise ValueError("use DEBUG, INFO, WARNING, ERROR or CRITICAL")
+        return level.upper()
+
+
+SECTIONS: dict[str, tuple[str, ...]] = {
+    "kafka": ("kafka_bootstrap_servers", "events_topic", "dead_letter_topic"),
+    "database": ("database_url",),
+    "projector": (
+        "consumer_group",
+        "batch_max_events",
+        "batch_max_wait_ms",
+        "retry_max_backoff_seconds",
+        "consumer_session_timeout_ms",
+    ),
+    "retention": (
+        "retention_disconnected_seconds",
+        "retention_tombstone_seconds",
+        "retention_interval_seconds",
+    ),
+    "api": tuple(n for n in Settings.model_fields if n.startswith("api_")),
+    "rebuild": tuple(n for n in Settings.model_fields if n.startswith("rebuild_")),
+    "metrics": ("metrics_port",),
+    "logging": ("log_level", "log_format", "gc_gen0_threshold"),
+}
+assert sorted(n for names in SECTIONS.values() for n in names) == sorted(Settings.model_fields)
+
+
+def env_name(setting: str) -> str:
+    return ENV_PREFIX + setting.upper()
 
 
 def settings_from(**flags: Any) -> Settings:

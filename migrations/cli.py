@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import argparse
-import logging
 from pathlib import Path
 
 from alembic import command
 from alembic.config import Config
 
-from connection_tracker.settings import settings_from
+from connection_tracker import cli
+from connection_tracker.lifecycle import setup_logging
 
 SCRIPT_LOCATION = Path(__file__).resolve().parent
 
@@ -31,24 +30,33 @@ def downgrade(database_url: str, revision: str) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="conntrack-migrate", description=__doc__)
-    parser.add_argument("--database-url", help="overrides CONNTRACK_DATABASE_URL")
+    parser = cli.parser("conntrack-migrate", __doc__, ("database", "logging"))
     sub = parser.add_subparsers(dest="action")
     up = sub.add_parser("upgrade", help="upgrade to a revision (default: head)")
     up.add_argument("revision", nargs="?", default="head")
     down = sub.add_parser("downgrade", help="downgrade to a revision")
     down.add_argument("revision")
-    sub.add_parser("current", help="show the current revision")
+    current = sub.add_parser("current", help="show the current revision")
+    for p in (up, down, current):
+        cli.add_settings(p, ("database", "logging"))
     ns = parser.parse_args(argv)
-    settings = settings_from(database_url=ns.database_url)
-    logging.basicConfig(level=settings.log_level, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        settings = cli.settings_from_args(ns)
+    except cli.CommandError as exc:
+        cli.fail("conntrack-migrate", exc)
+    setup_logging(settings.log_level, settings.log_format)
     cfg = alembic_config(settings.database_url)
-    if ns.action == "downgrade":
-        command.downgrade(cfg, ns.revision)
-    elif ns.action == "current":
-        command.current(cfg, verbose=True)
-    else:
-        command.upgrade(cfg, getattr(ns, "revision", "head"))
+
+    def migrate() -> int:
+        if ns.action == "downgrade":
+            command.downgrade(cfg, ns.revision)
+        elif ns.action == "current":
+            command.current(cfg, verbose=True)
+        else:
+            command.upgrade(cfg, getattr(ns, "revision", "head"))
+        return cli.Exit.OK
+
+    cli.run("conntrack-migrate", migrate, settings)
 
 
 if __name__ == "__main__":

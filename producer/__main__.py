@@ -5,9 +5,12 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import dataclasses
+import json
 import sys
 import time
 
+from connection_tracker import cli
 from connection_tracker.events import Event
 from connection_tracker.lifecycle import (
     BATCH_GEN0_THRESHOLD,
@@ -15,13 +18,14 @@ from connection_tracker.lifecycle import (
     setup_logging,
     tune_gc,
 )
-from connection_tracker.settings import Settings, settings_from
+from connection_tracker.settings import Settings
 from producer.errors import PublisherError
 from producer.publisher import Publisher
 from producer.simulator import Workload, generate
 from producer.topics import (
     HistoryLosingTopicError,
     TopicProvisioningError,
+    TopicReport,
     TopicSpec,
     ensure_topics,
 )
@@ -35,16 +39,19 @@ async def provision(settings: Settings, ns: argparse.Namespace) -> int:
         ]
         reports = await ensure_topics(settings.kafka_bootstrap_servers, specs)
     except HistoryLosingTopicError as exc:
-        for report in exc.reports:
-            print(report)
+        _print_reports(exc.reports, ns.format)
         print(f"error: {exc}", file=sys.stderr)
-        return 1
+        return cli.Exit.NEGATIVE
     except (TopicProvisioningError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
-        return 2
+        return cli.Exit.USAGE
+    _print_reports(reports, ns.format)
+    return cli.Exit.OK
+
+
+def _print_reports(reports: list[TopicReport], form: str) -> None:
     for report in reports:
-        print(report)
-    return 0
+        print(json.dumps(dataclasses.asdict(report)) if form == "json" else report)
 
 
 class Progress:
@@ -142,8 +149,9 @@ async def _wait_until(event: Event, stop: asyncio.Event) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="conntrack-producer", description=__doc__)
-    parser.add_argument("--bootstrap-servers", help="overrides CONNTRACK_KAFKA_BOOTSTRAP_SERVERS")
+    prog = "conntrack-producer"
+    sections = ("kafka", "logging")
+    parser = cli.parser(prog, __doc__, sections)
     sub = parser.add_subparsers(dest="command", required=True)
     topics = sub.add_parser(
         "topics",
@@ -152,6 +160,7 @@ def main(argv: list[str] | None = None) -> None:
     topics.add_argument("--partitions", type=int, default=6)
     topics.add_argument("--replication-factor", type=int, default=1)
     topics.add_argument("--min-insync-replicas", type=int, default=1)
+    topics.add_argument("--format", choices=("table", "json"), default="table")
     sim = sub.add_parser("simulate", help="publish simulated gateway traffic")
     sim.add_argument("--gateways", type=int, default=3)
     sim.add_argument("--connections", type=int, default=100, help="connections opened in total")
@@ -176,12 +185,17 @@ def main(argv: list[str] | None = None) -> None:
         default=2.0,
         help="seconds between progress lines; 0: none",
     )
+    for p in (topics, sim):
+        cli.add_settings(p, sections)
     ns = parser.parse_args(argv)
-    settings = settings_from(kafka_bootstrap_servers=ns.bootstrap_servers)
-    setup_logging(settings.log_level)
+    try:
+        settings = cli.settings_from_args(ns)
+    except cli.CommandError as exc:
+        cli.fail(prog, exc)
+    setup_logging(settings.log_level, settings.log_format)
     tune_gc(settings.gc_gen0_threshold, default=BATCH_GEN0_THRESHOLD)
     run = provision if ns.command == "topics" else simulate
-    sys.exit(asyncio.run(run(settings, ns)))
+    cli.run(prog, lambda: run(settings, ns), settings)
 
 
 if __name__ == "__main__":

@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import argparse
-import asyncio
 import logging
 
 from prometheus_client import start_http_server
 
+from connection_tracker import cli
 from connection_tracker.database import create_engine
 from connection_tracker.lifecycle import (
     BATCH_GEN0_THRESHOLD,
@@ -15,7 +14,7 @@ from connection_tracker.lifecycle import (
     setup_logging,
     tune_gc,
 )
-from connection_tracker.settings import Settings, settings_from
+from connection_tracker.settings import Settings
 from connection_tracker.store import ProjectionStore
 from projector.runner import Abandoned, Projector
 
@@ -58,19 +57,24 @@ async def serve(settings: Settings) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="conntrack-projector", description=__doc__)
-    parser.add_argument("--database-url", help="overrides CONNTRACK_DATABASE_URL")
-    parser.add_argument("--bootstrap-servers", help="overrides CONNTRACK_KAFKA_BOOTSTRAP_SERVERS")
-    parser.add_argument("--metrics-port", type=int, help="overrides CONNTRACK_METRICS_PORT")
-    ns = parser.parse_args(argv)
-    settings = settings_from(
-        database_url=ns.database_url,
-        kafka_bootstrap_servers=ns.bootstrap_servers,
-        metrics_port=ns.metrics_port,
+    parser = cli.parser(
+        "conntrack-projector",
+        __doc__,
+        ("kafka", "database", "projector", "retention", "metrics", "logging"),
     )
-    setup_logging(settings.log_level)
+    ns = parser.parse_args(argv)
+    try:
+        settings = cli.settings_from_args(ns)
+    except cli.CommandError as exc:
+        cli.fail("conntrack-projector", exc)
+    setup_logging(settings.log_level, settings.log_format)
     tune_gc(settings.gc_gen0_threshold, default=BATCH_GEN0_THRESHOLD)
-    asyncio.run(serve(settings))
+    cli.run("conntrack-projector", lambda: _serve(settings), settings)
+
+
+async def _serve(settings: Settings) -> int:
+    await serve(settings)
+    return cli.Exit.OK
 
 
 if __name__ == "__main__":

@@ -86,6 +86,7 @@ class Projector:
             Backoff(settings.retry_max_backoff_seconds),
             self._stopping,
             on_retry=lambda cause: self.metrics.retries.labels(cause).inc(),
+            logger=log,
         )
         self._partitions = Partitions(self._topic, store, self.metrics, self._retry)
         self._group_offsets = GroupOffsets()

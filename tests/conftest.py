@@ -15,16 +15,19 @@ import uuid
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import asyncpg
 import pytest
-from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from sqlalchemy.engine import make_url
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from connection_tracker.database import create_engine
 from connection_tracker.settings import Settings
 from migrations.cli import upgrade
+from tests.support.kafka import create_topic, delete_topics, unique
+from tests.support.ports import free_port
+from tests.support.projector import ProjectorProcess
 
 KAFKA = os.environ.get("CONNTRACK_TEST_KAFKA", "127.0.0.1:19092")
 POSTGRES_URL = os.environ.get(
@@ -47,28 +50,6 @@ def kafka_bootstrap() -> str:
     if not _reachable(KAFKA):
         pytest.fail(f"no Kafka broker at {KAFKA}: run infra/kafka.sh up (make test does)")
     return KAFKA
-
-
-def unique(prefix: str) -> str:
-    return f"{prefix}-{uuid.uuid4().hex[:12]}"
-
-
-async def create_topic(bootstrap: str, name: str, partitions: int = 3) -> None:
-    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
-    await admin.start()
-    try:
-        await admin.create_topics([NewTopic(name, partitions, 1)])
-    finally:
-        await admin.close()
-
-
-async def delete_topics(bootstrap: str, names: list[str]) -> None:
-    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
-    await admin.start()
-    try:
-        await admin.delete_topics(names)
-    finally:
-        await admin.close()
 
 
 @pytest.fixture
@@ -154,12 +135,6 @@ REPO = Path(__file__).resolve().parents[1]
 KAFKA_SH = REPO / "infra" / "kafka.sh"
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 @dataclass
 class PrivateBroker:
     bootstrap: str
@@ -203,3 +178,11 @@ def private_broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Private
         yield broker
     finally:
         broker._run("down")
+
+
+@pytest.fixture
+def processes() -> Any:
+    started: list[ProjectorProcess] = []
+    yield started
+    for p in started:
+        p.close()

@@ -8,7 +8,6 @@ from collections import defaultdict
 from typing import Any
 
 import pytest
-from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.partitioner import murmur2
 
 from connection_tracker.events import (
@@ -24,38 +23,12 @@ from connection_tracker.settings import Settings
 from producer.errors import BrokerUnavailableError, PublisherClosedError, TopicNotFoundError
 from producer.publisher import Publisher
 from producer.simulator import Workload, generate
+from tests.support.events import T0
+from tests.support.kafka import read_all, read_events
 
 pytestmark = [pytest.mark.kafka]
 
 SECOND = 1_000_000_000
-T0 = 1_764_300_000 * SECOND
-
-
-async def read_all(bootstrap: str, topic: str, partitions: int = 3) -> list[Any]:
-    """Every record of the topic, up to its current end (call after a successful flush).
-    The kafka_settings fixture's events topic has 3 partitions."""
-    consumer = AIOKafkaConsumer(
-        bootstrap_servers=bootstrap, enable_auto_commit=False, auto_offset_reset="earliest"
-    )
-    await consumer.start()
-    try:
-        tps = [TopicPartition(topic, p) for p in range(partitions)]
-        consumer.assign(tps)
-        await consumer.seek_to_beginning(*tps)
-        end = await consumer.end_offsets(tps)
-        records: list[Any] = []
-        deadline = time.monotonic() + 30
-        while any([await consumer.position(tp) < end[tp] for tp in tps]):
-            assert time.monotonic() < deadline, "records did not arrive within 30 s"
-            for batch in (await consumer.getmany(timeout_ms=500)).values():
-                records.extend(batch)
-        return records
-    finally:
-        await consumer.stop()
-
-
-async def read_events(bootstrap: str, topic: str, partitions: int = 3) -> list[Event]:
-    return [decode(r.value, r.key) for r in await read_all(bootstrap, topic, partitions)]
 
 
 def publisher(settings: Settings, **options: Any) -> Publisher:

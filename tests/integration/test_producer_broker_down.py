@@ -22,8 +22,9 @@ from producer.errors import (
 )
 from producer.publisher import Publisher
 from producer.topics import TopicSpec, ensure_topics
-from tests.conftest import PrivateBroker, unique
-from tests.integration.test_producer import T0, read_events
+from tests.conftest import PrivateBroker
+from tests.support.events import T0
+from tests.support.kafka import read_events, unique
 
 pytestmark = [pytest.mark.kafka, pytest.mark.slow]
 

@@ -12,9 +12,7 @@ import pytest
 
 from connection_tracker.settings import Settings
 from producer.simulator import Workload, generate
-from tests.conftest import delete_topics, unique
-from tests.integration.test_producer import read_events
-from tests.integration.test_topics import create_raw
+from tests.support.kafka import create_raw, delete_topics, read_events, unique
 
 pytestmark = [pytest.mark.kafka]
 

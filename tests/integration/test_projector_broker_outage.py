@@ -15,14 +15,10 @@ from connection_tracker.settings import Settings
 from connection_tracker.store import ProjectionStore
 from producer.topics import TopicSpec, ensure_topics
 from projector.runner import Projector
-from tests.conftest import PrivateBroker, unique
-from tests.integration.test_projector_faults import running
-from tests.integration.test_projector_process import (
-    as_records,
-    make_events,
-    publish,
-    wait_caught_up,
-)
+from tests.conftest import PrivateBroker
+from tests.support.events import as_records, make_events
+from tests.support.kafka import publish, unique
+from tests.support.projector import running, wait_caught_up
 
 pytestmark = [pytest.mark.kafka, pytest.mark.slow]
 

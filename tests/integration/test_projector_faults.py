@@ -4,10 +4,9 @@ is lost, and a rival that moves a partition on under the projector's feet."""
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import random
-from collections.abc import AsyncIterator, Iterable, Mapping
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 import pytest
@@ -19,13 +18,14 @@ from connection_tracker.fold import ConnectionState, fold
 from connection_tracker.settings import Settings
 from connection_tracker.store import BatchResult, ProjectionStore
 from projector.runner import Projector
-from tests.conftest import create_topic, delete_topics, unique
-from tests.integration.test_projector_process import (
-    as_records,
+from tests.support.events import as_records, make_events
+from tests.support.kafka import create_topic, delete_topics, log_end_offsets, publish, unique
+from tests.support.projector import (
     assert_each_advance_exact,
-    log_end_offsets,
-    make_events,
-    publish,
+    fenced,
+    per_partition,
+    running,
+    settled_count,
     wait_caught_up,
 )
 
@@ -54,43 +54,6 @@ class LostCommitReplies(ProjectionStore):
             self.lost += 1
             raise OperationalError("COMMIT", {}, ConnectionResetError("reply lost"))
         return result
-
-
-def fenced(projector: Projector) -> float:
-    value = projector.metrics.registry.get_sample_value("conntrack_projector_fenced_batches_total")
-    assert value is not None
-    return value
-
-
-def per_partition(projector: Projector, metric: str, topic: str) -> float:
-    """A per-partition counter summed over the test topics' three partitions."""
-    registry = projector.metrics.registry
-    return sum(
-        registry.get_sample_value(metric, {"topic": topic, "partition": str(p)}) or 0.0
-        for p in range(3)
-    )
-
-
-@contextlib.asynccontextmanager
-async def running(projector: Projector) -> AsyncIterator[Projector]:
-    async with projector:
-        task = asyncio.create_task(projector.run())
-        try:
-            yield projector
-        finally:
-            await projector.stop()
-            await asyncio.wait_for(task, 30)
-
-
-async def settled_count(projector: Projector, expected: int, within: float = 10.0) -> int:
-    """records_committed once it stops trailing the database: the stored positions (what
-    wait_caught_up polls) commit a moment before the batch's records are counted, so wait until
-    the count reaches `expected` (or the time is up); an overshoot is returned at once."""
-    for _ in range(int(within / 0.05)):
-        if projector.records_committed >= expected:
-            break
-        await asyncio.sleep(0.05)
-    return projector.records_committed
 
 
 async def test_a_commit_whose_reply_was_lost_counts_once(

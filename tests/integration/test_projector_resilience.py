@@ -21,15 +21,12 @@ from connection_tracker.fold import fold
 from connection_tracker.settings import Settings
 from connection_tracker.store import ProjectionStore
 from tests.conftest import POSTGRES_URL
-from tests.integration.test_projector_process import (
+from tests.support.events import as_records, make_events
+from tests.support.kafka import publish, publish_stream
+from tests.support.ports import free_port
+from tests.support.projector import (
     ProjectorProcess,
-    as_records,
     assert_matches_fold,
-    free_port,
-    make_events,
-    processes,  # noqa: F401  (fixture)
-    publish,
-    publish_stream,
     scrape,
     stored,
     wait_caught_up,
@@ -54,7 +51,7 @@ async def test_postgres_connections_terminated_and_refused_mid_run(
     database_url: str,
     engine: AsyncEngine,
     tmp_path: Path,
-    processes: list[ProjectorProcess],  # noqa: F811
+    processes: list[ProjectorProcess],
 ) -> None:
     s = kafka_settings
     store = ProjectionStore(engine)
@@ -118,7 +115,7 @@ async def test_sqlite_file_unwritable_mid_run(
     database_url: str,
     engine: AsyncEngine,
     tmp_path: Path,
-    processes: list[ProjectorProcess],  # noqa: F811
+    processes: list[ProjectorProcess],
 ) -> None:
     s = kafka_settings
     store = ProjectionStore(engine)
@@ -176,7 +173,7 @@ async def test_a_projector_started_while_the_sqlite_file_is_unwritable_recovers_
     database_url: str,
     engine: AsyncEngine,
     tmp_path: Path,
-    processes: list[ProjectorProcess],  # noqa: F811
+    processes: list[ProjectorProcess],
 ) -> None:
     s = kafka_settings
     store = ProjectionStore(engine)
@@ -203,7 +200,7 @@ async def test_retention_prunes_old_disconnected_connections_for_good(
     database_url: str,
     engine: AsyncEngine,
     tmp_path: Path,
-    processes: list[ProjectorProcess],  # noqa: F811
+    processes: list[ProjectorProcess],
 ) -> None:
     s = kafka_settings
     store = ProjectionStore(engine)
@@ -317,7 +314,7 @@ async def test_broker_unreachable_at_start_then_resumes_by_itself(
     database_url: str,
     engine: AsyncEngine,
     tmp_path: Path,
-    processes: list[ProjectorProcess],  # noqa: F811
+    processes: list[ProjectorProcess],
 ) -> None:
     s = kafka_settings
     store = ProjectionStore(engine)
@@ -346,7 +343,7 @@ async def test_sigterm_while_the_broker_is_unreachable_exits_zero(
     kafka_settings: Settings,
     database_url: str,
     tmp_path: Path,
-    processes: list[ProjectorProcess],  # noqa: F811
+    processes: list[ProjectorProcess],
 ) -> None:
     processes.append(
         p := ProjectorProcess(
@@ -368,7 +365,7 @@ async def test_sigterm_while_the_database_is_down_abandons_the_batch_and_exits_z
     database_url: str,
     engine: AsyncEngine,
     tmp_path: Path,
-    processes: list[ProjectorProcess],  # noqa: F811
+    processes: list[ProjectorProcess],
 ) -> None:
     s = kafka_settings
     store = ProjectionStore(engine)

@@ -42,7 +42,7 @@ from connection_tracker.timeutil import to_ns
 from producer.publisher import Publisher
 from producer.simulator import Workload, generate
 from projector.runner import Projector
-from tests.integration.test_projector_faults import running
+from tests.support.projector import running
 
 pytestmark = [pytest.mark.kafka]
 

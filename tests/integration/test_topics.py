@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 
 import pytest
-from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+from aiokafka.admin import AIOKafkaAdminClient
 
 from producer.topics import (
     HistoryLosingTopicError,
@@ -14,7 +14,7 @@ from producer.topics import (
     describe_topic_configs,
     ensure_topics,
 )
-from tests.conftest import delete_topics, unique
+from tests.support.kafka import create_raw, delete_topics, unique
 
 pytestmark = [pytest.mark.kafka]
 
@@ -32,16 +32,6 @@ async def names(kafka_bootstrap: str) -> AsyncIterator[list[str]]:
         await admin.close()
     if existing:
         await delete_topics(kafka_bootstrap, sorted(existing))
-
-
-async def create_raw(bootstrap: str, name: str, configs: dict[str, str]) -> None:
-    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
-    await admin.start()
-    try:
-        response = await admin.create_topics([NewTopic(name, 2, 1, topic_configs=configs)])
-        assert [e[1] for e in response.topic_errors] == [0]
-    finally:
-        await admin.close()
 
 
 async def test_creates_history_keeping_topics_then_reports_them_unchanged(
