@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import asyncio
-import logging
 import sys
 from pathlib import Path
 
@@ -15,6 +13,7 @@ from api.auth import TokenConfigError
 from api.repository import ConnectionRepository, create_read_engine
 from api.server import ApiServer
 from api.tls import TlsConfigError, client_credentials
+from connection_tracker import cli
 from connection_tracker.lifecycle import (
     PYTHON_GEN0_THRESHOLD,
     on_shutdown_signal,
@@ -25,9 +24,7 @@ from connection_tracker.protogen.yandex.cloud.serverless.apigateway.websocket.v1
     connection_service_pb2,
     connection_service_pb2_grpc,
 )
-from connection_tracker.settings import Settings, settings_from
-
-log = logging.getLogger("api")
+from connection_tracker.settings import Settings
 
 
 async def serve(settings: Settings) -> int:
@@ -47,13 +44,20 @@ async def serve(settings: Settings) -> int:
             server = ApiServer.from_settings(repository, settings)
             await server.start()
         except (TlsConfigError, TokenConfigError, OSError) as exc:
-            log.error("cannot start: %s", exc)
-            return 2
+            raise cli.CommandError(f"cannot start: {exc}", cli.Exit.USAGE) from None
         on_shutdown_signal(server.stop)
         await server.wait()
-        return 0
+        return cli.Exit.OK
     finally:
         await engine.dispose()
+
+
+# What a failed Get means for the exit code: a dependency (the server, its database) that could
+# not be reached is 69; any other answer is a negative one.
+_GET_EXIT = {
+    grpc.StatusCode.UNAVAILABLE: cli.Exit.UNAVAILABLE,
+    grpc.StatusCode.DEADLINE_EXCEEDED: cli.Exit.UNAVAILABLE,
+}
 
 
 def _token(ns: argparse.Namespace, settings: Settings) -> str | None:
@@ -87,23 +91,23 @@ async def get(ns: argparse.Namespace, settings: Settings) -> int:
             answer = await call
         except grpc.aio.AioRpcError as exc:
             print(f"{exc.code().name}: {exc.details()}", file=sys.stderr)
-            return 1
+            return _GET_EXIT.get(exc.code(), cli.Exit.NEGATIVE)
         trailing = await call.trailing_metadata()
     print(MessageToJson(answer, indent=2, always_print_fields_with_no_presence=True))
     if ns.verbose:
         for key, value in trailing or ():
             if key.startswith("x-projection"):
                 print(f"{key}: {value!s}", file=sys.stderr)
-    return 0
+    return cli.Exit.OK
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="conntrack-api", description=__doc__)
-    parser.add_argument("--database-url", help="overrides CONNTRACK_DATABASE_URL")
-    parser.add_argument("--listen", help="overrides CONNTRACK_API_LISTEN")
-    parser.add_argument("--metrics-port", type=int, help="overrides CONNTRACK_METRICS_PORT")
+    prog = "conntrack-api"
+    serving = ("database", "api", "metrics", "logging")
+    parser = cli.parser(prog, __doc__, serving)
     sub = parser.add_subparsers(dest="command", required=True)
-    sub.add_parser("serve", help="run the gRPC server until SIGTERM/SIGINT")
+    s = sub.add_parser("serve", help="run the gRPC server until SIGTERM/SIGINT")
+    cli.add_settings(s, serving)
     g = sub.add_parser("get", help="call Get on a running server and print the answer as JSON")
     g.add_argument("connection_id")
     g.add_argument("--target", help="server address (default: CONNTRACK_API_LISTEN)")
@@ -119,21 +123,24 @@ def main(argv: list[str] | None = None) -> None:
         help="file holding the bearer token (default: CONNTRACK_API_CLIENT_TOKEN)",
     )
     g.add_argument("-v", "--verbose", action="store_true", help="print freshness headers to stderr")
+    cli.add_settings(g, ("api", "logging"))
     ns = parser.parse_args(argv)
-    settings = settings_from(
-        database_url=ns.database_url,
-        api_listen=ns.listen,
-        metrics_port=ns.metrics_port,
-    )
-    setup_logging(settings.log_level)
+    try:
+        settings = cli.settings_from_args(ns)
+    except cli.CommandError as exc:
+        cli.fail(prog, exc)
+    setup_logging(settings.log_level, settings.log_format)
     tune_gc(settings.gc_gen0_threshold, default=PYTHON_GEN0_THRESHOLD)
     if ns.command == "serve":
-        sys.exit(asyncio.run(serve(settings)))
-    try:
-        sys.exit(asyncio.run(get(ns, settings)))
-    except (TlsConfigError, OSError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        sys.exit(2)
+        cli.run(prog, lambda: serve(settings), settings)
+
+    async def fetch() -> int:
+        try:
+            return await get(ns, settings)
+        except (TlsConfigError, OSError) as exc:
+            raise cli.CommandError(str(exc), cli.Exit.USAGE) from None
+
+    cli.run(prog, fetch, settings)
 
 
 if __name__ == "__main__":

@@ -20,6 +20,7 @@ from sqlalchemy.sql import Executable
 from api.batching import CoalescingLoader, LoaderStats
 from connection_tracker.database import create_engine
 from connection_tracker.schema import connections, projection_offsets
+from connection_tracker.settings import default
 
 log = logging.getLogger(__name__)
 
@@ -76,7 +77,10 @@ _READY = select(connections.c.connection_id).limit(1)
 
 
 def create_read_engine(
-    url: str, *, pool_size: int = 10, timeout_seconds: float = 5.0
+    url: str,
+    *,
+    pool_size: int = default("api_db_pool_size"),
+    timeout_seconds: float = default("api_db_timeout_seconds"),
 ) -> AsyncEngine:
     """An engine for the API: a bounded pool (bursts may open as many again), waits for a
     pooled connection or a new one bounded by timeout_seconds, and on PostgreSQL an
@@ -214,9 +218,9 @@ class ConnectionRepository:
         self,
         engine: AsyncEngine,
         *,
-        batch_max_ids: int = 256,
-        batch_max_in_flight: int = 1,
-        batch_window_seconds: float = 0.0,
+        batch_max_ids: int = default("api_batch_max_ids"),
+        batch_max_in_flight: int = default("api_batch_max_in_flight"),
+        batch_window_seconds: float = default("api_batch_window_ms") / 1000,
     ) -> None:
         self._engine = engine
         postgresql = engine.dialect.name == "postgresql"

@@ -7,7 +7,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from typing import Any, Final
+from typing import Any
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -19,12 +19,9 @@ from api.metrics import ApiMetrics
 from api.repository import ConnectionRepository, ReadModelUnavailable
 from api.service import SERVICE_NAME, ConnectionService, connection_service_handlers
 from api.tls import ServerTls
-from connection_tracker.settings import Settings
+from connection_tracker.settings import Settings, default
 
 log = logging.getLogger(__name__)
-
-# Room for upstream's largest valid request (Send with 131072 bytes of data) plus framing.
-DEFAULT_MAX_MESSAGE_BYTES: Final = 262_144
 
 
 def listen_host(listen: str) -> str:
@@ -45,14 +42,14 @@ class ApiServer:
         repository: ConnectionRepository,
         listen: str,
         *,
-        grace_seconds: float = 5.0,
-        health_interval_seconds: float = 2.0,
+        grace_seconds: float = default("api_grace_seconds"),
+        health_interval_seconds: float = default("api_health_interval_seconds"),
         tls: ServerTls | None = None,
         tokens: BearerTokens | None = None,
-        max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
-        max_concurrent_calls: int = 64,
-        db_timeout_seconds: float = 5.0,
-        freshness_ttl_seconds: float = 1.0,
+        max_message_bytes: int = default("api_max_message_bytes"),
+        max_concurrent_calls: int = default("api_max_concurrent_calls"),
+        db_timeout_seconds: float = default("api_db_timeout_seconds"),
+        freshness_ttl_seconds: float = default("api_freshness_ttl_ms") / 1000,
         metrics_port: int | None = None,
         metrics_host: str | None = None,
     ) -> None:

@@ -23,6 +23,7 @@ from connection_tracker.protogen.yandex.cloud.serverless.apigateway.websocket.v1
     connection_pb2,
     connection_service_pb2,
 )
+from connection_tracker.settings import default
 from connection_tracker.timeutil import to_timestamp
 
 log = logging.getLogger(__name__)
@@ -74,8 +75,8 @@ class ConnectionService:
         self,
         repository: ConnectionRepository,
         *,
-        db_timeout_seconds: float = 5.0,
-        freshness_ttl_seconds: float = 1.0,
+        db_timeout_seconds: float = default("api_db_timeout_seconds"),
+        freshness_ttl_seconds: float = default("api_freshness_ttl_ms") / 1000,
     ) -> None:
         self._repository = repository
         self._db_timeout = db_timeout_seconds

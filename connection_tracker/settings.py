@@ -91,6 +91,7 @@ class Settings(BaseSettings):
     api_client_token: SecretStr | None = Field(
         None, description="Bearer token `conntrack-api get` sends."
     )
+    # Room for upstream's largest valid request (Send with 131072 bytes of data) and framing.
     api_max_message_bytes: int = Field(
         262_144, ge=1024, description="Largest request or response message."
     )
@@ -192,6 +193,12 @@ SECTIONS: dict[str, tuple[str, ...]] = {
     "logging": ("log_level", "log_format", "gc_gen0_threshold"),
 }
 assert sorted(n for names in SECTIONS.values() for n in names) == sorted(Settings.model_fields)
+
+
+def default(setting: str) -> Any:
+    """A setting's default, for components that can be built without the whole settings (in
+    tests, as a library): the value is stated once, above."""
+    return Settings.model_fields[setting].default
 
 
 def env_name(setting: str) -> str:

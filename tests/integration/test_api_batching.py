@@ -29,11 +29,7 @@ from connection_tracker.protogen.yandex.cloud.serverless.apigateway.websocket.v1
 )
 from connection_tracker.schema import connections
 from connection_tracker.timeutil import to_ns
-from tests.integration.test_api_status import (
-    _api_sessions_waiting_on_locks,
-    _eventually,
-    connections_locked,
-)
+from tests.support.api import api_sessions_waiting_on_locks, connections_locked, eventually
 
 ROWS = 300
 CONNECTED_NS = 1_764_300_000_000_000_000
@@ -201,13 +197,13 @@ async def test_gets_arriving_during_a_query_go_together_in_the_next_one(
             async def first_in_flight() -> bool:
                 return metric(server, "conntrack_api_read_queries_in_flight") == 1
 
-            await _eventually(first_in_flight)
+            await eventually(first_in_flight)
             rest = [asyncio.ensure_future(get(stub, i)) for i in later]
 
             async def all_waiting() -> bool:
                 return metric(server, "conntrack_api_read_waiting") == len(later)
 
-            await _eventually(all_waiting)
+            await eventually(all_waiting)
         check("batch-004", *await first)
         for connection_id, (code, answer) in zip(later, await asyncio.gather(*rest), strict=True):
             check(connection_id, code, answer)
@@ -231,14 +227,14 @@ async def test_a_caller_leaving_a_shared_query_does_not_cancel_it_for_the_others
             async def in_flight() -> bool:
                 return metric(server, "conntrack_api_read_queries_in_flight") == 1
 
-            await _eventually(in_flight)
+            await eventually(in_flight)
             impatient = asyncio.ensure_future(get(stub, "batch-002", deadline_s=3))
             patient = asyncio.ensure_future(get(stub, "batch-004"))
 
             async def both_waiting() -> bool:
                 return metric(server, "conntrack_api_read_waiting") == 2
 
-            await _eventually(both_waiting)
+            await eventually(both_waiting)
             alone.cancel()
             with pytest.raises(asyncio.CancelledError):
                 await alone_call
@@ -247,13 +243,13 @@ async def test_a_caller_leaving_a_shared_query_does_not_cancel_it_for_the_others
             async def next_query_alone_on_the_lock() -> bool:
                 return (
                     metric(server, "conntrack_api_read_waiting") == 0
-                    and await _api_sessions_waiting_on_locks(locker) == 1
+                    and await api_sessions_waiting_on_locks(locker) == 1
                 )
 
-            await _eventually(next_query_alone_on_the_lock)
+            await eventually(next_query_alone_on_the_lock)
             assert await impatient == (grpc.StatusCode.DEADLINE_EXCEEDED, None)
             await asyncio.sleep(1)  # the query kept running for the caller that stayed
-            assert await _api_sessions_waiting_on_locks(locker) == 1
+            assert await api_sessions_waiting_on_locks(locker) == 1
             assert not patient.done()
         check("batch-004", *await patient)
         assert metric(server, "conntrack_api_read_queries_total") == 2

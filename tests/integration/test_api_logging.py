@@ -24,7 +24,8 @@ from connection_tracker.protogen.yandex.cloud.serverless.apigateway.websocket.v1
     connection_service_pb2_grpc as svc_grpc,
 )
 from connection_tracker.schema import connections
-from tests.integration.test_api_operability import SERVING, _free_port, eventually, health_status
+from tests.support.api import SERVING, eventually, health_status
+from tests.support.ports import free_port
 
 ROWS = 40
 
@@ -92,7 +93,7 @@ async def test_clients_giving_up_leave_no_error_in_the_log(
     database_url: str, tmp_path: Path
 ) -> None:
     await _seed(database_url)
-    port = _free_port()
+    port = free_port()
     log_path = tmp_path / "serve.log"
     with log_path.open("wb") as log_file:
         process = await asyncio.create_subprocess_exec(

@@ -23,7 +23,6 @@ import grpc
 import pytest
 from google.protobuf import descriptor_pool, message_factory
 from google.protobuf.descriptor_pb2 import FileDescriptorProto
-from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2
 from grpc_reflection.v1alpha.proto_reflection_descriptor_database import (
     ProtoReflectionDescriptorDatabase,
@@ -45,12 +44,12 @@ from connection_tracker.protogen.yandex.cloud.serverless.apigateway.websocket.v1
 )
 from connection_tracker.schema import connections
 from connection_tracker.settings import Settings
+from tests.support.api import NOT_SERVING, SERVING, eventually, health_status
+from tests.support.ports import free_port
 
 REPO = Path(__file__).resolve().parents[2]
 CONNECTED_NS = 1_764_300_000_123_456_789
 ACTIVE_NS = 1_764_300_005_000_000_001
-SERVING = health_pb2.HealthCheckResponse.SERVING
-NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 
 
 async def seed(engine: AsyncEngine, connection_id: str = "conn-ops-1") -> None:
@@ -73,20 +72,6 @@ async def read_engine(database_url: str) -> AsyncIterator[AsyncEngine]:
     await seed(engine)
     yield engine
     await engine.dispose()
-
-
-async def eventually(predicate: Any, within: float = 20.0) -> None:
-    deadline = asyncio.get_running_loop().time() + within
-    while not await predicate():
-        assert asyncio.get_running_loop().time() < deadline, "condition not reached in time"
-        await asyncio.sleep(0.05)
-
-
-async def health_status(port: int, service: str = "") -> int:
-    async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
-        stub = health_pb2_grpc.HealthStub(channel)
-        answer = await stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=5)
-        return int(answer.status)
 
 
 async def get_code(port: int, connection_id: str) -> grpc.StatusCode:
@@ -350,18 +335,12 @@ async def test_cli_get_prints_the_connection_as_json(read_engine: AsyncEngine) -
     assert missing[2].startswith("NOT_FOUND: ")
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 @pytest.mark.postgres
 @pytest.mark.parametrize("backend", ["postgres"])
 async def test_sigterm_drains_the_call_in_flight_and_exits_zero(
     database_url: str, read_engine: AsyncEngine, tmp_path: Path
 ) -> None:
-    port = _free_port()
+    port = free_port()
     log_path = tmp_path / "serve.log"
     with log_path.open("wb") as log_file:
         process = await asyncio.create_subprocess_exec(
@@ -520,7 +499,7 @@ async def test_metrics_endpoint_binds_to_the_configured_host(
     settings = Settings(
         database_url=database_url,
         api_listen="127.0.0.1:0",
-        metrics_port=_free_port(),
+        metrics_port=free_port(),
         api_metrics_host="127.0.0.2",
     )
     async with ApiServer.from_settings(ConnectionRepository(read_engine), settings) as server:

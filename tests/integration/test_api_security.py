@@ -282,7 +282,7 @@ async def test_configured_from_settings_and_cli_get_over_mutual_tls_with_a_token
         assert json.loads(out)["identity"] == {"sourceIp": "198.51.100.4", "userAgent": "sdk-test"}
     assert without_token[0] == 1
     assert without_token[2].startswith("UNAUTHENTICATED: ")
-    assert without_cert[0] == 1
+    assert without_cert[0] == 69  # UNAVAILABLE: the server could not be reached
     assert without_cert[2].startswith("UNAVAILABLE: ")
     assert "bearer tokens: 2" in caplog.text
     assert TOKEN_A not in caplog.text

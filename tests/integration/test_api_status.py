@@ -34,6 +34,7 @@ from connection_tracker.protogen.yandex.cloud.serverless.apigateway.websocket.v1
 )
 from connection_tracker.schema import connections, projection_offsets
 from connection_tracker.timeutil import to_ns
+from tests.support.api import api_sessions_waiting_on_locks, connections_locked, eventually
 
 GET = f"/{SERVICE_NAME}/Get"
 
@@ -387,42 +388,6 @@ async def test_unavailable_when_the_sqlite_file_is_no_read_model(
 # --- calls held in flight by a PostgreSQL table lock -------------------------------------------
 
 
-@contextlib.asynccontextmanager
-async def connections_locked(database_url: str) -> AsyncIterator[asyncpg.Connection]:
-    """Holds ACCESS EXCLUSIVE on `connections` until the block ends: every Get blocks."""
-    parsed = make_url(database_url)
-    conn = await asyncpg.connect(
-        host=parsed.host, port=parsed.port, user=parsed.username, database=parsed.database
-    )
-    try:
-        tx = conn.transaction()
-        await tx.start()
-        await conn.execute("LOCK TABLE connections IN ACCESS EXCLUSIVE MODE")
-        try:
-            yield conn
-        finally:
-            await tx.rollback()
-    finally:
-        await conn.close()
-
-
-async def _api_sessions_waiting_on_locks(locker: asyncpg.Connection) -> int:
-    return int(
-        await locker.fetchval(
-            "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() "
-            "AND application_name = $1 AND wait_event_type = 'Lock'",
-            APPLICATION_NAME,
-        )
-    )
-
-
-async def _eventually(predicate: Any, within: float = 15.0) -> None:
-    deadline = asyncio.get_running_loop().time() + within
-    while not await predicate():
-        assert asyncio.get_running_loop().time() < deadline, "condition not reached in time"
-        await asyncio.sleep(0.05)
-
-
 @pytest.mark.postgres
 @pytest.mark.parametrize("backend", ["postgres"])
 async def test_deadline_exceeded_promptly_and_the_work_is_freed(
@@ -437,10 +402,10 @@ async def test_deadline_exceeded_promptly_and_the_work_is_freed(
             assert asyncio.get_running_loop().time() - started < 30
 
             async def freed() -> bool:
-                return server.in_flight == 0 and await _api_sessions_waiting_on_locks(locker) == 0
+                return server.in_flight == 0 and await api_sessions_waiting_on_locks(locker) == 0
 
             # The handler was cancelled and its query with it, while the lock is still held.
-            await _eventually(freed)
+            await eventually(freed)
         assert (await stub.Get(get_request(OPEN_ID), timeout=10)).id == OPEN_ID
     assert handled(server, "Get", "DeadlineExceeded") == 1
 
@@ -477,7 +442,7 @@ async def test_calls_beyond_the_cap_are_resource_exhausted(
             async def both_in_flight() -> bool:
                 return server.in_flight == 2
 
-            await _eventually(both_in_flight)
+            await eventually(both_in_flight)
             err = await failure(stub.Get(get_request(OPEN_ID), timeout=10))
             assert err.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
             assert "limit 2" in (err.details() or "")

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-SCRIPT = Path(__file__).resolve().parents[1] / "docker" / "projector_healthcheck.py"
+SCRIPT = Path(__file__).resolve().parents[2] / "docker" / "projector_healthcheck.py"
 
 
 class _Page(http.server.BaseHTTPRequestHandler):
