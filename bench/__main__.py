@@ -1,4 +1,4 @@
-"""python -m bench: run the benchmark of issue 7 and print/write its figures.
+"""python -m bench: run the benchmark and print/write its figures.
 
     python -m bench run [--scale F] [--only NAME,...] [--json PATH]
     python -m bench list

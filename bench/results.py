@@ -151,7 +151,7 @@ def render(document: dict[str, Any], results: list[ScenarioResult]) -> str:
         for t in r.targets
     ]
     if target_rows:
-        parts.append(_table(["scenario", "target (issue 7)", "measured", "verdict"], target_rows))
+        parts.append(_table(["scenario", "target", "measured", "verdict"], target_rows))
     cpu_rows = [
         [
             r.name,

@@ -102,10 +102,9 @@ def tune_gc(gen0_threshold: int | None, *, default: int) -> None:
     old-generation pass no longer walks it: one such pass paused the API for ~40 ms. Then a
     young collection runs every gen0_threshold container allocations. Batch work (a projector
     batch is tens of thousands of tuples that live until it is written) otherwise makes the
-    collector traverse the same surviving objects over and over: with a threshold of 50000,
-    `python -m bench.decode_fold` ran decode + fold at 313-375k events/s against 212-270k with
-    Python's 700 (and 241-258k with the freeze alone). The API keeps 700: a young collection of
-    50000 objects is a pause every Get behind it waits for, and it measured slower per call.
+    collector traverse the same surviving objects over and over; a threshold of 50000 makes
+    decode + fold markedly faster (measured: docs/projector.md, "Batching and performance").
+    The API keeps 700: a young collection of 50000 objects is a pause every Get waits for.
     Reference counting still frees everything that is not in a cycle at once; the threshold
     only delays cycles, which these commands rarely make."""
     threshold = default if gen0_threshold is None else gen0_threshold

@@ -96,7 +96,7 @@ async def simulate(settings: Settings, ns: argparse.Namespace) -> int:
         )
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)
-        return 2
+        return cli.Exit.USAGE
     stop = asyncio.Event()
 
     async def request_stop() -> None:
@@ -131,14 +131,25 @@ async def simulate(settings: Settings, ns: argparse.Namespace) -> int:
             progress.tick(count, len(open_ids), publisher, final=True)
     except PublisherError as exc:
         print(f"error: {exc}", file=sys.stderr)
-        return 1
+        return cli.Exit.UNAVAILABLE
+    newest_open = next(reversed(open_ids)) if open_ids else None
+    if ns.format == "json":
+        summary = {
+            "published": count,
+            "connections": workload.connections,
+            "topic": settings.events_topic,
+            "open_connections": len(open_ids),
+            "an_open_connection": newest_open,
+        }
+        print(json.dumps(summary))
+        return cli.Exit.OK
     print(
         f"published {count} events for {workload.connections} connections "
         f"to {settings.events_topic}"
     )
-    if open_ids:
-        print(f"an open connection: {next(reversed(open_ids))}")
-    return 0
+    if newest_open is not None:
+        print(f"an open connection: {newest_open}")
+    return cli.Exit.OK
 
 
 async def _wait_until(event: Event, stop: asyncio.Event) -> None:
@@ -179,6 +190,7 @@ def main(argv: list[str] | None = None) -> None:
         "--realtime", action="store_true", help="publish each event at its simulated time"
     )
     sim.add_argument("--delivery-timeout", type=float, default=30.0, help="seconds")
+    sim.add_argument("--format", choices=("table", "json"), default="table")
     sim.add_argument(
         "--progress-interval",
         type=float,

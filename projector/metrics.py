@@ -3,7 +3,15 @@ docs/projector.md lists them with their meaning."""
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    GCCollector,
+    Histogram,
+    PlatformCollector,
+    ProcessCollector,
+)
 
 _BATCH_SIZE_BUCKETS = (1, 10, 50, 100, 500, 1000, 2000, 5000, 10000, 20000)
 
@@ -12,6 +20,16 @@ class ProjectorMetrics:
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
         self.registry = registry or CollectorRegistry()
         r = self.registry
+        # The process's own families (process_*, python_gc_*, python_info), as every exporter has.
+        ProcessCollector(registry=r)
+        GCCollector(registry=r)
+        PlatformCollector(registry=r)
+        self.last_poll = Gauge(
+            "conntrack_projector_last_poll_timestamp_seconds",
+            "When the loop last asked the broker for records (Unix time): a loop that hangs "
+            "stops moving it, whatever the lag.",
+            registry=r,
+        )
         self.events_applied = Counter(
             "conntrack_projector_events_applied",
             "Events folded into the read model, by kind.",

@@ -213,6 +213,7 @@ class Projector:
                     else:
                         self._rewind(prepared)
                 self._partitions.update_lag()
+                self.metrics.last_poll.set_to_current_time()
         finally:
             # Stopping: the batch in flight is finished (or abandoned if its database is
             # unavailable); a prepared one is simply not written and will be read again.

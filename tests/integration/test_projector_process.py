@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import random
+import time
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -166,6 +167,9 @@ async def test_poison_events_are_dead_lettered_with_provenance_and_counted(
     assert metrics[("conntrack_projector_batches_total", ())] >= 1
     assert metrics[("conntrack_projector_batch_seconds_count", ())] >= 1
     assert metrics[("conntrack_projector_assigned_partitions", ())] == 3
+    assert metrics[("conntrack_projector_last_poll_timestamp_seconds", ())] > time.time() - 60
+    assert metrics[("process_resident_memory_bytes", ())] > 0
+    assert ("python_gc_collections_total", (("generation", "0"),)) in metrics
     for partition, end in ends.items():
         labels = (("partition", str(partition)), ("topic", s.events_topic))
         assert metrics[("conntrack_projector_last_applied_offset", labels)] == end - 1
