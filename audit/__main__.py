@@ -134,6 +134,7 @@ async def cmd_as_of(settings: Settings, ns: argparse.Namespace) -> int:
             settings.events_topic,
             {p: (0, end) for p, (_, end) in replay.bounds.items()},
             replay.states,
+            replay.nodes,
         )
     finally:
         await engine.dispose()
@@ -185,6 +186,14 @@ async def cmd_verify(settings: Settings, ns: argparse.Namespace) -> int:
                         for d in result.differences[: ns.examples]
                     ],
                     "differing": len(result.differences),
+                    "node_differences": [
+                        {
+                            "node_id": n.node_id,
+                            "live": n.live and n.live._asdict(),
+                            "replayed": n.replayed and n.replayed._asdict(),
+                        }
+                        for n in result.node_differences[: ns.examples]
+                    ],
                 },
                 ensure_ascii=False,
             )
@@ -199,7 +208,22 @@ async def cmd_verify(settings: Settings, ns: argparse.Namespace) -> int:
     if result.ok:
         print("OK: the read model equals a fresh fold of the log")
         return cli.Exit.OK
-    print(f"DIVERGED: {len(result.differences)} connections differ", file=sys.stderr)
+    print(
+        f"DIVERGED: {len(result.differences)} connections and "
+        f"{len(result.node_differences)} gateway nodes differ",
+        file=sys.stderr,
+    )
+    for n in result.node_differences[: ns.examples]:
+        print(
+            json.dumps(
+                {
+                    "node_id": n.node_id,
+                    "live": n.live and n.live._asdict(),
+                    "replayed": n.replayed and n.replayed._asdict(),
+                }
+            ),
+            file=sys.stderr,
+        )
     for d in result.differences[: ns.examples]:
         print(
             json.dumps(

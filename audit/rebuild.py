@@ -38,7 +38,7 @@ from sqlalchemy.schema import CreateIndex, CreateTable, DropIndex
 
 from audit.log import LogReader
 from connection_tracker.batch import Batch, WriteBehind
-from connection_tracker.fold import ConnectionState
+from connection_tracker.fold import ConnectionState, NodeState
 from connection_tracker.retry import Backoff, one_line
 from connection_tracker.schema import LIVE, ReadModelTables, generation
 from connection_tracker.store import FencedError, ProjectionStore
@@ -337,7 +337,7 @@ class Rebuild:
 
     async def _commit(self, batch: Batch, conn: AsyncConnection | None = None) -> None:
         # A record that does not decode folds to nothing here (the projector dead-letters it).
-        await self._write(batch.advances, batch.fold(), conn)
+        await self._write(batch.advances, batch.fold(), conn, batch.fold_nodes())
         self._events += len(batch.events)
         self._invalid += len(batch.rejected)
         self.progress.done += batch.records
@@ -349,12 +349,13 @@ class Rebuild:
         advances: dict[int, tuple[int, int]],
         states: Mapping[str, ConnectionState],
         conn: AsyncConnection | None,
+        nodes: Mapping[str, NodeState] | None = None,
     ) -> None:
         try:
             if conn is None:
-                await self._shadow.apply_batch(self._topic, advances, states)
+                await self._shadow.apply_batch(self._topic, advances, states, nodes)
             else:
-                await self._shadow.apply_batch_in(conn, self._topic, advances, states)
+                await self._shadow.apply_batch_in(conn, self._topic, advances, states, nodes)
         except FencedError as exc:
             raise RebuildError(
                 f"another rebuild is writing the shadow tables ({exc}); run only one"

@@ -12,14 +12,32 @@ from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from audit.log import Bounds, LogReader, partition_for_key
-from connection_tracker.events import Event, InvalidEvent, decode_record
-from connection_tracker.fold import ConnectionState, apply
+from connection_tracker.events import Event, EventTuple, InvalidEvent, decode_record
+from connection_tracker.fold import (
+    ConnectionState,
+    NodeState,
+    apply,
+    fold_nodes,
+    merge_nodes,
+)
 from connection_tracker.schema import (
     connections,
     projection_offsets,
     pruned_connections,
+    row_to_node,
     row_to_state,
 )
+from connection_tracker.schema import nodes as nodes_table
+
+
+def _tuple(event: Event) -> EventTuple:
+    return (
+        event.event_id,
+        event.connection_id,
+        event.gateway_id,
+        event.occurred_at_ns,
+        event.payload,
+    )
 
 
 @dataclass
@@ -30,9 +48,15 @@ class Replay:
     bounds: dict[int, tuple[int, int]] = field(default_factory=dict)
     events: int = 0
     invalid: int = 0
+    nodes: dict[str, NodeState] = field(default_factory=dict)
 
     def add(self, event: Event) -> None:
-        self.states[event.connection_id] = apply(self.states.get(event.connection_id), event)
+        if event.connection_id:
+            self.states[event.connection_id] = apply(self.states.get(event.connection_id), event)
+        else:  # a node's own event
+            for node_id, node in fold_nodes([_tuple(event)]).items():
+                old = self.nodes.get(node_id)
+                self.nodes[node_id] = node if old is None else merge_nodes(old, node)
         self.events += 1
 
 
@@ -116,6 +140,7 @@ class Snapshot:
     states: dict[str, ConnectionState]
     positions: dict[int, int]
     pruned: set[str]  # connections retention deleted (their tombstones)
+    nodes: dict[str, NodeState]
 
 
 async def snapshot(engine: AsyncEngine, topic: str) -> Snapshot:
@@ -135,7 +160,11 @@ async def snapshot(engine: AsyncEngine, topic: str) -> Snapshot:
                 for r in (await conn.execute(select(connections))).mappings()
             }
             pruned = set((await conn.execute(select(pruned_connections.c.connection_id))).scalars())
-    return Snapshot(states, positions, pruned)
+            nodes = {
+                r["node_id"]: row_to_node(r)
+                for r in (await conn.execute(select(nodes_table))).mappings()
+            }
+    return Snapshot(states, positions, pruned, nodes)
 
 
 @dataclass(frozen=True)
@@ -145,10 +174,18 @@ class Difference:
     replayed: ConnectionState | None
 
 
+@dataclass(frozen=True)
+class NodeDifference:
+    node_id: str
+    live: NodeState | None
+    replayed: NodeState | None
+
+
 @dataclass
 class Verification:
     compared: int
     differences: list[Difference]
+    node_differences: list[NodeDifference]
     positions: dict[int, int]
     events: int
     invalid: int
@@ -156,7 +193,7 @@ class Verification:
 
     @property
     def ok(self) -> bool:
-        return not self.differences
+        return not self.differences and not self.node_differences
 
 
 async def verify(
@@ -178,4 +215,11 @@ async def verify(
         for cid in sorted(ids)
         if live.get(cid) != replay.states.get(cid)
     ]
-    return Verification(len(ids), diffs, snap.positions, replay.events, replay.invalid, len(pruned))
+    node_diffs = [
+        NodeDifference(n, snap.nodes.get(n), replay.nodes.get(n))
+        for n in sorted(snap.nodes.keys() | replay.nodes.keys())
+        if snap.nodes.get(n) != replay.nodes.get(n)
+    ]
+    return Verification(
+        len(ids), diffs, node_diffs, snap.positions, replay.events, replay.invalid, len(pruned)
+    )

@@ -10,7 +10,7 @@ from collections.abc import Coroutine, Mapping, Sequence
 from typing import Any
 
 from connection_tracker.events import EventTuple, InvalidEvent, decode_record_tuple
-from connection_tracker.fold import ConnectionState, fold_tuples
+from connection_tracker.fold import ConnectionState, NodeState, fold_nodes, fold_tuples
 
 
 class Batch:
@@ -53,6 +53,9 @@ class Batch:
 
     def fold(self) -> dict[str, ConnectionState]:
         return fold_tuples(self.events)
+
+    def fold_nodes(self) -> dict[str, NodeState]:
+        return fold_nodes(self.events)
 
 
 class WriteBehind:

@@ -37,6 +37,9 @@ MAX_ID_LENGTH: Final = 255
 class Connected:
     source_ip: str
     user_agent: str
+    # The gateway node holding the socket, and which start of it ("" and 0: no node role).
+    node_id: str = ""
+    node_incarnation: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -50,7 +53,24 @@ class Disconnected:
     reason: str = ""
 
 
-Payload = Connected | Activity | Disconnected
+@dataclass(frozen=True, slots=True)
+class NodeStarted:
+    """A gateway node's start: its connections of older incarnations are gone."""
+
+    node_id: str
+    incarnation: int
+
+
+@dataclass(frozen=True, slots=True)
+class NodeHeartbeat:
+    """A gateway node is alive (its connections stay while it is heard from within the lease)."""
+
+    node_id: str
+    incarnation: int
+
+
+NodePayload = NodeStarted | NodeHeartbeat
+Payload = Connected | Activity | Disconnected | NodeStarted | NodeHeartbeat
 
 
 @dataclass(frozen=True, slots=True)
@@ -69,7 +89,11 @@ class Event:
 
 
 _KIND_NAMES: Final[dict[type, str]] = {
-    t: t.__name__.lower() for t in (Connected, Activity, Disconnected)
+    Connected: "connected",
+    Activity: "activity",
+    Disconnected: "disconnected",
+    NodeStarted: "node_started",
+    NodeHeartbeat: "node_heartbeat",
 }
 
 
@@ -89,12 +113,30 @@ def encode(event: Event) -> bytes:
     if isinstance(p, Connected):
         msg.connected.identity.source_ip = p.source_ip
         msg.connected.identity.user_agent = p.user_agent
+        msg.node_id = p.node_id
+        msg.node_incarnation = p.node_incarnation
     elif isinstance(p, Activity):
         msg.activity.frames = p.frames
-    else:
+    elif isinstance(p, Disconnected):
         msg.disconnected.status_code = p.status_code
         msg.disconnected.reason = p.reason
+    else:
+        msg.node_id = p.node_id
+        msg.node_incarnation = p.incarnation
+        if isinstance(p, NodeStarted):
+            msg.node_started.SetInParent()
+        else:
+            msg.node_heartbeat.SetInParent()
     return msg.SerializeToString()
+
+
+def record_key(event: Event) -> bytes:
+    """The record key an event is published under: its connection, or for a node's own events,
+    its node."""
+    p = event.payload
+    if isinstance(p, NodeStarted | NodeHeartbeat):
+        return p.node_id.encode()
+    return event.connection_id.encode()
 
 
 # Upcasters: UPCASTERS[v] turns a message written with schema version v into version v + 1, so
@@ -153,6 +195,8 @@ def decode_tuple(value: bytes | None, key: bytes | None = None) -> EventTuple:
     event_id = msg.event_id
     connection_id = msg.connection_id
     gateway_id = msg.gateway_id
+    if not connection_id and msg.node_id:
+        return _decode_node_event(msg, key)
     if not (
         event_id
         and connection_id
@@ -180,8 +224,15 @@ def decode_tuple(value: bytes | None, key: bytes | None = None) -> EventTuple:
         ident = msg.connected.identity
         source_ip = ident.source_ip
         user_agent = ident.user_agent
-        payload = Connected(source_ip, user_agent)
-        texts_have_nul = "\x00" in source_ip or "\x00" in user_agent
+        node_id = msg.node_id
+        if len(node_id) > MAX_ID_LENGTH:
+            raise InvalidEvent(f"node_id is longer than {MAX_ID_LENGTH} characters")
+        if msg.node_incarnation > _MAX_INCARNATION:
+            raise InvalidEvent("node_incarnation does not fit a signed 64-bit integer")
+        payload = Connected(source_ip, user_agent, node_id, msg.node_incarnation)
+        texts_have_nul = "\x00" in source_ip or "\x00" in user_agent or "\x00" in node_id
+    elif which in ("node_started", "node_heartbeat"):
+        raise InvalidEvent(f"{which} carries a connection_id (a node event must not)")
     elif which == "disconnected":
         disconnected = msg.disconnected
         status_code = disconnected.status_code
@@ -202,6 +253,39 @@ def decode_tuple(value: bytes | None, key: bytes | None = None) -> EventTuple:
 
 _parse = pb.ConnectionEvent.FromString
 
+# Incarnations are stored in signed 64-bit columns.
+_MAX_INCARNATION: Final = 2**63 - 1
+
+
+def _decode_node_event(msg: pb.ConnectionEvent, key: bytes | None) -> EventTuple:
+    """A node's own event: no connection, keyed by node_id. Its tuple's connection_id is ""."""
+    which = msg.WhichOneof("kind")
+    if which not in ("node_started", "node_heartbeat"):
+        raise InvalidEvent("connection_id is missing")
+    event_id, gateway_id, node_id = msg.event_id, msg.gateway_id, msg.node_id
+    for name, v in (("event_id", event_id), ("gateway_id", gateway_id), ("node_id", node_id)):
+        if not v:
+            raise InvalidEvent(f"{name} is missing")
+        if len(v) > MAX_ID_LENGTH:
+            raise InvalidEvent(f"{name} is longer than {MAX_ID_LENGTH} characters")
+        if "\x00" in v:
+            raise InvalidEvent("a text field contains a NUL character")
+    if key is not None and key != node_id.encode():
+        raise InvalidEvent("record key does not equal node_id")
+    incarnation = msg.node_incarnation
+    if not 0 < incarnation <= _MAX_INCARNATION:
+        raise InvalidEvent("node_incarnation is missing or does not fit a signed 64-bit integer")
+    ts = msg.occurred_at
+    at = ts.seconds * NANOS_PER_SECOND + ts.nanos
+    if not (0 <= ts.nanos < NANOS_PER_SECOND and MIN_TIME_NS <= at < MAX_TIME_NS):
+        _reject_time(msg, ts.nanos)
+    payload: NodePayload = (
+        NodeStarted(node_id, incarnation)
+        if which == "node_started"
+        else NodeHeartbeat(node_id, incarnation)
+    )
+    return (event_id, "", gateway_id, at, payload)
+
 
 def decode_record_tuple(value: bytes | None, key: bytes | None) -> EventTuple:
     """decode_tuple() of a record of the events topic, whose key must be its connection_id. A
@@ -209,7 +293,7 @@ def decode_record_tuple(value: bytes | None, key: bytes | None) -> EventTuple:
     and outside the projector's partition fence: the projector dead-letters it, so every replay
     (verify, as-of, rebuild) must leave it out alike."""
     if key is None:
-        raise InvalidEvent("record has no key (the key must be connection_id)")
+        raise InvalidEvent("record has no key (the key must be connection_id, or node_id)")
     return decode_tuple(value, key)
 
 

@@ -22,7 +22,7 @@ from sqlalchemy import (
     Text,
 )
 
-from connection_tracker.fold import ConnectionState
+from connection_tracker.fold import ConnectionState, NodeState
 
 # Deterministic constraint names, so migrations can refer to them on every backend.
 NAMING_CONVENTION = {
@@ -39,15 +39,17 @@ CONNECTIONS_FILLFACTOR = 70
 
 @dataclass(frozen=True)
 class ReadModelTables:
-    """One generation of the read model: its rows, its tombstones and its positions."""
+    """One generation of the read model: its rows, its tombstones, its positions and its
+    gateway nodes."""
 
     connections: Table
     pruned_connections: Table
     projection_offsets: Table
+    nodes: Table
 
     @property
-    def all(self) -> tuple[Table, Table, Table]:
-        return (self.connections, self.pruned_connections, self.projection_offsets)
+    def all(self) -> tuple[Table, ...]:
+        return (self.connections, self.pruned_connections, self.projection_offsets, self.nodes)
 
 
 def define_read_model(metadata: MetaData, suffix: str = "") -> ReadModelTables:
@@ -69,6 +71,8 @@ def define_read_model(metadata: MetaData, suffix: str = "") -> ReadModelTables:
         Column("disconnect_status_code", Integer),
         Column("disconnect_reason", Text),
         Column("disconnected_event_id", String(255)),
+        Column("node_id", String(255)),
+        Column("node_incarnation", BigInteger),
         # Room on every page for the next version of its rows: most updates are then HOT
         # (in place, no new index entries). Migration 0003 explains the figure.
         postgresql_with={"fillfactor": CONNECTIONS_FILLFACTOR},
@@ -94,7 +98,18 @@ def define_read_model(metadata: MetaData, suffix: str = "") -> ReadModelTables:
         Column("partition", Integer, primary_key=True, autoincrement=False),
         Column("next_offset", BigInteger, nullable=False),
     )
-    return ReadModelTables(conns, pruned, offsets)
+    # What the log says of each gateway node (connection_tracker/fold.py, NodeState): readers
+    # judge a connection gone when its node has started again or gone silent.
+    nodes = Table(
+        f"nodes{suffix}",
+        metadata,
+        Column("node_id", String(255), primary_key=True),
+        Column("incarnation", BigInteger, nullable=False),
+        Column("started_at_ns", BigInteger),
+        Column("last_seen_ns", BigInteger, nullable=False),
+        Column("gateway_id", String(255), nullable=False),
+    )
+    return ReadModelTables(conns, pruned, offsets, nodes)
 
 
 def generation(suffix: str) -> ReadModelTables:
@@ -108,6 +123,7 @@ LIVE = define_read_model(metadata)
 connections = LIVE.connections
 pruned_connections = LIVE.pruned_connections
 projection_offsets = LIVE.projection_offsets
+nodes = LIVE.nodes
 
 
 # A connection row's columns are ConnectionState's fields, by name.
@@ -120,3 +136,7 @@ def row_to_state(row: RowMapping | Mapping[str, Any]) -> ConnectionState:
 
 def state_to_row(state: ConnectionState) -> dict[str, Any]:
     return dict(zip(_STATE_FIELDS, state, strict=True))
+
+
+def row_to_node(row: RowMapping | Mapping[str, Any]) -> NodeState:
+    return NodeState(**{name: row[name] for name in NodeState._fields})

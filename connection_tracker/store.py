@@ -42,8 +42,14 @@ from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 from sqlalchemy.sql.compiler import IdentifierPreparer
 
-from connection_tracker.fold import ConnectionState
-from connection_tracker.schema import LIVE, ReadModelTables, row_to_state, state_to_row
+from connection_tracker.fold import ConnectionState, NodeState
+from connection_tracker.schema import (
+    LIVE,
+    ReadModelTables,
+    row_to_node,
+    row_to_state,
+    state_to_row,
+)
 
 _STATE_FIELDS = ConnectionState._fields
 # Rows per prune transaction: keeps IN (...) lists well inside every backend's parameter limit
@@ -83,13 +89,23 @@ def _dialect_insert(conn: AsyncConnection) -> Callable[..., Any]:
 # orders like the integer. Text compares by code point, as Python does: the "C" collation on
 # PostgreSQL, and SQLite's default BINARY (both compare UTF-8 bytes, which orders like code
 # points).
-_CONNECTED_KEY = ("connected_at_ns", "connected_event_id", "gateway_id", "source_ip", "user_agent")
+_CONNECTED_KEY = (
+    "connected_at_ns",
+    "connected_event_id",
+    "gateway_id",
+    "source_ip",
+    "user_agent",
+    "node_id",
+    "node_incarnation",
+)
 _CONNECTED_FIELDS = (
     "gateway_id",
     "source_ip",
     "user_agent",
     "connected_at_ns",
     "connected_event_id",
+    "node_id",
+    "node_incarnation",
 )
 _DISCONNECTED_KEY = (
     "disconnected_at_ns",
@@ -104,7 +120,7 @@ def _key_sql(row: str, key: tuple[str, ...], table: Table, collate: str) -> str:
     parts = [f"{row}.{key[0]}"]
     for name in key[1:]:
         column = table.c[name]
-        if isinstance(column.type, Integer) and not isinstance(column.type, BigInteger):
+        if isinstance(column.type, Integer):  # BigInteger too
             parts.append(f"COALESCE({row}.{name}, 0)")
         elif name in ("connected_event_id", "disconnected_event_id"):
             parts.append(f"{row}.{name}{collate}")
@@ -148,6 +164,53 @@ def _merge_assignments(table: Table, existing: str, collate: str) -> str:
         s.split(" = ", 1)[0] for s in sets
     }
     return ", ".join(sets)
+
+
+@functools.cache
+def _nodes_merge(tables: ReadModelTables, preparer: IdentifierPreparer, dialect: str) -> Any:
+    """connection_tracker.fold.merge_nodes() in SQL: a newer incarnation takes the row; within
+    one, the earliest start, the latest sighting and the least gateway id (by code point)."""
+    table = preparer.format_table(tables.nodes)
+    collate = ' COLLATE "C"' if dialect == "postgresql" else ""
+    new, old = "EXCLUDED", "existing"
+    newer = f"{new}.incarnation > {old}.incarnation"
+    older = f"{new}.incarnation < {old}.incarnation"
+
+    def pick(same: str, name: str) -> str:
+        return (
+            f"{name} = CASE WHEN {newer} THEN {new}.{name} WHEN {older} THEN {old}.{name} "
+            f"ELSE {same} END"
+        )
+
+    started = (
+        f"CASE WHEN {old}.started_at_ns IS NULL THEN {new}.started_at_ns "
+        f"WHEN {new}.started_at_ns IS NULL THEN {old}.started_at_ns "
+        f"WHEN {new}.started_at_ns < {old}.started_at_ns THEN {new}.started_at_ns "
+        f"ELSE {old}.started_at_ns END"
+    )
+    seen = (
+        f"CASE WHEN {new}.last_seen_ns > {old}.last_seen_ns THEN {new}.last_seen_ns "
+        f"ELSE {old}.last_seen_ns END"
+    )
+    gateway = (
+        f"CASE WHEN {new}.gateway_id{collate} < {old}.gateway_id{collate} THEN {new}.gateway_id "
+        f"ELSE {old}.gateway_id END"
+    )
+    names = ", ".join(NodeState._fields)
+    values = ", ".join(f":{n}" for n in NodeState._fields)
+    return text(
+        f"INSERT INTO {table} AS {old} ({names}) VALUES ({values}) "
+        "ON CONFLICT (node_id) DO UPDATE SET "
+        + ", ".join(
+            [
+                pick(started, "started_at_ns"),
+                pick(seen, "last_seen_ns"),
+                pick(gateway, "gateway_id"),
+                f"incarnation = CASE WHEN {newer} THEN {new}.incarnation "
+                f"ELSE {old}.incarnation END",
+            ]
+        )
+    )
 
 
 def _pg_array_type(column: Any) -> str:
@@ -243,11 +306,13 @@ class ProjectionStore:
         topic: str,
         advances: Mapping[int, tuple[int, int]],
         states: Mapping[str, ConnectionState],
+        nodes: Mapping[str, NodeState] | None = None,
     ) -> BatchResult:
-        """Atomically move each partition from expected to new offset and merge the states.
-        advances: partition -> (expected stored offset, new offset). Raises FencedError."""
+        """Atomically move each partition from expected to new offset and merge the states (and
+        the nodes' states). advances: partition -> (expected stored offset, new offset). Raises
+        FencedError."""
         async with self._engine.begin() as conn:
-            return await self.apply_batch_in(conn, topic, advances, states)
+            return await self.apply_batch_in(conn, topic, advances, states, nodes)
 
     async def apply_batch_in(
         self,
@@ -255,6 +320,7 @@ class ProjectionStore:
         topic: str,
         advances: Mapping[int, tuple[int, int]],
         states: Mapping[str, ConnectionState],
+        nodes: Mapping[str, NodeState] | None = None,
     ) -> BatchResult:
         """apply_batch() inside the caller's transaction (a rebuild's switch folds its last
         events in the same transaction that swaps the generations)."""
@@ -279,9 +345,24 @@ class ProjectionStore:
                     f"{topic}[{partition}] is no longer at offset {expected}; "
                     "another projector (or a rebuild's switch) has moved it"
                 )
+        if nodes:
+            await self._merge_nodes(conn, nodes)
         if not states:
             return BatchResult(0, 0)
         return await self._merge_states(conn, states)
+
+    async def _merge_nodes(self, conn: AsyncConnection, nodes: Mapping[str, NodeState]) -> None:
+        # Sorted: two writers lock node rows in one order and cannot deadlock.
+        await conn.execute(
+            _nodes_merge(self._tables, conn.dialect.identifier_preparer, conn.dialect.name),
+            [node._asdict() for _, node in sorted(nodes.items())],
+        )
+
+    async def nodes(self) -> dict[str, NodeState]:
+        nodes = self._tables.nodes
+        async with self._engine.connect() as conn:
+            rows = await conn.execute(select(nodes))
+            return {r["node_id"]: row_to_node(r) for r in rows.mappings()}
 
     async def _merge_states(
         self, conn: AsyncConnection, states: Mapping[str, ConnectionState]

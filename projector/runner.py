@@ -34,7 +34,7 @@ from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.errors import IllegalStateError
 
 from connection_tracker.batch import Batch, WriteBehind
-from connection_tracker.fold import ConnectionState
+from connection_tracker.fold import ConnectionState, NodeState
 from connection_tracker.retry import Abandoned, Backoff, Retrier
 from connection_tracker.settings import Settings
 from connection_tracker.store import BatchResult, FencedError, ProjectionStore
@@ -69,6 +69,7 @@ class _Prepared:
 
     batch: Batch
     states: dict[str, ConnectionState]
+    nodes: dict[str, NodeState]
 
 
 class Projector:
@@ -364,7 +365,7 @@ class Projector:
                 await asyncio.sleep(0)
         if not batch.advances:
             return None
-        return _Prepared(batch, batch.fold())
+        return _Prepared(batch, batch.fold(), batch.fold_nodes())
 
     def _gap(self, tp: TopicPartition, start: int, records: list[Any], read_from: int) -> None:
         self.metrics.position_gaps.labels(tp.topic, str(tp.partition)).inc()
@@ -405,7 +406,7 @@ class Projector:
         async def write() -> BatchResult:
             nonlocal attempts
             attempts += 1
-            return await self._store.apply_batch(self._topic, advances, states)
+            return await self._store.apply_batch(self._topic, advances, states, prepared.nodes)
 
         try:
             result = await self._retry("database", write)

@@ -45,6 +45,7 @@ async def test_migrated_database_matches_the_models(database_url: str) -> None:
     assert diff == []
     assert tables == {
         "connections": ["ix_connections_disconnected_at_ns"],
+        "nodes": [],
         "projection_offsets": [],
         "pruned_connections": ["ix_pruned_connections_disconnected_at_ns"],
     }

@@ -14,7 +14,7 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from sqlalchemy.exc import OperationalError
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from connection_tracker.fold import ConnectionState, fold
+from connection_tracker.fold import ConnectionState, NodeState, fold
 from connection_tracker.settings import Settings
 from connection_tracker.store import BatchResult, ProjectionStore
 from projector.runner import Projector
@@ -47,9 +47,10 @@ class LostCommitReplies(ProjectionStore):
         topic: str,
         advances: Mapping[int, tuple[int, int]],
         states: Mapping[str, ConnectionState],
+        nodes: Mapping[str, NodeState] | None = None,
     ) -> BatchResult:
         self.calls += 1
-        result = await super().apply_batch(topic, advances, states)
+        result = await super().apply_batch(topic, advances, states, nodes)
         if self.calls % self.every == 0:
             self.lost += 1
             raise OperationalError("COMMIT", {}, ConnectionResetError("reply lost"))
@@ -117,12 +118,13 @@ class HeldFirstWrite(ProjectionStore):
         topic: str,
         advances: Mapping[int, tuple[int, int]],
         states: Mapping[str, ConnectionState],
+        nodes: Mapping[str, NodeState] | None = None,
     ) -> BatchResult:
         self.calls += 1
         if self.calls == 1:
             self.writing.set()
             await self.release.wait()
-        return await super().apply_batch(topic, advances, states)
+        return await super().apply_batch(topic, advances, states, nodes)
 
 
 async def test_a_batch_prepared_behind_a_fenced_one_is_dropped_and_read_again(

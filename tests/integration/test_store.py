@@ -19,7 +19,7 @@ from connection_tracker.events import (
     Event,
     Payload,
 )
-from connection_tracker.fold import ConnectionState, fold, merge, of_event
+from connection_tracker.fold import ConnectionState, NodeState, fold, merge, merge_nodes, of_event
 from connection_tracker.store import ARRAY_CHUNK, CHUNK, FencedError, ProjectionStore
 
 T0 = 1_764_300_000_000_000_000
@@ -170,7 +170,34 @@ def random_state(rnd: random.Random, cid: str) -> ConnectionState:
         disconnect_status_code=rnd.choice([None, 0, 9, 10, 1000, 65535]) if disconnected else None,
         disconnect_reason=text(words) if disconnected else None,
         disconnected_event_id=text(["d", "D", "ð", "d2"]) if disconnected else None,
+        node_id=text([None, "n", "N", "é"]) if connected else None,
+        node_incarnation=rnd.choice([None, 1, 2, 2**62]) if connected else None,
     )
+
+
+def random_node(rnd: random.Random, node_id: str) -> NodeState:
+    return NodeState(
+        node_id,
+        incarnation=rnd.choice([1, 2, 2**62]),
+        started_at_ns=rnd.choice([None, T0, T0 + 1]),
+        last_seen_ns=rnd.choice([T0, T0 + 1, T0 + 2]),
+        gateway_id=rnd.choice(["g", "G", "é", "gg"]),
+    )
+
+
+@pytest.mark.parametrize("seed", range(3))
+async def test_the_database_merge_of_nodes_equals_the_fold_merge(
+    engine: AsyncEngine, seed: int
+) -> None:
+    rnd = random.Random(seed)
+    store = ProjectionStore(engine)
+    await store.positions(TOPIC, [0])
+    pairs = {f"n{i}": (random_node(rnd, f"n{i}"), random_node(rnd, f"n{i}")) for i in range(500)}
+    await store.apply_batch(TOPIC, {0: (0, 1)}, {}, {n: a for n, (a, _) in pairs.items()})
+    await store.apply_batch(TOPIC, {0: (1, 2)}, {}, {n: b for n, (_, b) in pairs.items()})
+    stored = await store.nodes()
+    wrong = {n: (a, b, stored[n]) for n, (a, b) in pairs.items() if stored[n] != merge_nodes(a, b)}
+    assert not wrong, next(iter(wrong.values()))
 
 
 @pytest.mark.parametrize("seed", range(3))
@@ -289,6 +316,8 @@ async def test_state_fields_round_trip(engine: AsyncEngine) -> None:
         disconnect_status_code=65535,
         disconnect_reason="ы" * 300,
         disconnected_event_id="d",
+        node_id="n" * 255,
+        node_incarnation=2**63 - 1,
     )
     await store.apply_batch(TOPIC, {0: (0, 2)}, {"c": state})
     assert await store.get("c") == state

@@ -60,7 +60,7 @@ def _poison_message(**changes: Any) -> bytes:
             msg.occurred_at.CopyFrom(value)
         elif name == "kind":
             msg.ClearField("activity")
-            return msg.SerializeToString() + bytes([13 << 3 | 2, 0])  # an unknown field 13
+            return msg.SerializeToString() + bytes([15 << 3 | 2, 0])  # an unknown field 15
         else:
             setattr(msg, name, value)
     return msg.SerializeToString()

@@ -144,8 +144,8 @@ def test_invalid_records_are_rejected_with_a_reason(
 def test_unknown_kind_is_rejected() -> None:
     msg = message()
     msg.ClearField("activity")
-    # Field 13 is a kind this reader does not know (a newer producer's), length-delimited.
-    raw = msg.SerializeToString() + bytes([13 << 3 | 2, 0])
+    # Field 15 is a kind this reader does not know (a newer producer's), length-delimited.
+    raw = msg.SerializeToString() + bytes([15 << 3 | 2, 0])
     with pytest.raises(InvalidEvent, match="kind is missing or unknown"):
         decode(raw, b"c1")
 
@@ -318,7 +318,7 @@ def messages(draw: st.DrawFn) -> bytes:
         _DEFECTS[name](msg)
     raw = msg.SerializeToString()
     if msg.WhichOneof("kind") is None and draw(st.booleans()):
-        raw += bytes([13 << 3 | 2, 0])  # a kind from a newer schema
+        raw += bytes([15 << 3 | 2, 0])  # a kind from a newer schema
     return raw
 
 

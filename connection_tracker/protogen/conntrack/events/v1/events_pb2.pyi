@@ -9,24 +9,40 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class ConnectionEvent(_message.Message):
-    __slots__ = ("schema_version", "event_id", "connection_id", "gateway_id", "occurred_at", "connected", "activity", "disconnected")
+    __slots__ = ("schema_version", "event_id", "connection_id", "gateway_id", "occurred_at", "node_id", "node_incarnation", "connected", "activity", "disconnected", "node_started", "node_heartbeat")
     SCHEMA_VERSION_FIELD_NUMBER: _ClassVar[int]
     EVENT_ID_FIELD_NUMBER: _ClassVar[int]
     CONNECTION_ID_FIELD_NUMBER: _ClassVar[int]
     GATEWAY_ID_FIELD_NUMBER: _ClassVar[int]
     OCCURRED_AT_FIELD_NUMBER: _ClassVar[int]
+    NODE_ID_FIELD_NUMBER: _ClassVar[int]
+    NODE_INCARNATION_FIELD_NUMBER: _ClassVar[int]
     CONNECTED_FIELD_NUMBER: _ClassVar[int]
     ACTIVITY_FIELD_NUMBER: _ClassVar[int]
     DISCONNECTED_FIELD_NUMBER: _ClassVar[int]
+    NODE_STARTED_FIELD_NUMBER: _ClassVar[int]
+    NODE_HEARTBEAT_FIELD_NUMBER: _ClassVar[int]
     schema_version: int
     event_id: str
     connection_id: str
     gateway_id: str
     occurred_at: _timestamp_pb2.Timestamp
+    node_id: str
+    node_incarnation: int
     connected: Connected
     activity: Activity
     disconnected: Disconnected
-    def __init__(self, schema_version: _Optional[int] = ..., event_id: _Optional[str] = ..., connection_id: _Optional[str] = ..., gateway_id: _Optional[str] = ..., occurred_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., connected: _Optional[_Union[Connected, _Mapping]] = ..., activity: _Optional[_Union[Activity, _Mapping]] = ..., disconnected: _Optional[_Union[Disconnected, _Mapping]] = ...) -> None: ...
+    node_started: NodeStarted
+    node_heartbeat: NodeHeartbeat
+    def __init__(self, schema_version: _Optional[int] = ..., event_id: _Optional[str] = ..., connection_id: _Optional[str] = ..., gateway_id: _Optional[str] = ..., occurred_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., node_id: _Optional[str] = ..., node_incarnation: _Optional[int] = ..., connected: _Optional[_Union[Connected, _Mapping]] = ..., activity: _Optional[_Union[Activity, _Mapping]] = ..., disconnected: _Optional[_Union[Disconnected, _Mapping]] = ..., node_started: _Optional[_Union[NodeStarted, _Mapping]] = ..., node_heartbeat: _Optional[_Union[NodeHeartbeat, _Mapping]] = ...) -> None: ...
+
+class NodeStarted(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class NodeHeartbeat(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
 
 class Connected(_message.Message):
     __slots__ = ("identity",)
