@@ -14,6 +14,14 @@ handed it in (or the next flush()/stop()) raises. Memory is bounded by `max_pend
 unacknowledged events: beyond it, publishing waits (backpressure), and gives up with
 BrokerUnavailableError after `delivery_timeout_s`. Once any delivery fails, a fresh producer
 takes over (see _replace_producer_soon), so one failure never stops the events after it.
+
+The node role (node_id=...): start() chooses an incarnation (producer/node.py) and publishes
+NodeStarted, acknowledged before any connection event can be handed in; Connected events carry
+the node id and incarnation; a background task publishes NodeHeartbeat every
+heartbeat_interval_s. The node's own events are outside the rule above: they are not counted in
+delivered/undelivered and never reach on_undeliverable. A heartbeat that cannot be handed over
+at once, or is not acknowledged, is dropped (counted in heartbeats_dropped): the next one says
+the same, newer. One heartbeat at most is unacknowledged at a time.
 """
 
 from __future__ import annotations
@@ -43,9 +51,12 @@ from connection_tracker.events import (
     Disconnected,
     Event,
     InvalidEvent,
+    NodeHeartbeat,
+    NodeStarted,
     Payload,
     decode,
     encode,
+    record_key,
 )
 from producer.coalescing import ActivityCoalescer, CoalescedActivity
 from producer.errors import (
@@ -56,6 +67,7 @@ from producer.errors import (
     TopicNotFoundError,
     UndeliveredEventsError,
 )
+from producer.node import MAX_INCARNATION, next_incarnation
 
 log = logging.getLogger(__name__)
 
@@ -83,6 +95,10 @@ class PublisherStats:
     """Connections with coalesced activity not yet published."""
     coalesced_activities: int
     """activity() calls merged into another Activity event instead of publishing their own."""
+    heartbeats_delivered: int = 0
+    """NodeHeartbeat events the broker acknowledged (node role only)."""
+    heartbeats_dropped: int = 0
+    """NodeHeartbeat events not sent or not acknowledged (node role only; see the module doc)."""
 
 
 def _check_id(name: str, value: str) -> None:
@@ -106,9 +122,19 @@ def _checked_value(event: Event) -> bytes:
     """The one check every event goes through before it is handed in: the fields the caller
     gives, with messages naming them, then exactly what the projector will do (encode, then
     decode), so nothing it would dead-letter is ever sent. Returns the encoding."""
-    _check_id("connection_id", event.connection_id)
-    _check_time(event.occurred_at_ns)
     payload = event.payload
+    node_event = isinstance(payload, NodeStarted | NodeHeartbeat)
+    if isinstance(payload, NodeStarted | NodeHeartbeat):
+        _check_id("node_id", payload.node_id)
+        if "\x00" in payload.node_id:
+            raise InvalidEvent("node_id contains a NUL character")
+        if not 0 < payload.incarnation <= MAX_INCARNATION:
+            raise InvalidEvent(f"incarnation {payload.incarnation} is outside 1..2**63-1")
+        if event.connection_id:
+            raise InvalidEvent("a node event must not carry a connection_id")
+    else:
+        _check_id("connection_id", event.connection_id)
+    _check_time(event.occurred_at_ns)
     if isinstance(payload, Activity):
         _check_frames(payload.frames)
     elif isinstance(payload, Disconnected) and not 0 <= payload.status_code <= _MAX_STATUS_CODE:
@@ -117,7 +143,7 @@ def _checked_value(event: Event) -> bytes:
         )
     try:
         value = encode(event)
-        key = event.connection_id.encode()
+        key = record_key(event) if node_event else event.connection_id.encode()
     except (ValueError, TypeError) as exc:
         raise InvalidEvent(f"cannot encode event: {exc}") from None
     decode(value, key)
@@ -167,6 +193,10 @@ class Publisher:
     max_pending: unacknowledged events held in memory before publishing waits.
     on_undeliverable: called once per event that could not be delivered, with the cause; it runs
         on the event loop and must not block.
+    node_id: take the node role (see the module doc and docs/producer.md, "The node role"):
+        this gateway node's id, 1..255 characters, no NUL. None: no node role.
+    heartbeat_interval_s: how often the node role publishes NodeHeartbeat; keep it well below
+        the readers' lease (CONNTRACK_NODE_LEASE_SECONDS, 30 s by default).
     """
 
     def __init__(
@@ -179,6 +209,8 @@ class Publisher:
         delivery_timeout_s: float = 30.0,
         max_pending: int = 10_000,
         on_undeliverable: UndeliverableCallback | None = None,
+        node_id: str | None = None,
+        heartbeat_interval_s: float = 5.0,
         linger_ms: int = 5,
         monotonic_ns: Callable[[], int] = time.monotonic_ns,
         wall_clock_ns: Callable[[], int] = time.time_ns,
@@ -191,6 +223,23 @@ class Publisher:
             raise ValueError("delivery_timeout_s must be > 0")
         if max_pending < 1:
             raise ValueError("max_pending must be >= 1")
+        if not heartbeat_interval_s > 0:
+            raise ValueError("heartbeat_interval_s must be > 0")
+        if node_id is not None:
+            # The one check every event goes through, on the node's first event as it will be.
+            _checked_value(
+                Event(str(uuid.uuid4()), "", gateway_id, MIN_TIME_NS, NodeStarted(node_id, 1))
+            )
+        self._node_id = node_id
+        self._heartbeat_interval_s = heartbeat_interval_s
+        self._incarnation: int | None = None
+        self._heartbeater: asyncio.Task[None] | None = None
+        # The one unacknowledged heartbeat, and the producer it was handed to.
+        self._heartbeat_in_flight: asyncio.Future[Any] | None = None
+        self._heartbeats_delivered = 0
+        self._heartbeats_dropped = 0
+        self._heartbeat_sent_at: float | None = None
+        self._heartbeats_failing = False
         self._bootstrap_servers = bootstrap_servers
         self._topic = topic
         self._gateway_id = gateway_id
@@ -245,28 +294,57 @@ class Publisher:
             in_flight=len(self._in_flight),
             pending_activities=self._coalescer.pending,
             coalesced_activities=self._coalesced,
+            heartbeats_delivered=self._heartbeats_delivered,
+            heartbeats_dropped=self._heartbeats_dropped,
         )
+
+    @property
+    def node_id(self) -> str | None:
+        """This gateway node's id (None: no node role)."""
+        return self._node_id
+
+    @property
+    def incarnation(self) -> int | None:
+        """The incarnation chosen by the latest start() (None: no node role, or never started).
+        Kept after stop(); the next start() chooses a larger one."""
+        return self._incarnation
 
     @property
     def undelivered(self) -> int:
         return self._undelivered
 
     async def start(self) -> None:
-        """Connect (retrying until delivery_timeout_s) and check that the topic exists."""
+        """Connect (retrying until delivery_timeout_s) and check that the topic exists. With the
+        node role, also choose a new incarnation and publish NodeStarted, acknowledged, within
+        the same delivery_timeout_s; then start the heartbeats."""
         async with self._lifecycle:
             if self._running:
                 return
-            self._producer = await self._connect()
+            deadline = asyncio.get_running_loop().time() + self._delivery_timeout_s
+            self._producer = await self._connect(deadline=deadline)
+            if self._node_id is not None:
+                try:
+                    await self._announce_start(self._node_id, deadline)
+                except BaseException:
+                    producer, self._producer = self._producer, None
+                    await self._abandon(producer, [])
+                    await producer.stop()
+                    raise
             self._room = asyncio.Semaphore(self._max_pending)
             self._stopping = asyncio.Event()
             self._running = True
             self._accepting = True
             if self._coalescer.interval_ns > 0:
                 self._flusher = asyncio.create_task(self._publish_due_activity())
+            if self._node_id is not None:
+                self._heartbeater = asyncio.create_task(self._publish_heartbeats())
 
-    async def _connect(self, retry_log_level: int = logging.WARNING) -> Any:
+    async def _connect(
+        self, retry_log_level: int = logging.WARNING, deadline: float | None = None
+    ) -> Any:
         loop = asyncio.get_running_loop()
-        deadline = loop.time() + self._delivery_timeout_s
+        if deadline is None:
+            deadline = loop.time() + self._delivery_timeout_s
         while True:
             producer = AIOKafkaProducer(
                 bootstrap_servers=self._bootstrap_servers, **self._producer_options
@@ -324,6 +402,11 @@ class Publisher:
                 return
             self._accepting = False
             self._stopping.set()
+            if self._heartbeater is not None:
+                self._heartbeater.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await self._heartbeater
+                self._heartbeater = None
             if self._flusher is not None:
                 await self._flusher
                 self._flusher = None
@@ -338,6 +421,7 @@ class Publisher:
                         pending = self._activity_events(self._coalescer.drain())
                         await self._send_all(pending, deadline)
                     await self._wait_in_flight(deadline)
+                    await self._wait_heartbeat(deadline)
                 finally:
                     await self._close_producer()
                     self._running = False
@@ -370,8 +454,9 @@ class Publisher:
                 log.exception("replacing the Kafka producer failed")
             self._replacer = None
         producer, self._producer = self._producer, None
-        if self._in_flight:
+        if self._in_flight or self._heartbeat_in_flight is not None:
             await self._abandon(producer, list(self._in_flight))
+            self._heartbeat_in_flight = None
         self._parked.clear()
         if producer is not None:
             await producer.stop()
@@ -433,6 +518,8 @@ class Publisher:
         flush). The event is validated as the projector would (InvalidEvent if it would be
         dead-lettered). Coalesced activity of its connection is published before it."""
         self._require_accepting()
+        if isinstance(event.payload, NodeStarted | NodeHeartbeat):
+            raise InvalidEvent("a node's own events are published by its node role, not publish()")
         value = _checked_value(event)
         deadline = asyncio.get_running_loop().time() + self._delivery_timeout_s
         async with self._send_lock:
@@ -445,7 +532,12 @@ class Publisher:
     async def connected(
         self, connection_id: str, source_ip: str, user_agent: str, *, at_ns: int | None = None
     ) -> Event:
-        event = self._event(connection_id, Connected(source_ip, user_agent), at_ns)
+        """Publish a Connected event; with the node role it carries node_id and incarnation."""
+        if self._node_id is not None and self._incarnation is not None:
+            payload = Connected(source_ip, user_agent, self._node_id, self._incarnation)
+        else:
+            payload = Connected(source_ip, user_agent)
+        event = self._event(connection_id, payload, at_ns)
         await self.publish(event)
         return event
 
@@ -513,6 +605,119 @@ class Publisher:
                 "they stay in flight until stop()"
             )
         self._raise_if_failures()
+
+    # -- the node role ------------------------------------------------------------------------
+
+    def _node_event(self, payload: NodeStarted | NodeHeartbeat) -> Event:
+        return Event(
+            event_id=str(uuid.uuid4()),
+            connection_id="",
+            gateway_id=self._gateway_id,
+            occurred_at_ns=self._wall_clock_ns(),
+            payload=payload,
+        )
+
+    async def _announce_start(self, node_id: str, deadline: float) -> None:
+        """Choose this start's incarnation and publish NodeStarted, waiting for the broker's
+        acknowledgement: it is in the log before any Connected of this incarnation is sent."""
+        self._incarnation = next_incarnation(node_id, self._wall_clock_ns())
+        event = self._node_event(NodeStarted(node_id, self._incarnation))
+        value = _checked_value(event)
+        try:
+            async with asyncio.timeout_at(deadline):
+                future = await self._producer.send(
+                    self._topic, value=value, key=record_key(event), headers=list(HEADERS)
+                )
+                await future
+        except (TimeoutError, KafkaTimeoutError) as exc:
+            raise BrokerUnavailableError(
+                f"the broker did not acknowledge NodeStarted of node {node_id} within "
+                f"{self._delivery_timeout_s:g} s"
+            ) from exc
+        except KafkaError as exc:
+            raise PublisherError(f"cannot publish NodeStarted of node {node_id}: {exc!r}") from exc
+
+    async def _publish_heartbeats(self) -> None:
+        """Background task (node role): one NodeHeartbeat every heartbeat_interval_s until
+        stop() cancels it. A beat missed (the loop was busy) is not made up for."""
+        loop = asyncio.get_running_loop()
+        interval_s = self._heartbeat_interval_s
+        next_at = loop.time() + interval_s
+        while True:
+            await asyncio.sleep(max(0.0, next_at - loop.time()))
+            next_at += interval_s
+            if next_at <= loop.time():
+                next_at = loop.time() + interval_s
+            try:
+                # Handing it over may wait (metadata, a full batch) until the next one is due.
+                await self._send_heartbeat(max(0.001, next_at - loop.time()))
+            except Exception:
+                log.exception("publishing a heartbeat failed")
+
+    async def _send_heartbeat(self, timeout_s: float) -> None:
+        """Hand one NodeHeartbeat straight to the producer, or drop it. Outside _send_lock and
+        max_pending: connection events neither wait for it nor make it wait for them."""
+        assert self._node_id is not None
+        assert self._incarnation is not None
+        pending = self._heartbeat_in_flight
+        # Normally settled long before: failed with its batch after delivery_timeout_s at most.
+        # Never let one lost future silence the node.
+        if (
+            pending is not None
+            and self._heartbeat_sent_at is not None
+            and asyncio.get_running_loop().time() - self._heartbeat_sent_at
+            > self._delivery_timeout_s + self._heartbeat_interval_s
+        ):
+            self._heartbeat_in_flight = pending = None
+        producer = self._producer
+        if producer is None or self._replacer is not None or pending is not None:
+            # No producer to take it now, or the previous one is still unacknowledged: the
+            # broker is slow or away, and a queued heartbeat would say nothing when it arrives.
+            self._drop_heartbeat("the previous heartbeat is unacknowledged or no producer")
+            return
+        event = self._node_event(NodeHeartbeat(self._node_id, self._incarnation))
+        try:
+            value = _checked_value(event)
+            async with asyncio.timeout(timeout_s):
+                future = await producer.send(
+                    self._topic, value=value, key=record_key(event), headers=list(HEADERS)
+                )
+        except (InvalidEvent, TimeoutError, KafkaError) as exc:
+            self._drop_heartbeat(repr(exc))
+            return
+        self._heartbeat_in_flight = future
+        self._heartbeat_sent_at = asyncio.get_running_loop().time()
+        future.add_done_callback(functools.partial(self._heartbeat_settled, producer))
+
+    def _heartbeat_settled(self, producer: Any, future: asyncio.Future[Any]) -> None:
+        if self._heartbeat_in_flight is future:
+            self._heartbeat_in_flight = None
+        if future.cancelled():
+            self._drop_heartbeat("cancelled")
+        elif (exc := future.exception()) is not None:
+            self._drop_heartbeat(repr(exc))
+            # Its failed batch leaves a sequence gap on its partition, which breaks the
+            # producer for the connection events there too (see _replace_producer_soon).
+            if producer is self._producer:
+                self._replace_producer_soon()
+        else:
+            self._heartbeats_delivered += 1
+            self._heartbeats_failing = False
+
+    def _drop_heartbeat(self, why: str) -> None:
+        self._heartbeats_dropped += 1
+        # One warning per run of failures, not one per heartbeat.
+        level = logging.DEBUG if self._heartbeats_failing else logging.WARNING
+        self._heartbeats_failing = True
+        log.log(level, "heartbeat of node %s dropped: %s", self._node_id, why)
+
+    def _heartbeats(self) -> list[asyncio.Future[Any]]:
+        return [] if self._heartbeat_in_flight is None else [self._heartbeat_in_flight]
+
+    async def _wait_heartbeat(self, deadline: float) -> None:
+        if heartbeats := self._heartbeats():
+            timeout = max(0.0, deadline - asyncio.get_running_loop().time())
+            await asyncio.wait(heartbeats, timeout=timeout)
 
     # -- internals ---------------------------------------------------------------------------
 
@@ -683,7 +888,9 @@ class Publisher:
             return
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self._delivery_timeout_s
-        while carried := self._carried():
+        # A heartbeat it holds would keep its stop() waiting while the broker is away: wait for
+        # it too, and fail it with the rest at the deadline.
+        while carried := self._carried() + self._heartbeats():
             # A send that was under way when the replacement began may add one more: look again.
             await asyncio.wait(carried, timeout=max(0.0, deadline - loop.time()))
             if loop.time() >= deadline:
