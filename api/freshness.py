@@ -6,10 +6,9 @@ header is a lower bound: the answer reflects at least every event before those o
 
 from __future__ import annotations
 
-import asyncio
-import time
 from typing import Final
 
+from api.reading import SharedReading
 from api.repository import ConnectionRepository, PartitionPosition
 
 POSITION_HEADER: Final = "x-projection-offsets"
@@ -36,35 +35,13 @@ class ProjectionPosition:
     """The projection's position, cached for a short time so that Get stays one query."""
 
     def __init__(self, repository: ConnectionRepository, ttl_seconds: float) -> None:
-        self._repository = repository
-        self._ttl = ttl_seconds
-        self._header = ""  # format_positions() of the last reading, formatted once per reading
-        self._read_at: float | None = None
-        self._refreshing: asyncio.Task[None] | None = None
+        async def header() -> str:
+            return format_positions(await repository.positions())
 
-    def _age(self) -> float | None:
-        """Seconds since the last reading, None if it is too old to reuse (or there is none)."""
-        if self._read_at is None:
-            return None
-        age = time.monotonic() - self._read_at
-        return age if age < self._ttl else None
+        # Formatted once per reading, not once per call.
+        self._reading = SharedReading(header, ttl_seconds)
 
     async def metadata(self) -> tuple[tuple[str, str], ...]:
         """Trailing-metadata pairs; raises ReadModelUnavailable if the position cannot be read."""
-        age = self._age()
-        if age is None:
-            # One refresh at a time: calls arriving meanwhile wait for it and share its result
-            # (or its error). A caller that gives up does not stop it for the others.
-            if self._refreshing is None:
-                self._refreshing = asyncio.get_running_loop().create_task(self._refresh())
-            await asyncio.shield(self._refreshing)
-            assert self._read_at is not None
-            age = time.monotonic() - self._read_at
-        return ((POSITION_HEADER, self._header), (POSITION_AGE_HEADER, str(int(age * 1000))))
-
-    async def _refresh(self) -> None:
-        try:
-            self._header = format_positions(await self._repository.positions())
-            self._read_at = time.monotonic()
-        finally:
-            self._refreshing = None
+        header, age = await self._reading.get()
+        return ((POSITION_HEADER, header), (POSITION_AGE_HEADER, str(int(age * 1000))))

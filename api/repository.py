@@ -19,7 +19,8 @@ from sqlalchemy.sql import Executable
 
 from api.batching import CoalescingLoader, LoaderStats
 from connection_tracker.database import create_engine
-from connection_tracker.schema import connections, projection_offsets
+from connection_tracker.fold import NodeState
+from connection_tracker.schema import connections, nodes, projection_offsets, row_to_node
 from connection_tracker.settings import default
 
 log = logging.getLogger(__name__)
@@ -39,6 +40,8 @@ class ConnectionView:
     user_agent: str
     connected_at_ns: int
     last_active_at_ns: int
+    node_id: str | None = None
+    node_incarnation: int | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -57,6 +60,8 @@ _OPEN_COLUMNS = select(
     connections.c.user_agent,
     connections.c.connected_at_ns,
     connections.c.last_active_at_ns,
+    connections.c.node_id,
+    connections.c.node_incarnation,
 )
 _IS_OPEN = (connections.c.connected_at_ns.is_not(None), connections.c.disconnected_at_ns.is_(None))
 # One array parameter: the statement text (and so asyncpg's prepared statement) is the same
@@ -74,6 +79,8 @@ _POSITIONS = select(
 ).order_by(projection_offsets.c.topic, projection_offsets.c.partition)
 
 _READY = select(connections.c.connection_id).limit(1)
+
+_NODES = select(nodes)
 
 
 def create_read_engine(
@@ -313,6 +320,11 @@ class ConnectionRepository:
         views = map(_view, rows)
         return {view.id: view for view in views}
 
+    async def nodes(self) -> dict[str, NodeState]:
+        """What the read model says of every gateway node (a handful of rows)."""
+        rows = await self._read(_NODES)
+        return {r.node_id: row_to_node(r._mapping) for r in rows}
+
     async def positions(self) -> tuple[PartitionPosition, ...]:
         """How far the projection has applied each partition (its stored next offsets)."""
         rows = await self._read(_POSITIONS)
@@ -332,6 +344,8 @@ def _view(row: Sequence[Any]) -> ConnectionView:
         user_agent=row[3] or "",
         connected_at_ns=row[4],
         last_active_at_ns=row[5] or row[4],
+        node_id=row[6],
+        node_incarnation=row[7],
     )
 
 

@@ -19,6 +19,7 @@ from api.metrics import ApiMetrics
 from api.repository import ConnectionRepository, ReadModelUnavailable
 from api.service import SERVICE_NAME, ConnectionService, connection_service_handlers
 from api.tls import ServerTls
+from connection_tracker.liveness import Liveness
 from connection_tracker.settings import Settings, default
 
 log = logging.getLogger(__name__)
@@ -52,6 +53,7 @@ class ApiServer:
         freshness_ttl_seconds: float = default("api_freshness_ttl_ms") / 1000,
         metrics_port: int | None = None,
         metrics_host: str | None = None,
+        liveness: Liveness | None = None,
     ) -> None:
         """metrics_port None serves no /metrics endpoint; 0 picks a free port. metrics_host
         None binds it to the host of `listen`."""
@@ -71,6 +73,7 @@ class ApiServer:
             repository,
             db_timeout_seconds=db_timeout_seconds,
             freshness_ttl_seconds=freshness_ttl_seconds,
+            liveness=liveness,
         )
         self._limit = ConcurrencyLimitInterceptor(
             max_concurrent_calls, f"/{SERVICE_NAME}/", self.metrics.in_flight.set
@@ -110,6 +113,11 @@ class ApiServer:
             freshness_ttl_seconds=settings.api_freshness_ttl_ms / 1000,
             metrics_port=settings.metrics_port or None,
             metrics_host=settings.api_metrics_host,
+            liveness=Liveness.of_seconds(
+                settings.node_lease_seconds,
+                settings.connection_idle_timeout_seconds,
+                settings.connection_max_lifetime_seconds,
+            ),
         )
 
     @property

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Final, TypeVar
@@ -17,8 +18,10 @@ import grpc
 from google.protobuf.message import DecodeError, Message
 
 from api.freshness import ProjectionPosition
+from api.reading import SharedReading
 from api.repository import ConnectionRepository, ConnectionView, ReadModelUnavailable
 from api.validation import connection_id_problem
+from connection_tracker.liveness import Liveness
 from connection_tracker.protogen.yandex.cloud.serverless.apigateway.websocket.v1 import (
     connection_pb2,
     connection_service_pb2,
@@ -77,10 +80,21 @@ class ConnectionService:
         *,
         db_timeout_seconds: float = default("api_db_timeout_seconds"),
         freshness_ttl_seconds: float = default("api_freshness_ttl_ms") / 1000,
+        liveness: Liveness | None = None,
     ) -> None:
+        """liveness: when an open connection is gone all the same (its node restarted or went
+        silent, idle or lifetime limits); default: the settings' defaults."""
         self._repository = repository
         self._db_timeout = db_timeout_seconds
         self._position = ProjectionPosition(repository, freshness_ttl_seconds)
+        self._liveness = liveness or Liveness.of_seconds(
+            default("node_lease_seconds"),
+            default("connection_idle_timeout_seconds"),
+            default("connection_max_lifetime_seconds"),
+        )
+        # What the log says of the nodes changes with heartbeats (seconds apart) while the
+        # lease is tens of seconds: a reading as old as the freshness header's is exact enough.
+        self._nodes = SharedReading(repository.nodes, freshness_ttl_seconds)
 
     async def Get(
         self,
@@ -105,6 +119,7 @@ class ConnectionService:
                 # Position first: the header is then a lower bound of what the row reflects.
                 freshness = await self._position.metadata()
                 view = await self._repository.get_open(request.connection_id)
+                gone = None if view is None else await self._gone(view)
         except TimeoutError:
             log.warning("read model did not answer within %.1fs", self._db_timeout)
             await context.abort(
@@ -121,7 +136,23 @@ class ConnectionService:
                 grpc.StatusCode.NOT_FOUND,
                 f"connection {request.connection_id!r} not found (unknown or disconnected)",
             )
+        if gone is not None:
+            await context.abort(
+                grpc.StatusCode.NOT_FOUND,
+                f"connection {request.connection_id!r} not found (gone: {gone})",
+            )
         return to_proto(view)
+
+    async def _gone(self, view: ConnectionView) -> str | None:
+        nodes = (await self._nodes.get())[0] if view.node_id else {}
+        return self._liveness.gone(
+            node_id=view.node_id,
+            node_incarnation=view.node_incarnation,
+            connected_at_ns=view.connected_at_ns,
+            last_active_at_ns=view.last_active_at_ns,
+            nodes=nodes,
+            now_ns=time.time_ns(),
+        )
 
     async def Send(
         self, request: object, context: Context

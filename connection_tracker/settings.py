@@ -119,6 +119,21 @@ class Settings(BaseSettings):
         description="Under load, least time between two shared lookups' starts; 0: off.",
     )
 
+    # liveness (connection_tracker/liveness.py; docs/api.md, "Gateway nodes and the lease"):
+    # judged when the read model is read, never written into it.
+    node_lease_seconds: float = Field(
+        30.0,
+        ge=0,
+        description="A connection whose gateway node was not heard from for this long is gone "
+        "(0: never); keep it well above the nodes' heartbeat interval (5 s by default).",
+    )
+    connection_idle_timeout_seconds: float = Field(
+        0, ge=0, description="A connection with no activity for this long is gone; 0: never."
+    )
+    connection_max_lifetime_seconds: float = Field(
+        0, ge=0, description="A connection open for longer than this is gone; 0: never."
+    )
+
     # rebuild (docs/rebuild.md)
     rebuild_batch_events: int = Field(20_000, ge=1, description="Rebuild: records per commit.")
     rebuild_max_events_per_second: float | None = Field(
@@ -188,6 +203,11 @@ SECTIONS: dict[str, tuple[str, ...]] = {
         "retention_interval_seconds",
     ),
     "api": tuple(n for n in Settings.model_fields if n.startswith("api_")),
+    "liveness": (
+        "node_lease_seconds",
+        "connection_idle_timeout_seconds",
+        "connection_max_lifetime_seconds",
+    ),
     "rebuild": tuple(n for n in Settings.model_fields if n.startswith("rebuild_")),
     "metrics": ("metrics_port",),
     "logging": ("log_level", "log_format", "gc_gen0_threshold"),

@@ -23,12 +23,15 @@ from connection_tracker.events import (
     Disconnected,
     Event,
     InvalidEvent,
+    NodeHeartbeat,
+    NodeStarted,
     Payload,
     decode,
     decode_record,
     decode_record_tuple,
     decode_tuple,
     encode,
+    record_key,
     upcast,
 )
 from connection_tracker.protogen.conntrack.events.v1 import events_pb2 as pb
@@ -40,15 +43,24 @@ text = st.text(_chars)
 ids = st.text(_chars, min_size=1, max_size=MAX_ID_LENGTH)
 payloads: st.SearchStrategy[Payload] = st.one_of(
     st.builds(Connected, text, text),
+    st.builds(Connected, text, text, ids, st.integers(1, 2**63 - 1)),
     st.builds(Activity, st.integers(0, 2**64 - 1)),
     st.builds(Disconnected, st.integers(0, 0xFFFF), text),
 )
-valid_events = st.builds(Event, ids, ids, ids, st.integers(MIN_TIME_NS, MAX_TIME_NS - 1), payloads)
+node_payloads: st.SearchStrategy[Payload] = st.one_of(
+    st.builds(NodeStarted, ids, st.integers(1, 2**63 - 1)),
+    st.builds(NodeHeartbeat, ids, st.integers(1, 2**63 - 1)),
+)
+_times = st.integers(MIN_TIME_NS, MAX_TIME_NS - 1)
+valid_events = st.one_of(
+    st.builds(Event, ids, ids, ids, _times, payloads),
+    st.builds(Event, ids, st.just(""), ids, _times, node_payloads),
+)
 
 
 @given(valid_events)
 def test_round_trip(event: Event) -> None:
-    assert decode(encode(event), event.connection_id.encode()) == event
+    assert decode(encode(event), record_key(event)) == event
     assert decode(encode(event)) == event
 
 
@@ -179,6 +191,8 @@ def reference_decode(value: bytes | None, key: bytes | None = None) -> Event:
     except (DecodeError, RecursionError) as exc:
         raise InvalidEvent(f"not a ConnectionEvent protobuf: {exc}") from None
     msg = upcast(msg)
+    if not msg.connection_id and msg.node_id:
+        return reference_decode_node(msg, key)
     for name in ("event_id", "connection_id", "gateway_id"):
         v = getattr(msg, name)
         if not v:
@@ -198,25 +212,79 @@ def reference_decode(value: bytes | None, key: bytes | None = None) -> Event:
     payload: Payload
     if which == "connected":
         ident = msg.connected.identity
-        payload = Connected(source_ip=ident.source_ip, user_agent=ident.user_agent)
+        if len(msg.node_id) > MAX_ID_LENGTH:
+            raise InvalidEvent(f"node_id is longer than {MAX_ID_LENGTH} characters")
+        if msg.node_incarnation > 2**63 - 1:
+            raise InvalidEvent("node_incarnation does not fit a signed 64-bit integer")
+        payload = Connected(
+            source_ip=ident.source_ip,
+            user_agent=ident.user_agent,
+            node_id=msg.node_id,
+            node_incarnation=msg.node_incarnation,
+        )
     elif which == "activity":
         payload = Activity(frames=msg.activity.frames)
     elif which == "disconnected":
         payload = Disconnected(
             status_code=msg.disconnected.status_code, reason=msg.disconnected.reason
         )
+    elif which in ("node_started", "node_heartbeat"):
+        raise InvalidEvent(f"{which} carries a connection_id (a node event must not)")
     else:
         raise InvalidEvent("event kind is missing or unknown")
     if isinstance(payload, Disconnected) and payload.status_code > 0xFFFF:
         raise InvalidEvent("disconnected.status_code is not a 16-bit WebSocket close code")
     texts = [msg.event_id, msg.connection_id, msg.gateway_id]
     if isinstance(payload, Connected):
-        texts += [payload.source_ip, payload.user_agent]
+        texts += [payload.source_ip, payload.user_agent, payload.node_id]
     elif isinstance(payload, Disconnected):
         texts.append(payload.reason)
     if any("\x00" in t for t in texts):
         raise InvalidEvent("a text field contains a NUL character")
     return Event(msg.event_id, msg.connection_id, msg.gateway_id, at, payload)
+
+
+def reference_decode_node(msg: pb.ConnectionEvent, key: bytes | None) -> Event:
+    which = msg.WhichOneof("kind")
+    if which not in ("node_started", "node_heartbeat"):
+        raise InvalidEvent("connection_id is missing")
+    for name in ("event_id", "gateway_id", "node_id"):
+        v = getattr(msg, name)
+        if not v:
+            raise InvalidEvent(f"{name} is missing")
+        if len(v) > MAX_ID_LENGTH:
+            raise InvalidEvent(f"{name} is longer than {MAX_ID_LENGTH} characters")
+        if "\x00" in v:
+            raise InvalidEvent("a text field contains a NUL character")
+    if key is not None and key != msg.node_id.encode():
+        raise InvalidEvent("record key does not equal node_id")
+    if not 0 < msg.node_incarnation <= 2**63 - 1:
+        raise InvalidEvent("node_incarnation is missing or does not fit a signed 64-bit integer")
+    if not msg.HasField("occurred_at"):
+        raise InvalidEvent("occurred_at is missing")
+    if not 0 <= msg.occurred_at.nanos < NANOS_PER_SECOND:
+        raise InvalidEvent("occurred_at.nanos is out of range")
+    at = msg.occurred_at.seconds * NANOS_PER_SECOND + msg.occurred_at.nanos
+    if not MIN_TIME_NS <= at < MAX_TIME_NS:
+        raise InvalidEvent("occurred_at is outside 2000-01-01..2100-01-01")
+    kind = NodeStarted if which == "node_started" else NodeHeartbeat
+    return Event(msg.event_id, "", msg.gateway_id, at, kind(msg.node_id, msg.node_incarnation))
+
+
+def test_a_node_event_is_keyed_by_its_node_and_carries_no_connection() -> None:
+    event = Event("e", "", "gw", MIN_TIME_NS, NodeHeartbeat("node-1", 7))
+    assert record_key(event) == b"node-1"
+    assert decode_record(encode(event), b"node-1") == event
+    with pytest.raises(InvalidEvent, match="record key does not equal node_id"):
+        decode_record(encode(event), b"other")
+    msg = pb.ConnectionEvent.FromString(encode(event))
+    msg.node_incarnation = 0
+    with pytest.raises(InvalidEvent, match="node_incarnation is missing"):
+        decode(msg.SerializeToString())
+    msg.node_incarnation = 7
+    msg.connection_id = "c1"
+    with pytest.raises(InvalidEvent, match="carries a connection_id"):
+        decode(msg.SerializeToString(), b"c1")
 
 
 Outcome = tuple[str, object]
@@ -362,7 +430,8 @@ def test_decoded_events_equal_constructed_ones_in_every_way(event: Event) -> Non
     assert decoded == event
     assert hash(decoded) == hash(event)
     assert dataclasses.astuple(decoded) == dataclasses.astuple(event)
-    assert decoded.kind == event.kind == type(event.payload).__name__.lower()
+    assert decoded.kind == event.kind
+    assert event.kind.replace("_", "") == type(event.payload).__name__.lower()
     with pytest.raises(dataclasses.FrozenInstanceError):
         decoded.event_id = "x"  # type: ignore[misc]
 

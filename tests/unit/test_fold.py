@@ -3,14 +3,34 @@
 from __future__ import annotations
 
 import itertools
+import random
 from collections.abc import Iterable
 
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from connection_tracker.events import Activity, Connected, Disconnected, Event, Payload
-from connection_tracker.fold import ConnectionState, apply, fold, fold_tuples, merge, of_event
+from connection_tracker.events import (
+    Activity,
+    Connected,
+    Disconnected,
+    Event,
+    EventTuple,
+    NodeHeartbeat,
+    NodeStarted,
+    Payload,
+)
+from connection_tracker.fold import (
+    ConnectionState,
+    NodeState,
+    apply,
+    fold,
+    fold_nodes,
+    fold_tuples,
+    merge,
+    merge_nodes,
+    of_event,
+)
 
 T0 = 1_764_300_000_000_000_000
 
@@ -19,6 +39,14 @@ times = st.integers(min_value=T0, max_value=T0 + 50)  # narrow: many ties
 event_ids = st.sampled_from([f"e{i}" for i in range(12)])  # few: colliding ids happen
 payloads: st.SearchStrategy[Payload] = st.one_of(
     st.builds(Connected, st.sampled_from(["10.0.0.1", "::1"]), st.sampled_from(["ua1", "ua2"])),
+    # The same Connected from two nodes or two starts of one: still one order.
+    st.builds(
+        Connected,
+        st.just("10.0.0.1"),
+        st.just("ua1"),
+        st.sampled_from(["", "n1", "n2"]),
+        st.sampled_from([0, 1, 2]),
+    ),
     st.builds(Activity, st.integers(0, 3)),
     st.builds(Disconnected, st.sampled_from([0, 1000, 1001, 65535]), st.sampled_from(["", "bye"])),
 )
@@ -167,6 +195,8 @@ def reference_of_event(event: Event) -> ConnectionState:
             user_agent=p.user_agent,
             connected_at_ns=event.occurred_at_ns,
             connected_event_id=event.event_id,
+            node_id=p.node_id or None,
+            node_incarnation=p.node_incarnation or None,
         )
     if isinstance(p, Disconnected):
         return base._replace(
@@ -178,7 +208,7 @@ def reference_of_event(event: Event) -> ConnectionState:
     return base
 
 
-def _connected_order(s: ConnectionState) -> tuple[int, str, str, str, str] | None:
+def _connected_order(s: ConnectionState) -> tuple[int, str, str, str, str, str, int] | None:
     if s.connected_at_ns is None or s.connected_event_id is None:
         return None
     return (
@@ -187,6 +217,8 @@ def _connected_order(s: ConnectionState) -> tuple[int, str, str, str, str] | Non
         s.gateway_id or "",
         s.source_ip or "",
         s.user_agent or "",
+        s.node_id or "",
+        s.node_incarnation or 0,
     )
 
 
@@ -211,6 +243,8 @@ def reference_merge(a: ConnectionState, b: ConnectionState) -> ConnectionState:
             user_agent=b.user_agent,
             connected_at_ns=b.connected_at_ns,
             connected_event_id=b.connected_event_id,
+            node_id=b.node_id,
+            node_incarnation=b.node_incarnation,
         )
     da, db = _disconnected_order(a), _disconnected_order(b)
     if db is not None and (da is None or db < da):
@@ -262,6 +296,7 @@ tied_events = st.builds(
     st.sampled_from([T0, T0 + 1]),
     st.one_of(
         st.builds(Connected, _tie_texts, _tie_texts),
+        st.builds(Connected, _tie_texts, _tie_texts, _tie_texts, st.sampled_from([0, 1, 2])),
         st.builds(Activity, st.integers(0, 3)),
         st.builds(Disconnected, st.sampled_from([0, 1000, 10**10 - 1, 10**10]), _tie_texts),
     ),
@@ -324,3 +359,46 @@ def test_a_state_is_immutable() -> None:
 def test_fold_takes_any_iterable_once() -> None:
     evs = [ev("c1", T0 + 1, Connected("10.0.0.1", "ua")), ev("a1", T0 + 2, Activity(1))]
     assert fold(iter(evs)) == fold(evs) == reference_fold(evs)
+
+
+node_events = st.builds(
+    Event,
+    event_ids,
+    st.just(""),
+    st.sampled_from(["gw1", "gw2"]),
+    times,
+    st.one_of(
+        st.builds(NodeStarted, st.sampled_from(["n1", "n2"]), st.integers(1, 3)),
+        st.builds(NodeHeartbeat, st.sampled_from(["n1", "n2"]), st.integers(1, 3)),
+    ),
+)
+
+
+def _node_tuples(evs: list[Event]) -> list[EventTuple]:
+    return [(e.event_id, e.connection_id, e.gateway_id, e.occurred_at_ns, e.payload) for e in evs]
+
+
+@given(st.lists(node_events, max_size=30), st.randoms(use_true_random=False), st.integers(0, 30))
+def test_the_node_fold_ignores_order_duplicates_and_batch_splits(
+    evs: list[Event], rnd: random.Random, cut: int
+) -> None:
+    once = fold_nodes(_node_tuples(evs))
+    shuffled = list(evs) + evs[: cut // 2]
+    rnd.shuffle(shuffled)
+    assert fold_nodes(_node_tuples(shuffled)) == once
+    first, second = fold_nodes(_node_tuples(evs[:cut])), fold_nodes(_node_tuples(evs[cut:]))
+    joined = dict(first)
+    for node_id, state in second.items():
+        joined[node_id] = merge_nodes(joined[node_id], state) if node_id in joined else state
+    assert joined == once
+    # A node's own events never make connection states, and connection events no node states.
+    assert fold(evs) == {}
+
+
+def test_a_newer_incarnation_supersedes_everything_said_of_the_older() -> None:
+    evs = [
+        Event("h1", "", "gw", T0 + 9, NodeHeartbeat("n", 1)),
+        Event("s2", "", "gw", T0 + 5, NodeStarted("n", 2)),
+        Event("h2", "", "gw", T0 + 6, NodeHeartbeat("n", 2)),
+    ]
+    assert fold_nodes(_node_tuples(evs)) == {"n": NodeState("n", 2, T0 + 5, T0 + 6, "gw")}
