@@ -31,6 +31,14 @@ class Settings(BaseSettings):
     dead_letter_topic: str = Field(
         "conntrack.events.v1.dlq", description="Where undecodable or invalid events go."
     )
+    commands_topic: str = Field(
+        "conntrack.commands.v1",
+        description="Where the API sends Send and Disconnect to the gateway node (key: node).",
+    )
+    command_outcomes_topic: str = Field(
+        "conntrack.command-outcomes.v1",
+        description="Where gateway nodes report what became of each command.",
+    )
 
     # database
     database_url: str = Field(
@@ -188,7 +196,13 @@ class Settings(BaseSettings):
 
 
 SECTIONS: dict[str, tuple[str, ...]] = {
-    "kafka": ("kafka_bootstrap_servers", "events_topic", "dead_letter_topic"),
+    "kafka": (
+        "kafka_bootstrap_servers",
+        "events_topic",
+        "dead_letter_topic",
+        "commands_topic",
+        "command_outcomes_topic",
+    ),
     "database": ("database_url",),
     "projector": (
         "consumer_group",

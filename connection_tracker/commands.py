@@ -1,0 +1,176 @@
+"""The command channel's messages and their codec (proto/conntrack/commands/v1/commands.proto):
+what the API asks the gateway node holding a socket to do (Command: write a frame, close the
+socket) and what the node answers (Outcome). The API writes commands and reads outcomes; a node
+reads commands and writes outcomes; both go through this module, and decoding turns anything
+unusable into InvalidCommand with a reason."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from enum import IntEnum
+from typing import Final
+
+from google.protobuf.message import DecodeError
+from google.protobuf.timestamp_pb2 import Timestamp
+
+from connection_tracker.protogen.conntrack.commands.v1 import commands_pb2 as pb
+from connection_tracker.timeutil import NANOS_PER_SECOND, to_timestamp
+
+SCHEMA_VERSION: Final = 1
+# Upstream's limit on Send's data (and so the largest frame a command carries).
+MAX_SEND_BYTES: Final = 131_072
+MAX_ID_LENGTH: Final = 255
+NORMAL_CLOSURE: Final = 1000
+
+
+class DataType(IntEnum):
+    BINARY = pb.Send.BINARY
+    TEXT = pb.Send.TEXT
+
+
+@dataclass(frozen=True, slots=True)
+class SendFrame:
+    data: bytes
+    type: DataType
+
+
+@dataclass(frozen=True, slots=True)
+class CloseSocket:
+    status_code: int = NORMAL_CLOSURE
+    reason: str = ""
+
+
+Action = SendFrame | CloseSocket
+
+
+@dataclass(frozen=True, slots=True)
+class Command:
+    command_id: str
+    node_id: str
+    node_incarnation: int
+    connection_id: str
+    issued_at_ns: int
+    expires_at_ns: int  # the caller's deadline: not executed after it
+    reply_to: str  # key of the outcome record
+    action: Action
+
+
+class OutcomeStatus(IntEnum):
+    DONE = pb.CommandOutcome.DONE
+    CONNECTION_GONE = pb.CommandOutcome.CONNECTION_GONE
+    EXPIRED = pb.CommandOutcome.EXPIRED
+    FAILED = pb.CommandOutcome.FAILED
+
+
+@dataclass(frozen=True, slots=True)
+class Outcome:
+    command_id: str
+    node_id: str
+    node_incarnation: int
+    completed_at_ns: int
+    status: OutcomeStatus
+    detail: str = ""
+
+
+class InvalidCommand(ValueError):
+    """A record that is not a valid command or outcome; the message says why."""
+
+
+def _ns(ts: Timestamp) -> int:
+    return ts.seconds * NANOS_PER_SECOND + ts.nanos
+
+
+def encode_command(command: Command) -> bytes:
+    msg = pb.Command(
+        schema_version=SCHEMA_VERSION,
+        command_id=command.command_id,
+        node_id=command.node_id,
+        node_incarnation=command.node_incarnation,
+        connection_id=command.connection_id,
+        issued_at=to_timestamp(command.issued_at_ns),
+        expires_at=to_timestamp(command.expires_at_ns),
+        reply_to=command.reply_to,
+    )
+    action = command.action
+    if isinstance(action, SendFrame):
+        msg.send.data = action.data
+        msg.send.type = int(action.type)  # type: ignore[assignment]
+    else:
+        msg.disconnect.status_code = action.status_code
+        msg.disconnect.reason = action.reason
+    return msg.SerializeToString()
+
+
+def decode_command(value: bytes | None, key: bytes | None = None) -> Command:
+    """Decode and check one record of the commands topic (key: the node id)."""
+    if value is None:
+        raise InvalidCommand("record has no value")
+    try:
+        msg = pb.Command.FromString(value)
+    except (DecodeError, RecursionError) as exc:
+        raise InvalidCommand(f"not a Command protobuf: {exc}") from None
+    if msg.schema_version != SCHEMA_VERSION:
+        raise InvalidCommand(f"schema_version {msg.schema_version} is not {SCHEMA_VERSION}")
+    for name in ("command_id", "node_id", "connection_id", "reply_to"):
+        text = getattr(msg, name)
+        if not text or len(text) > MAX_ID_LENGTH or "\x00" in text:
+            raise InvalidCommand(f"{name} is missing, too long or holds a NUL")
+    if key is not None and key != msg.node_id.encode():
+        raise InvalidCommand("record key does not equal node_id")
+    action: Action
+    which = msg.WhichOneof("action")
+    if which == "send":
+        if msg.send.type not in (pb.Send.BINARY, pb.Send.TEXT):
+            raise InvalidCommand("send.type is neither BINARY nor TEXT")
+        if len(msg.send.data) > MAX_SEND_BYTES:
+            raise InvalidCommand(f"send.data is longer than {MAX_SEND_BYTES} bytes")
+        action = SendFrame(msg.send.data, DataType(msg.send.type))
+    elif which == "disconnect":
+        action = CloseSocket(msg.disconnect.status_code or NORMAL_CLOSURE, msg.disconnect.reason)
+    else:
+        raise InvalidCommand("action is missing or unknown")
+    return Command(
+        msg.command_id,
+        msg.node_id,
+        msg.node_incarnation,
+        msg.connection_id,
+        _ns(msg.issued_at),
+        _ns(msg.expires_at),
+        msg.reply_to,
+        action,
+    )
+
+
+def encode_outcome(outcome: Outcome) -> bytes:
+    return pb.CommandOutcome(
+        schema_version=SCHEMA_VERSION,
+        command_id=outcome.command_id,
+        node_id=outcome.node_id,
+        node_incarnation=outcome.node_incarnation,
+        completed_at=to_timestamp(outcome.completed_at_ns),
+        status=int(outcome.status),  # type: ignore[arg-type]
+        detail=outcome.detail,
+    ).SerializeToString()
+
+
+def decode_outcome(value: bytes | None) -> Outcome:
+    if value is None:
+        raise InvalidCommand("record has no value")
+    try:
+        msg = pb.CommandOutcome.FromString(value)
+    except (DecodeError, RecursionError) as exc:
+        raise InvalidCommand(f"not a CommandOutcome protobuf: {exc}") from None
+    if not msg.command_id:
+        raise InvalidCommand("command_id is missing")
+    try:
+        status = OutcomeStatus(msg.status)
+    except ValueError:
+        raise InvalidCommand(f"status {msg.status} is unknown") from None
+    return Outcome(
+        msg.command_id,
+        msg.node_id,
+        msg.node_incarnation,
+        _ns(msg.completed_at),
+        status,
+        msg.detail,
+    )

@@ -1,0 +1,88 @@
+import datetime
+
+from google.protobuf import timestamp_pb2 as _timestamp_pb2
+from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
+from google.protobuf import descriptor as _descriptor
+from google.protobuf import message as _message
+from collections.abc import Mapping as _Mapping
+from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
+
+DESCRIPTOR: _descriptor.FileDescriptor
+
+class Command(_message.Message):
+    __slots__ = ("schema_version", "command_id", "node_id", "node_incarnation", "connection_id", "issued_at", "expires_at", "reply_to", "send", "disconnect")
+    SCHEMA_VERSION_FIELD_NUMBER: _ClassVar[int]
+    COMMAND_ID_FIELD_NUMBER: _ClassVar[int]
+    NODE_ID_FIELD_NUMBER: _ClassVar[int]
+    NODE_INCARNATION_FIELD_NUMBER: _ClassVar[int]
+    CONNECTION_ID_FIELD_NUMBER: _ClassVar[int]
+    ISSUED_AT_FIELD_NUMBER: _ClassVar[int]
+    EXPIRES_AT_FIELD_NUMBER: _ClassVar[int]
+    REPLY_TO_FIELD_NUMBER: _ClassVar[int]
+    SEND_FIELD_NUMBER: _ClassVar[int]
+    DISCONNECT_FIELD_NUMBER: _ClassVar[int]
+    schema_version: int
+    command_id: str
+    node_id: str
+    node_incarnation: int
+    connection_id: str
+    issued_at: _timestamp_pb2.Timestamp
+    expires_at: _timestamp_pb2.Timestamp
+    reply_to: str
+    send: Send
+    disconnect: Disconnect
+    def __init__(self, schema_version: _Optional[int] = ..., command_id: _Optional[str] = ..., node_id: _Optional[str] = ..., node_incarnation: _Optional[int] = ..., connection_id: _Optional[str] = ..., issued_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., expires_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., reply_to: _Optional[str] = ..., send: _Optional[_Union[Send, _Mapping]] = ..., disconnect: _Optional[_Union[Disconnect, _Mapping]] = ...) -> None: ...
+
+class Send(_message.Message):
+    __slots__ = ("data", "type")
+    class DataType(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+        __slots__ = ()
+        DATA_TYPE_UNSPECIFIED: _ClassVar[Send.DataType]
+        BINARY: _ClassVar[Send.DataType]
+        TEXT: _ClassVar[Send.DataType]
+    DATA_TYPE_UNSPECIFIED: Send.DataType
+    BINARY: Send.DataType
+    TEXT: Send.DataType
+    DATA_FIELD_NUMBER: _ClassVar[int]
+    TYPE_FIELD_NUMBER: _ClassVar[int]
+    data: bytes
+    type: Send.DataType
+    def __init__(self, data: _Optional[bytes] = ..., type: _Optional[_Union[Send.DataType, str]] = ...) -> None: ...
+
+class Disconnect(_message.Message):
+    __slots__ = ("status_code", "reason")
+    STATUS_CODE_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    status_code: int
+    reason: str
+    def __init__(self, status_code: _Optional[int] = ..., reason: _Optional[str] = ...) -> None: ...
+
+class CommandOutcome(_message.Message):
+    __slots__ = ("schema_version", "command_id", "node_id", "node_incarnation", "completed_at", "status", "detail")
+    class Status(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+        __slots__ = ()
+        STATUS_UNSPECIFIED: _ClassVar[CommandOutcome.Status]
+        DONE: _ClassVar[CommandOutcome.Status]
+        CONNECTION_GONE: _ClassVar[CommandOutcome.Status]
+        EXPIRED: _ClassVar[CommandOutcome.Status]
+        FAILED: _ClassVar[CommandOutcome.Status]
+    STATUS_UNSPECIFIED: CommandOutcome.Status
+    DONE: CommandOutcome.Status
+    CONNECTION_GONE: CommandOutcome.Status
+    EXPIRED: CommandOutcome.Status
+    FAILED: CommandOutcome.Status
+    SCHEMA_VERSION_FIELD_NUMBER: _ClassVar[int]
+    COMMAND_ID_FIELD_NUMBER: _ClassVar[int]
+    NODE_ID_FIELD_NUMBER: _ClassVar[int]
+    NODE_INCARNATION_FIELD_NUMBER: _ClassVar[int]
+    COMPLETED_AT_FIELD_NUMBER: _ClassVar[int]
+    STATUS_FIELD_NUMBER: _ClassVar[int]
+    DETAIL_FIELD_NUMBER: _ClassVar[int]
+    schema_version: int
+    command_id: str
+    node_id: str
+    node_incarnation: int
+    completed_at: _timestamp_pb2.Timestamp
+    status: CommandOutcome.Status
+    detail: str
+    def __init__(self, schema_version: _Optional[int] = ..., command_id: _Optional[str] = ..., node_id: _Optional[str] = ..., node_incarnation: _Optional[int] = ..., completed_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., status: _Optional[_Union[CommandOutcome.Status, str]] = ..., detail: _Optional[str] = ...) -> None: ...
