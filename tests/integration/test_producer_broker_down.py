@@ -7,13 +7,14 @@ with infra/kafka.sh (own port, own state directory, the same distribution) and s
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import resource
 import time
 
 import pytest
 from aiokafka.errors import LeaderNotAvailableError, NotLeaderForPartitionError
 
-from connection_tracker.events import Event
+from connection_tracker.events import Event, NodeHeartbeat, NodeStarted
 from producer.errors import (
     BrokerUnavailableError,
     DeliveryTimeoutError,
@@ -285,3 +286,99 @@ async def test_stop_while_a_new_producer_waits_for_the_broker_reports_each_event
     got = await read_events(private_broker.bootstrap, topic, partitions=3)
     assert again in got
     assert len({e.event_id for e in got}) == len(got)
+
+
+async def test_a_nodes_heartbeats_are_dropped_in_an_outage_and_resume_after_it(
+    private_broker: PrivateBroker,
+) -> None:
+    """With the node role, an outage longer than delivery_timeout_s: heartbeats that cannot go
+    out are dropped and counted apart, never reported as undelivered connection events; the
+    connection events keep their exact accounting; heartbeats flow again once the broker is
+    back, with the same incarnation."""
+    await private_broker.up()
+    topic = unique("events")
+    await ensure_topics(private_broker.bootstrap, [TopicSpec(topic, 3, 1, 1)])
+    failed: list[Event] = []
+    pub = Publisher(
+        private_broker.bootstrap,
+        topic,
+        "gw",
+        delivery_timeout_s=2,
+        activity_interval_s=0,
+        node_id="node-a",
+        heartbeat_interval_s=0.2,
+        on_undeliverable=lambda event, _: failed.append(event),
+    )
+    await pub.start()
+    incarnation = pub.incarnation
+    pump = _Pump(pub)
+    pump.start()
+    try:
+        await asyncio.sleep(1)
+        await private_broker.down()
+        await asyncio.sleep(8)
+        dropped_in_outage = pub.stats().heartbeats_dropped
+        await private_broker.up()
+        back_ns = time.time_ns()
+        await asyncio.sleep(5)
+    finally:
+        await pump.stop()
+    for _ in range(20):
+        try:
+            await pub.flush()
+            break
+        except (UndeliveredEventsError, DeliveryTimeoutError):
+            pass
+    stats = pub.stats()
+    with contextlib.suppress(UndeliveredEventsError):
+        await pub.stop()
+
+    assert dropped_in_outage > 10  # about 40 beats were due; few if any could go out
+    assert all(event.connection_id for event in failed), "a node event was reported"
+    assert len({e.event_id for e in failed}) == len(failed) == pub.undelivered
+    assert stats.delivered + stats.undelivered == pump.n
+    assert stats.in_flight == 0
+
+    got = await read_events(private_broker.bootstrap, topic, partitions=3)
+    assert len({e.event_id for e in got}) == len(got)
+    beats = [e for e in got if isinstance(e.payload, NodeHeartbeat)]
+    assert {e.payload for e in beats} == {NodeHeartbeat("node-a", incarnation or 0)}
+    assert sum(e.occurred_at_ns >= back_ns for e in beats) >= 5  # flowing again
+    assert stats.heartbeats_delivered == len(beats)
+    assert [e.payload for e in got if isinstance(e.payload, NodeStarted)] == [
+        NodeStarted("node-a", incarnation or 0)
+    ]
+
+
+async def test_stop_of_a_node_while_the_broker_is_away_returns_in_time(
+    private_broker: PrivateBroker,
+) -> None:
+    """A heartbeat stuck in the producer does not hold stop() beyond delivery_timeout_s, and is
+    not counted among the undelivered connection events."""
+    await private_broker.up()
+    topic = unique("events")
+    await ensure_topics(private_broker.bootstrap, [TopicSpec(topic, 3, 1, 1)])
+    failed: list[Event] = []
+    pub = Publisher(
+        private_broker.bootstrap,
+        topic,
+        "gw",
+        delivery_timeout_s=2,
+        node_id="node-b",
+        heartbeat_interval_s=0.2,
+        on_undeliverable=lambda event, _: failed.append(event),
+    )
+    await pub.start()
+    await pub.connected("c0", "10.0.0.1", "ua")
+    await pub.flush()
+    await private_broker.down()
+    await asyncio.sleep(0.5)  # a heartbeat is handed over and cannot be acknowledged
+    pending = await pub.connected("c1", "10.0.0.1", "ua")
+    started = time.monotonic()
+    with pytest.raises(UndeliveredEventsError) as stopped:
+        await pub.stop()
+    assert time.monotonic() - started < 2 + 5
+    assert stopped.value.count == 1
+    assert [e.event_id for e in failed] == [pending.event_id]
+    assert pub.stats().heartbeats_dropped >= 1
+    await private_broker.up()
