@@ -1,5 +1,8 @@
 """conntrack-producer: provision topics, and publish simulated gateway traffic."""
 
+# topics: the events and dead-letter topics keep history; the commands and outcomes topics are
+# transient (--command-retention-ms), see producer/topics.py.
+
 from __future__ import annotations
 
 import argparse
@@ -36,6 +39,15 @@ async def provision(settings: Settings, ns: argparse.Namespace) -> int:
         specs = [
             TopicSpec(name, ns.partitions, ns.replication_factor, ns.min_insync_replicas)
             for name in (settings.events_topic, settings.dead_letter_topic)
+        ] + [
+            TopicSpec(
+                name,
+                ns.partitions,
+                ns.replication_factor,
+                ns.min_insync_replicas,
+                retention_ms=ns.command_retention_ms,
+            )
+            for name in (settings.commands_topic, settings.command_outcomes_topic)
         ]
         reports = await ensure_topics(settings.kafka_bootstrap_servers, specs)
     except HistoryLosingTopicError as exc:
@@ -166,11 +178,18 @@ def main(argv: list[str] | None = None) -> None:
     sub = parser.add_subparsers(dest="command", required=True)
     topics = sub.add_parser(
         "topics",
-        help="create the events and dead-letter topics (idempotent); refuse history-losing ones",
+        help="create the events, dead-letter, commands and command-outcomes topics "
+        "(idempotent); refuse history-losing ones",
     )
     topics.add_argument("--partitions", type=int, default=6)
     topics.add_argument("--replication-factor", type=int, default=1)
     topics.add_argument("--min-insync-replicas", type=int, default=1)
+    topics.add_argument(
+        "--command-retention-ms",
+        type=int,
+        default=86_400_000,
+        help="retention of the commands and command-outcomes topics, ms (they are not history)",
+    )
     topics.add_argument("--format", choices=("table", "json"), default="table")
     sim = sub.add_parser("simulate", help="publish simulated gateway traffic")
     sim.add_argument("--gateways", type=int, default=3)

@@ -1,9 +1,14 @@
-"""Provisioning of the events topic and the dead-letter topic, idempotently.
+"""Provisioning of the events, dead-letter, commands and command-outcomes topics, idempotently.
 
 The events topic is the system of record, so it must keep history: retention.ms=-1 and
 retention.bytes=-1 with cleanup.policy=delete (compaction would drop all but the last event of a
 connection). The dead-letter topic is evidence of what was rejected, so it keeps history too.
 An existing topic is reported with its settings; one whose settings would lose history is refused.
+
+The commands and outcomes topics are not history: a command is worth something until its
+caller's deadline, so they are created with a short retention (TopicSpec.retention_ms, 1 day by
+default) and only compaction is refused for them (keyed by node, it would drop a node's unread
+commands but the last one).
 
 aiokafka's admin client does not raise on a failed CreateTopics or DescribeConfigs: the broker's
 per-topic error codes come back in the response, so they are checked here.
@@ -30,6 +35,13 @@ class TopicSpec:
     partitions: int
     replication_factor: int
     min_insync_replicas: int
+    retention_ms: int | None = None
+    """None: the topic keeps history (retention.ms=-1, refused otherwise). A number: a transient
+    topic (commands, outcomes) kept this long; only compaction is refused for it."""
+
+    @property
+    def keeps_history(self) -> bool:
+        return self.retention_ms is None
 
     def __post_init__(self) -> None:
         if not self.name:
@@ -43,11 +55,13 @@ class TopicSpec:
             raise ValueError(
                 f"{self.name}: min.insync.replicas must be between 1 and the replication factor"
             )
+        if self.retention_ms is not None and self.retention_ms < 1:
+            raise ValueError(f"{self.name}: retention.ms of a transient topic must be >= 1")
 
     def configs(self) -> dict[str, str]:
         return {
             "cleanup.policy": "delete",
-            "retention.ms": "-1",
+            "retention.ms": "-1" if self.retention_ms is None else str(self.retention_ms),
             "retention.bytes": "-1",
             "min.insync.replicas": str(self.min_insync_replicas),
         }
@@ -64,11 +78,16 @@ class TopicReport:
     """Settings that would lose history: the topic is refused."""
     warnings: list[str] = field(default_factory=list)
     """Differences from the spec that do not lose history."""
+    keeps_history: bool = True
+    """False for a transient topic (commands, outcomes): a finite retention is expected."""
 
     def __str__(self) -> str:
         settings = ", ".join(f"{k}={self.configs.get(k, '?')}" for k in REPORTED_CONFIGS)
         state = "created" if self.created else "exists"
-        verdict = "REFUSED: would lose history" if self.problems else "keeps history"
+        if self.problems:
+            verdict = "REFUSED: would lose history" if self.keeps_history else "REFUSED"
+        else:
+            verdict = "keeps history" if self.keeps_history else "transient"
         line = (
             f"{self.name}: {state}, {self.partitions} partitions, replication factor "
             f"{self.replication_factor}, {settings}; {verdict}"
@@ -91,7 +110,10 @@ class HistoryLosingTopicError(TopicProvisioningError):
         refused = [r for r in reports if r.problems]
         super().__init__(
             "; ".join(
-                f"topic {r.name} would lose history: " + ", ".join(r.problems) for r in refused
+                f"topic {r.name} "
+                + ("would lose history: " if r.keeps_history else "would lose commands: ")
+                + ", ".join(r.problems)
+                for r in refused
             )
         )
         self.reports = reports
@@ -106,6 +128,14 @@ def history_problems(configs: dict[str, str]) -> list[str]:
     if configs.get("retention.bytes", "-1") != "-1":
         problems.append(f"retention.bytes={configs['retention.bytes']} deletes old events")
     return problems
+
+
+def transient_problems(configs: dict[str, str]) -> list[str]:
+    """What is wrong with a transient topic (commands, outcomes): only compaction, which keeps
+    the last record per key (per node, per API process) and drops the ones before it unread."""
+    if "compact" in configs.get("cleanup.policy", "delete"):
+        return [f"cleanup.policy={configs['cleanup.policy']} drops all but a key's last record"]
+    return []
 
 
 def _raise_for(error_code: int, message: str | None, what: str) -> None:
@@ -173,6 +203,9 @@ def _warnings(
         )
     if replication < spec.replication_factor:
         out.append(f"replication factor {replication} < {spec.replication_factor} requested")
+    retention = configs.get("retention.ms")
+    if not spec.keeps_history and retention != str(spec.retention_ms):
+        out.append(f"retention.ms={retention}, {spec.retention_ms} requested")
     min_isr = configs.get("min.insync.replicas", "1")
     if min_isr.isdigit() and int(min_isr) < spec.min_insync_replicas:
         out.append(f"min.insync.replicas={min_isr} < {spec.min_insync_replicas} requested")
@@ -181,7 +214,8 @@ def _warnings(
 
 async def ensure_topics(bootstrap_servers: str, specs: list[TopicSpec]) -> list[TopicReport]:
     """Create missing topics; report existing ones with their settings. Raises
-    HistoryLosingTopicError (after checking every topic) if any would lose history, and
+    HistoryLosingTopicError (after checking every topic) if any would lose history (or, for a
+    transient topic, is compacted), and
     TopicProvisioningError if the broker refuses a request."""
     admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap_servers)
     await admin.start()
@@ -198,8 +232,13 @@ async def ensure_topics(bootstrap_servers: str, specs: list[TopicSpec]) -> list[
                     partitions=partitions,
                     replication_factor=replication,
                     configs={k: configs[k] for k in REPORTED_CONFIGS if k in configs},
-                    problems=history_problems(configs),
+                    problems=(
+                        history_problems(configs)
+                        if spec.keeps_history
+                        else transient_problems(configs)
+                    ),
                     warnings=[] if created else _warnings(spec, partitions, replication, configs),
+                    keeps_history=spec.keeps_history,
                 )
             )
     finally:

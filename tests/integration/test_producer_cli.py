@@ -35,30 +35,41 @@ async def run(env: dict[str, str], *args: str) -> tuple[int, str, str]:
 @pytest.fixture
 async def topic_env(kafka_bootstrap: str) -> AsyncIterator[dict[str, str]]:
     events, dlq = unique("cli-events"), unique("cli-dlq")
+    commands, outcomes = unique("cli-commands"), unique("cli-outcomes")
     yield {
         "CONNTRACK_KAFKA_BOOTSTRAP_SERVERS": kafka_bootstrap,
         "CONNTRACK_EVENTS_TOPIC": events,
         "CONNTRACK_DEAD_LETTER_TOPIC": dlq,
+        "CONNTRACK_COMMANDS_TOPIC": commands,
+        "CONNTRACK_COMMAND_OUTCOMES_TOPIC": outcomes,
     }
-    await delete_topics(kafka_bootstrap, [events, dlq])
+    await delete_topics(kafka_bootstrap, [events, dlq, commands, outcomes])
 
 
 async def test_topics_command_creates_then_reports_and_refuses_a_history_losing_topic(
     kafka_bootstrap: str, topic_env: dict[str, str]
 ) -> None:
     events, dlq = topic_env["CONNTRACK_EVENTS_TOPIC"], topic_env["CONNTRACK_DEAD_LETTER_TOPIC"]
+    commands = topic_env["CONNTRACK_COMMANDS_TOPIC"]
+    outcomes = topic_env["CONNTRACK_COMMAND_OUTCOMES_TOPIC"]
     code, out, err = await run(topic_env, "topics", "--partitions", "3")
     assert (code, err) == (0, "")
     assert out.splitlines() == [
         f"{name}: created, 3 partitions, replication factor 1, cleanup.policy=delete, "
         "retention.ms=-1, retention.bytes=-1, min.insync.replicas=1; keeps history"
         for name in (events, dlq)
+    ] + [
+        f"{name}: created, 3 partitions, replication factor 1, cleanup.policy=delete, "
+        "retention.ms=86400000, retention.bytes=-1, min.insync.replicas=1; transient"
+        for name in (commands, outcomes)
     ]
     code, out, _ = await run(topic_env, "topics", "--partitions", "3")
     assert code == 0
     assert [line.split(",")[0] for line in out.splitlines()] == [
         f"{events}: exists",
         f"{dlq}: exists",
+        f"{commands}: exists",
+        f"{outcomes}: exists",
     ]
 
     short_lived = unique("cli-short")

@@ -125,3 +125,32 @@ async def test_a_request_the_broker_refuses_is_an_error_not_a_success(
 def test_impossible_specs_are_refused(args: tuple[str, int, int, int], message: str) -> None:
     with pytest.raises(ValueError, match=message):
         TopicSpec(*args)
+
+
+def test_a_transient_topic_needs_a_positive_retention() -> None:
+    with pytest.raises(ValueError, match=r"retention\.ms"):
+        TopicSpec("t", 1, 1, 1, retention_ms=0)
+
+
+async def test_transient_topics_are_created_short_lived_and_only_compaction_is_refused(
+    kafka_bootstrap: str, names: list[str]
+) -> None:
+    commands, compacted = names
+    day = 86_400_000
+    (report,) = await ensure_topics(kafka_bootstrap, [TopicSpec(commands, 2, 1, 1, day)])
+    assert report.created
+    assert report.configs["retention.ms"] == str(day)
+    assert (report.problems, report.keeps_history) == ([], False)
+    assert str(report).endswith("; transient")
+
+    # Any retention is fine for commands (a week here), reported as a difference; the rule
+    # that refuses history-losing settings is for the events and dead-letter topics only.
+    (again,) = await ensure_topics(kafka_bootstrap, [TopicSpec(commands, 2, 1, 1, 3_600_000)])
+    assert not again.created
+    assert again.problems == []
+    assert again.warnings == [f"retention.ms={day}, 3600000 requested"]
+
+    # Compaction keeps one command per node: the others would be lost unread.
+    await create_raw(kafka_bootstrap, compacted, {"cleanup.policy": "compact"})
+    with pytest.raises(HistoryLosingTopicError, match=f"topic {compacted} would lose commands"):
+        await ensure_topics(kafka_bootstrap, [TopicSpec(compacted, 2, 1, 1, day)])

@@ -1,0 +1,476 @@
+"""The node's command receiver: how the API's Send and Disconnect reach the socket they name.
+
+The API writes a Command (connection_tracker/commands.py) to the commands topic, keyed by the
+UTF-8 node id of the node holding the socket, and waits for the Outcome keyed by the command's
+reply_to on the outcomes topic. A node's NodeCommands:
+
+- reads only the partition of the commands topic that the node's key falls on, computed with
+  aiokafka's own DefaultPartitioner (murmur2, as the Java client and the API's producer do), by
+  manual assignment in a consumer group of its own (`conntrack-node.<node_id>` by default) that
+  holds only committed offsets: a restarted node (a new incarnation) goes on after the last
+  command the previous one finished, and a node that never ran starts at the partition's end;
+- skips records of other node ids sharing the partition, and records that are not valid commands
+  (logged once each);
+- answers CONNECTION_GONE for a command of an older incarnation of this node (its sockets died
+  with that start), leaves a command of a *newer* incarnation alone (a newer start of this node
+  runs somewhere and answers it), answers EXPIRED for a command read after its expires_at, and
+  otherwise calls the gateway's handler (CommandHandler): `send` / `disconnect` return False when
+  the node holds no such socket (CONNECTION_GONE); an exception or running past the command's
+  deadline is FAILED, with the reason in `detail`;
+- publishes the Outcome keyed by reply_to and waits for the broker's acknowledgement, then
+  commits the command's offset. A command is executed at most once: the ids of the last
+  `remember` commands are kept with their outcomes, and a command read again (a redelivery, or an
+  API that published it twice) only has its remembered outcome published again.
+
+Commands run one at a time, in the partition's order, so a Send and then a Disconnect of one
+socket happen in that order. The outcomes producer is not idempotent on purpose: an outcome
+published twice is harmless (the API takes the first one for a command id), and a
+non-idempotent producer has no sequence numbers that a failed batch could leave with a gap
+(docs/producer.md, "Long outages"). While the broker is away the consumer and producer
+reconnect by themselves; an outcome that cannot be acknowledged is retried until the command's
+deadline has passed (nobody waits for it then) or the receiver stops.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, Final, Protocol
+
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+from aiokafka.errors import KafkaConnectionError, KafkaError
+from aiokafka.partitioner import DefaultPartitioner
+
+from connection_tracker.commands import (
+    CloseSocket,
+    Command,
+    DataType,
+    InvalidCommand,
+    Outcome,
+    OutcomeStatus,
+    SendFrame,
+    decode_command,
+    encode_outcome,
+)
+from connection_tracker.settings import default
+from producer.errors import BrokerUnavailableError, TopicNotFoundError
+
+log = logging.getLogger(__name__)
+
+GROUP_PREFIX: Final = "conntrack-node."
+_POLL_MS: Final = 200
+_RETRY_S: Final = 0.5
+_SEND_ATTEMPT_S: Final = 5.0
+# A command without a deadline (expires_at unset) may run this long before it counts as FAILED.
+_NO_DEADLINE_RUN_S: Final = 30.0
+
+
+class CommandHandler(Protocol):
+    """What the gateway does with a command. Both return False when the node holds no socket
+    with this connection id (the outcome is then CONNECTION_GONE), True when done."""
+
+    async def send(self, connection_id: str, data: bytes, data_type: DataType, /) -> bool: ...
+
+    async def disconnect(self, connection_id: str, status_code: int, reason: str, /) -> bool: ...
+
+
+def partition_for_node(node_id: str, partitions: int) -> int:
+    """The partition of the commands topic a node's commands are on: aiokafka's default
+    partitioner on the UTF-8 node id, the same as the API's producer uses (murmur2, as the Java
+    client, franz-go and librdkafka's murmur2_random)."""
+    all_partitions = list(range(partitions))
+    return int(DefaultPartitioner()(node_id.encode(), all_partitions, all_partitions))
+
+
+@dataclass
+class NodeCommandsStats:
+    received: int = 0
+    """Records of the node's partition read (every node's)."""
+    executed: int = 0
+    """Commands handed to the handler."""
+    duplicates: int = 0
+    """Commands read again after they had been acted on; not executed again."""
+    other_nodes: int = 0
+    """Records for other nodes (or a newer incarnation of this node), skipped."""
+    invalid: int = 0
+    """Records that were not valid commands, skipped."""
+    outcomes: dict[str, int] = field(default_factory=dict)
+    """Outcomes published, by status name."""
+    outcomes_abandoned: int = 0
+    """Outcomes the broker did not acknowledge before the command's deadline or stop()."""
+
+
+class NodeCommands:
+    """Receive and execute this node's commands. Async context manager; start() and stop() are
+    idempotent, stop() lets the command in progress finish (its outcome published and its
+    offset committed) and returns within about `drain_timeout_s`.
+
+    incarnation: this node's current incarnation, or a function returning it (for a Publisher
+        that may be restarted: `lambda: publisher.incarnation`); read for every command.
+    group_id: the consumer group holding this node's committed offset; default
+        `conntrack-node.<node_id>`. One group per node id: two processes with one node id
+        would share it.
+    remember: how many executed command ids are kept to act on a redelivered one once.
+    """
+
+    def __init__(
+        self,
+        bootstrap_servers: str,
+        node_id: str,
+        incarnation: int | Callable[[], int | None],
+        handler: CommandHandler,
+        *,
+        commands_topic: str | None = None,
+        outcomes_topic: str | None = None,
+        group_id: str | None = None,
+        remember: int = 100_000,
+        start_timeout_s: float = 30.0,
+        drain_timeout_s: float = 10.0,
+        wall_clock_ns: Callable[[], int] = time.time_ns,
+        **client_options: Any,
+    ) -> None:
+        if not node_id or len(node_id) > 255 or "\x00" in node_id:
+            raise ValueError("node_id must be 1..255 characters without NUL")
+        if remember < 1:
+            raise ValueError("remember must be >= 1")
+        self._bootstrap_servers = bootstrap_servers
+        self._node_id = node_id
+        self._key = node_id.encode()
+        self._incarnation = incarnation
+        self._handler = handler
+        self._commands_topic = commands_topic or str(default("commands_topic"))
+        self._outcomes_topic = outcomes_topic or str(default("command_outcomes_topic"))
+        self._group_id = group_id or GROUP_PREFIX + node_id
+        self._remember = remember
+        self._start_timeout_s = start_timeout_s
+        self._drain_timeout_s = drain_timeout_s
+        self._wall_clock_ns = wall_clock_ns
+        self._client_options = client_options
+        self._done: OrderedDict[str, Outcome] = OrderedDict()
+        self._stats = NodeCommandsStats()
+        self._lifecycle = asyncio.Lock()
+        self._consumer: Any = None
+        self._producer: Any = None
+        self._tp: TopicPartition | None = None
+        self._loop_task: asyncio.Task[None] | None = None
+        self._stopping = asyncio.Event()
+        self._uncommitted: int | None = None  # next offset to commit, if not committed yet
+
+    # -- lifecycle ---------------------------------------------------------------------------
+
+    @property
+    def node_id(self) -> str:
+        return self._node_id
+
+    @property
+    def partition(self) -> int | None:
+        """The commands topic's partition this node reads (None before start())."""
+        return None if self._tp is None else self._tp.partition
+
+    @property
+    def started(self) -> bool:
+        return self._loop_task is not None
+
+    def stats(self) -> NodeCommandsStats:
+        return NodeCommandsStats(**{**self._stats.__dict__, "outcomes": dict(self._stats.outcomes)})
+
+    def _current_incarnation(self) -> int | None:
+        return self._incarnation() if callable(self._incarnation) else self._incarnation
+
+    async def start(self) -> None:
+        """Connect, find the node's partition and its committed offset (none yet: the
+        partition's end, committed at once), and start receiving. Raises
+        BrokerUnavailableError if the broker cannot be reached within start_timeout_s, and
+        TopicNotFoundError if a topic is missing."""
+        async with self._lifecycle:
+            if self._loop_task is not None:
+                return
+            if not self._current_incarnation():
+                raise ValueError("no incarnation yet: start the node's Publisher first")
+            consumer = AIOKafkaConsumer(
+                bootstrap_servers=self._bootstrap_servers,
+                group_id=self._group_id,
+                enable_auto_commit=False,
+                auto_offset_reset="latest",
+                **self._client_options,
+            )
+            producer = AIOKafkaProducer(
+                bootstrap_servers=self._bootstrap_servers,
+                acks="all",
+                enable_idempotence=False,
+                linger_ms=0,
+                request_timeout_ms=max(1000, int(self._start_timeout_s * 1000)),
+                **self._client_options,
+            )
+            try:
+                async with asyncio.timeout(self._start_timeout_s):
+                    await consumer.start()
+                    await producer.start()
+                    self._tp = await self._assign(consumer, producer)
+            except TimeoutError as exc:
+                await self._close(consumer, producer)
+                raise BrokerUnavailableError(
+                    f"cannot reach Kafka at {self._bootstrap_servers} within "
+                    f"{self._start_timeout_s:g} s"
+                ) from exc
+            except KafkaConnectionError as exc:
+                await self._close(consumer, producer)
+                raise BrokerUnavailableError(
+                    f"cannot reach Kafka at {self._bootstrap_servers}: {exc}"
+                ) from exc
+            except BaseException:
+                await self._close(consumer, producer)
+                raise
+            self._consumer, self._producer = consumer, producer
+            self._stopping = asyncio.Event()
+            self._loop_task = asyncio.create_task(self._receive(), name="node-commands")
+            log.info(
+                "event=commands_started node_id=%s topic=%s partition=%d group=%s",
+                self._node_id,
+                self._commands_topic,
+                self._tp.partition,
+                self._group_id,
+            )
+
+    async def _assign(self, consumer: Any, producer: Any) -> TopicPartition:
+        for topic in (self._commands_topic, self._outcomes_topic):
+            # A topic created a moment ago may be missing from the first metadata answer.
+            for attempt in range(5):
+                if topic in await consumer.topics():  # a metadata request for every topic
+                    break
+                if attempt == 4:
+                    raise TopicNotFoundError(
+                        f"topic {topic} does not exist at {self._bootstrap_servers}; "
+                        "create it with `conntrack-producer topics`"
+                    )
+                await asyncio.sleep(0.2)
+        partitions = await producer.partitions_for(self._commands_topic)
+        tp = TopicPartition(
+            self._commands_topic, partition_for_node(self._node_id, len(partitions))
+        )
+        consumer.assign([tp])
+        committed = await consumer.committed(tp)
+        if committed is None:
+            # Never ran: start at the end (earlier commands are for no start of this node that
+            # could still hold a socket), and commit it, so that whatever arrives from now on is
+            # read by this start or the next one.
+            await consumer.seek_to_end(tp)
+            position = await consumer.position(tp)
+            await consumer.commit({tp: position})
+        else:
+            consumer.seek(tp, committed)
+        return tp
+
+    async def stop(self) -> None:
+        """Finish the command in progress (its outcome and commit), then close. Commands read
+        but not started are left for the next start, which reads them again."""
+        async with self._lifecycle:
+            task, self._loop_task = self._loop_task, None
+            if task is None:
+                return
+            self._stopping.set()
+            try:
+                # The command's run, then its outcome's retries (one attempt may take 5 s).
+                async with asyncio.timeout(self._drain_timeout_s + _SEND_ATTEMPT_S + 1):
+                    await asyncio.shield(task)
+            except TimeoutError:
+                log.warning("event=commands_stop_timeout node_id=%s", self._node_id)
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+            consumer, producer = self._consumer, self._producer
+            self._consumer = self._producer = None
+            await self._commit_pending(consumer, final=True)
+            await self._close(consumer, producer)
+            log.info("event=commands_stopped node_id=%s", self._node_id)
+
+    close = stop
+
+    async def __aenter__(self) -> NodeCommands:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.stop()
+
+    @staticmethod
+    async def _close(consumer: Any, producer: Any) -> None:
+        for client in (consumer, producer):
+            if client is not None:
+                try:
+                    await client.stop()
+                except Exception:  # closing is best effort
+                    log.debug("closing a Kafka client failed", exc_info=True)
+
+    # -- the loop ----------------------------------------------------------------------------
+
+    async def _receive(self) -> None:
+        assert self._tp is not None
+        tp, consumer = self._tp, self._consumer
+        while not self._stopping.is_set():
+            try:
+                batch = await consumer.getmany(tp, timeout_ms=_POLL_MS)
+                for record in batch.get(tp, []):
+                    if self._stopping.is_set():
+                        break
+                    acted = await self._handle(record)
+                    self._uncommitted = record.offset + 1
+                    if acted:
+                        # Acted on: commit at once, so no later start reads it again.
+                        await self._commit_pending(consumer)
+                # Skipped records need no hurry; one commit for the batch.
+                await self._commit_pending(consumer)
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                log.exception("event=commands_loop_error node_id=%s", self._node_id)
+                await asyncio.sleep(_RETRY_S)
+
+    async def _commit_pending(self, consumer: Any, final: bool = False) -> None:
+        if self._uncommitted is None or consumer is None or self._tp is None:
+            return
+        offset = self._uncommitted
+        try:
+            await consumer.commit({self._tp: offset})
+        except KafkaError as exc:
+            # The broker is away: the next commit carries it. Commands acted on meanwhile are
+            # remembered, so this process does not act on them twice.
+            level = logging.WARNING if final else logging.DEBUG
+            log.log(level, "event=commands_commit_failed offset=%d error=%s", offset, exc)
+            return
+        if self._uncommitted == offset:
+            self._uncommitted = None
+
+    async def _handle(self, record: Any) -> bool:
+        """Act on one record; True if an outcome was published for it."""
+        self._stats.received += 1
+        if record.key != self._key:
+            self._stats.other_nodes += 1
+            return False
+        try:
+            command = decode_command(record.value, record.key)
+        except InvalidCommand as exc:
+            self._stats.invalid += 1
+            log.warning(
+                "event=invalid_command partition=%d offset=%d error=%s",
+                record.partition,
+                record.offset,
+                exc,
+            )
+            return False
+        known = self._done.get(command.command_id)
+        if known is not None:
+            self._stats.duplicates += 1
+            await self._publish(command, known)
+            return True
+        incarnation = self._current_incarnation() or 0
+        if command.node_incarnation > incarnation:
+            # A newer start of this node exists (this process is an old one still running).
+            self._stats.other_nodes += 1
+            return False
+        outcome = await self._execute(command, incarnation)
+        self._remember_outcome(command.command_id, outcome)
+        await self._publish(command, outcome)
+        return True
+
+    def _remember_outcome(self, command_id: str, outcome: Outcome) -> None:
+        self._done[command_id] = outcome
+        while len(self._done) > self._remember:
+            self._done.popitem(last=False)
+
+    def _outcome(
+        self, command: Command, incarnation: int, status: OutcomeStatus, detail: str = ""
+    ) -> Outcome:
+        self._stats.outcomes[status.name] = self._stats.outcomes.get(status.name, 0) + 1
+        return Outcome(
+            command.command_id, self._node_id, incarnation, self._wall_clock_ns(), status, detail
+        )
+
+    async def _execute(self, command: Command, incarnation: int) -> Outcome:
+        if command.node_incarnation != incarnation:
+            return self._outcome(
+                command,
+                incarnation,
+                OutcomeStatus.CONNECTION_GONE,
+                f"incarnation {command.node_incarnation} of the node is gone; it is {incarnation}",
+            )
+        now_ns = self._wall_clock_ns()
+        if command.expires_at_ns > 0 and now_ns >= command.expires_at_ns:
+            late_ms = (now_ns - command.expires_at_ns) / 1e6
+            return self._outcome(
+                command,
+                incarnation,
+                OutcomeStatus.EXPIRED,
+                f"read {late_ms:.0f} ms after its deadline",
+            )
+        budget_s = (
+            (command.expires_at_ns - now_ns) / 1e9
+            if command.expires_at_ns > 0
+            else _NO_DEADLINE_RUN_S
+        )
+        self._stats.executed += 1
+        action = command.action
+        try:
+            async with asyncio.timeout(budget_s):
+                if isinstance(action, SendFrame):
+                    held = await self._handler.send(command.connection_id, action.data, action.type)
+                else:
+                    assert isinstance(action, CloseSocket)
+                    held = await self._handler.disconnect(
+                        command.connection_id, action.status_code, action.reason
+                    )
+        except TimeoutError:
+            return self._outcome(
+                command, incarnation, OutcomeStatus.FAILED, "not done before the deadline"
+            )
+        except Exception as exc:
+            log.warning(
+                "event=command_failed command_id=%s connection_id=%s error=%r",
+                command.command_id,
+                command.connection_id,
+                exc,
+            )
+            return self._outcome(
+                command, incarnation, OutcomeStatus.FAILED, f"{type(exc).__name__}: {exc}"[:1000]
+            )
+        if not held:
+            return self._outcome(
+                command, incarnation, OutcomeStatus.CONNECTION_GONE, "no such socket on the node"
+            )
+        return self._outcome(command, incarnation, OutcomeStatus.DONE)
+
+    async def _publish(self, command: Command, outcome: Outcome) -> None:
+        """Publish the outcome and wait for its acknowledgement; retry until acknowledged, the
+        command's deadline has passed, or the receiver stops (then after drain_timeout_s)."""
+        value = encode_outcome(outcome)
+        key = command.reply_to.encode()
+        loop = asyncio.get_running_loop()
+        stop_deadline: float | None = None
+        while True:
+            try:
+                async with asyncio.timeout(_SEND_ATTEMPT_S):
+                    future = await self._producer.send(self._outcomes_topic, value, key=key)
+                    await future
+                return
+            except (KafkaError, TimeoutError) as exc:
+                error: BaseException = exc
+            if self._stopping.is_set():
+                stop_deadline = stop_deadline or loop.time() + self._drain_timeout_s
+            past_deadline = (
+                command.expires_at_ns > 0 and self._wall_clock_ns() > command.expires_at_ns
+            )
+            if past_deadline or (stop_deadline is not None and loop.time() >= stop_deadline):
+                self._stats.outcomes_abandoned += 1
+                log.warning(
+                    "event=outcome_abandoned command_id=%s status=%s error=%r",
+                    command.command_id,
+                    outcome.status.name,
+                    error,
+                )
+                return
+            await asyncio.sleep(_RETRY_S)
