@@ -142,6 +142,20 @@ class Settings(BaseSettings):
         0, ge=0, description="A connection open for longer than this is gone; 0: never."
     )
 
+    # gateway: the reference gateway, conntrack-gateway (docs/gateway.md)
+    gateway_listen: str = Field(
+        "127.0.0.1:8765", description="host:port the reference gateway accepts WebSockets on."
+    )
+    gateway_id: str = Field(
+        "conntrack-gateway", description="API gateway id the reference gateway's events carry."
+    )
+    gateway_node_id: str | None = Field(
+        None, description="This gateway node's id (node role); unset: the host name."
+    )
+    gateway_heartbeat_seconds: float = Field(
+        5.0, gt=0, description="Seconds between the node's heartbeats; well below the lease."
+    )
+
     # rebuild (docs/rebuild.md)
     rebuild_batch_events: int = Field(20_000, ge=1, description="Rebuild: records per commit.")
     rebuild_max_events_per_second: float | None = Field(
@@ -223,6 +237,7 @@ SECTIONS: dict[str, tuple[str, ...]] = {
         "connection_max_lifetime_seconds",
     ),
     "rebuild": tuple(n for n in Settings.model_fields if n.startswith("rebuild_")),
+    "gateway": tuple(n for n in Settings.model_fields if n.startswith("gateway_")),
     "metrics": ("metrics_port",),
     "logging": ("log_level", "log_format", "gc_gen0_threshold"),
 }

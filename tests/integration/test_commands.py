@@ -27,6 +27,7 @@ COMMANDS = (
     "conntrack-producer",
     "conntrack-migrate",
     "conntrack-audit",
+    "conntrack-gateway",
 )
 
 

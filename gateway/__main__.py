@@ -1,0 +1,128 @@
+"""conntrack-gateway: the reference WebSocket gateway. Accepts clients on CONNTRACK_GATEWAY_LISTEN,
+publishes their connected / activity / disconnected events as a gateway node (node role), and
+executes the API's Send and Disconnect for its sockets. SIGTERM or SIGINT closes every socket
+with 1001 (going away), publishes the Disconnected events and exits 0."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import socket
+
+from websockets.asyncio.server import serve as serve_websockets
+
+from connection_tracker import cli
+from connection_tracker.lifecycle import (
+    PYTHON_GEN0_THRESHOLD,
+    on_shutdown_signal,
+    setup_logging,
+    tune_gc,
+)
+from connection_tracker.settings import Settings, env_name
+from gateway.server import Gateway
+from producer.commands import NodeCommands
+from producer.errors import BrokerUnavailableError, PublisherError, TopicNotFoundError
+from producer.publisher import Publisher
+
+log = logging.getLogger("gateway")
+
+
+def _host_port(listen: str) -> tuple[str, int]:
+    host, sep, port = listen.rpartition(":")
+    if not sep or not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise cli.CommandError(
+            f"CONNTRACK_GATEWAY_LISTEN / --gateway-listen = {listen!r}: use HOST:PORT",
+            cli.Exit.USAGE,
+        )
+    return host.strip("[]") or "0.0.0.0", int(port)
+
+
+async def run(settings: Settings) -> int:
+    host, port = _host_port(settings.gateway_listen)
+    node_id = settings.gateway_node_id or socket.gethostname()
+    stop = asyncio.Event()
+
+    async def request_stop() -> None:
+        stop.set()
+
+    on_shutdown_signal(request_stop)
+    try:
+        publisher = Publisher(
+            settings.kafka_bootstrap_servers,
+            settings.events_topic,
+            settings.gateway_id,
+            node_id=node_id,
+            heartbeat_interval_s=settings.gateway_heartbeat_seconds,
+        )
+    except ValueError as exc:
+        raise cli.CommandError(f"cannot start: {exc}", cli.Exit.USAGE) from None
+    try:
+        async with publisher:
+            gateway = Gateway(publisher)
+            commands = NodeCommands(
+                settings.kafka_bootstrap_servers,
+                node_id,
+                lambda: publisher.incarnation,
+                gateway,
+                commands_topic=settings.commands_topic,
+                outcomes_topic=settings.command_outcomes_topic,
+            )
+            async with commands:
+                try:
+                    server = await serve_websockets(
+                        gateway.handle,
+                        host,
+                        port,
+                        process_response=gateway.add_connection_id,
+                        close_timeout=5,
+                    )
+                except OSError as exc:
+                    raise cli.CommandError(
+                        f"cannot listen on {settings.gateway_listen}: {exc}", cli.Exit.USAGE
+                    ) from None
+                async with server:
+                    bound = sorted({s.getsockname()[1] for s in server.sockets})
+                    log.info(
+                        "event=listening listen=%s port=%s node_id=%s incarnation=%s "
+                        "commands_partition=%s",
+                        settings.gateway_listen,
+                        ",".join(map(str, bound)),
+                        node_id,
+                        publisher.incarnation,
+                        commands.partition,
+                    )
+                    print(f"listening on ws://{host}:{bound[0]}/ as node {node_id}", flush=True)
+                    await stop.wait()
+                    # Closing the server closes every socket with 1001 (going away) and waits
+                    # for the handlers, which publish the Disconnected events.
+                    server.close()
+                    await server.wait_closed()
+    except TopicNotFoundError as exc:
+        raise cli.CommandError(str(exc), cli.Exit.USAGE) from None
+    except BrokerUnavailableError as exc:
+        raise cli.CommandError(
+            f"cannot reach the Kafka broker at {settings.kafka_bootstrap_servers} ({exc}); check "
+            f"{env_name('kafka_bootstrap_servers')} and that the broker is up",
+            cli.Exit.UNAVAILABLE,
+        ) from None
+    except PublisherError as exc:
+        raise cli.CommandError(str(exc), cli.Exit.UNAVAILABLE) from None
+    return cli.Exit.OK
+
+
+def main(argv: list[str] | None = None) -> None:
+    prog = "conntrack-gateway"
+    sections = ("kafka", "gateway", "logging")
+    parser = cli.parser(prog, __doc__, sections)
+    ns = parser.parse_args(argv)
+    try:
+        settings = cli.settings_from_args(ns)
+    except cli.CommandError as exc:
+        cli.fail(prog, exc)
+    setup_logging(settings.log_level, settings.log_format)
+    tune_gc(settings.gc_gen0_threshold, default=PYTHON_GEN0_THRESHOLD)
+    cli.run(prog, lambda: run(settings), settings)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,123 @@
+"""The reference gateway's sockets: each accepted WebSocket gets a connection id (the
+connection's uuid4, hex), its Connected, Activity (coalesced by the Publisher) and Disconnected
+events go out through a Publisher with the node role, and the node's commands (producer/commands.py)
+write frames to it and close it. The connection id is also returned to the client in the
+handshake's `X-Connection-Id` response header, so a client (or a demo) can name itself to the API.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+from typing import Final
+
+from websockets.asyncio.server import ServerConnection
+from websockets.exceptions import ConnectionClosed
+from websockets.http11 import Request, Response
+
+from connection_tracker.commands import DataType
+from producer.errors import PublisherError
+from producer.publisher import Publisher
+
+log = logging.getLogger(__name__)
+
+CONNECTION_ID_HEADER: Final = "X-Connection-Id"
+# Close codes that say no code was received (RFC 6455, 7.4.1); the events' "none" is 0.
+_NO_CODE: Final = (1005, 1006)
+
+
+def connection_id(ws: ServerConnection) -> str:
+    return ws.id.hex
+
+
+def source_ip(ws: ServerConnection) -> str:
+    """The peer's address as the socket has it (no proxy headers are trusted); an IPv4 peer on a
+    dual-stack socket is given as IPv4."""
+    address = ws.remote_address
+    host = str(address[0]) if isinstance(address, tuple) and address else ""
+    try:
+        ip = ipaddress.ip_address(host.split("%", 1)[0])
+    except ValueError:
+        return host
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        return str(ip.ipv4_mapped)
+    return str(ip)
+
+
+class Gateway:
+    """The sockets this node holds, the WebSocket handler that publishes their events, and the
+    command handler (send / disconnect) NodeCommands calls."""
+
+    def __init__(self, publisher: Publisher) -> None:
+        self._publisher = publisher
+        self._sockets: dict[str, ServerConnection] = {}
+
+    @property
+    def open_sockets(self) -> int:
+        return len(self._sockets)
+
+    def add_connection_id(
+        self, ws: ServerConnection, request: Request, response: Response
+    ) -> Response:
+        """process_response hook: tell the client its connection id."""
+        response.headers[CONNECTION_ID_HEADER] = connection_id(ws)
+        return response
+
+    async def handle(self, ws: ServerConnection) -> None:
+        """One client, from the handshake to the close."""
+        conn_id = connection_id(ws)
+        user_agent = ws.request.headers.get("User-Agent", "") if ws.request else ""
+        self._sockets[conn_id] = ws
+        try:
+            try:
+                await self._publisher.connected(
+                    conn_id, source_ip(ws), user_agent.replace("\x00", "")
+                )
+            except (PublisherError, ValueError) as exc:
+                log.error("event=connected_not_published connection_id=%s error=%s", conn_id, exc)
+                await ws.close(1011, "connection tracking unavailable")
+                return
+            log.debug("event=connected connection_id=%s", conn_id)
+            try:
+                async for _ in ws:
+                    await self._publisher.activity(conn_id, frames=1)
+            except ConnectionClosed:
+                pass
+            except PublisherError as exc:
+                log.error("event=activity_not_published connection_id=%s error=%s", conn_id, exc)
+                await ws.close(1011, "connection tracking unavailable")
+        finally:
+            self._sockets.pop(conn_id, None)
+        code = ws.close_code or 0
+        reason = ws.close_reason or ""
+        if code in _NO_CODE:
+            code, reason = 0, ""
+        try:
+            await self._publisher.disconnected(
+                conn_id, status_code=code, reason=reason.replace("\x00", "")
+            )
+        except PublisherError as exc:
+            log.error("event=disconnected_not_published connection_id=%s error=%s", conn_id, exc)
+        log.debug("event=disconnected connection_id=%s code=%d", conn_id, code)
+
+    # -- the node's commands (producer.commands.CommandHandler) -------------------------------
+
+    async def send(self, connection_id: str, data: bytes, data_type: DataType, /) -> bool:
+        ws = self._sockets.get(connection_id)
+        if ws is None:
+            return False
+        try:
+            # A TEXT frame must be UTF-8: invalid data fails the command (UnicodeDecodeError).
+            await ws.send(data.decode("utf-8") if data_type is DataType.TEXT else data)
+        except ConnectionClosed:
+            return False
+        return True
+
+    async def disconnect(self, connection_id: str, status_code: int, reason: str, /) -> bool:
+        ws = self._sockets.get(connection_id)
+        if ws is None:
+            return False
+        # Waits for the client's close frame (close_timeout at most); the handler then
+        # publishes Disconnected. An invalid code or a reason over 123 bytes raises: FAILED.
+        await ws.close(status_code, reason)
+        return True
