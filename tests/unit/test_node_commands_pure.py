@@ -11,7 +11,7 @@ from producer.commands import partition_for_node
 from producer.topics import TopicSpec, history_problems, transient_problems
 
 NODE_IDS = st.text(
-    st.characters(exclude_categories=("Cs",), exclude_characters="\x00"), min_size=1, max_size=255
+    st.characters(exclude_categories=["Cs"], exclude_characters="\x00"), min_size=1, max_size=255
 )
 
 
