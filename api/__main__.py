@@ -103,7 +103,7 @@ async def get(ns: argparse.Namespace, settings: Settings) -> int:
 
 def main(argv: list[str] | None = None) -> None:
     prog = "conntrack-api"
-    serving = ("database", "api", "liveness", "metrics", "logging")
+    serving = ("kafka", "database", "api", "liveness", "metrics", "logging")
     parser = cli.parser(prog, __doc__, serving)
     sub = parser.add_subparsers(dest="command", required=True)
     s = sub.add_parser("serve", help="run the gRPC server until SIGTERM/SIGINT")

@@ -14,6 +14,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from api import reflection
 from api.auth import BearerTokens, load_tokens
+from api.commands import CommandChannel
 from api.interceptors import BearerAuthInterceptor, ConcurrencyLimitInterceptor, MetricsInterceptor
 from api.metrics import ApiMetrics
 from api.repository import ConnectionRepository, ReadModelUnavailable
@@ -54,6 +55,8 @@ class ApiServer:
         metrics_port: int | None = None,
         metrics_host: str | None = None,
         liveness: Liveness | None = None,
+        commands: CommandChannel | None = None,
+        command_timeout_seconds: float = default("api_command_timeout_seconds"),
     ) -> None:
         """metrics_port None serves no /metrics endpoint; 0 picks a free port. metrics_host
         None binds it to the host of `listen`."""
@@ -74,7 +77,10 @@ class ApiServer:
             db_timeout_seconds=db_timeout_seconds,
             freshness_ttl_seconds=freshness_ttl_seconds,
             liveness=liveness,
+            commands=commands,
+            command_timeout_seconds=command_timeout_seconds,
         )
+        self._commands = commands
         self._limit = ConcurrencyLimitInterceptor(
             max_concurrent_calls, f"/{SERVICE_NAME}/", self.metrics.in_flight.set
         )
@@ -118,6 +124,12 @@ class ApiServer:
                 settings.connection_idle_timeout_seconds,
                 settings.connection_max_lifetime_seconds,
             ),
+            commands=CommandChannel(
+                settings.kafka_bootstrap_servers,
+                settings.commands_topic,
+                settings.command_outcomes_topic,
+            ),
+            command_timeout_seconds=settings.api_command_timeout_seconds,
         )
 
     @property
@@ -148,6 +160,8 @@ class ApiServer:
                 ("grpc.max_send_message_length", self._max_message_bytes),
             ],
         )
+        if self._commands is not None:
+            await self._commands.start()  # connects in the background: Get never waits for it
         handlers = connection_service_handlers(self._service)
         server.add_generic_rpc_handlers(
             (grpc.method_handlers_generic_handler(SERVICE_NAME, handlers),)
@@ -225,6 +239,8 @@ class ApiServer:
                 await self._health_task
         await self._health.enter_graceful_shutdown()
         await server.stop(self._grace)
+        if self._commands is not None:
+            await self._commands.stop()
         await self._repository.release_connections()
         self.metrics.stop_http()
         log.info("stopped")

@@ -110,6 +110,12 @@ class Settings(BaseSettings):
         5.0, gt=0, description="Longest a read-model lookup may take."
     )
     api_db_pool_size: int = Field(10, ge=1, description="Read-model connections of the API.")
+    api_command_timeout_seconds: float = Field(
+        10.0,
+        gt=0,
+        description="Longest a Send or Disconnect waits for the gateway node's outcome (less "
+        "when the caller's deadline is nearer).",
+    )
     api_freshness_ttl_ms: int = Field(
         1000, ge=0, description="How long a read of the projection's freshness is reused."
     )

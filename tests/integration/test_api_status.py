@@ -224,7 +224,9 @@ async def test_undecodable_request_is_invalid_argument_not_unknown(
     assert "connection_id" in (err.details() or "")
 
 
-async def test_send_and_disconnect_are_unimplemented(read_engine: AsyncEngine) -> None:
+async def test_send_and_disconnect_without_a_command_channel_are_unimplemented(
+    read_engine: AsyncEngine,
+) -> None:
     async with serving(read_engine) as server, stub_for(server) as stub:
         send = await failure(
             stub.Send(
@@ -240,9 +242,9 @@ async def test_send_and_disconnect_are_unimplemented(read_engine: AsyncEngine) -
             stub.Disconnect(svc.DisconnectRequest(connection_id=OPEN_ID), timeout=10)
         )
     assert send.code() == grpc.StatusCode.UNIMPLEMENTED
-    assert "Send is not supported" in (send.details() or "")
+    assert "no command channel" in (send.details() or "")
     assert disconnect.code() == grpc.StatusCode.UNIMPLEMENTED
-    assert "Disconnect is not supported" in (disconnect.details() or "")
+    assert "no command channel" in (disconnect.details() or "")
 
 
 async def test_message_over_the_size_limit_is_resource_exhausted(

@@ -1,0 +1,195 @@
+"""The API's end of the command channel (connection_tracker/commands.py): Send and Disconnect
+become commands on the commands topic, keyed by the node holding the socket, and the call waits
+for the node's outcome on the outcomes topic.
+
+Each API process has its own reply address (a random id, the key of its outcome records). It
+reads every partition of the outcomes topic from the end as of its start, outside any consumer
+group, and picks out its own outcomes by command id: simple, and cheap at the rate commands are
+made (every API process reads every outcome; with very many API processes a partition per
+process would be the next step).
+
+The Kafka clients connect in the background and reconnect by themselves: an API whose broker is
+away keeps answering Get, and Send/Disconnect answer UNAVAILABLE meanwhile.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+import uuid
+from typing import Any
+
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+from aiokafka.errors import KafkaError
+
+from connection_tracker.commands import (
+    Action,
+    Command,
+    InvalidCommand,
+    Outcome,
+    decode_outcome,
+    encode_command,
+)
+from connection_tracker.retry import Backoff, one_line
+
+log = logging.getLogger(__name__)
+
+
+class CommandChannelUnavailable(RuntimeError):
+    """The command could not be handed to the broker, or no outcome came in time."""
+
+
+class CommandChannel:
+    """Async context manager; start() returns at once and connects in the background."""
+
+    def __init__(self, bootstrap_servers: str, commands_topic: str, outcomes_topic: str) -> None:
+        self._bootstrap = bootstrap_servers
+        self._commands_topic = commands_topic
+        self._outcomes_topic = outcomes_topic
+        self.reply_to = f"api-{uuid.uuid4().hex}"
+        self._producer: AIOKafkaProducer | None = None
+        self._consumer: AIOKafkaConsumer | None = None
+        self._ready = asyncio.Event()
+        self._waiting: dict[str, asyncio.Future[Outcome]] = {}
+        self._task: asyncio.Task[None] | None = None
+
+    async def start(self) -> None:
+        if self._task is None:
+            self._task = asyncio.create_task(self._run())
+
+    async def stop(self) -> None:
+        task, self._task = self._task, None
+        if task is not None:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        for waiter in self._waiting.values():
+            if not waiter.done():
+                waiter.set_exception(CommandChannelUnavailable("the API is stopping"))
+        self._waiting.clear()
+
+    async def __aenter__(self) -> CommandChannel:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.stop()
+
+    @property
+    def ready(self) -> bool:
+        return self._ready.is_set()
+
+    async def _run(self) -> None:
+        """Connect (retrying with backoff), then read outcomes until stopped."""
+        delays = Backoff(max_s=5.0).delays()
+        while True:
+            producer = AIOKafkaProducer(
+                bootstrap_servers=self._bootstrap, acks="all", enable_idempotence=True
+            )
+            consumer = AIOKafkaConsumer(
+                bootstrap_servers=self._bootstrap, group_id=None, enable_auto_commit=False
+            )
+            try:
+                await producer.start()
+                await consumer.start()
+                # Asked of the full metadata first: partitions_for() would spin on a missing
+                # topic, aiokafka logging an error each time.
+                missing = {self._commands_topic, self._outcomes_topic} - await consumer.topics()
+                if missing:
+                    raise KafkaError(
+                        f"topics {sorted(missing)} do not exist (conntrack-producer topics "
+                        "creates them)"
+                    )
+                partitions = await producer.partitions_for(self._outcomes_topic)
+                tps = [TopicPartition(self._outcomes_topic, p) for p in sorted(partitions)]
+                consumer.assign(tps)
+                await consumer.seek_to_end(*tps)
+                for tp in tps:  # resolve the end positions now: later outcomes are ours to see
+                    await consumer.position(tp)
+                self._producer, self._consumer = producer, consumer
+                self._ready.set()
+                log.info("event=command_channel_ready reply_to=%s", self.reply_to)
+                await self._read_outcomes(consumer)
+            except (KafkaError, OSError) as exc:
+                log.warning("event=command_channel_retry error=%r", one_line(exc))
+            finally:
+                self._ready.clear()
+                self._producer = self._consumer = None
+                with contextlib.suppress(Exception):
+                    await consumer.stop()
+                with contextlib.suppress(Exception):
+                    await producer.stop()
+            await asyncio.sleep(next(delays))
+
+    async def _read_outcomes(self, consumer: AIOKafkaConsumer) -> None:
+        reply_to = self.reply_to.encode()
+        while True:
+            batch: dict[Any, list[Any]] = await consumer.getmany(timeout_ms=1000)
+            for records in batch.values():
+                for record in records:
+                    if record.key != reply_to:
+                        continue
+                    try:
+                        outcome = decode_outcome(record.value)
+                    except InvalidCommand as exc:
+                        log.warning("event=outcome_undecodable error=%r", str(exc))
+                        continue
+                    waiter = self._waiting.get(outcome.command_id)
+                    if waiter is not None and not waiter.done():
+                        waiter.set_result(outcome)
+
+    async def execute(
+        self,
+        *,
+        node_id: str,
+        node_incarnation: int,
+        connection_id: str,
+        action: Action,
+        timeout_s: float,
+    ) -> Outcome:
+        """Hand the command to the broker and wait for its outcome, at most timeout_s. Raises
+        CommandChannelUnavailable if the broker cannot be reached or no outcome comes."""
+        producer = self._producer
+        if producer is None:
+            raise CommandChannelUnavailable("the command channel is not connected to Kafka")
+        now = time.time_ns()
+        command = Command(
+            command_id=uuid.uuid4().hex,
+            node_id=node_id,
+            node_incarnation=node_incarnation,
+            connection_id=connection_id,
+            issued_at_ns=now,
+            expires_at_ns=now + int(timeout_s * 1e9),
+            reply_to=self.reply_to,
+            action=action,
+        )
+        waiter: asyncio.Future[Outcome] = asyncio.get_running_loop().create_future()
+        self._waiting[command.command_id] = waiter
+        try:
+            async with asyncio.timeout(timeout_s):
+                try:
+                    delivery = await producer.send(
+                        self._commands_topic, encode_command(command), key=node_id.encode()
+                    )
+                    # A caller that leaves (its deadline) must neither cancel aiokafka's own
+                    # future nor leave its error unretrieved.
+                    delivery.add_done_callback(_retrieve)
+                    await asyncio.shield(delivery)
+                except KafkaError as exc:
+                    raise CommandChannelUnavailable(
+                        f"the command could not be handed to Kafka: {one_line(exc)}"
+                    ) from None
+                return await waiter
+        except TimeoutError:
+            raise CommandChannelUnavailable(
+                f"no outcome from gateway node {node_id} within {timeout_s:.3g} s"
+            ) from None
+        finally:
+            self._waiting.pop(command.command_id, None)
+
+
+def _retrieve(future: asyncio.Future[Any]) -> None:
+    if not future.cancelled():
+        future.exception()
