@@ -56,6 +56,12 @@ class Settings(BaseSettings):
     batch_max_wait_ms: int = Field(
         100, ge=1, description="Projector: longest wait to fill a batch, milliseconds."
     )
+    refused_batch_attempts: int = Field(
+        3,
+        ge=1,
+        description="Projector: attempts of a batch the database refuses (a constraint, a value "
+        "out of range) before the refused records are found and dead-lettered.",
+    )
     retry_max_backoff_seconds: float = Field(
         10.0, gt=0, description="Longest pause between retries while a dependency is down."
     )
@@ -228,6 +234,7 @@ SECTIONS: dict[str, tuple[str, ...]] = {
         "consumer_group",
         "batch_max_events",
         "batch_max_wait_ms",
+        "refused_batch_attempts",
         "retry_max_backoff_seconds",
         "consumer_session_timeout_ms",
     ),

@@ -22,7 +22,7 @@ rows.
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -39,6 +39,7 @@ from sqlalchemy import (
     update,
 )
 from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.exc import DataError, IntegrityError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 from sqlalchemy.sql.compiler import IdentifierPreparer
 
@@ -70,6 +71,15 @@ class FencedError(RuntimeError):
 class BatchResult:
     written: int  # connection rows inserted or updated
     suppressed: int  # batch states dropped because their connection was pruned (tombstoned)
+    refused: int = 0  # batch states the database refused (isolated and handed to on_refused)
+
+
+# What a database says about one row it will not take (a constraint, a value out of range), as
+# opposed to being unavailable: retrying the same row cannot help.
+REFUSALS: tuple[type[BaseException], ...] = (IntegrityError, DataError)
+
+# on_refused(connection id -> the database's error), awaited before the batch commits.
+OnRefused = Callable[[dict[str, str]], Awaitable[None]]
 
 
 @dataclass(frozen=True, slots=True)
@@ -213,6 +223,13 @@ def _nodes_merge(tables: ReadModelTables, preparer: IdentifierPreparer, dialect:
     )
 
 
+def _database_error(exc: BaseException) -> str:
+    """The driver's message, without the statement and parameters SQLAlchemy appends."""
+    orig = getattr(exc, "orig", None)
+    text = str(orig if orig is not None else exc).strip().splitlines()
+    return f"database refused: {type(orig or exc).__name__}: {text[0] if text else ''}"
+
+
 def _pg_array_type(column: Any) -> str:
     if isinstance(column.type, BigInteger):
         return "int8[]"
@@ -307,12 +324,18 @@ class ProjectionStore:
         advances: Mapping[int, tuple[int, int]],
         states: Mapping[str, ConnectionState],
         nodes: Mapping[str, NodeState] | None = None,
+        on_refused: OnRefused | None = None,
     ) -> BatchResult:
         """Atomically move each partition from expected to new offset and merge the states (and
         the nodes' states). advances: partition -> (expected stored offset, new offset). Raises
-        FencedError."""
+        FencedError, or a REFUSALS error if the database will not take a state.
+
+        With on_refused, states are merged in savepoints instead, and a part the database
+        refuses is split until the states it refuses are found; those are left out, handed to
+        on_refused (which must make them durable elsewhere, or raise to roll everything back),
+        and the rest commits with the positions."""
         async with self._engine.begin() as conn:
-            return await self.apply_batch_in(conn, topic, advances, states, nodes)
+            return await self.apply_batch_in(conn, topic, advances, states, nodes, on_refused)
 
     async def apply_batch_in(
         self,
@@ -321,6 +344,7 @@ class ProjectionStore:
         advances: Mapping[int, tuple[int, int]],
         states: Mapping[str, ConnectionState],
         nodes: Mapping[str, NodeState] | None = None,
+        on_refused: OnRefused | None = None,
     ) -> BatchResult:
         """apply_batch() inside the caller's transaction (a rebuild's switch folds its last
         events in the same transaction that swaps the generations)."""
@@ -349,7 +373,34 @@ class ProjectionStore:
             await self._merge_nodes(conn, nodes)
         if not states:
             return BatchResult(0, 0)
-        return await self._merge_states(conn, states)
+        if on_refused is None:
+            return await self._merge_states(conn, states)
+        refused: dict[str, str] = {}
+        merged = await self._merge_isolating(conn, dict(states), refused)
+        if refused:
+            await on_refused(refused)
+        return BatchResult(merged.written, merged.suppressed, len(refused))
+
+    async def _merge_isolating(
+        self, conn: AsyncConnection, states: dict[str, ConnectionState], refused: dict[str, str]
+    ) -> BatchResult:
+        """_merge_states() in a savepoint; a refused part is halved until the refused states
+        are single ones (collected in `refused`)."""
+        try:
+            async with conn.begin_nested():
+                return await self._merge_states(conn, states)
+        except REFUSALS as exc:
+            if len(states) == 1:
+                refused.update((cid, _database_error(exc)) for cid in states)
+                return BatchResult(0, 0)
+        ids = sorted(states)
+        halves = (ids[: len(ids) // 2], ids[len(ids) // 2 :])
+        written = suppressed = 0
+        for half in halves:
+            part = await self._merge_isolating(conn, {c: states[c] for c in half}, refused)
+            written += part.written
+            suppressed += part.suppressed
+        return BatchResult(written, suppressed)
 
     async def _merge_nodes(self, conn: AsyncConnection, nodes: Mapping[str, NodeState]) -> None:
         # Sorted: two writers lock node rows in one order and cannot deadlock.

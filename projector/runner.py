@@ -37,7 +37,13 @@ from connection_tracker.batch import Batch, WriteBehind
 from connection_tracker.fold import ConnectionState, NodeState
 from connection_tracker.retry import Abandoned, Backoff, Retrier
 from connection_tracker.settings import Settings
-from connection_tracker.store import BatchResult, FencedError, ProjectionStore
+from connection_tracker.store import (
+    REFUSALS,
+    BatchResult,
+    FencedError,
+    OnRefused,
+    ProjectionStore,
+)
 from projector.continuity import run_from
 from projector.dead_letter import DeadLetterPublisher, Rejected
 from projector.group_offsets import GroupOffsets
@@ -70,6 +76,7 @@ class _Prepared:
     batch: Batch
     states: dict[str, ConnectionState]
     nodes: dict[str, NodeState]
+    records: dict[TopicPartition, list[Any]]  # what the batch was decoded from
 
 
 class Projector:
@@ -365,7 +372,7 @@ class Projector:
                 await asyncio.sleep(0)
         if not batch.advances:
             return None
-        return _Prepared(batch, batch.fold(), batch.fold_nodes())
+        return _Prepared(batch, batch.fold(), batch.fold_nodes(), fetched.records)
 
     def _gap(self, tp: TopicPartition, start: int, records: list[Any], read_from: int) -> None:
         self.metrics.position_gaps.labels(tp.topic, str(tp.partition)).inc()
@@ -401,12 +408,26 @@ class Projector:
                     r.error,
                 )
         started = time.perf_counter()
-        attempts = 0
+        attempts = refusals = 0
 
         async def write() -> BatchResult:
-            nonlocal attempts
+            nonlocal attempts, refusals
             attempts += 1
-            return await self._store.apply_batch(self._topic, advances, states, prepared.nodes)
+            # A batch the database keeps refusing would stall its partitions for good: after
+            # refused_batch_attempts, the refused rows are found and their records dead-lettered.
+            # (A database that is down raises other errors, and is waited for.)
+            isolate = (
+                self._dead_letter_refused(prepared)
+                if refusals >= self._settings.refused_batch_attempts
+                else None
+            )
+            try:
+                return await self._store.apply_batch(
+                    self._topic, advances, states, prepared.nodes, isolate
+                )
+            except REFUSALS:
+                refusals += 1
+                raise
 
         try:
             result = await self._retry("database", write)
@@ -442,6 +463,36 @@ class Projector:
         )
         if commit:
             self._group_offsets.commit_soon(commit)
+
+    def _dead_letter_refused(self, prepared: _Prepared) -> OnRefused:
+        """What to do with connections the database refused: their records of this batch go to
+        the dead-letter topic with the database's error, before the batch commits."""
+
+        async def dead_letter(refused: dict[str, str]) -> None:
+            keys = {cid.encode(): error for cid, error in refused.items()}
+            advances = prepared.batch.advances
+            poison = {(r.partition, r.offset) for r, _ in prepared.batch.rejected}
+            rejected = [
+                Rejected.of(record, keys[record.key])
+                for tp, records in prepared.records.items()
+                if tp.partition in advances
+                for record in records
+                if record.key in keys
+                and advances[tp.partition][0] <= record.offset < advances[tp.partition][1]
+                and (record.partition, record.offset) not in poison  # dead-lettered already
+            ]
+            await self._dead_letters.publish(rejected)
+            self.metrics.dead_lettered.inc(len(rejected))
+            for r in rejected:
+                log.warning(
+                    "event=dead_lettered topic=%s partition=%d offset=%d error=%r",
+                    r.topic,
+                    r.partition,
+                    r.offset,
+                    r.error,
+                )
+
+        return dead_letter
 
     async def _already_committed(self, advances: dict[int, tuple[int, int]]) -> bool:
         """Whether every partition of the batch is stored exactly at the batch's end."""

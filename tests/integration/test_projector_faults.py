@@ -14,12 +14,21 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from sqlalchemy.exc import OperationalError
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from connection_tracker.events import Activity, Connected, Event
 from connection_tracker.fold import ConnectionState, NodeState, fold
 from connection_tracker.settings import Settings
-from connection_tracker.store import BatchResult, ProjectionStore
+from connection_tracker.store import BatchResult, OnRefused, ProjectionStore
+from projector.dead_letter import ERROR, SOURCE_OFFSET, SOURCE_PARTITION
 from projector.runner import Projector
-from tests.support.events import as_records, make_events
-from tests.support.kafka import create_topic, delete_topics, log_end_offsets, publish, unique
+from tests.support.events import T0, as_records, make_events
+from tests.support.kafka import (
+    create_topic,
+    delete_topics,
+    log_end_offsets,
+    publish,
+    read_dead_letters,
+    unique,
+)
 from tests.support.projector import (
     assert_each_advance_exact,
     fenced,
@@ -48,9 +57,10 @@ class LostCommitReplies(ProjectionStore):
         advances: Mapping[int, tuple[int, int]],
         states: Mapping[str, ConnectionState],
         nodes: Mapping[str, NodeState] | None = None,
+        on_refused: OnRefused | None = None,
     ) -> BatchResult:
         self.calls += 1
-        result = await super().apply_batch(topic, advances, states, nodes)
+        result = await super().apply_batch(topic, advances, states, nodes, on_refused)
         if self.calls % self.every == 0:
             self.lost += 1
             raise OperationalError("COMMIT", {}, ConnectionResetError("reply lost"))
@@ -119,12 +129,13 @@ class HeldFirstWrite(ProjectionStore):
         advances: Mapping[int, tuple[int, int]],
         states: Mapping[str, ConnectionState],
         nodes: Mapping[str, NodeState] | None = None,
+        on_refused: OnRefused | None = None,
     ) -> BatchResult:
         self.calls += 1
         if self.calls == 1:
             self.writing.set()
             await self.release.wait()
-        return await super().apply_batch(topic, advances, states, nodes)
+        return await super().apply_batch(topic, advances, states, nodes, on_refused)
 
 
 async def test_a_batch_prepared_behind_a_fenced_one_is_dropped_and_read_again(
@@ -343,3 +354,51 @@ async def test_offsets_kafka_leaves_unused_are_passed_over(
     assert await store.all_states() == fold(events)
     assert unused > 0
     assert "event=offsets_unused" in caplog.text
+
+
+async def _refuse_a_user_agent(engine: AsyncEngine, user_agent: str) -> None:
+    """Make the database refuse rows with this user agent, as a future constraint might."""
+    async with engine.begin() as conn:
+        if conn.dialect.name == "postgresql":
+            await conn.exec_driver_sql(
+                "ALTER TABLE connections ADD CONSTRAINT refused_for_the_test "
+                f"CHECK (user_agent IS DISTINCT FROM '{user_agent}')"
+            )
+        else:
+            await conn.exec_driver_sql(
+                "CREATE TRIGGER refused_for_the_test BEFORE INSERT ON connections "
+                f"WHEN NEW.user_agent = '{user_agent}' "
+                "BEGIN SELECT RAISE(ABORT, 'refused for the test'); END"
+            )
+
+
+async def test_a_record_the_database_refuses_is_dead_lettered_and_the_partition_moves_on(
+    kafka_settings: Settings, engine: AsyncEngine, caplog: pytest.LogCaptureFixture
+) -> None:
+    s = kafka_settings.model_copy(
+        update={"refused_batch_attempts": 2, "retry_max_backoff_seconds": 0.2}
+    )
+    await _refuse_a_user_agent(engine, "refuse-me")
+    store = ProjectionStore(engine)
+    events = make_events(random.Random(17), "z", 900, 120)
+    refused = Event("z-refused", "z-refused-conn", "gw", T0 + 5, Connected("10.0.0.1", "refuse-me"))
+    later = Event("z-later", "z-refused-conn", "gw", T0 + 6, Activity(1))
+    all_events = [*events[:450], refused, later, *events[450:]]
+    async with running(Projector(s, store)) as projector:
+        metas = await publish(s.kafka_bootstrap_servers, s.events_topic, as_records(all_events))
+        await wait_caught_up(store, s)
+        retries = projector.metrics.registry.get_sample_value(
+            "conntrack_projector_retries_total", {"cause": "database"}
+        )
+        assert retries is not None
+        assert retries >= 2  # the configured attempts, then the refused rows were isolated
+    # Everything but the refused connection's records is applied; those are dead letters with
+    # the database's error and their provenance.
+    assert await store.all_states() == fold(events)
+    where = {(m.partition, m.offset) for m in metas[450:452]}
+    letters = await read_dead_letters(s.kafka_bootstrap_servers, s.dead_letter_topic, 2)
+    assert {
+        (int(dict(x.headers)[SOURCE_PARTITION]), int(dict(x.headers)[SOURCE_OFFSET]))
+        for x in letters
+    } == where
+    assert all(b"database refused" in dict(x.headers)[ERROR] for x in letters)
