@@ -1,13 +1,13 @@
 # Front door. See README.md.
 .PHONY: demo test stop lint proto infra-up infra-down bench lock
 
-demo:  ## run the whole system on SQLite with a simulated workload, print a Get answer
+demo:  ## run the whole system on SQLite: simulated workload, Get; a WebSocket client: Get, Send, Disconnect
 	bash scripts/demo.sh
 
 test:  ## provision Kafka + PostgreSQL and run linters, type checks and the full test suite
 	bash scripts/test.sh
 
-stop:  ## stop what demo/test started (API, projector, Kafka, PostgreSQL)
+stop:  ## stop what demo/test started (gateway, API, projector, Kafka, PostgreSQL)
 	bash scripts/stop.sh
 
 lint:

@@ -1,13 +1,17 @@
-"""conntrack-api: serve ConnectionService (`serve`), or fetch one connection as JSON (`get`)."""
+"""conntrack-api: serve ConnectionService (`serve`), fetch one connection as JSON (`get`), write
+a frame to one (`send`) or close it (`disconnect`) through the gateway node holding it."""
 
 from __future__ import annotations
 
 import argparse
+import base64
+import binascii
 import sys
 from pathlib import Path
 
 import grpc
 from google.protobuf.json_format import MessageToJson
+from google.protobuf.message import Message
 
 from api.auth import TokenConfigError
 from api.repository import ConnectionRepository, create_read_engine
@@ -52,9 +56,10 @@ async def serve(settings: Settings) -> int:
         await engine.dispose()
 
 
-# What a failed Get means for the exit code: a dependency (the server, its database) that could
-# not be reached is 69; any other answer is a negative one.
-_GET_EXIT = {
+# What a failed call means for the exit code: a dependency (the server, its database, the
+# command channel to the gateway node) that could not be reached is 69; any other answer is a
+# negative one.
+_CALL_EXIT = {
     grpc.StatusCode.UNAVAILABLE: cli.Exit.UNAVAILABLE,
     grpc.StatusCode.DEADLINE_EXCEEDED: cli.Exit.UNAVAILABLE,
 }
@@ -68,37 +73,82 @@ def _token(ns: argparse.Namespace, settings: Settings) -> str | None:
     return None
 
 
-async def get(ns: argparse.Namespace, settings: Settings) -> int:
+def _channel(ns: argparse.Namespace, settings: Settings) -> grpc.aio.Channel:
     target = ns.target or settings.api_listen
-    token = _token(ns, settings)
-    metadata = (("authorization", f"Bearer {token}"),) if token else None
     if ns.tls or ns.tls_ca or ns.tls_cert:
         options = (
             [("grpc.ssl_target_name_override", ns.tls_server_name)] if ns.tls_server_name else []
         )
         credentials = client_credentials(ns.tls_ca, ns.tls_cert, ns.tls_key)
-        channel = grpc.aio.secure_channel(target, credentials, options=options)
-    else:
-        channel = grpc.aio.insecure_channel(target)
-    async with channel:
-        stub = connection_service_pb2_grpc.ConnectionServiceStub(channel)
-        call = stub.Get(
-            connection_service_pb2.GetConnectionRequest(connection_id=ns.connection_id),
-            timeout=ns.timeout,
-            metadata=metadata,
+        return grpc.aio.secure_channel(target, credentials, options=options)
+    return grpc.aio.insecure_channel(target)
+
+
+def _request(ns: argparse.Namespace) -> Message:
+    """The request of the client subcommand in ns (get, send or disconnect)."""
+    if ns.command == "get":
+        return connection_service_pb2.GetConnectionRequest(connection_id=ns.connection_id)
+    if ns.command == "disconnect":
+        return connection_service_pb2.DisconnectRequest(connection_id=ns.connection_id)
+    request = connection_service_pb2.SendToConnectionRequest
+    if ns.text is not None:
+        return request(
+            connection_id=ns.connection_id,
+            data=ns.text.encode("utf-8", "surrogateescape"),
+            type=request.TEXT,
         )
+    try:
+        data = base64.b64decode(ns.binary, validate=True)
+    except (binascii.Error, ValueError):
+        raise cli.CommandError(
+            f"--binary = {ns.binary!r}: not base64 (the frame's bytes are given in base64)",
+            cli.Exit.USAGE,
+        ) from None
+    return request(connection_id=ns.connection_id, data=data, type=request.BINARY)
+
+
+async def call(ns: argparse.Namespace, settings: Settings) -> int:
+    """get / send / disconnect: one call, the answer as JSON on stdout (`{}` for send and
+    disconnect, once the gateway node has written the frame / closed the socket)."""
+    request = _request(ns)
+    token = _token(ns, settings)
+    metadata = (("authorization", f"Bearer {token}"),) if token else None
+    async with _channel(ns, settings) as channel:
+        stub = connection_service_pb2_grpc.ConnectionServiceStub(channel)
+        method = {"get": stub.Get, "send": stub.Send, "disconnect": stub.Disconnect}[ns.command]
+        pending = method(request, timeout=ns.timeout, metadata=metadata)
         try:
-            answer = await call
+            answer = await pending
         except grpc.aio.AioRpcError as exc:
             print(f"{exc.code().name}: {exc.details()}", file=sys.stderr)
-            return _GET_EXIT.get(exc.code(), cli.Exit.NEGATIVE)
-        trailing = await call.trailing_metadata()
+            return _CALL_EXIT.get(exc.code(), cli.Exit.NEGATIVE)
+        trailing = await pending.trailing_metadata()
     print(MessageToJson(answer, indent=2, always_print_fields_with_no_presence=True))
     if ns.verbose:
         for key, value in trailing or ():
             if key.startswith("x-projection"):
                 print(f"{key}: {value!s}", file=sys.stderr)
     return cli.Exit.OK
+
+
+def _client_flags(p: argparse.ArgumentParser, timeout: float) -> None:
+    p.add_argument("connection_id")
+    p.add_argument("--target", help="server address (default: CONNTRACK_API_LISTEN)")
+    p.add_argument(
+        "--timeout", type=float, default=timeout, help=f"deadline in seconds (default {timeout:g})"
+    )
+    p.add_argument("--tls", action="store_true", help="use TLS with the system's CA roots")
+    p.add_argument("--tls-ca", type=Path, help="CA file to trust (implies --tls)")
+    p.add_argument("--tls-cert", type=Path, help="client certificate for mutual TLS")
+    p.add_argument("--tls-key", type=Path, help="client key for mutual TLS")
+    p.add_argument("--tls-server-name", help="expected server name, if not the target's host")
+    p.add_argument(
+        "--token-file",
+        type=Path,
+        help="file holding the bearer token (default: CONNTRACK_API_CLIENT_TOKEN)",
+    )
+    p.add_argument("-v", "--verbose", action="store_true", help="print freshness headers to stderr")
+    cli.add_settings(p, ("api", "logging"))
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -109,21 +159,20 @@ def main(argv: list[str] | None = None) -> None:
     s = sub.add_parser("serve", help="run the gRPC server until SIGTERM/SIGINT")
     cli.add_settings(s, serving)
     g = sub.add_parser("get", help="call Get on a running server and print the answer as JSON")
-    g.add_argument("connection_id")
-    g.add_argument("--target", help="server address (default: CONNTRACK_API_LISTEN)")
-    g.add_argument("--timeout", type=float, default=5.0, help="deadline in seconds")
-    g.add_argument("--tls", action="store_true", help="use TLS with the system's CA roots")
-    g.add_argument("--tls-ca", type=Path, help="CA file to trust (implies --tls)")
-    g.add_argument("--tls-cert", type=Path, help="client certificate for mutual TLS")
-    g.add_argument("--tls-key", type=Path, help="client key for mutual TLS")
-    g.add_argument("--tls-server-name", help="expected server name, if not the target's host")
-    g.add_argument(
-        "--token-file",
-        type=Path,
-        help="file holding the bearer token (default: CONNTRACK_API_CLIENT_TOKEN)",
+    _client_flags(g, timeout=5.0)
+    w = sub.add_parser(
+        "send",
+        help="call Send: the gateway node holding the connection writes one frame to it",
     )
-    g.add_argument("-v", "--verbose", action="store_true", help="print freshness headers to stderr")
-    cli.add_settings(g, ("api", "logging"))
+    data = w.add_mutually_exclusive_group(required=True)
+    data.add_argument("--text", metavar="TEXT", help="send a TEXT frame with this text")
+    data.add_argument("--binary", metavar="BASE64", help="send a BINARY frame of these bytes")
+    _client_flags(w, timeout=15.0)
+    d = sub.add_parser(
+        "disconnect",
+        help="call Disconnect: the gateway node holding the connection closes it (code 1000)",
+    )
+    _client_flags(d, timeout=15.0)
     ns = parser.parse_args(argv)
     try:
         settings = cli.settings_from_args(ns)
@@ -134,13 +183,13 @@ def main(argv: list[str] | None = None) -> None:
     if ns.command == "serve":
         cli.run(prog, lambda: serve(settings), settings)
 
-    async def fetch() -> int:
+    async def client() -> int:
         try:
-            return await get(ns, settings)
+            return await call(ns, settings)
         except (TlsConfigError, OSError) as exc:
             raise cli.CommandError(str(exc), cli.Exit.USAGE) from None
 
-    cli.run(prog, fetch, settings)
+    cli.run(prog, client, settings)
 
 
 if __name__ == "__main__":

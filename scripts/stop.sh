@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
-# Stop what `make demo` started: API, projector (SIGTERM: they drain and exit), then Kafka.
+# Stop what `make demo` started: the gateway (SIGTERM: it closes its sockets with 1001 and
+# publishes their disconnects), the API and the projector (they drain and exit), then Kafka.
 set -uo pipefail
 repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-for name in api projector; do
+for name in gateway api projector; do
   pidfile="$repo/.local/run/$name.pid"
   [ -f "$pidfile" ] || continue
   pid="$(cat "$pidfile")"
