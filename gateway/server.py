@@ -44,6 +44,15 @@ def source_ip(ws: ServerConnection) -> str:
     return str(ip)
 
 
+def header_text(value: str) -> str:
+    """A request header's value as text the events can carry. websockets decodes header bytes as
+    ASCII with surrogateescape, so a non-ASCII byte (a UTF-8 User-Agent, or obs-text) arrives as
+    a lone surrogate that no event can encode; the bytes are decoded as UTF-8 instead (invalid
+    sequences become U+FFFD), and NUL, which events refuse, is dropped."""
+    raw = value.encode("utf-8", "surrogateescape")
+    return raw.decode("utf-8", "replace").replace("\x00", "")
+
+
 class Gateway:
     """The sockets this node holds, the WebSocket handler that publishes their events, and the
     command handler (send / disconnect) NodeCommands calls."""
@@ -66,13 +75,11 @@ class Gateway:
     async def handle(self, ws: ServerConnection) -> None:
         """One client, from the handshake to the close."""
         conn_id = connection_id(ws)
-        user_agent = ws.request.headers.get("User-Agent", "") if ws.request else ""
+        user_agent = header_text(ws.request.headers.get("User-Agent", "")) if ws.request else ""
         self._sockets[conn_id] = ws
         try:
             try:
-                await self._publisher.connected(
-                    conn_id, source_ip(ws), user_agent.replace("\x00", "")
-                )
+                await self._publisher.connected(conn_id, source_ip(ws), user_agent)
             except (PublisherError, ValueError) as exc:
                 log.error("event=connected_not_published connection_id=%s error=%s", conn_id, exc)
                 await ws.close(1011, "connection tracking unavailable")
