@@ -1,0 +1,215 @@
+"""The whole system around real WebSocket clients: `conntrack-gateway` as a subprocess (a gateway
+node), the projector and the API with a command channel in-process, fresh commands and outcomes
+topics; polling the API with deadlines; checking that the read model is still the fold of the
+log (verify)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import signal
+import sys
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+from sqlalchemy.ext.asyncio import AsyncEngine
+from websockets.asyncio.client import ClientConnection
+
+from api.commands import CommandChannel
+from api.repository import ConnectionRepository
+from api.server import ApiServer
+from audit.log import LogReader
+from audit.replay import Verification, verify
+from connection_tracker.liveness import Liveness
+from connection_tracker.protogen.yandex.cloud.serverless.apigateway.websocket.v1 import (
+    connection_service_pb2 as svc,
+)
+from connection_tracker.protogen.yandex.cloud.serverless.apigateway.websocket.v1 import (
+    connection_service_pb2_grpc as svc_grpc,
+)
+from connection_tracker.settings import Settings
+from connection_tracker.store import ProjectionStore
+from gateway.server import CONNECTION_ID_HEADER
+from projector.runner import Projector
+from tests.support.kafka import create_topic, delete_topics, unique
+from tests.support.projector import running, wait_caught_up
+
+GATEWAY = Path(sys.executable).parent / "conntrack-gateway"
+SECOND = 1_000_000_000
+
+
+@contextlib.asynccontextmanager
+async def with_command_topics(settings: Settings) -> AsyncIterator[Settings]:
+    """The settings with a fresh commands topic (3 partitions) and outcomes topic."""
+    bootstrap = settings.kafka_bootstrap_servers
+    commands, outcomes = unique("commands"), unique("outcomes")
+    await create_topic(bootstrap, commands, 3)
+    await create_topic(bootstrap, outcomes, 1)
+    try:
+        yield settings.model_copy(
+            update={"commands_topic": commands, "command_outcomes_topic": outcomes}
+        )
+    finally:
+        await delete_topics(bootstrap, [commands, outcomes])
+
+
+class GatewayProcess:
+    """One `conntrack-gateway` subprocess (a gateway node); stderr goes to a file."""
+
+    def __init__(
+        self, settings: Settings, node_id: str, log_path: Path, heartbeat_seconds: float = 0.2
+    ) -> None:
+        self.node_id = node_id
+        self.log_path = log_path
+        self.url = ""
+        self._env = {k: v for k, v in os.environ.items() if not k.startswith("CONNTRACK_")}
+        self._env.update(
+            {
+                "CONNTRACK_KAFKA_BOOTSTRAP_SERVERS": settings.kafka_bootstrap_servers,
+                "CONNTRACK_EVENTS_TOPIC": settings.events_topic,
+                "CONNTRACK_COMMANDS_TOPIC": settings.commands_topic,
+                "CONNTRACK_COMMAND_OUTCOMES_TOPIC": settings.command_outcomes_topic,
+                "CONNTRACK_GATEWAY_NODE_ID": node_id,
+                "CONNTRACK_GATEWAY_LISTEN": "127.0.0.1:0",
+                "CONNTRACK_GATEWAY_HEARTBEAT_SECONDS": str(heartbeat_seconds),
+            }
+        )
+        self.process: asyncio.subprocess.Process | None = None
+
+    async def start(self, within: float = 90) -> str:
+        """Start it and wait for its `listening on` line; returns its ws:// URL."""
+        with self.log_path.open("ab") as log:
+            self.process = await asyncio.create_subprocess_exec(
+                str(GATEWAY), env=self._env, stdout=asyncio.subprocess.PIPE, stderr=log
+            )
+        assert self.process.stdout is not None
+        try:
+            line = await asyncio.wait_for(self.process.stdout.readline(), within)
+        except TimeoutError:
+            raise AssertionError(f"the gateway did not start:\n{self.log()}") from None
+        assert line.startswith(b"listening on ws://"), (line, self.log())
+        self.url = line.split()[2].decode()
+        return self.url
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+    async def kill(self) -> None:
+        assert self.process is not None
+        self.process.send_signal(signal.SIGKILL)
+        await asyncio.wait_for(self.process.wait(), 30)
+
+    async def terminate(self, within: float = 60) -> int:
+        """SIGTERM and wait for the exit status."""
+        assert self.process is not None
+        self.process.send_signal(signal.SIGTERM)
+        return await asyncio.wait_for(self.process.wait(), within)
+
+    async def close(self) -> None:
+        if self.process is not None and self.process.returncode is None:
+            await self.kill()
+
+
+@contextlib.asynccontextmanager
+async def gateway_node(
+    settings: Settings, node_id: str, log_path: Path, heartbeat_seconds: float = 0.2
+) -> AsyncIterator[GatewayProcess]:
+    gateway = GatewayProcess(settings, node_id, log_path, heartbeat_seconds)
+    try:
+        await gateway.start()
+        yield gateway
+    finally:
+        await gateway.close()
+
+
+@dataclass
+class System:
+    store: ProjectionStore
+    server: ApiServer
+    channel: CommandChannel
+    stub: svc_grpc.ConnectionServiceStub
+
+
+@contextlib.asynccontextmanager
+async def projector_and_api(
+    settings: Settings, engine: AsyncEngine, *, lease_seconds: float = 30.0
+) -> AsyncIterator[System]:
+    """The projector and the API (with a command channel on the settings' topics) in-process,
+    the API reading the nodes afresh for every call; yields once the channel is connected."""
+    store = ProjectionStore(engine)
+    channel = CommandChannel(
+        settings.kafka_bootstrap_servers, settings.commands_topic, settings.command_outcomes_topic
+    )
+    async with (
+        running(Projector(settings, store)),
+        ApiServer(
+            ConnectionRepository(engine),
+            "127.0.0.1:0",
+            freshness_ttl_seconds=0,
+            liveness=Liveness.of_seconds(lease_seconds),
+            commands=channel,
+            command_timeout_seconds=20,
+        ) as server,
+        grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as grpc_channel,
+    ):
+        deadline = asyncio.get_running_loop().time() + 60
+        while not channel.ready:
+            assert asyncio.get_running_loop().time() < deadline, "command channel not ready"
+            await asyncio.sleep(0.05)
+        yield System(store, server, channel, svc_grpc.ConnectionServiceStub(grpc_channel))
+
+
+def own_id(client: ClientConnection) -> str:
+    """The connection id the gateway gave this client (handshake header X-Connection-Id)."""
+    assert client.response is not None
+    return client.response.headers[CONNECTION_ID_HEADER]
+
+
+async def status_of(call: object) -> tuple[str, str]:
+    """(status code name, details) of a unary gRPC call."""
+    try:
+        await call  # type: ignore[misc]
+    except grpc.aio.AioRpcError as exc:
+        return exc.code().name, exc.details() or ""
+    return "OK", ""
+
+
+async def get_status(stub: svc_grpc.ConnectionServiceStub, connection_id: str) -> tuple[str, str]:
+    return await status_of(
+        stub.Get(svc.GetConnectionRequest(connection_id=connection_id), timeout=30)
+    )
+
+
+async def wait_for_get(
+    stub: svc_grpc.ConnectionServiceStub,
+    connection_id: str,
+    code: str,
+    details: Callable[[str], bool] = lambda _: True,
+    within: float = 60,
+) -> tuple[str, str]:
+    """Poll Get until it answers `code` with details the predicate accepts."""
+    deadline = asyncio.get_running_loop().time() + within
+    while True:
+        answer = await get_status(stub, connection_id)
+        if answer[0] == code and details(answer[1]):
+            return answer
+        if asyncio.get_running_loop().time() > deadline:
+            raise AssertionError(f"Get({connection_id!r}) still answers {answer}, not {code}")
+        await asyncio.sleep(0.05)
+
+
+def send_request(
+    connection_id: str, data: bytes, kind: int = svc.SendToConnectionRequest.TEXT
+) -> svc.SendToConnectionRequest:
+    return svc.SendToConnectionRequest(connection_id=connection_id, data=data, type=kind)  # type: ignore[arg-type]
+
+
+async def verified(settings: Settings, engine: AsyncEngine, store: ProjectionStore) -> Verification:
+    """Once the projector has caught up with the log: verify (the fold of the log afresh
+    against the read model)."""
+    await wait_caught_up(store, settings)
+    async with LogReader(settings.kafka_bootstrap_servers, settings.events_topic) as reader:
+        return await verify(engine, reader)
