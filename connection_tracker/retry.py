@@ -57,7 +57,7 @@ class Backoff:
 
 class Retrier:
     """Runs operations until they succeed, waiting out TRANSIENT errors by the backoff; raises
-    Abandoned once `stopping` is set."""
+    Abandoned when `stopping` is set while an operation waits to be retried."""
 
     def __init__(
         self,
@@ -74,21 +74,25 @@ class Retrier:
         self._on_retry = on_retry
 
     async def __call__(self, cause: str, op: Callable[[], Awaitable[T]]) -> T:
+        """op() until it succeeds. The first attempt is always made (a stop request lets work
+        in hand finish); after a failure, a stop request ends the retrying with Abandoned."""
         delays = self._backoff.delays()
         while True:
-            if self._stopping.is_set():
-                raise Abandoned(cause)
             try:
                 return await op()
             except TRANSIENT as exc:
+                if self._stopping.is_set():
+                    raise Abandoned(cause) from exc
                 delay = next(delays)
                 if self._on_retry is not None:
                     self._on_retry(cause)
-                log.warning(
+                self._log.warning(
                     "event=retry cause=%s delay_s=%.1f error=%r", cause, delay, one_line(exc)
                 )
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._stopping.wait(), delay)
+            if self._stopping.is_set():
+                raise Abandoned(cause)
 
 
 def one_line(exc: BaseException) -> str:

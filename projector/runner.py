@@ -210,6 +210,12 @@ class Projector:
                         planned |= self._in_flight_ends
                     prepared = await self._prepare(fetched, planned)
                 if writing.busy and not await self._finished(writing):
+                    if prepared is not None:
+                        log.info(
+                            "event=abandoned stage=prepared records=%d: decoded behind the "
+                            "abandoned batch, not written; read again from the stored positions",
+                            prepared.batch.records,
+                        )
                     break
                 if prepared is not None:
                     if self._is_current(prepared):
@@ -244,7 +250,11 @@ class Projector:
         try:
             await writing.finish()
         except Abandoned as exc:
-            log.info("event=abandoned cause=%s: batch not committed", exc)
+            log.info(
+                "event=abandoned %s: stopped while waiting for it; nothing of the batch was "
+                "committed, it is read again from the stored positions",
+                exc,
+            )
             return False
         return True
 
@@ -398,7 +408,12 @@ class Projector:
             rejected = [Rejected.of(record, error) for record, error in batch.rejected]
             # Durable in the dead-letter topic before the position moves past them; a crash in
             # between re-sends them on replay (at least once there, never lost).
-            await self._retry("broker", lambda: self._dead_letters.publish(rejected))
+            try:
+                await self._retry("broker", lambda: self._dead_letters.publish(rejected))
+            except Abandoned:
+                raise Abandoned(
+                    f"stage=dead_lettering cause=broker records={batch.records}"
+                ) from None
             for r in rejected:
                 log.warning(
                     "event=dead_lettered topic=%s partition=%d offset=%d error=%r",
@@ -431,6 +446,8 @@ class Projector:
 
         try:
             result = await self._retry("database", write)
+        except Abandoned:
+            raise Abandoned(f"stage=writing cause=database records={batch.records}") from None
         except FencedError as exc:
             if attempts > 1 and await self._already_committed(advances):
                 # The connection died after an earlier attempt's COMMIT reached the database

@@ -389,7 +389,7 @@ async def test_sigterm_while_the_database_is_down_abandons_the_batch_and_exits_z
     finally:
         await admin.execute(f'ALTER DATABASE "{dbname}" ALLOW_CONNECTIONS true')
         await admin.close()
-    assert "event=abandoned cause=database" in p.log()
+    assert "event=abandoned stage=writing cause=database" in p.log()
     assert "stopped cleanly" in p.log()
     # Nothing of the abandoned batch was committed; the next process applies it.
     assert sum((await stored(store, s.events_topic)).values()) == p.records_committed() == 1000
