@@ -315,3 +315,22 @@ def test_api_healthcheck_asks_the_grpc_health_service(compose_config: ComposeCon
     assert test.startswith("CMD python -c ")
     assert "HealthStub" in test
     assert "SERVING" in test
+
+
+def test_the_projector_scales_without_a_port_collision(compose_config: ComposeConfig) -> None:
+    """`docker compose up --scale projector=3`: a fixed host port would let only one replica
+    start; the metrics port is published on an ephemeral host port per replica."""
+    ports = compose_config.items("services", "projector", "ports")
+    assert ports, "the projector's metrics port is published"
+    for port in ports:
+        host_ip, host_port, _container = (
+            str(port).rsplit(":", 2)
+            if port.count(":") >= 2
+            else (
+                "",
+                "",
+                port,
+            )
+        )
+        assert host_port == "", f"projector publishes a fixed host port: {port}"
+        assert host_ip == "127.0.0.1", f"projector metrics reachable beyond loopback: {port}"
