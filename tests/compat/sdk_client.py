@@ -3,6 +3,9 @@ through the official Yandex Cloud Python SDK's generated stubs and prints what i
 for tests/compat/test_sdk_compat.py to check field by field.
 
 Usage: python sdk_client.py TARGET CONNECTION_ID [TOKEN]
+       python sdk_client.py --deliver TARGET CONNECTION_ID TEXT BINARY_HEX
+The second form calls Send (TEXT, then BINARY), Disconnect and Send again against a server with
+a command channel and a live gateway node, and prints each call's status.
 """
 
 from __future__ import annotations
@@ -27,7 +30,43 @@ def _status(call: Any) -> dict[str, Any]:
     return {"code": "OK", "details": ""}
 
 
+def deliver(target: str, connection_id: str, text: str, binary: bytes) -> None:
+    request = connection_service_pb2.SendToConnectionRequest
+    with grpc.insecure_channel(target) as channel:
+        stub = connection_service_pb2_grpc.ConnectionServiceStub(channel)
+
+        def send(data: bytes, kind: Any) -> dict[str, Any]:
+            return _status(
+                lambda: stub.Send(
+                    request(connection_id=connection_id, data=data, type=kind), timeout=30
+                )
+            )
+
+        send_text = send(text.encode(), request.TEXT)
+        send_binary = send(binary, request.BINARY)
+        disconnect = _status(
+            lambda: stub.Disconnect(
+                connection_service_pb2.DisconnectRequest(connection_id=connection_id), timeout=30
+            )
+        )
+        send_after = send(b"too late", request.TEXT)
+    print(
+        json.dumps(
+            {
+                "stub_module": connection_service_pb2_grpc.__file__,
+                "send_text": send_text,
+                "send_binary": send_binary,
+                "disconnect": disconnect,
+                "send_after_disconnect": send_after,
+            }
+        )
+    )
+
+
 def main() -> None:
+    if sys.argv[1] == "--deliver":
+        deliver(sys.argv[2], sys.argv[3], sys.argv[4], bytes.fromhex(sys.argv[5]))
+        return
     target, connection_id = sys.argv[1], sys.argv[2]
     metadata = (("authorization", f"Bearer {sys.argv[3]}"),) if len(sys.argv) > 3 else None
     with grpc.insecure_channel(target) as channel:

@@ -1,6 +1,7 @@
 """Wire compatibility with a real client: the official Yandex Cloud Python SDK (`yandexcloud`,
 in its own virtualenv because it pins protobuf below 7) calls our server through its own
-generated stubs, and every field it decodes is checked."""
+generated stubs, and every field it decodes is checked; its Send and Disconnect reach a real
+WebSocket client through a gateway node."""
 
 from __future__ import annotations
 
@@ -13,12 +14,24 @@ from pathlib import Path
 import pytest
 from sqlalchemy import insert
 from sqlalchemy.ext.asyncio import AsyncEngine
+from websockets.asyncio.client import connect
+from websockets.exceptions import ConnectionClosedOK
 
 from api.auth import BearerTokens
 from api.freshness import POSITION_HEADER, parse_positions
 from api.repository import ConnectionRepository, create_read_engine
 from api.server import ApiServer
 from connection_tracker.schema import connections, projection_offsets
+from connection_tracker.settings import Settings
+from tests.support.gateway import (
+    gateway_node,
+    own_id,
+    projector_and_api,
+    verified,
+    wait_for_get,
+    with_command_topics,
+)
+from tests.support.kafka import unique
 
 REPO = Path(__file__).resolve().parents[2]
 CONNECTED_NS = 1_764_300_000_123_456_789
@@ -110,3 +123,61 @@ async def test_official_sdk_stubs_read_every_field(
     assert seen["disconnect"]["code"] == "UNIMPLEMENTED"
     assert "no command channel" in seen["disconnect"]["details"]
     assert seen["get_without_token"]["code"] == "UNAUTHENTICATED"
+
+
+async def run_sdk_client(sdk_python: Path, *args: str) -> dict[str, object]:
+    process = await asyncio.create_subprocess_exec(
+        str(sdk_python),
+        str(REPO / "tests" / "compat" / "sdk_client.py"),
+        *args,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        cwd="/",  # nothing of this project on the client's path
+    )
+    out, err = await asyncio.wait_for(process.communicate(), 180)
+    assert process.returncode == 0, err.decode()
+    seen: dict[str, object] = json.loads(out)
+    return seen
+
+
+@pytest.mark.kafka
+async def test_official_sdk_stubs_send_and_disconnect_through_a_gateway_node(
+    sdk_python: Path, kafka_settings: Settings, engine: AsyncEngine, tmp_path: Path
+) -> None:
+    text = "from the SDK ✓"
+    binary = bytes(range(256))
+    async with (
+        with_command_topics(kafka_settings) as settings,
+        projector_and_api(settings, engine) as system,
+        gateway_node(settings, unique("gw-node"), tmp_path / "gateway.log") as gateway,
+    ):
+        async with connect(gateway.url) as client:
+            connection_id = own_id(client)
+            await wait_for_get(system.stub, connection_id, "OK")
+            seen = await run_sdk_client(
+                sdk_python,
+                "--deliver",
+                f"127.0.0.1:{system.server.port}",
+                connection_id,
+                text,
+                binary.hex(),
+            )
+            assert "/site-packages/yandex/cloud/serverless/apigateway/websocket/v1/" in str(
+                seen["stub_module"]
+            )
+            assert seen["send_text"] == {"code": "OK", "details": ""}
+            assert seen["send_binary"] == {"code": "OK", "details": ""}
+            assert seen["disconnect"] == {"code": "OK", "details": ""}
+            after = seen["send_after_disconnect"]
+            assert isinstance(after, dict)
+            assert after["code"] == "NOT_FOUND"
+            # The client got both frames, byte for byte and in order, then the close (1000).
+            assert await asyncio.wait_for(client.recv(), 30) == text
+            assert await asyncio.wait_for(client.recv(), 30) == binary
+            with pytest.raises(ConnectionClosedOK):
+                await asyncio.wait_for(client.recv(), 30)
+            assert client.close_code == 1000
+        await wait_for_get(system.stub, connection_id, "NOT_FOUND", lambda d: "disconnected" in d)
+        assert await gateway.terminate() == 0
+        result = await verified(settings, engine, system.store)
+        assert result.ok, (result.differences, result.node_differences)
