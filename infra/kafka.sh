@@ -2,7 +2,12 @@
 # A real single-node Apache Kafka broker (KRaft, combined broker+controller) for development and
 # tests, run from the official artifacts on Maven Central. No Docker needed.
 #
-#   infra/kafka.sh up | down | status | logs
+#   infra/kafka.sh up | down | status | logs | reset
+#   infra/kafka.sh tool NAME [ARGS...]   Kafka's own operator tools from the same artifacts, e.g.
+#     infra/kafka.sh tool kafka-consumer-groups --describe --group conntrack-projector
+#     infra/kafka.sh tool kafka-topics --describe --topic conntrack.events.v1
+#   (NAME: kafka-consumer-groups, kafka-topics, kafka-get-offsets, kafka-console-consumer,
+#   kafka-configs, kafka-metadata-quorum; --bootstrap-server defaults to this broker)
 #
 # Environment:
 #   CONNTRACK_KAFKA_PORT        client listener port            (default 19092)
@@ -32,7 +37,8 @@ need_tools() {
 }
 
 resolve_artifacts() {
-  [ -f "$lib/.complete" ] && return 0
+  # A distribution resolved before the tools were added lacks them: resolve again.
+  [ -f "$lib/.complete" ] && compgen -G "$lib/kafka-tools-[0-9]*.jar" >/dev/null && return 0
   command -v mvn >/dev/null 2>&1 ||
     die "Maven is required to fetch Kafka $version from Maven Central (Debian: apt-get install maven)."
   echo "infra/kafka: resolving org.apache.kafka:kafka_2.13:$version from Maven Central (cached in ~/.m2)"
@@ -119,11 +125,35 @@ status() {
   fi
 }
 
+tool() {
+  local name="${1:-}"; shift || true
+  local class
+  case "$name" in
+    kafka-consumer-groups) class=org.apache.kafka.tools.consumer.group.ConsumerGroupCommand ;;
+    kafka-topics) class=org.apache.kafka.tools.TopicCommand ;;
+    kafka-get-offsets) class=org.apache.kafka.tools.GetOffsetShell ;;
+    kafka-console-consumer) class=org.apache.kafka.tools.consumer.ConsoleConsumer ;;
+    kafka-configs) class=kafka.admin.ConfigCommand ;;
+    kafka-metadata-quorum) class=org.apache.kafka.tools.MetadataQuorumCommand ;;
+    *) die "unknown tool '${name}'; one of: kafka-consumer-groups kafka-topics kafka-get-offsets kafka-console-consumer kafka-configs kafka-metadata-quorum" ;;
+  esac
+  need_tools
+  resolve_artifacts
+  local args=("$@")
+  case " ${args[*]} " in
+    *" --bootstrap-server "*|*" --bootstrap-server="*) ;;
+    *) args=(--bootstrap-server "127.0.0.1:$port" "${args[@]}") ;;
+  esac
+  exec java -Xmx256m -Dlog4j2.configurationFile="$here/kafka/log4j2-tools.properties" \
+    -cp "$lib/*" "$class" "${args[@]}"
+}
+
 case "${1:-}" in
+  tool) shift; tool "$@" ;;
   up) up ;;
   down) down ;;
   status) status ;;
   logs) tail -n "${2:-100}" "$state/logs/server.log" ;;
   reset) down; rm -rf "$state"; echo "infra/kafka: state removed" ;;
-  *) echo "usage: infra/kafka.sh up|down|status|logs|reset" >&2; exit 2 ;;
+  *) echo "usage: infra/kafka.sh up|down|status|logs|reset|tool NAME [ARGS...]" >&2; exit 2 ;;
 esac
