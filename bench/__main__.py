@@ -31,7 +31,7 @@ from bench.config import BenchConfig
 from bench.infra import leftovers
 from bench.procstat import cpu_count
 from bench.results import ScenarioResult, document, render, write_json
-from bench.scenarios import freshness, get, memory, projector
+from bench.scenarios import freshness, get, memory, projector, send
 from bench.services import REPO
 from connection_tracker.lifecycle import BATCH_GEN0_THRESHOLD, tune_gc
 from connection_tracker.settings import settings_from
@@ -56,6 +56,11 @@ SCENARIOS: dict[str, tuple[Scenario, str]] = {
     "get": (get.run, "3. Get QPS, p50, p99 and server CPU vs a constant-answer server"),
     "freshness": (freshness.run, "4. publish-to-visible-in-Get p50/p99 at a fixed event rate"),
     "memory": (memory.run, "5. peak RSS of projector and API with 1M live connections"),
+    "send": (
+        send.run,
+        "6. Send at 1k/s through a real gateway node: call-to-frame and call p50/p99 vs plain "
+        "Kafka, most sends/s of one API",
+    ),
 }
 
 
@@ -210,6 +215,15 @@ def parser() -> argparse.ArgumentParser:
         type=_positive(float),
         help="length of the freshness run (default 20 x scale)",
     )
+    r.add_argument("--send-rate", type=_positive(int), help="Send calls/s (default 1000)")
+    r.add_argument(
+        "--send-seconds", type=_positive(float), help="length of the Send run (default 20 x scale)"
+    )
+    r.add_argument(
+        "--send-clients",
+        type=_positive(int),
+        help="WebSocket clients on the gateway (default 1000 x scale)",
+    )
     r.add_argument(
         "--rebuild-events",
         type=_positive(int),
@@ -263,6 +277,9 @@ def main(argv: list[str] | None = None) -> None:
         get_seconds_override=ns.get_seconds,
         freshness_rate=ns.freshness_rate,
         freshness_seconds_override=ns.freshness_seconds,
+        send_rate=ns.send_rate,
+        send_seconds_override=ns.send_seconds,
+        send_clients_override=ns.send_clients,
         rebuild_events_override=ns.rebuild_events,
         naive_seconds_override=ns.naive_seconds,
         load_generator=ns.load_generator,

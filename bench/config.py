@@ -29,6 +29,9 @@ class BenchConfig:
     freshness_rate: int = 10_000
     freshness_seconds_override: float | None = None
     freshness_probes_per_second: float = 25.0
+    send_rate: int = 1_000
+    send_seconds_override: float | None = None
+    send_clients_override: int | None = None
     rebuild_events_override: int | None = None
     naive_seconds_override: float | None = None
     load_generator: str = "auto"  # auto | ghz | python
@@ -85,6 +88,20 @@ class BenchConfig:
     @property
     def freshness_seconds(self) -> float:
         return self.freshness_seconds_override or self._s(20.0, 2.0)
+
+    # Send
+    @property
+    def send_seconds(self) -> float:
+        return self.send_seconds_override or self._s(20.0, 1.0)
+
+    @property
+    def send_clients(self) -> int:
+        return self.send_clients_override or self._n(1_000, 10)
+
+    @property
+    def send_max_seconds(self) -> float:
+        """Length of each closed-loop run measuring the most sends/s."""
+        return self._s(5.0, 0.5)
 
     # Memory
     @property

@@ -1,0 +1,84 @@
+"""The Send benchmark (bench/scenarios/send.py, BENCHMARKS.md figure 6) keeps working: run it
+at a tiny size (a few clients, a low rate, half a second) against the real Kafka and PostgreSQL
+with a real gateway node, and check that every Send reached its client and that it produced the
+documented figures, targets and JSON. The values are not checked: a timing never decides pass
+or fail."""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import POSTGRES_URL
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+@pytest.mark.kafka
+@pytest.mark.postgres
+@pytest.mark.slow
+def test_send_scenario_runs_end_to_end(kafka_bootstrap: str, tmp_path: Path) -> None:
+    out = tmp_path / "bench.json"
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "bench",
+            "run",
+            "--scale",
+            "0.001",
+            "--only",
+            "send",
+            "--send-rate",
+            "50",
+            "--send-seconds",
+            "0.5",
+            "--send-clients",
+            "5",
+            "--json",
+            str(out),
+            "--kafka",
+            kafka_bootstrap,
+            "--postgres-url",
+            POSTGRES_URL,
+            "--work-dir",
+            str(tmp_path / "work"),
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
+    # The targets are judged at 1,000 sends/s: at 50/s they are n/a, so the run exits 0.
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    (scenario,) = json.loads(out.read_text())["scenarios"]
+    assert scenario["status"] == "ok", scenario["error"]
+    params = scenario["params"]
+    assert params["clients"] == 5
+    assert params["sends"] > 0
+    assert params["not_delivered"] == 0, params
+    assert params["errors"] == {}, params
+    assert params["kafka_consumed"] == params["kafka_records"] > 0
+    assert [level["concurrency"] for level in params["max_levels"]] == [8, 24, 56]
+    figures = {f["key"]: f for f in scenario["figures"]}
+    assert {
+        "rate",
+        "delivery_p50_ms",
+        "delivery_p99_ms",
+        "call_p50_ms",
+        "call_p99_ms",
+        "max_sends_per_s",
+    } <= set(figures)
+    for figure in figures.values():
+        assert math.isfinite(figure["value"]), figure
+        assert figure["value"] >= 0, figure
+    assert figures["delivery_p99_ms"]["ceiling"] is not None  # the plain Kafka figure
+    assert figures["max_sends_per_s"]["value"] > 0
+    assert [t["verdict"] for t in scenario["targets"]] == ["n/a", "n/a"]
+    assert scenario["cpu"]["steady_sends"]
+    assert "send" in proc.stdout
