@@ -7,7 +7,10 @@ from collections.abc import AsyncIterator, Mapping
 from typing import Any
 
 from aiokafka import AIOKafkaConsumer, TopicPartition
+from aiokafka.admin import AIOKafkaAdminClient
 from aiokafka.partitioner import DefaultPartitioner
+
+from producer.topics import describe_topic_configs
 
 # partition -> [start, end) offsets
 Bounds = Mapping[int, tuple[int, int]]
@@ -30,6 +33,7 @@ class LogReader:
 
     def __init__(self, bootstrap_servers: str, topic: str, *, fetch_max_bytes: int = 16 << 20):
         self.topic = topic
+        self._bootstrap = bootstrap_servers
         self._consumer = AIOKafkaConsumer(
             bootstrap_servers=bootstrap_servers,
             group_id=None,
@@ -49,6 +53,17 @@ class LogReader:
 
     async def __aexit__(self, *exc: object) -> None:
         await self._consumer.stop()
+
+    async def timestamp_type(self) -> str:
+        """The topic's message.timestamp.type: LogAppendTime (the broker's clock, when the log
+        took the record) or CreateTime (the producer's, here the gateways' clocks)."""
+        admin = AIOKafkaAdminClient(bootstrap_servers=self._bootstrap)
+        await admin.start()
+        try:
+            configs = await describe_topic_configs(admin, self.topic)
+        finally:
+            await admin.close()
+        return configs.get("message.timestamp.type", "CreateTime")
 
     async def partitions(self) -> list[int]:
         # The consumer's own metadata cache only covers assigned topics; topics() answers from a

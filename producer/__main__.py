@@ -30,21 +30,39 @@ from producer.topics import (
     TopicProvisioningError,
     TopicReport,
     TopicSpec,
+    broker_count,
+    default_replication,
     ensure_topics,
 )
 
 
 async def provision(settings: Settings, ns: argparse.Namespace) -> int:
     try:
+        extra = tuple(_config(text) for text in ns.config)
+        replication, min_isr = default_replication(
+            await broker_count(settings.kafka_bootstrap_servers)
+        )
+        if ns.replication_factor is not None:
+            replication = ns.replication_factor
+            min_isr = 2 if replication >= 3 else 1
+        if ns.min_insync_replicas is not None:
+            min_isr = ns.min_insync_replicas
         specs = [
-            TopicSpec(name, ns.partitions, ns.replication_factor, ns.min_insync_replicas)
-            for name in (settings.events_topic, settings.dead_letter_topic)
+            TopicSpec(
+                settings.events_topic,
+                ns.partitions,
+                replication,
+                min_isr,
+                log_append_time=True,
+                extra_configs=extra,
+            ),
+            TopicSpec(settings.dead_letter_topic, ns.partitions, replication, min_isr),
         ] + [
             TopicSpec(
                 name,
                 ns.partitions,
-                ns.replication_factor,
-                ns.min_insync_replicas,
+                replication,
+                min_isr,
                 retention_ms=ns.command_retention_ms,
             )
             for name in (settings.commands_topic, settings.command_outcomes_topic)
@@ -59,6 +77,13 @@ async def provision(settings: Settings, ns: argparse.Namespace) -> int:
         return cli.Exit.USAGE
     _print_reports(reports, ns.format)
     return cli.Exit.OK
+
+
+def _config(text: str) -> tuple[str, str]:
+    key, sep, value = text.partition("=")
+    if not sep or not key:
+        raise ValueError(f"--config {text!r}: use KEY=VALUE (a Kafka topic config)")
+    return key.strip(), value.strip()
 
 
 def _print_reports(reports: list[TopicReport], form: str) -> None:
@@ -182,8 +207,24 @@ def main(argv: list[str] | None = None) -> None:
         "(idempotent); refuse history-losing ones",
     )
     topics.add_argument("--partitions", type=int, default=6)
-    topics.add_argument("--replication-factor", type=int, default=1)
-    topics.add_argument("--min-insync-replicas", type=int, default=1)
+    topics.add_argument(
+        "--replication-factor",
+        type=int,
+        help="default: the smaller of 3 and the number of brokers",
+    )
+    topics.add_argument(
+        "--min-insync-replicas",
+        type=int,
+        help="default: 2 with 3 or more replicas, else 1",
+    )
+    topics.add_argument(
+        "--config",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="another topic config for the events topic (repeatable); settings that can lose "
+        "acknowledged records (unclean.leader.election.enable=true) are refused",
+    )
     topics.add_argument(
         "--command-retention-ms",
         type=int,

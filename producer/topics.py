@@ -26,7 +26,24 @@ from aiokafka.errors import TopicAlreadyExistsError, for_code
 
 # The settings that decide whether a topic keeps history and how durably; reported per topic.
 _METADATA_ATTEMPTS = 25
-REPORTED_CONFIGS = ("cleanup.policy", "retention.ms", "retention.bytes", "min.insync.replicas")
+REPORTED_CONFIGS = (
+    "cleanup.policy",
+    "retention.ms",
+    "retention.bytes",
+    "min.insync.replicas",
+    "message.timestamp.type",
+    "unclean.leader.election.enable",
+)
+# Settings that can lose acknowledged records: never set on any of these topics.
+DATA_LOSING_CONFIGS = {"unclean.leader.election.enable": "true"}
+
+
+def default_replication(brokers: int) -> tuple[int, int]:
+    """(replication factor, min.insync.replicas) for a cluster of this many brokers: three
+    replicas where there are three brokers, and then two of them in sync for a write to count,
+    so one broker may fail without losing an acknowledged record or stopping writes."""
+    replication = min(3, max(1, brokers))
+    return replication, 2 if replication >= 3 else 1
 
 
 @dataclass(frozen=True)
@@ -38,6 +55,11 @@ class TopicSpec:
     retention_ms: int | None = None
     """None: the topic keeps history (retention.ms=-1, refused otherwise). A number: a transient
     topic (commands, outcomes) kept this long; only compaction is refused for it."""
+    log_append_time: bool = False
+    """Stamp records with the broker's append time (the events topic: `as-of` then cuts at what
+    the log held, not at what the gateways' clocks said)."""
+    extra_configs: tuple[tuple[str, str], ...] = ()
+    """Other topic configs passed through (refused if they could lose acknowledged data)."""
 
     @property
     def keeps_history(self) -> bool:
@@ -57,14 +79,35 @@ class TopicSpec:
             )
         if self.retention_ms is not None and self.retention_ms < 1:
             raise ValueError(f"{self.name}: retention.ms of a transient topic must be >= 1")
+        for key, value in self.extra_configs:
+            if DATA_LOSING_CONFIGS.get(key) == value.strip().lower():
+                raise ValueError(f"{self.name}: {key}={value} can lose acknowledged records")
+            if key in _MANAGED_CONFIGS:
+                raise ValueError(f"{self.name}: {key} is set by provisioning, not passed through")
 
     def configs(self) -> dict[str, str]:
-        return {
+        managed = {
             "cleanup.policy": "delete",
             "retention.ms": "-1" if self.retention_ms is None else str(self.retention_ms),
             "retention.bytes": "-1",
             "min.insync.replicas": str(self.min_insync_replicas),
+            "unclean.leader.election.enable": "false",
         }
+        if self.log_append_time:
+            managed["message.timestamp.type"] = "LogAppendTime"
+        return {**dict(self.extra_configs), **managed}
+
+
+_MANAGED_CONFIGS = frozenset(
+    {
+        "cleanup.policy",
+        "retention.ms",
+        "retention.bytes",
+        "min.insync.replicas",
+        "unclean.leader.election.enable",
+        "message.timestamp.type",
+    }
+)
 
 
 @dataclass(frozen=True)
@@ -119,8 +162,16 @@ class HistoryLosingTopicError(TopicProvisioningError):
         self.reports = reports
 
 
+def data_loss_problems(configs: dict[str, str]) -> list[str]:
+    return [
+        f"{key}={configs[key]} can lose acknowledged records"
+        for key, bad in DATA_LOSING_CONFIGS.items()
+        if configs.get(key, "").lower() == bad
+    ]
+
+
 def history_problems(configs: dict[str, str]) -> list[str]:
-    problems = []
+    problems = data_loss_problems(configs)
     if "compact" in configs.get("cleanup.policy", "delete"):
         problems.append(f"cleanup.policy={configs['cleanup.policy']} drops superseded events")
     if configs.get("retention.ms", "-1") != "-1":
@@ -133,9 +184,12 @@ def history_problems(configs: dict[str, str]) -> list[str]:
 def transient_problems(configs: dict[str, str]) -> list[str]:
     """What is wrong with a transient topic (commands, outcomes): only compaction, which keeps
     the last record per key (per node, per API process) and drops the ones before it unread."""
+    problems = data_loss_problems(configs)
     if "compact" in configs.get("cleanup.policy", "delete"):
-        return [f"cleanup.policy={configs['cleanup.policy']} drops all but a key's last record"]
-    return []
+        problems.append(
+            f"cleanup.policy={configs['cleanup.policy']} drops all but a key's last record"
+        )
+    return problems
 
 
 def _raise_for(error_code: int, message: str | None, what: str) -> None:
@@ -209,7 +263,24 @@ def _warnings(
     min_isr = configs.get("min.insync.replicas", "1")
     if min_isr.isdigit() and int(min_isr) < spec.min_insync_replicas:
         out.append(f"min.insync.replicas={min_isr} < {spec.min_insync_replicas} requested")
+    if spec.log_append_time and configs.get("message.timestamp.type") != "LogAppendTime":
+        out.append(
+            f"message.timestamp.type={configs.get('message.timestamp.type')}: records carry the "
+            "gateways' clocks, so `conntrack-audit as-of` cuts by them, not by what the log held "
+            "(a topic's timestamp type can be changed with kafka-configs)"
+        )
     return out
+
+
+async def broker_count(bootstrap_servers: str) -> int:
+    """How many brokers the cluster has (for the default replication)."""
+    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap_servers)
+    await admin.start()
+    try:
+        cluster = await admin.describe_cluster()
+        return len(cluster["brokers"])
+    finally:
+        await admin.close()
 
 
 async def ensure_topics(bootstrap_servers: str, specs: list[TopicSpec]) -> list[TopicReport]:

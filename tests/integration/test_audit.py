@@ -20,6 +20,7 @@ from connection_tracker.store import ProjectionStore
 from producer.publisher import Publisher
 from producer.simulator import Workload, generate
 from projector.runner import Projector
+from tests.support.kafka import create_raw, delete_topics, unique
 
 pytestmark = [pytest.mark.kafka]
 
@@ -133,3 +134,56 @@ async def test_verify_expects_connections_pruned_by_retention_to_be_absent(
         result = await verify(engine, r)
     assert result.ok, result.differences[:3]
     assert result.pruned == len(disconnected)
+
+
+async def test_as_of_on_a_log_append_time_topic_cuts_exactly_at_what_the_log_held(
+    kafka_settings: Settings,
+) -> None:
+    """Gateways' clocks may be anywhere: events that claim to come from tomorrow were appended
+    before the cut, events that claim to be a day old after it. As-of follows the log."""
+    topic = unique("events-lat")
+    await create_raw(
+        kafka_settings.kafka_bootstrap_servers,
+        topic,
+        {"message.timestamp.type": "LogAppendTime", "retention.ms": "-1"},
+    )
+    day_ms = 86_400_000
+    now = time.time_ns()
+    before = [
+        Event(f"b{i}", f"c{i}", "gw", now + day_ms * 1_000_000, Connected("10.0.0.1", "ua"))
+        for i in range(20)
+    ]
+    after = [
+        Event(f"a{i}", f"c{i}", "gw", now - day_ms * 1_000_000, Connected("10.0.0.2", "ua"))
+        for i in range(20)
+    ]
+    producer = AIOKafkaProducer(bootstrap_servers=kafka_settings.kafka_bootstrap_servers)
+    await producer.start()
+    try:
+        for e in before:  # stamped by the gateway a day ahead: the log restamps them
+            await producer.send_and_wait(
+                topic,
+                encode(e),
+                key=e.connection_id.encode(),
+                timestamp_ms=int(time.time() * 1000) + day_ms,
+            )
+        await asyncio.sleep(0.05)  # log timestamps have millisecond resolution
+        cut_ms = int(time.time() * 1000)
+        await asyncio.sleep(0.05)
+        for e in after:
+            await producer.send_and_wait(
+                topic,
+                encode(e),
+                key=e.connection_id.encode(),
+                timestamp_ms=int(time.time() * 1000) - day_ms,
+            )
+    finally:
+        await producer.stop()
+    try:
+        async with LogReader(kafka_settings.kafka_bootstrap_servers, topic) as r:
+            assert await r.timestamp_type() == "LogAppendTime"
+            as_of = await fold_until(r, cut_ms)
+        assert as_of.states == fold(before)
+        assert as_of.events == len(before)
+    finally:
+        await delete_topics(kafka_settings.kafka_bootstrap_servers, [topic])

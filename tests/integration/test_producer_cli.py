@@ -54,13 +54,20 @@ async def test_topics_command_creates_then_reports_and_refuses_a_history_losing_
     outcomes = topic_env["CONNTRACK_COMMAND_OUTCOMES_TOPIC"]
     code, out, err = await run(topic_env, "topics", "--partitions", "3")
     assert (code, err) == (0, "")
+    # One broker: one replica (the default follows the cluster), the events topic stamped by
+    # the log, no unclean leader election anywhere.
     assert out.splitlines() == [
-        f"{name}: created, 3 partitions, replication factor 1, cleanup.policy=delete, "
-        "retention.ms=-1, retention.bytes=-1, min.insync.replicas=1; keeps history"
-        for name in (events, dlq)
+        f"{events}: created, 3 partitions, replication factor 1, cleanup.policy=delete, "
+        "retention.ms=-1, retention.bytes=-1, min.insync.replicas=1, "
+        "message.timestamp.type=LogAppendTime, unclean.leader.election.enable=false; "
+        "keeps history",
+        f"{dlq}: created, 3 partitions, replication factor 1, cleanup.policy=delete, "
+        "retention.ms=-1, retention.bytes=-1, min.insync.replicas=1, "
+        "message.timestamp.type=CreateTime, unclean.leader.election.enable=false; keeps history",
     ] + [
         f"{name}: created, 3 partitions, replication factor 1, cleanup.policy=delete, "
-        "retention.ms=86400000, retention.bytes=-1, min.insync.replicas=1; transient"
+        "retention.ms=86400000, retention.bytes=-1, min.insync.replicas=1, "
+        "message.timestamp.type=CreateTime, unclean.leader.election.enable=false; transient"
         for name in (commands, outcomes)
     ]
     code, out, _ = await run(topic_env, "topics", "--partitions", "3")
@@ -131,3 +138,21 @@ async def test_simulate_without_a_broker_fails_clearly() -> None:
     assert code == 69  # a dependency that could not be reached (connection_tracker/cli.py)
     assert "error: cannot reach Kafka at 127.0.0.1:1" in err
     assert "an open connection" not in out
+
+
+async def test_topics_refuses_a_config_that_can_lose_acknowledged_records(
+    kafka_bootstrap: str,
+) -> None:
+    code, out, err = await run(
+        {
+            "CONNTRACK_KAFKA_BOOTSTRAP_SERVERS": kafka_bootstrap,
+            "CONNTRACK_EVENTS_TOPIC": unique("never-created"),
+        },
+        "topics",
+        "--config",
+        "unclean.leader.election.enable=true",
+    )
+    assert code == 2
+    assert out == ""
+    assert "unclean.leader.election.enable=true can lose acknowledged records" in err
+    assert "Traceback" not in err

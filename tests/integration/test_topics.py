@@ -11,6 +11,7 @@ from producer.topics import (
     HistoryLosingTopicError,
     TopicProvisioningError,
     TopicSpec,
+    default_replication,
     describe_topic_configs,
     ensure_topics,
 )
@@ -48,6 +49,8 @@ async def test_creates_history_keeping_topics_then_reports_them_unchanged(
             "retention.ms": "-1",
             "retention.bytes": "-1",
             "min.insync.replicas": "1",
+            "message.timestamp.type": "CreateTime",  # only the events topic asks for LogAppendTime
+            "unclean.leader.election.enable": "false",
         }
         assert report.problems == []
         assert "keeps history" in str(report)
@@ -154,3 +157,56 @@ async def test_transient_topics_are_created_short_lived_and_only_compaction_is_r
     await create_raw(kafka_bootstrap, compacted, {"cleanup.policy": "compact"})
     with pytest.raises(HistoryLosingTopicError, match=f"topic {compacted} would lose commands"):
         await ensure_topics(kafka_bootstrap, [TopicSpec(compacted, 2, 1, 1, day)])
+
+
+@pytest.mark.parametrize(
+    ("brokers", "expected"), [(1, (1, 1)), (2, (2, 1)), (3, (3, 2)), (5, (3, 2))]
+)
+def test_default_replication_fits_the_cluster(brokers: int, expected: tuple[int, int]) -> None:
+    assert default_replication(brokers) == expected
+
+
+async def test_the_events_topic_is_stamped_by_the_log_and_takes_other_configs(
+    kafka_bootstrap: str, names: list[str]
+) -> None:
+    spec = TopicSpec(
+        names[0], 2, 1, 1, log_append_time=True, extra_configs=(("max.message.bytes", "2000000"),)
+    )
+    (report,) = await ensure_topics(kafka_bootstrap, [spec])
+    admin = AIOKafkaAdminClient(bootstrap_servers=kafka_bootstrap)
+    await admin.start()
+    try:
+        configs = await describe_topic_configs(admin, names[0])
+    finally:
+        await admin.close()
+    assert configs["message.timestamp.type"] == "LogAppendTime"
+    assert configs["unclean.leader.election.enable"] == "false"
+    assert configs["max.message.bytes"] == "2000000"
+    assert report.configs["message.timestamp.type"] == "LogAppendTime"
+    assert report.problems == []
+
+
+def test_settings_that_can_lose_acknowledged_records_are_refused() -> None:
+    with pytest.raises(ValueError, match="can lose acknowledged records"):
+        TopicSpec("t", 1, 1, 1, extra_configs=(("unclean.leader.election.enable", "TRUE"),))
+    with pytest.raises(ValueError, match="set by provisioning"):
+        TopicSpec("t", 1, 1, 1, extra_configs=(("retention.ms", "1000"),))
+
+
+async def test_an_existing_topic_that_can_lose_records_or_follows_create_time_is_reported(
+    kafka_bootstrap: str, names: list[str]
+) -> None:
+    unclean, create_time = names
+    await create_raw(kafka_bootstrap, unclean, {"unclean.leader.election.enable": "true"})
+    with pytest.raises(HistoryLosingTopicError, match="can lose acknowledged records"):
+        await ensure_topics(kafka_bootstrap, [TopicSpec(unclean, 2, 1, 1)])
+    await create_raw(
+        kafka_bootstrap,
+        create_time,
+        {"message.timestamp.type": "CreateTime", "retention.ms": "-1", "retention.bytes": "-1"},
+    )
+    (report,) = await ensure_topics(
+        kafka_bootstrap, [TopicSpec(create_time, 3, 1, 1, log_append_time=True)]
+    )
+    assert report.problems == []
+    assert any("gateways' clocks" in w for w in report.warnings)
