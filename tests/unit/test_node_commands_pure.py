@@ -32,6 +32,7 @@ def test_transient_topics_keep_a_day_and_only_compaction_is_a_problem() -> None:
         "retention.ms": "86400000",
         "retention.bytes": "-1",
         "min.insync.replicas": "2",
+        "unclean.leader.election.enable": "false",
     }
     assert transient_problems(spec.configs()) == []
     assert history_problems(spec.configs())  # the events' rule would refuse it
