@@ -306,6 +306,18 @@ class NodeCommands:
                     await client.stop()
                 except Exception:  # closing is best effort
                     log.debug("closing a Kafka client failed", exc_info=True)
+                except asyncio.CancelledError:
+                    task = asyncio.current_task()
+                    if task is not None and task.cancelling():
+                        raise
+                    # aiokafka 0.14's consumer.stop() lets out the cancellation of a fetch
+                    # that was waiting to retry (the broker away), before it closes its
+                    # connections: close them.
+                    log.debug("closing a Kafka client was cut short", exc_info=True)
+                    inner = getattr(client, "_client", None)
+                    if inner is not None:
+                        with contextlib.suppress(Exception):
+                            await inner.close()
 
     # -- the loop ----------------------------------------------------------------------------
 
@@ -343,8 +355,11 @@ class NodeCommands:
             return
         offset = self._uncommitted
         try:
-            await consumer.commit({self._tp: offset})
-        except KafkaError as exc:
+            # aiokafka's commit waits, without end, for the group's coordinator while the broker
+            # is away: bounded, so the loop goes on and stop() returns.
+            async with asyncio.timeout(_SEND_ATTEMPT_S):
+                await consumer.commit({self._tp: offset})
+        except (KafkaError, TimeoutError) as exc:
             # The broker is away: the next commit carries it. Commands acted on meanwhile are
             # remembered, so this process does not act on them twice.
             level = logging.WARNING if final else logging.DEBUG
