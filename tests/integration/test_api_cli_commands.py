@@ -40,7 +40,6 @@ from tests.support.ports import free_port
 pytestmark = [pytest.mark.kafka, pytest.mark.parametrize("backend", ["sqlite"])]
 
 API = str(Path(sys.executable).parent / "conntrack-api")
-NOW = time.time_ns()
 
 
 async def play_node(settings: Settings, commands: str, outcomes: str, got: list[Command]) -> None:
@@ -82,14 +81,15 @@ async def served(
     await create_topic(s.kafka_bootstrap_servers, outcomes, 3)
     store = ProjectionStore(engine)
     await store.positions(s.events_topic, [0])
+    now = time.time_ns()  # the node was heard from just now, well inside the lease
     state = ConnectionState(
         "on-node",
         gateway_id="gw",
         source_ip="10.0.0.1",
         user_agent="ua",
-        connected_at_ns=NOW - 10**9,
+        connected_at_ns=now - 10**9,
         connected_event_id="c-on-node",
-        last_active_at_ns=NOW - 10**9,
+        last_active_at_ns=now - 10**9,
         node_id="n1",
         node_incarnation=5,
     )
@@ -97,7 +97,7 @@ async def served(
         s.events_topic,
         {0: (0, 1)},
         {"on-node": state},
-        {"n1": NodeState("n1", 5, NOW - 10**10, NOW, "gw")},
+        {"n1": NodeState("n1", 5, now - 10**10, now, "gw")},
     )
     got: list[Command] = []
     playing = asyncio.create_task(play_node(s, commands, outcomes, got))

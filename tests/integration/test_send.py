@@ -40,18 +40,16 @@ from tests.support.kafka import create_topic, delete_topics, unique
 
 pytestmark = [pytest.mark.kafka]
 
-NOW = time.time_ns()
 
-
-def open_state(cid: str, node: str | None, incarnation: int | None) -> ConnectionState:
+def open_state(cid: str, node: str | None, incarnation: int | None, now: int) -> ConnectionState:
     return ConnectionState(
         cid,
         gateway_id="gw",
         source_ip="10.0.0.1",
         user_agent="ua",
-        connected_at_ns=NOW - 10**9,
+        connected_at_ns=now - 10**9,
         connected_event_id=f"c-{cid}",
-        last_active_at_ns=NOW - 10**9,
+        last_active_at_ns=now - 10**9,
         node_id=node,
         node_incarnation=incarnation,
     )
@@ -107,18 +105,20 @@ async def serving(
     await create_topic(s.kafka_bootstrap_servers, outcomes, 3)
     store = ProjectionStore(engine)
     await store.positions(s.events_topic, [0])
+    # The node was heard from just now: the test runs well inside the lease.
+    now = time.time_ns()
     await store.apply_batch(
         s.events_topic,
         {0: (0, 1)},
         {
-            "on-node": open_state("on-node", "n1", 5),
-            "old-start": open_state("old-start", "n1", 4),
-            "plain": open_state("plain", None, None),
-            "closed": open_state("closed", "n1", 5)._replace(
-                disconnected_at_ns=NOW, disconnected_event_id="d", disconnect_status_code=1000
+            "on-node": open_state("on-node", "n1", 5, now),
+            "old-start": open_state("old-start", "n1", 4, now),
+            "plain": open_state("plain", None, None, now),
+            "closed": open_state("closed", "n1", 5, now)._replace(
+                disconnected_at_ns=now, disconnected_event_id="d", disconnect_status_code=1000
             ),
         },
-        {"n1": NodeState("n1", 5, NOW - 10**10, NOW, "gw")},
+        {"n1": NodeState("n1", 5, now - 10**10, now, "gw")},
     )
     node = PlayedNode(s, commands, outcomes)
     playing = asyncio.create_task(node.run())
