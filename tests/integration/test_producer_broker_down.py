@@ -332,6 +332,7 @@ async def test_a_nodes_heartbeats_are_dropped_in_an_outage_and_resume_after_it(
     stats = pub.stats()
     with contextlib.suppress(UndeliveredEventsError):
         await pub.stop()
+    final = pub.stats()  # a heartbeat in flight at the snapshot above settles during stop()
 
     assert dropped_in_outage > 10  # about 40 beats were due; few if any could go out
     assert all(event.connection_id for event in failed), "a node event was reported"
@@ -344,7 +345,10 @@ async def test_a_nodes_heartbeats_are_dropped_in_an_outage_and_resume_after_it(
     beats = [e for e in got if isinstance(e.payload, NodeHeartbeat)]
     assert {e.payload for e in beats} == {NodeHeartbeat("node-a", incarnation or 0)}
     assert sum(e.occurred_at_ns >= back_ns for e in beats) >= 5  # flowing again
-    assert stats.heartbeats_delivered == len(beats)
+    # A heartbeat whose acknowledgement came after the next one was due was counted dropped but
+    # did reach the topic: each one in the topic is counted, as delivered or as dropped.
+    assert final.heartbeats_delivered <= len(beats)
+    assert len(beats) <= final.heartbeats_delivered + final.heartbeats_dropped
     assert [e.payload for e in got if isinstance(e.payload, NodeStarted)] == [
         NodeStarted("node-a", incarnation or 0)
     ]

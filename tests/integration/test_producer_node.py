@@ -65,6 +65,7 @@ async def test_a_node_announces_its_start_stamps_its_connections_and_beats(
         await asyncio.sleep(1.1)
         await pub.flush()
         stats = pub.stats()
+    final = pub.stats()  # a heartbeat in flight at the snapshot above settles on exit
     assert a.payload == Connected("10.0.0.1", "ua/1", node, incarnation)
     assert b.payload == Connected("10.0.0.2", "ua/2", node, incarnation)
     # The connection accounting counts connection events only.
@@ -96,8 +97,11 @@ async def test_a_node_announces_its_start_stamps_its_connections_and_beats(
     assert 3 <= len(beats) <= 7, [e.occurred_at_ns for e in beats]
     gaps = [(y.occurred_at_ns - x.occurred_at_ns) / SECOND for x, y in itertools.pairwise(beats)]
     assert 0.15 <= statistics.median(gaps) <= 0.3, gaps
-    assert stats.heartbeats_delivered == len(beats)
-    assert stats.heartbeats_dropped == 0
+    # Each heartbeat in the topic is counted: as delivered, or (its acknowledgement later than
+    # the next beat was due, on a slow machine) as dropped.
+    assert final.heartbeats_delivered <= len(beats)
+    assert len(beats) <= final.heartbeats_delivered + final.heartbeats_dropped
+    assert final.heartbeats_dropped <= 2
     assert len({e.event_id for e in events}) == len(events)
 
 
