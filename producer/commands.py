@@ -66,6 +66,8 @@ GROUP_PREFIX: Final = "conntrack-node."
 _POLL_MS: Final = 200
 _RETRY_S: Final = 0.5
 _SEND_ATTEMPT_S: Final = 5.0
+# Batches read ahead while earlier ones' outcomes are still being acknowledged.
+_MAX_SETTLING_BATCHES: Final = 4
 # A command without a deadline (expires_at unset) may run this long before it counts as FAILED.
 _NO_DEADLINE_RUN_S: Final = 30.0
 
@@ -160,6 +162,9 @@ class NodeCommands:
         self._loop_task: asyncio.Task[None] | None = None
         self._stopping = asyncio.Event()
         self._uncommitted: int | None = None  # next offset to commit, if not committed yet
+        # Batches whose outcomes are still being acknowledged, each then committed in turn.
+        self._settling: asyncio.Task[None] | None = None
+        self._settling_batches = 0
 
     # -- lifecycle ---------------------------------------------------------------------------
 
@@ -285,6 +290,12 @@ class NodeCommands:
                     await task
             consumer, producer = self._consumer, self._producer
             self._consumer = self._producer = None
+            settling, self._settling = self._settling, None
+            if settling is not None:
+                # The last batches' outcomes (each retried until acknowledged or given up).
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(self._drain_timeout_s + _SEND_ATTEMPT_S + 1):
+                        await asyncio.gather(settling, return_exceptions=True)
             await self._commit_pending(consumer, final=True)
             await self._close(consumer, producer)
             log.info("event=commands_stopped node_id=%s", self._node_id)
@@ -333,27 +344,57 @@ class NodeCommands:
                 # to ~140 commands/s). Committing later is safe: a command is never executed
                 # twice by this process (remembered below), and a later start of the node is a
                 # new incarnation, which answers old commands CONNECTION_GONE without acting.
+                # The next batch is read while this one's outcomes are acknowledged and its
+                # offset committed in the background, in batch order (waiting for both between
+                # polls put one broker round trip or two before every command's turn).
                 publishing: list[asyncio.Task[None]] = []
-                try:
-                    for record in batch.get(tp, []):
-                        if self._stopping.is_set():
-                            break
-                        await self._handle(record, publishing)
-                        self._uncommitted = record.offset + 1
-                finally:
-                    if publishing:
-                        await asyncio.gather(*publishing, return_exceptions=True)
-                await self._commit_pending(consumer)
+                for record in batch.get(tp, []):
+                    if self._stopping.is_set():
+                        break
+                    await self._handle(record, publishing)
+                    self._uncommitted = record.offset + 1
+                if self._uncommitted is not None:
+                    await self._settle_in_background(consumer, publishing, self._uncommitted)
             except asyncio.CancelledError:
                 raise
             except Exception:
                 log.exception("event=commands_loop_error node_id=%s", self._node_id)
                 await asyncio.sleep(_RETRY_S)
 
-    async def _commit_pending(self, consumer: Any, final: bool = False) -> None:
-        if self._uncommitted is None or consumer is None or self._tp is None:
+    async def _settle_in_background(
+        self, consumer: Any, publishing: list[asyncio.Task[None]], offset: int
+    ) -> None:
+        if self._settling_batches >= _MAX_SETTLING_BATCHES and self._settling is not None:
+            await asyncio.shield(self._settling)  # the broker is slow: read no further ahead
+        self._settling_batches += 1
+        self._settling = asyncio.create_task(
+            self._settle(self._settling, consumer, publishing, offset)
+        )
+
+    async def _settle(
+        self,
+        before: asyncio.Task[None] | None,
+        consumer: Any,
+        publishing: list[asyncio.Task[None]],
+        offset: int,
+    ) -> None:
+        """Wait for the batch before, then for this batch's outcomes; then commit its offset."""
+        try:
+            if before is not None:
+                await asyncio.gather(before, return_exceptions=True)
+            if publishing:
+                await asyncio.gather(*publishing, return_exceptions=True)
+            await self._commit_pending(consumer, offset=offset)
+        finally:
+            self._settling_batches -= 1
+
+    async def _commit_pending(
+        self, consumer: Any, final: bool = False, offset: int | None = None
+    ) -> None:
+        """Commit `offset` (default: everything read so far)."""
+        offset = self._uncommitted if offset is None else offset
+        if offset is None or self._uncommitted is None or consumer is None or self._tp is None:
             return
-        offset = self._uncommitted
         try:
             # aiokafka's commit waits, without end, for the group's coordinator while the broker
             # is away: bounded, so the loop goes on and stop() returns.
