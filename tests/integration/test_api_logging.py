@@ -7,10 +7,8 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import os
 import random
 import signal
-import sys
 from pathlib import Path
 
 import grpc
@@ -24,7 +22,7 @@ from connection_tracker.protogen.yandex.cloud.serverless.apigateway.websocket.v1
     connection_service_pb2_grpc as svc_grpc,
 )
 from connection_tracker.schema import connections
-from tests.support.api import SERVING, eventually, health_status
+from tests.support.api import serve_api
 from tests.support.ports import free_port
 
 ROWS = 40
@@ -95,31 +93,9 @@ async def test_clients_giving_up_leave_no_error_in_the_log(
     await _seed(database_url)
     port = free_port()
     log_path = tmp_path / "serve.log"
-    with log_path.open("wb") as log_file:
-        process = await asyncio.create_subprocess_exec(
-            sys.executable,
-            "-m",
-            "api",
-            "serve",
-            stdout=log_file,
-            stderr=log_file,
-            env={
-                **os.environ,
-                "CONNTRACK_DATABASE_URL": database_url,
-                "CONNTRACK_API_LISTEN": f"127.0.0.1:{port}",
-                # A fresh position read on every call, so calls also give up during one.
-                "CONNTRACK_API_FRESHNESS_TTL_MS": "0",
-            },
-        )
+    # A fresh position read on every call, so calls also give up during one.
+    process = await serve_api(database_url, port, log_path, api_freshness_ttl_ms="0")
     try:
-
-        async def up() -> bool:
-            try:
-                return bool(await health_status(port) == SERVING)
-            except grpc.aio.AioRpcError:
-                return False
-
-        await eventually(up, within=30)
         outcomes = await _impatient_clients(port, rounds=40)
         # The server still answers, and the impatient clients did give up.
         async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:

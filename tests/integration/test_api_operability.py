@@ -44,7 +44,7 @@ from connection_tracker.protogen.yandex.cloud.serverless.apigateway.websocket.v1
 )
 from connection_tracker.schema import connections
 from connection_tracker.settings import Settings
-from tests.support.api import NOT_SERVING, SERVING, eventually, health_status
+from tests.support.api import NOT_SERVING, SERVING, eventually, health_status, serve_api
 from tests.support.ports import free_port
 
 REPO = Path(__file__).resolve().parents[2]
@@ -342,31 +342,14 @@ async def test_sigterm_drains_the_call_in_flight_and_exits_zero(
 ) -> None:
     port = free_port()
     log_path = tmp_path / "serve.log"
-    with log_path.open("wb") as log_file:
-        process = await asyncio.create_subprocess_exec(
-            sys.executable,
-            "-m",
-            "api",
-            "serve",
-            stdout=log_file,
-            stderr=log_file,
-            env={
-                **os.environ,
-                "CONNTRACK_DATABASE_URL": database_url,
-                "CONNTRACK_API_LISTEN": f"127.0.0.1:{port}",
-                "CONNTRACK_API_GRACE_SECONDS": "30",
-                "CONNTRACK_API_DB_TIMEOUT_SECONDS": "30",
-            },
-        )
+    process = await serve_api(
+        database_url,
+        port,
+        log_path,
+        api_grace_seconds="30",
+        api_db_timeout_seconds="30",
+    )
     try:
-
-        async def up() -> bool:
-            try:
-                return bool(await health_status(port) == SERVING)
-            except grpc.aio.AioRpcError:
-                return False
-
-        await eventually(up, within=30)
         parsed = make_url(database_url)
         locker = await asyncpg.connect(
             host=parsed.host, port=parsed.port, user=parsed.username, database=parsed.database

@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
+import sys
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any
 
 import asyncpg
@@ -62,3 +65,39 @@ async def health_status(port: int, service: str = "") -> int:
         stub = health_pb2_grpc.HealthStub(channel)
         answer = await stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=5)
         return int(answer.status)
+
+
+async def serve_api(
+    database_url: str, port: int, log_path: Path, **settings: str
+) -> asyncio.subprocess.Process:
+    """`python -m api serve` on 127.0.0.1:port with its output in log_path (and these CONNTRACK_*
+    settings, by lower-case name), once its health service answers SERVING."""
+    with log_path.open("wb") as log_file:
+        process = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-m",
+            "api",
+            "serve",
+            stdout=log_file,
+            stderr=log_file,
+            env={
+                **os.environ,
+                "CONNTRACK_DATABASE_URL": database_url,
+                "CONNTRACK_API_LISTEN": f"127.0.0.1:{port}",
+                **{f"CONNTRACK_{name.upper()}": value for name, value in settings.items()},
+            },
+        )
+
+    async def up() -> bool:
+        try:
+            return bool(await health_status(port) == SERVING)
+        except grpc.aio.AioRpcError:
+            return False
+
+    try:
+        await eventually(up, within=30)
+    except BaseException:
+        process.kill()
+        await process.wait()
+        raise
+    return process
