@@ -117,10 +117,7 @@ class CommandChannel:
             finally:
                 self._ready.clear()
                 self._producer = self._consumer = None
-                with contextlib.suppress(Exception):
-                    await consumer.stop()
-                with contextlib.suppress(Exception):
-                    await producer.stop()
+                await _close(consumer, producer)
             await asyncio.sleep(next(delays))
 
     async def _read_outcomes(self, consumer: AIOKafkaConsumer) -> None:
@@ -193,3 +190,19 @@ class CommandChannel:
 def _retrieve(future: asyncio.Future[Any]) -> None:
     if not future.cancelled():
         future.exception()
+
+
+async def _close(*clients: AIOKafkaConsumer | AIOKafkaProducer) -> None:
+    """Stop every client, even when one raises: aiokafka's consumer.stop() can raise a stray
+    CancelledError from its own fetch task, and a client not stopped leaves its connections open.
+    A cancellation of this task itself is passed on once all are stopped."""
+    for client in clients:
+        try:
+            await client.stop()
+        except asyncio.CancelledError:
+            pass
+        except Exception:  # closing is best effort
+            log.debug("closing a Kafka client failed", exc_info=True)
+    task = asyncio.current_task()
+    if task is not None and task.cancelling():
+        raise asyncio.CancelledError
