@@ -24,21 +24,27 @@ REPO = PROTO_ROOT.parent
 PACKAGE = "connection_tracker.protogen"
 OUT = REPO / Path(*PACKAGE.split("."))
 
-# Top-level proto packages we own the generated code for; google.* comes from protobuf itself.
+# Top-level proto packages we own the generated code for; google.* comes from protobuf and
+# googleapis-common-protos.
 _OWN_ROOTS = ("yandex", "conntrack")
 _IMPORT_RE = re.compile(rf"^(from|import) ({'|'.join(_OWN_ROOTS)})(\.|\b)", re.MULTILINE)
 
 
 def _generate(out: Path) -> None:
     import grpc_tools
+    from google.api import annotations_pb2
     from grpc_tools import protoc  # dev dependency: only needed to regenerate
 
     protos = sorted(str(p.relative_to(PROTO_ROOT)) for p in PROTO_ROOT.rglob("*.proto"))
     include = Path(grpc_tools.__file__).parent / "_proto"
+    # google/api/annotations.proto and http.proto, as googleapis-common-protos ships them (its
+    # google.api modules are what the generated code imports at run time).
+    googleapis = Path(annotations_pb2.__file__).parents[2]
     args = [
         "grpc_tools.protoc",
         f"-I{PROTO_ROOT}",
         f"-I{include}",
+        f"-I{googleapis}",
         f"--python_out={out}",
         f"--pyi_out={out}",
         f"--grpc_python_out={out}",

@@ -1,3 +1,4 @@
+from google.api import annotations_pb2 as _annotations_pb2
 from connection_tracker.protogen.yandex.cloud.serverless.apigateway.websocket.v1 import connection_pb2 as _connection_pb2
 from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
 from google.protobuf import descriptor as _descriptor

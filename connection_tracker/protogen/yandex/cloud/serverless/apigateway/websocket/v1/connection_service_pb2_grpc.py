@@ -56,21 +56,21 @@ class ConnectionServiceServicer:
     """Missing associated documentation comment in .proto file."""
 
     def Get(self, request, context):
-        """Returns the specified connection info. HTTP: GET /apigateways/websocket/v1/connections/{connection_id}
+        """Returns the specified connection info.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def Send(self, request, context):
-        """Sends data to the specified connection. This tracker answers UNIMPLEMENTED.
+        """Sends data to the specified connection (through the gateway node holding its socket).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def Disconnect(self, request, context):
-        """Disconnects the specified connection. This tracker answers UNIMPLEMENTED.
+        """Disconnects the specified connection (through the gateway node holding its socket).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
