@@ -14,7 +14,7 @@ from google.protobuf.json_format import MessageToJson
 from google.protobuf.message import Message
 
 from api.auth import TokenConfigError
-from api.repository import ConnectionRepository, create_read_engine
+from api.read_engines import open_repository
 from api.server import ApiServer
 from api.tls import TlsConfigError, client_credentials
 from connection_tracker import cli
@@ -32,19 +32,9 @@ from connection_tracker.settings import Settings
 
 
 async def serve(settings: Settings) -> int:
-    engine = create_read_engine(
-        settings.database_url,
-        pool_size=settings.api_db_pool_size,
-        timeout_seconds=settings.api_db_timeout_seconds,
-    )
-    try:
+    # database_url, or the read replicas when CONNTRACK_API_READ_DATABASE_URLS lists some.
+    async with open_repository(settings) as repository:
         try:
-            repository = ConnectionRepository(
-                engine,
-                batch_max_ids=settings.api_batch_max_ids,
-                batch_max_in_flight=settings.api_batch_max_in_flight,
-                batch_window_seconds=settings.api_batch_window_ms / 1000,
-            )
             server = ApiServer.from_settings(repository, settings)
             await server.start()
         except (TlsConfigError, TokenConfigError, OSError) as exc:
@@ -52,8 +42,6 @@ async def serve(settings: Settings) -> int:
         on_shutdown_signal(server.stop)
         await server.wait()
         return cli.Exit.OK
-    finally:
-        await engine.dispose()
 
 
 # What a failed call means for the exit code: a dependency (the server, its database, the

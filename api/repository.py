@@ -262,7 +262,11 @@ class ConnectionRepository:
             await self._held.release()
 
     async def _read(
-        self, statement: Executable, parameters: Mapping[str, Any] | None = None
+        self,
+        statement: Executable,
+        parameters: Mapping[str, Any] | None = None,
+        *,
+        engine: AsyncEngine | None = None,
     ) -> Sequence[Row[Any]]:
         """The rows of one read through SQLAlchemy. A caller that is cancelled stops waiting,
         but the read itself runs to its end (bounded by the pool timeout and, on PostgreSQL,
@@ -272,14 +276,16 @@ class ConnectionRepository:
         unretrieved exception from a connect asyncpg abandons half-way). Cancelling would
         not stop a SQLite statement anyway; PostgreSQL lookups, which do need to stop, take
         the held-connection path."""
-        read = asyncio.get_running_loop().create_task(self._read_through(statement, parameters))
+        read = asyncio.get_running_loop().create_task(
+            self._read_through(statement, parameters, engine or self._engine)
+        )
         self._reads.add(read)
         read.add_done_callback(self._reads.discard)
         # If the caller is cancelled, shield() marks the read's exception as retrieved.
         return await asyncio.shield(read)
 
     async def _read_through(
-        self, statement: Executable, parameters: Mapping[str, Any] | None
+        self, statement: Executable, parameters: Mapping[str, Any] | None, engine: AsyncEngine
     ) -> Sequence[Row[Any]]:
         """A pooled connection that turns out dead (PostgreSQL restarted, the session was
         terminated) makes SQLAlchemy discard it and every connection pooled before it; the
@@ -287,7 +293,7 @@ class ConnectionRepository:
         while a database that is really gone still fails at once."""
         for attempt in (1, 2):
             try:
-                async with self._engine.connect() as conn:
+                async with engine.connect() as conn:
                     return (await conn.execute(statement, parameters)).all()
             except DBAPIError as exc:
                 if not (exc.connection_invalidated and attempt == 1):
@@ -307,16 +313,22 @@ class ConnectionRepository:
         return await self._open.load(connection_id)
 
     async def _fetch_open(self, connection_ids: Sequence[str]) -> dict[str, ConnectionView]:
-        if self._held is None:
-            rows = await self._read(self._open_many, {"ids": connection_ids})
+        return await self._fetch_open_on(self._engine, self._held, connection_ids)
+
+    async def _fetch_open_on(
+        self, engine: AsyncEngine, held: _HeldConnections | None, connection_ids: Sequence[str]
+    ) -> dict[str, ConnectionView]:
+        """The lookup on one database (api/read_engines.py picks a replica's)."""
+        if held is None:
+            rows = await self._read(self._open_many, {"ids": connection_ids}, engine=engine)
         else:
             try:
-                rows = await self._held.fetch(connection_ids)
+                rows = await held.fetch(connection_ids)
             except _ConnectionLost as exc:
                 # The ordinary path: SQLAlchemy also discards every connection pooled before the
                 # dead one (and retries once more if the next one is dead as well).
                 log.info("read model connection was dead (%s); retrying once", exc)
-                rows = await self._read(self._open_many, {"ids": connection_ids})
+                rows = await self._read(self._open_many, {"ids": connection_ids}, engine=engine)
         views = map(_view, rows)
         return {view.id: view for view in views}
 

@@ -18,6 +18,13 @@ ENV_PREFIX = "CONNTRACK_"
 
 # The async drivers the read model runs on (SQLAlchemy URL schemes).
 DATABASE_SCHEMES = ("sqlite+aiosqlite", "postgresql+asyncpg")
+# Read replicas are PostgreSQL streaming replicas (api_read_database_urls).
+REPLICA_SCHEME = "postgresql+asyncpg"
+
+
+def split_urls(urls: str) -> tuple[str, ...]:
+    """A comma-separated list of URLs, in order, blanks around and between commas ignored."""
+    return tuple(url.strip() for url in urls.split(",") if url.strip())
 
 
 class Settings(BaseSettings):
@@ -116,6 +123,12 @@ class Settings(BaseSettings):
         5.0, gt=0, description="Longest a read-model lookup may take."
     )
     api_db_pool_size: int = Field(10, ge=1, description="Read-model connections of the API.")
+    # docs/api.md, "Reading from replicas": first healthy in the order given, with failover.
+    api_read_database_urls: str = Field(
+        "",
+        description="PostgreSQL streaming replicas the API reads from, comma separated "
+        "postgresql+asyncpg URLs, first healthy first; empty: the API reads database_url.",
+    )
     api_command_timeout_seconds: float = Field(
         10.0,
         gt=0,
@@ -212,6 +225,22 @@ class Settings(BaseSettings):
                 f"{DATABASE_SCHEMES[1]}://USER:PASSWORD@HOST:PORT/DB, not {scheme or url!r}"
             )
         return url
+
+    @field_validator("api_read_database_urls")
+    @classmethod
+    def _replica_urls(cls, urls: str) -> str:
+        listed = split_urls(urls)
+        for url in listed:
+            scheme = url.split("://", 1)[0] if "://" in url else ""
+            if scheme != REPLICA_SCHEME:
+                # Only the scheme: the rest may hold a password.
+                raise ValueError(
+                    f"each read replica needs {REPLICA_SCHEME}://USER:PASSWORD@HOST:PORT/DB, "
+                    f"not {scheme + '://...' if scheme else 'a URL without a scheme'}"
+                )
+        if len(set(listed)) != len(listed):
+            raise ValueError("a read replica is listed twice")
+        return urls
 
     @field_validator("log_level")
     @classmethod

@@ -2,19 +2,31 @@
 # A throwaway PostgreSQL server from Debian's packages, for tests, benchmarks and local runs.
 #
 #   infra/postgres.sh up | down | status | url | reset
+#   infra/postgres.sh replica up | down | status | url | reset
 #
 # Environment:
 #   CONNTRACK_PG_PORT   TCP port on 127.0.0.1                    (default 55432)
 #   CONNTRACK_PG_DIR    data directory (must be reachable by the  (default /tmp/conntrack-pg-<port>)
 #                       'postgres' OS user, hence not inside a checkout that may live under /root)
+#   CONNTRACK_PG_REPLICA_PORT  the replica's port                 (default: CONNTRACK_PG_PORT + 1)
+#   CONNTRACK_PG_REPLICA_DIR   the replica's directory            (default /tmp/conntrack-pg-<its port>)
 #
 # The server trusts loopback connections: it is for tests on this machine, never for production.
 # It creates role and database 'conntrack'; `infra/postgres.sh url` prints the SQLAlchemy URL.
+#
+# `replica up` makes a hot-standby streaming replica of the running primary (pg_basebackup -R,
+# the same binaries), read-only, on its own port and data directory; `replica url` prints its
+# URL (CONNTRACK_API_READ_DATABASE_URLS). Every primary this script creates is configured for it
+# (wal_level = replica, max_wal_senders, a replication line in pg_hba.conf for loopback; the
+# first two are also PostgreSQL's defaults, so primaries made before this change qualify too).
 set -euo pipefail
 
 port="${CONNTRACK_PG_PORT:-55432}"
 dir="${CONNTRACK_PG_DIR:-/tmp/conntrack-pg-$port}"
 data="$dir/data"
+replica_port="${CONNTRACK_PG_REPLICA_PORT:-$((port + 1))}"
+replica_dir="${CONNTRACK_PG_REPLICA_DIR:-/tmp/conntrack-pg-$replica_port}"
+replica_data="$replica_dir/data"
 
 die() { echo "infra/postgres: $*" >&2; exit 1; }
 
@@ -67,7 +79,13 @@ max_connections = 200
 shared_buffers = 256MB
 # A throwaway server: a crash may lose the last commits, never corrupt data.
 synchronous_commit = off
+# Streaming replicas (`infra/postgres.sh replica up`); WAL kept so a paused replica catches up.
+wal_level = replica
+max_wal_senders = 10
+wal_keep_size = 512MB
 CONF
+    # initdb --auth=trust already trusts loopback replication; stated so it does not depend on it.
+    echo "host replication all 127.0.0.1/32 trust" >>"$data/pg_hba.conf"
   fi
   as_pg "$bin/pg_ctl" -D "$data" -l "$dir/server.log" -w -t 60 start >/dev/null ||
     { tail -30 "$dir/server.log" >&2; die "server did not start"; }
@@ -88,11 +106,72 @@ status() {
   if running; then echo "infra/postgres: running on 127.0.0.1:$port (data $data)"; else echo "infra/postgres: not running (port $port)"; return 3; fi
 }
 
+replica_running() {
+  [ -n "$(pg_bin)" ] && [ -f "$replica_data/postmaster.pid" ] &&
+    as_pg "$(pg_bin)/pg_ctl" -D "$replica_data" status >/dev/null 2>&1
+}
+
+replica_url() { echo "postgresql+asyncpg://conntrack@127.0.0.1:$replica_port/conntrack"; }
+
+replica_up() {
+  ensure_installed
+  local bin; bin="$(pg_bin)"
+  if replica_running; then echo "infra/postgres: replica already running on 127.0.0.1:$replica_port"; return 0; fi
+  (exec 3<>"/dev/tcp/127.0.0.1/$replica_port") 2>/dev/null &&
+    die "port $replica_port is taken; set CONNTRACK_PG_REPLICA_PORT."
+  mkdir -p "$replica_dir"
+  [ "$(id -u)" = 0 ] && { id postgres >/dev/null 2>&1 || as_pg true; chown postgres: "$replica_dir"; }
+  if [ ! -f "$replica_data/PG_VERSION" ]; then
+    running || die "the primary on 127.0.0.1:$port is not running (infra/postgres.sh up)"
+    # -R writes standby.signal and primary_conninfo; -X stream copies the WAL made meanwhile.
+    as_pg "$bin/pg_basebackup" -h 127.0.0.1 -p "$port" -U postgres -D "$replica_data" -R -X stream \
+      -c fast >"$replica_dir/basebackup.log" 2>&1 ||
+      { cat "$replica_dir/basebackup.log" >&2; rm -rf "$replica_data"; die "pg_basebackup failed"; }
+    # The copied postgresql.conf is the primary's: the last setting wins, so these override it.
+    cat >>"$replica_data/postgresql.conf" <<CONF
+# The streaming replica of 127.0.0.1:$port
+port = $replica_port
+unix_socket_directories = '$replica_dir'
+hot_standby = on
+hot_standby_feedback = on
+CONF
+  fi
+  as_pg "$bin/pg_ctl" -D "$replica_data" -l "$replica_dir/server.log" -w -t 60 start >/dev/null ||
+    { tail -30 "$replica_dir/server.log" >&2; die "replica did not start"; }
+  echo "infra/postgres: replica of 127.0.0.1:$port ready on 127.0.0.1:$replica_port ($(replica_url))"
+}
+
+replica_down() {
+  if ! replica_running; then echo "infra/postgres: replica not running"; return 0; fi
+  as_pg "$(pg_bin)/pg_ctl" -D "$replica_data" -m fast -w stop >/dev/null
+  echo "infra/postgres: replica stopped"
+}
+
+replica_status() {
+  if replica_running; then
+    echo "infra/postgres: replica running on 127.0.0.1:$replica_port (data $replica_data)"
+  else
+    echo "infra/postgres: replica not running (port $replica_port)"; return 3
+  fi
+}
+
+replica() {
+  case "${1:-}" in
+    up) replica_up ;;
+    down) replica_down ;;
+    status) replica_status ;;
+    url) replica_url ;;
+    reset) replica_down; rm -rf "$replica_dir"; echo "infra/postgres: replica data removed" ;;
+    *) echo "usage: infra/postgres.sh replica up|down|status|url|reset" >&2; exit 2 ;;
+  esac
+}
+
 case "${1:-}" in
+  replica) replica "${2:-}" ;;
   up) up ;;
   down) down ;;
   status) status ;;
   url) url ;;
   reset) down; rm -rf "$dir"; echo "infra/postgres: data removed" ;;
-  *) echo "usage: infra/postgres.sh up|down|status|url|reset" >&2; exit 2 ;;
+  *) echo "usage: infra/postgres.sh up|down|status|url|reset | replica up|down|status|url|reset" >&2; exit 2 ;;
 esac
