@@ -24,6 +24,7 @@ from typing import Any
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.errors import KafkaError
 
+from connection_tracker import kafka
 from connection_tracker.commands import (
     Action,
     Command,
@@ -32,6 +33,7 @@ from connection_tracker.commands import (
     decode_outcome,
     encode_command,
 )
+from connection_tracker.kafka import KafkaConnection, KafkaSetupError, connection_of
 from connection_tracker.retry import Backoff, one_line
 
 log = logging.getLogger(__name__)
@@ -44,8 +46,12 @@ class CommandChannelUnavailable(RuntimeError):
 class CommandChannel:
     """Async context manager; start() returns at once and connects in the background."""
 
-    def __init__(self, bootstrap_servers: str, commands_topic: str, outcomes_topic: str) -> None:
-        self._bootstrap = bootstrap_servers
+    def __init__(
+        self, servers: str | KafkaConnection, commands_topic: str, outcomes_topic: str
+    ) -> None:
+        self._connection = connection_of(servers, "api")
+        # Set when the broker refused a setting (credentials, the CA): retrying cannot help.
+        self.failure: KafkaSetupError | None = None
         self._commands_topic = commands_topic
         self._outcomes_topic = outcomes_topic
         self.reply_to = f"api-{uuid.uuid4().hex}"
@@ -86,14 +92,14 @@ class CommandChannel:
         delays = Backoff(max_s=5.0).delays()
         while True:
             producer = AIOKafkaProducer(
-                bootstrap_servers=self._bootstrap, acks="all", enable_idempotence=True
+                **self._connection.options(), acks="all", enable_idempotence=True
             )
             consumer = AIOKafkaConsumer(
-                bootstrap_servers=self._bootstrap, group_id=None, enable_auto_commit=False
+                **self._connection.options(), group_id=None, enable_auto_commit=False
             )
             try:
-                await producer.start()
-                await consumer.start()
+                await kafka.start(producer, self._connection)
+                await kafka.start(consumer, self._connection)
                 # Asked of the full metadata first: partitions_for() would spin on a missing
                 # topic, aiokafka logging an error each time.
                 missing = {self._commands_topic, self._outcomes_topic} - await consumer.topics()
@@ -114,10 +120,14 @@ class CommandChannel:
                 await self._read_outcomes(consumer)
             except (KafkaError, OSError) as exc:
                 log.warning("event=command_channel_retry error=%r", one_line(exc))
+            except KafkaSetupError as exc:
+                self.failure = exc
+                log.error("event=command_channel_failed error=%r", str(exc))
+                return
             finally:
                 self._ready.clear()
                 self._producer = self._consumer = None
-                await _close(consumer, producer)
+                await kafka.close(consumer, producer)
             await asyncio.sleep(next(delays))
 
     async def _read_outcomes(self, consumer: AIOKafkaConsumer) -> None:
@@ -150,7 +160,11 @@ class CommandChannel:
         CommandChannelUnavailable if the broker cannot be reached or no outcome comes."""
         producer = self._producer
         if producer is None:
-            raise CommandChannelUnavailable("the command channel is not connected to Kafka")
+            raise CommandChannelUnavailable(
+                f"the command channel cannot use Kafka: {self.failure}"
+                if self.failure is not None
+                else "the command channel is not connected to Kafka"
+            )
         now = time.time_ns()
         command = Command(
             command_id=uuid.uuid4().hex,
@@ -190,19 +204,3 @@ class CommandChannel:
 def _retrieve(future: asyncio.Future[Any]) -> None:
     if not future.cancelled():
         future.exception()
-
-
-async def _close(*clients: AIOKafkaConsumer | AIOKafkaProducer) -> None:
-    """Stop every client, even when one raises: aiokafka's consumer.stop() can raise a stray
-    CancelledError from its own fetch task, and a client not stopped leaves its connections open.
-    A cancellation of this task itself is passed on once all are stopped."""
-    for client in clients:
-        try:
-            await client.stop()
-        except asyncio.CancelledError:
-            pass
-        except Exception:  # closing is best effort
-            log.debug("closing a Kafka client failed", exc_info=True)
-    task = asyncio.current_task()
-    if task is not None and task.cancelling():
-        raise asyncio.CancelledError

@@ -20,6 +20,7 @@ from api.metrics import ApiMetrics
 from api.repository import ConnectionRepository, ReadModelUnavailable
 from api.service import SERVICE_NAME, ConnectionService, connection_service_handlers
 from api.tls import ServerTls
+from connection_tracker.kafka import KafkaConnection
 from connection_tracker.liveness import Liveness
 from connection_tracker.settings import Settings, default
 
@@ -125,7 +126,7 @@ class ApiServer:
                 settings.connection_max_lifetime_seconds,
             ),
             commands=CommandChannel(
-                settings.kafka_bootstrap_servers,
+                KafkaConnection.from_settings(settings, "api"),
                 settings.commands_topic,
                 settings.command_outcomes_topic,
             ),

@@ -34,6 +34,7 @@ from audit.replay import HistoryEntry, fold_until, history, state_of, verify
 from connection_tracker import cli
 from connection_tracker.database import create_engine
 from connection_tracker.fold import ConnectionState
+from connection_tracker.kafka import KafkaConnection
 from connection_tracker.lifecycle import BATCH_GEN0_THRESHOLD, setup_logging, tune_gc
 from connection_tracker.settings import Settings
 from connection_tracker.store import ProjectionStore
@@ -87,7 +88,9 @@ _TABLE_COLUMNS = frozenset(
 
 async def cmd_history(settings: Settings, ns: argparse.Namespace) -> int:
     found = 0
-    async with LogReader(settings.kafka_bootstrap_servers, settings.events_topic) as reader:
+    async with LogReader(
+        KafkaConnection.from_settings(settings, "audit"), settings.events_topic
+    ) as reader:
         async for entry in history(reader, ns.connection_id, until_ms=ns.until):
             found += 1
             if ns.format in ("json", "jsonl"):
@@ -112,7 +115,9 @@ async def cmd_history(settings: Settings, ns: argparse.Namespace) -> int:
 
 
 async def cmd_as_of(settings: Settings, ns: argparse.Namespace) -> int:
-    async with LogReader(settings.kafka_bootstrap_servers, settings.events_topic) as reader:
+    async with LogReader(
+        KafkaConnection.from_settings(settings, "audit"), settings.events_topic
+    ) as reader:
         if ns.connection:
             state = await state_of(reader, ns.connection, until_ms=ns.time)
             if state is None:
@@ -163,7 +168,9 @@ async def cmd_as_of(settings: Settings, ns: argparse.Namespace) -> int:
 async def cmd_verify(settings: Settings, ns: argparse.Namespace) -> int:
     engine = create_engine(settings.database_url)
     try:
-        async with LogReader(settings.kafka_bootstrap_servers, settings.events_topic) as reader:
+        async with LogReader(
+            KafkaConnection.from_settings(settings, "audit"), settings.events_topic
+        ) as reader:
             result = await verify(engine, reader, _progress("verify", ns.progress_interval))
     finally:
         await engine.dispose()
@@ -280,7 +287,9 @@ async def cmd_rebuild(settings: Settings, ns: argparse.Namespace) -> int:
                 last_print = now
                 print(progress.line(now), file=sys.stderr, flush=True)
 
-        async with LogReader(settings.kafka_bootstrap_servers, settings.events_topic) as reader:
+        async with LogReader(
+            KafkaConnection.from_settings(settings, "audit"), settings.events_topic
+        ) as reader:
             rebuild = Rebuild(
                 engine,
                 reader,

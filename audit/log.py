@@ -10,6 +10,8 @@ from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient
 from aiokafka.partitioner import DefaultPartitioner
 
+from connection_tracker import kafka
+from connection_tracker.kafka import KafkaConnection, connection_of
 from producer.topics import describe_topic_configs
 
 # partition -> [start, end) offsets
@@ -31,11 +33,13 @@ class TopicNotFoundError(LookupError):
 class LogReader:
     """Async context manager over one topic of the log."""
 
-    def __init__(self, bootstrap_servers: str, topic: str, *, fetch_max_bytes: int = 16 << 20):
+    def __init__(
+        self, servers: str | KafkaConnection, topic: str, *, fetch_max_bytes: int = 16 << 20
+    ):
         self.topic = topic
-        self._bootstrap = bootstrap_servers
+        self._connection = connection_of(servers, "audit")
         self._consumer = AIOKafkaConsumer(
-            bootstrap_servers=bootstrap_servers,
+            **self._connection.options(),
             group_id=None,
             enable_auto_commit=False,
             auto_offset_reset="earliest",
@@ -45,7 +49,7 @@ class LogReader:
 
     async def __aenter__(self) -> LogReader:
         try:
-            await self._consumer.start()
+            await kafka.start(self._consumer, self._connection)
         except BaseException:
             await self._consumer.stop()  # a failed start leaves its client open otherwise
             raise
@@ -57,8 +61,8 @@ class LogReader:
     async def timestamp_type(self) -> str:
         """The topic's message.timestamp.type: LogAppendTime (the broker's clock, when the log
         took the record) or CreateTime (the producer's, here the gateways' clocks)."""
-        admin = AIOKafkaAdminClient(bootstrap_servers=self._bootstrap)
-        await admin.start()
+        admin = AIOKafkaAdminClient(**self._connection.options())
+        await kafka.start(admin, self._connection)
         try:
             configs = await describe_topic_configs(admin, self.topic)
         finally:

@@ -26,6 +26,7 @@ from pydantic import ValidationError
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import ArgumentError, DBAPIError, OperationalError
 
+from connection_tracker.kafka import KafkaSetupError
 from connection_tracker.retry import one_line
 from connection_tracker.settings import SECTIONS, Settings, env_name
 
@@ -132,8 +133,9 @@ def run(
 ) -> NoReturn:
     """Run a command's body (in an event loop if it is a coroutine) and exit with its code.
     SIGTERM is treated like SIGINT. Errors users meet become one line on stderr: a bad setting
-    (2), an unreachable database or broker (69); anything else is a bug and keeps its
-    traceback. `interrupted` is what to tell the operator on SIGINT or SIGTERM."""
+    (2; also a broker refusing the credentials or certificate), an unreachable database or
+    broker (69); anything else is a bug and keeps its traceback. `interrupted` is what to tell
+    the operator on SIGINT or SIGTERM."""
     signal.signal(signal.SIGTERM, signal.default_int_handler)
     try:
         result = body()
@@ -144,6 +146,9 @@ def run(
     except CommandError as exc:
         print(f"{prog}: {exc}", file=sys.stderr)
         code = exc.code
+    except KafkaSetupError as exc:  # a credential, the CA, the protocol: not worth a retry
+        print(f"{prog}: {exc}", file=sys.stderr)
+        code = Exit.USAGE
     except Exception as exc:  # mapped to one line, or re-raised
         message = dependency_error(exc, settings)
         if message is None:

@@ -34,6 +34,33 @@ class Settings(BaseSettings):
     kafka_bootstrap_servers: str = Field(
         "127.0.0.1:19092", description="Kafka bootstrap servers, comma separated."
     )
+    # How every Kafka client connects (connection_tracker/kafka.py; README, "Connecting to a
+    # secured Kafka cluster").
+    kafka_security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = Field(
+        "PLAINTEXT", description="Kafka security protocol."
+    )
+    kafka_sasl_mechanism: Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"] = Field(
+        "PLAIN", description="Kafka SASL mechanism (SASL_* protocols)."
+    )
+    kafka_sasl_username: str | None = Field(None, description="Kafka SASL user name.")
+    kafka_sasl_password: SecretStr | None = Field(None, description="Kafka SASL password.")
+    kafka_sasl_password_file: Path | None = Field(
+        None, description="File holding the Kafka SASL password (instead of the password)."
+    )
+    kafka_ssl_cafile: Path | None = Field(
+        None, description="CA (PEM) the brokers' certificates chain to; unset: the system's CAs."
+    )
+    kafka_ssl_certfile: Path | None = Field(
+        None, description="Client certificate (PEM) for brokers that ask for one."
+    )
+    kafka_ssl_keyfile: Path | None = Field(None, description="Client certificate's key (PEM).")
+    kafka_ssl_key_password: SecretStr | None = Field(
+        None, description="Password of the client certificate's key."
+    )
+    kafka_client_id: str = Field(
+        "conntrack",
+        description="Kafka client id prefix; each component adds its name (conntrack-projector).",
+    )
     events_topic: str = Field("conntrack.events.v1", description="Topic gateways publish to.")
     dead_letter_topic: str = Field(
         "conntrack.events.v1.dlq", description="Where undecodable or invalid events go."
@@ -242,6 +269,11 @@ class Settings(BaseSettings):
             raise ValueError("a read replica is listed twice")
         return urls
 
+    @field_validator("kafka_security_protocol", "kafka_sasl_mechanism", mode="before")
+    @classmethod
+    def _upper(cls, value: Any) -> Any:
+        return value.upper() if isinstance(value, str) else value
+
     @field_validator("log_level")
     @classmethod
     def _level(cls, level: str) -> str:
@@ -253,6 +285,16 @@ class Settings(BaseSettings):
 SECTIONS: dict[str, tuple[str, ...]] = {
     "kafka": (
         "kafka_bootstrap_servers",
+        "kafka_security_protocol",
+        "kafka_sasl_mechanism",
+        "kafka_sasl_username",
+        "kafka_sasl_password",
+        "kafka_sasl_password_file",
+        "kafka_ssl_cafile",
+        "kafka_ssl_certfile",
+        "kafka_ssl_keyfile",
+        "kafka_ssl_key_password",
+        "kafka_client_id",
         "events_topic",
         "dead_letter_topic",
         "commands_topic",

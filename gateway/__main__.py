@@ -12,6 +12,7 @@ import socket
 from websockets.asyncio.server import serve as serve_websockets
 
 from connection_tracker import cli
+from connection_tracker.kafka import KafkaConnection
 from connection_tracker.lifecycle import (
     PYTHON_GEN0_THRESHOLD,
     on_shutdown_signal,
@@ -47,8 +48,9 @@ async def run(settings: Settings) -> int:
 
     on_shutdown_signal(request_stop)
     try:
+        kafka = KafkaConnection.from_settings(settings, "gateway")
         publisher = Publisher(
-            settings.kafka_bootstrap_servers,
+            kafka,
             settings.events_topic,
             settings.gateway_id,
             node_id=node_id,
@@ -60,7 +62,7 @@ async def run(settings: Settings) -> int:
         async with publisher:
             gateway = Gateway(publisher)
             commands = NodeCommands(
-                settings.kafka_bootstrap_servers,
+                kafka,
                 node_id,
                 lambda: publisher.incarnation,
                 gateway,

@@ -15,6 +15,7 @@ import time
 
 from connection_tracker import cli
 from connection_tracker.events import Event
+from connection_tracker.kafka import KafkaConnection
 from connection_tracker.lifecycle import (
     BATCH_GEN0_THRESHOLD,
     on_shutdown_signal,
@@ -40,7 +41,7 @@ async def provision(settings: Settings, ns: argparse.Namespace) -> int:
     try:
         extra = tuple(_config(text) for text in ns.config)
         replication, min_isr = default_replication(
-            await broker_count(settings.kafka_bootstrap_servers)
+            await broker_count(KafkaConnection.from_settings(settings, "topics"))
         )
         if ns.replication_factor is not None:
             replication = ns.replication_factor
@@ -67,7 +68,7 @@ async def provision(settings: Settings, ns: argparse.Namespace) -> int:
             )
             for name in (settings.commands_topic, settings.command_outcomes_topic)
         ]
-        reports = await ensure_topics(settings.kafka_bootstrap_servers, specs)
+        reports = await ensure_topics(KafkaConnection.from_settings(settings, "topics"), specs)
     except HistoryLosingTopicError as exc:
         _print_reports(exc.reports, ns.format)
         print(f"error: {exc}", file=sys.stderr)
@@ -145,7 +146,7 @@ async def simulate(settings: Settings, ns: argparse.Namespace) -> int:
     progress = Progress(ns.progress_interval)
     start_ns = time.time_ns()
     publisher = Publisher(
-        settings.kafka_bootstrap_servers,
+        KafkaConnection.from_settings(settings, "simulator"),
         settings.events_topic,
         "simulator",
         delivery_timeout_s=ns.delivery_timeout,

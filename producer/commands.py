@@ -46,6 +46,7 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.errors import KafkaConnectionError, KafkaError
 from aiokafka.partitioner import DefaultPartitioner
 
+from connection_tracker import kafka
 from connection_tracker.commands import (
     CloseSocket,
     Command,
@@ -57,6 +58,7 @@ from connection_tracker.commands import (
     decode_command,
     encode_outcome,
 )
+from connection_tracker.kafka import KafkaConnection, connection_of
 from connection_tracker.settings import default
 from producer.errors import BrokerUnavailableError, TopicNotFoundError
 
@@ -122,7 +124,7 @@ class NodeCommands:
 
     def __init__(
         self,
-        bootstrap_servers: str,
+        bootstrap_servers: str | KafkaConnection,
         node_id: str,
         incarnation: int | Callable[[], int | None],
         handler: CommandHandler,
@@ -140,7 +142,8 @@ class NodeCommands:
             raise ValueError("node_id must be 1..255 characters without NUL")
         if remember < 1:
             raise ValueError("remember must be >= 1")
-        self._bootstrap_servers = bootstrap_servers
+        self._connection = connection_of(bootstrap_servers, "node-commands")
+        self._bootstrap_servers = self._connection.bootstrap_servers
         self._node_id = node_id
         self._key = node_id.encode()
         self._incarnation = incarnation
@@ -198,14 +201,14 @@ class NodeCommands:
             if not self._current_incarnation():
                 raise ValueError("no incarnation yet: start the node's Publisher first")
             consumer = AIOKafkaConsumer(
-                bootstrap_servers=self._bootstrap_servers,
+                **self._connection.options(),
                 group_id=self._group_id,
                 enable_auto_commit=False,
                 auto_offset_reset="latest",
                 **self._client_options,
             )
             producer = AIOKafkaProducer(
-                bootstrap_servers=self._bootstrap_servers,
+                **self._connection.options(),
                 acks="all",
                 enable_idempotence=False,
                 linger_ms=0,
@@ -214,22 +217,22 @@ class NodeCommands:
             )
             try:
                 async with asyncio.timeout(self._start_timeout_s):
-                    await consumer.start()
-                    await producer.start()
+                    await kafka.start(consumer, self._connection)
+                    await kafka.start(producer, self._connection)
                     self._tp = await self._assign(consumer, producer)
             except TimeoutError as exc:
-                await self._close(consumer, producer)
+                await kafka.close(consumer, producer)
                 raise BrokerUnavailableError(
                     f"cannot reach Kafka at {self._bootstrap_servers} within "
                     f"{self._start_timeout_s:g} s"
                 ) from exc
             except KafkaConnectionError as exc:
-                await self._close(consumer, producer)
+                await kafka.close(consumer, producer)
                 raise BrokerUnavailableError(
                     f"cannot reach Kafka at {self._bootstrap_servers}: {exc}"
                 ) from exc
             except BaseException:
-                await self._close(consumer, producer)
+                await kafka.close(consumer, producer)
                 raise
             self._consumer, self._producer = consumer, producer
             self._stopping = asyncio.Event()
@@ -297,7 +300,7 @@ class NodeCommands:
                     async with asyncio.timeout(self._drain_timeout_s + _SEND_ATTEMPT_S + 1):
                         await asyncio.gather(settling, return_exceptions=True)
             await self._commit_pending(consumer, final=True)
-            await self._close(consumer, producer)
+            await kafka.close(consumer, producer)
             log.info("event=commands_stopped node_id=%s", self._node_id)
 
     close = stop
@@ -308,27 +311,6 @@ class NodeCommands:
 
     async def __aexit__(self, *exc: object) -> None:
         await self.stop()
-
-    @staticmethod
-    async def _close(consumer: Any, producer: Any) -> None:
-        for client in (consumer, producer):
-            if client is not None:
-                try:
-                    await client.stop()
-                except Exception:  # closing is best effort
-                    log.debug("closing a Kafka client failed", exc_info=True)
-                except asyncio.CancelledError:
-                    task = asyncio.current_task()
-                    if task is not None and task.cancelling():
-                        raise
-                    # aiokafka 0.14's consumer.stop() lets out the cancellation of a fetch
-                    # that was waiting to retry (the broker away), before it closes its
-                    # connections: close them.
-                    log.debug("closing a Kafka client was cut short", exc_info=True)
-                    inner = getattr(client, "_client", None)
-                    if inner is not None:
-                        with contextlib.suppress(Exception):
-                            await inner.close()
 
     # -- the loop ----------------------------------------------------------------------------
 

@@ -41,6 +41,7 @@ from typing import Any
 from aiokafka import AIOKafkaProducer
 from aiokafka.errors import KafkaConnectionError, KafkaError, KafkaTimeoutError
 
+from connection_tracker import kafka
 from connection_tracker.events import (
     HEADERS,
     MAX_ID_LENGTH,
@@ -58,6 +59,7 @@ from connection_tracker.events import (
     encode,
     record_key,
 )
+from connection_tracker.kafka import KafkaConnection, connection_of
 from producer.coalescing import ActivityCoalescer, CoalescedActivity
 from producer.errors import (
     BrokerUnavailableError,
@@ -187,6 +189,8 @@ def _back_off_metadata_requests(client: Any) -> None:
 class Publisher:
     """Async context manager. start() and stop() are idempotent; stop() (alias close()) flushes.
 
+    bootstrap_servers: where and how to connect: bootstrap servers alone (plain Kafka, client
+        id conntrack-publisher) or a KafkaConnection (TLS, SASL; connection_tracker/kafka.py).
     activity_interval_s: coalescing interval per connection; 0 publishes every activity call.
     delivery_timeout_s: how long the broker may take to accept and acknowledge events (also
         bounds start(), flush() and stop()).
@@ -201,7 +205,7 @@ class Publisher:
 
     def __init__(
         self,
-        bootstrap_servers: str,
+        bootstrap_servers: str | KafkaConnection,
         topic: str,
         gateway_id: str,
         *,
@@ -240,7 +244,8 @@ class Publisher:
         self._heartbeats_dropped = 0
         self._heartbeat_sent_at: float | None = None
         self._heartbeats_failing = False
-        self._bootstrap_servers = bootstrap_servers
+        self._connection = connection_of(bootstrap_servers, "publisher")
+        self._bootstrap_servers = self._connection.bootstrap_servers
         self._topic = topic
         self._gateway_id = gateway_id
         self._delivery_timeout_s = delivery_timeout_s
@@ -346,13 +351,11 @@ class Publisher:
         if deadline is None:
             deadline = loop.time() + self._delivery_timeout_s
         while True:
-            producer = AIOKafkaProducer(
-                bootstrap_servers=self._bootstrap_servers, **self._producer_options
-            )
+            producer = AIOKafkaProducer(**{**self._connection.options(), **self._producer_options})
             _back_off_metadata_requests(producer.client)
             try:
                 async with asyncio.timeout_at(deadline):
-                    await producer.start()
+                    await kafka.start(producer, self._connection)
                     await self._check_topic(producer)
                 return producer
             except (KafkaConnectionError, TimeoutError) as exc:

@@ -24,6 +24,9 @@ from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
 from aiokafka.errors import TopicAlreadyExistsError, for_code
 
+from connection_tracker import kafka
+from connection_tracker.kafka import KafkaConnection, connection_of
+
 # The settings that decide whether a topic keeps history and how durably; reported per topic.
 _METADATA_ATTEMPTS = 25
 REPORTED_CONFIGS = (
@@ -272,10 +275,20 @@ def _warnings(
     return out
 
 
-async def broker_count(bootstrap_servers: str) -> int:
+async def _admin(servers: str | KafkaConnection) -> AIOKafkaAdminClient:
+    connection = connection_of(servers, "topics")
+    admin = AIOKafkaAdminClient(**connection.options())
+    try:
+        await kafka.start(admin, connection)
+    except BaseException:
+        await kafka.close(admin)  # a failed start leaves its connections open otherwise
+        raise
+    return admin
+
+
+async def broker_count(servers: str | KafkaConnection) -> int:
     """How many brokers the cluster has (for the default replication)."""
-    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap_servers)
-    await admin.start()
+    admin = await _admin(servers)
     try:
         cluster = await admin.describe_cluster()
         return len(cluster["brokers"])
@@ -283,13 +296,14 @@ async def broker_count(bootstrap_servers: str) -> int:
         await admin.close()
 
 
-async def ensure_topics(bootstrap_servers: str, specs: list[TopicSpec]) -> list[TopicReport]:
+async def ensure_topics(
+    servers: str | KafkaConnection, specs: list[TopicSpec]
+) -> list[TopicReport]:
     """Create missing topics; report existing ones with their settings. Raises
     HistoryLosingTopicError (after checking every topic) if any would lose history (or, for a
     transient topic, is compacted), and
     TopicProvisioningError if the broker refuses a request."""
-    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap_servers)
-    await admin.start()
+    admin = await _admin(servers)
     reports = []
     try:
         for spec in specs:

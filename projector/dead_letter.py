@@ -8,6 +8,9 @@ from typing import Any
 
 from aiokafka import AIOKafkaProducer
 
+from connection_tracker import kafka
+from connection_tracker.kafka import KafkaConnection, connection_of
+
 # Provenance headers added to every dead-lettered record (the original headers are kept too).
 SOURCE_TOPIC = "dlq.source.topic"
 SOURCE_PARTITION = "dlq.source.partition"
@@ -55,17 +58,18 @@ class DeadLetterPublisher:
     """Publishes rejected records and waits until the broker has them (acks=all): the projector
     only moves past a poison record once its dead letter is durable."""
 
-    def __init__(self, bootstrap_servers: str, topic: str) -> None:
+    def __init__(self, connection: str | KafkaConnection, topic: str) -> None:
         self._topic = topic
+        self._connection = connection_of(connection, "projector")
         self._producer = AIOKafkaProducer(
-            bootstrap_servers=bootstrap_servers, acks="all", enable_idempotence=True
+            **self._connection.options(), acks="all", enable_idempotence=True
         )
         self._started = False
 
     async def start(self) -> None:
         if not self._started:
             try:
-                await self._producer.start()
+                await kafka.start(self._producer, self._connection)
             except BaseException:
                 await self._producer.stop()  # releases what a failed start left behind
                 raise

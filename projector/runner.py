@@ -33,8 +33,10 @@ from typing import Any
 from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.errors import IllegalStateError
 
+from connection_tracker import kafka
 from connection_tracker.batch import Batch, WriteBehind
 from connection_tracker.fold import ConnectionState, NodeState
+from connection_tracker.kafka import KafkaConnection
 from connection_tracker.retry import Abandoned, Backoff, Retrier
 from connection_tracker.settings import Settings
 from connection_tracker.store import (
@@ -100,6 +102,7 @@ class Projector:
         self._group_offsets = GroupOffsets()
         self._partitions.on_revoked.append(self._group_offsets.forget)
         self._retention = Retention(settings, store, self.metrics, self._retry, self._stopping)
+        self._kafka = KafkaConnection.from_settings(settings, "projector")
         self._consumer = self._new_consumer()
         self._dead_letters = self._new_dead_letters()
         self._started = False
@@ -112,7 +115,7 @@ class Projector:
     def _new_consumer(self) -> AIOKafkaConsumer:
         s = self._settings
         consumer = AIOKafkaConsumer(
-            bootstrap_servers=s.kafka_bootstrap_servers,
+            **self._kafka.options(),
             group_id=s.consumer_group,
             enable_auto_commit=False,
             auto_offset_reset="earliest",
@@ -126,7 +129,7 @@ class Projector:
 
     def _new_dead_letters(self) -> DeadLetterPublisher:
         s = self._settings
-        return DeadLetterPublisher(s.kafka_bootstrap_servers, s.dead_letter_topic)
+        return DeadLetterPublisher(self._kafka, s.dead_letter_topic)
 
     # Lifecycle
 
@@ -142,7 +145,7 @@ class Projector:
         try:
             await self._dead_letters.start()
             self._consumer.subscribe([self._topic], listener=self._partitions.listener())
-            await self._consumer.start()
+            await kafka.start(self._consumer, self._kafka)
         except BaseException:
             # aiokafka clients cannot be started again after a failed start: fresh ones for
             # the next attempt.
