@@ -7,6 +7,7 @@ import argparse
 import base64
 import binascii
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import grpc
@@ -17,6 +18,7 @@ from api.auth import TokenConfigError
 from api.read_engines import open_repository
 from api.server import ApiServer
 from api.tls import TlsConfigError, client_credentials
+from api.workers import available_cores, resolve_workers, supervise
 from connection_tracker import cli
 from connection_tracker.lifecycle import (
     PYTHON_GEN0_THRESHOLD,
@@ -31,15 +33,20 @@ from connection_tracker.protogen.yandex.cloud.serverless.apigateway.websocket.v1
 from connection_tracker.settings import Settings
 
 
-async def serve(settings: Settings) -> int:
+async def serve(settings: Settings, *, started: Callable[[ApiServer], None] | None = None) -> int:
+    """One server process until SIGTERM/SIGINT. started: a worker process's (api/workers.py),
+    called once the server listens, instead of the signal handling of a lone process."""
     # database_url, or the read replicas when CONNTRACK_API_READ_DATABASE_URLS lists some.
     async with open_repository(settings) as repository:
         try:
-            server = ApiServer.from_settings(repository, settings)
+            server = ApiServer.from_settings(repository, settings, worker=started is not None)
             await server.start()
         except (TlsConfigError, TokenConfigError, OSError) as exc:
             raise cli.CommandError(f"cannot start: {exc}", cli.Exit.USAGE) from None
-        on_shutdown_signal(server.stop)
+        if started is None:
+            on_shutdown_signal(server.stop)
+        else:
+            started(server)
         await server.wait()
         return cli.Exit.OK
 
@@ -169,7 +176,10 @@ def main(argv: list[str] | None = None) -> None:
     setup_logging(settings.log_level, settings.log_format)
     tune_gc(settings.gc_gen0_threshold, default=PYTHON_GEN0_THRESHOLD)
     if ns.command == "serve":
-        cli.run(prog, lambda: serve(settings), settings)
+        workers = resolve_workers(settings.api_workers, settings.api_listen, available_cores())
+        if workers == 1:
+            cli.run(prog, lambda: serve(settings), settings)
+        cli.run(prog, lambda: supervise(settings, workers), settings)
 
     async def client() -> int:
         try:

@@ -5,7 +5,14 @@ Calls are counted under the names and labels of go-grpc-prometheus (grpc_server_
 grpc_server_handled_total, grpc_server_handling_seconds; labels grpc_type, grpc_service,
 grpc_method, grpc_code with codes spelled as Go spells them), so the usual gRPC dashboards and
 alert rules work unchanged. The registry also holds prometheus_client's process, GC and
-platform collectors, as the default registry would."""
+platform collectors, as the default registry would.
+
+With several worker processes (api/workers.py), every worker's metrics are written to
+prometheus_client's multiprocess files (PROMETHEUS_MULTIPROC_DIR, set by the supervisor before
+the workers start) and the supervisor serves their sum (aggregated_registry): counters and
+histograms add up, calls in flight add up over the live workers, the read model is up only if
+it is up for every live worker, and conntrack_api_worker_calls_started tells the workers apart
+(label pid)."""
 
 from __future__ import annotations
 
@@ -26,6 +33,7 @@ from prometheus_client import (
     start_http_server,
 )
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.multiprocess import MultiProcessCollector
 from prometheus_client.registry import Collector
 
 from api.batching import LoaderStats
@@ -34,6 +42,13 @@ from api.batching import LoaderStats
 _LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
 
 UNARY: Final = "unary"
+
+_READ_QUERIES = "Connection lookups sent to the read model; concurrent Gets share one."
+_READ_QUERY_IDS = (
+    "Distinct connection ids those lookups asked for (ids / queries: mean batch size)."
+)
+_READ_IN_FLIGHT = "Connection lookups running now."
+_READ_WAITING = "Get calls waiting for the next connection lookup to start."
 
 
 def code_label(code: grpc.StatusCode) -> str:
@@ -52,14 +67,30 @@ def split_method(full_method: str) -> tuple[str, str]:
     return service, method
 
 
+def aggregated_registry(multiproc_dir: str) -> CollectorRegistry:
+    """What the supervisor of several workers serves: the sum of the workers' metrics written
+    to multiproc_dir, and python_info. The process_* and python_gc_* families are per process
+    and prometheus_client's multiprocess mode cannot add them up, so they are left out."""
+    registry = CollectorRegistry()
+    MultiProcessCollector(registry, path=multiproc_dir)  # type: ignore[no-untyped-call]
+    PlatformCollector(registry=registry)
+    return registry
+
+
 class ApiMetrics:
-    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+    def __init__(
+        self, registry: CollectorRegistry | None = None, *, multiprocess: bool = False
+    ) -> None:
+        """multiprocess: this is one of several worker processes whose metrics the supervisor
+        serves from prometheus_client's multiprocess files (see the module's docstring)."""
         self.registry = registry or CollectorRegistry()
+        self.multiprocess = multiprocess
         r = self.registry
-        # What the default registry holds (process_*, python_gc_*, python_info).
-        ProcessCollector(registry=r)
-        GCCollector(registry=r)
-        PlatformCollector(registry=r)
+        if not multiprocess:
+            # What the default registry holds (process_*, python_gc_*, python_info).
+            ProcessCollector(registry=r)
+            GCCollector(registry=r)
+            PlatformCollector(registry=r)
         call_labels = ["grpc_type", "grpc_service", "grpc_method"]
         self.started = Counter(
             "grpc_server_started",
@@ -85,12 +116,16 @@ class ApiMetrics:
             "conntrack_api_calls_in_flight",
             "ConnectionService calls being served now (the concurrency cap applies to these).",
             registry=r,
+            multiprocess_mode="livesum",
         )
         self.read_model_up = Gauge(
             "conntrack_api_read_model_up",
             "1 if the last readiness probe of the read model succeeded, else 0.",
             registry=r,
+            multiprocess_mode="livemin",
         )
+        self.calls_started = 0  # this process's, for conntrack_api_worker_calls_started
+        self._synced: list[Callable[[], None]] = []
         self._http: tuple[WSGIServer, threading.Thread] | None = None
         # labels() looks its child up under a lock and validates the label values on every
         # call; the (method, code) pairs are few, so each is looked up once.
@@ -109,6 +144,7 @@ class ApiMetrics:
         """Counts a call as started; returns the histogram its handling time goes to."""
         started, handling = self._call(full_method)
         started.inc()
+        self.calls_started += 1
         return handling
 
     def _call(self, full_method: str) -> tuple[Counter, Histogram]:
@@ -134,8 +170,50 @@ class ApiMetrics:
 
     def track_reads(self, stats: Callable[[], LoaderStats]) -> None:
         """Expose how Get lookups were batched into queries, read from `stats` at each scrape
-        (so the hot path pays nothing for these metrics)."""
-        self.registry.register(_ReadBatchCollector(stats))
+        (so the hot path pays nothing for these metrics). A worker process copies them into
+        its multiprocess files at each sync() instead: a collector of its own would never be
+        read, as the supervisor serves the files."""
+        if not self.multiprocess:
+            self.registry.register(_ReadBatchCollector(stats))
+            return
+        r = self.registry
+        queries = Counter("conntrack_api_read_queries", _READ_QUERIES, registry=r)
+        query_ids = Counter("conntrack_api_read_query_ids", _READ_QUERY_IDS, registry=r)
+        in_flight = Gauge(
+            "conntrack_api_read_queries_in_flight",
+            _READ_IN_FLIGHT,
+            registry=r,
+            multiprocess_mode="livesum",
+        )
+        waiting = Gauge(
+            "conntrack_api_read_waiting", _READ_WAITING, registry=r, multiprocess_mode="livesum"
+        )
+        worker_calls = Gauge(
+            "conntrack_api_worker_calls_started",
+            "ConnectionService calls this worker process has started (label pid; only when "
+            "serve runs several workers).",
+            registry=r,
+            multiprocess_mode="liveall",
+        )
+        copied = LoaderStats(queries=0, keys=0, in_flight=0, waiting=0)
+
+        def sync() -> None:
+            nonlocal copied
+            now = stats()
+            queries.inc(now.queries - copied.queries)
+            query_ids.inc(now.keys - copied.keys)
+            in_flight.set(now.in_flight)
+            waiting.set(now.waiting)
+            worker_calls.set(self.calls_started)
+            copied = now
+
+        self._synced.append(sync)
+
+    def sync(self) -> None:
+        """Bring the values read at scrape time into the multiprocess files (a worker calls this
+        every second: those metrics are that much behind); nothing to do in one process."""
+        for sync in self._synced:
+            sync()
 
     def serve_http(self, port: int, addr: str) -> tuple[str, int]:
         """Expose /metrics on addr:port (port 0 picks a free one); returns the bound address."""
@@ -159,23 +237,9 @@ class _ReadBatchCollector(Collector):
 
     def collect(self) -> Iterator[Metric]:
         stats = self._stats()
-        yield CounterMetricFamily(
-            "conntrack_api_read_queries",
-            "Connection lookups sent to the read model; concurrent Gets share one.",
-            value=stats.queries,
-        )
-        yield CounterMetricFamily(
-            "conntrack_api_read_query_ids",
-            "Distinct connection ids those lookups asked for (ids / queries: mean batch size).",
-            value=stats.keys,
-        )
+        yield CounterMetricFamily("conntrack_api_read_queries", _READ_QUERIES, value=stats.queries)
+        yield CounterMetricFamily("conntrack_api_read_query_ids", _READ_QUERY_IDS, value=stats.keys)
         yield GaugeMetricFamily(
-            "conntrack_api_read_queries_in_flight",
-            "Connection lookups running now.",
-            value=stats.in_flight,
+            "conntrack_api_read_queries_in_flight", _READ_IN_FLIGHT, value=stats.in_flight
         )
-        yield GaugeMetricFamily(
-            "conntrack_api_read_waiting",
-            "Get calls waiting for the next connection lookup to start.",
-            value=stats.waiting,
-        )
+        yield GaugeMetricFamily("conntrack_api_read_waiting", _READ_WAITING, value=stats.waiting)

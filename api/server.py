@@ -58,9 +58,13 @@ class ApiServer:
         liveness: Liveness | None = None,
         commands: CommandChannel | None = None,
         command_timeout_seconds: float = default("api_command_timeout_seconds"),
+        worker: bool = False,
     ) -> None:
         """metrics_port None serves no /metrics endpoint; 0 picks a free port. metrics_host
-        None binds it to the host of `listen`."""
+        None binds it to the host of `listen`. worker: one of several server processes of
+        `conntrack-api serve` (api/workers.py): the listen port is shared with the others
+        (SO_REUSEPORT, see reuse_port) and the metrics go to prometheus_client's multiprocess
+        files, which the supervisor serves (give no metrics_port)."""
         self._repository = repository
         self._listen = listen
         self._grace = grace_seconds
@@ -71,7 +75,9 @@ class ApiServer:
         self._db_timeout = db_timeout_seconds
         self._metrics_port = metrics_port
         self._metrics_host = listen_host(listen) if metrics_host is None else metrics_host
-        self.metrics = ApiMetrics()
+        # Whether listening sockets share their port with the other workers (SO_REUSEPORT).
+        self.reuse_port = worker
+        self.metrics = ApiMetrics(multiprocess=worker)
         self.metrics.track_reads(repository.read_stats)
         self._service = ConnectionService(
             repository,
@@ -89,6 +95,7 @@ class ApiServer:
         # grpc-stubs do not know the asyncio servicer.
         self._health = health.aio.HealthServicer()  # type: ignore[attr-defined]
         self._health_task: asyncio.Task[None] | None = None
+        self._metrics_sync_task: asyncio.Task[None] | None = None
         self._serving: bool | None = None
         self._stopped = asyncio.Event()
         self.port: int | None = None
@@ -96,7 +103,9 @@ class ApiServer:
         self.metrics_http_port: int | None = None
 
     @classmethod
-    def from_settings(cls, repository: ConnectionRepository, settings: Settings) -> ApiServer:
+    def from_settings(
+        cls, repository: ConnectionRepository, settings: Settings, *, worker: bool = False
+    ) -> ApiServer:
         """A server configured by CONNTRACK_API_* (docs/api.md); raises TlsConfigError or
         TokenConfigError for unusable certificate or token configuration."""
         tokens = load_tokens(
@@ -131,6 +140,7 @@ class ApiServer:
                 settings.command_outcomes_topic,
             ),
             command_timeout_seconds=settings.api_command_timeout_seconds,
+            worker=worker,
         )
 
     @property
@@ -155,8 +165,9 @@ class ApiServer:
             interceptors=self._interceptors(),
             options=[
                 # gRPC on Linux would otherwise share a port with another server silently;
-                # a second API on the same address must fail loudly instead.
-                ("grpc.so_reuseport", 0),
+                # a second API on the same address must fail loudly instead. Workers share
+                # it on purpose: their supervisor has refused a port held by anyone else.
+                ("grpc.so_reuseport", 1 if self.reuse_port else 0),
                 ("grpc.max_receive_message_length", self._max_message_bytes),
                 ("grpc.max_send_message_length", self._max_message_bytes),
             ],
@@ -182,6 +193,8 @@ class ApiServer:
         await server.start()
         self._server = server
         self._health_task = asyncio.create_task(self._watch_health())
+        if self.metrics.multiprocess:
+            self._metrics_sync_task = asyncio.create_task(self._sync_metrics())
         if self._metrics_port is not None:
             self.metrics_http_host, self.metrics_http_port = self.metrics.serve_http(
                 self._metrics_port, self._metrics_host
@@ -228,18 +241,25 @@ class ApiServer:
             except Exception:  # a probe must never stop probing
                 log.exception("health probe failed")
 
+    async def _sync_metrics(self) -> None:
+        while True:
+            await asyncio.sleep(1.0)
+            self.metrics.sync()
+
     async def stop(self) -> None:
         """Stop accepting calls, let in-flight calls finish within the grace period, then give
         the connections the repository holds back to the engine's pool."""
         server, self._server = self._server, None
         if server is None:
             return
-        if self._health_task is not None:
-            self._health_task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._health_task
+        for task in (self._health_task, self._metrics_sync_task):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
         await self._health.enter_graceful_shutdown()
         await server.stop(self._grace)
+        self.metrics.sync()  # a worker's last figures, for the supervisor to add up
         if self._commands is not None:
             await self._commands.stop()
         await self._repository.release_connections()

@@ -7,6 +7,7 @@ import asyncio
 import gc
 import json
 import logging
+import os
 import re
 import signal
 import time
@@ -51,9 +52,10 @@ class JsonFormatter(logging.Formatter):
     """One JSON object per line: time, level, logger, message, and the message's key=value
     pairs (the project's log lines are `event=name key=value ...`) as fields of their own."""
 
-    def __init__(self) -> None:
+    def __init__(self, fields: dict[str, Any] | None = None) -> None:
         super().__init__()
         self.converter = time.gmtime
+        self._fields = fields or {}
 
     def format(self, record: logging.LogRecord) -> str:
         message = record.getMessage()
@@ -62,6 +64,7 @@ class JsonFormatter(logging.Formatter):
             "level": record.levelname,
             "logger": record.name,
             "message": message,
+            **self._fields,
         }
         for key, value in _PAIR.findall(message):
             if key not in out:
@@ -71,14 +74,18 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(out, ensure_ascii=False)
 
 
-def setup_logging(level: str, log_format: str = "text") -> None:
+def setup_logging(level: str, log_format: str = "text", worker: int | None = None) -> None:
     """The one log style of every command: `time level logger: message` lines on stderr, or
-    JSON lines (log_format "json"), UTC times."""
+    JSON lines (log_format "json"), UTC times. A worker process of `conntrack-api serve`
+    (api/workers.py) says which one it is: `[worker N pid P]` before the message, or the
+    fields worker and pid."""
     handler: logging.Handler = logging.StreamHandler()
     if log_format == "json":
-        handler.setFormatter(JsonFormatter())
+        fields = None if worker is None else {"worker": worker, "pid": os.getpid()}
+        handler.setFormatter(JsonFormatter(fields))
     else:
-        formatter = logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s")
+        tag = "" if worker is None else f"[worker {worker} pid {os.getpid()}] "
+        formatter = logging.Formatter(f"%(asctime)s %(levelname)s %(name)s: {tag}%(message)s")
         formatter.converter = time.gmtime
         handler.setFormatter(formatter)
     logging.basicConfig(level=level.upper(), handlers=[handler], force=True)

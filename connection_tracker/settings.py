@@ -178,6 +178,13 @@ class Settings(BaseSettings):
         le=1000,
         description="Under load, least time between two shared lookups' starts; 0: off.",
     )
+    # api/workers.py: `serve` as a supervisor of worker processes sharing the listen port.
+    api_workers: int | None = Field(
+        None,
+        ge=1,
+        description="Server processes sharing the listen port (SO_REUSEPORT); unset: the cores "
+        "available to the process; 1: one process, no supervisor.",
+    )
 
     # liveness (connection_tracker/liveness.py; docs/api.md, "Gateway nodes and the lease"):
     # judged when the read model is read, never written into it.
