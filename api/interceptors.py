@@ -70,7 +70,7 @@ class MetricsInterceptor(Interceptor):
     (the caller's deadline passed, or the caller went away) end as a cancellation. Outermost,
     so it sees every outcome, rejections included."""
 
-    def __init__(self, metrics: ApiMetrics, counted_prefix: str) -> None:
+    def __init__(self, metrics: ApiMetrics, counted_prefix: str | tuple[str, ...]) -> None:
         self._metrics = metrics
         self._prefix = counted_prefix
         self._handlers = _WrappedHandlers(self._observed)
@@ -132,7 +132,7 @@ def _ended_early(context: grpc.aio.ServicerContext[Any, Any]) -> grpc.StatusCode
 
 
 class BearerAuthInterceptor(Interceptor):
-    def __init__(self, tokens: BearerTokens, protected_prefix: str) -> None:
+    def __init__(self, tokens: BearerTokens, protected_prefix: str | tuple[str, ...]) -> None:
         self._tokens = tokens
         self._prefix = protected_prefix
 
@@ -161,7 +161,10 @@ class ConcurrencyLimitInterceptor(Interceptor):
     overload sheds calls instead of queueing them until everything times out."""
 
     def __init__(
-        self, limit: int, protected_prefix: str, on_change: Callable[[int], None] | None = None
+        self,
+        limit: int,
+        protected_prefix: str | tuple[str, ...],
+        on_change: Callable[[int], None] | None = None,
     ) -> None:
         self.limit = limit
         self._prefix = protected_prefix

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import asyncpg
-from sqlalchemy import String, any_, bindparam, select
+from sqlalchemy import ColumnElement, Select, String, any_, bindparam, func, or_, select
 from sqlalchemy.dialects.postgresql import ARRAY
 from sqlalchemy.engine import Row, make_url
 from sqlalchemy.exc import DBAPIError, SQLAlchemyError
@@ -20,6 +20,7 @@ from sqlalchemy.sql import Executable
 from api.batching import CoalescingLoader, LoaderStats
 from connection_tracker.database import create_engine
 from connection_tracker.fold import NodeState
+from connection_tracker.liveness import LiveBounds
 from connection_tracker.schema import connections, nodes, projection_offsets, row_to_node
 from connection_tracker.settings import default
 
@@ -42,6 +43,19 @@ class ConnectionView:
     last_active_at_ns: int
     node_id: str | None = None
     node_incarnation: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class DirectoryFilter:
+    """Which open connections the connection directory lists or counts (api/directory.py):
+    a gateway's, and of those the ones every given condition holds for (None: no condition)."""
+
+    gateway_id: str
+    node_id: str | None = None
+    source_ip: str | None = None
+    last_active_before_ns: int | None = None
+    connected_before_ns: int | None = None  # exclusive
+    connected_after_ns: int | None = None  # inclusive
 
 
 @dataclass(frozen=True, slots=True)
@@ -332,6 +346,21 @@ class ConnectionRepository:
         views = map(_view, rows)
         return {view.id: view for view in views}
 
+    async def list_open(
+        self, where: DirectoryFilter, live: LiveBounds, after_id: str | None, limit: int
+    ) -> list[ConnectionView]:
+        """Up to `limit` open, live connections matching `where`, in connection_id order, after
+        `after_id` (keyset pagination: an index range scan of ix_connections_gateway_id, so a
+        page costs the same wherever it starts and whatever the table's size)."""
+        statement = directory_page_statement(where, live, after_id, limit)
+        return [_view(row) for row in await self._read(statement)]
+
+    async def count_open(self, where: DirectoryFilter, live: LiveBounds) -> int:
+        """How many open, live connections match `where` (reads every one of them)."""
+        statement = select(func.count()).select_from(connections)
+        rows = await self._read(statement.where(*_directory_conditions(where, live)))
+        return int(rows[0][0])
+
     async def nodes(self) -> dict[str, NodeState]:
         """What the read model says of every gateway node (a handful of rows)."""
         rows = await self._read(_NODES)
@@ -345,6 +374,53 @@ class ConnectionRepository:
     async def ping(self) -> None:
         """Raises ReadModelUnavailable unless the read model answers a query on its table."""
         await self._read(_READY)
+
+
+def directory_page_statement(
+    where: DirectoryFilter, live: LiveBounds, after_id: str | None, limit: int
+) -> Select[Any]:
+    """ConnectionRepository.list_open()'s query (public for the query-plan test)."""
+    conditions = _directory_conditions(where, live)
+    if after_id is not None:
+        conditions.append(connections.c.connection_id > after_id)
+    return _OPEN_COLUMNS.where(*conditions).order_by(connections.c.connection_id).limit(limit)
+
+
+def _directory_conditions(where: DirectoryFilter, live: LiveBounds) -> list[ColumnElement[bool]]:
+    """The SQL form of `where` and of the liveness bounds (connection_tracker/liveness.py,
+    LiveBounds: the rule Get applies to one connection, here applied to all of them; a test
+    checks the two agree, tests/integration/test_directory.py)."""
+    c = connections.c
+    # An absent last activity is the connection time, as in _view().
+    last_active = func.coalesce(c.last_active_at_ns, c.connected_at_ns)
+    conditions: list[ColumnElement[bool]] = [c.gateway_id == where.gateway_id, *_IS_OPEN]
+    if where.node_id is not None:
+        conditions.append(c.node_id == where.node_id)
+    if where.source_ip is not None:
+        conditions.append(c.source_ip == where.source_ip)
+    if where.last_active_before_ns is not None:
+        conditions.append(last_active < where.last_active_before_ns)
+    if where.connected_before_ns is not None:
+        conditions.append(c.connected_at_ns < where.connected_before_ns)
+    if where.connected_after_ns is not None:
+        conditions.append(c.connected_at_ns >= where.connected_after_ns)
+    if live.min_last_active_ns is not None:
+        conditions.append(last_active >= live.min_last_active_ns)
+    if live.min_connected_at_ns is not None:
+        conditions.append(c.connected_at_ns >= live.min_connected_at_ns)
+    judged = live.nodes if where.node_id is None else [where.node_id]
+    for node_id in sorted(judged):
+        floor = live.node_floor(node_id)
+        if floor is not None:
+            # A connection of this node is live from the floor incarnation on (none: 0).
+            conditions.append(
+                or_(
+                    c.node_id.is_(None),
+                    c.node_id != node_id,
+                    func.coalesce(c.node_incarnation, 0) >= floor,
+                )
+            )
+    return conditions
 
 
 def _view(row: Sequence[Any]) -> ConnectionView:

@@ -15,6 +15,12 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from api import reflection
 from api.auth import BearerTokens, load_tokens
 from api.commands import CommandChannel
+from api.directory import (
+    DIRECTORY_SERVICE_NAME,
+    ConnectionDirectory,
+    ConnectionDirectoryService,
+    directory_handlers,
+)
 from api.interceptors import BearerAuthInterceptor, ConcurrencyLimitInterceptor, MetricsInterceptor
 from api.metrics import ApiMetrics
 from api.repository import ConnectionRepository, ReadModelUnavailable
@@ -25,6 +31,10 @@ from connection_tracker.liveness import Liveness
 from connection_tracker.settings import Settings, default
 
 log = logging.getLogger(__name__)
+
+# The services behind authentication, the concurrency cap and the call metrics (health checks
+# and reflection stay open).
+_PROTECTED = (f"/{SERVICE_NAME}/", f"/{DIRECTORY_SERVICE_NAME}/")
 
 
 def listen_host(listen: str) -> str:
@@ -87,9 +97,17 @@ class ApiServer:
             commands=commands,
             command_timeout_seconds=command_timeout_seconds,
         )
+        # The connection directory (api/directory.py), beside ConnectionService; public so an
+        # HTTP front end can call the same transport-neutral code.
+        self.directory = ConnectionDirectory(
+            repository,
+            liveness=liveness,
+            db_timeout_seconds=db_timeout_seconds,
+            freshness_ttl_seconds=freshness_ttl_seconds,
+        )
         self._commands = commands
         self._limit = ConcurrencyLimitInterceptor(
-            max_concurrent_calls, f"/{SERVICE_NAME}/", self.metrics.in_flight.set
+            max_concurrent_calls, _PROTECTED, self.metrics.in_flight.set
         )
         self._server: grpc.aio.Server | None = None
         # grpc-stubs do not know the asyncio servicer.
@@ -150,10 +168,10 @@ class ApiServer:
 
     def _interceptors(self) -> list[grpc.aio.ServerInterceptor[Any, Any]]:
         chain: list[grpc.aio.ServerInterceptor[Any, Any]] = [
-            MetricsInterceptor(self.metrics, f"/{SERVICE_NAME}/")
+            MetricsInterceptor(self.metrics, _PROTECTED)
         ]
         if self._tokens is not None:
-            chain.append(BearerAuthInterceptor(self._tokens, f"/{SERVICE_NAME}/"))
+            chain.append(BearerAuthInterceptor(self._tokens, _PROTECTED))
         chain.append(self._limit)
         return chain
 
@@ -180,8 +198,16 @@ class ApiServer:
         )
         server.add_registered_method_handlers(SERVICE_NAME, handlers)  # type: ignore[attr-defined]
         self.metrics.initialize(f"/{SERVICE_NAME}/{method}" for method in handlers)
+        directory = directory_handlers(ConnectionDirectoryService(self.directory))
+        server.add_generic_rpc_handlers(
+            (grpc.method_handlers_generic_handler(DIRECTORY_SERVICE_NAME, directory),)
+        )
+        server.add_registered_method_handlers(DIRECTORY_SERVICE_NAME, directory)  # type: ignore[attr-defined]
+        self.metrics.initialize(f"/{DIRECTORY_SERVICE_NAME}/{method}" for method in directory)
         health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
-        reflection.enable_server_reflection((SERVICE_NAME, health.SERVICE_NAME), server)
+        reflection.enable_server_reflection(
+            (SERVICE_NAME, DIRECTORY_SERVICE_NAME, health.SERVICE_NAME), server
+        )
         try:
             if credentials is None:
                 self.port = server.add_insecure_port(self._listen)
@@ -230,7 +256,7 @@ class ApiServer:
             if serving
             else health_pb2.HealthCheckResponse.NOT_SERVING
         )
-        for name in ("", SERVICE_NAME):
+        for name in ("", SERVICE_NAME, DIRECTORY_SERVICE_NAME):
             await self._health.set(name, status)
 
     async def _watch_health(self) -> None:

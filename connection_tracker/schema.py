@@ -79,6 +79,15 @@ def define_read_model(metadata: MetaData, suffix: str = "") -> ReadModelTables:
     )
     # Retention prunes by disconnect time (connection_tracker/store.py, ProjectionStore.prune).
     Index(None, conns.c.disconnected_at_ns)
+    # The connection directory's keyset (api/directory.py): a gateway's open connections in
+    # connection_id order. Partial, so it holds open connections only (migration 0005).
+    Index(
+        None,
+        conns.c.gateway_id,
+        conns.c.connection_id,
+        postgresql_where=conns.c.disconnected_at_ns.is_(None),
+        sqlite_where=conns.c.disconnected_at_ns.is_(None),
+    )
 
     # Tombstones of connections pruned by retention: a late duplicate event of a pruned
     # connection must not resurrect it as a half-empty row (docs/projector.md, "Retention").
