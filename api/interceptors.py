@@ -88,6 +88,11 @@ class MetricsInterceptor(Interceptor):
             return handler
         return self._handlers.get(handler_call_details.method, handler, behavior)
 
+    def wrap(self, method: str, behavior: Behavior) -> Behavior:
+        """behavior counted as `method`: for a transport other than gRPC (api/rest.py) whose
+        calls go through the same service code with a context of its own."""
+        return self._observed(method, behavior)
+
     def _observed(self, method: str, behavior: Behavior) -> Behavior:
         metrics = self._metrics
 
@@ -142,11 +147,27 @@ class BearerAuthInterceptor(Interceptor):
         handler = await continuation(handler_call_details)
         if handler is None or not handler_call_details.method.startswith(self._prefix):
             return handler
-        if self._tokens.accepts(handler_call_details.invocation_metadata):
+        if self._accepts(handler_call_details.method, handler_call_details.invocation_metadata):
             return handler
-        # Never log the metadata: it may hold a (wrong but real) credential.
-        log.info("rejected %s: missing or invalid bearer token", handler_call_details.method)
         return _replace(handler, _reject_unauthenticated)
+
+    def wrap(self, method: str, behavior: Behavior) -> Behavior:
+        """behavior behind the same check, made on each call's context.invocation_metadata():
+        for a transport other than gRPC (api/rest.py)."""
+
+        async def guarded(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
+            if not self._accepts(method, context.invocation_metadata()):
+                await _reject_unauthenticated(request, context)
+            return await behavior(request, context)
+
+        return guarded
+
+    def _accepts(self, method: str, metadata: Any) -> bool:
+        if self._tokens.accepts(metadata):
+            return True
+        # Never log the metadata: it may hold a (wrong but real) credential.
+        log.info("rejected %s: missing or invalid bearer token", method)
+        return False
 
 
 async def _reject_unauthenticated(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
@@ -189,6 +210,11 @@ class ConcurrencyLimitInterceptor(Interceptor):
         ):
             return handler
         return self._handlers.get(handler_call_details.method, handler, behavior)
+
+    def wrap(self, method: str, behavior: Behavior) -> Behavior:
+        """behavior under this same cap (the slots are shared with gRPC calls): for a transport
+        other than gRPC (api/rest.py)."""
+        return self._limited(method, behavior)
 
     def _limited(self, _method: str, behavior: Behavior) -> Behavior:
         async def limited(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:

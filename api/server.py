@@ -1,6 +1,7 @@
 """The gRPC server's lifecycle: ConnectionService behind the interceptors, health checking
 that follows the read model's readiness, server reflection (grpcurl works without .proto
-files), optional TLS, a Prometheus endpoint, and a graceful stop."""
+files), optional TLS, a Prometheus endpoint, the REST mapping (api/rest.py), and a graceful
+stop."""
 
 from __future__ import annotations
 
@@ -10,9 +11,10 @@ import logging
 from typing import Any
 
 import grpc
+from aiohttp import web
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
-from api import reflection
+from api import openapi, reflection, rest
 from api.auth import BearerTokens, load_tokens
 from api.commands import CommandChannel
 from api.directory import (
@@ -21,7 +23,12 @@ from api.directory import (
     ConnectionDirectoryService,
     directory_handlers,
 )
-from api.interceptors import BearerAuthInterceptor, ConcurrencyLimitInterceptor, MetricsInterceptor
+from api.interceptors import (
+    BearerAuthInterceptor,
+    Behavior,
+    ConcurrencyLimitInterceptor,
+    MetricsInterceptor,
+)
 from api.metrics import ApiMetrics
 from api.repository import ConnectionRepository, ReadModelUnavailable
 from api.service import SERVICE_NAME, ConnectionService, connection_service_handlers
@@ -35,6 +42,10 @@ log = logging.getLogger(__name__)
 # The services behind authentication, the concurrency cap and the call metrics (health checks
 # and reflection stay open).
 _PROTECTED = (f"/{SERVICE_NAME}/", f"/{DIRECTORY_SERVICE_NAME}/")
+
+
+async def _done() -> None:
+    pass
 
 
 def listen_host(listen: str) -> str:
@@ -65,6 +76,7 @@ class ApiServer:
         freshness_ttl_seconds: float = default("api_freshness_ttl_ms") / 1000,
         metrics_port: int | None = None,
         metrics_host: str | None = None,
+        rest_port: int | None = None,
         liveness: Liveness | None = None,
         commands: CommandChannel | None = None,
         command_timeout_seconds: float = default("api_command_timeout_seconds"),
@@ -85,6 +97,8 @@ class ApiServer:
         self._db_timeout = db_timeout_seconds
         self._metrics_port = metrics_port
         self._metrics_host = listen_host(listen) if metrics_host is None else metrics_host
+        self._rest_port = rest_port
+        self._rest: rest.RestSite | None = None
         # Whether listening sockets share their port with the other workers (SO_REUSEPORT).
         self.reuse_port = worker
         self.metrics = ApiMetrics(multiprocess=worker)
@@ -119,6 +133,7 @@ class ApiServer:
         self.port: int | None = None
         self.metrics_http_host: str | None = None  # where /metrics listens, once started
         self.metrics_http_port: int | None = None
+        self.rest_port: int | None = None  # the REST mapping's port, once started
 
     @classmethod
     def from_settings(
@@ -147,6 +162,7 @@ class ApiServer:
             freshness_ttl_seconds=settings.api_freshness_ttl_ms / 1000,
             metrics_port=settings.metrics_port or None,
             metrics_host=settings.api_metrics_host,
+            rest_port=settings.api_rest_port or None,
             liveness=Liveness.of_seconds(
                 settings.node_lease_seconds,
                 settings.connection_idle_timeout_seconds,
@@ -162,6 +178,12 @@ class ApiServer:
         )
 
     @property
+    def rest_app(self) -> web.Application | None:
+        """The REST mapping's application while it is served (its routes, for the OpenAPI
+        document's test)."""
+        return self._rest.app if self._rest else None
+
+    @property
     def in_flight(self) -> int:
         """ConnectionService calls being served now."""
         return self._limit.in_flight
@@ -174,6 +196,30 @@ class ApiServer:
             chain.append(BearerAuthInterceptor(self._tokens, _PROTECTED))
         chain.append(self._limit)
         return chain
+
+    def _rest_wrap(self, method: str, behavior: Behavior) -> Behavior:
+        """A REST call's way to the service: the interceptors' checks in gRPC's order."""
+        wrapped = self._limit.wrap(method, behavior)
+        if self._tokens is not None:
+            wrapped = BearerAuthInterceptor(self._tokens, _PROTECTED).wrap(method, wrapped)
+        return MetricsInterceptor(self.metrics, _PROTECTED).wrap(method, wrapped)
+
+    async def _start_rest(self, port: int) -> rest.RestSite:
+        site = rest.RestSite(
+            rest.build_app(
+                self._service,
+                self._rest_wrap,
+                max_body_bytes=self._max_message_bytes,
+                openapi=openapi.document(secured=self._tokens is not None),
+            ),
+            listen_host(self._listen),
+            port,
+            ssl_context=self._tls.ssl_context() if self._tls else None,
+            reuse_port=self.reuse_port,
+            grace_seconds=self._grace,
+        )
+        await site.start()
+        return site
 
     async def start(self) -> None:
         if self._server is not None:
@@ -215,6 +261,10 @@ class ApiServer:
                 self.port = server.add_secure_port(self._listen, credentials)
         except RuntimeError as exc:  # grpc's way of saying the bind failed
             raise OSError(f"cannot listen on {self._listen} (address in use?)") from exc
+        if self._rest_port is not None:
+            self._rest = await self._start_rest(self._rest_port)
+            self.rest_port = self._rest.port
+            log.info("REST mapping on %s:%d", listen_host(self._listen), self.rest_port)
         await self._update_health()
         await server.start()
         self._server = server
@@ -284,7 +334,9 @@ class ApiServer:
                 with contextlib.suppress(asyncio.CancelledError):
                     await task
         await self._health.enter_graceful_shutdown()
-        await server.stop(self._grace)
+        rest_site, self._rest = self._rest, None
+        # Both drain at once, each within the grace period.
+        await asyncio.gather(server.stop(self._grace), rest_site.stop() if rest_site else _done())
         self.metrics.sync()  # a worker's last figures, for the supervisor to add up
         if self._commands is not None:
             await self._commands.stop()

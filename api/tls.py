@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ssl
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -55,6 +56,22 @@ class ServerTls:
         return grpc.ssl_server_credentials(
             [(key, cert)], root_certificates=ca, require_client_auth=ca is not None
         )
+
+    def ssl_context(self) -> ssl.SSLContext:
+        """The same files for an HTTPS listener (the REST mapping, api/rest.py)."""
+        _read(self.key_file, "TLS key file")
+        _read(self.cert_file, "TLS certificate file")
+        context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        context.set_alpn_protocols(["http/1.1"])
+        try:
+            context.load_cert_chain(self.cert_file, self.key_file)
+            if self.client_ca_file is not None:
+                _read(self.client_ca_file, "client CA file")
+                context.load_verify_locations(self.client_ca_file)
+                context.verify_mode = ssl.CERT_REQUIRED
+        except ssl.SSLError as exc:
+            raise TlsConfigError(f"unusable TLS certificate, key or client CA: {exc}") from exc
+        return context
 
 
 def client_credentials(

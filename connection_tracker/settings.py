@@ -121,6 +121,13 @@ class Settings(BaseSettings):
 
     # api (docs/api.md, "Configuration" explains each one)
     api_listen: str = Field("127.0.0.1:50051", description="host:port the gRPC API listens on.")
+    api_rest_port: int = Field(
+        0,
+        ge=0,
+        le=65535,
+        description="Port of the REST mapping (HTTP/JSON, upstream's routes) on api_listen's "
+        "host; 0: off.",
+    )
     api_grace_seconds: float = Field(
         10.0, ge=0, description="On SIGTERM, how long in-flight calls may finish."
     )
