@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # A throwaway PostgreSQL server from Debian's packages, for tests, benchmarks and local runs.
 #
-#   infra/postgres.sh up | down | status | url | reset
-#   infra/postgres.sh replica up | down | status | url | reset
+#   infra/postgres.sh up | down | crash | status | url | reset
+#   infra/postgres.sh replica up | down | crash | status | url | reset
+#
+# `crash` stops the server as a crash would (pg_ctl stop -m immediate), for failover tests.
 #
 # Environment:
 #   CONNTRACK_PG_PORT   TCP port on 127.0.0.1                    (default 55432)
@@ -155,14 +157,22 @@ replica_status() {
   fi
 }
 
+# As a crash would: no shutdown checkpoint, clients cut off (for failover tests).
+crash() {
+  local d="$1"
+  [ -f "$d/postmaster.pid" ] && as_pg "$(pg_bin)/pg_ctl" -D "$d" -m immediate -w stop >/dev/null
+  echo "infra/postgres: stopped (immediate)"
+}
+
 replica() {
   case "${1:-}" in
     up) replica_up ;;
     down) replica_down ;;
+    crash) crash "$replica_data" ;;
     status) replica_status ;;
     url) replica_url ;;
     reset) replica_down; rm -rf "$replica_dir"; echo "infra/postgres: replica data removed" ;;
-    *) echo "usage: infra/postgres.sh replica up|down|status|url|reset" >&2; exit 2 ;;
+    *) echo "usage: infra/postgres.sh replica up|down|crash|status|url|reset" >&2; exit 2 ;;
   esac
 }
 
@@ -170,8 +180,9 @@ case "${1:-}" in
   replica) replica "${2:-}" ;;
   up) up ;;
   down) down ;;
+  crash) crash "$data" ;;
   status) status ;;
   url) url ;;
   reset) down; rm -rf "$dir"; echo "infra/postgres: data removed" ;;
-  *) echo "usage: infra/postgres.sh up|down|status|url|reset | replica up|down|status|url|reset" >&2; exit 2 ;;
+  *) echo "usage: infra/postgres.sh up|down|crash|status|url|reset | replica up|down|crash|status|url|reset" >&2; exit 2 ;;
 esac
