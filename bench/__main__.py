@@ -31,7 +31,7 @@ from bench.config import BenchConfig
 from bench.infra import leftovers
 from bench.procstat import cpu_count
 from bench.results import ScenarioResult, document, render, write_json
-from bench.scenarios import freshness, get, memory, projector, send
+from bench.scenarios import directory, freshness, get, memory, projector, send
 from bench.services import REPO
 from connection_tracker.lifecycle import BATCH_GEN0_THRESHOLD, tune_gc
 from connection_tracker.settings import settings_from
@@ -60,6 +60,10 @@ SCENARIOS: dict[str, tuple[Scenario, str]] = {
         send.run,
         "6. Send at 1k/s through a real gateway node: call-to-frame and call p50/p99 vs plain "
         "Kafka, most sends/s of one API",
+    ),
+    "directory": (
+        directory.run,
+        "7. ListConnections p50/p99 of 1,000-connection pages at gateways of 1k/100k/1M",
     ),
 }
 
