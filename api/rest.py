@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
+import errno
 import json
 import logging
 import re
@@ -501,9 +502,8 @@ class RestSite:
             await site.start()
         except OSError as exc:
             await runner.cleanup()
-            raise OSError(
-                f"cannot listen on {self._host}:{self._port} for REST ({exc.strerror})"
-            ) from exc
+            why = "address in use?" if exc.errno == errno.EADDRINUSE else exc.strerror or exc
+            raise OSError(f"cannot listen on {self._host}:{self._port} for REST ({why})") from exc
         self._runner = runner
         self.port = int(runner.addresses[0][1])
 

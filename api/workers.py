@@ -408,9 +408,17 @@ async def supervise(settings: Settings, workers: int) -> int:
     """`serve` with `workers` worker processes (see the module's docstring)."""
     from api.server import listen_host  # api.server is heavy; the supervisor needs one helper
 
+    held: list[socket.socket] = []
     try:
         held, listen = hold_port(settings.api_listen)
+        if settings.api_rest_port:
+            # The REST mapping's port (api/rest.py) is shared by the workers the same way.
+            rest_host = listen_host(settings.api_listen)
+            rest_host = f"[{rest_host}]" if ":" in rest_host else rest_host
+            held += hold_port(f"{rest_host}:{settings.api_rest_port}")[0]
     except OSError as exc:
+        for sock in held:
+            sock.close()
         raise cli.CommandError(f"cannot start: {exc}", cli.Exit.USAGE) from None
     multiproc_dir = tempfile.mkdtemp(prefix="conntrack-api-metrics-")
     # Read by prometheus_client when a worker imports it: the workers inherit the environment.

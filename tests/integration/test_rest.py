@@ -10,8 +10,11 @@ import asyncio
 import base64
 import contextlib
 import json
+import os
 import signal
+import socket
 import ssl
+import sys
 import time
 import urllib.parse
 from collections.abc import AsyncIterator
@@ -518,3 +521,72 @@ async def test_serve_starts_rest_and_sigterm_drains_it(
     assert f"REST mapping on 127.0.0.1:{rest_port}" in log
     assert "Traceback" not in log, log
     assert " ERROR " not in log, log
+
+
+async def _serve_once(env: dict[str, str]) -> tuple[int, str]:
+    """`conntrack-api serve` expected to refuse to start: its exit code and stderr."""
+    process = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "api",
+        "serve",
+        stdout=asyncio.subprocess.DEVNULL,
+        stderr=asyncio.subprocess.PIPE,
+        env={**os.environ, **env},
+    )
+    try:
+        _, err = await asyncio.wait_for(process.communicate(), 60)
+    finally:
+        if process.returncode is None:
+            process.kill()
+            await process.wait()
+    assert process.returncode is not None
+    return process.returncode, err.decode()
+
+
+@pytest.mark.parametrize("backend", ["sqlite"])
+async def test_workers_share_the_rest_port_and_a_held_one_is_refused(
+    database_url: str, tmp_path: Path
+) -> None:
+    grpc_port, rest_port = free_port(), free_port()
+    process = await serve_api(
+        database_url,
+        grpc_port,
+        tmp_path / "serve.log",
+        api_rest_port=str(rest_port),
+        api_workers="2",
+    )
+    try:
+        # Each session its own connection: the kernel spreads them over the workers.
+        for _ in range(8):
+            async with aiohttp.ClientSession() as session:
+                code, answer, _ = await Client(session, f"http://127.0.0.1:{rest_port}").call(
+                    "GET", path_of("nobody")
+                )
+                assert (code, answer["code"]) == (404, status(grpc.StatusCode.NOT_FOUND))
+        process.send_signal(signal.SIGTERM)
+        assert await asyncio.wait_for(process.wait(), 30) == 0
+    finally:
+        if process.returncode is None:
+            process.kill()
+            await process.wait()
+
+    with socket.socket() as plain:
+        plain.bind(("127.0.0.1", 0))
+        plain.listen()
+        busy = plain.getsockname()[1]
+        for workers, expected in (
+            ("2", f"cannot listen on 127.0.0.1:{busy} (address in use?)"),
+            ("1", f"cannot listen on 127.0.0.1:{busy} for REST (address in use?)"),
+        ):
+            code, err = await _serve_once(
+                {
+                    "CONNTRACK_DATABASE_URL": database_url,
+                    "CONNTRACK_API_LISTEN": "127.0.0.1:0",
+                    "CONNTRACK_API_REST_PORT": str(busy),
+                    "CONNTRACK_API_WORKERS": workers,
+                }
+            )
+            assert code == 2, err
+            assert err.strip().splitlines()[-1] == f"conntrack-api: cannot start: {expected}", err
+            assert "Traceback" not in err

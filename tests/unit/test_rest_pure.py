@@ -1,0 +1,103 @@
+"""The REST mapping's pure parts: the route table read from the .proto's annotations, the
+status mapping, grpc-timeout, proto3 JSON base64, and the OpenAPI document's integrity."""
+
+from __future__ import annotations
+
+import base64
+import json
+from typing import Any
+
+import grpc
+import pytest
+from google.protobuf import json_format
+from hypothesis import given
+from hypothesis import strategies as st
+
+from api import openapi, rest
+from connection_tracker.protogen.yandex.cloud.serverless.apigateway.websocket.v1 import (
+    connection_service_pb2 as svc,
+)
+
+
+def test_routes_are_upstreams_annotations() -> None:
+    assert [(r.rpc, r.http_method, r.path, r.body) for r in rest.ROUTES] == [
+        ("Get", "GET", "/apigateways/websocket/v1/connections/{connectionId}", ""),
+        ("Send", "POST", "/apigateways/websocket/v1/connections/{connectionId}:send", "*"),
+        ("Disconnect", "DELETE", "/apigateways/websocket/v1/connections/{connectionId}", ""),
+    ]
+    assert all(r.path_fields == ("connection_id",) for r in rest.ROUTES)
+    assert [r.path_suffix for r in rest.ROUTES] == ["", ":send", ""]
+    assert rest.ROUTES[1].request_type is svc.SendToConnectionRequest
+
+
+def test_every_grpc_code_has_an_http_status() -> None:
+    assert set(rest.HTTP_STATUS) == set(grpc.StatusCode)
+    expected = {
+        "INVALID_ARGUMENT": 400,
+        "UNAUTHENTICATED": 401,
+        "PERMISSION_DENIED": 403,
+        "NOT_FOUND": 404,
+        "RESOURCE_EXHAUSTED": 429,
+        "UNAVAILABLE": 503,
+        "UNIMPLEMENTED": 501,
+        "DEADLINE_EXCEEDED": 504,
+    }
+    assert {c.name: rest.HTTP_STATUS[c] for c in grpc.StatusCode if c.name in expected} == expected
+
+
+@pytest.mark.parametrize(
+    ("header", "seconds"),
+    [("5S", 5.0), ("1500m", 1.5), ("2M", 120.0), ("1H", 3600.0), ("250u", 0.00025)],
+)
+def test_grpc_timeout(header: str, seconds: float) -> None:
+    assert rest.grpc_timeout_seconds(header) == pytest.approx(seconds)
+
+
+@pytest.mark.parametrize("header", ["", "5", "S", "123456789S", "-1S", "1.5S", "5s", "soon"])
+def test_grpc_timeout_refused(header: str) -> None:
+    with pytest.raises(ValueError, match="grpc-timeout"):
+        rest.grpc_timeout_seconds(header)
+
+
+@given(st.binary(max_size=64), st.booleans(), st.booleans())
+def test_base64_accepted_as_proto3_json_writes_or_reads_it(
+    data: bytes, urlsafe: bool, padded: bool
+) -> None:
+    text = (base64.urlsafe_b64encode if urlsafe else base64.b64encode)(data).decode()
+    if not padded:
+        text = text.rstrip("=")
+    assert rest._valid_base64(text)
+    message = json_format.Parse(json.dumps({"data": text}), svc.SendToConnectionRequest())
+    assert message.data == data
+
+
+@pytest.mark.parametrize("text", ["aGk!!", "a", "aGk= ", "a=b=", "aGk===", "*"])
+def test_base64_refused(text: str) -> None:
+    assert not rest._valid_base64(text)
+
+
+def _refs(value: Any) -> set[str]:
+    if isinstance(value, dict):
+        found = {value["$ref"]} if "$ref" in value else set()
+        return found.union(*(_refs(v) for v in value.values()))
+    if isinstance(value, list):
+        return set().union(*(_refs(v) for v in value))
+    return set()
+
+
+@pytest.mark.parametrize("secured", [False, True])
+def test_openapi_document_refers_only_to_its_own_schemas(secured: bool) -> None:
+    document = openapi.document(secured=secured)
+    schemas = document["components"]["schemas"]
+    assert {ref.rsplit("/", 1)[1] for ref in _refs(document)} <= set(schemas)
+    assert set(schemas["Connection"]["properties"]) == {
+        "id",
+        "gatewayId",
+        "identity",
+        "connectedAt",
+        "lastActiveAt",
+    }
+    assert schemas["Connection"]["properties"]["connectedAt"]["format"] == "date-time"
+    operations = [op for path in document["paths"].values() for op in path.values()]
+    assert all(("security" in op) == secured for op in operations if op["operationId"] != "openapi")
+    assert ("securitySchemes" in document["components"]) == secured
