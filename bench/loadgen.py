@@ -14,7 +14,7 @@ import shutil
 import subprocess
 import time
 from collections import Counter
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -209,7 +209,10 @@ def _python_load(
     rps: float | None,
     processes: int,
     watch: Mapping[str, int],
+    worker: Callable[..., None] | None = None,
 ) -> LoadResult:
+    """worker: what each client process runs, with _worker's arguments (default: gRPC Gets;
+    the REST scenario passes its HTTP client)."""
     ctx = multiprocessing.get_context("spawn")
     processes = min(processes, concurrency)
     results: multiprocessing.Queue[_WorkerResult] = ctx.Queue()
@@ -220,7 +223,7 @@ def _python_load(
         share = concurrency // processes + (1 if w < concurrency % processes else 0)
         worker_rps = rps / processes if rps else None
         p = ctx.Process(
-            target=_worker,
+            target=worker or _worker,
             args=(target, ids[w::processes] or ids, share, seconds, worker_rps, results, ready, go),
             daemon=True,
         )
