@@ -92,7 +92,7 @@ def test_hold_port_resolves_port_zero_and_lets_reuseport_sockets_join() -> None:
             pass  # and takes the connections: the held socket does not listen
         worker.close()
         plain = socket.socket()
-        with pytest.raises(OSError):  # anyone without SO_REUSEPORT is still kept out
+        with pytest.raises(OSError, match="in use"):  # no SO_REUSEPORT: still kept out
             plain.bind(("127.0.0.1", int(port)))
         plain.close()
     finally:
