@@ -1,8 +1,9 @@
 """The REST mapping (api/rest.py) with a real HTTP client (aiohttp) against a running server on
 the real broker and read model: each route's answers and errors (grpc-gateway's status JSON on
 the conventional HTTP status), the same answers as gRPC, Send and Disconnect reaching the node
-through the command channel, path encoding, body limits, tokens, TLS, the shared concurrency
-cap, deadlines, the OpenAPI document and SIGTERM."""
+through the command channel (a node played by the test, as in test_send.py, and a real
+conntrack-gateway with a WebSocket client), path encoding, body limits, tokens, TLS, the shared
+concurrency cap, deadlines, the OpenAPI document, workers and SIGTERM."""
 
 from __future__ import annotations
 
@@ -26,6 +27,8 @@ import grpc
 import pytest
 from google.protobuf.json_format import MessageToDict
 from sqlalchemy.ext.asyncio import AsyncEngine
+from websockets.asyncio.client import connect
+from websockets.exceptions import ConnectionClosedOK
 from yarl import URL
 
 from api import openapi, rest
@@ -45,11 +48,14 @@ from connection_tracker.protogen.yandex.cloud.serverless.apigateway.websocket.v1
 )
 from connection_tracker.settings import Settings
 from connection_tracker.store import ProjectionStore
+from projector.runner import Projector
 from tests.integration.test_api_security import _ca, _leaf
 from tests.integration.test_send import PlayedNode, open_state
 from tests.support.api import connections_locked, eventually, serve_api
+from tests.support.gateway import gateway_node, own_id, with_command_topics
 from tests.support.kafka import create_topic, delete_topics, unique
 from tests.support.ports import free_port
+from tests.support.projector import running
 
 pytestmark = [pytest.mark.kafka]
 
@@ -590,3 +596,62 @@ async def test_workers_share_the_rest_port_and_a_held_one_is_refused(
             assert code == 2, err
             assert err.strip().splitlines()[-1] == f"conntrack-api: cannot start: {expected}", err
             assert "Traceback" not in err
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("backend", ["postgres"])
+async def test_rest_reaches_a_real_client_through_the_gateway_node(
+    kafka_settings: Settings, engine: AsyncEngine, tmp_path: Path
+) -> None:
+    """conntrack-gateway holding a real WebSocket client, the projector folding its events, the
+    API with the REST port: Get finds it, Send's frames arrive byte for byte, Disconnect closes
+    it with 1000, all over REST."""
+    async with (
+        with_command_topics(kafka_settings) as settings,
+        running(Projector(settings, ProjectionStore(engine))),
+        ApiServer(
+            ConnectionRepository(engine),
+            "127.0.0.1:0",
+            freshness_ttl_seconds=0,
+            commands=CommandChannel(
+                settings.kafka_bootstrap_servers,
+                settings.commands_topic,
+                settings.command_outcomes_topic,
+            ),
+            command_timeout_seconds=20,
+            rest_port=0,
+        ) as server,
+        http(server) as client,
+        gateway_node(settings, unique("gw-node"), tmp_path / "gateway.log") as gateway,
+        connect(gateway.url, user_agent_header="rest-e2e ✓") as socket_client,
+    ):
+        cid = own_id(socket_client)
+
+        async def found() -> bool:
+            return (await client.call("GET", path_of(cid)))[0] == 200
+
+        await eventually(found, within=60)
+        code, answer, _ = await client.call("GET", path_of(cid))
+        assert (code, answer["id"], answer["gatewayId"]) == (200, cid, settings.gateway_id)
+        assert answer["identity"] == {"sourceIp": "127.0.0.1", "userAgent": "rest-e2e ✓"}
+        binary = bytes(range(256)) * 512  # 131072 bytes
+        for data, kind in (("привет ✓".encode(), "TEXT"), (binary, "BINARY")):
+            body = {"data": b64(data), "type": kind}
+            sent = await client.call("POST", path_of(cid, ":send"), body, timeout=_LONG)
+            assert sent[:2] == (200, {}), sent
+            frame = await asyncio.wait_for(socket_client.recv(), 30)
+            assert frame == (data.decode() if kind == "TEXT" else data)
+        assert (await client.call("DELETE", path_of(cid), timeout=_LONG))[:2] == (200, {})
+        with pytest.raises(ConnectionClosedOK):
+            await asyncio.wait_for(socket_client.recv(), 30)
+        assert socket_client.close_code == 1000
+
+        async def gone() -> bool:
+            return (await client.call("GET", path_of(cid)))[0] == 404
+
+        await eventually(gone, within=60)
+        assert await gateway.terminate() == 0
+        assert "Traceback" not in gateway.log()
+
+
+_LONG = aiohttp.ClientTimeout(total=60)
