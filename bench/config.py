@@ -22,6 +22,9 @@ class BenchConfig:
     scale: float = 1.0
     kafka: str = DEFAULT_KAFKA
     postgres_url: str = DEFAULT_POSTGRES_URL
+    # A streaming replica of postgres_url's server (infra/postgres.sh replica url): the Get
+    # scenario's API then reads from it (CONNTRACK_API_READ_DATABASE_URLS).
+    get_replica_url: str | None = None
     partitions: int = 6  # what `conntrack-producer topics` creates by default
     seed: int = 1
     get_concurrency: int = 32
@@ -47,6 +50,8 @@ class BenchConfig:
             env["kafka"] = os.environ["CONNTRACK_BENCH_KAFKA"]
         if os.environ.get("CONNTRACK_BENCH_POSTGRES_URL"):
             env["postgres_url"] = os.environ["CONNTRACK_BENCH_POSTGRES_URL"]
+        if os.environ.get("CONNTRACK_BENCH_GET_REPLICA_URL"):
+            env["get_replica_url"] = os.environ["CONNTRACK_BENCH_GET_REPLICA_URL"]
         env.update({k: v for k, v in overrides.items() if v is not None})
         return cls(**env)  # type: ignore[arg-type]
 

@@ -149,13 +149,16 @@ _API_SECURITY = (
 )
 
 
-def api_service(database_url: str, listen: str, log_dir: Path) -> Service:
+def api_service(
+    database_url: str, listen: str, log_dir: Path, extra: Mapping[str, str] | None = None
+) -> Service:
     env = service_environment(
         {
             "CONNTRACK_DATABASE_URL": database_url,
             "CONNTRACK_API_LISTEN": listen,
             "CONNTRACK_LOG_LEVEL": "WARNING",
             "CONNTRACK_METRICS_PORT": "0",
+            **(extra or {}),
         }
     )
     for name in _API_SECURITY:

@@ -8,9 +8,11 @@ after another (the latency a lone client sees)."""
 
 from __future__ import annotations
 
+import asyncio
 import random
 
 import asyncpg
+from sqlalchemy.engine import make_url
 
 from bench.config import BenchConfig
 from bench.infra import asyncpg_dsn, fresh_database
@@ -68,6 +70,35 @@ async def populate_open_connections(database_url: str, connections: int, seed: i
     return list(states)
 
 
+async def _replica(cfg: BenchConfig, url: str) -> dict[str, str]:
+    """With CONNTRACK_BENCH_GET_REPLICA_URL, the API's settings to read the scenario's database
+    from that replica, once the replica has every row (else none: the API reads `url`)."""
+    if cfg.get_replica_url is None:
+        return {}
+    server = make_url(cfg.get_replica_url)
+    replica = make_url(url).set(host=server.host, port=server.port)
+    conn = await asyncpg.connect(asyncpg_dsn(url))
+    try:
+        rows = await conn.fetchval("SELECT count(*) FROM connections")
+    finally:
+        await conn.close()
+    deadline = asyncio.get_running_loop().time() + 120
+    while True:
+        try:
+            conn = await asyncpg.connect(asyncpg_dsn(replica.render_as_string(False)))
+            try:
+                if await conn.fetchval("SELECT count(*) FROM connections") == rows:
+                    break
+            finally:
+                await conn.close()
+        except (asyncpg.PostgresError, OSError):
+            pass  # the database or its tables have not been replayed yet
+        if asyncio.get_running_loop().time() > deadline:
+            raise RuntimeError(f"the replica {server.host}:{server.port} did not catch up")
+        await asyncio.sleep(0.2)
+    return {"CONNTRACK_API_READ_DATABASE_URLS": replica.render_as_string(False)}
+
+
 def sample_ids(ids: list[str], seed: int, k: int = SAMPLE_IDS) -> list[str]:
     rng = random.Random(seed)
     return rng.sample(ids, min(k, len(ids)))
@@ -113,6 +144,7 @@ async def run(cfg: BenchConfig, result: ScenarioResult) -> None:
         concurrency=cfg.get_concurrency,
         seconds_per_run=cfg.get_seconds,
         load_generator=lg.name,
+        read_replica=cfg.get_replica_url is not None,
     )
     log_dir = cfg.work_dir / "logs"
     async with fresh_database(cfg, "get") as url:
@@ -126,7 +158,7 @@ async def run(cfg: BenchConfig, result: ScenarioResult) -> None:
             const_half = await _measure(lg, server, target, ids, cfg, result, half)
             const_one = await _measure(lg, server, target, ids, cfg, result, None, 1)
         target = f"127.0.0.1:{free_port()}"
-        async with running(api_service(url, target, log_dir)) as server:
+        async with running(api_service(url, target, log_dir, await _replica(cfg, url))) as server:
             await wait_grpc_serving(target, server)
             await lg.run(target, ids, cfg.get_concurrency, min(1.0, cfg.get_seconds))
             api_max = await _measure(lg, server, target, ids, cfg, result, None)
