@@ -115,9 +115,10 @@ launch_node() {
 }
 
 node_ready() {
+  # grep reads to the end (no -q): under pipefail, tail killed by SIGPIPE would fail the test.
   local dir; dir="$(node_dir "$1")"
   tail -c +"$(($(cat "$dir/log.offset" 2>/dev/null || echo 0) + 1))" "$dir/logs/server.log" 2>/dev/null |
-    grep -q "Kafka Server started" && port_open $((cluster_port + $1))
+    grep "Kafka Server started" >/dev/null && port_open $((cluster_port + $1))
 }
 
 wait_nodes() {
@@ -137,7 +138,8 @@ wait_nodes() {
     [ -z "$pending" ] && { echo " ready"; return 0; }
     echo -n "."; sleep 1
   done
-  echo; die "cluster: node(s)$pending not ready after 180 s; see $(node_dir "${pending# }")/logs/server.log"
+  set -- $pending
+  echo; die "cluster: node(s) $* not ready after 180 s; see $(node_dir "$1")/logs/server.log"
 }
 
 cluster_up() {
