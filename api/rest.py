@@ -383,15 +383,13 @@ def _handler(route: Route, behavior: Behavior) -> Callable[[web.Request], Awaita
         context = HttpCallContext(
             tuple((key.lower(), value) for key, value in request.headers.items()),
             deadline,
-            f"ipv4:{request.remote}",
+            f"http:{request.remote}",
         )
         try:
             if deadline is None:
                 answer = await behavior(HttpCall(request, route), context)
             else:
-                async with asyncio.timeout_at(
-                    asyncio.get_running_loop().time() + (deadline - time.monotonic())
-                ):
+                async with asyncio.timeout(deadline - time.monotonic()):
                     answer = await behavior(HttpCall(request, route), context)
         except RestAbort as exc:
             return error_response(exc.code, exc.message, exc.http_status, context.trailing)
