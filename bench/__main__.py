@@ -31,7 +31,16 @@ from bench.config import BenchConfig
 from bench.infra import leftovers
 from bench.procstat import cpu_count
 from bench.results import ScenarioResult, document, render, write_json
-from bench.scenarios import directory, freshness, get, get_rest, memory, projector, send
+from bench.scenarios import (
+    directory,
+    freshness,
+    get,
+    get_rest,
+    get_workers,
+    memory,
+    projector,
+    send,
+)
 from bench.services import REPO
 from connection_tracker.lifecycle import BATCH_GEN0_THRESHOLD, tune_gc
 from connection_tracker.settings import settings_from
@@ -54,6 +63,10 @@ SCENARIOS: dict[str, tuple[Scenario, str]] = {
     ),
     "rebuild": (projector.run_rebuild, "2. rebuild time of 1M events into a fresh database"),
     "get": (get.run, "3. Get QPS, p50, p99 and server CPU vs a constant-answer server"),
+    "get-workers": (
+        get_workers.run,
+        "3b. Get QPS with one API worker per core vs the constant server with as many processes",
+    ),
     "get-rest": (
         get_rest.run,
         "3c. Get over the REST mapping vs over gRPC on the same server: QPS, p50, p99, CPU/call",

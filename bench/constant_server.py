@@ -1,11 +1,18 @@
 """The Get ceiling: a grpc.aio server on the same stack as the API (grpcio, asyncio, the same
 generated messages, health checking) that answers every Get with one fixed Connection, without
-touching a database. `python -m bench.constant_server --listen 127.0.0.1:50099`."""
+touching a database. `python -m bench.constant_server --listen 127.0.0.1:50099`.
+
+--workers N runs N such processes on the one port (grpc's own SO_REUSEPORT, on by default on
+Linux), the ceiling `conntrack-api serve` with N workers is compared with; this parent only
+starts them, forwards SIGTERM/SIGINT and waits."""
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import signal
+import subprocess
+import sys
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -75,12 +82,31 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m bench.constant_server", description=__doc__)
     parser.add_argument("--listen", default="127.0.0.1:50099")
     parser.add_argument("--log-level", default="WARNING")
+    parser.add_argument("--workers", type=int, default=1, help="processes sharing the port")
     ns = parser.parse_args(argv)
+    if ns.workers > 1:
+        raise SystemExit(_run_workers(ns.listen, ns.log_level, ns.workers))
     setup_logging(ns.log_level)
     tune_gc(
         settings_from().gc_gen0_threshold, default=PYTHON_GEN0_THRESHOLD
     )  # as `conntrack-api serve` does
     asyncio.run(serve(ns.listen))
+
+
+def _run_workers(listen: str, log_level: str, workers: int) -> int:
+    argv = [sys.executable, "-m", "bench.constant_server", "--listen", listen]
+    children = [
+        subprocess.Popen([*argv, "--log-level", log_level], stdin=subprocess.DEVNULL)
+        for _ in range(workers)
+    ]
+
+    def forward(signum: int, frame: object) -> None:
+        for child in children:
+            child.send_signal(signal.SIGTERM)
+
+    signal.signal(signal.SIGTERM, forward)
+    signal.signal(signal.SIGINT, forward)
+    return max(child.wait() for child in children)
 
 
 if __name__ == "__main__":

@@ -75,6 +75,21 @@ def _pids_matching(predicate: Callable[[str, str], bool]) -> list[int]:
     return out
 
 
+def children(pid: int) -> list[int]:
+    """The live child processes of pid (one level down)."""
+    out = []
+    for entry in _PROC.iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+        except OSError:
+            continue
+        if int(stat[stat.rindex(")") + 2 :].split()[1]) == pid:  # field 4, ppid
+            out.append(int(entry.name))
+    return out
+
+
 def postgres_pids() -> list[int]:
     return _pids_matching(lambda comm, _cmd: comm.startswith("postgres"))
 
@@ -107,7 +122,9 @@ class CpuWindow:
 
     Groups: `machine` (all CPUs), `harness` (this process), `postgres` and `kafka` (the servers,
     found by name; a server process that starts inside the window counts from zero, one that
-    exits inside it is missed), and the named PIDs passed in (e.g. a server subprocess)."""
+    exits inside it is missed), and the named PIDs passed in (e.g. a server subprocess) with
+    their live children (a child that exits inside the window counts from its start: its time
+    shows in the parent's reaped-children figure, so a window where workers die reads high)."""
 
     def __init__(self, pids: Mapping[str, int] | None = None) -> None:
         self._named = dict(pids or {})
@@ -123,7 +140,9 @@ class CpuWindow:
             "kafka": _group(kafka_pids()),
         }
         for name, pid in self._named.items():
-            snap[name] = _group([pid])
+            # With its live children: the workers of `conntrack-api serve` (or of the constant
+            # server) are the server as much as their supervisor is.
+            snap[name] = _group([pid, *children(pid)])
         return snap
 
     def finish(self) -> CpuUse:

@@ -158,6 +158,8 @@ def api_service(
             "CONNTRACK_API_LISTEN": listen,
             "CONNTRACK_LOG_LEVEL": "WARNING",
             "CONNTRACK_METRICS_PORT": "0",
+            # One process, as the figures before workers were measured; get_workers asks more.
+            "CONNTRACK_API_WORKERS": "1",
             **(extra or {}),
         }
     )

@@ -292,3 +292,47 @@ async def test_a_worker_start_error_ends_the_command_with_one_line(
     assert sum(line.startswith("conntrack-api:") for line in lines) == 1, err
     assert "Traceback" not in err
     assert "a new worker" not in err  # not restarted in a loop
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
+
+
+@pytest.mark.parametrize("backend", ["sqlite"])
+async def test_workers_stop_when_their_supervisor_is_killed(
+    database_url: str, tmp_path: Path
+) -> None:
+    """A SIGKILLed supervisor cannot forward anything: each worker sees its pipe to the
+    supervisor close, drains and exits, and the port is free again."""
+    port = free_port()
+    log_path = tmp_path / "serve.log"
+    process = await serve_api(database_url, port, log_path, api_workers="2")
+    try:
+
+        async def both_serving() -> bool:
+            return "with 2 workers" in log_path.read_text()
+
+        await eventually(both_serving, within=60)
+        workers = [pids[0] for pids in _worker_pids(log_path.read_text()).values()]
+        process.kill()
+        await process.wait()
+
+        async def workers_gone() -> bool:
+            return not any(_alive(pid) for pid in workers)
+
+        await eventually(workers_gone, within=30)
+    finally:
+        if process.returncode is None:
+            process.kill()
+            await process.wait()
+    log = log_path.read_text()
+    for pid in workers:
+        assert f"pid {pid}] the supervisor is gone, shutting down" in log
+    with socket.socket() as again:
+        # SO_REUSEADDR passes connections in TIME_WAIT, not a socket still bound to the port.
+        again.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        again.bind(("127.0.0.1", port))

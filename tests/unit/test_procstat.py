@@ -17,3 +17,24 @@ def test_a_child_that_exits_inside_the_window_still_counts_for_its_parent() -> N
     subprocess.run([sys.executable, "-c", BURN], check=True)  # waited for: reaped
     use = window.finish()
     assert use.cores["parent"] * use.seconds >= 0.25
+
+
+def test_live_children_count_for_their_parent() -> None:
+    """As the workers of `conntrack-api serve` count for their supervisor."""
+    window = CpuWindow({"parent": os.getpid()})
+    child = subprocess.Popen(
+        [sys.executable, "-c", BURN + "print('burnt', flush=True)\ninput()\n"],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    assert child.stdin is not None
+    assert child.stdout is not None
+    try:
+        assert child.stdout.readline().strip() == "burnt"
+        use = window.finish()  # the child is alive: not yet in the parent's reaped figure
+        assert use.cores["parent"] * use.seconds >= 0.25
+    finally:
+        child.stdin.close()
+        child.wait()
+        child.stdout.close()
