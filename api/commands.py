@@ -43,6 +43,11 @@ class CommandChannelUnavailable(RuntimeError):
     """The command could not be handed to the broker, or no outcome came in time."""
 
 
+class CommandNotHanded(CommandChannelUnavailable):
+    """The command was not handed to the broker (not connected, or it was refused or not
+    acknowledged): taken as not sent."""
+
+
 class CommandChannel:
     """Async context manager; start() returns at once and connects in the background."""
 
@@ -155,19 +160,22 @@ class CommandChannel:
         connection_id: str,
         action: Action,
         timeout_s: float,
+        command_id: str = "",
     ) -> Outcome:
         """Hand the command to the broker and wait for its outcome, at most timeout_s. Raises
-        CommandChannelUnavailable if the broker cannot be reached or no outcome comes."""
+        CommandChannelUnavailable if the broker cannot be reached or no outcome comes
+        (CommandNotHanded if the broker did not acknowledge it). command_id: default a new
+        random one."""
         producer = self._producer
         if producer is None:
-            raise CommandChannelUnavailable(
+            raise CommandNotHanded(
                 f"the command channel cannot use Kafka: {self.failure}"
                 if self.failure is not None
                 else "the command channel is not connected to Kafka"
             )
         now = time.time_ns()
         command = Command(
-            command_id=uuid.uuid4().hex,
+            command_id=command_id or uuid.uuid4().hex,
             node_id=node_id,
             node_incarnation=node_incarnation,
             connection_id=connection_id,
@@ -189,7 +197,7 @@ class CommandChannel:
                     delivery.add_done_callback(_retrieve)
                     await asyncio.shield(delivery)
                 except KafkaError as exc:
-                    raise CommandChannelUnavailable(
+                    raise CommandNotHanded(
                         f"the command could not be handed to Kafka: {one_line(exc)}"
                     ) from None
                 return await waiter

@@ -23,7 +23,7 @@ import hmac
 import json
 import logging
 import time
-from collections.abc import Awaitable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import astuple, dataclass
 from typing import Any, Final, TypeVar
 
@@ -297,11 +297,31 @@ def entry_proto(view: ConnectionView) -> directory_pb2.DirectoryEntry:
     return directory_pb2.DirectoryEntry(connection=to_proto(view), node_id=view.node_id or "")
 
 
-class ConnectionDirectoryService:
-    """The gRPC servicer over ConnectionDirectory; register it with directory_handlers()."""
+BroadcastMethod = Callable[
+    [directory_pb2.BroadcastRequest | UndecodableRequest, Context],
+    Awaitable[directory_pb2.BroadcastResponse],
+]
 
-    def __init__(self, directory: ConnectionDirectory) -> None:
+
+class ConnectionDirectoryService:
+    """The gRPC servicer over ConnectionDirectory; register it with directory_handlers().
+    broadcast: Broadcast's implementation (api/broadcast.py, BroadcastRpc); without it
+    Broadcast is UNIMPLEMENTED."""
+
+    def __init__(
+        self, directory: ConnectionDirectory, broadcast: BroadcastMethod | None = None
+    ) -> None:
         self._directory = directory
+        self._broadcast = broadcast
+
+    async def Broadcast(
+        self,
+        request: directory_pb2.BroadcastRequest | UndecodableRequest,
+        context: Context,
+    ) -> directory_pb2.BroadcastResponse:
+        if self._broadcast is None:
+            await context.abort(grpc.StatusCode.UNIMPLEMENTED, "this server does not broadcast")
+        return await self._broadcast(request, context)
 
     async def ListConnections(
         self,
@@ -366,5 +386,10 @@ def directory_handlers(
             service.CountConnections,
             request_deserializer=tolerant_parser(pb.CountConnectionsRequest),
             response_serializer=pb.CountConnectionsResponse.SerializeToString,
+        ),
+        "Broadcast": grpc.unary_unary_rpc_method_handler(
+            service.Broadcast,
+            request_deserializer=tolerant_parser(pb.BroadcastRequest),
+            response_serializer=pb.BroadcastResponse.SerializeToString,
         ),
     }

@@ -104,6 +104,7 @@ def _operation(route: rest.Route, schemas: _Schemas, secured: bool) -> dict[str,
                 "schema": schemas.field(field),
             }
         )
+    parameters.extend(_query_parameters(route.query_fields, "", schemas))
     parameters.append(
         {
             "name": "grpc-timeout",
@@ -121,8 +122,8 @@ def _operation(route: rest.Route, schemas: _Schemas, secured: bool) -> dict[str,
         )
     }
     operation: dict[str, Any] = {
-        "operationId": f"ConnectionService_{route.rpc}",
-        "summary": f"{rest.SERVICE.full_name}.{route.rpc}",
+        "operationId": f"{route.service.rsplit('.', 1)[-1]}_{route.rpc}",
+        "summary": f"{route.service}.{route.rpc}",
         "parameters": parameters,
         "responses": {
             "200": {
@@ -152,6 +153,21 @@ def _operation(route: rest.Route, schemas: _Schemas, secured: bool) -> dict[str,
     if secured:
         operation["security"] = [{"bearer": []}]
     return operation
+
+
+def _query_parameters(fields: Any, prefix: str, schemas: _Schemas) -> list[dict[str, Any]]:
+    """A GET's query parameters: each single-valued field, messages' fields dotted (JSON
+    names), as rest._parse_query reads them."""
+    parameters: list[dict[str, Any]] = []
+    for field in fields:
+        name = prefix + field.json_name
+        if field.message_type is not None and field.message_type.full_name not in _WELL_KNOWN:
+            parameters.extend(_query_parameters(field.message_type.fields, name + ".", schemas))
+        elif not field.is_repeated:
+            parameters.append(
+                {"name": name, "in": "query", "required": False, "schema": schemas.field(field)}
+            )
+    return parameters
 
 
 def document(*, secured: bool) -> dict[str, Any]:
@@ -194,10 +210,11 @@ def document(*, secured: bool) -> dict[str, Any]:
     return {
         "openapi": "3.1.0",
         "info": {
-            "title": "ConnectionService REST mapping",
+            "title": "ConnectionService and ConnectionDirectoryService REST mapping",
             "version": "v1",
             "description": "Yandex Cloud API Gateway WebSocket ConnectionService over "
-            "HTTP/JSON (upstream's google.api.http routes); see docs/api.md.",
+            "HTTP/JSON (upstream's google.api.http routes), and the project's connection "
+            "directory (list, count, broadcast); see docs/api.md.",
         },
         "paths": paths,
         "components": components,

@@ -1,14 +1,17 @@
-"""The REST mapping of ConnectionService: upstream's `google.api.http` routes, read from the
-.proto's annotations (the one description of them), served over HTTP/1.1 + JSON by aiohttp on
-the gRPC server's event loop. docs/api.md, "The REST mapping", is the contract.
+"""The REST mapping of ConnectionService (upstream's `google.api.http` routes) and of the
+project's ConnectionDirectoryService (its own routes), read from the .protos' annotations (the
+one description of them), served over HTTP/1.1 + JSON by aiohttp on the gRPC server's event
+loop. docs/api.md, "The REST mapping", is the contract.
 
 Every call goes through the same service code as a gRPC call (api/service.py: validation,
 freshness, liveness, commands), behind the same wrappers (api/interceptors.py: metrics, bearer
 tokens, the shared cap on concurrent calls). The service speaks to a gRPC servicer context; a
 REST call hands it `HttpCallContext`, which keeps what the service sets (status, trailing
 metadata) for the HTTP answer. Messages are read and written in the proto3 JSON mapping
-(google.protobuf.json_format); errors are grpc-gateway's status JSON,
-`{"code": <gRPC code>, "message": "...", "details": []}`, on the conventional HTTP status."""
+(google.protobuf.json_format); a GET's other request fields come from the query string, as
+grpc-gateway reads them (`filter.nodeId=...`, proto or JSON names). Errors are grpc-gateway's
+status JSON, `{"code": <gRPC code>, "message": "...", "details": []}`, on the conventional HTTP
+status."""
 
 from __future__ import annotations
 
@@ -34,6 +37,7 @@ from google.protobuf.message import Message
 from google.protobuf.message_factory import GetMessageClass
 
 from api.interceptors import Behavior
+from connection_tracker.protogen.conntrack.directory.v1 import directory_pb2
 from connection_tracker.protogen.yandex.cloud.serverless.apigateway.websocket.v1 import (
     connection_service_pb2,
 )
@@ -41,6 +45,7 @@ from connection_tracker.protogen.yandex.cloud.serverless.apigateway.websocket.v1
 log = logging.getLogger(__name__)
 
 SERVICE: Final = connection_service_pb2.DESCRIPTOR.services_by_name["ConnectionService"]
+DIRECTORY_SERVICE: Final = directory_pb2.DESCRIPTOR.services_by_name["ConnectionDirectoryService"]
 OPENAPI_PATH: Final = "/openapi.json"
 
 # grpc-gateway's runtime.HTTPStatusFromCode: the conventional HTTP status of each gRPC code.
@@ -81,9 +86,10 @@ _BASE64 = re.compile(r"^[A-Za-z0-9+/_-]*={0,2}$")
 
 @dataclass(frozen=True, slots=True)
 class Route:
-    """One `google.api.http` rule of a ConnectionService method."""
+    """One `google.api.http` rule of a ConnectionService or ConnectionDirectoryService method."""
 
-    rpc: str  # the method's name: Get, Send, Disconnect
+    service: str  # the service's full name
+    rpc: str  # the method's name: Get, Send, Disconnect, ListConnections, ...
     http_method: str  # GET, POST, DELETE
     path: str  # aiohttp's (and OpenAPI's) template: variables named by their JSON names
     path_fields: tuple[str, ...]  # the request fields the path sets (proto names)
@@ -93,7 +99,16 @@ class Route:
 
     @property
     def full_method(self) -> str:
-        return f"/{SERVICE.full_name}/{self.rpc}"
+        return f"/{self.service}/{self.rpc}"
+
+    @property
+    def query_fields(self) -> tuple[Any, ...]:
+        """The request's fields a GET or DELETE takes from the query string: those not in the
+        path (with a body "*" every other field is in the body)."""
+        if self.body == "*":
+            return ()
+        fields = self.request_type.DESCRIPTOR.fields
+        return tuple(f for f in fields if f.name not in self.path_fields)
 
     @property
     def path_suffix(self) -> str:
@@ -123,6 +138,7 @@ def _route(method: descriptor.MethodDescriptor) -> Route:
     if rule.body not in ("", "*") or rule.additional_bindings:
         raise ValueError(f"{method.full_name}: unsupported google.api.http body or bindings")
     return Route(
+        service=method.containing_service.full_name,
         rpc=method.name,
         http_method=kind.upper(),
         path=path,
@@ -134,7 +150,7 @@ def _route(method: descriptor.MethodDescriptor) -> Route:
 
 
 # Read once from the descriptors: an annotation this module cannot serve fails at import.
-ROUTES: Final = tuple(_route(m) for m in SERVICE.methods)
+ROUTES: Final = tuple(_route(m) for s in (SERVICE, DIRECTORY_SERVICE) for m in s.methods)
 
 
 def grpc_timeout_seconds(value: str) -> float:
@@ -307,11 +323,14 @@ async def _request_message(call: HttpCall, context: grpc.aio.ServicerContext[Any
                 http_status=exc.status,
             ) from None
         await _parse_body(body, message, context)
-    raw_segment = request.raw_path.partition("?")[0].rsplit("/", 1)[-1]
+    elif route.query_fields:
+        await _parse_query(request, route, message, context)
+    raw_path = request.raw_path.partition("?")[0]
     try:
-        urllib.parse.unquote_to_bytes(raw_segment).decode("utf-8")
+        urllib.parse.unquote_to_bytes(raw_path).decode("utf-8")
     except UnicodeDecodeError:
-        await _abort(context, "connection_id must be valid UTF-8 (percent-decoded path)")
+        names = " and ".join(route.path_fields) or "the path"
+        await _abort(context, f"{names} must be valid UTF-8 (percent-decoded path)")
     for field in route.path_fields:
         json_name = route.request_type.DESCRIPTOR.fields_by_name[field].json_name
         try:
@@ -340,6 +359,56 @@ async def _parse_body(body: bytes, message: Message, context: Any) -> None:
         json_format.ParseDict(value, message)
     except json_format.ParseError as exc:
         await _abort(context, f"request body: {exc}")
+
+
+async def _parse_query(request: web.Request, route: Route, message: Message, context: Any) -> None:
+    """grpc-gateway's query parameters: each name a field path of the request (proto or JSON
+    names, dotted into messages), each value the field's proto3 JSON text (numbers, enum
+    names, RFC 3339 timestamps); a name that is no field, or a field given twice, is 400."""
+    raw_query = request.raw_path.partition("?")[2]
+    try:
+        pairs = urllib.parse.parse_qsl(
+            raw_query, keep_blank_values=True, strict_parsing=False, errors="strict"
+        )
+    except UnicodeDecodeError:
+        await _abort(context, "the query string must be valid UTF-8 (percent-decoded)")
+    tree: dict[str, Any] = {}
+    for name, value in pairs:
+        node, fields = tree, route.query_fields
+        parts = name.split(".")
+        for depth, part in enumerate(parts):
+            field = next((f for f in fields if part in (f.name, f.json_name)), None)
+            if field is None:
+                await _abort(context, f"query parameter {name!r} is not a field of the request")
+            last = depth == len(parts) - 1
+            is_message = field.message_type is not None and not _is_well_known(field)
+            if last == is_message or field.is_repeated:
+                await _abort(context, f"query parameter {name!r} does not name a single value")
+            if last:
+                if field.name in node:
+                    await _abort(context, f"query parameter {name!r} is given twice")
+                node[field.name] = _query_value(field, value)
+            else:
+                child = node.setdefault(field.name, {})
+                if not isinstance(child, dict):  # "filter=x" and then "filter.nodeId=y"
+                    await _abort(context, f"query parameter {name!r} does not name a field")
+                node, fields = child, tuple(field.message_type.fields)
+    try:
+        json_format.ParseDict(tree, message)
+    except json_format.ParseError as exc:
+        await _abort(context, f"query string: {exc}")
+
+
+def _is_well_known(field: descriptor.FieldDescriptor) -> bool:
+    return field.message_type is not None and field.message_type.full_name.startswith(
+        "google.protobuf."
+    )
+
+
+def _query_value(field: descriptor.FieldDescriptor, value: str) -> Any:
+    if field.type == descriptor.FieldDescriptor.TYPE_BOOL:
+        return {"true": True, "false": False}.get(value, value)
+    return value
 
 
 def _valid_base64(text: str) -> bool:
@@ -434,18 +503,20 @@ async def _json_errors(
 
 
 def build_app(
-    service: Any,
+    services: Mapping[str, Any],
     wrap: Wrap,
     *,
     max_body_bytes: int,
     openapi: Mapping[str, Any],
 ) -> web.Application:
-    """The application: each of ROUTES calling `service`'s method of the same name through
-    `wrap` (metrics, authentication, the concurrency cap), and the OpenAPI document."""
+    """The application: each of ROUTES calling the method of the same name of its service's
+    servicer (`services`, by the service's full name) through `wrap` (metrics, authentication,
+    the concurrency cap), and the OpenAPI document."""
     app = web.Application(client_max_size=max_body_bytes, middlewares=[_json_errors])
     app[MAX_BODY_KEY] = max_body_bytes
     for route in ROUTES:
-        behavior = wrap(route.full_method, _innermost(route, getattr(service, route.rpc)))
+        method = getattr(services[route.service], route.rpc)
+        behavior = wrap(route.full_method, _innermost(route, method))
         app.router.add_route(route.http_method, route.path, _handler(route, behavior))
     document = json.dumps(openapi, indent=2)
 

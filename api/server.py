@@ -16,6 +16,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from api import openapi, reflection, rest
 from api.auth import BearerTokens, load_tokens
+from api.broadcast import Broadcaster, BroadcastRpc
 from api.commands import CommandChannel
 from api.directory import (
     DIRECTORY_SERVICE_NAME,
@@ -119,6 +120,10 @@ class ApiServer:
             db_timeout_seconds=db_timeout_seconds,
             freshness_ttl_seconds=freshness_ttl_seconds,
         )
+        self._directory_service = ConnectionDirectoryService(
+            self.directory,
+            BroadcastRpc(Broadcaster(self.directory, commands), command_timeout_seconds),
+        )
         self._commands = commands
         self._limit = ConcurrencyLimitInterceptor(
             max_concurrent_calls, _PROTECTED, self.metrics.in_flight.set
@@ -207,7 +212,7 @@ class ApiServer:
     async def _start_rest(self, port: int) -> rest.RestSite:
         site = rest.RestSite(
             rest.build_app(
-                self._service,
+                {SERVICE_NAME: self._service, DIRECTORY_SERVICE_NAME: self._directory_service},
                 self._rest_wrap,
                 max_body_bytes=self._max_message_bytes,
                 openapi=openapi.document(secured=self._tokens is not None),
@@ -244,7 +249,7 @@ class ApiServer:
         )
         server.add_registered_method_handlers(SERVICE_NAME, handlers)  # type: ignore[attr-defined]
         self.metrics.initialize(f"/{SERVICE_NAME}/{method}" for method in handlers)
-        directory = directory_handlers(ConnectionDirectoryService(self.directory))
+        directory = directory_handlers(self._directory_service)
         server.add_generic_rpc_handlers(
             (grpc.method_handlers_generic_handler(DIRECTORY_SERVICE_NAME, directory),)
         )

@@ -1,8 +1,8 @@
 """The command channel's messages and their codec (proto/conntrack/commands/v1/commands.proto):
 what the API asks the gateway node holding a socket to do (Command: write a frame, close the
-socket) and what the node answers (Outcome). The API writes commands and reads outcomes; a node
-reads commands and writes outcomes; both go through this module, and decoding turns anything
-unusable into InvalidCommand with a reason."""
+socket, write one frame to each of a list of its sockets) and what the node answers (Outcome).
+The API writes commands and reads outcomes; a node reads commands and writes outcomes; both go
+through this module, and decoding turns anything unusable into InvalidCommand with a reason."""
 
 from __future__ import annotations
 
@@ -21,6 +21,9 @@ SCHEMA_VERSION: Final = 1
 MAX_SEND_BYTES: Final = 131_072
 MAX_ID_LENGTH: Final = 255
 NORMAL_CLOSURE: Final = 1000
+# Connection ids in one broadcast command: with ids of MAX_ID_LENGTH and the largest frame the
+# command stays below Kafka's default 1 MB message limit (api/broadcast.py also bounds bytes).
+MAX_BROADCAST_IDS: Final = 1000
 
 
 class DataType(IntEnum):
@@ -40,7 +43,16 @@ class CloseSocket:
     reason: str = ""
 
 
-Action = SendFrame | CloseSocket
+@dataclass(frozen=True, slots=True)
+class BroadcastFrame:
+    """The same frame to each of these sockets of the node (command's connection_id is "")."""
+
+    data: bytes
+    type: DataType
+    connection_ids: tuple[str, ...]
+
+
+Action = SendFrame | CloseSocket | BroadcastFrame
 
 
 @dataclass(frozen=True, slots=True)
@@ -70,6 +82,9 @@ class Outcome:
     completed_at_ns: int
     status: OutcomeStatus
     detail: str = ""
+    # Broadcast: sockets the frame was written to, and ids the node did not hold.
+    delivered: int = 0
+    gone: int = 0
 
 
 class InvalidCommand(ValueError):
@@ -95,6 +110,10 @@ def encode_command(command: Command) -> bytes:
     if isinstance(action, SendFrame):
         msg.send.data = action.data
         msg.send.type = int(action.type)  # type: ignore[assignment]
+    elif isinstance(action, BroadcastFrame):
+        msg.broadcast.data = action.data
+        msg.broadcast.type = int(action.type)  # type: ignore[assignment]
+        msg.broadcast.connection_ids.extend(action.connection_ids)
     else:
         msg.disconnect.status_code = action.status_code
         msg.disconnect.reason = action.reason
@@ -111,14 +130,15 @@ def decode_command(value: bytes | None, key: bytes | None = None) -> Command:
         raise InvalidCommand(f"not a Command protobuf: {exc}") from None
     if msg.schema_version != SCHEMA_VERSION:
         raise InvalidCommand(f"schema_version {msg.schema_version} is not {SCHEMA_VERSION}")
-    for name in ("command_id", "node_id", "connection_id", "reply_to"):
-        text = getattr(msg, name)
-        if not text or len(text) > MAX_ID_LENGTH or "\x00" in text:
+    which = msg.WhichOneof("action")
+    # A broadcast names its sockets in the action, not in connection_id.
+    names = ("command_id", "node_id", "reply_to")
+    for name in names if which == "broadcast" else (*names, "connection_id"):
+        if not _valid_id(getattr(msg, name)):
             raise InvalidCommand(f"{name} is missing, too long or holds a NUL")
     if key is not None and key != msg.node_id.encode():
         raise InvalidCommand("record key does not equal node_id")
     action: Action
-    which = msg.WhichOneof("action")
     if which == "send":
         if msg.send.type not in (pb.Send.BINARY, pb.Send.TEXT):
             raise InvalidCommand("send.type is neither BINARY nor TEXT")
@@ -127,6 +147,8 @@ def decode_command(value: bytes | None, key: bytes | None = None) -> Command:
         action = SendFrame(msg.send.data, DataType(msg.send.type))
     elif which == "disconnect":
         action = CloseSocket(msg.disconnect.status_code or NORMAL_CLOSURE, msg.disconnect.reason)
+    elif which == "broadcast":
+        action = _broadcast_frame(msg.broadcast)
     else:
         raise InvalidCommand("action is missing or unknown")
     return Command(
@@ -141,6 +163,25 @@ def decode_command(value: bytes | None, key: bytes | None = None) -> Command:
     )
 
 
+def _valid_id(text: str) -> bool:
+    return bool(text) and len(text) <= MAX_ID_LENGTH and "\x00" not in text
+
+
+def _broadcast_frame(msg: pb.Broadcast) -> BroadcastFrame:
+    if msg.type not in (pb.Send.BINARY, pb.Send.TEXT):
+        raise InvalidCommand("broadcast.type is neither BINARY nor TEXT")
+    if len(msg.data) > MAX_SEND_BYTES:
+        raise InvalidCommand(f"broadcast.data is longer than {MAX_SEND_BYTES} bytes")
+    ids = tuple(msg.connection_ids)
+    if not ids or len(ids) > MAX_BROADCAST_IDS:
+        raise InvalidCommand(f"broadcast.connection_ids must hold 1 to {MAX_BROADCAST_IDS} ids")
+    if not all(_valid_id(i) for i in ids):
+        raise InvalidCommand("broadcast.connection_ids holds an empty, too long or NUL id")
+    if len(set(ids)) != len(ids):
+        raise InvalidCommand("broadcast.connection_ids holds an id twice")
+    return BroadcastFrame(msg.data, DataType(msg.type), ids)
+
+
 def encode_outcome(outcome: Outcome) -> bytes:
     return pb.CommandOutcome(
         schema_version=SCHEMA_VERSION,
@@ -150,6 +191,8 @@ def encode_outcome(outcome: Outcome) -> bytes:
         completed_at=to_timestamp(outcome.completed_at_ns),
         status=int(outcome.status),  # type: ignore[arg-type]
         detail=outcome.detail,
+        delivered=outcome.delivered,
+        gone=outcome.gone,
     ).SerializeToString()
 
 
@@ -173,4 +216,6 @@ def decode_outcome(value: bytes | None) -> Outcome:
         _ns(msg.completed_at),
         status,
         msg.detail,
+        msg.delivered,
+        msg.gone,
     )

@@ -39,7 +39,7 @@ import logging
 import time
 from collections import OrderedDict
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Final, Protocol
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
@@ -48,6 +48,7 @@ from aiokafka.partitioner import DefaultPartitioner
 
 from connection_tracker import kafka
 from connection_tracker.commands import (
+    BroadcastFrame,
     CloseSocket,
     Command,
     DataType,
@@ -60,6 +61,7 @@ from connection_tracker.commands import (
 )
 from connection_tracker.kafka import KafkaConnection, connection_of
 from connection_tracker.settings import default
+from producer.broadcast import BroadcastTally, broadcast_to_sockets
 from producer.errors import BrokerUnavailableError, TopicNotFoundError
 
 log = logging.getLogger(__name__)
@@ -461,6 +463,8 @@ class NodeCommands:
         )
         self._stats.executed += 1
         action = command.action
+        if isinstance(action, BroadcastFrame):
+            return await self._broadcast(command, action, incarnation, budget_s)
         try:
             async with asyncio.timeout(budget_s):
                 if isinstance(action, SendFrame):
@@ -489,6 +493,31 @@ class NodeCommands:
                 command, incarnation, OutcomeStatus.CONNECTION_GONE, "no such socket on the node"
             )
         return self._outcome(command, incarnation, OutcomeStatus.DONE)
+
+    async def _broadcast(
+        self, command: Command, action: BroadcastFrame, incarnation: int, budget_s: float
+    ) -> Outcome:
+        """A broadcast command (producer/broadcast.py): DONE with how many of the listed sockets
+        the frame was written to and how many the node did not hold; FAILED, with the same
+        counts so far, when a write raised or the deadline came first."""
+        tally = BroadcastTally()
+        detail = ""
+        try:
+            async with asyncio.timeout(budget_s):
+                await broadcast_to_sockets(self._handler, action, tally)
+        except TimeoutError:
+            detail = "not done before the deadline"
+        if tally.failed and not detail:
+            detail = f"{tally.failed} writes failed, the first: {tally.error}"
+            log.warning(
+                "event=broadcast_failed command_id=%s failed=%d error=%r",
+                command.command_id,
+                tally.failed,
+                tally.error,
+            )
+        status = OutcomeStatus.FAILED if detail else OutcomeStatus.DONE
+        outcome = self._outcome(command, incarnation, status, detail)
+        return replace(outcome, delivered=tally.delivered, gone=tally.gone)
 
     async def _publish(self, command: Command, outcome: Outcome) -> None:
         """Publish the outcome and wait for its acknowledgement; retry until acknowledged, the

@@ -397,6 +397,9 @@ async def test_bearer_tokens_and_the_openapi_document(
             ("/apigateways/websocket/v1/connections/{connectionId}", "GET"),
             ("/apigateways/websocket/v1/connections/{connectionId}:send", "POST"),
             ("/apigateways/websocket/v1/connections/{connectionId}", "DELETE"),
+            ("/conntrack/directory/v1/gateways/{gatewayId}/connections", "GET"),
+            ("/conntrack/directory/v1/gateways/{gatewayId}/connections:count", "GET"),
+            ("/conntrack/directory/v1/gateways/{gatewayId}/connections:broadcast", "POST"),
             ("/openapi.json", "GET"),
         } == registered
         send_body = document["paths"][f"{CONNECTIONS}{{connectionId}}:send"]["post"]

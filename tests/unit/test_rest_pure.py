@@ -20,14 +20,42 @@ from connection_tracker.protogen.yandex.cloud.serverless.apigateway.websocket.v1
 
 
 def test_routes_are_upstreams_annotations() -> None:
-    assert [(r.rpc, r.http_method, r.path, r.body) for r in rest.ROUTES] == [
+    upstream = [r for r in rest.ROUTES if r.service == rest.SERVICE.full_name]
+    assert [(r.rpc, r.http_method, r.path, r.body) for r in upstream] == [
         ("Get", "GET", "/apigateways/websocket/v1/connections/{connectionId}", ""),
         ("Send", "POST", "/apigateways/websocket/v1/connections/{connectionId}:send", "*"),
         ("Disconnect", "DELETE", "/apigateways/websocket/v1/connections/{connectionId}", ""),
     ]
-    assert all(r.path_fields == ("connection_id",) for r in rest.ROUTES)
-    assert [r.path_suffix for r in rest.ROUTES] == ["", ":send", ""]
-    assert rest.ROUTES[1].request_type is svc.SendToConnectionRequest
+    assert all(r.path_fields == ("connection_id",) for r in upstream)
+    assert [r.path_suffix for r in upstream] == ["", ":send", ""]
+    assert upstream[1].request_type is svc.SendToConnectionRequest
+    assert all(r.query_fields == () for r in upstream)  # upstream's requests: the id alone
+
+
+def test_directory_routes_are_its_annotations() -> None:
+    directory = [r for r in rest.ROUTES if r.service == rest.DIRECTORY_SERVICE.full_name]
+    base = "/conntrack/directory/v1/gateways/{gatewayId}/connections"
+    assert [(r.rpc, r.http_method, r.path, r.body) for r in directory] == [
+        ("ListConnections", "GET", base, ""),
+        ("CountConnections", "GET", base + ":count", ""),
+        ("Broadcast", "POST", base + ":broadcast", "*"),
+    ]
+    assert all(r.path_fields == ("gateway_id",) for r in directory)
+    assert [[f.name for f in r.query_fields] for r in directory] == [
+        ["filter", "page_size", "page_token"],
+        ["filter"],
+        [],
+    ]
+    parameters = openapi.document(secured=False)["paths"][base]["get"]["parameters"]
+    assert [p["name"] for p in parameters if p["in"] == "query"] == [
+        "filter.nodeId",
+        "filter.sourceIp",
+        "filter.lastActiveBefore",
+        "filter.connectedBefore",
+        "filter.connectedAfter",
+        "pageSize",
+        "pageToken",
+    ]
 
 
 def test_every_grpc_code_has_an_http_status() -> None:

@@ -1,16 +1,17 @@
 import datetime
 
 from google.protobuf import timestamp_pb2 as _timestamp_pb2
+from google.protobuf.internal import containers as _containers
 from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
-from collections.abc import Mapping as _Mapping
+from collections.abc import Iterable as _Iterable, Mapping as _Mapping
 from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class Command(_message.Message):
-    __slots__ = ("schema_version", "command_id", "node_id", "node_incarnation", "connection_id", "issued_at", "expires_at", "reply_to", "send", "disconnect")
+    __slots__ = ("schema_version", "command_id", "node_id", "node_incarnation", "connection_id", "issued_at", "expires_at", "reply_to", "send", "disconnect", "broadcast")
     SCHEMA_VERSION_FIELD_NUMBER: _ClassVar[int]
     COMMAND_ID_FIELD_NUMBER: _ClassVar[int]
     NODE_ID_FIELD_NUMBER: _ClassVar[int]
@@ -21,6 +22,7 @@ class Command(_message.Message):
     REPLY_TO_FIELD_NUMBER: _ClassVar[int]
     SEND_FIELD_NUMBER: _ClassVar[int]
     DISCONNECT_FIELD_NUMBER: _ClassVar[int]
+    BROADCAST_FIELD_NUMBER: _ClassVar[int]
     schema_version: int
     command_id: str
     node_id: str
@@ -31,7 +33,8 @@ class Command(_message.Message):
     reply_to: str
     send: Send
     disconnect: Disconnect
-    def __init__(self, schema_version: _Optional[int] = ..., command_id: _Optional[str] = ..., node_id: _Optional[str] = ..., node_incarnation: _Optional[int] = ..., connection_id: _Optional[str] = ..., issued_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., expires_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., reply_to: _Optional[str] = ..., send: _Optional[_Union[Send, _Mapping]] = ..., disconnect: _Optional[_Union[Disconnect, _Mapping]] = ...) -> None: ...
+    broadcast: Broadcast
+    def __init__(self, schema_version: _Optional[int] = ..., command_id: _Optional[str] = ..., node_id: _Optional[str] = ..., node_incarnation: _Optional[int] = ..., connection_id: _Optional[str] = ..., issued_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., expires_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., reply_to: _Optional[str] = ..., send: _Optional[_Union[Send, _Mapping]] = ..., disconnect: _Optional[_Union[Disconnect, _Mapping]] = ..., broadcast: _Optional[_Union[Broadcast, _Mapping]] = ...) -> None: ...
 
 class Send(_message.Message):
     __slots__ = ("data", "type")
@@ -57,8 +60,18 @@ class Disconnect(_message.Message):
     reason: str
     def __init__(self, status_code: _Optional[int] = ..., reason: _Optional[str] = ...) -> None: ...
 
+class Broadcast(_message.Message):
+    __slots__ = ("data", "type", "connection_ids")
+    DATA_FIELD_NUMBER: _ClassVar[int]
+    TYPE_FIELD_NUMBER: _ClassVar[int]
+    CONNECTION_IDS_FIELD_NUMBER: _ClassVar[int]
+    data: bytes
+    type: Send.DataType
+    connection_ids: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, data: _Optional[bytes] = ..., type: _Optional[_Union[Send.DataType, str]] = ..., connection_ids: _Optional[_Iterable[str]] = ...) -> None: ...
+
 class CommandOutcome(_message.Message):
-    __slots__ = ("schema_version", "command_id", "node_id", "node_incarnation", "completed_at", "status", "detail")
+    __slots__ = ("schema_version", "command_id", "node_id", "node_incarnation", "completed_at", "status", "detail", "delivered", "gone")
     class Status(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
         __slots__ = ()
         STATUS_UNSPECIFIED: _ClassVar[CommandOutcome.Status]
@@ -78,6 +91,8 @@ class CommandOutcome(_message.Message):
     COMPLETED_AT_FIELD_NUMBER: _ClassVar[int]
     STATUS_FIELD_NUMBER: _ClassVar[int]
     DETAIL_FIELD_NUMBER: _ClassVar[int]
+    DELIVERED_FIELD_NUMBER: _ClassVar[int]
+    GONE_FIELD_NUMBER: _ClassVar[int]
     schema_version: int
     command_id: str
     node_id: str
@@ -85,4 +100,6 @@ class CommandOutcome(_message.Message):
     completed_at: _timestamp_pb2.Timestamp
     status: CommandOutcome.Status
     detail: str
-    def __init__(self, schema_version: _Optional[int] = ..., command_id: _Optional[str] = ..., node_id: _Optional[str] = ..., node_incarnation: _Optional[int] = ..., completed_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., status: _Optional[_Union[CommandOutcome.Status, str]] = ..., detail: _Optional[str] = ...) -> None: ...
+    delivered: int
+    gone: int
+    def __init__(self, schema_version: _Optional[int] = ..., command_id: _Optional[str] = ..., node_id: _Optional[str] = ..., node_incarnation: _Optional[int] = ..., completed_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., status: _Optional[_Union[CommandOutcome.Status, str]] = ..., detail: _Optional[str] = ..., delivered: _Optional[int] = ..., gone: _Optional[int] = ...) -> None: ...

@@ -1,8 +1,10 @@
 import datetime
 
+from google.api import annotations_pb2 as _annotations_pb2
 from google.protobuf import timestamp_pb2 as _timestamp_pb2
 from connection_tracker.protogen.yandex.cloud.serverless.apigateway.websocket.v1 import connection_pb2 as _connection_pb2
 from google.protobuf.internal import containers as _containers
+from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
 from collections.abc import Iterable as _Iterable, Mapping as _Mapping
@@ -65,3 +67,37 @@ class CountConnectionsResponse(_message.Message):
     COUNT_FIELD_NUMBER: _ClassVar[int]
     count: int
     def __init__(self, count: _Optional[int] = ...) -> None: ...
+
+class BroadcastRequest(_message.Message):
+    __slots__ = ("gateway_id", "filter", "data", "type")
+    class DataType(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+        __slots__ = ()
+        DATA_TYPE_UNSPECIFIED: _ClassVar[BroadcastRequest.DataType]
+        BINARY: _ClassVar[BroadcastRequest.DataType]
+        TEXT: _ClassVar[BroadcastRequest.DataType]
+    DATA_TYPE_UNSPECIFIED: BroadcastRequest.DataType
+    BINARY: BroadcastRequest.DataType
+    TEXT: BroadcastRequest.DataType
+    GATEWAY_ID_FIELD_NUMBER: _ClassVar[int]
+    FILTER_FIELD_NUMBER: _ClassVar[int]
+    DATA_FIELD_NUMBER: _ClassVar[int]
+    TYPE_FIELD_NUMBER: _ClassVar[int]
+    gateway_id: str
+    filter: ConnectionFilter
+    data: bytes
+    type: BroadcastRequest.DataType
+    def __init__(self, gateway_id: _Optional[str] = ..., filter: _Optional[_Union[ConnectionFilter, _Mapping]] = ..., data: _Optional[bytes] = ..., type: _Optional[_Union[BroadcastRequest.DataType, str]] = ...) -> None: ...
+
+class BroadcastResponse(_message.Message):
+    __slots__ = ("broadcast_id", "addressed", "delivered", "complete", "unreachable")
+    BROADCAST_ID_FIELD_NUMBER: _ClassVar[int]
+    ADDRESSED_FIELD_NUMBER: _ClassVar[int]
+    DELIVERED_FIELD_NUMBER: _ClassVar[int]
+    COMPLETE_FIELD_NUMBER: _ClassVar[int]
+    UNREACHABLE_FIELD_NUMBER: _ClassVar[int]
+    broadcast_id: str
+    addressed: int
+    delivered: int
+    complete: bool
+    unreachable: int
+    def __init__(self, broadcast_id: _Optional[str] = ..., addressed: _Optional[int] = ..., delivered: _Optional[int] = ..., complete: _Optional[bool] = ..., unreachable: _Optional[int] = ...) -> None: ...

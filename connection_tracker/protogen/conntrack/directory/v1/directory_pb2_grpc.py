@@ -44,6 +44,11 @@ class ConnectionDirectoryServiceStub:
                 request_serializer=conntrack_dot_directory_dot_v1_dot_directory__pb2.CountConnectionsRequest.SerializeToString,
                 response_deserializer=conntrack_dot_directory_dot_v1_dot_directory__pb2.CountConnectionsResponse.FromString,
                 _registered_method=True)
+        self.Broadcast = channel.unary_unary(
+                '/conntrack.directory.v1.ConnectionDirectoryService/Broadcast',
+                request_serializer=conntrack_dot_directory_dot_v1_dot_directory__pb2.BroadcastRequest.SerializeToString,
+                response_deserializer=conntrack_dot_directory_dot_v1_dot_directory__pb2.BroadcastResponse.FromString,
+                _registered_method=True)
 
 
 class ConnectionDirectoryServiceServicer:
@@ -63,6 +68,15 @@ class ConnectionDirectoryServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Broadcast(self, request, context):
+        """One message to every open connection of a gateway (with the same filters), fanned out by
+        the gateway nodes holding them through the command channel: per node, commands carrying
+        the message and the ids of its connections (docs/api.md, "Broadcast").
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_ConnectionDirectoryServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -75,6 +89,11 @@ def add_ConnectionDirectoryServiceServicer_to_server(servicer, server):
                     servicer.CountConnections,
                     request_deserializer=conntrack_dot_directory_dot_v1_dot_directory__pb2.CountConnectionsRequest.FromString,
                     response_serializer=conntrack_dot_directory_dot_v1_dot_directory__pb2.CountConnectionsResponse.SerializeToString,
+            ),
+            'Broadcast': grpc.unary_unary_rpc_method_handler(
+                    servicer.Broadcast,
+                    request_deserializer=conntrack_dot_directory_dot_v1_dot_directory__pb2.BroadcastRequest.FromString,
+                    response_serializer=conntrack_dot_directory_dot_v1_dot_directory__pb2.BroadcastResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -131,6 +150,33 @@ class ConnectionDirectoryService:
             '/conntrack.directory.v1.ConnectionDirectoryService/CountConnections',
             conntrack_dot_directory_dot_v1_dot_directory__pb2.CountConnectionsRequest.SerializeToString,
             conntrack_dot_directory_dot_v1_dot_directory__pb2.CountConnectionsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Broadcast(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/conntrack.directory.v1.ConnectionDirectoryService/Broadcast',
+            conntrack_dot_directory_dot_v1_dot_directory__pb2.BroadcastRequest.SerializeToString,
+            conntrack_dot_directory_dot_v1_dot_directory__pb2.BroadcastResponse.FromString,
             options,
             channel_credentials,
             insecure,
