@@ -129,6 +129,7 @@ class Run:
     killed_at: float = 0.0
     restarted_at: float = 0.0
     victim: int = 0
+    coordinator: int = 0  # of the projector's group, before the kill
     closing_error: BaseException | None = None
 
     def gave_up(self, event: Event, error: BaseException) -> None:
@@ -211,6 +212,7 @@ async def run_through_a_kill(
             await asyncio.sleep(4)  # steady state first
             assert publisher.stats().delivered > 0
             assert projector.records_committed > 0
+            run.coordinator = await cluster.coordinator(settings.consumer_group)
             run.victim = await choose_victim()
             run.killed_at = loop.time()
             await cluster.kill(run.victim)
@@ -290,7 +292,8 @@ def report(run: Run, what: str, records: int) -> None:
         )
 
     print(
-        f"\n[{what}] node {run.victim} killed at {RATE_PER_S} events/s; {records} events in all."
+        f"\n[{what}] node {run.victim} killed at {RATE_PER_S} events/s; {records} events in all; "
+        f"the projector's group coordinator was node {run.coordinator}"
         f"\n  first after the kill: ack {first(2)}, projector commit {first(3)}"
         f"\n  longest stall kill..restart ({t1 - t0:.1f} s): {stalls(t0, t1)}"
         f"\n  longest stall restart..end ({end - t1:.1f} s): {stalls(t1, end)}"

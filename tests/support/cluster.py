@@ -118,6 +118,15 @@ class Cluster:
         (found,) = [p for p in partitions if p["partition"] == partition]
         return int(found["leader"])
 
+    async def coordinator(self, group: str) -> int:
+        """The node coordinating this consumer group."""
+        admin = AIOKafkaAdminClient(bootstrap_servers=self.bootstrap)
+        await admin.start()
+        try:
+            return int(await admin.find_coordinator(group))
+        finally:
+            await admin.close()
+
     async def wait_fully_replicated(self, within: float = 120) -> None:
         """Until every partition of every topic (__consumer_offsets too) has all its replicas in
         sync (a node restarted a moment ago is still catching up): only then can any one node
