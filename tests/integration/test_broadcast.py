@@ -30,6 +30,7 @@ from connection_tracker.commands import (
     BroadcastFrame,
     Command,
     DataType,
+    Outcome,
     OutcomeStatus,
     decode_outcome,
     encode_command,
@@ -283,7 +284,7 @@ async def test_a_broadcast_command_delivered_twice_is_executed_once(
                 await producer.send_and_wait(
                     settings.commands_topic, encode_command(command), key=node_id.encode()
                 )
-            outcomes = []
+            outcomes: list[Outcome] = []
             async with asyncio.timeout(60):
                 while len(outcomes) < 2:
                     async for record in consumer:
