@@ -110,6 +110,12 @@ class KafkaConnection:
                     f"{env_name('kafka_sasl_username')} and {env_name('kafka_sasl_password')} "
                     f"(or {env_name('kafka_sasl_password_file')})"
                 )
+        if not self.sasl and (self.sasl_username or self.sasl_password is not None):
+            raise KafkaSetupError(
+                f"{env_name('kafka_sasl_username')}/{env_name('kafka_sasl_password')} are set "
+                f"but {env_name('kafka_security_protocol')} = {protocol} does not use SASL "
+                "(SASL_SSL or SASL_PLAINTEXT does)"
+            )
         if (self.ssl_keyfile is not None or self.ssl_key_password is not None) and (
             self.ssl_certfile is None
         ):

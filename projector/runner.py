@@ -37,7 +37,7 @@ from connection_tracker import kafka
 from connection_tracker.batch import Batch, WriteBehind
 from connection_tracker.fold import ConnectionState, NodeState
 from connection_tracker.kafka import KafkaConnection
-from connection_tracker.retry import Abandoned, Backoff, Retrier
+from connection_tracker.retry import TRANSIENT, Abandoned, Backoff, Retrier
 from connection_tracker.settings import Settings
 from connection_tracker.store import (
     REFUSALS,
@@ -146,15 +146,17 @@ class Projector:
             await self._dead_letters.start()
             self._consumer.subscribe([self._topic], listener=self._partitions.listener())
             await kafka.start(self._consumer, self._kafka)
-        except BaseException:
-            # aiokafka clients cannot be started again after a failed start: fresh ones for
-            # the next attempt.
+        except BaseException as exc:
             with contextlib.suppress(Exception):
                 await self._consumer.stop()
             with contextlib.suppress(Exception):
                 await self._dead_letters.stop()
-            self._consumer = self._new_consumer()
-            self._dead_letters = self._new_dead_letters()
+            if isinstance(exc, TRANSIENT):
+                # aiokafka clients cannot be started again after a failed start: fresh ones
+                # for the next attempt (none for a failure that is not retried: they would
+                # be left unclosed).
+                self._consumer = self._new_consumer()
+                self._dead_letters = self._new_dead_letters()
             raise
 
     async def stop(self) -> None:

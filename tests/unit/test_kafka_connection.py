@@ -100,6 +100,7 @@ def test_password_from_file(tmp_path: Path) -> None:
             "CONNTRACK_KAFKA_SASL_PASSWORD",
         ),
         ({"kafka_ssl_cafile": "/ca.pem"}, "does not use TLS"),
+        ({"kafka_sasl_password": "p"}, "does not use SASL"),
         (
             {"kafka_security_protocol": "SSL", "kafka_ssl_keyfile": "/k.pem"},
             "needs its certificate",
