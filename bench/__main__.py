@@ -40,6 +40,7 @@ from bench.scenarios import (
     memory,
     projector,
     send,
+    streams_peer,
 )
 from bench.services import REPO
 from connection_tracker.lifecycle import BATCH_GEN0_THRESHOLD, tune_gc
@@ -81,6 +82,15 @@ SCENARIOS: dict[str, tuple[Scenario, str]] = {
     "directory": (
         directory.run,
         "7. ListConnections p50/p99 of 1,000-connection pages at gateways of 1k/100k/1M",
+    ),
+    "streams-peer-activity": (
+        streams_peer.run_activity,
+        "8. Kafka Streams peer (bench/kafka-streams) folding the activity-heavy topic vs the "
+        "projector, store checked against fold.py",
+    ),
+    "streams-peer-churn": (
+        streams_peer.run_churn,
+        "8. Kafka Streams peer folding the churn-heavy topic vs the projector, store checked",
     ),
 }
 
