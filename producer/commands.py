@@ -37,7 +37,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections import OrderedDict
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from typing import Any, Final, Protocol
@@ -57,6 +57,7 @@ from connection_tracker.commands import (
     OutcomeStatus,
     SendFrame,
     decode_command,
+    decode_outcome,
     encode_outcome,
 )
 from connection_tracker.kafka import KafkaConnection, connection_of
@@ -71,7 +72,7 @@ _POLL_MS: Final = 200
 _RETRY_S: Final = 0.5
 _SEND_ATTEMPT_S: Final = 5.0
 # Batches read ahead while earlier ones' outcomes are still being acknowledged.
-_MAX_SETTLING_BATCHES: Final = 4
+_MAX_UNACKNOWLEDGED_BATCHES: Final = 4
 # A command without a deadline (expires_at unset) may run this long before it counts as FAILED.
 _NO_DEADLINE_RUN_S: Final = 30.0
 
@@ -121,7 +122,8 @@ class NodeCommands:
     group_id: the consumer group holding this node's committed offset; default
         `conntrack-node.<node_id>`. One group per node id: two processes with one node id
         would share it.
-    remember: how many executed command ids are kept to act on a redelivered one once.
+    remember: how many executed command ids are kept (at least; up to twice as many) to act on
+        a redelivered one once.
     """
 
     def __init__(
@@ -158,7 +160,14 @@ class NodeCommands:
         self._drain_timeout_s = drain_timeout_s
         self._wall_clock_ns = wall_clock_ns
         self._client_options = client_options
-        self._done: OrderedDict[str, Outcome] = OrderedDict()
+        # Executed commands' encoded outcomes by command id, in two generations of plain dicts
+        # of str and bytes, which the cyclic garbage collector does not track (100,000 Outcome
+        # objects in an OrderedDict made every full collection walk them: a pause of tens of
+        # milliseconds, 150 ms on a busy machine, for every command in flight). When the newer
+        # holds `remember` ids the older is dropped: the last `remember` (to twice that) are
+        # kept.
+        self._done: dict[str, bytes] = {}
+        self._done_before: dict[str, bytes] = {}
         self._stats = NodeCommandsStats()
         self._lifecycle = asyncio.Lock()
         self._consumer: Any = None
@@ -167,9 +176,14 @@ class NodeCommands:
         self._loop_task: asyncio.Task[None] | None = None
         self._stopping = asyncio.Event()
         self._uncommitted: int | None = None  # next offset to commit, if not committed yet
-        # Batches whose outcomes are still being acknowledged, each then committed in turn.
-        self._settling: asyncio.Task[None] | None = None
-        self._settling_batches = 0
+        # Batches read, oldest first, as (their outcomes' tasks, the offset after them): the
+        # committer's queue, and the read loop's (it reads ahead of unacknowledged outcomes by
+        # at most _MAX_UNACKNOWLEDGED_BATCHES batches).
+        self._to_commit: deque[tuple[list[asyncio.Task[None]], int]] = deque()
+        self._unacknowledged: deque[list[asyncio.Task[None]]] = deque()
+        self._queued = asyncio.Event()
+        self._reading = False
+        self._committer: asyncio.Task[None] | None = None
 
     # -- lifecycle ---------------------------------------------------------------------------
 
@@ -238,6 +252,10 @@ class NodeCommands:
                 raise
             self._consumer, self._producer = consumer, producer
             self._stopping = asyncio.Event()
+            self._reading = True
+            self._committer = asyncio.create_task(
+                self._commit_in_order(consumer), name="node-commands-commits"
+            )
             self._loop_task = asyncio.create_task(self._receive(), name="node-commands")
             log.info(
                 "event=commands_started node_id=%s topic=%s partition=%d group=%s",
@@ -294,13 +312,23 @@ class NodeCommands:
                 with contextlib.suppress(asyncio.CancelledError):
                     await task
             consumer, producer = self._consumer, self._producer
-            self._consumer = self._producer = None
-            settling, self._settling = self._settling, None
-            if settling is not None:
-                # The last batches' outcomes (each retried until acknowledged or given up).
-                with contextlib.suppress(TimeoutError):
+            self._reading = False
+            self._queued.set()
+            committer, self._committer = self._committer, None
+            if committer is not None:
+                # The last batches' outcomes (each retried until acknowledged or given up), and
+                # their commits.
+                try:
                     async with asyncio.timeout(self._drain_timeout_s + _SEND_ATTEMPT_S + 1):
-                        await asyncio.gather(settling, return_exceptions=True)
+                        await asyncio.shield(committer)
+                except TimeoutError:
+                    committer.cancel()
+                    with contextlib.suppress(asyncio.CancelledError):
+                        await committer
+            self._to_commit.clear()
+            self._unacknowledged.clear()
+            # Only now: the outcomes' tasks publish through the producer until here.
+            self._consumer = self._producer = None
             await self._commit_pending(consumer, final=True)
             await kafka.close(consumer, producer)
             log.info("event=commands_stopped node_id=%s", self._node_id)
@@ -328,9 +356,11 @@ class NodeCommands:
                 # to ~140 commands/s). Committing later is safe: a command is never executed
                 # twice by this process (remembered below), and a later start of the node is a
                 # new incarnation, which answers old commands CONNECTION_GONE without acting.
-                # The next batch is read while this one's outcomes are acknowledged and its
-                # offset committed in the background, in batch order (waiting for both between
-                # polls put one broker round trip or two before every command's turn).
+                # The next batch is read while this one's outcomes are acknowledged, and the
+                # committer commits in the background, in batch order (waiting for both between
+                # polls put one broker round trip or two before every command's turn; a commit
+                # per batch, in turn, held the loop back whenever a commit took longer than a
+                # poll: they are coalesced).
                 publishing: list[asyncio.Task[None]] = []
                 for record in batch.get(tp, []):
                     if self._stopping.is_set():
@@ -338,39 +368,52 @@ class NodeCommands:
                     await self._handle(record, publishing)
                     self._uncommitted = record.offset + 1
                 if self._uncommitted is not None:
-                    await self._settle_in_background(consumer, publishing, self._uncommitted)
+                    # Also after an empty poll: a commit that failed (the broker away) is retried.
+                    self._to_commit.append((publishing, self._uncommitted))
+                    self._queued.set()
+                await self._hold_back(publishing)
             except asyncio.CancelledError:
                 raise
             except Exception:
                 log.exception("event=commands_loop_error node_id=%s", self._node_id)
                 await asyncio.sleep(_RETRY_S)
 
-    async def _settle_in_background(
-        self, consumer: Any, publishing: list[asyncio.Task[None]], offset: int
-    ) -> None:
-        if self._settling_batches >= _MAX_SETTLING_BATCHES and self._settling is not None:
-            await asyncio.shield(self._settling)  # the broker is slow: read no further ahead
-        self._settling_batches += 1
-        self._settling = asyncio.create_task(
-            self._settle(self._settling, consumer, publishing, offset)
-        )
+    async def _hold_back(self, publishing: list[asyncio.Task[None]]) -> None:
+        """Wait, before the next poll, while more than _MAX_UNACKNOWLEDGED_BATCHES batches have
+        outcomes not yet acknowledged (the broker is slow: read no further ahead)."""
+        waiting = self._unacknowledged
+        if publishing:
+            waiting.append(publishing)
+        while waiting and all(task.done() for task in waiting[0]):
+            waiting.popleft()
+        if len(waiting) > _MAX_UNACKNOWLEDGED_BATCHES:
+            await asyncio.wait(waiting.popleft())  # wait() never cancels the outcomes' tasks
 
-    async def _settle(
-        self,
-        before: asyncio.Task[None] | None,
-        consumer: Any,
-        publishing: list[asyncio.Task[None]],
-        offset: int,
-    ) -> None:
-        """Wait for the batch before, then for this batch's outcomes; then commit its offset."""
-        try:
-            if before is not None:
-                await asyncio.gather(before, return_exceptions=True)
-            if publishing:
-                await asyncio.gather(*publishing, return_exceptions=True)
-            await self._commit_pending(consumer, offset=offset)
-        finally:
-            self._settling_batches -= 1
+    async def _commit_in_order(self, consumer: Any) -> None:
+        """The committer: commits the offset after each batch once its outcomes, and every
+        earlier batch's, are acknowledged (or given up). One commit at a time, of everything
+        settled meanwhile. Returns once reading has ended and every batch read is settled."""
+        queue = self._to_commit
+        while True:
+            if not queue:
+                if not self._reading:
+                    return
+                self._queued.clear()
+                await self._queued.wait()
+                continue
+            try:
+                publishing, offset = queue[0]
+                if publishing:
+                    await asyncio.wait(publishing)
+                queue.popleft()
+                while queue and all(task.done() for task in queue[0][0]):
+                    offset = queue.popleft()[1]
+                await self._commit_pending(consumer, offset=offset)
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                log.exception("event=commands_commit_error node_id=%s", self._node_id)
+                await asyncio.sleep(_RETRY_S)
 
     async def _commit_pending(
         self, consumer: Any, final: bool = False, offset: int | None = None
@@ -411,7 +454,7 @@ class NodeCommands:
                 exc,
             )
             return False
-        known = self._done.get(command.command_id)
+        known = self._done.get(command.command_id) or self._done_before.get(command.command_id)
         if known is not None:
             self._stats.duplicates += 1
             publishing.append(asyncio.create_task(self._publish(command, known)))
@@ -421,15 +464,15 @@ class NodeCommands:
             # A newer start of this node exists (this process is an old one still running).
             self._stats.other_nodes += 1
             return False
-        outcome = await self._execute(command, incarnation)
+        outcome = encode_outcome(await self._execute(command, incarnation))
         self._remember_outcome(command.command_id, outcome)
         publishing.append(asyncio.create_task(self._publish(command, outcome)))
         return True
 
-    def _remember_outcome(self, command_id: str, outcome: Outcome) -> None:
+    def _remember_outcome(self, command_id: str, outcome: bytes) -> None:
+        if len(self._done) >= self._remember:
+            self._done_before, self._done = self._done, {}
         self._done[command_id] = outcome
-        while len(self._done) > self._remember:
-            self._done.popitem(last=False)
 
     def _outcome(
         self, command: Command, incarnation: int, status: OutcomeStatus, detail: str = ""
@@ -519,17 +562,21 @@ class NodeCommands:
         outcome = self._outcome(command, incarnation, status, detail)
         return replace(outcome, delivered=tally.delivered, gone=tally.gone)
 
-    async def _publish(self, command: Command, outcome: Outcome) -> None:
-        """Publish the outcome and wait for its acknowledgement; retry until acknowledged, the
-        command's deadline has passed, or the receiver stops (then after drain_timeout_s)."""
-        value = encode_outcome(outcome)
+    async def _publish(self, command: Command, value: bytes) -> None:
+        """Publish the (encoded) outcome and wait for its acknowledgement; retry until
+        acknowledged, the command's deadline has passed, or the receiver stops (then after
+        drain_timeout_s)."""
         key = command.reply_to.encode()
         loop = asyncio.get_running_loop()
         stop_deadline: float | None = None
         while True:
+            producer = self._producer
+            if producer is None:  # stop() gave up waiting and closed the clients
+                self._abandon(command, value, "the receiver has stopped")
+                return
             try:
                 async with asyncio.timeout(_SEND_ATTEMPT_S):
-                    future = await self._producer.send(self._outcomes_topic, value, key=key)
+                    future = await producer.send(self._outcomes_topic, value, key=key)
                     await future
                 return
             except (KafkaError, TimeoutError) as exc:
@@ -540,12 +587,15 @@ class NodeCommands:
                 command.expires_at_ns > 0 and self._wall_clock_ns() > command.expires_at_ns
             )
             if past_deadline or (stop_deadline is not None and loop.time() >= stop_deadline):
-                self._stats.outcomes_abandoned += 1
-                log.warning(
-                    "event=outcome_abandoned command_id=%s status=%s error=%r",
-                    command.command_id,
-                    outcome.status.name,
-                    error,
-                )
+                self._abandon(command, value, repr(error))
                 return
             await asyncio.sleep(_RETRY_S)
+
+    def _abandon(self, command: Command, value: bytes, error: str) -> None:
+        self._stats.outcomes_abandoned += 1
+        log.warning(
+            "event=outcome_abandoned command_id=%s status=%s error=%s",
+            command.command_id,
+            decode_outcome(value).status.name,
+            error,
+        )
