@@ -35,6 +35,7 @@ from connection_tracker.commands import (
     decode_outcome,
     encode_command,
 )
+from connection_tracker.fold import NodeState
 from connection_tracker.liveness import Liveness
 from connection_tracker.protogen.conntrack.directory.v1 import directory_pb2 as pb
 from connection_tracker.protogen.conntrack.directory.v1 import directory_pb2_grpc as pb_grpc
@@ -42,6 +43,7 @@ from connection_tracker.settings import Settings
 from connection_tracker.store import ProjectionStore
 from connection_tracker.timeutil import to_timestamp
 from projector.runner import Projector
+from tests.integration.test_directory import ReadModel, opened
 from tests.support.gateway import (
     GatewayProcess,
     gateway_node,
@@ -302,3 +304,38 @@ async def test_a_broadcast_command_delivered_twice_is_executed_once(
         await nothing_more([client, other])
         assert await gateway.terminate() == 0
         assert "Traceback" not in gateway.log()
+
+
+async def test_counts_when_a_node_does_not_answer_and_unavailable_when_nothing_is_sent(
+    kafka_settings: Settings, engine: AsyncEngine
+) -> None:
+    """A connection whose node (alive by its heartbeats) runs no command receiver: addressed but
+    not delivered, and the answer is not complete; one of a gateway without the node role is
+    unreachable. With a command channel that cannot reach its topics nothing is handed to the
+    broker: UNAVAILABLE (retrying is safe)."""
+    now = time.time_ns()
+    states = [
+        opened("silent-1", "gw-x", now, node="silent", incarnation=3),
+        opened("plain-1", "gw-x", now),
+    ]
+    await ReadModel(engine).apply(states, [NodeState("silent", 3, now - 10**9, now, "gw-x")])
+    async with with_command_topics(kafka_settings) as settings, api(settings, engine) as server:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+            stub = pb_grpc.ConnectionDirectoryServiceStub(channel)
+            answer = await stub.Broadcast(
+                pb.BroadcastRequest(gateway_id="gw-x", data=b"x", type=BINARY), timeout=3
+            )
+        assert (answer.addressed, answer.delivered, answer.complete) == (1, 0, False)
+        assert answer.unreachable == 1
+    cut_off = CommandChannel(kafka_settings.kafka_bootstrap_servers, unique("none"), unique("none"))
+    async with (
+        ApiServer(ConnectionRepository(engine), "127.0.0.1:0", commands=cut_off) as server,
+        grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel,
+    ):
+        stub = pb_grpc.ConnectionDirectoryServiceStub(channel)
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await stub.Broadcast(
+                pb.BroadcastRequest(gateway_id="gw-x", data=b"x", type=BINARY), timeout=10
+            )
+        assert err.value.code() == grpc.StatusCode.UNAVAILABLE, err.value
+        assert "not connected to Kafka" in (err.value.details() or "")
