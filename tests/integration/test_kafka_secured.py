@@ -23,7 +23,7 @@ import pytest
 from aiokafka import AIOKafkaConsumer, TopicPartition
 from sqlalchemy import text
 
-from api.commands import CommandChannel
+from api.commands import CommandChannel, CommandChannelUnavailable
 from connection_tracker.commands import DataType, OutcomeStatus, SendFrame
 from connection_tracker.database import create_engine
 from connection_tracker.kafka import KafkaConnection, close
@@ -350,3 +350,26 @@ def test_a_ca_that_did_not_sign_the_broker_is_one_line_and_exit_2(
     )
     assert rc == 2, err
     assert "is not trusted" in _one_line(err)
+
+
+async def test_the_api_command_channel_stops_retrying_a_refused_login(
+    secured: SecuredKafka, topics: dict[str, str]
+) -> None:
+    refused = KafkaConnection.from_settings(
+        secured.settings(kafka_sasl_password_file=None, kafka_sasl_password="wrong"), "api"
+    )
+    channel = CommandChannel(refused, topics["commands_topic"], topics["command_outcomes_topic"])
+    async with channel:
+        async with asyncio.timeout(30):
+            while channel.failure is None:  # noqa: ASYNC110 (set by the channel's own task)
+                await asyncio.sleep(0.1)
+        assert "refused the SCRAM-SHA-512 login" in str(channel.failure)
+        with pytest.raises(CommandChannelUnavailable, match="refused the SCRAM-SHA-512 login"):
+            await channel.execute(
+                node_id="n",
+                node_incarnation=1,
+                connection_id="c",
+                action=SendFrame(b"x", DataType.TEXT),
+                timeout_s=5,
+            )
+        assert not channel.ready

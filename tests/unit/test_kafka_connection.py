@@ -179,7 +179,7 @@ def test_secrets_are_never_shown(tmp_path: Path) -> None:
     assert all(name in SECTIONS["kafka"] for name in Settings.model_fields if "sasl" in name)
 
 
-class _Tokens(AbstractTokenProvider):
+class _Tokens(AbstractTokenProvider):  # type: ignore[misc]  # aiokafka is untyped
     async def token(self) -> str:
         return "t0ken"
 
