@@ -170,9 +170,12 @@ def dependency_error(exc: BaseException, settings: Settings | None) -> str | Non
         isinstance(exc, KafkaError) and "connect" in str(exc).lower()
     ):
         where = settings.kafka_bootstrap_servers if settings else "the configured servers"
+        # A listener of another protocol (TLS, SASL) just drops the connection: name it too.
+        protocol = f" (now {settings.kafka_security_protocol})" if settings else ""
         return (
             f"cannot reach the Kafka broker at {where} ({one_line(exc)}); check "
-            f"{env_name('kafka_bootstrap_servers')} and that the broker is up"
+            f"{env_name('kafka_bootstrap_servers')}, {env_name('kafka_security_protocol')}"
+            f"{protocol} and that the broker is up"
         )
     if isinstance(exc, ArgumentError):
         return None
