@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from aiokafka.admin import AIOKafkaAdminClient
+from aiokafka.errors import KafkaError
 
 REPO = Path(__file__).resolve().parents[2]
 KAFKA_SH = REPO / "infra" / "kafka.sh"
@@ -106,12 +107,19 @@ class Cluster:
     async def describe(self, topics: list[str] | None = None) -> dict[str, list[dict[str, Any]]]:
         """Partitions (leader, replicas, isr) of each topic (None: every topic, the internal
         ones too), from a live node."""
-        admin = AIOKafkaAdminClient(bootstrap_servers=self.bootstrap)
-        await admin.start()
-        try:
-            return {t["topic"]: t["partitions"] for t in await admin.describe_topics(topics)}
-        finally:
-            await admin.close()
+        for attempt in range(20):
+            admin = AIOKafkaAdminClient(bootstrap_servers=self.bootstrap)
+            try:
+                await admin.start()
+                return {t["topic"]: t["partitions"] for t in await admin.describe_topics(topics)}
+            except KafkaError:
+                # While a node is down the admin client may still pick it (NodeNotReadyError).
+                if attempt == 19:
+                    raise
+            finally:
+                await admin.close()
+            await asyncio.sleep(0.5)
+        raise AssertionError("unreachable")
 
     async def leader(self, topic: str, partition: int) -> int:
         partitions = (await self.describe([topic]))[topic]
