@@ -15,9 +15,11 @@ import asyncio
 import json
 import os
 import random
+import subprocess
 import sys
 from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import pytest
 from sqlalchemy.ext.asyncio import AsyncEngine
@@ -30,7 +32,7 @@ from connection_tracker.store import ProjectionStore
 from producer.errors import UndeliveredEventsError
 from producer.publisher import Publisher
 from projector.runner import Projector
-from tests.support.cluster import Cluster
+from tests.support.cluster import KAFKA_SH, Cluster
 from tests.support.events import make_events
 from tests.support.kafka import log_end_offsets, read_events, unique
 from tests.support.projector import (
@@ -332,3 +334,32 @@ async def test_killing_the_active_controller_loses_and_doubles_nothing(
     await run_through_a_kill(
         cluster, cluster_settings, engine, cluster.controller, new_controller, "ctrl"
     )
+
+
+@pytest.mark.parametrize(
+    ("args", "code", "message"),
+    [
+        (["kill", "7"], 1, "infra/kafka: cluster: node must be one of 1..3, not '7'"),
+        (["start", "x"], 1, "infra/kafka: cluster: node must be one of 1..3, not 'x'"),
+        (["leader"], 1, "infra/kafka: cluster: usage: cluster leader TOPIC PARTITION"),
+        (["up", "0"], 1, "infra/kafka: cluster: size must be 1..9, not '0'"),
+        (["controller"], 1, "infra/kafka: cluster: no node is running"),
+        (["status"], 3, "infra/kafka: no cluster"),
+        (["frobnicate"], 2, "usage: infra/kafka.sh cluster up [N]|down|status|kill I|start I|"),
+    ],
+)
+def test_cluster_commands_answer_bad_input_with_one_line(
+    tmp_path: Path, args: list[str], code: int, message: str
+) -> None:
+    cluster = Cluster.create(tmp_path, 3)  # nothing formatted: each fails before a node starts
+    done = subprocess.run(
+        [str(KAFKA_SH), "cluster", *args],
+        env=cluster.env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    output = (done.stdout + done.stderr).strip()
+    assert done.returncode == code, output
+    assert len(output.splitlines()) == 1, output
+    assert output.startswith(message), output
