@@ -221,6 +221,17 @@ class Settings(BaseSettings):
     gateway_heartbeat_seconds: float = Field(
         5.0, gt=0, description="Seconds between the node's heartbeats; well below the lease."
     )
+    # docs/producer.md, "Durable spool".
+    gateway_spool_dir: Path | None = Field(
+        None,
+        description="Directory of the durable spool that holds events while the broker cannot "
+        "take them, across restarts; unset: no spool.",
+    )
+    gateway_spool_max_bytes: int = Field(
+        256 * 1024 * 1024,
+        ge=1024,
+        description="Most disk space the spool takes; beyond it new events are refused.",
+    )
 
     # rebuild (docs/rebuild.md)
     rebuild_batch_events: int = Field(20_000, ge=1, description="Rebuild: records per commit.")

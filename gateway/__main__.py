@@ -24,6 +24,7 @@ from gateway.server import Gateway
 from producer.commands import NodeCommands
 from producer.errors import BrokerUnavailableError, PublisherError, TopicNotFoundError
 from producer.publisher import Publisher
+from producer.spool import SpoolError
 
 log = logging.getLogger("gateway")
 
@@ -55,6 +56,8 @@ async def run(settings: Settings) -> int:
             settings.gateway_id,
             node_id=node_id,
             heartbeat_interval_s=settings.gateway_heartbeat_seconds,
+            spool_dir=settings.gateway_spool_dir,
+            spool_max_bytes=settings.gateway_spool_max_bytes,
         )
     except ValueError as exc:
         raise cli.CommandError(f"cannot start: {exc}", cli.Exit.USAGE) from None
@@ -99,6 +102,10 @@ async def run(settings: Settings) -> int:
                     # for the handlers, which publish the Disconnected events.
                     server.close()
                     await server.wait_closed()
+    except SpoolError as exc:
+        raise cli.CommandError(
+            f"{exc}; check {env_name('gateway_spool_dir')}", cli.Exit.USAGE
+        ) from None
     except TopicNotFoundError as exc:
         raise cli.CommandError(str(exc), cli.Exit.USAGE) from None
     except BrokerUnavailableError as exc:

@@ -22,6 +22,13 @@ heartbeat_interval_s. The node's own events are outside the rule above: they are
 delivered/undelivered and never reach on_undeliverable. A heartbeat that cannot be handed over
 at once, or is not acknowledged, is dropped (counted in heartbeats_dropped): the next one says
 the same, newer. One heartbeat at most is unacknowledged at a time.
+
+The durable spool (spool_dir=..., producer/spool.py; docs/producer.md, "Durable spool"): instead
+of reporting an event it could not deliver, the publisher writes it to disk, and from the first
+failure on every new event goes to the spool too, behind the others, until a replayer task has
+delivered the whole spool, in order; then events go straight to the broker again. Only an event
+the full spool refuses is reported as above (SpoolFullError). What the spool holds survives a
+crash of the process and is replayed by the next start() with the same directory.
 """
 
 from __future__ import annotations
@@ -30,6 +37,7 @@ import asyncio
 import contextlib
 import functools
 import logging
+import os
 import random
 import time
 import uuid
@@ -56,6 +64,7 @@ from connection_tracker.events import (
     NodeStarted,
     Payload,
     decode,
+    decode_tuple,
     encode,
     record_key,
 )
@@ -70,6 +79,7 @@ from producer.errors import (
     UndeliveredEventsError,
 )
 from producer.node import MAX_INCARNATION, next_incarnation
+from producer.spool import Spool, SpoolFullError
 
 log = logging.getLogger(__name__)
 
@@ -83,6 +93,11 @@ _CONNECT_BACKOFF_S = 0.5
 _METADATA_BACKOFF_S = 0.1
 _RECONNECT_BACKOFF_S = 0.05
 _RECONNECT_BACKOFF_MAX_S = 1.0
+# Spool replay: records per round (each round waits for its acknowledgements), and the pause
+# after a round failed (the broker is still away) or while no producer can take them.
+_REPLAY_BATCH = 1000
+_REPLAY_RETRY_S = 0.5
+DEFAULT_SPOOL_MAX_BYTES = 256 << 20
 
 
 @dataclass(frozen=True, slots=True)
@@ -101,6 +116,18 @@ class PublisherStats:
     """NodeHeartbeat events the broker acknowledged (node role only)."""
     heartbeats_dropped: int = 0
     """NodeHeartbeat events not sent or not acknowledged (node role only; see the module doc)."""
+    spooled: int = 0
+    """Events written to the durable spool instead of being reported (spool_dir only)."""
+    replayed: int = 0
+    """Spooled events the broker acknowledged when the spool was replayed."""
+    spool_refused: int = 0
+    """Events the full spool refused (each also counted in undelivered, see SpoolFullError)."""
+    spool_pending: int = 0
+    """Events in the spool not yet acknowledged by the broker (including the previous run's)."""
+    spool_bytes: int = 0
+    """Bytes the spool's segment files (and its write buffer) take; at most spool_max_bytes."""
+    spool_lost: int = 0
+    """Events the disk refused to write (a failing disk; each logged as an error)."""
 
 
 def _check_id(name: str, value: str) -> None:
@@ -201,6 +228,9 @@ class Publisher:
         this gateway node's id, 1..255 characters, no NUL. None: no node role.
     heartbeat_interval_s: how often the node role publishes NodeHeartbeat; keep it well below
         the readers' lease (CONNTRACK_NODE_LEASE_SECONDS, 30 s by default).
+    spool_dir: a directory for the durable spool (see the module doc); None: no spool, events
+        that cannot be delivered are reported. One Publisher per directory.
+    spool_max_bytes: the most disk space the spool takes; an event beyond it is refused.
     """
 
     def __init__(
@@ -215,6 +245,8 @@ class Publisher:
         on_undeliverable: UndeliverableCallback | None = None,
         node_id: str | None = None,
         heartbeat_interval_s: float = 5.0,
+        spool_dir: str | os.PathLike[str] | None = None,
+        spool_max_bytes: int = DEFAULT_SPOOL_MAX_BYTES,
         linger_ms: int = 5,
         monotonic_ns: Callable[[], int] = time.monotonic_ns,
         wall_clock_ns: Callable[[], int] = time.time_ns,
@@ -236,6 +268,22 @@ class Publisher:
             )
         self._node_id = node_id
         self._heartbeat_interval_s = heartbeat_interval_s
+        self._spool = None if spool_dir is None else Spool(spool_dir, spool_max_bytes)
+        # While set, every new event goes to the spool (behind what it holds): from the first
+        # failure until the replayer has delivered the whole spool.
+        self._spooling = False
+        # In-flight events also written to the spool: their failure is not reported, and one
+        # acknowledged after all is not replayed (a lost entry here only means a duplicate).
+        self._spooled_ids: set[str] = set()
+        self._skip_replay: set[str] = set()
+        self._replayer: asyncio.Task[None] | None = None
+        self._replay_futures: list[asyncio.Future[Any]] = []
+        self._spooled = 0
+        self._replayed = 0
+        self._spool_refused = 0
+        self._spool_refusing = False
+        # The oldest in-flight event and when it was first seen oldest (_watch_in_flight).
+        self._oldest: tuple[asyncio.Future[Any], float] | None = None
         self._incarnation: int | None = None
         self._heartbeater: asyncio.Task[None] | None = None
         # The one unacknowledged heartbeat, and the producer it was handed to.
@@ -301,6 +349,12 @@ class Publisher:
             coalesced_activities=self._coalesced,
             heartbeats_delivered=self._heartbeats_delivered,
             heartbeats_dropped=self._heartbeats_dropped,
+            spooled=self._spooled,
+            replayed=self._replayed,
+            spool_refused=self._spool_refused,
+            spool_pending=0 if self._spool is None else self._spool.pending,
+            spool_bytes=0 if self._spool is None else self._spool.size_bytes,
+            spool_lost=0 if self._spool is None else self._spool.lost,
         )
 
     @property
@@ -326,7 +380,13 @@ class Publisher:
             if self._running:
                 return
             deadline = asyncio.get_running_loop().time() + self._delivery_timeout_s
-            self._producer = await self._connect(deadline=deadline)
+            if self._spool is not None:
+                await self._spool.open()  # a directory it cannot use is said before connecting
+            try:
+                self._producer = await self._connect(deadline=deadline)
+            except BaseException:
+                await self._close_spool()
+                raise
             if self._node_id is not None:
                 try:
                     await self._announce_start(self._node_id, deadline)
@@ -334,9 +394,20 @@ class Publisher:
                     producer, self._producer = self._producer, None
                     await self._abandon(producer, [])
                     await producer.stop()
+                    await self._close_spool()
                     raise
             self._room = asyncio.Semaphore(self._max_pending)
             self._stopping = asyncio.Event()
+            if self._spool is not None:
+                # What a previous run left is delivered before anything new.
+                self._spooling = self._spool.pending > 0
+                if self._spooling:
+                    log.info(
+                        "the spool at %s holds %d event(s) from before; replaying them first",
+                        self._spool.directory,
+                        self._spool.pending,
+                    )
+                self._replayer = asyncio.create_task(self._replay_spool())
             self._running = True
             self._accepting = True
             if self._coalescer.interval_ns > 0:
@@ -424,9 +495,12 @@ class Publisher:
                         pending = self._activity_events(self._coalescer.drain())
                         await self._send_all(pending, deadline)
                     await self._wait_in_flight(deadline)
+                    await self._wait_spool(deadline)
                     await self._wait_heartbeat(deadline)
                 finally:
+                    await self._stop_replayer()
                     await self._close_producer()
+                    await self._close_spool()
                     self._running = False
             self._raise_if_failures()
 
@@ -457,7 +531,11 @@ class Publisher:
                 log.exception("replacing the Kafka producer failed")
             self._replacer = None
         producer, self._producer = self._producer, None
-        if self._in_flight or self._heartbeat_in_flight is not None:
+        if (
+            self._in_flight
+            or self._heartbeat_in_flight is not None
+            or any(not f.done() for f in self._replay_futures)
+        ):
             await self._abandon(producer, list(self._in_flight))
             self._heartbeat_in_flight = None
         self._parked.clear()
@@ -474,10 +552,19 @@ class Publisher:
             f"not acknowledged within {self._delivery_timeout_s:g} s; the broker may still "
             "have received it"
         )
+        if futures:
+            self._degrade()  # before any of them is taken out of _in_flight: keeps their order
         sender = getattr(producer, "_sender", None)
         accumulator = getattr(producer, "_message_accumulator", None)
         if sender is not None and accumulator is not None:
             await sender.close()
+            # A batch waiting to be retried was taken out of _pending_batches by reenqueue(),
+            # yet the done-callback of its first drain removes it from there again once
+            # fail_all fails it: a KeyError logged per batch. Put such batches back first.
+            pending = getattr(accumulator, "_pending_batches", None)
+            if isinstance(pending, set):
+                for batches in getattr(accumulator, "_batches", {}).values():
+                    pending.update(b for b in batches if b.retry_count > 0)
             accumulator.fail_all(error)
             # fail_all also fails the drain waiter of each batch nobody was appending to; left
             # unread, each would be logged as "Future exception was never retrieved".
@@ -601,11 +688,18 @@ class Publisher:
         deadline = asyncio.get_running_loop().time() + self._delivery_timeout_s
         async with self._send_lock:
             await self._send_all(self._activity_events(self._coalescer.drain()), deadline)
+        if self._spool is not None and self._spool.is_open:
+            await self._spool.durable()  # what is spooled so far is on disk when this returns
         remaining = await self._wait_in_flight(deadline)
         if remaining:
             raise DeliveryTimeoutError(
                 f"{remaining} event(s) not acknowledged within {self._delivery_timeout_s:g} s; "
                 "they stay in flight until stop()"
+            )
+        if spooled := await self._wait_spool(deadline):
+            raise DeliveryTimeoutError(
+                f"{spooled} event(s) still in the spool after {self._delivery_timeout_s:g} s; "
+                "they are on disk and are replayed when the broker takes them"
             )
         self._raise_if_failures()
 
@@ -772,6 +866,9 @@ class Publisher:
             closed = PublisherClosedError("Publisher was stopped before the event could be sent")
             self._report(event, closed)
             raise closed
+        if self._spool is not None and (self._spooling or self._replacer is not None):
+            self._to_spool(event, encode(event) if value is None else value)
+            return
         acquired = False
         try:
             if self._room.locked():
@@ -801,13 +898,15 @@ class Publisher:
                 f"the broker did not take event {event.event_id} within "
                 f"{self._delivery_timeout_s:g} s ({len(self._in_flight)} events unacknowledged)"
             )
-            self._report(event, error)
+            if self._report(event, error):
+                return  # in the spool
             raise error from exc
         except KafkaError as exc:
             if acquired:
                 self._room.release()
             error = PublisherError(f"cannot publish event {event.event_id}: {exc!r}")
-            self._report(event, error)
+            if self._report(event, error):
+                return
             raise error from exc
         except BaseException as exc:
             if acquired:
@@ -818,6 +917,8 @@ class Publisher:
         future.add_done_callback(self._settle)
 
     def _settle(self, future: asyncio.Future[Any]) -> None:
+        if future in self._in_flight and (future.cancelled() or future.exception() is not None):
+            self._degrade()  # while this event is still among the in-flight ones, in order
         event = self._in_flight.pop(future, None)
         if event is None:
             return  # already reported when the producer was closed
@@ -829,6 +930,9 @@ class Publisher:
             self._replace_producer_soon()
         else:
             self._delivered += 1
+            if self._spooled_ids and event.event_id in self._spooled_ids:
+                self._spooled_ids.discard(event.event_id)
+                self._skip_replay.add(event.event_id)
 
     # -- replacing the producer --------------------------------------------------------------
 
@@ -844,6 +948,7 @@ class Publisher:
         (a new producer id, sequences from 0) takes over."""
         if not self._accepting:
             return  # stopping: stop() reports whatever does not arrive
+        self._degrade()
         if self._replacer is not None:
             self._failed_while_replacing = True
         elif self._producer is not None:
@@ -893,7 +998,9 @@ class Publisher:
         deadline = loop.time() + self._delivery_timeout_s
         # A heartbeat it holds would keep its stop() waiting while the broker is away: wait for
         # it too, and fail it with the rest at the deadline.
-        while carried := self._carried() + self._heartbeats():
+        while carried := (
+            self._carried() + self._heartbeats() + [f for f in self._replay_futures if not f.done()]
+        ):
             # A send that was under way when the replacement began may add one more: look again.
             await asyncio.wait(carried, timeout=max(0.0, deadline - loop.time()))
             if loop.time() >= deadline:
@@ -930,7 +1037,20 @@ class Publisher:
             await asyncio.wait(futures, timeout=timeout)
         return sum(1 for f in futures if f in self._in_flight)
 
-    def _report(self, event: Event, error: BaseException) -> None:
+    def _report(self, event: Event, error: BaseException) -> bool:
+        """An event was not delivered: with the spool, keep it there (True); otherwise, or if
+        the spool refuses it, count and report it (False)."""
+        if self._spool is not None and self._spool.is_open:
+            self._degrade()
+            if event.event_id in self._spooled_ids:
+                self._spooled_ids.discard(event.event_id)
+                return True
+            if self._spool_put(event, encode(event)):
+                return True
+        self._report_undelivered(event, error)
+        return False
+
+    def _report_undelivered(self, event: Event, error: BaseException) -> None:
         self._undelivered += 1
         self._failures_since_check += 1
         if self._first_failure is None:
@@ -954,6 +1074,209 @@ class Publisher:
             self._failures_since_check, self._first_failure = 0, None
             assert first is not None
             raise UndeliveredEventsError(count, first)
+
+    # -- the durable spool ---------------------------------------------------------------------
+
+    def _degrade(self) -> None:
+        """From now on new events go to the spool. The events in flight go there first, in the
+        order they were handed in: one that fails later is already in its place, so events of
+        a connection handed in after it cannot get ahead of it."""
+        spool = self._spool
+        if spool is None or self._spooling or not spool.is_open:
+            return
+        self._spooling = True
+        for future, event in self._in_flight.items():
+            if future.done() and not future.cancelled() and future.exception() is None:
+                continue  # acknowledged; its callback has not run yet
+            if self._spool_put(event, encode(event)):
+                self._spooled_ids.add(event.event_id)
+
+    def _to_spool(self, event: Event, value: bytes) -> None:
+        """Put a new event in the spool, or report it and raise SpoolFullError."""
+        if self._spool_put(event, value):
+            return
+        assert self._spool is not None
+        error = SpoolFullError(
+            f"the broker is not taking events and the spool at {self._spool.directory} is full "
+            f"({self._spool.size_bytes} of {self._spool.max_bytes} bytes): event "
+            f"{event.event_id} was refused"
+        )
+        self._report_undelivered(event, error)
+        raise error
+
+    def _spool_put(self, event: Event, value: bytes) -> bool:
+        assert self._spool is not None
+        if self._spool.put(value):
+            self._spooled += 1
+            self._spool_refusing = False
+            return True
+        self._spool_refused += 1
+        if not self._spool_refusing:  # one warning per run of refusals; all are counted
+            self._spool_refusing = True
+            log.warning(
+                "the spool at %s is full (%d bytes): event %s and any more are refused until "
+                "the broker takes the spooled ones (counted in spool_refused)",
+                self._spool.directory,
+                self._spool.max_bytes,
+                event.event_id,
+            )
+        return False
+
+    async def _replay_spool(self) -> None:
+        """Background task: deliver the spool, in order, whenever a producer can take it; once it
+        is empty, let new events go straight to the broker again."""
+        spool = self._spool
+        assert spool is not None
+        failing = False
+        while True:
+            try:
+                failing = await self._replay_round(spool, failing)
+            except Exception:
+                # Never let the spool stop draining: say why, and try again.
+                log.exception("replaying the spool failed unexpectedly; retrying")
+                with contextlib.suppress(Exception):
+                    await spool.rewind()
+                failing = True
+                await asyncio.sleep(_REPLAY_RETRY_S)
+
+    async def _replay_round(self, spool: Spool, failing: bool) -> bool:
+        """One step of _replay_spool; returns whether replaying is failing now."""
+        self._watch_in_flight()
+        if spool.pending == 0:
+            if self._spooling and self._replacer is None and self._producer is not None:
+                # Under the send lock: no event is being routed while the mode changes.
+                async with self._send_lock:
+                    if spool.pending == 0 and self._replacer is None:
+                        self._spooling = False
+                        self._skip_replay.clear()
+                        log.info("the spool is delivered; events go to the broker again")
+            await asyncio.sleep(_REPLAY_RETRY_S / 5)
+            return failing
+        producer = self._producer
+        if producer is None or self._replacer is not None:
+            await asyncio.sleep(_REPLAY_RETRY_S)
+            return failing
+        if spool.unread == 0:
+            await spool.durable()
+        batch = await spool.read(_REPLAY_BATCH)
+        if not batch:
+            await asyncio.sleep(_REPLAY_RETRY_S / 5)
+            return failing
+        delivered, skipped = await self._replay_batch(producer, batch)
+        if delivered is not None:
+            await spool.ack(batch[-1][0])
+            self._replayed += delivered
+            self._skip_replay.difference_update(skipped)
+            if failing:
+                log.info("the spool is being delivered again")
+            return False
+        await spool.rewind()
+        if not failing:
+            log.warning(
+                "replaying the spool failed; %d event(s) wait in it, retrying", spool.pending
+            )
+        if producer is self._producer:
+            self._replace_producer_soon()  # its failed batch broke its sequence numbers
+        await asyncio.sleep(_REPLAY_RETRY_S)
+        return True
+
+    def _watch_in_flight(self) -> None:
+        """With the spool, an event unacknowledged for delivery_timeout_s counts as failed.
+
+        aiokafka fails a batch only when its partition has had no leader that long. A broker
+        that stops while the producer is idle leaves it believing the old leader (its metadata
+        requests fail, so nothing updates it), and it retries the batch forever: no failure would
+        ever send the events to the spool. The oldest in-flight event is the first in
+        _in_flight; one that stays the oldest for delivery_timeout_s was sent at least that long
+        ago."""
+        if self._spooling or self._replacer is not None or not self._in_flight:
+            self._oldest = None
+            return
+        oldest = next(iter(self._in_flight))
+        now = asyncio.get_running_loop().time()
+        if self._oldest is None or self._oldest[0] is not oldest:
+            self._oldest = (oldest, now)
+        elif now - self._oldest[1] >= self._delivery_timeout_s:
+            self._oldest = None
+            log.warning(
+                "%d event(s) unacknowledged for %g s: the broker is away; they and the events "
+                "after them go to the spool at %s",
+                len(self._in_flight),
+                self._delivery_timeout_s,
+                None if self._spool is None else self._spool.directory,
+            )
+            self._replace_producer_soon()
+
+    async def _replay_batch(
+        self, producer: Any, batch: list[tuple[int, bytes]]
+    ) -> tuple[int | None, list[str]]:
+        """Send one round of spooled records and wait for all of them: (how many the broker
+        acknowledged, the ids skipped), or (None, ...) if any failed."""
+        skipped: list[str] = []
+        futures: list[asyncio.Future[Any]] = []
+        self._replay_futures = futures
+        try:
+            for _, value in batch:
+                try:
+                    event_id, connection_id, *_ = decode_tuple(value)
+                except InvalidEvent as exc:  # cannot happen for what the publisher wrote
+                    log.error("a spooled record is not an event, skipped: %s", exc)
+                    continue
+                if event_id in self._skip_replay:
+                    skipped.append(event_id)
+                    continue
+                futures.append(
+                    await producer.send(
+                        self._topic,
+                        value=value,
+                        key=connection_id.encode(),
+                        headers=list(HEADERS),
+                    )
+                )
+            if futures:
+                done, waiting = await asyncio.wait(futures, timeout=self._delivery_timeout_s)
+                if waiting or any(f.cancelled() or f.exception() is not None for f in done):
+                    return None, skipped
+        except KafkaError as exc:
+            log.debug("replaying the spool: %r", exc)
+            return None, skipped
+        finally:
+            self._replay_futures = []
+        return len(futures), skipped
+
+    async def _wait_spool(self, deadline: float) -> int:
+        """Wait until the spool is delivered or the deadline passes; how many events remain."""
+        spool = self._spool
+        if spool is None or not spool.is_open:
+            return 0
+        loop = asyncio.get_running_loop()
+        await spool.durable()
+        # A poll: the count falls with acks made in a worker thread; 20 ms is cheap and short.
+        while spool.pending and loop.time() < deadline and self._replayer is not None:  # noqa: ASYNC110
+            await asyncio.sleep(min(0.02, max(0.0, deadline - loop.time())))
+        return spool.pending
+
+    async def _stop_replayer(self) -> None:
+        if self._replayer is not None:
+            self._replayer.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._replayer
+            self._replayer = None
+
+    async def _close_spool(self) -> None:
+        spool = self._spool
+        if spool is None or not spool.is_open:
+            return
+        await spool.close()
+        self._spooling = False
+        self._spooled_ids.clear()
+        self._skip_replay.clear()
+        if spool.pending:
+            log.warning(
+                "%d event(s) stay in the spool at %s; the next start replays them",
+                spool.pending,
+                spool.directory,
+            )
 
 
 def _pass_on(parked: asyncio.Future[Any], done: asyncio.Future[Any]) -> None:

@@ -1,0 +1,541 @@
+"""A durable on-disk spool of encoded events: what the publisher holds while the broker cannot
+take them, kept across a crash of the gateway process and replayed in order later.
+
+Format (docs/producer.md, "Durable spool"), in one directory:
+
+- Segment files `<first sequence number, 20 digits>.seg`, append-only. Each record is
+  `<u32 little-endian payload length><u32 CRC-32 of the payload><payload>`. A record's sequence
+  number is its segment's first number plus its index in the segment. A new segment starts when
+  the last one reaches `segment_bytes`.
+- `cursor`: `<u64 first unacknowledged sequence number><u32 CRC-32 of those 8 bytes>`, replaced
+  atomically (written to a temporary file, fsynced, renamed, directory fsynced) on each ack().
+- Opening scans every segment. A record cut short or failing its CRC (the torn tail of an
+  append a crash interrupted) ends its segment: the file is truncated there, and the records
+  after it in that segment are lost (only a torn last append can produce one). Zero-length
+  records are never written, so a tail of zeros (blocks allocated, never written, after a power
+  loss) also ends the segment.
+- A segment whose records are all acknowledged is deleted; an empty spool has no segment file.
+
+Bounds: the segment files together never exceed `max_bytes` (acknowledged records still in a
+segment that also holds unacknowledged ones count until the segment goes); append() refuses a
+batch that would pass it (SpoolFullError), whole, before writing anything.
+
+SpoolFiles does blocking file I/O, one operation at a time (a lock): Spool runs each call in a
+worker thread (asyncio.to_thread) and buffers appends in memory in between, so the event loop
+never waits on the disk.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import functools
+import logging
+import os
+import struct
+import threading
+import zlib
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import BinaryIO, Concatenate, Final, ParamSpec, TypeVar
+
+from producer.errors import PublisherError
+
+log = logging.getLogger(__name__)
+
+_HEADER: Final = struct.Struct("<II")
+_CURSOR: Final = struct.Struct("<QI")
+HEADER_BYTES: Final = _HEADER.size
+# A record longer than this is corruption, not an event (an event is at most a few KiB).
+MAX_RECORD_BYTES: Final = 1 << 20
+SEGMENT_SUFFIX: Final = ".seg"
+CURSOR_NAME: Final = "cursor"
+DEFAULT_SEGMENT_BYTES: Final = 4 << 20
+
+
+class SpoolError(PublisherError):
+    """The spool cannot be used (its directory, a file in it)."""
+
+
+class SpoolFullError(SpoolError):
+    """An append would take the spool past its size bound (for the publisher: the broker is
+    away and the spool holds spool_max_bytes already; the event was refused, not kept)."""
+
+
+def record_bytes(payload: bytes) -> int:
+    """The space one payload takes in a segment."""
+    return HEADER_BYTES + len(payload)
+
+
+@dataclass(slots=True)
+class _Segment:
+    first_seq: int
+    path: Path
+    count: int
+    size: int
+
+    @property
+    def end_seq(self) -> int:
+        return self.first_seq + self.count
+
+
+def _segment_name(first_seq: int) -> str:
+    return f"{first_seq:020d}{SEGMENT_SUFFIX}"
+
+
+def _fsync_dir(directory: Path) -> None:
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _scan(f: BinaryIO) -> Iterator[tuple[int, bytes]]:
+    """(offset after, payload) of each valid record from f's position; stops at the first record
+    that is cut short, too long, empty, or fails its CRC."""
+    offset = f.tell()
+    while True:
+        header = f.read(HEADER_BYTES)
+        if len(header) < HEADER_BYTES:
+            return
+        length, crc = _HEADER.unpack(header)
+        if not 0 < length <= MAX_RECORD_BYTES:
+            return
+        payload = f.read(length)
+        if len(payload) < length or zlib.crc32(payload) != crc:
+            return
+        offset += HEADER_BYTES + length
+        yield offset, payload
+
+
+_P = ParamSpec("_P")
+_R = TypeVar("_R")
+
+
+def _locked(
+    method: Callable[Concatenate[SpoolFiles, _P], _R],
+) -> Callable[Concatenate[SpoolFiles, _P], _R]:
+    """One operation at a time, even when the task that started one in a worker thread was
+    cancelled (asyncio.to_thread cannot stop the thread) and another is started meanwhile."""
+
+    @functools.wraps(method)
+    def run(self: SpoolFiles, /, *args: _P.args, **kwargs: _P.kwargs) -> _R:
+        with self._lock:
+            return method(self, *args, **kwargs)
+
+    return run
+
+
+class SpoolFiles:
+    """The spool's files. open() recovers; then append(), read(), ack(), rewind(), close().
+
+    Sequence numbers: `acked` is the first not acknowledged, `read_seq` the next read() returns,
+    `end_seq` the next append() gets; acked <= read_seq <= end_seq."""
+
+    def __init__(self, directory: Path, max_bytes: int, segment_bytes: int) -> None:
+        self.directory = directory
+        self.max_bytes = max_bytes
+        self.segment_bytes = segment_bytes
+        self._segments: list[_Segment] = []
+        self._acked = 0
+        self._read_seq = 0
+        # Where read() goes on: the segment index and byte offset of record _read_seq.
+        self._read_at: tuple[int, int] = (0, 0)
+        self._tail: BinaryIO | None = None
+        self._lock = threading.Lock()
+        self.truncated_bytes = 0
+
+    @classmethod
+    def open(
+        cls,
+        directory: str | os.PathLike[str],
+        max_bytes: int,
+        segment_bytes: int = DEFAULT_SEGMENT_BYTES,
+    ) -> SpoolFiles:
+        """Open (creating the directory if needed) and recover: truncate torn records, delete
+        acknowledged segments, position reads at the first unacknowledged record."""
+        if max_bytes < HEADER_BYTES + 1:
+            raise ValueError(f"spool max_bytes must be >= {HEADER_BYTES + 1}")
+        if segment_bytes < 1:
+            raise ValueError("spool segment_bytes must be >= 1")
+        path = Path(directory)
+        try:
+            path.mkdir(parents=True, exist_ok=True)
+            files = cls(path, max_bytes, segment_bytes)
+            files._recover()
+        except OSError as exc:
+            raise SpoolError(f"cannot use spool directory {path}: {exc}") from exc
+        return files
+
+    def _recover(self) -> None:
+        cursor = self._read_cursor()
+        for entry in sorted(self.directory.glob("*" + SEGMENT_SUFFIX)):
+            stem = entry.name[: -len(SEGMENT_SUFFIX)]
+            if not (stem.isdigit() and len(stem) == 20):
+                continue
+            with open(entry, "r+b") as f:
+                size = count = 0
+                for end, _ in _scan(f):
+                    size, count = end, count + 1
+                actual = f.seek(0, os.SEEK_END)
+                if actual != size:
+                    log.warning(
+                        "spool segment %s: %d byte(s) after its last whole record (a torn "
+                        "append); truncated",
+                        entry,
+                        actual - size,
+                    )
+                    self.truncated_bytes += actual - size
+                    f.truncate(size)
+                    f.flush()
+                    os.fsync(f.fileno())
+            self._segments.append(_Segment(int(stem), entry, count, size))
+        first = self._segments[0].first_seq if self._segments else 0
+        if cursor is None:
+            cursor = first
+        end = self._segments[-1].end_seq if self._segments else cursor
+        self._acked = min(max(cursor, first), max(end, cursor))
+        self._read_seq = self._acked
+        self._drop_acked_segments()
+        self._read_at = self._locate(self._acked)
+
+    def _read_cursor(self) -> int | None:
+        path = self.directory / CURSOR_NAME
+        try:
+            data = path.read_bytes()
+        except FileNotFoundError:
+            return None
+        if len(data) == _CURSOR.size:
+            seq, crc = _CURSOR.unpack(data)
+            if zlib.crc32(data[:8]) == crc:
+                return int(seq)
+        # Replaying from the oldest segment repeats events, which their ids make harmless.
+        log.warning("spool cursor %s is damaged; replaying from the oldest segment", path)
+        return None
+
+    def _write_cursor(self) -> None:
+        data = struct.pack("<Q", self._acked)
+        tmp = self.directory / (CURSOR_NAME + ".tmp")
+        with open(tmp, "wb") as f:
+            f.write(_CURSOR.pack(self._acked, zlib.crc32(data)))
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, self.directory / CURSOR_NAME)
+        _fsync_dir(self.directory)
+
+    def _locate(self, seq: int) -> tuple[int, int]:
+        """Segment index and byte offset of record seq (or of the end)."""
+        for index, segment in enumerate(self._segments):
+            if seq < segment.end_seq:
+                offset = 0
+                with open(segment.path, "rb") as f:
+                    for _ in range(seq - segment.first_seq):
+                        offset = next(_scan(f))[0]
+                return index, offset
+        # At the end: the end of the last segment, where its next append goes.
+        return (len(self._segments) - 1, self._segments[-1].size) if self._segments else (0, 0)
+
+    def _drop_acked_segments(self) -> None:
+        while self._segments and self._segments[0].end_seq <= self._acked:
+            segment = self._segments.pop(0)
+            if self._tail is not None and not self._segments:
+                self._tail.close()
+                self._tail = None
+            segment.path.unlink(missing_ok=True)
+            index, offset = self._read_at
+            # Reads were at or past its end (read_seq >= acked): they go on in the next one.
+            self._read_at = (index - 1, offset) if index > 0 else (0, 0)
+
+    # -- what the spool holds ------------------------------------------------------------------
+
+    @property
+    def size_bytes(self) -> int:
+        """Bytes the segment files take (what max_bytes bounds)."""
+        return sum(s.size for s in self._segments)
+
+    @property
+    def acked(self) -> int:
+        return self._acked
+
+    @property
+    def read_seq(self) -> int:
+        return self._read_seq
+
+    @property
+    def end_seq(self) -> int:
+        return self._segments[-1].end_seq if self._segments else self._acked
+
+    @property
+    def pending(self) -> int:
+        """Records not acknowledged yet."""
+        return self.end_seq - self._acked
+
+    # -- operations ----------------------------------------------------------------------------
+
+    @_locked
+    def append(self, payloads: Sequence[bytes]) -> int:
+        """Write these records after the others and fsync them; the first one's sequence number.
+        Refuses the whole batch (SpoolFullError) if it would pass max_bytes."""
+        need = sum(record_bytes(p) for p in payloads)
+        if any(not 0 < len(p) <= MAX_RECORD_BYTES for p in payloads):
+            raise ValueError(f"a spool record is 1..{MAX_RECORD_BYTES} bytes")
+        if self.size_bytes + need > self.max_bytes:
+            raise SpoolFullError(
+                f"spool {self.directory} is full: {self.size_bytes} + {need} bytes would pass "
+                f"its bound of {self.max_bytes} bytes"
+            )
+        first = self.end_seq
+        for payload in payloads:
+            tail = self._tail_for_append()
+            tail.write(_HEADER.pack(len(payload), zlib.crc32(payload)))
+            tail.write(payload)
+            segment = self._segments[-1]
+            segment.count += 1
+            segment.size += record_bytes(payload)
+            if segment.size >= self.segment_bytes:
+                self._sync_tail()  # rolled over: this segment is complete
+        self._sync_tail()
+        return first
+
+    def _tail_for_append(self) -> BinaryIO:
+        if (
+            self._tail is not None
+            and self._segments
+            and self._segments[-1].size < self.segment_bytes
+        ):
+            return self._tail
+        if self._tail is not None:
+            self._tail.close()
+            self._tail = None
+        if self._segments and self._segments[-1].size < self.segment_bytes:
+            segment = self._segments[-1]
+            self._tail = open(segment.path, "ab")  # noqa: SIM115 - kept open between calls
+            return self._tail
+        first = self.end_seq
+        path = self.directory / _segment_name(first)
+        self._tail = open(path, "ab")  # noqa: SIM115 - kept open between calls
+        self._segments.append(_Segment(first, path, 0, 0))
+        _fsync_dir(self.directory)
+        return self._tail
+
+    def _sync_tail(self) -> None:
+        if self._tail is not None:
+            self._tail.flush()
+            os.fsync(self._tail.fileno())
+
+    @_locked
+    def read(self, max_records: int) -> list[tuple[int, bytes]]:
+        """Up to max_records records from read_seq on, in order, as (sequence number, payload);
+        read_seq moves past them."""
+        got: list[tuple[int, bytes]] = []
+        index, offset = self._read_at
+        while len(got) < max_records and index < len(self._segments):
+            segment = self._segments[index]
+            if self._read_seq >= segment.end_seq:
+                if index + 1 == len(self._segments):
+                    break  # at the end of the last segment, where its next append goes
+                index, offset = index + 1, 0
+                continue
+            # A segment truncated at recovery leaves a gap in the numbers before the next one.
+            self._read_seq = max(self._read_seq, segment.first_seq)
+            with open(segment.path, "rb") as f:
+                f.seek(offset)
+                for end, payload in _scan(f):
+                    offset = end
+                    got.append((self._read_seq, payload))
+                    self._read_seq += 1
+                    if len(got) >= max_records or self._read_seq >= segment.end_seq:
+                        break
+            if self._read_seq < segment.end_seq and len(got) < max_records:
+                raise SpoolError(f"spool segment {segment.path} changed while in use")
+        self._read_at = (index, offset)
+        return got
+
+    @_locked
+    def ack(self, through_seq: int) -> None:
+        """Records up to and including through_seq are delivered: persist the cursor, delete
+        segments that hold nothing else."""
+        new = through_seq + 1
+        if new <= self._acked:
+            return
+        if new > self._read_seq:
+            raise ValueError(f"cannot acknowledge record {through_seq}: it was not read")
+        self._acked = new
+        self._write_cursor()
+        self._drop_acked_segments()
+
+    @_locked
+    def rewind(self) -> None:
+        """The next read() starts again at the first unacknowledged record."""
+        if self._read_seq != self._acked:
+            self._read_seq = self._acked
+            self._read_at = self._locate(self._acked)
+
+    @_locked
+    def close(self) -> None:
+        if self._tail is not None:
+            self._sync_tail()
+            self._tail.close()
+            self._tail = None
+
+
+class Spool:
+    """SpoolFiles for an event loop: put() buffers in memory (no I/O, never waits) and one
+    writer task appends the buffer in a worker thread, one append (one fsync) per batch of
+    whatever arrived meanwhile. Reads, acks and rewinds run in the worker thread too, one at a
+    time. The bound counts the buffer: put() refuses what would not fit on disk.
+
+    A process crash loses the records put but not yet written (those that arrived during the
+    previous append); an OS crash or power loss also loses the batch being appended until its
+    fsync returns. durable() waits for both."""
+
+    def __init__(
+        self,
+        directory: str | os.PathLike[str],
+        max_bytes: int,
+        *,
+        segment_bytes: int | None = None,
+    ) -> None:
+        if max_bytes < HEADER_BYTES + 1:
+            raise ValueError(f"spool max_bytes must be >= {HEADER_BYTES + 1}")
+        self.directory = Path(directory)
+        self.max_bytes = max_bytes
+        # Small enough that acknowledged records do not hold much of the bound for long.
+        self.segment_bytes = segment_bytes or max(1, min(DEFAULT_SEGMENT_BYTES, max_bytes // 8))
+        self._files: SpoolFiles | None = None
+        self._io = asyncio.Lock()
+        self._buffer: list[bytes] = []
+        self._buffered_bytes = 0
+        self._writing_bytes = 0
+        self._size_bytes = 0
+        self._end_seq = 0
+        self._acked = 0
+        self._read_seq = 0
+        self._writer: asyncio.Task[None] | None = None
+        self._wake = asyncio.Event()
+        self._written = asyncio.Event()
+        self._put_total = 0
+        self._done_total = 0
+        self.lost = 0
+        """Records put but not written because the disk refused them (logged)."""
+
+    @property
+    def is_open(self) -> bool:
+        return self._files is not None
+
+    async def open(self) -> None:
+        """Open and recover the files (SpoolError if the directory cannot be used)."""
+        if self._files is not None:
+            return
+        self._files = await asyncio.to_thread(
+            SpoolFiles.open, self.directory, self.max_bytes, self.segment_bytes
+        )
+        self._mirror()
+        self._writer = asyncio.create_task(self._write_buffered())
+
+    def _mirror(self) -> None:
+        files = self._files
+        assert files is not None
+        self._size_bytes = files.size_bytes
+        self._end_seq = files.end_seq
+        self._acked = files.acked
+        self._read_seq = files.read_seq
+
+    @property
+    def pending(self) -> int:
+        """Records put and not acknowledged (buffered ones included)."""
+        return self._end_seq - self._acked + self._put_total - self._done_total
+
+    @property
+    def unread(self) -> int:
+        """Records written and not read yet (read() would return them)."""
+        return self._end_seq - self._read_seq
+
+    @property
+    def size_bytes(self) -> int:
+        """Bytes on disk plus bytes buffered or being written."""
+        return self._size_bytes + self._writing_bytes + self._buffered_bytes
+
+    def put(self, payload: bytes) -> bool:
+        """Buffer one record for the writer; False (nothing kept) if it would pass the bound."""
+        if self._files is None:
+            raise SpoolError("the spool is not open")
+        need = record_bytes(payload)
+        if self.size_bytes + need > self.max_bytes:
+            return False
+        self._buffer.append(payload)
+        self._buffered_bytes += need
+        self._put_total += 1
+        self._wake.set()
+        return True
+
+    async def _write_buffered(self) -> None:
+        while True:
+            await self._wake.wait()
+            self._wake.clear()
+            if not self._buffer:
+                continue
+            batch, self._buffer = self._buffer, []
+            self._writing_bytes, self._buffered_bytes = self._buffered_bytes, 0
+            try:
+                async with self._io:
+                    assert self._files is not None
+                    await asyncio.to_thread(self._files.append, batch)
+                    self._mirror()
+            except Exception as exc:
+                # A disk that fails a write (full, gone read-only) loses this batch: say so, with
+                # the count, and go on (counted in `lost`).
+                self.lost += len(batch)
+                log.error(
+                    "spool %s: %d record(s) could not be written and are lost: %r",
+                    self.directory,
+                    len(batch),
+                    exc,
+                )
+            self._done_total += len(batch)
+            self._writing_bytes = 0
+            self._written.set()
+            self._written = asyncio.Event()
+
+    async def durable(self) -> None:
+        """Wait until everything put so far is written and fsynced (or failed to be)."""
+        target = self._put_total
+        while self._done_total < target:
+            if self._writer is None or self._writer.done():
+                raise SpoolError("the spool's writer is not running")
+            await self._written.wait()
+
+    async def read(self, max_records: int) -> list[tuple[int, bytes]]:
+        async with self._io:
+            assert self._files is not None
+            got = await asyncio.to_thread(self._files.read, max_records)
+            self._mirror()
+            return got
+
+    async def ack(self, through_seq: int) -> None:
+        async with self._io:
+            assert self._files is not None
+            await asyncio.to_thread(self._files.ack, through_seq)
+            self._mirror()
+
+    async def rewind(self) -> None:
+        async with self._io:
+            assert self._files is not None
+            await asyncio.to_thread(self._files.rewind)
+            self._mirror()
+
+    async def close(self) -> None:
+        """Write what is buffered, close the files. Idempotent."""
+        if self._files is None:
+            return
+        await self.durable()
+        if self._writer is not None:
+            self._writer.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._writer
+            self._writer = None
+        async with self._io:
+            await asyncio.to_thread(self._files.close)
+        self._files = None
