@@ -26,6 +26,7 @@ from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
+import asyncpg
 from sqlalchemy import (
     BigInteger,
     Integer,
@@ -39,7 +40,7 @@ from sqlalchemy import (
     update,
 )
 from sqlalchemy.dialects import postgresql, sqlite
-from sqlalchemy.exc import DataError, IntegrityError
+from sqlalchemy.exc import DataError, DBAPIError, IntegrityError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 from sqlalchemy.sql.compiler import IdentifierPreparer
 
@@ -259,6 +260,61 @@ def _pg_merge(tables: ReadModelTables, preparer: IdentifierPreparer) -> Any:
     )
 
 
+@dataclass(frozen=True, slots=True)
+class _CopyStatements:
+    stage: str  # the staging table's name (in pg_temp)
+    prepare: str  # creates the staging table if this session has none, and empties it
+    merge: Any  # the merging upsert from the staging table
+
+
+@functools.cache
+def _pg_copy_merge(
+    tables: ReadModelTables, preparer: IdentifierPreparer, dialect: Any
+) -> _CopyStatements:
+    """The merging upsert on PostgreSQL by COPY: the batch is copied (binary COPY) into a
+    temporary staging table of the same column types, then merged from it by the same SET
+    clause as _pg_merge(), tombstoned connections skipped, rows taken in connection id order
+    (code points, as sorted() orders them) so two writers lock rows in one order. The staging
+    table has no constraints: whatever the database refuses, it refuses in the upsert, as it
+    would the unnest path's."""
+    connections = tables.connections
+    table = preparer.format_table(connections)
+    tombstones = preparer.format_table(tables.pruned_connections)
+    stage = f"conntrack_stage_{connections.name}"
+    assert stage.isidentifier()
+    names = ", ".join(_STATE_FIELDS)
+    columns = ", ".join(
+        f"{n} {connections.c[n].type.compile(dialect=dialect)}" for n in _STATE_FIELDS
+    )
+    return _CopyStatements(
+        stage,
+        # TRUNCATE rather than ON COMMIT DELETE ROWS: a transaction may merge more than once
+        # (refusals isolated in savepoints, a caller's own transaction).
+        f"CREATE TEMPORARY TABLE IF NOT EXISTS {stage} ({columns}); TRUNCATE pg_temp.{stage}",
+        text(
+            f"INSERT INTO {table} AS existing ({names}) "
+            f"SELECT {names} FROM pg_temp.{stage} AS batch "
+            f"WHERE NOT EXISTS (SELECT 1 FROM {tombstones} AS t "
+            "WHERE t.connection_id = batch.connection_id) "
+            'ORDER BY batch.connection_id COLLATE "C" '
+            "ON CONFLICT (connection_id) DO UPDATE SET "
+            + _merge_assignments(connections, "existing", ' COLLATE "C"')
+        ),
+    )
+
+
+def _driver_error(statement: str, exc: Exception) -> Exception:
+    """An error of a call made on asyncpg directly, as SQLAlchemy would have raised it from an
+    execute(): a refused row as a REFUSALS error, anything else as a DBAPIError (which the
+    projector treats as the database being unavailable, and retries)."""
+    if isinstance(exc, asyncpg.IntegrityConstraintViolationError):
+        return IntegrityError(statement, None, exc)
+    if isinstance(exc, asyncpg.DataError | OverflowError | ValueError | TypeError):
+        # A value the column's type cannot hold (asyncpg's binary encoder, or the server).
+        return DataError(statement, None, exc)
+    return DBAPIError(statement, None, exc)
+
+
 @functools.cache
 def _sqlite_merge(tables: ReadModelTables, preparer: IdentifierPreparer) -> Any:
     """The merging upsert on SQLite, executed once per state (the driver runs one prepared
@@ -276,12 +332,24 @@ def _sqlite_merge(tables: ReadModelTables, preparer: IdentifierPreparer) -> Any:
     )
 
 
+# How a batch's states reach PostgreSQL: "copy" (binary COPY into a staging table, then one
+# upsert from it) or "unnest" (one array per column bound to one upsert). Both run the same
+# merge; BENCHMARKS.md ("The projector's two ceilings") has what each gave.
+PG_BULK_PATHS = ("copy", "unnest")
+
+
 class ProjectionStore:
-    def __init__(self, engine: AsyncEngine, tables: ReadModelTables = LIVE) -> None:
+    def __init__(
+        self, engine: AsyncEngine, tables: ReadModelTables = LIVE, *, pg_bulk: str = "copy"
+    ) -> None:
         """tables: the live read model by default; a rebuild writes its shadow generation
-        through the very same code (audit/rebuild.py)."""
+        through the very same code (audit/rebuild.py). pg_bulk: PG_BULK_PATHS (the benchmark
+        compares them; everything else keeps the default)."""
+        if pg_bulk not in PG_BULK_PATHS:
+            raise ValueError(f"pg_bulk must be one of {PG_BULK_PATHS}, not {pg_bulk!r}")
         self._engine = engine
         self._tables = tables
+        self._pg_copy = pg_bulk == "copy"
 
     @property
     def tables(self) -> ReadModelTables:
@@ -420,7 +488,9 @@ class ProjectionStore:
     ) -> BatchResult:
         preparer = conn.dialect.identifier_preparer
         written = 0
-        if conn.dialect.name == "postgresql":
+        if conn.dialect.name == "postgresql" and self._pg_copy:
+            written = await self._copy_merge(conn, states)
+        elif conn.dialect.name == "postgresql":
             statement = _pg_merge(self._tables, preparer)
             # Sorted ids: two writers (a rebuild's switch and a straggler) lock rows in one
             # order and cannot deadlock.
@@ -439,6 +509,29 @@ class ProjectionStore:
             written = result.rowcount
         # Rows skipped for a tombstone are the only ones the upsert neither inserts nor updates.
         return BatchResult(written, len(states) - written)
+
+    async def _copy_merge(
+        self, conn: AsyncConnection, states: Mapping[str, ConnectionState]
+    ) -> int:
+        statements = _pg_copy_merge(self._tables, conn.dialect.identifier_preparer, conn.dialect)
+        # The driver's own connection, inside the transaction SQLAlchemy has begun on it (the
+        # fence's UPDATE has run): the COPY commits or rolls back with the positions.
+        driver = (await conn.get_raw_connection()).driver_connection
+        assert driver is not None
+        step = statements.prepare
+        try:
+            await driver.execute(step)
+            step = f"COPY pg_temp.{statements.stage} FROM STDIN"
+            await driver.copy_records_to_table(
+                statements.stage,
+                schema_name="pg_temp",
+                columns=_STATE_FIELDS,
+                records=[states[cid] for cid in sorted(states)],
+            )
+        except Exception as exc:
+            raise _driver_error(step, exc) from exc
+        result = await conn.execute(statements.merge)
+        return int(result.rowcount)
 
     async def prune(
         self, disconnected_before_ns: int, tombstones_before_ns: int | None, limit: int = CHUNK

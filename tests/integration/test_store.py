@@ -20,7 +20,14 @@ from connection_tracker.events import (
     Payload,
 )
 from connection_tracker.fold import ConnectionState, NodeState, fold, merge, merge_nodes, of_event
-from connection_tracker.store import ARRAY_CHUNK, CHUNK, FencedError, ProjectionStore
+from connection_tracker.store import (
+    ARRAY_CHUNK,
+    CHUNK,
+    PG_BULK_PATHS,
+    REFUSALS,
+    FencedError,
+    ProjectionStore,
+)
 
 T0 = 1_764_300_000_000_000_000
 TOPIC = "events"
@@ -200,11 +207,17 @@ async def test_the_database_merge_of_nodes_equals_the_fold_merge(
     assert not wrong, next(iter(wrong.values()))
 
 
+@pytest.mark.parametrize("pg_bulk", PG_BULK_PATHS)
 @pytest.mark.parametrize("seed", range(3))
-async def test_the_database_merge_equals_the_fold_merge(engine: AsyncEngine, seed: int) -> None:
-    """The store merges in SQL; connection_tracker/fold.py's merge() is the definition."""
+async def test_the_database_merge_equals_the_fold_merge(
+    engine: AsyncEngine, seed: int, pg_bulk: str
+) -> None:
+    """The store merges in SQL; connection_tracker/fold.py's merge() is the definition. On
+    PostgreSQL both ways of sending a batch (COPY into a staging table, arrays) are checked."""
+    if engine.dialect.name != "postgresql" and pg_bulk != PG_BULK_PATHS[0]:
+        pytest.skip("one path on SQLite")
     rnd = random.Random(seed)
-    store = ProjectionStore(engine)
+    store = ProjectionStore(engine, pg_bulk=pg_bulk)
     await store.positions(TOPIC, [0])
     pairs = {f"c{i}": (random_state(rnd, f"c{i}"), random_state(rnd, f"c{i}")) for i in range(3000)}
     await store.apply_batch(TOPIC, {0: (0, 1)}, {cid: a for cid, (a, _) in pairs.items()})
@@ -235,8 +248,11 @@ async def test_timestamps_are_exact_to_the_nanosecond(engine: AsyncEngine) -> No
     assert await store.get("never") is None
 
 
-async def test_batches_larger_than_a_chunk(engine: AsyncEngine) -> None:
-    store = ProjectionStore(engine)
+@pytest.mark.parametrize("pg_bulk", PG_BULK_PATHS)
+async def test_batches_larger_than_a_chunk(engine: AsyncEngine, pg_bulk: str) -> None:
+    if engine.dialect.name != "postgresql" and pg_bulk != PG_BULK_PATHS[0]:
+        pytest.skip("one path on SQLite")
+    store = ProjectionStore(engine, pg_bulk=pg_bulk)
     await store.positions(TOPIC, [0, 1])
     # More than two chunks on either backend (SQLite binds CHUNK ids, PostgreSQL ARRAY_CHUNK).
     n = max(CHUNK, ARRAY_CHUNK) * 2 + 37
@@ -321,3 +337,80 @@ async def test_state_fields_round_trip(engine: AsyncEngine) -> None:
     )
     await store.apply_batch(TOPIC, {0: (0, 2)}, {"c": state})
     assert await store.get("c") == state
+
+
+async def _refuse_user_agent(engine: AsyncEngine, user_agent: str) -> None:
+    """Make the database refuse rows with this user agent, as a future constraint might."""
+    async with engine.begin() as conn:
+        if conn.dialect.name == "postgresql":
+            await conn.exec_driver_sql(
+                "ALTER TABLE connections ADD CONSTRAINT refused_for_the_test "
+                f"CHECK (user_agent IS DISTINCT FROM '{user_agent}')"
+            )
+        else:
+            await conn.exec_driver_sql(
+                "CREATE TRIGGER refused_for_the_test BEFORE INSERT ON connections "
+                f"WHEN NEW.user_agent = '{user_agent}' "
+                "BEGIN SELECT RAISE(ABORT, 'refused for the test'); END"
+            )
+
+
+@pytest.mark.parametrize("pg_bulk", PG_BULK_PATHS)
+async def test_refused_states_are_isolated_and_the_rest_commits_with_the_positions(
+    engine: AsyncEngine, pg_bulk: str
+) -> None:
+    if engine.dialect.name != "postgresql" and pg_bulk != PG_BULK_PATHS[0]:
+        pytest.skip("one path on SQLite")
+    store = ProjectionStore(engine, pg_bulk=pg_bulk)
+    await store.positions(TOPIC, [0, 1])
+    gone = [Event("d-gone", "gone", "gw", T0, Disconnected(1000, ""))]
+    await store.apply_batch(TOPIC, {0: (0, 1)}, fold(gone))
+    assert (await store.prune(T0 + 1, None)).pruned == 1
+    await _refuse_user_agent(engine, "refuse-me")
+    events = [
+        Event(f"c{i}", f"conn-{i:03d}", "gw", T0 + i, Connected("::1", "ua")) for i in range(200)
+    ]
+    bad = [
+        Event(f"b{i}", f"conn-{i:03d}", "gw", T0 - 1, Connected("::1", "refuse-me"))
+        for i in (3, 117, 118)
+    ]
+    late = [Event("a-gone", "gone", "gw", T0 + 5, Activity())]
+    states = fold(events + bad + late)
+    # Without isolation the whole batch, positions included, is refused.
+    with pytest.raises(REFUSALS):
+        await store.apply_batch(TOPIC, {0: (1, 205), 1: (0, 0)}, states)
+    assert await store.all_positions() == {(TOPIC, 0): 1, (TOPIC, 1): 0}
+    assert await store.count() == 0
+    seen: list[dict[str, str]] = []
+
+    async def on_refused(refused: dict[str, str]) -> None:
+        seen.append(refused)
+
+    result = await store.apply_batch(TOPIC, {0: (1, 205), 1: (0, 0)}, states, None, on_refused)
+    assert (result.written, result.suppressed, result.refused) == (197, 1, 3)
+    assert len(seen) == 1
+    assert set(seen[0]) == {"conn-003", "conn-117", "conn-118"}
+    assert all(why.startswith("database refused: ") for why in seen[0].values())
+    assert await store.all_positions() == {(TOPIC, 0): 205, (TOPIC, 1): 0}
+    refused = {"conn-003", "conn-117", "conn-118"}
+    assert await store.all_states() == {
+        cid: s for cid, s in fold(events).items() if cid not in refused
+    }
+
+
+@pytest.mark.parametrize("pg_bulk", PG_BULK_PATHS)
+async def test_two_batches_in_one_transaction(engine: AsyncEngine, pg_bulk: str) -> None:
+    """apply_batch_in() twice in the caller's transaction (a rebuild's switch may): the second
+    merge sees only its own states (COPY's staging table is emptied between them)."""
+    if engine.dialect.name != "postgresql" and pg_bulk != PG_BULK_PATHS[0]:
+        pytest.skip("one path on SQLite")
+    store = ProjectionStore(engine, pg_bulk=pg_bulk)
+    await store.positions(TOPIC, [0])
+    first = [Event(f"c{i}", f"conn-{i}", "gw", T0 + i, Connected("::1", "ua")) for i in range(50)]
+    second = [Event(f"d{i}", f"conn-{i}", "gw", T0 + 100, Disconnected(1000, "")) for i in range(7)]
+    async with engine.begin() as conn:
+        one = await store.apply_batch_in(conn, TOPIC, {0: (0, 50)}, fold(first))
+        two = await store.apply_batch_in(conn, TOPIC, {0: (50, 57)}, fold(second))
+    assert (one.written, two.written) == (50, 7)
+    assert await store.all_states() == fold(first + second)
+    assert await store.all_positions() == {(TOPIC, 0): 57}
