@@ -32,6 +32,7 @@ from bench.infra import leftovers
 from bench.procstat import cpu_count
 from bench.results import ScenarioResult, document, render, write_json
 from bench.scenarios import (
+    ceilings,
     directory,
     freshness,
     get,
@@ -61,6 +62,11 @@ SCENARIOS: dict[str, tuple[Scenario, str]] = {
     "projector-churn": (
         projector.run_churn,
         "1. projector events/s, churn-heavy mix, vs raw consume / decode+fold / naive",
+    ),
+    "projector-ceilings": (
+        ceilings.run,
+        "1d. projector vs its no-database and database-only ceilings, per store path and "
+        "synchronous_commit",
     ),
     "rebuild": (projector.run_rebuild, "2. rebuild time of 1M events into a fresh database"),
     "get": (get.run, "3. Get QPS, p50, p99 and server CPU vs a constant-answer server"),

@@ -158,12 +158,17 @@ class CatchUp:
 
 
 async def projector_catch_up(
-    settings: Settings, partitions: int, end: dict[int, int], timeout_s: float
+    settings: Settings,
+    partitions: int,
+    end: dict[int, int],
+    timeout_s: float,
+    pg_bulk: str = "copy",
 ) -> CatchUp:
     """Run the real Projector in this process until its stored positions reach `end`; then
-    check the database agrees (positions and a row count)."""
+    check the database agrees (positions and a row count). pg_bulk: the store's way of
+    writing a batch to PostgreSQL (connection_tracker/store.py, PG_BULK_PATHS)."""
     engine = create_engine(settings.database_url)
-    store = ProjectionStore(engine)
+    store = ProjectionStore(engine, pg_bulk=pg_bulk)
     try:
         started = time.perf_counter()
         projector = Projector(settings, store)

@@ -12,6 +12,11 @@
 #                       'postgres' OS user, hence not inside a checkout that may live under /root)
 #   CONNTRACK_PG_REPLICA_PORT  the replica's port                 (default: CONNTRACK_PG_PORT + 1)
 #   CONNTRACK_PG_REPLICA_DIR   the replica's directory            (default /tmp/conntrack-pg-<its port>)
+#   CONNTRACK_PG_DURABLE=1     a server that commits like a production one: synchronous_commit = on
+#                       (PostgreSQL's default; fsync and full_page_writes are left on as ever).
+#                       Without it the server runs with synchronous_commit = off (a crash may lose
+#                       the last commits, never corrupt data). Set either way (1 or 0), it is also
+#                       enforced at each start of an existing data directory.
 #
 # The server trusts loopback connections: it is for tests on this machine, never for production.
 # It creates role and database 'conntrack'; `infra/postgres.sh url` prints the SQLAlchemy URL.
@@ -31,6 +36,13 @@ replica_dir="${CONNTRACK_PG_REPLICA_DIR:-/tmp/conntrack-pg-$replica_port}"
 replica_data="$replica_dir/data"
 
 die() { echo "infra/postgres: $*" >&2; exit 1; }
+
+case "${CONNTRACK_PG_DURABLE:-}" in
+  1) synchronous_commit=on; start_options=(-o "-c synchronous_commit=on") ;;
+  0) synchronous_commit=off; start_options=(-o "-c synchronous_commit=off") ;;
+  "") synchronous_commit=off; start_options=() ;;
+  *) die "CONNTRACK_PG_DURABLE must be 1 or 0, not '$CONNTRACK_PG_DURABLE'" ;;
+esac
 
 pg_bin() {
   local d
@@ -79,8 +91,9 @@ port = $port
 unix_socket_directories = '$dir'
 max_connections = 200
 shared_buffers = 256MB
-# A throwaway server: a crash may lose the last commits, never corrupt data.
-synchronous_commit = off
+# off: a throwaway server, where a crash may lose the last commits, never corrupt data;
+# on with CONNTRACK_PG_DURABLE=1 (benchmarks on production-like durability).
+synchronous_commit = $synchronous_commit
 # Streaming replicas (`infra/postgres.sh replica up`); WAL kept so a paused replica catches up.
 wal_level = replica
 max_wal_senders = 10
@@ -89,7 +102,7 @@ CONF
     # initdb --auth=trust already trusts loopback replication; stated so it does not depend on it.
     echo "host replication all 127.0.0.1/32 trust" >>"$data/pg_hba.conf"
   fi
-  as_pg "$bin/pg_ctl" -D "$data" -l "$dir/server.log" -w -t 60 start >/dev/null ||
+  as_pg "$bin/pg_ctl" -D "$data" -l "$dir/server.log" ${start_options[@]+"${start_options[@]}"} -w -t 60 start >/dev/null ||
     { tail -30 "$dir/server.log" >&2; die "server did not start"; }
   as_pg "$bin/psql" -h 127.0.0.1 -p "$port" -U postgres -d postgres -q -v ON_ERROR_STOP=1 >/dev/null <<SQL
 SELECT 'CREATE ROLE conntrack LOGIN SUPERUSER' WHERE NOT EXISTS (SELECT FROM pg_roles WHERE rolname = 'conntrack')\gexec
