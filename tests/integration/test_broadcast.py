@@ -51,6 +51,7 @@ from tests.support.gateway import (
     with_command_topics,
 )
 from tests.support.kafka import unique
+from tests.support.ports import free_port
 from tests.support.projector import running
 
 pytestmark = [pytest.mark.kafka, pytest.mark.slow]
@@ -327,7 +328,9 @@ async def test_counts_when_a_node_does_not_answer_and_unavailable_when_nothing_i
             )
         assert (answer.addressed, answer.delivered, answer.complete) == (1, 0, False)
         assert answer.unreachable == 1
-    cut_off = CommandChannel(kafka_settings.kafka_bootstrap_servers, unique("none"), unique("none"))
+    # A broker nobody listens on (a cancelled retry against the real broker could leave a
+    # connection for the garbage collector).
+    cut_off = CommandChannel(f"127.0.0.1:{free_port()}", unique("none"), unique("none"))
     async with (
         ApiServer(ConnectionRepository(engine), "127.0.0.1:0", commands=cut_off) as server,
         grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel,
