@@ -48,6 +48,7 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from multiprocessing.connection import Connection
 from multiprocessing.process import BaseProcess
@@ -471,9 +472,11 @@ def worker_main(settings: Settings, index: int, conn: Connection) -> None:
     # A worker still starting when the supervisor stops: it stops once up, as the others do.
     signal.signal(signal.SIGTERM, early_stop)
     setup_logging(settings.log_level, settings.log_format, worker=index)
+    from api.__main__ import serve  # api.__main__ imports this module; before tune_gc's freeze
+
     tune_gc(settings.gc_gen0_threshold, default=PYTHON_GEN0_THRESHOLD)
     try:
-        code = asyncio.run(_work(settings, conn, state))
+        code = asyncio.run(_work(serve, settings, conn, state))
     except cli.CommandError as exc:
         code = exc.code
         _report_start_error(conn, state, str(exc), exc.code)
@@ -495,9 +498,9 @@ def _report_start_error(conn: Connection, state: _WorkerState, message: str, cod
         conn.send(("error", message, int(code)))
 
 
-async def _work(settings: Settings, conn: Connection, state: _WorkerState) -> int:
-    from api.__main__ import serve  # api.__main__ imports this module
-
+async def _work(
+    serve: Callable[..., Awaitable[int]], settings: Settings, conn: Connection, state: _WorkerState
+) -> int:
     loop = asyncio.get_running_loop()
 
     def started(server: ApiServer) -> None:

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import grpc
+from google.api import annotations_pb2
 
 from bench.procstat import CpuUse, CpuWindow
 from bench.services import REPO
@@ -138,7 +139,9 @@ class LoadGenerator:
             "--proto",
             PROTO,
             "--import-paths",
-            ".",
+            # The service's proto imports google/api/annotations.proto (its HTTP routes), as
+            # googleapis-common-protos ships it (proto/generate.py finds it the same way).
+            f".,{Path(annotations_pb2.__file__).parents[2]}",
             "--call",
             GET_METHOD,
             "--concurrency",

@@ -7,10 +7,11 @@ port held by another server is refused, a worker's start error ends the command 
 About the one retry allowed after the SIGKILL: a channel whose TCP connection went to the
 killed worker sees that connection reset, and a call in flight on it (or sent before the
 client noticed) fails UNAVAILABLE once; the channel then reconnects, and the kernel hands the
-new connection to a live worker. Each call is retried at most once, on UNAVAILABLE only, and
-waits for the channel to be ready (wait_for_ready): a connection attempt that lands on the
-dying worker's listener before the kernel has closed it is reset, and a fail-fast call would
-give up on that instead of reconnecting."""
+new connection to a live worker. Each call is retried at most once, on UNAVAILABLE only, after
+0.2 s (as gRPC's own retryPolicy would, with a backoff: retried at once it may go out on the same
+dead connection), and waits for the channel to be ready (wait_for_ready): a connection attempt
+that lands on the dying worker's listener before the kernel has closed it is reset, and a
+fail-fast call would give up on that instead of reconnecting."""
 
 from __future__ import annotations
 
@@ -45,6 +46,9 @@ from tests.support.ports import free_port
 
 ROWS = 20
 CHANNELS = 16  # each its own TCP connection, so the kernel spreads them over the workers
+# Before the one retry: time for the channel to see its connection gone (a retry sent at once
+# can go out on the same dead connection and fail the same way).
+RETRY_BACKOFF_SECONDS = 0.2
 GET_OK = {"grpc_method": "Get", "grpc_service": SERVICE_NAME, "grpc_type": "unary"}
 
 
@@ -95,6 +99,7 @@ async def _gets(channels: list[grpc.aio.Channel], rounds: int) -> tuple[int, int
             if exc.code() != grpc.StatusCode.UNAVAILABLE:
                 raise
             retries += 1
+            await asyncio.sleep(RETRY_BACKOFF_SECONDS)
             answer = await stub.Get(request, timeout=10, wait_for_ready=True)
         assert answer.id == f"wk-{i % ROWS}"
 
