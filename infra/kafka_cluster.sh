@@ -20,6 +20,7 @@
 #   CONNTRACK_CLUSTER_PORT       client port base       (default 19192: nodes on 19193..)
 #   CONNTRACK_CLUSTER_CTRL_PORT  controller port base   (default 19292: nodes on 19293..)
 #   CONNTRACK_CLUSTER_HEAP       JVM heap per node      (default 384m)
+#   CONNTRACK_CLUSTER_JAVA_OPTS  more JVM options per node (default none)
 #   CONNTRACK_STATE_DIR          as for infra/kafka.sh  (default <repo>/.local)
 #
 # A separate file, sourced by infra/kafka.sh, rather than more of kafka.sh: the single broker is
@@ -30,6 +31,7 @@
 cluster_port="${CONNTRACK_CLUSTER_PORT:-19192}"
 cluster_ctrl_port="${CONNTRACK_CLUSTER_CTRL_PORT:-19292}"
 cluster_heap="${CONNTRACK_CLUSTER_HEAP:-384m}"
+cluster_java_opts="${CONNTRACK_CLUSTER_JAVA_OPTS:-}"
 cluster_state="${CONNTRACK_STATE_DIR:-$repo/.local}/kafka-cluster"
 
 cluster_size() {
@@ -91,12 +93,20 @@ delete.topic.enable=true
 PROPS
 }
 
+node_jvm() {
+  # The JVM command line of node $1, into the array `jvm`, one definition for every use.
+  local dir extra=()
+  dir="$(node_dir "$1")"
+  read -ra extra <<<"$cluster_java_opts"
+  jvm=(java -Xms128m -Xmx"$cluster_heap" -XX:+UseG1GC ${extra[@]+"${extra[@]}"}
+    -Djava.awt.headless=true -Dlog4j2.configurationFile="$here/kafka/log4j2.properties"
+    -Dkafka.logs.dir="$dir/logs" -cp "$lib/*")
+}
+
 node_java() {
-  local dir; dir="$(node_dir "$1")"
-  shift
-  java -Xms128m -Xmx"$cluster_heap" -XX:+UseG1GC -Djava.awt.headless=true \
-    -Dlog4j2.configurationFile="$here/kafka/log4j2.properties" -Dkafka.logs.dir="$dir/logs" \
-    -cp "$lib/*" "$@"
+  local jvm
+  node_jvm "$1"; shift
+  "${jvm[@]}" "$@"
 }
 
 launch_node() {
@@ -108,9 +118,9 @@ launch_node() {
   # Readiness is judged by what this start logs: server.log is appended to across restarts.
   stat -c %s "$dir/logs/server.log" 2>/dev/null >"$dir/log.offset" || echo 0 >"$dir/log.offset"
   # setsid: the node outlives the shell that started it, and signals to that shell's group.
-  setsid nohup java -Xms128m -Xmx"$cluster_heap" -XX:+UseG1GC -Djava.awt.headless=true \
-    -Dlog4j2.configurationFile="$here/kafka/log4j2.properties" -Dkafka.logs.dir="$dir/logs" \
-    -cp "$lib/*" kafka.Kafka "$dir/server.properties" >>"$dir/logs/stdout.log" 2>&1 </dev/null &
+  local jvm
+  node_jvm "$i"
+  setsid nohup "${jvm[@]}" kafka.Kafka "$dir/server.properties" >>"$dir/logs/stdout.log" 2>&1 </dev/null &
   echo $! >"$dir/node.pid"
 }
 
