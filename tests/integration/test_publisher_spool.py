@@ -304,3 +304,30 @@ async def test_a_full_spool_refuses_new_events_counted_and_reported(
     ids = [e.event_id for e in got]
     assert list(dict.fromkeys(ids)) == [e.event_id for e in [*accepted, again]]
     assert not {e.event_id for e, _ in failed} & set(ids)
+
+
+def test_the_gateway_takes_the_spool_setting_and_says_when_it_cannot_use_it(
+    tmp_path: Path,
+) -> None:
+    """conntrack-gateway hands CONNTRACK_GATEWAY_SPOOL_DIR to its Publisher, which opens the spool
+    before connecting: a directory it cannot use is one line and exit 2, no traceback."""
+    blocker = tmp_path / "a-file"
+    blocker.write_bytes(b"")
+    done = subprocess.run(
+        [str(Path(sys.executable).parent / "conntrack-gateway")],
+        env={
+            **{k: v for k, v in os.environ.items() if not k.startswith("CONNTRACK_")},
+            "CONNTRACK_GATEWAY_SPOOL_DIR": str(blocker / "spool"),
+            "CONNTRACK_GATEWAY_LISTEN": "127.0.0.1:0",
+            "CONNTRACK_KAFKA_BOOTSTRAP_SERVERS": "127.0.0.1:1",  # never reached
+        },
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 2, done
+    assert done.stderr.strip().splitlines() == [
+        f"conntrack-gateway: cannot use spool directory {blocker / 'spool'}: [Errno 20] Not a "
+        f"directory: '{blocker / 'spool'}'; check CONNTRACK_GATEWAY_SPOOL_DIR"
+    ]
+    assert "Traceback" not in done.stderr
