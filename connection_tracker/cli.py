@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import re
 import signal
 import sys
 from collections.abc import Callable, Coroutine, Iterable
@@ -22,7 +23,7 @@ from importlib.metadata import PackageNotFoundError, version
 from typing import Any, NoReturn
 
 from aiokafka.errors import KafkaConnectionError, KafkaError
-from pydantic import ValidationError
+from pydantic import SecretStr, ValidationError
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import ArgumentError, DBAPIError, OperationalError
 
@@ -115,14 +116,29 @@ def settings_from_args(ns: argparse.Namespace, **overrides: Any) -> Settings:
         for error in exc.errors():
             name = str(error["loc"][0]) if error["loc"] else "settings"
             flag = "--" + name.replace("_", "-")
-            value = error.get("input")
+            value = _without_secrets(name, error.get("input"))
             why = str(error["msg"]).removeprefix("Value error, ")
             lines.append(
-                f"{env_name(name)} / {flag} = {value!r}: {why}"
+                f"{env_name(name)} / {flag} = {value}: {why}"
                 if name in Settings.model_fields
                 else why
             )
         raise CommandError("; ".join(lines), Exit.USAGE) from None
+
+
+# user:password@ in a URL (database URLs, lists of them): the password is replaced, the rest
+# stays, so the line still says which value was refused.
+_URL_PASSWORD = re.compile(r"(://[^/:@\s,]*:)[^@\s,]*@")
+
+
+def _without_secrets(name: str, value: Any) -> str:
+    """A refused value as an error line may show it: never a password, whether the setting is
+    a secret or a URL that carries one."""
+    if "password" in name or isinstance(value, SecretStr):
+        return "'***'"
+    if isinstance(value, str):
+        return repr(_URL_PASSWORD.sub(r"\1***@", value))
+    return repr(value)
 
 
 def run(
