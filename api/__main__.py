@@ -176,7 +176,10 @@ def main(argv: list[str] | None = None) -> None:
     setup_logging(settings.log_level, settings.log_format)
     tune_gc(settings.gc_gen0_threshold, default=PYTHON_GEN0_THRESHOLD)
     if ns.command == "serve":
-        workers = resolve_workers(settings.api_workers, settings.api_listen, available_cores())
+        try:
+            workers = resolve_workers(settings.api_workers, settings.api_listen, available_cores())
+        except cli.CommandError as exc:
+            cli.fail(prog, exc)
         if workers == 1:
             cli.run(prog, lambda: serve(settings), settings)
         cli.run(prog, lambda: supervise(settings, workers), settings)

@@ -341,3 +341,21 @@ async def test_workers_stop_when_their_supervisor_is_killed(
         # SO_REUSEADDR passes connections in TIME_WAIT, not a socket still bound to the port.
         again.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         again.bind(("127.0.0.1", port))
+
+
+@pytest.mark.parametrize("backend", ["sqlite"])
+async def test_several_workers_on_a_unix_socket_is_one_line(
+    database_url: str, tmp_path: Path
+) -> None:
+    code, err = await _serve_once(
+        {
+            "CONNTRACK_DATABASE_URL": database_url,
+            "CONNTRACK_API_LISTEN": f"unix:{tmp_path / 'api.sock'}",
+            "CONNTRACK_API_WORKERS": "2",
+        }
+    )
+    assert code == 2, err
+    assert err.strip().splitlines() == [
+        "conntrack-api: CONNTRACK_API_WORKERS / --api-workers = 2: workers share a TCP port, and "
+        f"CONNTRACK_API_LISTEN = 'unix:{tmp_path / 'api.sock'}' is a Unix socket; use 1"
+    ]
