@@ -15,6 +15,7 @@ Format (docs/producer.md, "Durable spool"), in one directory:
   records are never written, so a tail of zeros (blocks allocated, never written, after a power
   loss) also ends the segment.
 - A segment whose records are all acknowledged is deleted; an empty spool has no segment file.
+- `lock`: held (flock, exclusive) while the spool is open, so that no two writers share it.
 
 Bounds: the segment files together never exceed `max_bytes` (acknowledged records still in a
 segment that also holds unacknowledged ones count until the segment goes); append() refuses a
@@ -29,6 +30,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import fcntl
 import functools
 import logging
 import os
@@ -51,6 +53,7 @@ HEADER_BYTES: Final = _HEADER.size
 MAX_RECORD_BYTES: Final = 1 << 20
 SEGMENT_SUFFIX: Final = ".seg"
 CURSOR_NAME: Final = "cursor"
+LOCK_NAME: Final = "lock"
 DEFAULT_SEGMENT_BYTES: Final = 4 << 20
 
 
@@ -145,6 +148,7 @@ class SpoolFiles:
         self._read_at: tuple[int, int] = (0, 0)
         self._tail: BinaryIO | None = None
         self._lock = threading.Lock()
+        self._lock_fd: int | None = None
         self.truncated_bytes = 0
 
     @classmethod
@@ -164,10 +168,32 @@ class SpoolFiles:
         try:
             path.mkdir(parents=True, exist_ok=True)
             files = cls(path, max_bytes, segment_bytes)
-            files._recover()
+            files._take_directory()
         except OSError as exc:
             raise SpoolError(f"cannot use spool directory {path}: {exc}") from exc
+        try:
+            files._recover()
+        except OSError as exc:
+            files.close()
+            raise SpoolError(f"cannot use spool directory {path}: {exc}") from exc
         return files
+
+    def _take_directory(self) -> None:
+        """Two writers would interleave their records: an exclusive lock on a file in the
+        directory, which the OS releases when the process ends, however it ends."""
+        fd = os.open(self.directory / LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise SpoolError(
+                f"spool directory {self.directory} is in use by another publisher (it holds "
+                f"{self.directory / LOCK_NAME}); give each one its own directory"
+            ) from None
+        except BaseException:
+            os.close(fd)
+            raise
+        self._lock_fd = fd
 
     def _recover(self) -> None:
         cursor = self._read_cursor()
@@ -375,10 +401,15 @@ class SpoolFiles:
 
     @_locked
     def close(self) -> None:
-        if self._tail is not None:
-            self._sync_tail()
-            self._tail.close()
-            self._tail = None
+        try:
+            if self._tail is not None:
+                self._sync_tail()
+                self._tail.close()
+                self._tail = None
+        finally:
+            if self._lock_fd is not None:
+                os.close(self._lock_fd)  # releases the lock
+                self._lock_fd = None
 
 
 class Spool:

@@ -164,6 +164,14 @@ def test_bad_arguments_and_directories_are_refused(tmp_path: Path) -> None:
         SpoolFiles.open(blocker / "spool", 10_000)
 
 
+def test_one_directory_takes_one_writer(tmp_path: Path) -> None:
+    files = SpoolFiles.open(tmp_path, 10_000)
+    with pytest.raises(SpoolError, match="in use by another publisher"):
+        SpoolFiles.open(tmp_path, 10_000)
+    files.close()
+    SpoolFiles.open(tmp_path, 10_000).close()  # released by close (and by any process exit)
+
+
 # -- property: any sequence of operations keeps order, acknowledgements and the bound ----------
 
 _payloads = st.lists(st.binary(min_size=1, max_size=40), min_size=1, max_size=6)
