@@ -3,6 +3,9 @@ restart backoff, and how the supervisor holds the port (loopback sockets only)."
 
 from __future__ import annotations
 
+import json
+import logging
+import os
 import socket
 
 import pytest
@@ -11,6 +14,7 @@ from hypothesis import strategies as st
 
 from api.workers import RestartBackoff, cgroup_cpu_limit, cores_from, hold_port, resolve_workers
 from connection_tracker import cli
+from connection_tracker.lifecycle import setup_logging
 from connection_tracker.settings import Settings
 
 
@@ -117,3 +121,27 @@ def test_hold_port_refuses_what_is_not_host_port() -> None:
         hold_port("127.0.0.1")
     with pytest.raises(OSError, match="not host:port"):
         hold_port("127.0.0.1:http")
+
+
+@pytest.mark.parametrize("log_format", ["text", "json"])
+def test_a_workers_log_lines_say_which_worker(
+    log_format: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level
+    setup_logging("INFO", log_format, worker=3)
+    try:
+        logging.getLogger("api.server").info("event=probe state=%s", "SERVING")
+    finally:  # pytest's own handlers back, as they were
+        root.handlers[:] = handlers
+        root.setLevel(level)
+    line = capsys.readouterr().err.strip().splitlines()[-1]
+    if log_format == "text":
+        tag = f"[worker 3 pid {os.getpid()}]"
+        assert line.endswith(f"INFO api.server: {tag} event=probe state=SERVING")
+    else:
+        fields = json.loads(line)
+        assert fields["worker"] == 3
+        assert fields["pid"] == os.getpid()
+        assert fields["message"] == "event=probe state=SERVING"
+        assert fields["state"] == "SERVING"
