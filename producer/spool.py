@@ -161,7 +161,7 @@ class SpoolFiles:
         """Open (creating the directory if needed) and recover: truncate torn records, delete
         acknowledged segments, position reads at the first unacknowledged record."""
         if max_bytes < HEADER_BYTES + 1:
-            raise ValueError(f"spool max_bytes must be >= {HEADER_BYTES + 1}")
+            raise ValueError(f"spool_max_bytes must be >= {HEADER_BYTES + 1}")
         if segment_bytes < 1:
             raise ValueError("spool segment_bytes must be >= 1")
         path = Path(directory)
@@ -430,7 +430,7 @@ class Spool:
         segment_bytes: int | None = None,
     ) -> None:
         if max_bytes < HEADER_BYTES + 1:
-            raise ValueError(f"spool max_bytes must be >= {HEADER_BYTES + 1}")
+            raise ValueError(f"spool_max_bytes must be >= {HEADER_BYTES + 1}")
         self.directory = Path(directory)
         self.max_bytes = max_bytes
         # Small enough that acknowledged records do not hold much of the bound for long.
