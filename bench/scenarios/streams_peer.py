@@ -191,7 +191,9 @@ async def run_peer(
     ]
     if dump is not None:
         argv += ["--dump", str(dump)]
-    with tempfile.TemporaryDirectory(prefix="conntrack-streams-") as state_dir:
+    # Its local state (RocksDB files) goes beside the logs, not under the OS's temp folder
+    # (Kafka Streams warns against that), and is deleted with the run.
+    with tempfile.TemporaryDirectory(prefix="streams-state-", dir=log_path.parent) as state_dir:
         argv += ["--state-dir", state_dir]
         try:
             with log_path.open("wb") as log:

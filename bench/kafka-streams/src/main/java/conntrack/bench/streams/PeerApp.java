@@ -231,7 +231,6 @@ public final class PeerApp {
     long closing = System.nanoTime();
     streams.close(Duration.ofSeconds(120));
     double closeSeconds = seconds(System.nanoTime() - closing);
-    streams.cleanUp();
 
     long first = progress.firstNanos.get();
     long running = runningNanos.get();
