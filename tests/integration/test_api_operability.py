@@ -33,6 +33,7 @@ from sqlalchemy import insert, text
 from sqlalchemy.engine import make_url
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from api.directory import DIRECTORY_SERVICE_NAME
 from api.repository import APPLICATION_NAME, ConnectionRepository, create_read_engine
 from api.server import ApiServer, listen_host
 from api.service import SERVICE_NAME
@@ -241,6 +242,7 @@ async def test_reflection_answers_as_v1_and_as_v1alpha(read_engine: AsyncEngine)
         )
     expected = {
         SERVICE_NAME,
+        DIRECTORY_SERVICE_NAME,
         "grpc.health.v1.Health",
         "grpc.reflection.v1.ServerReflection",
         "grpc.reflection.v1alpha.ServerReflection",
@@ -454,13 +456,13 @@ async def test_metrics_endpoint_counts_calls_as_grpc_prometheus_does(
     assert _value(families, "grpc_server_handled_total", **get, grpc_code="Unavailable") == 0
     send = {**call, "grpc_method": "Send"}
     assert _value(families, "grpc_server_handled_total", **send, grpc_code="Unimplemented") == 0
-    # Health checks and reflection are not traffic: only ConnectionService is counted.
+    # Health checks and reflection are not traffic: only the project's services are counted.
     services = {
         s.labels["grpc_service"]
         for name in ("grpc_server_started", "grpc_server_handled", "grpc_server_handling_seconds")
         for s in families[name].samples
     }
-    assert services == {SERVICE_NAME}
+    assert services == {SERVICE_NAME, DIRECTORY_SERVICE_NAME}
     handled = sum(
         s.value for s in families["grpc_server_handled"].samples if s.name.endswith("_total")
     )
