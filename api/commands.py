@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import time
 import uuid
@@ -192,14 +193,14 @@ class CommandChannel:
                     delivery = await producer.send(
                         self._commands_topic, encode_command(command), key=node_id.encode()
                     )
-                    # A caller that leaves (its deadline) must neither cancel aiokafka's own
-                    # future nor leave its error unretrieved.
-                    delivery.add_done_callback(_retrieve)
-                    await asyncio.shield(delivery)
                 except KafkaError as exc:
                     raise CommandNotHanded(
                         f"the command could not be handed to Kafka: {one_line(exc)}"
                     ) from None
+                # The acknowledgement and the outcome are awaited together (one wake-up per
+                # call, not two): a failed delivery fails the wait. aiokafka's own future is
+                # never cancelled by a caller that leaves, and its error is always retrieved.
+                delivery.add_done_callback(functools.partial(_delivered, waiter))
                 return await waiter
         except TimeoutError:
             raise CommandChannelUnavailable(
@@ -209,6 +210,14 @@ class CommandChannel:
             self._waiting.pop(command.command_id, None)
 
 
-def _retrieve(future: asyncio.Future[Any]) -> None:
-    if not future.cancelled():
-        future.exception()
+def _delivered(waiter: asyncio.Future[Outcome], delivery: asyncio.Future[Any]) -> None:
+    """The command's acknowledgement: if it failed, the wait for its outcome fails too (unless
+    the outcome is in already, or the caller has left)."""
+    if delivery.cancelled():
+        error: str = "the command channel stopped before the broker acknowledged it"
+    elif (exc := delivery.exception()) is not None:
+        error = one_line(exc)
+    else:
+        return
+    if not waiter.done():
+        waiter.set_exception(CommandNotHanded(f"the command could not be handed to Kafka: {error}"))
