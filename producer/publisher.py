@@ -121,7 +121,8 @@ class PublisherStats:
     replayed: int = 0
     """Spooled events the broker acknowledged when the spool was replayed."""
     spool_refused: int = 0
-    """Events the full spool refused (each also counted in undelivered, see SpoolFullError)."""
+    """Events the full spool refused: a new one is also counted in undelivered (SpoolFullError);
+    one in flight at the switch to spooling only if it then fails."""
     spool_pending: int = 0
     """Events in the spool not yet acknowledged by the broker (including the previous run's)."""
     spool_bytes: int = 0
@@ -275,6 +276,9 @@ class Publisher:
         # In-flight events also written to the spool: their failure is not reported, and one
         # acknowledged after all is not replayed (a lost entry here only means a duplicate).
         self._spooled_ids: set[str] = set()
+        # In-flight events the full spool could not take at the switch: if they fail, they are
+        # reported (a later copy would land behind newer events of their connection).
+        self._unspooled_ids: set[str] = set()
         self._skip_replay: set[str] = set()
         self._replayer: asyncio.Task[None] | None = None
         self._replay_futures: list[asyncio.Future[Any]] = []
@@ -915,6 +919,10 @@ class Publisher:
             raise
         self._in_flight[future] = event
         future.add_done_callback(self._settle)
+        if self._spooling:
+            # The switch came while this one was being handed over (waiting for room or for
+            # the producer): it belongs in the spool before any later event, as if in flight.
+            self._keep_in_spool(event)
 
     def _settle(self, future: asyncio.Future[Any]) -> None:
         if future in self._in_flight and (future.cancelled() or future.exception() is not None):
@@ -933,6 +941,7 @@ class Publisher:
             if self._spooled_ids and event.event_id in self._spooled_ids:
                 self._spooled_ids.discard(event.event_id)
                 self._skip_replay.add(event.event_id)
+            self._unspooled_ids.discard(event.event_id)
 
     # -- replacing the producer --------------------------------------------------------------
 
@@ -1045,7 +1054,9 @@ class Publisher:
             if event.event_id in self._spooled_ids:
                 self._spooled_ids.discard(event.event_id)
                 return True
-            if self._spool_put(event, encode(event)):
+            if event.event_id in self._unspooled_ids:
+                self._unspooled_ids.discard(event.event_id)
+            elif self._spool_put(event, encode(event)):
                 return True
         self._report_undelivered(event, error)
         return False
@@ -1088,8 +1099,14 @@ class Publisher:
         for future, event in self._in_flight.items():
             if future.done() and not future.cancelled() and future.exception() is None:
                 continue  # acknowledged; its callback has not run yet
-            if self._spool_put(event, encode(event)):
-                self._spooled_ids.add(event.event_id)
+            self._keep_in_spool(event)
+
+    def _keep_in_spool(self, event: Event) -> None:
+        """Spool an in-flight event in its place; a failure of it is then not reported."""
+        if self._spool_put(event, encode(event)):
+            self._spooled_ids.add(event.event_id)
+        else:
+            self._unspooled_ids.add(event.event_id)
 
     def _to_spool(self, event: Event, value: bytes) -> None:
         """Put a new event in the spool, or report it and raise SpoolFullError."""
@@ -1270,6 +1287,7 @@ class Publisher:
         await spool.close()
         self._spooling = False
         self._spooled_ids.clear()
+        self._unspooled_ids.clear()
         self._skip_replay.clear()
         if spool.pending:
             log.warning(
