@@ -3,6 +3,7 @@
     python -m bench run [--scale F] [--only NAME,...] [--json PATH]
     python -m bench list
     python -m bench clean [--dry-run]
+    python -m bench soak [--minutes 60] [--rate 5000] [--get-rate 500] [--out PATH]
 
 BENCHMARKS.md describes every figure, its ceiling and what limits it."""
 
@@ -27,6 +28,7 @@ from typing import Any
 
 from sqlalchemy.engine import make_url
 
+from bench import soak
 from bench.config import BenchConfig
 from bench.infra import leftovers
 from bench.procstat import cpu_count
@@ -108,6 +110,16 @@ def _reachable(hostport: str) -> bool:
             return True
     except (OSError, ValueError):
         return False
+
+
+def _require_servers(cfg: BenchConfig) -> None:
+    pg = make_url(cfg.postgres_url)
+    for what, hostport, hint in (
+        ("Kafka", cfg.kafka, "infra/kafka.sh up"),
+        ("PostgreSQL", f"{pg.host}:{pg.port or 5432}", "infra/postgres.sh up"),
+    ):
+        if not _reachable(hostport):
+            sys.exit(f"bench: no {what} at {hostport}; start it with {hint}")
 
 
 def _git(*args: str) -> str | None:
@@ -211,6 +223,15 @@ def parser() -> argparse.ArgumentParser:
     c.add_argument("--dry-run", action="store_true", help="only list them")
     c.add_argument("--kafka", help="bootstrap servers (default 127.0.0.1:19092)")
     c.add_argument("--postgres-url", help="as for run")
+    soak.add_arguments(
+        sub.add_parser(
+            "soak",
+            help="run the whole system at a steady load for a long time (default 1 h), record "
+            "RSS, lag, freshness, Get p99 and log errors per interval, write JSON + PNG, verdict",
+        ),
+        _positive(int),
+        _positive(float),
+    )
     r = sub.add_parser("run", help="run scenarios, print the table, write JSON")
     r.add_argument(
         "--scale",
@@ -304,6 +325,21 @@ def main(argv: list[str] | None = None) -> None:
         print(f"{verb} {len(topics)} topics: {' '.join(topics) or '-'}")
         print(f"{verb} {len(databases)} databases: {' '.join(databases) or '-'}")
         return
+    if ns.command == "soak":
+        try:
+            params = soak.params_from(ns)
+        except ValueError as exc:
+            sys.exit(f"bench soak: {exc}")
+        soak_cfg = BenchConfig.from_environment(
+            kafka=ns.kafka,
+            postgres_url=ns.postgres_url,
+            partitions=ns.partitions,
+            seed=ns.seed,
+            work_dir=ns.work_dir,
+        )
+        _require_servers(soak_cfg)
+        meta = _meta(soak_cfg, "python grpc.aio, open loop (bench/soak.py)", argv)
+        sys.exit(soak.main(soak_cfg, params, meta, ns.out or soak.default_out()))
     cfg = BenchConfig.from_environment(
         scale=ns.scale,
         kafka=ns.kafka,
@@ -324,13 +360,7 @@ def main(argv: list[str] | None = None) -> None:
         loadgen_processes=ns.loadgen_processes,
         work_dir=ns.work_dir,
     )
-    pg = make_url(cfg.postgres_url)
-    for what, hostport, hint in (
-        ("Kafka", cfg.kafka, "infra/kafka.sh up"),
-        ("PostgreSQL", f"{pg.host}:{pg.port or 5432}", "infra/postgres.sh up"),
-    ):
-        if not _reachable(hostport):
-            sys.exit(f"bench: no {what} at {hostport}; start it with {hint}")
+    _require_servers(cfg)
     names = ns.only or list(SCENARIOS)
     try:
         generator = get.load_generator(cfg).name
