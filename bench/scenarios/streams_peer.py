@@ -213,6 +213,8 @@ async def run_peer(
                     wall = 0.0
                     async with asyncio.timeout(timeout_s + 180):
                         async for raw in proc.stdout:
+                            if not raw.startswith(b"{"):
+                                continue  # not the app's own report (a library's print)
                             line = json.loads(raw)
                             if line.get("caught_up") and use is None:
                                 wall, use = time.perf_counter() - started, cpu.finish()

@@ -62,6 +62,10 @@ import org.apache.kafka.streams.state.Stores;
  */
 public final class PeerApp {
   static final String STORE = "connections";
+  static final String USAGE =
+      "usage: PeerApp --bootstrap HOST:PORT --topic T --application-id ID --state-dir DIR"
+          + " [--threads N] [--store rocksdb|memory]"
+          + " [--guarantee at_least_once|exactly_once_v2] [--dump FILE] [--timeout-s S]";
 
   /** Which records the stream threads have processed, against the end offsets read at start. */
   static final class Progress {
@@ -150,6 +154,10 @@ public final class PeerApp {
     long mainNanos = System.nanoTime();
     long jvmStartMs = ManagementFactory.getRuntimeMXBean().getStartTime();
     long mainMs = System.currentTimeMillis();
+    if (List.of(argv).contains("--help") || List.of(argv).contains("-h")) {
+      System.out.println(USAGE);
+      return;
+    }
     Map<String, String> args;
     try {
       args = parse(argv);
@@ -329,6 +337,18 @@ public final class PeerApp {
     String store = args.getOrDefault("store", "rocksdb");
     if (!store.equals("rocksdb") && !store.equals("memory")) {
       throw new IllegalArgumentException("--store must be rocksdb or memory");
+    }
+    String guarantee = args.getOrDefault("guarantee", StreamsConfig.AT_LEAST_ONCE);
+    if (!List.of(StreamsConfig.AT_LEAST_ONCE, StreamsConfig.EXACTLY_ONCE_V2).contains(guarantee)) {
+      throw new IllegalArgumentException("--guarantee must be at_least_once or exactly_once_v2");
+    }
+    try {
+      if (Integer.parseInt(args.getOrDefault("threads", "1")) < 1
+          || !(Double.parseDouble(args.getOrDefault("timeout-s", "600")) > 0)) {
+        throw new NumberFormatException();
+      }
+    } catch (NumberFormatException e) {
+      throw new IllegalArgumentException("--threads and --timeout-s must be positive numbers");
     }
     return args;
   }
