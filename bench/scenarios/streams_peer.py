@@ -75,10 +75,10 @@ def _classpath(target: Path) -> str:
 def build(timeout_s: float = BUILD_TIMEOUT_S) -> str:
     """Build the peer with Maven once per change of its sources (cached under .local/, guarded
     by a file lock so concurrent callers build it once); returns its java classpath."""
-    missing = [tool for tool in ("java", "mvn") if shutil.which(tool) is None]
+    missing = [tool for tool in ("java", "javac", "mvn") if shutil.which(tool) is None]
     if missing:
         raise PeerUnavailable(
-            f"{' and '.join(missing)} not found: the Kafka Streams peer needs Java 17 and Maven"
+            f"{', '.join(missing)} not found: the Kafka Streams peer needs a Java 17 JDK and Maven"
         )
     BUILD.mkdir(parents=True, exist_ok=True)
     target = BUILD / "target"

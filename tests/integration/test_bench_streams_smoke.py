@@ -80,8 +80,9 @@ def _records() -> list[Record]:
 
 
 async def test_peer_folds_like_fold_py(kafka_bootstrap: str, tmp_path: Path) -> None:
-    if shutil.which("java") is None or shutil.which("mvn") is None:
-        pytest.skip("the Kafka Streams peer needs Java 17 and Maven (java/mvn not on PATH)")
+    missing = [tool for tool in ("java", "javac", "mvn") if shutil.which(tool) is None]
+    if missing:
+        pytest.skip(f"the Kafka Streams peer needs a Java 17 JDK and Maven ({missing} not found)")
     try:
         classpath = build()
     except PeerUnavailable as exc:
