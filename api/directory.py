@@ -38,7 +38,7 @@ from api.repository import (
     DirectoryFilter,
     ReadModelUnavailable,
 )
-from api.service import Context, M, UndecodableRequest, to_proto, tolerant_parser
+from api.service import Context, M, UndecodableRequest, to_proto
 from connection_tracker.liveness import Liveness
 from connection_tracker.protogen.conntrack.directory.v1 import directory_pb2
 from connection_tracker.settings import default
@@ -48,9 +48,8 @@ log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
-DIRECTORY_SERVICE_NAME: Final = directory_pb2.DESCRIPTOR.services_by_name[
-    "ConnectionDirectoryService"
-].full_name
+DIRECTORY_SERVICE: Final = directory_pb2.DESCRIPTOR.services_by_name["ConnectionDirectoryService"]
+DIRECTORY_SERVICE_NAME: Final = DIRECTORY_SERVICE.full_name
 
 DEFAULT_PAGE_SIZE: Final = 100
 MAX_PAGE_SIZE: Final = 1000
@@ -304,7 +303,7 @@ BroadcastMethod = Callable[
 
 
 class ConnectionDirectoryService:
-    """The gRPC servicer over ConnectionDirectory; register it with directory_handlers().
+    """The gRPC servicer over ConnectionDirectory; register it with api.service.tolerant_handlers().
     broadcast: Broadcast's implementation (api/broadcast.py, BroadcastRpc); without it
     Broadcast is UNIMPLEMENTED."""
 
@@ -369,27 +368,3 @@ def _decoded(request: M | UndecodableRequest) -> M:
             f"(string fields must be valid UTF-8): {request.reason}"
         )
     return request
-
-
-def directory_handlers(
-    service: ConnectionDirectoryService,
-) -> dict[str, grpc.RpcMethodHandler[Any, Any]]:
-    """Method handlers whose request parsers turn undecodable bodies into INVALID_ARGUMENT."""
-    pb = directory_pb2
-    return {
-        "ListConnections": grpc.unary_unary_rpc_method_handler(
-            service.ListConnections,
-            request_deserializer=tolerant_parser(pb.ListConnectionsRequest),
-            response_serializer=pb.ListConnectionsResponse.SerializeToString,
-        ),
-        "CountConnections": grpc.unary_unary_rpc_method_handler(
-            service.CountConnections,
-            request_deserializer=tolerant_parser(pb.CountConnectionsRequest),
-            response_serializer=pb.CountConnectionsResponse.SerializeToString,
-        ),
-        "Broadcast": grpc.unary_unary_rpc_method_handler(
-            service.Broadcast,
-            request_deserializer=tolerant_parser(pb.BroadcastRequest),
-            response_serializer=pb.BroadcastResponse.SerializeToString,
-        ),
-    }

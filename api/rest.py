@@ -36,16 +36,12 @@ from google.protobuf import descriptor, json_format
 from google.protobuf.message import Message
 from google.protobuf.message_factory import GetMessageClass
 
+from api.directory import DIRECTORY_SERVICE
 from api.interceptors import Behavior
-from connection_tracker.protogen.conntrack.directory.v1 import directory_pb2
-from connection_tracker.protogen.yandex.cloud.serverless.apigateway.websocket.v1 import (
-    connection_service_pb2,
-)
+from api.service import SERVICE
 
 log = logging.getLogger(__name__)
 
-SERVICE: Final = connection_service_pb2.DESCRIPTOR.services_by_name["ConnectionService"]
-DIRECTORY_SERVICE: Final = directory_pb2.DESCRIPTOR.services_by_name["ConnectionDirectoryService"]
 OPENAPI_PATH: Final = "/openapi.json"
 
 # grpc-gateway's runtime.HTTPStatusFromCode: the conventional HTTP status of each gRPC code.

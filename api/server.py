@@ -19,10 +19,10 @@ from api.auth import BearerTokens, load_tokens
 from api.broadcast import Broadcaster, BroadcastRpc
 from api.commands import CommandChannel
 from api.directory import (
+    DIRECTORY_SERVICE,
     DIRECTORY_SERVICE_NAME,
     ConnectionDirectory,
     ConnectionDirectoryService,
-    directory_handlers,
 )
 from api.interceptors import (
     BearerAuthInterceptor,
@@ -32,7 +32,7 @@ from api.interceptors import (
 )
 from api.metrics import ApiMetrics
 from api.repository import ConnectionRepository, ReadModelUnavailable
-from api.service import SERVICE_NAME, ConnectionService, connection_service_handlers
+from api.service import SERVICE, SERVICE_NAME, ConnectionService, tolerant_handlers
 from api.tls import ServerTls
 from connection_tracker.kafka import KafkaConnection
 from connection_tracker.liveness import Liveness
@@ -243,18 +243,16 @@ class ApiServer:
         )
         if self._commands is not None:
             await self._commands.start()  # connects in the background: Get never waits for it
-        handlers = connection_service_handlers(self._service)
-        server.add_generic_rpc_handlers(
-            (grpc.method_handlers_generic_handler(SERVICE_NAME, handlers),)
-        )
-        server.add_registered_method_handlers(SERVICE_NAME, handlers)  # type: ignore[attr-defined]
-        self.metrics.initialize(f"/{SERVICE_NAME}/{method}" for method in handlers)
-        directory = directory_handlers(self._directory_service)
-        server.add_generic_rpc_handlers(
-            (grpc.method_handlers_generic_handler(DIRECTORY_SERVICE_NAME, directory),)
-        )
-        server.add_registered_method_handlers(DIRECTORY_SERVICE_NAME, directory)  # type: ignore[attr-defined]
-        self.metrics.initialize(f"/{DIRECTORY_SERVICE_NAME}/{method}" for method in directory)
+        for service, servicer in (
+            (SERVICE, self._service),
+            (DIRECTORY_SERVICE, self._directory_service),
+        ):
+            handlers = tolerant_handlers(servicer, service)
+            server.add_generic_rpc_handlers(
+                (grpc.method_handlers_generic_handler(service.full_name, handlers),)
+            )
+            server.add_registered_method_handlers(service.full_name, handlers)  # type: ignore[attr-defined]
+            self.metrics.initialize(f"/{service.full_name}/{method}" for method in handlers)
         health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
         reflection.enable_server_reflection(
             (SERVICE_NAME, DIRECTORY_SERVICE_NAME, health.SERVICE_NAME), server

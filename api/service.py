@@ -19,7 +19,9 @@ from dataclasses import dataclass
 from typing import Any, Final, TypeVar
 
 import grpc
+from google.protobuf.descriptor import ServiceDescriptor
 from google.protobuf.message import DecodeError, Message
+from google.protobuf.message_factory import GetMessageClass
 
 from api.commands import CommandChannel, CommandChannelUnavailable
 from api.freshness import ProjectionPosition
@@ -43,9 +45,8 @@ from connection_tracker.timeutil import to_timestamp
 
 log = logging.getLogger(__name__)
 
-SERVICE_NAME: Final = connection_service_pb2.DESCRIPTOR.services_by_name[
-    "ConnectionService"
-].full_name
+SERVICE: Final = connection_service_pb2.DESCRIPTOR.services_by_name["ConnectionService"]
+SERVICE_NAME: Final = SERVICE.full_name
 
 M = TypeVar("M", bound=Message)
 
@@ -84,7 +85,7 @@ Context = grpc.aio.ServicerContext[object, object]
 
 
 class ConnectionService:
-    """The servicer; register it with connection_service_handlers()."""
+    """The servicer; register it with tolerant_handlers()."""
 
     def __init__(
         self,
@@ -259,26 +260,17 @@ async def _valid_id(
     return connection_id
 
 
-def connection_service_handlers(
-    service: ConnectionService,
+def tolerant_handlers(
+    servicer: object, service: ServiceDescriptor
 ) -> dict[str, grpc.RpcMethodHandler[Any, Any]]:
-    """Method handlers like the generated add_ConnectionServiceServicer_to_server registers,
-    but with request parsers that turn undecodable bodies into INVALID_ARGUMENT."""
-    svc = connection_service_pb2
+    """The method handlers of one service, as its generated add_*Servicer_to_server registers
+    them (the servicer's method of each RPC's name), but with request parsers that turn
+    undecodable bodies into INVALID_ARGUMENT."""
     return {
-        "Get": grpc.unary_unary_rpc_method_handler(
-            service.Get,
-            request_deserializer=tolerant_parser(svc.GetConnectionRequest),
-            response_serializer=connection_pb2.Connection.SerializeToString,
-        ),
-        "Send": grpc.unary_unary_rpc_method_handler(
-            service.Send,
-            request_deserializer=tolerant_parser(svc.SendToConnectionRequest),
-            response_serializer=svc.SendToConnectionResponse.SerializeToString,
-        ),
-        "Disconnect": grpc.unary_unary_rpc_method_handler(
-            service.Disconnect,
-            request_deserializer=tolerant_parser(svc.DisconnectRequest),
-            response_serializer=svc.DisconnectResponse.SerializeToString,
-        ),
+        method.name: grpc.unary_unary_rpc_method_handler(
+            getattr(servicer, method.name),
+            request_deserializer=tolerant_parser(GetMessageClass(method.input_type)),
+            response_serializer=GetMessageClass(method.output_type).SerializeToString,
+        )
+        for method in service.methods
     }

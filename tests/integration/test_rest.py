@@ -37,6 +37,7 @@ from api.commands import CommandChannel
 from api.freshness import POSITION_AGE_HEADER, POSITION_HEADER
 from api.repository import ConnectionRepository
 from api.server import ApiServer
+from api.service import SERVICE_NAME
 from api.tls import ServerTls
 from connection_tracker.commands import CloseSocket, DataType, OutcomeStatus, SendFrame
 from connection_tracker.fold import NodeState
@@ -267,7 +268,7 @@ async def test_each_route_answers_as_grpc_does_and_send_disconnect_reach_the_nod
                 "grpc_server_handled_total",
                 {
                     "grpc_type": "unary",
-                    "grpc_service": rest.SERVICE.full_name,
+                    "grpc_service": SERVICE_NAME,
                     "grpc_method": method,
                     "grpc_code": grpc_code,
                 },

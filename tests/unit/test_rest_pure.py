@@ -14,13 +14,15 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from api import openapi, rest
+from api.directory import DIRECTORY_SERVICE_NAME
+from api.service import SERVICE_NAME
 from connection_tracker.protogen.yandex.cloud.serverless.apigateway.websocket.v1 import (
     connection_service_pb2 as svc,
 )
 
 
 def test_routes_are_upstreams_annotations() -> None:
-    upstream = [r for r in rest.ROUTES if r.service == rest.SERVICE.full_name]
+    upstream = [r for r in rest.ROUTES if r.service == SERVICE_NAME]
     assert [(r.rpc, r.http_method, r.path, r.body) for r in upstream] == [
         ("Get", "GET", "/apigateways/websocket/v1/connections/{connectionId}", ""),
         ("Send", "POST", "/apigateways/websocket/v1/connections/{connectionId}:send", "*"),
@@ -33,7 +35,7 @@ def test_routes_are_upstreams_annotations() -> None:
 
 
 def test_directory_routes_are_its_annotations() -> None:
-    directory = [r for r in rest.ROUTES if r.service == rest.DIRECTORY_SERVICE.full_name]
+    directory = [r for r in rest.ROUTES if r.service == DIRECTORY_SERVICE_NAME]
     base = "/conntrack/directory/v1/gateways/{gatewayId}/connections"
     assert [(r.rpc, r.http_method, r.path, r.body) for r in directory] == [
         ("ListConnections", "GET", base, ""),
