@@ -367,6 +367,13 @@ def main(argv: list[str] | None = None) -> None:
     except RuntimeError as exc:
         sys.exit(f"bench: {exc}")
     meta = _meta(cfg, generator, argv)
+    # What a commit costs on the server decides the database's share of every figure.
+    meta["postgres_settings"] = asyncio.run(ceilings.server_settings(cfg.postgres_url))
+    print(
+        "bench: PostgreSQL " + ", ".join(f"{k}={v}" for k, v in meta["postgres_settings"].items()),
+        file=sys.stderr,
+        flush=True,
+    )
     # The in-process projector and rebuild run under the collector settings their commands use
     # (and so do the ceilings measured beside them, in this same process).
     tune_gc(settings_from().gc_gen0_threshold, default=BATCH_GEN0_THRESHOLD)

@@ -130,6 +130,10 @@ def render(document: dict[str, Any], results: list[ScenarioResult]) -> str:
         f"conntrack benchmark  scale={meta['scale']}  cpus={meta['host']['cpus']}  "
         f"load generator={meta['load_generator']}  {meta['started_at']}"
     ]
+    if meta.get("postgres_settings"):
+        parts[0] += "\nPostgreSQL: " + ", ".join(
+            f"{k}={v}" for k, v in meta["postgres_settings"].items()
+        )
     if meta["scale"] != 1:
         parts.append(
             "NOTE: the targets are defined at full size (--scale 1); at this scale the "

@@ -526,7 +526,9 @@ class ProjectionStore:
                 statements.stage,
                 schema_name="pg_temp",
                 columns=_STATE_FIELDS,
-                records=[states[cid] for cid in sorted(states)],
+                # Unsorted: the upsert orders the rows itself, which spares the projector's
+                # process a sort of the batch's ids (its one busy core is the bottleneck).
+                records=list(states.values()),
             )
         except Exception as exc:
             raise _driver_error(step, exc) from exc

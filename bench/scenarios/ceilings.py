@@ -122,6 +122,14 @@ async def store_only(
         await engine.dispose()
 
 
+def _cpu_per_event(timed: Timed) -> str:
+    """The harness process's CPU per event in a window: on a machine busy with other work this
+    moves far less than a rate does."""
+    if timed.cpu is None or not timed.events:
+        return "?"
+    return f"{timed.cpu.cores['harness'] * timed.cpu.seconds / timed.events * 1e6:.1f}"
+
+
 async def run(cfg: BenchConfig, result: ScenarioResult) -> None:
     mix = activity_heavy(cfg.throughput_events, cfg.seed)
     size = settings_from().batch_max_events
@@ -161,6 +169,12 @@ async def run(cfg: BenchConfig, result: ScenarioResult) -> None:
                         pg_bulk=path,
                     )
                 settings_note = ", ".join(f"{k}={v}" for k, v in shown.items())
+                db_note = f"{settings_note}; harness CPU {_cpu_per_event(db)} µs/event"
+                run_note = (
+                    f"{settings_note}; harness CPU "
+                    f"{_cpu_per_event(Timed(run.events, run.applying_seconds, run.cpu))} µs/event"
+                    f" (no-database ceiling {_cpu_per_event(nodb)})"
+                )
                 key = f"{path}_{'server' if mode == 'server' else 'async'}"
                 result.add(
                     Figure(
@@ -170,7 +184,7 @@ async def run(cfg: BenchConfig, result: ScenarioResult) -> None:
                         "events/s",
                         nodb.rate,
                         "consume+decode+fold, no database",
-                        note=settings_note,
+                        note=db_note,
                     )
                 )
                 ceiling = min(db.rate, nodb.rate)
@@ -182,7 +196,7 @@ async def run(cfg: BenchConfig, result: ScenarioResult) -> None:
                         "events/s",
                         ceiling,
                         "the lower ceiling",
-                        note=settings_note,
+                        note=run_note,
                     )
                 )
                 assert figure.ratio is not None
