@@ -336,9 +336,15 @@ def main(argv: list[str] | None = None) -> None:
             partitions=ns.partitions,
             seed=ns.seed,
             work_dir=ns.work_dir,
+            load_generator=ns.load_generator,
+            ghz_path=ns.ghz,
         )
         _require_servers(soak_cfg)
-        meta = _meta(soak_cfg, "python grpc.aio, open loop (bench/soak.py)", argv)
+        try:
+            generator = get.load_generator(soak_cfg).name
+        except RuntimeError as exc:
+            sys.exit(f"bench soak: {exc}")
+        meta = _meta(soak_cfg, generator, argv)
         sys.exit(soak.main(soak_cfg, params, meta, ns.out or soak.default_out()))
     cfg = BenchConfig.from_environment(
         scale=ns.scale,

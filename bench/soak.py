@@ -60,9 +60,10 @@ from bench.infra import (
     projector_settings,
     settings_environment,
 )
-from bench.loadgen import percentile
+from bench.loadgen import LoadGenerator, LoadResult, percentile
 from bench.procstat import CpuWindow, children, rss_mb
 from bench.scenarios.freshness import PROBE_TIMEOUT_S, _Probes, wait_assigned
+from bench.scenarios.get import load_generator
 from bench.services import Service, api_service, free_port, projector_service, wait_grpc_serving
 from connection_tracker.events import HEADERS, encode
 from connection_tracker.protogen.yandex.cloud.serverless.apigateway.websocket.v1 import (
@@ -103,7 +104,7 @@ class SoakParams:
     minutes: float = 60.0
     rate: int = 5_000
     get_rate: int = 500
-    get_concurrency: int = 16
+    get_concurrency: int = 32
     interval_s: float = 60.0
     warmup_s: float | None = None  # None: 5 minutes, or a fifth of the run if that is shorter
     compare: int | None = None  # None: 5 intervals, fewer on a short run
@@ -355,6 +356,48 @@ async def _get_loop(
         out.put(batch[:])
 
 
+class _GhzLoad:
+    """The Get load by ghz when it is installed (bench/loadgen.py; far cheaper per call than a
+    Python client, so a busy machine starves it less): one run per interval, ending just before
+    the interval does, so each run's p50/p99 and statuses are that interval's."""
+
+    def __init__(
+        self, generator: LoadGenerator, target: str, ids: list[str], params: SoakParams
+    ) -> None:
+        self._generator, self._target, self._ids, self._params = generator, target, ids, params
+        self._results: dict[int, LoadResult] = {}
+        self._task: asyncio.Task[None] | None = None
+
+    def start(self, start: float) -> None:
+        self._task = asyncio.create_task(self._run(start))
+
+    async def _run(self, start: float) -> None:
+        p = self._params
+        for k in range(p.intervals):
+            seconds = start + (k + 1) * p.interval_s - time.monotonic() - 0.3
+            self._results[k] = await self._generator.run(
+                self._target, self._ids, p.get_concurrency, max(0.5, seconds), rps=p.get_rate
+            )
+
+    async def result(self, k: int) -> LoadResult:
+        deadline = time.monotonic() + 30
+        while k not in self._results:
+            assert self._task is not None
+            if self._task.done():
+                self._task.result()  # raise why ghz stopped
+                raise RuntimeError(f"no ghz run for interval {k}")
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"the ghz run of interval {k} did not finish")
+            await asyncio.sleep(0.1)
+        return self._results.pop(k)
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+
+
 # Watching, in this process.
 
 
@@ -545,9 +588,18 @@ async def run(
                 ),
                 daemon=True,
             )
-            workers = [producer_proc, get_proc]
+            generator = load_generator(cfg)
+            doc["params"]["get_load_generator"] = (
+                generator.name
+                if generator.ghz
+                else ("python grpc.aio, one process, open loop (bench/soak.py)")
+            )
+            ghz = _GhzLoad(generator, target, ids, params) if generator.ghz else None
+            workers = [producer_proc] if ghz else [producer_proc, get_proc]
             for w in workers:
                 w.start()
+            if ghz:
+                get_ready.set()
             for what, event in (("producer", producer_ready), ("Get load", get_ready)):
                 if not await asyncio.to_thread(event.wait, 120):
                     raise TimeoutError(f"the {what} process did not get ready")
@@ -571,6 +623,8 @@ async def run(
                         calls,
                         probes,
                         publisher,
+                        {"producer": producer_proc.pid, "get_load": get_proc.pid},
+                        ghz,
                     )
                 finally:
                     await probes.stop()
@@ -609,6 +663,8 @@ async def _measure(
     calls: Any,
     probes: _Probes,
     publisher: Publisher,
+    load_pids: dict[str, int | None],
+    ghz: _GhzLoad | None,
 ) -> None:
     published: dict[str, float] = {}  # probe id -> publish time (perf_counter, as _Probes)
     received: list[_Call] = []
@@ -617,6 +673,8 @@ async def _measure(
     go.set()
     start = time.monotonic()
     probe_start = time.perf_counter()
+    if ghz:
+        ghz.start(start)
 
     async def probe() -> None:
         gap = 1 / params.probes_per_second
@@ -629,7 +687,12 @@ async def _measure(
             await asyncio.sleep(max(0.0, probe_start + len(published) * gap - time.perf_counter()))
 
     prober = asyncio.create_task(probe())
-    cpu = CpuWindow({"projector": projector.pid, "api": api.pid})
+    watched = {
+        "projector": projector.pid,
+        "api": api.pid,
+        **{name: pid for name, pid in load_pids.items() if pid is not None},
+    }
+    cpu = CpuWindow(watched)
     last_sent, last_end = 0, lag.samples[-1][1] if lag.samples else 0
     try:
         for k in range(params.intervals):
@@ -648,7 +711,7 @@ async def _measure(
                 "api_rss_mb": _tree_rss_mb(api.pid),
             }
             use = cpu.finish()
-            cpu = CpuWindow({"projector": projector.pid, "api": api.pid})
+            cpu = CpuWindow(watched)
             count = int(sent.value)
             _, log_end, _ = await lag.sample()
             row["events_sent_per_s"] = round((count - last_sent) / interval, 1)
@@ -688,17 +751,27 @@ async def _measure(
                 probes_visible=len(fresh),
                 probes_missed=missed,
             )
-            window = [c for c in received if c[0] < end]
-            received = [c for c in received if c[0] >= end]
-            ok = [lat for _, lat, _ in window if lat is not None]
-            row.update(
-                get_ok_per_s=round(len(ok) / interval, 1),
-                get_p50_ms=_ms(ok, 50),
-                get_p99_ms=_ms(ok, 99),
-                get_statuses=dict(Counter(status for _, _, status in window)),
-            )
-            row["log"] = {name: watch.scan() for name, watch in logs.items()}
             row["cpu_cores"] = use.as_dict()
+            if ghz:
+                load = await ghz.result(k)
+                row.update(
+                    get_ok_per_s=round(load.qps, 1),
+                    get_p50_ms=round(load.p50_ms, 2) if load.ok else None,
+                    get_p99_ms=round(load.p99_ms, 2) if load.ok else None,
+                    get_statuses=load.statuses,
+                )
+                row["cpu_cores"]["get_load"] = round(load.client_cpu_cores, 3)
+            else:
+                window = [c for c in received if c[0] < end]
+                received = [c for c in received if c[0] >= end]
+                ok = [lat for _, lat, _ in window if lat is not None]
+                row.update(
+                    get_ok_per_s=round(len(ok) / interval, 1),
+                    get_p50_ms=_ms(ok, 50),
+                    get_p99_ms=_ms(ok, 99),
+                    get_statuses=dict(Counter(status for _, _, status in window)),
+                )
+            row["log"] = {name: watch.scan() for name, watch in logs.items()}
             doc["intervals"].append(row)
             doc["log_samples"] = {name: watch.samples for name, watch in logs.items()}
             write_document(out, doc)
@@ -707,6 +780,8 @@ async def _measure(
         prober.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await prober
+        if ghz:
+            await ghz.stop()
 
 
 def _progress(row: dict[str, Any], params: SoakParams) -> str:
@@ -797,7 +872,10 @@ def add_arguments(p: argparse.ArgumentParser, positive_int: Any, positive_float:
     )
     p.add_argument("--get-rate", type=positive_int, default=500, help="Get calls/s (default 500)")
     p.add_argument(
-        "--get-concurrency", type=positive_int, default=16, help="Get slots in flight (default 16)"
+        "--get-concurrency",
+        type=positive_int,
+        default=32,
+        help="most Get calls in flight (default 32)",
     )
     p.add_argument(
         "--interval",
@@ -841,6 +919,13 @@ def add_arguments(p: argparse.ArgumentParser, positive_int: Any, positive_float:
         "--partitions", type=positive_int, help="partitions of the events topic (default 6)"
     )
     p.add_argument("--seed", type=int, help="workload seed (default 1)")
+    p.add_argument(
+        "--load-generator",
+        choices=("auto", "ghz", "python"),
+        help="Get load generator (default auto: ghz if found, one run per interval; else a "
+        "Python client process)",
+    )
+    p.add_argument("--ghz", help="path of the ghz binary (default: PATH, then $GOPATH/bin)")
     p.add_argument(
         "--work-dir", type=Path, help="where service logs go (default bench-results/work)"
     )
