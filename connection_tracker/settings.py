@@ -221,6 +221,13 @@ class Settings(BaseSettings):
     gateway_heartbeat_seconds: float = Field(
         5.0, gt=0, description="Seconds between the node's heartbeats; well below the lease."
     )
+    # The Publisher's delivery_timeout_s (docs/producer.md): its default is this one.
+    gateway_delivery_timeout_seconds: float = Field(
+        30.0,
+        gt=0,
+        description="Seconds the broker may take to acknowledge an event before the node counts "
+        "the delivery as failed (with a spool: switches to spooling; without: reported).",
+    )
     # docs/producer.md, "Durable spool".
     gateway_spool_dir: Path | None = Field(
         None,

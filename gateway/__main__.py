@@ -56,6 +56,7 @@ async def run(settings: Settings) -> int:
             settings.gateway_id,
             node_id=node_id,
             heartbeat_interval_s=settings.gateway_heartbeat_seconds,
+            delivery_timeout_s=settings.gateway_delivery_timeout_seconds,
             spool_dir=settings.gateway_spool_dir,
             spool_max_bytes=settings.gateway_spool_max_bytes,
         )

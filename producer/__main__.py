@@ -22,7 +22,7 @@ from connection_tracker.lifecycle import (
     setup_logging,
     tune_gc,
 )
-from connection_tracker.settings import Settings
+from connection_tracker.settings import Settings, default
 from producer.errors import PublisherError
 from producer.publisher import Publisher
 from producer.simulator import Workload, generate
@@ -250,7 +250,12 @@ def main(argv: list[str] | None = None) -> None:
     sim.add_argument(
         "--realtime", action="store_true", help="publish each event at its simulated time"
     )
-    sim.add_argument("--delivery-timeout", type=float, default=30.0, help="seconds")
+    sim.add_argument(
+        "--delivery-timeout",
+        type=float,
+        default=default("gateway_delivery_timeout_seconds"),
+        help="seconds",
+    )
     sim.add_argument("--format", choices=("table", "json"), default="table")
     sim.add_argument(
         "--progress-interval",

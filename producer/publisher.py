@@ -69,6 +69,7 @@ from connection_tracker.events import (
     record_key,
 )
 from connection_tracker.kafka import KafkaConnection, connection_of
+from connection_tracker.settings import default
 from producer.coalescing import ActivityCoalescer, CoalescedActivity
 from producer.errors import (
     BrokerUnavailableError,
@@ -241,7 +242,7 @@ class Publisher:
         gateway_id: str,
         *,
         activity_interval_s: float = 1.0,
-        delivery_timeout_s: float = 30.0,
+        delivery_timeout_s: float = default("gateway_delivery_timeout_seconds"),
         max_pending: int = 10_000,
         on_undeliverable: UndeliverableCallback | None = None,
         node_id: str | None = None,

@@ -57,7 +57,8 @@ async def with_command_topics(settings: Settings) -> AsyncIterator[Settings]:
 
 
 class GatewayProcess:
-    """One `conntrack-gateway` subprocess (a gateway node); stderr goes to a file."""
+    """One `conntrack-gateway` subprocess (a gateway node) with the settings' broker, topics,
+    delivery timeout and spool directory; stderr goes to a file."""
 
     def __init__(
         self, settings: Settings, node_id: str, log_path: Path, heartbeat_seconds: float = 0.2
@@ -75,8 +76,13 @@ class GatewayProcess:
                 "CONNTRACK_GATEWAY_NODE_ID": node_id,
                 "CONNTRACK_GATEWAY_LISTEN": "127.0.0.1:0",
                 "CONNTRACK_GATEWAY_HEARTBEAT_SECONDS": str(heartbeat_seconds),
+                "CONNTRACK_GATEWAY_DELIVERY_TIMEOUT_SECONDS": str(
+                    settings.gateway_delivery_timeout_seconds
+                ),
             }
         )
+        if settings.gateway_spool_dir is not None:
+            self._env["CONNTRACK_GATEWAY_SPOOL_DIR"] = str(settings.gateway_spool_dir)
         self.process: asyncio.subprocess.Process | None = None
 
     async def start(self, within: float = 90) -> str:

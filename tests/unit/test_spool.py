@@ -22,6 +22,7 @@ from producer.spool import (
     SpoolFiles,
     SpoolFullError,
     record_bytes,
+    stored_payloads,
 )
 
 
@@ -312,3 +313,24 @@ async def test_many_puts_share_few_appends(tmp_path: Path) -> None:
 def test_a_closed_spool_refuses_puts(tmp_path: Path) -> None:
     with pytest.raises(SpoolError, match="not open"):
         Spool(tmp_path, 1000).put(b"x")
+
+
+def test_stored_payloads_reads_a_spool_held_by_its_writer(tmp_path: Path) -> None:
+    """A look from outside while the writer holds the lock: every record in sequence order
+    across segments, acknowledged ones still in a segment included; a torn tail ends it."""
+    assert stored_payloads(tmp_path / "none") == []
+    files = SpoolFiles.open(tmp_path, 10_000, segment_bytes=64)
+    try:
+        payloads = [bytes([65 + i]) * 30 for i in range(5)]
+        files.append(payloads)
+        assert len(_segments(tmp_path)) == 3  # 38-byte records, two to a 64-byte segment
+        files.read(3)
+        files.ack(0)  # its segment still holds record 1: kept
+        assert stored_payloads(tmp_path) == payloads
+        files.ack(2)  # the first segment goes
+        assert stored_payloads(tmp_path) == payloads[2:]
+        with _segments(tmp_path)[-1].open("ab") as f:
+            f.write(struct.pack("<II", 30, 0) + b"torn")
+        assert stored_payloads(tmp_path)[-1] == payloads[-1]
+    finally:
+        files.close()
