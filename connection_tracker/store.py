@@ -8,7 +8,10 @@ of the log up to the stored positions, and re-delivered events change nothing.
 
 The merge runs in the database: one `INSERT .. ON CONFLICT DO UPDATE` whose SET clause is
 connection_tracker/fold.py's merge() written in SQL (_merge_assignments), so a batch costs one
-statement and no read-back of the stored rows. tests/integration/test_store.py checks the SQL
+statement and no read-back of the stored rows. On PostgreSQL the batch first goes into a
+session-private staging table by binary COPY (_pg_copy_merge), which costs the writing process
+about half the CPU per row of binding it as arrays (_pg_merge, still selectable for the
+benchmark: BENCHMARKS.md, 1d). tests/integration/test_store.py checks the SQL
 merge against merge() on random pairs of states, ties included, on every backend.
 
 Retention (prune()) deletes rows of connections that disconnected long ago and leaves a
