@@ -842,7 +842,7 @@ def plot(doc: dict[str, Any], png: Path) -> None:
         )
     ax.set_title("Log lines per interval")
     ax.set_ylabel("lines")
-    ax.set_ylim(bottom=0)
+    ax.set_ylim(0, max(1.0, ax.get_ylim()[1]))  # a run without any still shows 0 as the floor
     for ax in axes.flat:
         if warm:
             ax.axvspan(0, max(warm), color="grey", alpha=0.15, label="warm-up")
