@@ -266,7 +266,8 @@ def _pg_merge(tables: ReadModelTables, preparer: IdentifierPreparer) -> Any:
 @dataclass(frozen=True, slots=True)
 class _CopyStatements:
     stage: str  # the staging table's name (in pg_temp)
-    prepare: str  # creates the staging table if this session has none, and empties it
+    create: str  # creates the staging table if this session has none
+    empty: str
     merge: Any  # the merging upsert from the staging table
 
 
@@ -291,9 +292,10 @@ def _pg_copy_merge(
     )
     return _CopyStatements(
         stage,
+        f"CREATE TEMPORARY TABLE IF NOT EXISTS {stage} ({columns})",
         # TRUNCATE rather than ON COMMIT DELETE ROWS: a transaction may merge more than once
         # (refusals isolated in savepoints, a caller's own transaction).
-        f"CREATE TEMPORARY TABLE IF NOT EXISTS {stage} ({columns}); TRUNCATE pg_temp.{stage}",
+        f"TRUNCATE pg_temp.{stage}",
         text(
             f"INSERT INTO {table} AS existing ({names}) "
             f"SELECT {names} FROM pg_temp.{stage} AS batch "
@@ -517,14 +519,16 @@ class ProjectionStore:
         self, conn: AsyncConnection, states: Mapping[str, ConnectionState]
     ) -> int:
         statements = _pg_copy_merge(self._tables, conn.dialect.identifier_preparer, conn.dialect)
-        # The driver's own connection, inside the transaction SQLAlchemy has begun on it (the
-        # fence's UPDATE has run): the COPY commits or rolls back with the positions.
+        # Through SQLAlchemy, which begins its transaction on the driver's connection if no
+        # statement has yet (its errors wrapped as every other statement's are).
+        await conn.exec_driver_sql(statements.create)
+        await conn.exec_driver_sql(statements.empty)
+        # The COPY on the driver's own connection, inside that transaction: it commits or rolls
+        # back with the positions.
         driver = (await conn.get_raw_connection()).driver_connection
         assert driver is not None
-        step = statements.prepare
+        step = f"COPY pg_temp.{statements.stage} FROM STDIN"
         try:
-            await driver.execute(step)
-            step = f"COPY pg_temp.{statements.stage} FROM STDIN"
             await driver.copy_records_to_table(
                 statements.stage,
                 schema_name="pg_temp",
