@@ -973,11 +973,15 @@ def main(cfg: BenchConfig, params: SoakParams, meta: dict[str, Any], out: Path) 
     )
     try:
         doc = asyncio.run(run(cfg, params, meta, out))
-    except Exception as exc:
-        print(f"bench soak: stopped: {type(exc).__name__}: {exc}", file=sys.stderr)
+    except (Exception, KeyboardInterrupt) as exc:
+        # Ctrl-C included: the topics and the database are gone by now (the context managers
+        # ran), and what was measured is in the JSON.
+        interrupted = isinstance(exc, KeyboardInterrupt)
+        why = "interrupted" if interrupted else f"{type(exc).__name__}: {exc}"
+        print(f"bench soak: stopped: {why}", file=sys.stderr)
         if out.exists():
             print(f"bench soak: the intervals measured so far are in {out}", file=sys.stderr)
-        return 1
+        return 130 if interrupted else 1
     plot(doc, png)
     print("\n".join(verdict_lines(doc["verdict"], params)))
     print(f"\nJSON written to {out}\nPNG written to {png}")
