@@ -155,7 +155,7 @@ def run(
     signal.signal(signal.SIGTERM, signal.default_int_handler)
     try:
         result = body()
-        code = asyncio.run(result) if asyncio.iscoroutine(result) else result
+        code = _run_until_signal(result) if asyncio.iscoroutine(result) else result
     except KeyboardInterrupt:
         print(f"{prog}: {interrupted}", file=sys.stderr)
         code = Exit.INTERRUPTED
@@ -172,6 +172,34 @@ def run(
         print(f"{prog}: {message}", file=sys.stderr)
         code = Exit.UNAVAILABLE
     sys.exit(int(code))
+
+
+def _run_until_signal(body: Coroutine[Any, Any, int]) -> int:
+    """Run a command's coroutine; SIGTERM cancels it, as asyncio does for SIGINT, and is then
+    reported as KeyboardInterrupt. (A KeyboardInterrupt raised by the signal handler itself can
+    land inside any task and leave a "Task exception was never retrieved" traceback behind.)
+    A command that installs its own SIGTERM handler replaces this one."""
+    terminated = False
+
+    async def main() -> int:
+        loop = asyncio.get_running_loop()
+        task = asyncio.current_task()
+        assert task is not None
+
+        def on_sigterm() -> None:
+            nonlocal terminated
+            terminated = True
+            task.cancel()
+
+        loop.add_signal_handler(signal.SIGTERM, on_sigterm)
+        return await body
+
+    try:
+        return asyncio.run(main())
+    except asyncio.CancelledError:
+        if terminated:
+            raise KeyboardInterrupt from None
+        raise
 
 
 def fail(prog: str, exc: CommandError) -> NoReturn:
