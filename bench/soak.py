@@ -8,8 +8,9 @@ scenarios), on a fresh topic and a fresh PostgreSQL database. Beside them:
   published in time order) held at `--rate` events/s by counting, each connection connecting,
   being active `ACTIVITIES` times and disconnecting, its parameters chosen so that simulated
   time runs at the speed of the wall clock;
-- Get load (its own process) at `--get-rate` calls/s over `--resident` connections that were
-  published before the run and stay open, so every call should answer OK;
+- Get load at `--get-rate` calls/s over `--resident` connections that were published before
+  the run and stay open, so every call should answer OK: one ghz run per interval when ghz is
+  installed, else a Python client process for the whole run;
 - freshness probes (this process): a Connected event of a fresh connection every
   1/`--probes-per-second` s through producer.publisher.Publisher, timed from publish until Get
   finds it (bench/scenarios/freshness.py's probes);
