@@ -4,54 +4,30 @@ in the JSON. The values are not checked: a timing never decides pass or fail."""
 
 from __future__ import annotations
 
-import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
 from api.workers import available_cores
-from tests.conftest import POSTGRES_URL
-
-REPO = Path(__file__).resolve().parents[2]
+from tests.support.bench import run_bench
 
 
 @pytest.mark.kafka
 @pytest.mark.postgres
 @pytest.mark.slow
 def test_get_workers_scenario_runs(kafka_bootstrap: str, tmp_path: Path) -> None:
-    out = tmp_path / "bench.json"
-    proc = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "bench",
-            "run",
-            "--scale",
-            "0.001",
-            "--only",
-            "get-workers",
-            "--get-seconds",
-            "0.5",
-            "--load-generator",
-            "python",
-            "--json",
-            str(out),
-            "--kafka",
-            kafka_bootstrap,
-            "--postgres-url",
-            POSTGRES_URL,
-            "--work-dir",
-            str(tmp_path / "work"),
-        ],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
+    run = run_bench(
+        tmp_path,
+        kafka_bootstrap,
+        "--only",
+        "get-workers",
+        "--get-seconds",
+        "0.5",
+        "--load-generator",
+        "python",
         timeout=280,
     )
-    assert proc.returncode == 0, proc.stdout + proc.stderr
-    (scenario,) = json.loads(out.read_text())["scenarios"]
+    (scenario,) = run.scenarios
     assert scenario["status"] == "ok", scenario["error"]
     cores = available_cores()
     counts = sorted({1, cores})

@@ -4,51 +4,21 @@ values are not checked: a timing never decides pass or fail."""
 
 from __future__ import annotations
 
-import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
-from tests.conftest import KAFKA, POSTGRES_URL
-
-REPO = Path(__file__).resolve().parents[2]
+from tests.conftest import KAFKA
+from tests.support.bench import run_bench
 
 
 @pytest.mark.kafka
 @pytest.mark.postgres
 @pytest.mark.slow
 def test_get_rest_scenario_reports_rest_beside_grpc(tmp_path: Path) -> None:
-    out = tmp_path / "bench.json"
-    proc = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "bench",
-            "run",
-            "--scale",
-            "0.001",
-            "--only",
-            "get-rest",
-            "--get-seconds",
-            "0.5",
-            "--json",
-            str(out),
-            "--kafka",
-            KAFKA,
-            "--postgres-url",
-            POSTGRES_URL,
-            "--work-dir",
-            str(tmp_path / "work"),
-        ],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=240,
-    )
-    assert proc.returncode == 0, proc.stdout + proc.stderr
-    (scenario,) = json.loads(out.read_text())["scenarios"]
+    run = run_bench(tmp_path, KAFKA, "--only", "get-rest", "--get-seconds", "0.5", timeout=240)
+    proc = run.proc
+    (scenario,) = run.scenarios
     assert scenario["status"] == "ok", scenario["error"]
     figures = {f["key"]: f for f in scenario["figures"]}
     assert set(figures) == {"rest_qps", "rest_p50_ms", "rest_p99_ms", "rest_server_cpu_ms_per_call"}

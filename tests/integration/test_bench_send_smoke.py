@@ -6,57 +6,34 @@ or fail."""
 
 from __future__ import annotations
 
-import json
 import math
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
-from tests.conftest import POSTGRES_URL
-
-REPO = Path(__file__).resolve().parents[2]
+from tests.support.bench import run_bench
 
 
 @pytest.mark.kafka
 @pytest.mark.postgres
 @pytest.mark.slow
 def test_send_scenario_runs_end_to_end(kafka_bootstrap: str, tmp_path: Path) -> None:
-    out = tmp_path / "bench.json"
-    proc = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "bench",
-            "run",
-            "--scale",
-            "0.001",
-            "--only",
-            "send",
-            "--send-rate",
-            "50",
-            "--send-seconds",
-            "0.5",
-            "--send-clients",
-            "5",
-            "--json",
-            str(out),
-            "--kafka",
-            kafka_bootstrap,
-            "--postgres-url",
-            POSTGRES_URL,
-            "--work-dir",
-            str(tmp_path / "work"),
-        ],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
+    # The targets are judged at 1,000 sends/s: at 50/s they are n/a, so the run exits 0.
+    run = run_bench(
+        tmp_path,
+        kafka_bootstrap,
+        "--only",
+        "send",
+        "--send-rate",
+        "50",
+        "--send-seconds",
+        "0.5",
+        "--send-clients",
+        "5",
         timeout=180,
     )
-    # The targets are judged at 1,000 sends/s: at 50/s they are n/a, so the run exits 0.
-    assert proc.returncode == 0, proc.stdout + proc.stderr
-    (scenario,) = json.loads(out.read_text())["scenarios"]
+    proc = run.proc
+    (scenario,) = run.scenarios
     assert scenario["status"] == "ok", scenario["error"]
     params = scenario["params"]
     assert params["clients"] == 5

@@ -5,11 +5,8 @@ decides pass or fail."""
 
 from __future__ import annotations
 
-import json
 import math
 import re
-import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -20,9 +17,8 @@ from bench.results import SCHEMA
 from bench.workloads import activity_heavy, churn_heavy, group_by_connection, interleave
 from connection_tracker.events import Activity, Connected, Disconnected, decode
 from producer.simulator import generate
-from tests.conftest import POSTGRES_URL
+from tests.support.bench import run_bench
 
-REPO = Path(__file__).resolve().parents[2]
 SCENARIOS = ("projector-activity", "get")
 
 
@@ -71,37 +67,19 @@ def _numbers_are_finite(figure: dict[str, Any]) -> bool:
 @pytest.mark.postgres
 @pytest.mark.slow
 def test_harness_runs_and_writes_figures_and_json(kafka_bootstrap: str, tmp_path: Path) -> None:
-    out = tmp_path / "bench.json"
-    proc = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "bench",
-            "run",
-            "--scale",
-            "0.001",
-            "--only",
-            ",".join(SCENARIOS),
-            "--get-seconds",
-            "0.5",
-            "--naive-seconds",
-            "0.5",
-            "--json",
-            str(out),
-            "--kafka",
-            kafka_bootstrap,
-            "--postgres-url",
-            POSTGRES_URL,
-            "--work-dir",
-            str(tmp_path / "work"),
-        ],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
+    run = run_bench(
+        tmp_path,
+        kafka_bootstrap,
+        "--only",
+        ",".join(SCENARIOS),
+        "--get-seconds",
+        "0.5",
+        "--naive-seconds",
+        "0.5",
         timeout=240,
     )
-    assert proc.returncode == 0, proc.stdout + proc.stderr
-    doc = json.loads(out.read_text())
+    proc = run.proc
+    doc = run.report
     assert doc["schema"] == SCHEMA
     assert doc["meta"]["scale"] == 0.001
     assert doc["meta"]["host"]["cpus"] >= 1
