@@ -114,18 +114,36 @@ async def cmd_history(settings: Settings, ns: argparse.Namespace) -> int:
     return cli.Exit.OK
 
 
+async def _clock_note(reader: LogReader) -> str:
+    """The events topic's timestamp type; on stderr, what it means for an as-of answer when it is
+    not LogAppendTime. The answer is still given (an old topic's history is worth reading), but
+    it must not pass for what the log held at T: the records' times are the gateways' clocks."""
+    clock = await reader.timestamp_type()
+    if clock != "LogAppendTime":
+        print(
+            f"note: {reader.topic} has message.timestamp.type={clock}: records are cut by the "
+            "time their gateway stamped on them, so the answer follows the gateways' clocks, "
+            "not exactly what the log held at that time (conntrack-producer topics creates the "
+            "events topic with LogAppendTime)",
+            file=sys.stderr,
+        )
+    return clock
+
+
 async def cmd_as_of(settings: Settings, ns: argparse.Namespace) -> int:
     async with LogReader(
         KafkaConnection.from_settings(settings, "audit"), settings.events_topic
     ) as reader:
         if ns.connection:
             state = await state_of(reader, ns.connection, until_ms=ns.time)
+            await _clock_note(reader)
             if state is None:
                 print(f"no events for connection {ns.connection} before that time", file=sys.stderr)
                 return cli.Exit.NEGATIVE
             print(json.dumps(state_json(state), indent=2, ensure_ascii=False))
             return cli.Exit.OK
         replay = await fold_until(reader, ns.time, _progress("as-of", ns.progress_interval))
+        clock = await _clock_note(reader)
     url = ns.output_url or f"sqlite+aiosqlite:///{ns.output or f'as-of-{ns.time}.db'}"
     await asyncio.to_thread(upgrade, url)
     engine = create_engine(url)
@@ -152,6 +170,7 @@ async def cmd_as_of(settings: Settings, ns: argparse.Namespace) -> int:
                     "events": replay.events,
                     "invalid": replay.invalid,
                     "as_of_ms": ns.time,
+                    "timestamp_type": clock,
                     "output_url": make_url(url).render_as_string(hide_password=True),
                     "cut_offsets": {str(p): o for p, o in cut.items()},
                 }

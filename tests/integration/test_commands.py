@@ -17,7 +17,7 @@ import pytest
 
 from connection_tracker.settings import Settings
 from tests.support.events import as_records, make_events
-from tests.support.kafka import publish, unique
+from tests.support.kafka import create_raw, delete_topics, publish, unique
 from tests.support.ports import free_port
 
 BIN = Path(sys.executable).parent
@@ -184,3 +184,39 @@ async def test_sigterm_stops_a_rebuild_and_says_what_is_kept(
     assert proc.returncode == 130
     assert "the shadow tables keep every committed batch" in err.decode()
     assert "Traceback" not in err.decode()
+
+
+@pytest.mark.kafka
+@pytest.mark.parametrize("clock", ["CreateTime", "LogAppendTime"])
+async def test_as_of_says_when_its_cut_follows_the_gateways_clocks(
+    kafka_bootstrap: str, tmp_path: Path, clock: str
+) -> None:
+    """An events topic stamped with the producers' clocks still gets an answer, with a note on
+    stderr that it is not exactly what the log held at T; a LogAppendTime topic gets none."""
+    topic = unique(f"events-{clock}")
+    await create_raw(kafka_bootstrap, topic, {"message.timestamp.type": clock})
+    try:
+        done = await asyncio.to_thread(
+            run,
+            "conntrack-audit",
+            "as-of",
+            "2026-01-01T00:00:00Z",
+            "--bootstrap-servers",
+            kafka_bootstrap,
+            "--events-topic",
+            topic,
+            "--output",
+            str(tmp_path / "as-of.db"),
+            "--format",
+            "json",
+        )
+    finally:
+        await delete_topics(kafka_bootstrap, [topic])
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout)["timestamp_type"] == clock
+    note = [line for line in done.stderr.splitlines() if line.startswith("note: ")]
+    if clock == "LogAppendTime":
+        assert note == []
+    else:
+        assert len(note) == 1, done.stderr
+        assert "gateways' clocks" in note[0]
