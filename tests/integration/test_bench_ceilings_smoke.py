@@ -5,17 +5,13 @@ values are not checked: a timing never decides pass or fail."""
 
 from __future__ import annotations
 
-import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
 from connection_tracker.store import PG_BULK_PATHS
-from tests.conftest import POSTGRES_URL
+from tests.support.bench import run_bench
 
-REPO = Path(__file__).resolve().parents[2]
 SHOWN = ("synchronous_commit", "fsync", "full_page_writes", "wal_level")
 
 
@@ -25,33 +21,10 @@ SHOWN = ("synchronous_commit", "fsync", "full_page_writes", "wal_level")
 def test_ceilings_scenario_writes_both_ceilings_per_path_and_the_settings(
     kafka_bootstrap: str, tmp_path: Path
 ) -> None:
-    out = tmp_path / "bench.json"
-    proc = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "bench",
-            "run",
-            "--scale",
-            "0.002",
-            "--only",
-            "projector-ceilings",
-            "--json",
-            str(out),
-            "--kafka",
-            kafka_bootstrap,
-            "--postgres-url",
-            POSTGRES_URL,
-            "--work-dir",
-            str(tmp_path / "work"),
-        ],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=240,
+    run = run_bench(
+        tmp_path, kafka_bootstrap, "--only", "projector-ceilings", scale="0.002", timeout=240
     )
-    assert proc.returncode == 0, proc.stdout + proc.stderr
-    doc = json.loads(out.read_text())
+    proc, doc = run.proc, run.report
     settings = doc["meta"]["postgres_settings"]
     assert set(settings) == set(SHOWN)
     assert "PostgreSQL: synchronous_commit=" in proc.stdout
