@@ -268,16 +268,32 @@ def connection_of(servers: str | KafkaConnection, component: str) -> KafkaConnec
     return KafkaConnection(servers).for_component(component)
 
 
+# How long a cancelled start may still take to end by itself (see start()).
+_CANCELLED_START_GRACE_S = 5.0
+
+
 async def start(client: _Client, connection: KafkaConnection) -> None:
     """client.start(); a refusal a setting causes is raised as KafkaSetupError (see the module
     doc), anything else as aiokafka raised it. On failure the client is left for the caller to
-    close, as after a failed client.start()."""
+    close, as after a failed client.start().
+
+    A cancellation (a command or the API stopping while it connects) is passed on only once the
+    start has ended, within a grace period: aiokafka 0.14's bootstrap cancelled while it waits
+    for the first metadata answer drops its bootstrap connection without closing it, and
+    nothing can close it after that (it is found unclosed, and logged at ERROR, at exit)."""
+    starting = asyncio.ensure_future(client.start())
     try:
-        await client.start()
+        await asyncio.shield(starting)
     except KafkaConnectionError:
         problem = await connection.diagnose()
         if problem is not None:
             raise problem from None
+        raise
+    except asyncio.CancelledError:
+        try:  # at once if it has ended; its outcome is retrieved either way
+            await asyncio.wait_for(starting, _CANCELLED_START_GRACE_S)
+        except (Exception, asyncio.CancelledError):  # the start's own end does not matter
+            log.debug("a cancelled Kafka client start ended with an error", exc_info=True)
         raise
 
 

@@ -342,7 +342,7 @@ async def test_cli_get_prints_the_connection_as_json(read_engine: AsyncEngine) -
 async def test_sigterm_drains_the_call_in_flight_and_exits_zero(
     database_url: str, read_engine: AsyncEngine, tmp_path: Path
 ) -> None:
-    port = free_port()
+    port, metrics_port = free_port(), free_port()
     log_path = tmp_path / "serve.log"
     process = await serve_api(
         database_url,
@@ -350,6 +350,7 @@ async def test_sigterm_drains_the_call_in_flight_and_exits_zero(
         log_path,
         api_grace_seconds="30",
         api_db_timeout_seconds="30",
+        metrics_port=str(metrics_port),
     )
     try:
         parsed = make_url(database_url)
@@ -361,12 +362,15 @@ async def test_sigterm_drains_the_call_in_flight_and_exits_zero(
             await tx.start()
             await locker.execute("LOCK TABLE connections IN ACCESS EXCLUSIVE MODE")
             async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+                await asyncio.wait_for(channel.channel_ready(), 30)
                 stub = svc_grpc.ConnectionServiceStub(channel)
                 in_flight = asyncio.ensure_future(
                     stub.Get(svc.GetConnectionRequest(connection_id="conn-ops-1"), timeout=60)
                 )
 
                 async def blocked_in_database() -> bool:
+                    # The API's reads are held up by the lock (its readiness probes among them:
+                    # the Get may wait for their connection rather than for the lock itself).
                     waiting = await locker.fetchval(
                         "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database()"
                         " AND application_name = $1 AND wait_event_type = 'Lock'",
@@ -374,7 +378,19 @@ async def test_sigterm_drains_the_call_in_flight_and_exits_zero(
                     )
                     return int(waiting) > 0
 
+                async def get_in_the_server() -> bool:
+                    families = await asyncio.to_thread(_scrape, "127.0.0.1", metrics_port)
+                    started = _value(
+                        families,
+                        "grpc_server_started_total",
+                        grpc_type="unary",
+                        grpc_service=SERVICE_NAME,
+                        grpc_method="Get",
+                    )
+                    return (started or 0) >= 1
+
                 await eventually(blocked_in_database)
+                await eventually(get_in_the_server)
                 process.send_signal(signal.SIGTERM)
 
                 async def refuses_new_calls() -> bool:
