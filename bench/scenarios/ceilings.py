@@ -29,7 +29,7 @@ from bench.consumption import projector_catch_up as catch_up
 from bench.infra import asyncpg_dsn, fresh_database, fresh_topics, projector_settings
 from bench.procstat import CpuWindow
 from bench.results import Figure, ScenarioResult, TargetCheck
-from bench.scenarios.projector import _load, _timeout
+from bench.scenarios.projector import _timeout, load_mix
 from bench.workloads import activity_heavy
 from connection_tracker.batch import Batch
 from connection_tracker.database import create_engine
@@ -134,7 +134,7 @@ async def run(cfg: BenchConfig, result: ScenarioResult) -> None:
     mix = activity_heavy(cfg.throughput_events, cfg.seed)
     size = settings_from().batch_max_events
     async with fresh_topics(cfg, result.name) as (topic, dlq):
-        end = await _load(cfg, mix, topic, result)
+        end = await load_mix(cfg, mix, topic, result)
         total = sum(end.values())
         timeout = _timeout(total)
         batches = await _batches(cfg.kafka, topic, cfg.partitions, total, size)

@@ -34,7 +34,10 @@ def _timeout(events: int) -> float:
     return max(60.0, events / 1_000)
 
 
-async def _load(cfg: BenchConfig, mix: Mix, topic: str, result: ScenarioResult) -> dict[int, int]:
+async def load_mix(
+    cfg: BenchConfig, mix: Mix, topic: str, result: ScenarioResult
+) -> dict[int, int]:
+    """Publish the mix into topic and record what was loaded; the topic's end offsets."""
     started = time.perf_counter()
     count = await publish_records(cfg.kafka, topic, mix.iter_records())
     end = await end_offsets(cfg.kafka, topic, cfg.partitions)
@@ -53,7 +56,7 @@ async def _load(cfg: BenchConfig, mix: Mix, topic: str, result: ScenarioResult) 
 
 async def throughput(cfg: BenchConfig, result: ScenarioResult, mix: Mix) -> None:
     async with fresh_topics(cfg, result.name) as (topic, dlq):
-        end = await _load(cfg, mix, topic, result)
+        end = await load_mix(cfg, mix, topic, result)
         total = sum(end.values())
         timeout = _timeout(total)
         raw = await raw_consume(cfg.kafka, topic, cfg.partitions, total, timeout)
@@ -150,7 +153,7 @@ async def run_churn(cfg: BenchConfig, result: ScenarioResult) -> None:
 async def run_rebuild(cfg: BenchConfig, result: ScenarioResult) -> None:
     mix = mixed_history(cfg.rebuild_events, cfg.seed)
     async with fresh_topics(cfg, result.name) as (topic, dlq):
-        end = await _load(cfg, mix, topic, result)
+        end = await load_mix(cfg, mix, topic, result)
         total = sum(end.values())
         raw = await raw_consume(cfg.kafka, topic, cfg.partitions, total, _timeout(total))
         async with fresh_database(cfg, result.name) as url:

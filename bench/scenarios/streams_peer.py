@@ -38,11 +38,12 @@ from aiokafka.admin import AIOKafkaAdminClient
 from audit.log import LogReader
 from bench.config import BenchConfig
 from bench.consumption import decode_and_fold, projector_catch_up
-from bench.infra import end_offsets, fresh_database, fresh_topics, projector_settings, unique
+from bench.infra import fresh_database, fresh_topics, projector_settings, unique
 from bench.procstat import CpuUse, CpuWindow
 from bench.results import Figure, ScenarioResult
+from bench.scenarios.projector import load_mix
 from bench.services import REPO
-from bench.workloads import Mix, activity_heavy, churn_heavy, publish_records
+from bench.workloads import Mix, activity_heavy, churn_heavy
 from connection_tracker.events import InvalidEvent, decode_record_tuple
 from connection_tracker.fold import ConnectionState, fold_tuples
 
@@ -276,21 +277,6 @@ RUNS: Final = (
 )
 
 
-async def _load(cfg: BenchConfig, mix: Mix, topic: str, result: ScenarioResult) -> dict[int, int]:
-    started = time.perf_counter()
-    count = await publish_records(cfg.kafka, topic, mix.iter_records())
-    end = await end_offsets(cfg.kafka, topic, cfg.partitions)
-    if sum(end.values()) != count:
-        raise RuntimeError(f"loaded {count} records but the topic ends at {end}")
-    result.params.update(
-        mix=mix.description,
-        events=count,
-        partitions=cfg.partitions,
-        load_seconds=round(time.perf_counter() - started, 2),
-    )
-    return end
-
-
 async def compare(cfg: BenchConfig, result: ScenarioResult, mix: Mix) -> None:
     """Load the mix (the records the projector scenario of the same mix loads, byte for byte),
     then on that one topic: fold.py's fold, the Python consume+decode+fold ceiling, the
@@ -303,7 +289,7 @@ async def compare(cfg: BenchConfig, result: ScenarioResult, mix: Mix) -> None:
         print(f"bench: {result.name} skipped: {exc}", file=sys.stderr, flush=True)
         return
     async with fresh_topics(cfg, result.name) as (topic, dlq):
-        end = await _load(cfg, mix, topic, result)
+        end = await load_mix(cfg, mix, topic, result)
         total = sum(end.values())
         timeout = max(120.0, total / 1_000)
         expected = await python_fold(cfg.kafka, topic)
