@@ -34,7 +34,7 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from api.directory import DIRECTORY_SERVICE_NAME
-from api.repository import APPLICATION_NAME, ConnectionRepository, create_read_engine
+from api.repository import ConnectionRepository, create_read_engine
 from api.server import ApiServer, listen_host
 from api.service import SERVICE_NAME
 from connection_tracker.protogen.yandex.cloud.serverless.apigateway.websocket.v1 import (
@@ -45,7 +45,15 @@ from connection_tracker.protogen.yandex.cloud.serverless.apigateway.websocket.v1
 )
 from connection_tracker.schema import connections
 from connection_tracker.settings import Settings
-from tests.support.api import NOT_SERVING, SERVING, eventually, health_status, serve_api
+from tests.support.api import (
+    NOT_SERVING,
+    SERVING,
+    api_sessions_waiting_on_locks,
+    connections_locked,
+    eventually,
+    health_status,
+    serve_api,
+)
 from tests.support.ports import free_port
 
 REPO = Path(__file__).resolve().parents[2]
@@ -353,17 +361,10 @@ async def test_sigterm_drains_the_call_in_flight_and_exits_zero(
         metrics_port=str(metrics_port),
     )
     try:
-        parsed = make_url(database_url)
-        locker = await asyncpg.connect(
-            host=parsed.host, port=parsed.port, user=parsed.username, database=parsed.database
-        )
-        try:
-            tx = locker.transaction()
-            await tx.start()
-            await locker.execute("LOCK TABLE connections IN ACCESS EXCLUSIVE MODE")
-            async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
-                await asyncio.wait_for(channel.channel_ready(), 30)
-                stub = svc_grpc.ConnectionServiceStub(channel)
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+            await asyncio.wait_for(channel.channel_ready(), 30)
+            stub = svc_grpc.ConnectionServiceStub(channel)
+            async with connections_locked(database_url) as locker:
                 in_flight = asyncio.ensure_future(
                     stub.Get(svc.GetConnectionRequest(connection_id="conn-ops-1"), timeout=60)
                 )
@@ -371,12 +372,7 @@ async def test_sigterm_drains_the_call_in_flight_and_exits_zero(
                 async def blocked_in_database() -> bool:
                     # The API's reads are held up by the lock (its readiness probes among them:
                     # the Get may wait for their connection rather than for the lock itself).
-                    waiting = await locker.fetchval(
-                        "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database()"
-                        " AND application_name = $1 AND wait_event_type = 'Lock'",
-                        APPLICATION_NAME,
-                    )
-                    return int(waiting) > 0
+                    return await api_sessions_waiting_on_locks(locker) > 0
 
                 async def get_in_the_server() -> bool:
                     families = await asyncio.to_thread(_scrape, "127.0.0.1", metrics_port)
@@ -403,11 +399,8 @@ async def test_sigterm_drains_the_call_in_flight_and_exits_zero(
                 # Stopped accepting calls while the old one is still held by the lock.
                 await eventually(refuses_new_calls)
                 assert not in_flight.done()
-                await tx.rollback()
-                answer = await asyncio.wait_for(in_flight, 30)
+            answer = await asyncio.wait_for(in_flight, 30)
             assert answer.id == "conn-ops-1"
-        finally:
-            await locker.close()
         assert await asyncio.wait_for(process.wait(), 30) == 0, log_path.read_text()
     finally:
         if process.returncode is None:
