@@ -98,7 +98,6 @@ _RECONNECT_BACKOFF_MAX_S = 1.0
 # after a round failed (the broker is still away) or while no producer can take them.
 _REPLAY_BATCH = 1000
 _REPLAY_RETRY_S = 0.5
-DEFAULT_SPOOL_MAX_BYTES = 256 << 20
 
 
 @dataclass(frozen=True, slots=True)
@@ -248,7 +247,7 @@ class Publisher:
         node_id: str | None = None,
         heartbeat_interval_s: float = 5.0,
         spool_dir: str | os.PathLike[str] | None = None,
-        spool_max_bytes: int = DEFAULT_SPOOL_MAX_BYTES,
+        spool_max_bytes: int = default("gateway_spool_max_bytes"),
         linger_ms: int = 5,
         monotonic_ns: Callable[[], int] = time.monotonic_ns,
         wall_clock_ns: Callable[[], int] = time.time_ns,
