@@ -5,6 +5,7 @@ and reflection stay open so that probes and grpcurl work, and keep working under
 
 from __future__ import annotations
 
+import abc
 import asyncio
 import logging
 import time
@@ -64,16 +65,16 @@ def _deadline_passed(context: grpc.aio.ServicerContext[Any, Any]) -> bool:
     return remaining is not None and remaining <= 0
 
 
-class MetricsInterceptor(Interceptor):
-    """Counts the calls of the methods under `counted_prefix` (ConnectionService: health checks
-    and reflection are not traffic) and makes a call that ended before it could be answered
-    (the caller's deadline passed, or the caller went away) end as a cancellation. Outermost,
-    so it sees every outcome, rejections included."""
+class _WrappingInterceptor(Interceptor):
+    """Wraps the unary handlers of the methods under `prefix` with `wrap(method, behavior)`;
+    `wrap` is also what another transport (api/rest.py) calls to get the same behaviour."""
 
-    def __init__(self, metrics: ApiMetrics, counted_prefix: str | tuple[str, ...]) -> None:
-        self._metrics = metrics
-        self._prefix = counted_prefix
-        self._handlers = _WrappedHandlers(self._observed)
+    def __init__(self, prefix: str | tuple[str, ...]) -> None:
+        self._prefix = prefix
+        self._handlers = _WrappedHandlers(self.wrap)
+
+    @abc.abstractmethod
+    def wrap(self, method: str, behavior: Behavior) -> Behavior: ...
 
     async def intercept_service(  # type: ignore[override]
         self, continuation: Continuation, handler_call_details: grpc.HandlerCallDetails
@@ -88,12 +89,20 @@ class MetricsInterceptor(Interceptor):
             return handler
         return self._handlers.get(handler_call_details.method, handler, behavior)
 
-    def wrap(self, method: str, behavior: Behavior) -> Behavior:
-        """behavior counted as `method`: for a transport other than gRPC (api/rest.py) whose
-        calls go through the same service code with a context of its own."""
-        return self._observed(method, behavior)
 
-    def _observed(self, method: str, behavior: Behavior) -> Behavior:
+class MetricsInterceptor(_WrappingInterceptor):
+    """Counts the calls of the methods under `counted_prefix` (ConnectionService: health checks
+    and reflection are not traffic) and makes a call that ended before it could be answered
+    (the caller's deadline passed, or the caller went away) end as a cancellation. Outermost,
+    so it sees every outcome, rejections included."""
+
+    def __init__(self, metrics: ApiMetrics, counted_prefix: str | tuple[str, ...]) -> None:
+        super().__init__(counted_prefix)
+        self._metrics = metrics
+
+    def wrap(self, method: str, behavior: Behavior) -> Behavior:
+        """behavior counted as `method` (also for api/rest.py, whose calls go through the same
+        service code with a context of its own)."""
         metrics = self._metrics
 
         async def observed(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
@@ -177,7 +186,7 @@ async def _reject_unauthenticated(request: Any, context: grpc.aio.ServicerContex
     )
 
 
-class ConcurrencyLimitInterceptor(Interceptor):
+class ConcurrencyLimitInterceptor(_WrappingInterceptor):
     """At most `limit` protected calls at a time; beyond that RESOURCE_EXHAUSTED at once, so
     overload sheds calls instead of queueing them until everything times out."""
 
@@ -187,36 +196,19 @@ class ConcurrencyLimitInterceptor(Interceptor):
         protected_prefix: str | tuple[str, ...],
         on_change: Callable[[int], None] | None = None,
     ) -> None:
+        super().__init__(protected_prefix)
         self.limit = limit
-        self._prefix = protected_prefix
         self._on_change = on_change
         self.in_flight = 0
-        self._handlers = _WrappedHandlers(self._limited)
 
     def _set(self, value: int) -> None:
         self.in_flight = value
         if self._on_change is not None:
             self._on_change(value)
 
-    async def intercept_service(  # type: ignore[override]
-        self, continuation: Continuation, handler_call_details: grpc.HandlerCallDetails
-    ) -> Handler | None:
-        handler = await continuation(handler_call_details)
-        behavior = _unary(handler)
-        if (
-            handler is None
-            or behavior is None
-            or not handler_call_details.method.startswith(self._prefix)
-        ):
-            return handler
-        return self._handlers.get(handler_call_details.method, handler, behavior)
-
     def wrap(self, method: str, behavior: Behavior) -> Behavior:
-        """behavior under this same cap (the slots are shared with gRPC calls): for a transport
-        other than gRPC (api/rest.py)."""
-        return self._limited(method, behavior)
+        """behavior under this cap (api/rest.py's calls share its slots with gRPC calls)."""
 
-    def _limited(self, _method: str, behavior: Behavior) -> Behavior:
         async def limited(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
             # One event loop serves every call, so check-and-increment cannot race.
             if self.in_flight >= self.limit:
