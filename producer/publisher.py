@@ -3,6 +3,8 @@
 Each event gets a fresh UUID event id and the gateway's clock in nanoseconds; the record key is
 the connection id, so one connection's events land on one partition in order. The producer is
 idempotent with acks from all in-sync replicas, so broker retries never duplicate or reorder.
+Concurrent calls are ordered per partition (producer/lanes.py): a partition that cannot take
+events (its leader is away) holds up the calls of its own connections only.
 
 Activity is coalesced per connection (producer/coalescing.py): at most one Activity event per
 `activity_interval_s`, carrying the latest activity time, flushed before the connection's
@@ -79,6 +81,7 @@ from producer.errors import (
     TopicNotFoundError,
     UndeliveredEventsError,
 )
+from producer.lanes import Lanes, Ticket
 from producer.node import MAX_INCARNATION, next_incarnation
 from producer.spool import Spool, SpoolFullError
 
@@ -98,6 +101,12 @@ _RECONNECT_BACKOFF_MAX_S = 1.0
 # after a round failed (the broker is still away) or while no producer can take them.
 _REPLAY_BATCH = 1000
 _REPLAY_RETRY_S = 0.5
+# aiokafka holds one batch per partition and send() waits while it is full and cannot be sent
+# (its leader is away: a broker failover takes about 10 s). Its default, 16 KiB (some 160
+# events), made calls wait within a second of a failover; 1 MiB (the broker's default
+# message.max.bytes is 1 MiB + 12 bytes, so a full batch is still accepted) holds some 7,000
+# events of the partition: docs/producer.md, "Failure behaviour".
+DEFAULT_MAX_BATCH_BYTES = 1 << 20
 
 
 @dataclass(frozen=True, slots=True)
@@ -305,8 +314,14 @@ class Publisher:
         self._on_undeliverable = on_undeliverable
         self._monotonic_ns = monotonic_ns
         self._wall_clock_ns = wall_clock_ns
+        if "partitioner" in producer_options:
+            raise ValueError(
+                "partitioner: the publisher places each connection's events itself, by its id "
+                "as Kafka's default partitioner does (producer/lanes.py)"
+            )
         self._producer_options: dict[str, Any] = {
             "linger_ms": linger_ms,
+            "max_batch_size": DEFAULT_MAX_BATCH_BYTES,
             # aiokafka uses it for metadata waits, full-buffer waits and produce requests.
             "request_timeout_ms": max(1, int(delivery_timeout_s * 1000)),
             **producer_options,
@@ -325,9 +340,17 @@ class Publisher:
         self._failed_while_replacing = False
         self._parked: deque[tuple[Event, bytes, asyncio.Future[Any]]] = deque()
         self._lifecycle = asyncio.Lock()
-        # One lock orders every send: an activity taken from the coalescer and the Disconnected
-        # after it reach the producer in that order even when other tasks publish concurrently.
-        self._send_lock = asyncio.Lock()
+        # Sends are ordered per partition (producer/lanes.py): an activity taken from the
+        # coalescer and the Disconnected after it reach the producer in that order even when
+        # other tasks publish concurrently, and a partition whose batch cannot be sent (its
+        # leader is away) holds up only its own connections. Replaced by start(), which knows
+        # the partition count.
+        self._lanes = Lanes(1)
+        # Events being handed to the producer (inside its send()): the spool is not left, and a
+        # replaced producer not stopped, while one is.
+        self._handing = 0
+        self._handed = asyncio.Event()
+        self._handed.set()
         self._room = asyncio.Semaphore(max_pending)
         self._in_flight: dict[asyncio.Future[Any], Event] = {}
         self._stopping = asyncio.Event()
@@ -391,6 +414,10 @@ class Publisher:
             except BaseException:
                 await self._close_spool()
                 raise
+            # Fixed for this run: a connection keeps its partition (and its order) even if the
+            # topic gains partitions meanwhile.
+            partitions = self._producer.client.cluster.partitions_for_topic(self._topic)
+            self._lanes = Lanes(len(partitions))
             if self._node_id is not None:
                 try:
                     await self._announce_start(self._node_id, deadline)
@@ -488,24 +515,26 @@ class Publisher:
             if self._flusher is not None:
                 await self._flusher
                 self._flusher = None
-            deadline = asyncio.get_running_loop().time() + self._delivery_timeout_s
-            # Holding the send lock to the end: a publish that got past the started check just
-            # before stop() either goes out before the drain or finds the publisher closed.
-            async with self._send_lock:
-                try:
-                    # A failure here is already counted and reported; it is raised below, with
-                    # any others, as UndeliveredEventsError once the producer is closed.
-                    with contextlib.suppress(PublisherError):
-                        pending = self._activity_events(self._coalescer.drain())
-                        await self._send_all(pending, deadline)
-                    await self._wait_in_flight(deadline)
-                    await self._wait_spool(deadline)
-                    await self._wait_heartbeat(deadline)
-                finally:
-                    await self._stop_replayer()
-                    await self._close_producer()
-                    await self._close_spool()
-                    self._running = False
+            loop = asyncio.get_running_loop()
+            deadline = loop.time() + self._delivery_timeout_s
+            try:
+                # A failure here is already counted and reported; it is raised below, with
+                # any others, as UndeliveredEventsError once the producer is closed.
+                with contextlib.suppress(PublisherError):
+                    pending = self._activity_events(self._coalescer.drain())
+                    await self._send_in_lanes(pending, deadline)
+                # A publish past the started check reserved its turn in the same step, so
+                # every event handed in before stop() is handed over (or reported) by now;
+                # one still waiting at the deadline finds the publisher closed.
+                await self._lanes.settled(deadline - loop.time())
+                await self._wait_in_flight(deadline)
+                await self._wait_spool(deadline)
+                await self._wait_heartbeat(deadline)
+            finally:
+                await self._stop_replayer()
+                await self._close_producer()
+                await self._close_spool()
+                self._running = False
             self._raise_if_failures()
 
     close = stop
@@ -616,12 +645,17 @@ class Publisher:
             raise InvalidEvent("a node's own events are published by its node role, not publish()")
         value = _checked_value(event)
         deadline = asyncio.get_running_loop().time() + self._delivery_timeout_s
-        async with self._send_lock:
-            pending = self._coalescer.take(event.connection_id)
-            if pending is None:
-                await self._send(event, deadline, value)
-            else:
-                await self._send_all([*self._activity_events([pending]), event], deadline)
+        lane = self._lanes.lane_of(event.connection_id)
+        # The turn and the connection's pending activity are taken in one step, with no await
+        # since the started check: this call's place in its connection's order is fixed here.
+        pending = self._coalescer.take(event.connection_id)
+        ticket = self._lanes.reserve(lane)
+        if pending is None:
+            await self._send_in_turn(lane, ticket, [event], deadline, value)
+        else:
+            await self._send_in_turn(
+                lane, ticket, [*self._activity_events([pending]), event], deadline, taken=1
+            )
 
     async def connected(
         self, connection_id: str, source_ip: str, user_agent: str, *, at_ns: int | None = None
@@ -662,12 +696,17 @@ class Publisher:
         else:
             (event,) = self._activity_events([ready])
             value = None
-        # No await between record() and taking the lock (asyncio.Lock is FIFO), so this event is
-        # ordered before any event of the connection handed in after this call.
-        async with self._send_lock:
-            await self._send(
-                event, asyncio.get_running_loop().time() + self._delivery_timeout_s, value
-            )
+        # No await between record() and reserving the turn, so this event is ordered before any
+        # event of the connection handed in after this call.
+        lane = self._lanes.lane_of(connection_id)
+        ticket = self._lanes.reserve(lane)
+        await self._send_in_turn(
+            lane,
+            ticket,
+            [event],
+            asyncio.get_running_loop().time() + self._delivery_timeout_s,
+            value,
+        )
         return event
 
     async def disconnected(
@@ -689,9 +728,11 @@ class Publisher:
         delivery_timeout_s (they stay in flight), UndeliveredEventsError if any failed since
         the last flush."""
         self._require_accepting()
-        deadline = asyncio.get_running_loop().time() + self._delivery_timeout_s
-        async with self._send_lock:
-            await self._send_all(self._activity_events(self._coalescer.drain()), deadline)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self._delivery_timeout_s
+        await self._send_in_lanes(self._activity_events(self._coalescer.drain()), deadline)
+        # Events handed in before this call and still waiting for their turn are in flight after.
+        await self._lanes.settled(deadline - loop.time())
         if self._spool is not None and self._spool.is_open:
             await self._spool.durable()  # what is spooled so far is on disk when this returns
         remaining = await self._wait_in_flight(deadline)
@@ -756,7 +797,7 @@ class Publisher:
                 log.exception("publishing a heartbeat failed")
 
     async def _send_heartbeat(self, timeout_s: float) -> None:
-        """Hand one NodeHeartbeat straight to the producer, or drop it. Outside _send_lock and
+        """Hand one NodeHeartbeat straight to the producer, or drop it. Outside the lanes and
         max_pending: connection events neither wait for it nor make it wait for them."""
         assert self._node_id is not None
         assert self._incarnation is not None
@@ -836,36 +877,94 @@ class Publisher:
                 await asyncio.wait_for(self._stopping.wait(), wait_s)
                 return
             try:
-                async with self._send_lock:
-                    due = self._coalescer.due(self._monotonic_ns())
-                    if due:
-                        await self._send_all(
-                            self._activity_events(due), loop.time() + self._delivery_timeout_s
-                        )
+                due = self._coalescer.due(self._monotonic_ns())
+                if due:
+                    await self._send_in_lanes(
+                        self._activity_events(due), loop.time() + self._delivery_timeout_s
+                    )
             except PublisherError:
                 pass  # already counted and reported; the next interval tries again
             except Exception:
                 log.exception("publishing coalesced activity failed")
 
-    async def _send_all(self, events: list[Event], deadline: float) -> None:
-        """Send each event; after the deadline the rest are reported without trying. Raises the
-        first failure once all have been handled."""
+    async def _send_in_lanes(self, events: list[Event], deadline: float) -> None:
+        """Send events of any connections: a turn in each lane they need is reserved now, in
+        this order, and the lanes' shares go out concurrently, so a lane that waits holds up
+        only its own. Raises the first failure once all have been handled."""
+        if not events:
+            return
+        shares: dict[int, list[Event]] = {}
+        for event in events:
+            shares.setdefault(self._lanes.lane_of(event.connection_id), []).append(event)
+        turns = [(lane, self._lanes.reserve(lane), share) for lane, share in shares.items()]
+        if len(turns) == 1:
+            lane, ticket, share = turns[0]
+            await self._send_in_turn(lane, ticket, share, deadline, taken=len(share))
+            return
+        outcomes = await asyncio.gather(
+            *(
+                self._send_in_turn(lane, ticket, share, deadline, taken=len(share))
+                for lane, ticket, share in turns
+            ),
+            return_exceptions=True,
+        )
+        errors = [o for o in outcomes if isinstance(o, BaseException)]
+        for error in errors:
+            if not isinstance(error, PublisherError):
+                raise error
+        if errors:
+            raise errors[0]
+
+    async def _send_in_turn(
+        self,
+        lane: int,
+        ticket: Ticket,
+        events: list[Event],
+        deadline: float,
+        value: bytes | None = None,
+        *,
+        taken: int = 0,
+    ) -> None:
+        """Wait for the reserved turn, send the events (value: the last one's encoding, if
+        made), end the turn. The first `taken` events were taken from the coalescer, not handed
+        in by the caller: if the wait is cancelled they are reported (the spool keeps them)."""
+        try:
+            await self._lanes.acquire(lane, ticket)
+        except BaseException as exc:
+            for event in events[:taken]:
+                self._report(event, exc)
+            raise
+        try:
+            if len(events) == 1:
+                await self._send(events[0], deadline, lane, value)
+            else:
+                await self._send_all(events, deadline, lane)
+        finally:
+            self._lanes.release(lane)
+
+    async def _send_all(self, events: list[Event], deadline: float, lane: int) -> None:
+        """Send each event (all of one lane, whose turn the caller holds); after the deadline
+        the rest are reported without trying. Raises the first failure once all have been
+        handled."""
         first: PublisherError | None = None
         for event in events:
             if first is not None and asyncio.get_running_loop().time() >= deadline:
                 self._report(event, first)
                 continue
             try:
-                await self._send(event, deadline)
+                await self._send(event, deadline, lane)
             except PublisherError as exc:
                 first = first or exc
         if first is not None:
             raise first
 
-    async def _send(self, event: Event, deadline: float, value: bytes | None = None) -> None:
+    async def _send(
+        self, event: Event, deadline: float, lane: int, value: bytes | None = None
+    ) -> None:
         """Hand one event (and its encoding, if already made) to the producer; the caller holds
-        _send_lock. Waits for room while max_pending events are unacknowledged; reports and
-        raises on failure. While the producer is being replaced, the event waits in _parked."""
+        the turn of its lane (its partition). Waits for room while max_pending events are
+        unacknowledged; reports and raises on failure. While the producer is being replaced,
+        the event waits in _parked."""
         if self._producer is None and self._replacer is None:
             closed = PublisherClosedError("Publisher was stopped before the event could be sent")
             self._report(event, closed)
@@ -889,12 +988,20 @@ class Publisher:
                 return
             # aiokafka bounds its own waits (metadata, a full batch) by request_timeout_ms,
             # which is delivery_timeout_s, and raises KafkaTimeoutError after it.
-            future = await self._producer.send(
-                self._topic,
-                value=encode(event) if value is None else value,
-                key=event.connection_id.encode(),
-                headers=list(HEADERS),
-            )
+            self._handing += 1
+            self._handed.clear()
+            try:
+                future = await self._producer.send(
+                    self._topic,
+                    value=encode(event) if value is None else value,
+                    key=event.connection_id.encode(),
+                    partition=lane,
+                    headers=list(HEADERS),
+                )
+            finally:
+                self._handing -= 1
+                if not self._handing:
+                    self._handed.set()
         except (TimeoutError, KafkaTimeoutError) as exc:
             if acquired:
                 self._room.release()
@@ -985,6 +1092,7 @@ class Publisher:
                         self._topic,
                         value=value,
                         key=event.connection_id.encode(),
+                        partition=self._lanes.lane_of(event.connection_id),
                         headers=list(HEADERS),
                     )
                 except Exception as exc:
@@ -1005,6 +1113,11 @@ class Publisher:
             return
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self._delivery_timeout_s
+        # An event still being handed to it (its partition's batch was full) joins the others
+        # in flight once handed over; none starts now that it is being replaced.
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout_at(deadline):
+                await self._handed.wait()
         # A heartbeat it holds would keep its stop() waiting while the broker is away: wait for
         # it too, and fail it with the rest at the deadline.
         while carried := (
@@ -1160,13 +1273,17 @@ class Publisher:
         """One step of _replay_spool; returns whether replaying is failing now."""
         self._watch_in_flight()
         if spool.pending == 0:
-            if self._spooling and self._replacer is None and self._producer is not None:
-                # Under the send lock: no event is being routed while the mode changes.
-                async with self._send_lock:
-                    if spool.pending == 0 and self._replacer is None:
-                        self._spooling = False
-                        self._skip_replay.clear()
-                        log.info("the spool is delivered; events go to the broker again")
+            if (
+                self._spooling
+                and self._replacer is None
+                and self._producer is not None
+                and not self._handing
+            ):
+                # No await from the checks to the switch, and no event is being handed to the
+                # producer (one that was would belong in the spool, behind what it held).
+                self._spooling = False
+                self._skip_replay.clear()
+                log.info("the spool is delivered; events go to the broker again")
             await asyncio.sleep(_REPLAY_RETRY_S / 5)
             return failing
         producer = self._producer
@@ -1247,6 +1364,7 @@ class Publisher:
                         self._topic,
                         value=value,
                         key=connection_id.encode(),
+                        partition=self._lanes.lane_of(connection_id),
                         headers=list(HEADERS),
                     )
                 )

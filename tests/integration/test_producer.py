@@ -306,9 +306,9 @@ async def test_a_failing_callback_does_not_break_the_publisher(kafka_settings: S
     pub = publisher(kafka_settings, on_undeliverable=broken, delivery_timeout_s=5)
     await pub.start()
     await pub.stop()
-    # Publishing into a stopped producer from inside the lock is reported, then refused.
+    # Publishing into a stopped producer in a turn taken before stop() is reported, then refused.
     with pytest.raises(PublisherClosedError):
-        await pub._send(Event("e", "c", "gw", T0, Activity(1)), 0.0)
+        await pub._send(Event("e", "c", "gw", T0, Activity(1)), 0.0, pub._lanes.lane_of("c"))
     assert pub.undelivered == 1
 
 

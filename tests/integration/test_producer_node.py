@@ -152,15 +152,20 @@ async def test_without_a_node_id_nothing_changes(kafka_settings: Settings) -> No
 
 
 async def test_heartbeats_do_not_wait_for_connection_events(kafka_settings: Settings) -> None:
-    """Connection events queue behind one lock (and max_pending); heartbeats go around it."""
+    """Connection events queue in their partition's lane (and behind max_pending); heartbeats
+    go around both."""
     node = f"node-{uuid.uuid4().hex[:8]}"
     async with publisher(kafka_settings, node_id=node, heartbeat_interval_s=0.1) as pub:
-        async with pub._send_lock:  # every connection event waits now
+        lane = pub._lanes.lane_of("c-1")
+        assert pub._lanes.reserve(lane) is None  # c-1's partition waits for this turn now
+        try:
             blocked = asyncio.create_task(pub.connected("c-1", "10.0.0.1", "ua"))
             before = pub.stats().heartbeats_delivered
             await asyncio.sleep(0.6)
             during = pub.stats().heartbeats_delivered - before
             assert not blocked.done()
+        finally:
+            pub._lanes.release(lane)
         await blocked
     assert during >= 3
 
