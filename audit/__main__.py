@@ -32,10 +32,11 @@ from audit.log import LogReader, TopicNotFoundError
 from audit.rebuild import Progress, Rebuild, RebuildError, abandon, drop_retired, shadow_exists
 from audit.replay import HistoryEntry, fold_until, history, state_of, verify
 from connection_tracker import cli
+from connection_tracker.batch import gen0_threshold
 from connection_tracker.database import create_engine
 from connection_tracker.fold import ConnectionState
 from connection_tracker.kafka import KafkaConnection
-from connection_tracker.lifecycle import BATCH_GEN0_THRESHOLD, setup_logging, tune_gc
+from connection_tracker.lifecycle import setup_logging, tune_gc
 from connection_tracker.settings import Settings
 from connection_tracker.store import ProjectionStore
 from connection_tracker.timeutil import format_ns
@@ -387,7 +388,7 @@ def main(argv: list[str] | None = None) -> None:
         cli.fail(prog, exc)
     # Commands print their results; the log says only what went wrong.
     setup_logging("WARNING", settings.log_format)
-    tune_gc(settings.gc_gen0_threshold, default=BATCH_GEN0_THRESHOLD)
+    tune_gc(settings.gc_gen0_threshold, default=gen0_threshold(settings.rebuild_batch_events))
     handler = {
         "history": cmd_history,
         "as-of": cmd_as_of,

@@ -46,7 +46,8 @@ from bench.scenarios import (
     streams_peer,
 )
 from bench.services import REPO
-from connection_tracker.lifecycle import BATCH_GEN0_THRESHOLD, tune_gc
+from connection_tracker.batch import gen0_threshold
+from connection_tracker.lifecycle import tune_gc
 from connection_tracker.settings import settings_from
 
 log = logging.getLogger("bench")
@@ -382,7 +383,8 @@ def main(argv: list[str] | None = None) -> None:
     )
     # The in-process projector and rebuild run under the collector settings their commands use
     # (and so do the ceilings measured beside them, in this same process).
-    tune_gc(settings_from().gc_gen0_threshold, default=BATCH_GEN0_THRESHOLD)
+    harness = settings_from()
+    tune_gc(harness.gc_gen0_threshold, default=gen0_threshold(harness.batch_max_events))
     results = asyncio.run(run_scenarios(cfg, names))
     meta["finished_at"] = datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")
     doc = document(meta, results)

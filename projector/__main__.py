@@ -7,9 +7,9 @@ import logging
 from prometheus_client import start_http_server
 
 from connection_tracker import cli
+from connection_tracker.batch import gen0_threshold
 from connection_tracker.database import create_engine
 from connection_tracker.lifecycle import (
-    BATCH_GEN0_THRESHOLD,
     on_shutdown_signal,
     setup_logging,
     tune_gc,
@@ -68,7 +68,7 @@ def main(argv: list[str] | None = None) -> None:
     except cli.CommandError as exc:
         cli.fail("conntrack-projector", exc)
     setup_logging(settings.log_level, settings.log_format)
-    tune_gc(settings.gc_gen0_threshold, default=BATCH_GEN0_THRESHOLD)
+    tune_gc(settings.gc_gen0_threshold, default=gen0_threshold(settings.batch_max_events))
     cli.run("conntrack-projector", lambda: _serve(settings), settings)
 
 
