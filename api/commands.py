@@ -34,7 +34,12 @@ from connection_tracker.commands import (
     decode_outcome,
     encode_command,
 )
-from connection_tracker.kafka import KafkaConnection, KafkaSetupError, connection_of
+from connection_tracker.kafka import (
+    KafkaConnection,
+    KafkaSetupError,
+    KeyPartitioner,
+    connection_of,
+)
 from connection_tracker.retry import Backoff, one_line
 
 log = logging.getLogger(__name__)
@@ -98,7 +103,10 @@ class CommandChannel:
         delays = Backoff(max_s=5.0).delays()
         while True:
             producer = AIOKafkaProducer(
-                **self._connection.options(), acks="all", enable_idempotence=True
+                **self._connection.options(),
+                acks="all",
+                enable_idempotence=True,
+                partitioner=KeyPartitioner(),
             )
             consumer = AIOKafkaConsumer(
                 **self._connection.options(), group_id=None, enable_auto_commit=False

@@ -34,6 +34,7 @@ from aiokafka.errors import (
     UnsupportedSaslMechanismError,
 )
 from aiokafka.helpers import create_ssl_context
+from aiokafka.partitioner import DefaultPartitioner
 from pydantic import SecretStr
 
 from connection_tracker.settings import default, env_name
@@ -322,6 +323,33 @@ async def close(*clients: Any) -> None:
     task = asyncio.current_task()
     if task is not None and task.cancelling():
         raise asyncio.CancelledError
+
+
+class KeyPartitioner:
+    """aiokafka's default partitioner (murmur2 of the key, as the Java client's) remembering its
+    answer per key and partition count: a producer whose records carry a few keys over and over
+    (the API's commands, keyed by node id; a node's outcomes, keyed by an API's reply address)
+    otherwise runs the pure-Python murmur2 for every record (about 3% of a gateway node's CPU
+    at 1,000 Sends/s). Records without a key are spread as DefaultPartitioner spreads them.
+    Pass an instance as AIOKafkaProducer(partitioner=...)."""
+
+    def __init__(self, max_keys: int = 4096) -> None:
+        self._partitioner = DefaultPartitioner()
+        self._max_keys = max_keys
+        self._known: dict[tuple[bytes, int], int] = {}
+
+    def __call__(
+        self, key: bytes | None, all_partitions: list[int], available: list[int] | None
+    ) -> int:
+        if key is None:
+            return int(self._partitioner(key, all_partitions, available))
+        known = self._known.get((key, len(all_partitions)))
+        if known is None:
+            if len(self._known) >= self._max_keys:
+                self._known.clear()
+            known = int(self._partitioner(key, all_partitions, available))
+            self._known[(key, len(all_partitions))] = known
+        return known
 
 
 def _read_secret(path: Path) -> str:
