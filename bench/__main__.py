@@ -73,6 +73,10 @@ SCENARIOS: dict[str, tuple[Scenario, str]] = {
     ),
     "rebuild": (projector.run_rebuild, "2. rebuild time of 1M events into a fresh database"),
     "get": (get.run, "3. Get QPS, p50, p99 and server CPU vs a constant-answer server"),
+    "get-replica": (
+        get.run_on_replica,
+        "3d. figure 3 with the API reading from a streaming replica (p99 at half load)",
+    ),
     "get-workers": (
         get_workers.run,
         "3b. Get QPS with one API worker per core vs the constant server with as many processes",

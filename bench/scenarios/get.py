@@ -4,12 +4,21 @@ beside the constant-answer server (bench/constant_server.py) under the same load
 Each server runs alone (never both at once) as a subprocess: first at fixed concurrency, closed
 loop (the maximum it sustains: QPS, p50, p99, server CPU), then at a fixed rate of half the
 constant server's maximum (the p99 target of the issue), then with one client calling one Get
-after another (the latency a lone client sees)."""
+after another (the latency a lone client sees).
+
+`get-replica` runs the same figures with the API reading from a streaming replica of the server
+(CONNTRACK_BENCH_GET_REPLICA_URL; else, for the project's own server, one that
+`infra/postgres.sh replica up` starts for the scenario and stops after it, so that its WAL replay
+takes no CPU from the other scenarios)."""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import os
 import random
+from collections.abc import AsyncIterator
+from pathlib import Path
 
 import asyncpg
 from sqlalchemy.engine import make_url
@@ -70,12 +79,57 @@ async def populate_open_connections(database_url: str, connections: int, seed: i
     return list(states)
 
 
-async def _replica(cfg: BenchConfig, url: str) -> dict[str, str]:
-    """With CONNTRACK_BENCH_GET_REPLICA_URL, the API's settings to read the scenario's database
-    from that replica, once the replica has every row (else none: the API reads `url`)."""
-    if cfg.get_replica_url is None:
+INFRA_POSTGRES = Path(__file__).resolve().parents[2] / "infra" / "postgres.sh"
+
+
+async def _infra_postgres(cfg: BenchConfig, *args: str, ok: tuple[int, ...] = (0,)) -> str:
+    port = make_url(cfg.postgres_url).port or 5432
+    process = await asyncio.create_subprocess_exec(
+        "bash",
+        str(INFRA_POSTGRES),
+        *args,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.STDOUT,
+        env={**os.environ, "CONNTRACK_PG_PORT": str(port)},
+    )
+    out, _ = await process.communicate()
+    if process.returncode not in ok:
+        raise RuntimeError(f"infra/postgres.sh {' '.join(args)}: {out.decode().strip()}")
+    return out.decode().strip()
+
+
+@contextlib.asynccontextmanager
+async def _replica_server(cfg: BenchConfig) -> AsyncIterator[str]:
+    """The replica's URL: CONNTRACK_BENCH_GET_REPLICA_URL's, else the running replica of the
+    project's server (infra/postgres.sh), else a new one made for the scenario and removed
+    after it."""
+    if cfg.get_replica_url is not None:
+        yield cfg.get_replica_url
+        return
+    if make_url(cfg.postgres_url).host not in ("127.0.0.1", "localhost"):
+        raise RuntimeError(
+            "no replica: set CONNTRACK_BENCH_GET_REPLICA_URL to a streaming replica of "
+            f"{make_url(cfg.postgres_url).host}"
+        )
+    if "replica running" in await _infra_postgres(cfg, "replica", "status", ok=(0, 3)):
+        yield await _infra_postgres(cfg, "replica", "url")
+        return
+    # A fresh base backup: a replica stopped since has usually lost the WAL it would need (the
+    # primary keeps none for it), and the scenario leaves none behind.
+    await _infra_postgres(cfg, "replica", "reset")
+    try:
+        await _infra_postgres(cfg, "replica", "up")
+        yield await _infra_postgres(cfg, "replica", "url")
+    finally:
+        await _infra_postgres(cfg, "replica", "reset")
+
+
+async def _replica(replica_url: str | None, url: str) -> dict[str, str]:
+    """With a replica, the API's settings to read the scenario's database from it, once the
+    replica has every row (else none: the API reads `url`)."""
+    if replica_url is None:
         return {}
-    server = make_url(cfg.get_replica_url)
+    server = make_url(replica_url)
     replica = make_url(url).set(host=server.host, port=server.port)
     conn = await asyncpg.connect(asyncpg_dsn(url))
     try:
@@ -138,13 +192,24 @@ async def _measure(
 
 
 async def run(cfg: BenchConfig, result: ScenarioResult) -> None:
+    """Figure 3: the API reading from the server the scenario's database is on."""
+    await _run(cfg, result, None)
+
+
+async def run_on_replica(cfg: BenchConfig, result: ScenarioResult) -> None:
+    """Figure 3b': the same, the API reading from a streaming replica of that server."""
+    async with _replica_server(cfg) as replica_url:
+        await _run(cfg, result, replica_url)
+
+
+async def _run(cfg: BenchConfig, result: ScenarioResult, replica_url: str | None) -> None:
     lg = load_generator(cfg)
     result.params.update(
         rows=cfg.get_rows,
         concurrency=cfg.get_concurrency,
         seconds_per_run=cfg.get_seconds,
         load_generator=lg.name,
-        read_replica=cfg.get_replica_url is not None,
+        read_replica=replica_url is not None,
     )
     log_dir = cfg.work_dir / "logs"
     async with fresh_database(cfg, "get") as url:
@@ -158,7 +223,8 @@ async def run(cfg: BenchConfig, result: ScenarioResult) -> None:
             const_half = await _measure(lg, server, target, ids, cfg, result, half)
             const_one = await _measure(lg, server, target, ids, cfg, result, None, 1)
         target = f"127.0.0.1:{free_port()}"
-        async with running(api_service(url, target, log_dir, await _replica(cfg, url))) as server:
+        api = api_service(url, target, log_dir, await _replica(replica_url, url))
+        async with running(api) as server:
             await wait_grpc_serving(target, server)
             await lg.run(target, ids, cfg.get_concurrency, min(1.0, cfg.get_seconds))
             api_max = await _measure(lg, server, target, ids, cfg, result, None)
