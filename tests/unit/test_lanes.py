@@ -12,6 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from producer.lanes import Lanes, partition_of
+from producer.publisher import Publisher
 
 
 @given(st.binary(min_size=1, max_size=64), st.integers(min_value=1, max_value=200))
@@ -168,3 +169,9 @@ def test_each_keys_calls_keep_their_order_under_any_interleaving(
     for key, seqs in done.items():
         expected = [seq for seq, k in enumerate(keys) if f"c-{k}" == key]
         assert seqs == expected
+
+
+def test_the_publisher_refuses_a_partitioner_of_its_own() -> None:
+    """It places each connection's events itself; another partitioner would split a lane."""
+    with pytest.raises(ValueError, match="partitioner: the publisher places"):
+        Publisher("127.0.0.1:1", "events", "gw", partitioner=lambda *_: 0)
