@@ -14,7 +14,7 @@ from connection_tracker.events import encode, record_key
 from connection_tracker.lifecycle import BATCH_GEN0_THRESHOLD
 from producer.simulator import Workload, generate
 
-BATCH = 5000
+BATCH = 8000  # gen0_threshold(BATCH) is above the 50000 floor: the per-event rule decides
 
 
 @dataclass
