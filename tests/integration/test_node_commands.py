@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import pytest
-from aiokafka import AIOKafkaConsumer
+from aiokafka import AIOKafkaConsumer, TopicPartition
 
 from connection_tracker.commands import (
     CloseSocket,
@@ -270,3 +270,49 @@ async def test_start_and_stop_are_idempotent_and_a_command_in_progress_finishes(
     outcomes = await read_outcomes(topics, reply_to, 1, quiet_s=0)
     assert [o.status for o in outcomes] == [OutcomeStatus.DONE]
     await commands.stop()
+
+
+async def test_a_running_node_commits_what_it_finished_without_a_commit_per_command(
+    topics: Topics,
+) -> None:
+    """Commits are spaced (at most one per 100 ms) but still made while the node runs, not only
+    at stop(): the group's offset reaches the last finished command within a few seconds."""
+    node, incarnation = unique("node"), time.time_ns()
+    reply_to = unique("api")
+    sockets = Sockets("held")
+    async with receiver(topics, node, incarnation, sockets) as commands:
+        for i in range(30):  # one at a time, so each is a poll (and a settled batch) of its own
+            await send_commands(
+                topics,
+                command(
+                    node,
+                    incarnation,
+                    "held",
+                    SendFrame(b"%d" % i, DataType.TEXT),
+                    reply_to=reply_to,
+                ),
+            )
+            await asyncio.sleep(0.01)
+        assert len(await read_outcomes(topics, reply_to, 30, quiet_s=0)) == 30
+        assert commands.partition is not None
+        tp = TopicPartition(topics.commands, commands.partition)
+        group = AIOKafkaConsumer(
+            bootstrap_servers=topics.bootstrap,
+            group_id=f"conntrack-node.{node}",
+            enable_auto_commit=False,
+        )
+        await group.start()
+        try:
+            group.assign([tp])
+            end = (await group.end_offsets([tp]))[tp]
+            # A few seconds: a commit on a busy broker takes far longer than the 100 ms spacing.
+            async with asyncio.timeout(3.0):
+                while True:
+                    committed = await group.committed(tp)
+                    if committed == end:
+                        break
+                    await asyncio.sleep(0.05)
+        finally:
+            await group.stop()
+        assert commands.started  # committed while running, not by stop()
+    assert len(sockets.calls) == 30
