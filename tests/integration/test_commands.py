@@ -173,12 +173,16 @@ async def test_sigterm_stops_a_rebuild_and_says_what_is_kept(
         "--max-events-per-second",
         "500",
         "--progress-interval",
-        "0",
+        "0",  # a line per batch
         env={k: v for k, v in os.environ.items() if not k.startswith("CONNTRACK_")},
         stderr=asyncio.subprocess.PIPE,
         stdout=asyncio.subprocess.PIPE,
     )
-    await asyncio.sleep(2)  # under way: 3000 records at 500/s take 6 s
+    # Under way (3000 records at 500/s take 6 s) once it reports its first batch: a fixed sleep
+    # could signal a process still importing, which SIGTERM simply kills.
+    assert proc.stderr is not None
+    first = await asyncio.wait_for(proc.stderr.readline(), 60)
+    assert first.startswith(b"rebuild: "), first
     proc.send_signal(signal.SIGTERM)
     _, err = await asyncio.wait_for(proc.communicate(), 30)
     assert proc.returncode == 130
