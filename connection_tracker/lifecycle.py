@@ -95,7 +95,9 @@ def setup_logging(level: str, log_format: str = "text", worker: int | None = Non
 
 
 # The young-generation thresholds the commands choose when CONNTRACK_GC_GEN0_THRESHOLD is unset.
-BATCH_GEN0_THRESHOLD: Final = 50_000  # projector, audit, producer: batch work
+# Batch work: the producer's, and the least the projector and audit take
+# (connection_tracker.batch.gen0_threshold grows it with their batch size).
+BATCH_GEN0_THRESHOLD: Final = 50_000
 PYTHON_GEN0_THRESHOLD: Final = 700  # the API: Python's own default, only the freeze added
 
 
