@@ -34,7 +34,7 @@ from aiokafka.errors import (
     UnsupportedSaslMechanismError,
 )
 from aiokafka.helpers import create_ssl_context
-from aiokafka.partitioner import DefaultPartitioner
+from aiokafka.partitioner import DefaultPartitioner, murmur2
 from pydantic import SecretStr
 
 from connection_tracker.settings import default, env_name
@@ -325,6 +325,14 @@ async def close(*clients: Any) -> None:
         raise asyncio.CancelledError
 
 
+def partition_of(key: bytes, partitions: int) -> int:
+    """The partition Kafka's default partitioner gives a keyed record (murmur2 of the key, as
+    the Java client, aiokafka, franz-go and librdkafka's murmur2_random): where the gateway's
+    events of one connection, a node's commands and an API's outcomes go."""
+    hashed: int = murmur2(key)
+    return (hashed & 0x7FFFFFFF) % partitions
+
+
 class KeyPartitioner:
     """aiokafka's default partitioner (murmur2 of the key, as the Java client's) remembering its
     answer per key and partition count: a producer whose records carry a few keys over and over
@@ -347,7 +355,7 @@ class KeyPartitioner:
         if known is None:
             if len(self._known) >= self._max_keys:
                 self._known.clear()
-            known = int(self._partitioner(key, all_partitions, available))
+            known = all_partitions[partition_of(key, len(all_partitions))]
             self._known[(key, len(all_partitions))] = known
         return known
 

@@ -44,7 +44,6 @@ from typing import Any, Final, Protocol
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.errors import KafkaConnectionError, KafkaError
-from aiokafka.partitioner import DefaultPartitioner
 
 from connection_tracker import kafka
 from connection_tracker.commands import (
@@ -60,7 +59,7 @@ from connection_tracker.commands import (
     decode_outcome,
     encode_outcome,
 )
-from connection_tracker.kafka import KafkaConnection, KeyPartitioner, connection_of
+from connection_tracker.kafka import KafkaConnection, KeyPartitioner, connection_of, partition_of
 from connection_tracker.settings import default
 from producer.broadcast import BroadcastTally, broadcast_to_sockets
 from producer.errors import BrokerUnavailableError, TopicNotFoundError
@@ -98,8 +97,7 @@ def partition_for_node(node_id: str, partitions: int) -> int:
     """The partition of the commands topic a node's commands are on: aiokafka's default
     partitioner on the UTF-8 node id, the same as the API's producer uses (murmur2, as the Java
     client, franz-go and librdkafka's murmur2_random)."""
-    all_partitions = list(range(partitions))
-    return int(DefaultPartitioner()(node_id.encode(), all_partitions, all_partitions))
+    return partition_of(node_id.encode(), partitions)
 
 
 @dataclass

@@ -24,16 +24,10 @@ import asyncio
 import functools
 from collections import deque
 
-from aiokafka.partitioner import murmur2
+from connection_tracker.kafka import partition_of
 
 Ticket = asyncio.Future[None] | None
 """A reserved turn: None when it was free at once, else a future set when it comes."""
-
-
-def partition_of(key: bytes, partitions: int) -> int:
-    """The partition Kafka's default partitioner (Java's, aiokafka's) gives a key."""
-    hashed: int = murmur2(key)
-    return (hashed & 0x7FFFFFFF) % partitions
 
 
 class _Lane:

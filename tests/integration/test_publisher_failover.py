@@ -18,7 +18,7 @@ import pytest
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 
 from connection_tracker.events import Activity, Connected, Event, decode
-from producer.lanes import partition_of
+from connection_tracker.kafka import partition_of
 from producer.publisher import Publisher
 from tests.support.cluster import Cluster
 from tests.support.kafka import read_all, unique

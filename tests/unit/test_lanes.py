@@ -11,7 +11,8 @@ from aiokafka.partitioner import DefaultPartitioner
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from producer.lanes import Lanes, partition_of
+from connection_tracker.kafka import partition_of
+from producer.lanes import Lanes
 from producer.publisher import Publisher
 
 
