@@ -389,7 +389,12 @@ def main(argv: list[str] | None = None) -> None:
     # (and so do the ceilings measured beside them, in this same process).
     harness = settings_from()
     tune_gc(harness.gc_gen0_threshold, default=gen0_threshold(harness.batch_max_events))
-    results = asyncio.run(run_scenarios(cfg, names))
+    try:
+        results = asyncio.run(run_scenarios(cfg, names))
+    except KeyboardInterrupt:
+        # asyncio.run has cancelled the scenario, whose cleanup (topics, databases) ran.
+        print("bench: interrupted; no results written", file=sys.stderr)
+        sys.exit(130)
     meta["finished_at"] = datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")
     doc = document(meta, results)
     write_json(ns.json, doc)
