@@ -45,6 +45,7 @@ import sys
 import time
 import uuid
 from collections import Counter
+from collections.abc import Callable, Coroutine
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Final
@@ -245,10 +246,9 @@ def verdict_lines(v: dict[str, Any], params: SoakParams) -> list[str]:
 # Load, each in a process of its own so its Python work does not slow the measuring.
 
 
-def _produce(
-    bootstrap: str, topic: str, rate: int, seconds: float, seed: int, ready: Any, go: Any, sent: Any
-) -> None:
-    asyncio.run(_produce_at_rate(bootstrap, topic, rate, seconds, seed, ready, go, sent))
+def _run_in_process(main: Callable[..., Coroutine[Any, Any, None]], *args: Any) -> None:
+    """A load process's entry point: `main(*args)` on an event loop of its own."""
+    asyncio.run(main(*args))
 
 
 async def _produce_at_rate(
@@ -283,19 +283,6 @@ async def _produce_at_rate(
 
 # (completion time on the monotonic clock, latency in seconds or None, status name)
 _Call = tuple[float, float | None, str]
-
-
-def _get_load(
-    target: str,
-    ids: list[str],
-    rps: float,
-    concurrency: int,
-    seconds: float,
-    ready: Any,
-    go: Any,
-    out: Any,
-) -> None:
-    asyncio.run(_get_loop(target, ids, rps, concurrency, seconds, ready, go, out))
 
 
 async def _get_loop(
@@ -571,13 +558,24 @@ async def run(
                 projector.check_alive()
                 await asyncio.sleep(0.2)
             producer_proc = ctx.Process(
-                target=_produce,
-                args=(cfg.kafka, topic, params.rate, seconds, cfg.seed, producer_ready, go, sent),
+                target=_run_in_process,
+                args=(
+                    _produce_at_rate,
+                    cfg.kafka,
+                    topic,
+                    params.rate,
+                    seconds,
+                    cfg.seed,
+                    producer_ready,
+                    go,
+                    sent,
+                ),
                 daemon=True,
             )
             get_proc = ctx.Process(
-                target=_get_load,
+                target=_run_in_process,
                 args=(
+                    _get_loop,
                     target,
                     ids,
                     params.get_rate,

@@ -402,7 +402,19 @@ async def run(cfg: BenchConfig, result: ScenarioResult) -> None:
     calls = sorted(steady_calls.values())
     lost = sum(1 for s in steady if s not in arrived)
     best = max(levels, key=lambda level: level["sends_per_s"])
+    # Where in the run the slow ones were: a tail spread evenly is queueing, one in bursts is a
+    # stall of some process.
+    began_ns = min(steady.values(), default=0)
+    by_second: dict[int, list[float]] = {}
+    for s, start in steady.items():
+        if s in arrived:
+            by_second.setdefault((start - began_ns) // 1_000_000_000, []).append(
+                (arrived[s] - start) / 1e6
+            )
     result.params.update(
+        delivery_p99_ms_by_second=[
+            round(percentile(sorted(v), 99), 1) for _, v in sorted(by_second.items())
+        ],
         sends=sent,
         delivered=len(delivery),
         not_delivered=lost,
