@@ -14,7 +14,7 @@ lint:
 	.venv/bin/ruff check . && .venv/bin/ruff format --check . && .venv/bin/mypy
 
 bench:  ## benchmark on real Kafka + PostgreSQL (BENCHMARKS.md); narrow with BENCH_ARGS="--scale 0.1 --only get"
-	bash infra/kafka.sh up && bash infra/postgres.sh up
+	bash infra/kafka.sh up && CONNTRACK_PG_DURABLE=$${CONNTRACK_PG_DURABLE:-1} bash infra/postgres.sh up
 	.venv/bin/python -m bench run --postgres-url "$$(bash infra/postgres.sh url)" $(BENCH_ARGS)
 
 # The image's hashed pins (Dockerfile): requirements.lock holds the runtime dependencies of
