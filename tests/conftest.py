@@ -25,6 +25,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from connection_tracker.database import create_engine
 from connection_tracker.settings import Settings
 from migrations.cli import upgrade
+from tests.support.cluster import Cluster
 from tests.support.kafka import create_topic, delete_topics, unique
 from tests.support.ports import free_port
 from tests.support.projector import ProjectorProcess
@@ -151,6 +152,18 @@ class PrivateBroker:
 
     async def down(self) -> None:
         await asyncio.to_thread(self._run, "down")
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
+    """A three-broker cluster (infra/kafka.sh cluster) for a test module: starting three JVMs
+    takes a while. A test that stops a node brings it back up before the next one needs it."""
+    cluster = Cluster.create(tmp_path_factory.mktemp("kafka-cluster"), 3)
+    cluster.run("up", "3")
+    try:
+        yield cluster
+    finally:
+        cluster.run("down")
 
 
 @pytest.fixture(scope="module")

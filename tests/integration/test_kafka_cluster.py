@@ -17,7 +17,7 @@ import os
 import random
 import subprocess
 import sys
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -47,18 +47,6 @@ pytestmark = [pytest.mark.kafka, pytest.mark.postgres, pytest.mark.slow, pytest.
 PARTITIONS = 3
 RATE_PER_S = 200  # a steady stream, well below what one node takes
 TICK_S = 0.05
-
-
-@pytest.fixture(scope="module")
-def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
-    """One cluster for the module (starting three JVMs takes a while); every test brings any
-    node a previous test left down back up."""
-    cluster = Cluster.create(tmp_path_factory.mktemp("kafka-cluster"), 3)
-    cluster.run("up", "3")
-    try:
-        yield cluster
-    finally:
-        cluster.run("down")
 
 
 async def provision(cluster: Cluster, settings: Settings) -> dict[str, dict[str, object]]:

@@ -12,7 +12,6 @@ from __future__ import annotations
 import asyncio
 import uuid
 from collections import defaultdict
-from collections.abc import Iterator
 
 import pytest
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
@@ -28,16 +27,6 @@ pytestmark = [pytest.mark.kafka, pytest.mark.slow, pytest.mark.cluster]
 PARTITIONS = 3
 PER_PARTITION = 4  # connections
 T0 = 1_700_000_000_000_000_000
-
-
-@pytest.fixture(scope="module")
-def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
-    cluster = Cluster.create(tmp_path_factory.mktemp("kafka-cluster"), 3)
-    cluster.run("up", "3")
-    try:
-        yield cluster
-    finally:
-        cluster.run("down")
 
 
 async def create_topic_one_replica_per_node(cluster: Cluster) -> str:
