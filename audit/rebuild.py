@@ -37,7 +37,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 from sqlalchemy.schema import CreateIndex, CreateTable, DropIndex
 
 from audit.log import LogReader
-from connection_tracker.batch import Batch, WriteBehind
+from connection_tracker.batch import YIELD_EVERY, Batch, WriteBehind
 from connection_tracker.fold import ConnectionState, NodeState
 from connection_tracker.retry import Backoff, one_line
 from connection_tracker.schema import LIVE, ReadModelTables, generation
@@ -306,20 +306,23 @@ class Rebuild:
         planned = dict(self._positions)
         batch = Batch(planned)
         try:
-            slice_size = min(_SLICE, self._batch_events)
+            slice_size = min(YIELD_EVERY, self._batch_events)
             async for records in self._reader.read(bounds, max_records=slice_size):
                 batch.add_records(records)
                 await asyncio.sleep(0)
                 if batch.records < self._batch_events:
                     continue
                 planned |= {p: new for p, (_, new) in batch.advances.items()}
+                # Folded here, not in the write: the write's round trips are what the next
+                # batch's reading waits on, and the fold is this process's own work.
+                states, nodes = batch.fold(), batch.fold_nodes()
                 await writing.finish()
-                writing.start(self._commit(batch))
+                writing.start(self._commit(batch, states, nodes))
                 batch = Batch(planned)
                 await self._throttle()
             await writing.finish()
             if batch.records:
-                await self._commit(batch)
+                await self._commit(batch, batch.fold(), batch.fold_nodes())
         finally:
             await writing.cancel()
         # A compacted or transactional range can end in offsets that hold no record: the read
@@ -333,11 +336,17 @@ class Rebuild:
     async def _apply(self, records: list[Any], conn: AsyncConnection | None) -> None:
         batch = Batch(self._positions)
         batch.add_records(records)
-        await self._commit(batch, conn)
+        await self._commit(batch, batch.fold(), batch.fold_nodes(), conn)
 
-    async def _commit(self, batch: Batch, conn: AsyncConnection | None = None) -> None:
+    async def _commit(
+        self,
+        batch: Batch,
+        states: Mapping[str, ConnectionState],
+        nodes: Mapping[str, NodeState],
+        conn: AsyncConnection | None = None,
+    ) -> None:
         # A record that does not decode folds to nothing here (the projector dead-letters it).
-        await self._write(batch.advances, batch.fold(), conn, batch.fold_nodes())
+        await self._write(batch.advances, states, conn, nodes)
         self._events += len(batch.events)
         self._invalid += len(batch.rejected)
         self.progress.done += batch.records
@@ -453,10 +462,6 @@ class Rebuild:
         }
         if tail:
             await self._write(tail, {}, conn)
-
-
-# Records per read from the log (the unit between yields to the event loop).
-_SLICE = 1000
 
 
 def _switch_ddl(conn: AsyncConnection, sqlite: bool) -> list[str]:

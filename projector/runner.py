@@ -34,7 +34,7 @@ from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.errors import IllegalStateError
 
 from connection_tracker import kafka
-from connection_tracker.batch import Batch, WriteBehind
+from connection_tracker.batch import YIELD_EVERY, Batch, WriteBehind
 from connection_tracker.fold import ConnectionState, NodeState
 from connection_tracker.kafka import KafkaConnection
 from connection_tracker.retry import TRANSIENT, Abandoned, Backoff, Retrier
@@ -56,9 +56,6 @@ from projector.retention import Retention
 __all__ = ["Abandoned", "Projector"]
 
 log = logging.getLogger(__name__)
-
-# Records between yields to the event loop while a batch is fetched and decoded (a few ms).
-_YIELD_EVERY = 1000
 
 
 @dataclass(frozen=True, slots=True)
@@ -287,7 +284,7 @@ class Projector:
 
     async def _fetch(self) -> _Fetched:
         """Up to batch_max_events records, waiting at most batch_max_wait_ms for the first.
-        Taken from the fetch buffer in slices of _YIELD_EVERY with a yield to the event loop in
+        Taken from the fetch buffer in slices of YIELD_EVERY with a yield to the event loop in
         between (unpacking records is CPU work that would otherwise hold the loop, and with it
         the batch in flight, for the whole batch).
 
@@ -299,11 +296,11 @@ class Projector:
         s = self._settings
         want = s.batch_max_events
         fetched = _Fetched({}, {}, {})
-        size = min(_YIELD_EVERY, want)
+        size = min(YIELD_EVERY, want)
         taken = last = await self._take(size, s.batch_max_wait_ms, fetched)
         while last == size and taken < want:  # a full slice: there may be more buffered
             await asyncio.sleep(0)
-            size = min(_YIELD_EVERY, want - taken)
+            size = min(YIELD_EVERY, want - taken)
             last = await self._take(size, 0, fetched)
             taken += last
         return fetched
@@ -335,7 +332,7 @@ class Projector:
         self, fetched: _Fetched, positions: Mapping[TopicPartition, int]
     ) -> _Prepared | None:
         """Decode and fold fetched records for a batch that is to start at these positions.
-        No I/O, but it yields to the event loop every _YIELD_EVERY records: the batch in flight
+        No I/O, but it yields to the event loop every YIELD_EVERY records: the batch in flight
         needs the loop for each of its round trips, and only once its big statement is with the
         database do the two overlap.
 
@@ -380,9 +377,9 @@ class Projector:
                     run.end,
                     len(run.records),
                 )
-            for i in range(0, len(run.records), _YIELD_EVERY):
-                chunk = run.records[i : i + _YIELD_EVERY]
-                end = run.end if i + _YIELD_EVERY >= len(run.records) else None
+            for i in range(0, len(run.records), YIELD_EVERY):
+                chunk = run.records[i : i + YIELD_EVERY]
+                end = run.end if i + YIELD_EVERY >= len(run.records) else None
                 batch.add(tp.partition, chunk, end)
                 await asyncio.sleep(0)
         if not batch.advances:
