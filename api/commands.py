@@ -28,6 +28,7 @@ from aiokafka.errors import KafkaError
 from connection_tracker import kafka
 from connection_tracker.commands import (
     Action,
+    Batching,
     Command,
     InvalidCommand,
     Outcome,
@@ -58,9 +59,18 @@ class CommandChannel:
     """Async context manager; start() returns at once and connects in the background."""
 
     def __init__(
-        self, servers: str | KafkaConnection, commands_topic: str, outcomes_topic: str
+        self,
+        servers: str | KafkaConnection,
+        commands_topic: str,
+        outcomes_topic: str,
+        *,
+        linger_ms: int | None = None,
+        fetch_wait_ms: int | None = None,
     ) -> None:
+        """linger_ms, fetch_wait_ms: the channel's Kafka batching; default the settings
+        commands_linger_ms and commands_fetch_wait_ms."""
         self._connection = connection_of(servers, "api")
+        self._batching = Batching.of(linger_ms, fetch_wait_ms)
         # Set when the broker refused a setting (credentials, the CA): retrying cannot help.
         self.failure: KafkaSetupError | None = None
         self._commands_topic = commands_topic
@@ -106,10 +116,14 @@ class CommandChannel:
                 **self._connection.options(),
                 acks="all",
                 enable_idempotence=True,
+                linger_ms=self._batching.linger_ms,
                 partitioner=KeyPartitioner(),
             )
             consumer = AIOKafkaConsumer(
-                **self._connection.options(), group_id=None, enable_auto_commit=False
+                **self._connection.options(),
+                group_id=None,
+                enable_auto_commit=False,
+                **self._batching.consumer_options(),
             )
             try:
                 await kafka.start(producer, self._connection)

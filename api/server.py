@@ -177,6 +177,8 @@ class ApiServer:
                 KafkaConnection.from_settings(settings, "api"),
                 settings.commands_topic,
                 settings.command_outcomes_topic,
+                linger_ms=settings.commands_linger_ms,
+                fetch_wait_ms=settings.commands_fetch_wait_ms,
             ),
             command_timeout_seconds=settings.api_command_timeout_seconds,
             worker=worker,

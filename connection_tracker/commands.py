@@ -14,6 +14,7 @@ from google.protobuf.message import DecodeError
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from connection_tracker.protogen.conntrack.commands.v1 import commands_pb2 as pb
+from connection_tracker.settings import default
 from connection_tracker.timeutil import NANOS_PER_SECOND, to_timestamp
 
 SCHEMA_VERSION: Final = 1
@@ -24,6 +25,34 @@ NORMAL_CLOSURE: Final = 1000
 # Connection ids in one broadcast command: with ids of MAX_ID_LENGTH and the largest frame the
 # command stays below Kafka's default 1 MB message limit (api/broadcast.py also bounds bytes).
 MAX_BROADCAST_IDS: Final = 1000
+# A fetch of commands (a node) or of outcomes (the API) is answered once this much is there or
+# the fetch wait (settings.commands_fetch_wait_ms) has passed: at 1,000 commands/s of ~200
+# bytes the wait decides, above ~20,000/s the bytes do.
+FETCH_MIN_BYTES: Final = 4096
+
+
+@dataclass(frozen=True)
+class Batching:
+    """Kafka's batching at either end of the channel: the producers' linger and the consumers'
+    fetch wait (the settings commands_linger_ms and commands_fetch_wait_ms)."""
+
+    linger_ms: int
+    fetch_wait_ms: int
+
+    @classmethod
+    def of(cls, linger_ms: int | None = None, fetch_wait_ms: int | None = None) -> Batching:
+        """The values given, the settings' defaults for those that are None."""
+        return cls(
+            int(default("commands_linger_ms") if linger_ms is None else linger_ms),
+            int(default("commands_fetch_wait_ms") if fetch_wait_ms is None else fetch_wait_ms),
+        )
+
+    def consumer_options(self) -> dict[str, int]:
+        """0: no batching, answered at the first record (Kafka's defaults; a wait of 0 would
+        have an idle consumer spin)."""
+        if self.fetch_wait_ms <= 0:
+            return {"fetch_min_bytes": 1, "fetch_max_wait_ms": 500}
+        return {"fetch_min_bytes": FETCH_MIN_BYTES, "fetch_max_wait_ms": self.fetch_wait_ms}
 
 
 class DataType(IntEnum):

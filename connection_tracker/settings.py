@@ -73,6 +73,22 @@ class Settings(BaseSettings):
         "conntrack.command-outcomes.v1",
         description="Where gateway nodes report what became of each command.",
     )
+    # Kafka's batching on the command channel (docs/api.md, "Send and Disconnect: latency").
+    # With Kafka's defaults (linger 0, fetches answered at the first byte) every command and
+    # every outcome was a request of its own, and at 1,000 Sends/s those requests took the
+    # machine's CPU: the tail grew to hundreds of ms. Waiting a few ms batches them.
+    commands_linger_ms: int = Field(
+        5,
+        ge=0,
+        description="How long the API's command producer and a node's outcome producer wait "
+        "to batch records (Kafka linger.ms).",
+    )
+    commands_fetch_wait_ms: int = Field(
+        10,
+        ge=0,
+        description="How long the broker may hold a node's fetch of commands and the API's "
+        "fetch of outcomes to batch records (Kafka fetch.max.wait.ms).",
+    )
 
     # database
     database_url: str = Field(
@@ -150,8 +166,10 @@ class Settings(BaseSettings):
     api_max_message_bytes: int = Field(
         262_144, ge=1024, description="Largest request or response message."
     )
+    # A Send is in flight for its whole round trip through Kafka and the node (~20 ms): at
+    # 1,000 Sends/s that is 20 calls on average and 64 in a burst, where 64 shed them.
     api_max_concurrent_calls: int = Field(
-        64, ge=1, description="Calls served at once; more are refused (RESOURCE_EXHAUSTED)."
+        256, ge=1, description="Calls served at once; more are refused (RESOURCE_EXHAUSTED)."
     )
     api_db_timeout_seconds: float = Field(
         5.0, gt=0, description="Longest a read-model lookup may take."
@@ -331,6 +349,8 @@ SECTIONS: dict[str, tuple[str, ...]] = {
         "dead_letter_topic",
         "commands_topic",
         "command_outcomes_topic",
+        "commands_linger_ms",
+        "commands_fetch_wait_ms",
     ),
     "database": ("database_url",),
     "projector": (

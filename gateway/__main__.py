@@ -14,7 +14,7 @@ from websockets.asyncio.server import serve as serve_websockets
 from connection_tracker import cli
 from connection_tracker.kafka import KafkaConnection
 from connection_tracker.lifecycle import (
-    PYTHON_GEN0_THRESHOLD,
+    GATEWAY_GEN0_THRESHOLD,
     on_shutdown_signal,
     setup_logging,
     tune_gc,
@@ -72,6 +72,8 @@ async def run(settings: Settings) -> int:
                 gateway,
                 commands_topic=settings.commands_topic,
                 outcomes_topic=settings.command_outcomes_topic,
+                linger_ms=settings.commands_linger_ms,
+                fetch_wait_ms=settings.commands_fetch_wait_ms,
             )
             async with commands:
                 try:
@@ -130,7 +132,7 @@ def main(argv: list[str] | None = None) -> None:
     except cli.CommandError as exc:
         cli.fail(prog, exc)
     setup_logging(settings.log_level, settings.log_format)
-    tune_gc(settings.gc_gen0_threshold, default=PYTHON_GEN0_THRESHOLD)
+    tune_gc(settings.gc_gen0_threshold, default=GATEWAY_GEN0_THRESHOLD)
     cli.run(prog, lambda: run(settings), settings)
 
 

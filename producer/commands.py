@@ -47,6 +47,7 @@ from aiokafka.errors import KafkaConnectionError, KafkaError
 
 from connection_tracker import kafka
 from connection_tracker.commands import (
+    Batching,
     BroadcastFrame,
     CloseSocket,
     Command,
@@ -130,6 +131,8 @@ class NodeCommands:
         would share it.
     remember: how many executed command ids are kept (at least; up to twice as many) to act on
         a redelivered one once.
+    linger_ms, fetch_wait_ms: the channel's Kafka batching; default the settings
+        commands_linger_ms and commands_fetch_wait_ms.
     """
 
     def __init__(
@@ -146,6 +149,8 @@ class NodeCommands:
         start_timeout_s: float = 30.0,
         drain_timeout_s: float = 10.0,
         wall_clock_ns: Callable[[], int] = time.time_ns,
+        linger_ms: int | None = None,
+        fetch_wait_ms: int | None = None,
         **client_options: Any,
     ) -> None:
         if not node_id or len(node_id) > 255 or "\x00" in node_id:
@@ -165,6 +170,7 @@ class NodeCommands:
         self._start_timeout_s = start_timeout_s
         self._drain_timeout_s = drain_timeout_s
         self._wall_clock_ns = wall_clock_ns
+        self._batching = Batching.of(linger_ms, fetch_wait_ms)
         self._client_options = client_options
         # Executed commands' encoded outcomes by command id, in two generations of plain dicts
         # of str and bytes, which the cyclic garbage collector does not track (100,000 Outcome
@@ -227,19 +233,20 @@ class NodeCommands:
                 group_id=self._group_id,
                 enable_auto_commit=False,
                 auto_offset_reset="latest",
+                **self._batching.consumer_options(),
                 **self._client_options,
             )
             producer = AIOKafkaProducer(
                 **self._connection.options(),
                 acks="all",
                 enable_idempotence=False,
-                linger_ms=0,
+                linger_ms=self._batching.linger_ms,
                 # Every outcome for one API goes to one partition (keyed by its reply_to), and
                 # aiokafka sends one batch per partition at a time: with the default 16 KiB
                 # (~100 outcomes) a node catching up on a large poll had hundreds of outcome
                 # tasks wait for each batch to drain, every drain waking them all (a quarter of
                 # the node's CPU in aiokafka's wait_drain). Room for a few thousand per request
-                # instead; with linger_ms=0 nothing waits for a batch to fill.
+                # instead; a batch goes out when the linger has passed, full or not.
                 max_batch_size=_OUTCOME_BATCH_BYTES,
                 partitioner=KeyPartitioner(),
                 request_timeout_ms=max(1000, int(self._start_timeout_s * 1000)),
