@@ -303,7 +303,9 @@ class NodeCommands:
             self._commands_topic, partition_for_node(self._node_id, len(partitions))
         )
         consumer.assign([tp])
-        committed = await consumer.committed(tp)
+        # Not consumer.committed(): right after a broker start it can answer "nothing
+        # committed" for a group that has an offset (kafka.committed_offset says why).
+        committed = await kafka.committed_offset(consumer, tp)
         if committed is None:
             # Never ran: start at the end (earlier commands are for no start of this node that
             # could still hold a socket), and commit it, so that whatever arrives from now on is
