@@ -17,21 +17,28 @@ bench:  ## benchmark on real Kafka + PostgreSQL (BENCHMARKS.md); narrow with BEN
 	bash infra/kafka.sh up && CONNTRACK_PG_DURABLE=$${CONNTRACK_PG_DURABLE:-1} bash infra/postgres.sh up
 	.venv/bin/python -m bench run --postgres-url "$$(bash infra/postgres.sh url)" $(BENCH_ARGS)
 
-# The image's hashed pins (Dockerfile): requirements.lock holds the runtime dependencies of
-# pyproject.toml (no [dev] extras), requirements-build.lock pip and the build backend
-# ([build-system] requires). One resolution for Python 3.11 on every platform (--universal), each
-# pin with the sha256 of every file PyPI has for it. Existing pins are kept where they still
-# satisfy pyproject.toml; `make lock LOCK_ARGS=--upgrade` moves everything to the newest versions.
-# tests/test_lockfile.py fails when the locks no longer match pyproject.toml.
+# Hashed pins, one resolution for Python 3.11 on every platform (--universal), each pin with the
+# sha256 of every file PyPI has for it:
+# - requirements.lock: the runtime dependencies of pyproject.toml (the image, Dockerfile);
+# - requirements-build.lock: pip and the build backend ([build-system] requires);
+# - requirements-dev.lock: both of those plus the [dev] extra, at the same versions
+#   (scripts/bootstrap.sh installs .venv from it, so `make test` on a fresh clone gets exactly
+#   the tools it got the day the lock was written).
+# Existing pins are kept where they still satisfy pyproject.toml; `make lock LOCK_ARGS=--upgrade`
+# moves everything to the newest versions. tests/test_image.py fails when a lock no longer
+# matches pyproject.toml.
 UV_VERSION := 0.13.8
+UV := .local/uv-$(UV_VERSION)/bin
 LOCK_FLAGS := --universal --python-version 3.11 --generate-hashes --custom-compile-command "make lock" --quiet $(LOCK_ARGS)
+BUILD_REQUIRES := $(UV)/python -c 'import tomllib; print("pip", *tomllib.load(open("pyproject.toml", "rb"))["build-system"]["requires"], sep="\n")'
 
-lock:  ## regenerate requirements.lock and requirements-build.lock (hashed pins, for the image)
-	test -x .local/uv-$(UV_VERSION)/bin/uv || \
-	  { python3 -m venv .local/uv-$(UV_VERSION) && .local/uv-$(UV_VERSION)/bin/pip install --quiet uv==$(UV_VERSION); }
-	.local/uv-$(UV_VERSION)/bin/uv pip compile pyproject.toml $(LOCK_FLAGS) --output-file requirements.lock
-	.local/uv-$(UV_VERSION)/bin/python -c 'import tomllib; print("pip", *tomllib.load(open("pyproject.toml", "rb"))["build-system"]["requires"], sep="\n")' \
-	  | .local/uv-$(UV_VERSION)/bin/uv pip compile - $(LOCK_FLAGS) --output-file requirements-build.lock
+lock:  ## regenerate the hashed lock files (runtime, build backend, development tools)
+	test -x $(UV)/uv || \
+	  { python3 -m venv .local/uv-$(UV_VERSION) && $(UV)/pip install --quiet uv==$(UV_VERSION); }
+	$(UV)/uv pip compile pyproject.toml $(LOCK_FLAGS) --output-file requirements.lock
+	$(BUILD_REQUIRES) | $(UV)/uv pip compile - $(LOCK_FLAGS) --output-file requirements-build.lock
+	$(BUILD_REQUIRES) | $(UV)/uv pip compile pyproject.toml - --extra dev \
+	  -c requirements.lock -c requirements-build.lock $(LOCK_FLAGS) --output-file requirements-dev.lock
 
 proto:  ## regenerate connection_tracker/protogen from proto/
 	.venv/bin/python proto/generate.py

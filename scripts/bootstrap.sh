@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
-# Create (or refresh) the project's virtualenv in .venv with the package and its dev extras.
-# Skips the install when pyproject.toml has not changed since the last one.
+# Create (or refresh) the project's virtualenv in .venv: the development tools and the runtime
+# dependencies exactly as requirements-dev.lock pins them (hash-checked), then the project itself
+# in editable mode with no further downloads. Skips the install when neither pyproject.toml nor
+# the lock changed since the last one. `make lock` moves the pins on purpose.
 set -euo pipefail
 repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$repo"
@@ -11,12 +13,14 @@ if [ ! -x .venv/bin/python ]; then
   echo "bootstrap: creating .venv"
   "$python" -m venv .venv
 fi
-stamp=.venv/.installed-$(sha256sum pyproject.toml | cut -c1-16)
+stamp=.venv/.installed-$(cat pyproject.toml requirements-dev.lock | sha256sum | cut -c1-16)
 if [ ! -f "$stamp" ]; then
-  echo "bootstrap: installing the project and its dev tools into .venv"
+  echo "bootstrap: installing the locked dev tools and the project into .venv"
+  # --no-build-isolation: the build backend comes from the lock too, not fetched unpinned.
   # The build backend's notices are noise on success; the log is shown when pip fails.
-  { .venv/bin/python -m pip install -q --upgrade pip &&
-    .venv/bin/python -m pip install -q -e '.[dev]'; } >.venv/pip.log 2>&1 ||
+  { .venv/bin/python -m pip install -q --require-hashes -r requirements-dev.lock &&
+    .venv/bin/python -m pip install -q --no-deps --no-build-isolation -e . &&
+    .venv/bin/python -m pip check; } >.venv/pip.log 2>&1 ||
     { cat .venv/pip.log >&2; echo "bootstrap: pip install failed (log above)" >&2; exit 1; }
   rm -f .venv/.installed-*
   touch "$stamp"

@@ -1,8 +1,8 @@
-"""The container image is reproducible: hashed lock files that match pyproject.toml, a Dockerfile
-that installs from them, and a pinned base image.
+"""The container image and the development environment are reproducible: hashed lock files that
+match pyproject.toml, a Dockerfile and a bootstrap that install from them, and a pinned base image.
 
-`make lock` regenerates requirements.lock (runtime dependencies) and requirements-build.lock (pip
-and the build backend). Everything here is offline except the last test, which asks pip to
+`make lock` regenerates requirements.lock (runtime dependencies), requirements-build.lock (pip
+and the build backend) and requirements-dev.lock (both, plus the dev extra). Everything here is offline except the last test, which asks pip to
 resolve the locks for Linux x86_64 and aarch64 (metadata and a few small downloads, a few
 seconds); it is skipped when the package index cannot be reached (outside CI).
 """
@@ -25,6 +25,7 @@ from packaging.utils import canonicalize_name
 REPO = Path(__file__).resolve().parents[1]
 LOCK = REPO / "requirements.lock"
 BUILD_LOCK = REPO / "requirements-build.lock"
+DEV_LOCK = REPO / "requirements-dev.lock"
 DOCKERFILE = REPO / "Dockerfile"
 STALE = "stale: run `make lock`"
 PROJECT = "ws-connection-tracker (pyproject.toml)"
@@ -50,6 +51,12 @@ def runtime_requirements() -> list[Requirement]:
     project = _pyproject()["project"]
     assert isinstance(project, dict)
     return [Requirement(r) for r in project["dependencies"]]
+
+
+def dev_requirements() -> list[Requirement]:
+    project = _pyproject()["project"]
+    assert isinstance(project, dict)
+    return [Requirement(r) for r in project["optional-dependencies"]["dev"]]
 
 
 def build_requirements() -> list[Requirement]:
@@ -132,9 +139,7 @@ def test_lock_names_no_dependency_pyproject_dropped() -> None:
 
 
 def test_lock_holds_no_dev_tools() -> None:
-    project = _pyproject()["project"]
-    assert isinstance(project, dict)
-    dev = {canonicalize_name(Requirement(r).name) for r in project["optional-dependencies"]["dev"]}
+    dev = {canonicalize_name(r.name) for r in dev_requirements()}
     leaked = dev & set(parse_lock(LOCK))
     assert not leaked, f"dev extras in requirements.lock: {sorted(leaked)}"
 
@@ -146,6 +151,43 @@ def test_build_lock_pins_pip_and_the_build_backend() -> None:
         pin = pins.get(canonicalize_name(req.name))
         assert pin is not None, f"requirements-build.lock has no {req.name}: {STALE}"
         assert req.specifier.contains(pin.version, prereleases=True), f"{req}: {STALE}"
+
+
+def test_dev_lock_satisfies_every_constraint_of_pyproject() -> None:
+    """The drift check of the development tools: a constraint changed in pyproject.toml without
+    `make lock` fails here, not on a fresh clone's type check."""
+    pins = parse_lock(DEV_LOCK)
+    for req in [*runtime_requirements(), *dev_requirements(), *build_requirements()]:
+        pin = pins.get(canonicalize_name(req.name))
+        assert pin is not None, f"requirements-dev.lock has no {req.name}: {STALE}"
+        assert req.specifier.contains(pin.version, prereleases=True), (
+            f"requirements-dev.lock pins {req.name}=={pin.version}, pyproject.toml wants {req}: "
+            f"{STALE}"
+        )
+    direct = {name for name, pin in pins.items() if PROJECT in pin.via}
+    wanted = {canonicalize_name(r.name) for r in [*runtime_requirements(), *dev_requirements()]}
+    assert direct == wanted, f"{STALE} (lock: {sorted(direct)}, pyproject: {sorted(wanted)})"
+
+
+def test_dev_lock_agrees_with_the_image_locks() -> None:
+    """Tests run on the versions the image ships: every pin of requirements.lock and
+    requirements-build.lock is in requirements-dev.lock at the same version."""
+    dev = parse_lock(DEV_LOCK)
+    for lock in (LOCK, BUILD_LOCK):
+        for name, pin in parse_lock(lock).items():
+            got = dev.get(name)
+            assert got is not None and got.version == pin.version, (
+                f"{lock.name} pins {name}=={pin.version}, requirements-dev.lock "
+                f"{got.version if got else 'nothing'}: {STALE}"
+            )
+
+
+def test_bootstrap_installs_from_the_dev_lock() -> None:
+    script = (REPO / "scripts" / "bootstrap.sh").read_text()
+    assert re.search(r"pip install .*--require-hashes -r requirements-dev\.lock", script)
+    assert re.search(r"pip install .*--no-deps --no-build-isolation -e \.", script)
+    # A changed lock reinstalls, as a changed pyproject.toml does.
+    assert re.search(r"stamp=.*requirements-dev\.lock", script)
 
 
 def _dockerfile_instructions() -> list[str]:

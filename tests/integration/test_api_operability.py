@@ -21,7 +21,7 @@ from typing import Any
 import asyncpg
 import grpc
 import pytest
-from google.protobuf import descriptor_pool, message_factory
+from google.protobuf import descriptor_pool, json_format, message_factory
 from google.protobuf.descriptor_pb2 import FileDescriptorProto
 from grpc_reflection.v1alpha import reflection_pb2
 from grpc_reflection.v1alpha.proto_reflection_descriptor_database import (
@@ -173,7 +173,10 @@ def _reflection_get(port: int, connection_id: str) -> tuple[list[str], dict[str,
             request_serializer=request_class.SerializeToString,
             response_deserializer=response_class.FromString,
         )
-        answer = call(request_class(connection_id=connection_id), timeout=10)
+        # Fields of a class built at run time are known to the pool, not to the type checker:
+        # fill them by name, as grpcurl does from its JSON input.
+        request = json_format.ParseDict({"connection_id": connection_id}, request_class())
+        answer = call(request, timeout=10)
         return services, {
             "type": answer.DESCRIPTOR.full_name,
             "id": answer.id,
