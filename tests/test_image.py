@@ -2,9 +2,10 @@
 match pyproject.toml, a Dockerfile and a bootstrap that install from them, and a pinned base image.
 
 `make lock` regenerates requirements.lock (runtime dependencies), requirements-build.lock (pip
-and the build backend) and requirements-dev.lock (both, plus the dev extra). Everything here is offline except the last test, which asks pip to
-resolve the locks for Linux x86_64 and aarch64 (metadata and a few small downloads, a few
-seconds); it is skipped when the package index cannot be reached (outside CI).
+and the build backend) and requirements-dev.lock (both, plus the dev extra). Everything here is
+offline except the last test, which asks pip to resolve the image's locks for Linux x86_64 and
+aarch64 (metadata and a few small downloads, a few seconds); it is skipped when the package index
+cannot be reached (outside CI).
 """
 
 from __future__ import annotations
@@ -176,9 +177,10 @@ def test_dev_lock_agrees_with_the_image_locks() -> None:
     for lock in (LOCK, BUILD_LOCK):
         for name, pin in parse_lock(lock).items():
             got = dev.get(name)
-            assert got is not None and got.version == pin.version, (
+            assert got is not None, f"requirements-dev.lock has no {name}: {STALE}"
+            assert got.version == pin.version, (
                 f"{lock.name} pins {name}=={pin.version}, requirements-dev.lock "
-                f"{got.version if got else 'nothing'}: {STALE}"
+                f"{got.version}: {STALE}"
             )
 
 
