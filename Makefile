@@ -1,8 +1,11 @@
 # Front door. See README.md.
-.PHONY: demo test stop lint proto infra-up infra-down bench lock
+.PHONY: demo check test stop lint proto docs infra-up infra-down bench lock
 
 demo:  ## run the whole system on SQLite: simulated workload, Get; a WebSocket client: Get, Send, Disconnect
 	bash scripts/demo.sh
+
+check:  ## the fast path (about a minute, nothing started): static checks, unit and property tests
+	bash scripts/check.sh
 
 test:  ## provision Kafka + PostgreSQL and run linters, type checks and the full test suite
 	bash scripts/test.sh
@@ -10,8 +13,8 @@ test:  ## provision Kafka + PostgreSQL and run linters, type checks and the full
 stop:  ## stop what demo/test started (gateway, API, projector, Kafka, PostgreSQL)
 	bash scripts/stop.sh
 
-lint:
-	.venv/bin/ruff check . && .venv/bin/ruff format --check . && .venv/bin/mypy
+lint:  ## ruff, mypy and the import contracts
+	bash scripts/bootstrap.sh && bash scripts/lint.sh
 
 bench:  ## benchmark on real Kafka + PostgreSQL (BENCHMARKS.md); narrow with BENCH_ARGS="--scale 0.1 --only get"
 	bash infra/kafka.sh up && CONNTRACK_PG_DURABLE=$${CONNTRACK_PG_DURABLE:-1} bash infra/postgres.sh up
@@ -40,7 +43,10 @@ lock:  ## regenerate the hashed lock files (runtime, build backend, development 
 	$(BUILD_REQUIRES) | $(UV)/uv pip compile pyproject.toml - --extra dev \
 	  -c requirements.lock -c requirements-build.lock $(LOCK_FLAGS) --output-file requirements-dev.lock
 
-proto:  ## regenerate connection_tracker/protogen from proto/
+docs:  ## regenerate docs/configuration.md from the settings (core/settings.py)
+	.venv/bin/python -m conntrack.core.configuration > docs/configuration.md
+
+proto:  ## regenerate core/protogen (conntrack.core.protogen) from proto/
 	.venv/bin/python proto/generate.py
 
 infra-up:

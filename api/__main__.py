@@ -3,147 +3,12 @@ a frame to one (`send`) or close it (`disconnect`) through the gateway node hold
 
 from __future__ import annotations
 
-import argparse
-import base64
-import binascii
-import sys
-from collections.abc import Callable
-from pathlib import Path
-
-import grpc
-from google.protobuf.json_format import MessageToJson
-from google.protobuf.message import Message
-
-from api.auth import TokenConfigError
-from api.read_engines import open_repository
-from api.server import ApiServer
-from api.tls import TlsConfigError, client_credentials
-from api.workers import available_cores, resolve_workers, supervise
-from connection_tracker import cli
-from connection_tracker.lifecycle import (
-    PYTHON_GEN0_THRESHOLD,
-    on_shutdown_signal,
-    setup_logging,
-    tune_gc,
-)
-from connection_tracker.protogen.yandex.cloud.serverless.apigateway.websocket.v1 import (
-    connection_service_pb2,
-    connection_service_pb2_grpc,
-)
-from connection_tracker.settings import Settings
-
-
-async def serve(settings: Settings, *, started: Callable[[ApiServer], None] | None = None) -> int:
-    """One server process until SIGTERM/SIGINT. started: a worker process's (api/workers.py),
-    called once the server listens, instead of the signal handling of a lone process."""
-    # database_url, or the read replicas when CONNTRACK_API_READ_DATABASE_URLS lists some.
-    async with open_repository(settings) as repository:
-        try:
-            server = ApiServer.from_settings(repository, settings, worker=started is not None)
-            await server.start()
-        except (TlsConfigError, TokenConfigError, OSError) as exc:
-            raise cli.CommandError(f"cannot start: {exc}", cli.Exit.USAGE) from None
-        if started is None:
-            on_shutdown_signal(server.stop)
-        else:
-            started(server)
-        await server.wait()
-        return cli.Exit.OK
-
-
-# What a failed call means for the exit code: a dependency (the server, its database, the
-# command channel to the gateway node) that could not be reached is 69; any other answer is a
-# negative one.
-_CALL_EXIT = {
-    grpc.StatusCode.UNAVAILABLE: cli.Exit.UNAVAILABLE,
-    grpc.StatusCode.DEADLINE_EXCEEDED: cli.Exit.UNAVAILABLE,
-}
-
-
-def _token(ns: argparse.Namespace, settings: Settings) -> str | None:
-    if ns.token_file is not None:
-        return Path(ns.token_file).read_text(encoding="utf-8").strip()
-    if settings.api_client_token is not None:
-        return settings.api_client_token.get_secret_value()
-    return None
-
-
-def _channel(ns: argparse.Namespace, settings: Settings) -> grpc.aio.Channel:
-    target = ns.target or settings.api_listen
-    if ns.tls or ns.tls_ca or ns.tls_cert:
-        options = (
-            [("grpc.ssl_target_name_override", ns.tls_server_name)] if ns.tls_server_name else []
-        )
-        credentials = client_credentials(ns.tls_ca, ns.tls_cert, ns.tls_key)
-        return grpc.aio.secure_channel(target, credentials, options=options)
-    return grpc.aio.insecure_channel(target)
-
-
-def _request(ns: argparse.Namespace) -> Message:
-    """The request of the client subcommand in ns (get, send or disconnect)."""
-    if ns.command == "get":
-        return connection_service_pb2.GetConnectionRequest(connection_id=ns.connection_id)
-    if ns.command == "disconnect":
-        return connection_service_pb2.DisconnectRequest(connection_id=ns.connection_id)
-    request = connection_service_pb2.SendToConnectionRequest
-    if ns.text is not None:
-        return request(
-            connection_id=ns.connection_id,
-            data=ns.text.encode("utf-8", "surrogateescape"),
-            type=request.TEXT,
-        )
-    try:
-        data = base64.b64decode(ns.binary, validate=True)
-    except (binascii.Error, ValueError):
-        raise cli.CommandError(
-            f"--binary = {ns.binary!r}: not base64 (the frame's bytes are given in base64)",
-            cli.Exit.USAGE,
-        ) from None
-    return request(connection_id=ns.connection_id, data=data, type=request.BINARY)
-
-
-async def call(ns: argparse.Namespace, settings: Settings) -> int:
-    """get / send / disconnect: one call, the answer as JSON on stdout (`{}` for send and
-    disconnect, once the gateway node has written the frame / closed the socket)."""
-    request = _request(ns)
-    token = _token(ns, settings)
-    metadata = (("authorization", f"Bearer {token}"),) if token else None
-    async with _channel(ns, settings) as channel:
-        stub = connection_service_pb2_grpc.ConnectionServiceStub(channel)
-        method = {"get": stub.Get, "send": stub.Send, "disconnect": stub.Disconnect}[ns.command]
-        pending = method(request, timeout=ns.timeout, metadata=metadata)
-        try:
-            answer = await pending
-        except grpc.aio.AioRpcError as exc:
-            print(f"{exc.code().name}: {exc.details()}", file=sys.stderr)
-            return _CALL_EXIT.get(exc.code(), cli.Exit.NEGATIVE)
-        trailing = await pending.trailing_metadata()
-    print(MessageToJson(answer, indent=2, always_print_fields_with_no_presence=True))
-    if ns.verbose:
-        for key, value in trailing or ():
-            if key.startswith("x-projection"):
-                print(f"{key}: {value!s}", file=sys.stderr)
-    return cli.Exit.OK
-
-
-def _client_flags(p: argparse.ArgumentParser, timeout: float) -> None:
-    p.add_argument("connection_id")
-    p.add_argument("--target", help="server address (default: CONNTRACK_API_LISTEN)")
-    p.add_argument(
-        "--timeout", type=float, default=timeout, help=f"deadline in seconds (default {timeout:g})"
-    )
-    p.add_argument("--tls", action="store_true", help="use TLS with the system's CA roots")
-    p.add_argument("--tls-ca", type=Path, help="CA file to trust (implies --tls)")
-    p.add_argument("--tls-cert", type=Path, help="client certificate for mutual TLS")
-    p.add_argument("--tls-key", type=Path, help="client key for mutual TLS")
-    p.add_argument("--tls-server-name", help="expected server name, if not the target's host")
-    p.add_argument(
-        "--token-file",
-        type=Path,
-        help="file holding the bearer token (default: CONNTRACK_API_CLIENT_TOKEN)",
-    )
-    p.add_argument("-v", "--verbose", action="store_true", help="print freshness headers to stderr")
-    cli.add_settings(p, ("api", "logging"))
+from conntrack.api.process.client import add_client_flags, call
+from conntrack.api.process.serve import serve
+from conntrack.api.process.workers import available_cores, resolve_workers, supervise
+from conntrack.api.transport.tls import TlsConfigError
+from conntrack.core import cli
+from conntrack.core.lifecycle import PYTHON_GEN0_THRESHOLD
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -154,7 +19,7 @@ def main(argv: list[str] | None = None) -> None:
     s = sub.add_parser("serve", help="run the gRPC server until SIGTERM/SIGINT")
     cli.add_settings(s, serving)
     g = sub.add_parser("get", help="call Get on a running server and print the answer as JSON")
-    _client_flags(g, timeout=5.0)
+    add_client_flags(g, timeout=5.0)
     w = sub.add_parser(
         "send",
         help="call Send: the gateway node holding the connection writes one frame to it",
@@ -162,19 +27,14 @@ def main(argv: list[str] | None = None) -> None:
     data = w.add_mutually_exclusive_group(required=True)
     data.add_argument("--text", metavar="TEXT", help="send a TEXT frame with this text")
     data.add_argument("--binary", metavar="BASE64", help="send a BINARY frame of these bytes")
-    _client_flags(w, timeout=15.0)
+    add_client_flags(w, timeout=15.0)
     d = sub.add_parser(
         "disconnect",
         help="call Disconnect: the gateway node holding the connection closes it (code 1000)",
     )
-    _client_flags(d, timeout=15.0)
+    add_client_flags(d, timeout=15.0)
     ns = parser.parse_args(argv)
-    try:
-        settings = cli.settings_from_args(ns)
-    except cli.CommandError as exc:
-        cli.fail(prog, exc)
-    setup_logging(settings.log_level, settings.log_format)
-    tune_gc(settings.gc_gen0_threshold, default=PYTHON_GEN0_THRESHOLD)
+    settings = cli.start(prog, ns, gen0_threshold=PYTHON_GEN0_THRESHOLD)
     if ns.command == "serve":
         try:
             workers = resolve_workers(settings.api_workers, settings.api_listen, available_cores())

@@ -28,19 +28,25 @@ from typing import Any
 
 from sqlalchemy.engine import make_url
 
-from audit.log import LogReader, TopicNotFoundError
-from audit.rebuild import Progress, Rebuild, RebuildError, abandon, drop_retired, shadow_exists
-from audit.replay import HistoryEntry, fold_until, history, state_of, verify
-from connection_tracker import cli
-from connection_tracker.batch import gen0_threshold
-from connection_tracker.database import create_engine
-from connection_tracker.fold import ConnectionState
-from connection_tracker.kafka import KafkaConnection
-from connection_tracker.lifecycle import setup_logging, tune_gc
-from connection_tracker.settings import Settings
-from connection_tracker.store import ProjectionStore
-from connection_tracker.timeutil import format_ns
-from migrations.cli import upgrade
+from conntrack.audit.log import LogReader, TopicNotFoundError
+from conntrack.audit.rebuild import (
+    Progress,
+    Rebuild,
+    RebuildError,
+    abandon,
+    drop_retired,
+    shadow_exists,
+)
+from conntrack.audit.replay import HistoryEntry, fold_until, history, state_of, verify
+from conntrack.core import cli
+from conntrack.core.batch import gen0_threshold
+from conntrack.core.database import create_engine
+from conntrack.core.fold import ConnectionState
+from conntrack.core.kafka import KafkaConnection
+from conntrack.core.settings import Settings
+from conntrack.core.store import ProjectionStore
+from conntrack.core.timeutil import format_ns
+from conntrack.migrations.cli import upgrade
 
 
 def parse_time_ms(text: str) -> int:
@@ -382,13 +388,13 @@ def main(argv: list[str] | None = None) -> None:
         cli.add_settings(p, sections)
     cli.add_settings(r, (*sections, "rebuild"))
     ns = parser.parse_args(argv)
-    try:
-        settings = cli.settings_from_args(ns)
-    except cli.CommandError as exc:
-        cli.fail(prog, exc)
     # Commands print their results; the log says only what went wrong.
-    setup_logging("WARNING", settings.log_format)
-    tune_gc(settings.gc_gen0_threshold, default=gen0_threshold(settings.rebuild_batch_events))
+    settings = cli.start(
+        prog,
+        ns,
+        gen0_threshold=lambda s: gen0_threshold(s.rebuild_batch_events),
+        log_level="WARNING",
+    )
     handler = {
         "history": cmd_history,
         "as-of": cmd_as_of,

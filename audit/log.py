@@ -10,9 +10,9 @@ from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient
 from aiokafka.partitioner import DefaultPartitioner
 
-from connection_tracker import kafka
-from connection_tracker.kafka import KafkaConnection, connection_of
-from producer.topics import describe_topic_configs
+from conntrack.core import kafka
+from conntrack.core.kafka import KafkaConnection, connection_of
+from conntrack.producer.topics import describe_topic_configs
 
 # partition -> [start, end) offsets
 Bounds = Mapping[int, tuple[int, int]]

@@ -36,12 +36,12 @@ from sqlalchemy.exc import DBAPIError, OperationalError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 from sqlalchemy.schema import CreateIndex, CreateTable, DropIndex
 
-from audit.log import LogReader
-from connection_tracker.batch import YIELD_EVERY, Batch, WriteBehind
-from connection_tracker.fold import ConnectionState, NodeState
-from connection_tracker.retry import Backoff, one_line
-from connection_tracker.schema import LIVE, ReadModelTables, generation
-from connection_tracker.store import FencedError, ProjectionStore
+from conntrack.audit.log import LogReader
+from conntrack.core.batch import YIELD_EVERY, Batch, WriteBehind
+from conntrack.core.fold import ConnectionState, NodeState
+from conntrack.core.retry import Backoff, one_line
+from conntrack.core.schema import LIVE, ReadModelTables, generation
+from conntrack.core.store import FencedError, ProjectionStore
 
 log = logging.getLogger(__name__)
 

@@ -11,23 +11,23 @@ from dataclasses import dataclass, field
 from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from audit.log import Bounds, LogReader, partition_for_key
-from connection_tracker.events import Event, EventTuple, InvalidEvent, decode_record
-from connection_tracker.fold import (
+from conntrack.audit.log import Bounds, LogReader, partition_for_key
+from conntrack.core.events import Event, EventTuple, InvalidEvent, decode_record
+from conntrack.core.fold import (
     ConnectionState,
     NodeState,
     apply,
     fold_nodes,
     merge_nodes,
 )
-from connection_tracker.schema import (
+from conntrack.core.schema import (
     connections,
     projection_offsets,
     pruned_connections,
     row_to_node,
     row_to_state,
 )
-from connection_tracker.schema import nodes as nodes_table
+from conntrack.core.schema import nodes as nodes_table
 
 
 def _tuple(event: Event) -> EventTuple:

@@ -46,9 +46,9 @@ from bench.scenarios import (
     streams_peer,
 )
 from bench.services import REPO
-from connection_tracker.batch import gen0_threshold
-from connection_tracker.lifecycle import tune_gc
-from connection_tracker.settings import settings_from
+from conntrack.core.batch import gen0_threshold
+from conntrack.core.lifecycle import tune_gc
+from conntrack.core.settings import settings_from
 
 log = logging.getLogger("bench")
 

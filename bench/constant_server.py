@@ -17,18 +17,18 @@ import sys
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
-from connection_tracker.lifecycle import (
+from conntrack.core.lifecycle import (
     PYTHON_GEN0_THRESHOLD,
     on_shutdown_signal,
     setup_logging,
     tune_gc,
 )
-from connection_tracker.protogen.yandex.cloud.serverless.apigateway.websocket.v1 import (
+from conntrack.core.protogen.yandex.cloud.serverless.apigateway.websocket.v1 import (
     connection_pb2,
     connection_service_pb2,
 )
-from connection_tracker.settings import settings_from
-from connection_tracker.timeutil import to_timestamp
+from conntrack.core.settings import settings_from
+from conntrack.core.timeutil import to_timestamp
 
 SERVICE = "yandex.cloud.serverless.apigateway.websocket.v1.ConnectionService"
 _NOW_NS = 1_767_225_600_000_000_000

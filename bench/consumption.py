@@ -12,17 +12,17 @@ from typing import Any
 
 from aiokafka import AIOKafkaConsumer, TopicPartition
 
-from audit.log import LogReader
-from audit.rebuild import Rebuild
 from bench.infra import settings_environment
 from bench.procstat import CpuUse, CpuWindow
 from bench.services import projector_service
-from connection_tracker.database import create_engine
-from connection_tracker.events import decode, decode_record_tuple
-from connection_tracker.fold import fold, fold_tuples
-from connection_tracker.settings import Settings
-from connection_tracker.store import ProjectionStore
-from projector.runner import Projector
+from conntrack.audit.log import LogReader
+from conntrack.audit.rebuild import Rebuild
+from conntrack.core.database import create_engine
+from conntrack.core.events import decode, decode_record_tuple
+from conntrack.core.fold import fold, fold_tuples
+from conntrack.core.settings import Settings
+from conntrack.core.store import ProjectionStore
+from conntrack.projector.runner import Projector
 
 # The Projector's own consumer settings (projector/runner.py), so the ceilings read the same way.
 FETCH_BYTES = 4 * 1024 * 1024
@@ -166,7 +166,7 @@ async def projector_catch_up(
 ) -> CatchUp:
     """Run the real Projector in this process until its stored positions reach `end`; then
     check the database agrees (positions and a row count). pg_bulk: the store's way of
-    writing a batch to PostgreSQL (connection_tracker/store.py, PG_BULK_PATHS)."""
+    writing a batch to PostgreSQL (core/store.py, PG_BULK_PATHS)."""
     engine = create_engine(settings.database_url)
     store = ProjectionStore(engine, pg_bulk=pg_bulk)
     try:

@@ -31,10 +31,10 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from bench.workloads import Mix, Record, activity_heavy, churn_heavy, mixed_history
-from connection_tracker.events import decode, decode_tuple
-from connection_tracker.fold import ConnectionState, fold, fold_tuples, merge
-from connection_tracker.lifecycle import BATCH_GEN0_THRESHOLD, tune_gc
-from connection_tracker.settings import settings_from
+from conntrack.core.events import decode, decode_tuple
+from conntrack.core.fold import ConnectionState, fold, fold_tuples, merge
+from conntrack.core.lifecycle import BATCH_GEN0_THRESHOLD, tune_gc
+from conntrack.core.settings import settings_from
 
 MIXES: dict[str, Callable[[int, int], Mix]] = {
     "activity-heavy": activity_heavy,

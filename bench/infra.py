@@ -17,9 +17,9 @@ from aiokafka.admin import AIOKafkaAdminClient
 from sqlalchemy.engine import URL, make_url
 
 from bench.config import BenchConfig
-from connection_tracker.settings import Settings
-from migrations.cli import upgrade
-from producer.topics import TopicSpec, ensure_topics
+from conntrack.core.settings import Settings
+from conntrack.migrations.cli import upgrade
+from conntrack.producer.topics import TopicSpec, ensure_topics
 
 log = logging.getLogger(__name__)
 

@@ -24,7 +24,7 @@ from google.api import annotations_pb2
 
 from bench.procstat import CpuUse, CpuWindow
 from bench.services import REPO
-from connection_tracker.protogen.yandex.cloud.serverless.apigateway.websocket.v1 import (
+from conntrack.core.protogen.yandex.cloud.serverless.apigateway.websocket.v1 import (
     connection_service_pb2,
     connection_service_pb2_grpc,
 )

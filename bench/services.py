@@ -165,7 +165,9 @@ def api_service(
     )
     for name in _API_SECURITY:
         env.pop(name, None)
-    return Service("conntrack-api", [*command("conntrack-api", "api"), "serve"], env, log_dir)
+    return Service(
+        "conntrack-api", [*command("conntrack-api", "conntrack.api"), "serve"], env, log_dir
+    )
 
 
 def constant_service(listen: str, log_dir: Path) -> Service:
@@ -176,7 +178,7 @@ def constant_service(listen: str, log_dir: Path) -> Service:
 def projector_service(settings_env: Mapping[str, str], log_dir: Path) -> Service:
     return Service(
         "conntrack-projector",
-        command("conntrack-projector", "projector"),
+        command("conntrack-projector", "conntrack.projector"),
         service_environment({**settings_env, "CONNTRACK_METRICS_PORT": "0"}),
         log_dir,
     )

@@ -67,13 +67,13 @@ from bench.procstat import CpuWindow, children, rss_mb
 from bench.scenarios.freshness import PROBE_TIMEOUT_S, _Probes, wait_assigned
 from bench.scenarios.get import load_generator
 from bench.services import Service, api_service, free_port, projector_service, wait_grpc_serving
-from connection_tracker.events import HEADERS, encode
-from connection_tracker.protogen.yandex.cloud.serverless.apigateway.websocket.v1 import (
+from conntrack.core.events import HEADERS, encode
+from conntrack.core.protogen.yandex.cloud.serverless.apigateway.websocket.v1 import (
     connection_service_pb2,
     connection_service_pb2_grpc,
 )
-from producer.publisher import Publisher
-from producer.simulator import Workload, generate
+from conntrack.producer.publisher import Publisher
+from conntrack.producer.simulator import Workload, generate
 
 SCHEMA: Final = "conntrack-bench-soak/1"
 RSS_GROWTH_LIMIT: Final = 0.10

@@ -12,8 +12,8 @@ import asyncio
 import tempfile
 import time
 
-from connection_tracker.events import Activity, Event, encode
-from producer.spool import Spool
+from conntrack.core.events import Activity, Event, encode
+from conntrack.producer.spool import Spool
 
 _T0 = 1_764_300_000_000_000_000
 

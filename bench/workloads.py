@@ -17,8 +17,8 @@ from typing import Any, Final, TypeVar
 from aiokafka import AIOKafkaProducer
 from aiokafka.partitioner import DefaultPartitioner
 
-from connection_tracker.events import HEADERS, Event, encode
-from producer.simulator import Workload, generate
+from conntrack.core.events import HEADERS, Event, encode
+from conntrack.producer.simulator import Workload, generate
 
 T = TypeVar("T")
 Record = tuple[bytes, bytes]  # (key = connection id, value = encoded ConnectionEvent)

@@ -11,20 +11,18 @@ import socket
 
 from websockets.asyncio.server import serve as serve_websockets
 
-from connection_tracker import cli
-from connection_tracker.kafka import KafkaConnection
-from connection_tracker.lifecycle import (
+from conntrack.core import cli
+from conntrack.core.kafka import KafkaConnection
+from conntrack.core.lifecycle import (
     GATEWAY_GEN0_THRESHOLD,
     on_shutdown_signal,
-    setup_logging,
-    tune_gc,
 )
-from connection_tracker.settings import Settings, env_name
-from gateway.server import Gateway
-from producer.commands import NodeCommands
-from producer.errors import BrokerUnavailableError, PublisherError, TopicNotFoundError
-from producer.publisher import Publisher
-from producer.spool import SpoolError
+from conntrack.core.settings import Settings, env_name
+from conntrack.gateway.server import Gateway
+from conntrack.producer.commands import NodeCommands
+from conntrack.producer.errors import BrokerUnavailableError, PublisherError, TopicNotFoundError
+from conntrack.producer.publisher import Publisher
+from conntrack.producer.spool import SpoolError
 
 log = logging.getLogger("gateway")
 
@@ -127,12 +125,7 @@ def main(argv: list[str] | None = None) -> None:
     sections = ("kafka", "gateway", "logging")
     parser = cli.parser(prog, __doc__, sections)
     ns = parser.parse_args(argv)
-    try:
-        settings = cli.settings_from_args(ns)
-    except cli.CommandError as exc:
-        cli.fail(prog, exc)
-    setup_logging(settings.log_level, settings.log_format)
-    tune_gc(settings.gc_gen0_threshold, default=GATEWAY_GEN0_THRESHOLD)
+    settings = cli.start(prog, ns, gen0_threshold=GATEWAY_GEN0_THRESHOLD)
     cli.run(prog, lambda: run(settings), settings)
 
 

@@ -15,9 +15,9 @@ from websockets.asyncio.server import ServerConnection
 from websockets.exceptions import ConnectionClosed
 from websockets.http11 import Request, Response
 
-from connection_tracker.commands import DataType
-from producer.errors import PublisherError
-from producer.publisher import Publisher
+from conntrack.core.commands import DataType
+from conntrack.producer.errors import PublisherError
+from conntrack.producer.publisher import Publisher
 
 log = logging.getLogger(__name__)
 

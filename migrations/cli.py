@@ -7,8 +7,7 @@ from pathlib import Path
 from alembic import command
 from alembic.config import Config
 
-from connection_tracker import cli
-from connection_tracker.lifecycle import setup_logging
+from conntrack.core import cli
 
 SCRIPT_LOCATION = Path(__file__).resolve().parent
 
@@ -40,11 +39,7 @@ def main(argv: list[str] | None = None) -> None:
     for p in (up, down, current):
         cli.add_settings(p, ("database", "logging"))
     ns = parser.parse_args(argv)
-    try:
-        settings = cli.settings_from_args(ns)
-    except cli.CommandError as exc:
-        cli.fail("conntrack-migrate", exc)
-    setup_logging(settings.log_level, settings.log_format)
+    settings = cli.start("conntrack-migrate", ns, gen0_threshold=None)
     cfg = alembic_config(settings.database_url)
 
     def migrate() -> int:

@@ -7,8 +7,8 @@ import asyncio
 from alembic import context
 from sqlalchemy.engine import Connection
 
-from connection_tracker.database import create_engine
-from connection_tracker.schema import metadata
+from conntrack.core.database import create_engine
+from conntrack.core.schema import metadata
 
 config = context.config
 

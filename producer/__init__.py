@@ -1,5 +1,5 @@
 """The gateway-side publisher of connection events, topic provisioning and a traffic simulator."""
 
-from producer.publisher import Publisher
+from conntrack.producer.publisher import Publisher
 
 __all__ = ["Publisher"]

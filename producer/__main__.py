@@ -13,20 +13,18 @@ import json
 import sys
 import time
 
-from connection_tracker import cli
-from connection_tracker.events import Event
-from connection_tracker.kafka import KafkaConnection
-from connection_tracker.lifecycle import (
+from conntrack.core import cli
+from conntrack.core.events import Event
+from conntrack.core.kafka import KafkaConnection
+from conntrack.core.lifecycle import (
     BATCH_GEN0_THRESHOLD,
     on_shutdown_signal,
-    setup_logging,
-    tune_gc,
 )
-from connection_tracker.settings import Settings, default
-from producer.errors import PublisherError
-from producer.publisher import Publisher
-from producer.simulator import Workload, generate
-from producer.topics import (
+from conntrack.core.settings import Settings, default
+from conntrack.producer.errors import PublisherError
+from conntrack.producer.publisher import Publisher
+from conntrack.producer.simulator import Workload, generate
+from conntrack.producer.topics import (
     HistoryLosingTopicError,
     TopicProvisioningError,
     TopicReport,
@@ -266,12 +264,7 @@ def main(argv: list[str] | None = None) -> None:
     for p in (topics, sim):
         cli.add_settings(p, sections)
     ns = parser.parse_args(argv)
-    try:
-        settings = cli.settings_from_args(ns)
-    except cli.CommandError as exc:
-        cli.fail(prog, exc)
-    setup_logging(settings.log_level, settings.log_format)
-    tune_gc(settings.gc_gen0_threshold, default=BATCH_GEN0_THRESHOLD)
+    settings = cli.start(prog, ns, gen0_threshold=BATCH_GEN0_THRESHOLD)
     run = provision if ns.command == "topics" else simulate
     cli.run(prog, lambda: run(settings, ns), settings)
 

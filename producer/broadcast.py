@@ -1,4 +1,4 @@
-"""The node's side of a broadcast command (connection_tracker/commands.py, BroadcastFrame): the
+"""The node's side of a broadcast command (core/commands.py, BroadcastFrame): the
 same frame written to each of the listed sockets the node still holds, through the gateway's own
 CommandHandler.send, a bounded number at a time.
 
@@ -11,7 +11,7 @@ import asyncio
 from dataclasses import dataclass
 from typing import Final, Protocol
 
-from connection_tracker.commands import BroadcastFrame, DataType
+from conntrack.core.commands import BroadcastFrame, DataType
 
 # Writes in flight at once: a slow client's socket holds one slot, not the whole broadcast.
 CONCURRENT_WRITES: Final = 64

@@ -1,6 +1,6 @@
 """The node's command receiver: how the API's Send and Disconnect reach the socket they name.
 
-The API writes a Command (connection_tracker/commands.py) to the commands topic, keyed by the
+The API writes a Command (core/commands.py) to the commands topic, keyed by the
 UTF-8 node id of the node holding the socket, and waits for the Outcome keyed by the command's
 reply_to on the outcomes topic. A node's NodeCommands:
 
@@ -45,8 +45,8 @@ from typing import Any, Final, Protocol
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.errors import KafkaConnectionError, KafkaError
 
-from connection_tracker import kafka
-from connection_tracker.commands import (
+from conntrack.core import kafka
+from conntrack.core.commands import (
     Batching,
     BroadcastFrame,
     CloseSocket,
@@ -60,10 +60,10 @@ from connection_tracker.commands import (
     decode_outcome,
     encode_outcome,
 )
-from connection_tracker.kafka import KafkaConnection, KeyPartitioner, connection_of, partition_of
-from connection_tracker.settings import default
-from producer.broadcast import BroadcastTally, broadcast_to_sockets
-from producer.errors import BrokerUnavailableError, TopicNotFoundError
+from conntrack.core.kafka import KafkaConnection, KeyPartitioner, connection_of, partition_of
+from conntrack.core.settings import default
+from conntrack.producer.broadcast import BroadcastTally, broadcast_to_sockets
+from conntrack.producer.errors import BrokerUnavailableError, TopicNotFoundError
 
 log = logging.getLogger(__name__)
 

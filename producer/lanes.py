@@ -24,7 +24,7 @@ import asyncio
 import functools
 from collections import deque
 
-from connection_tracker.kafka import partition_of
+from conntrack.core.kafka import partition_of
 
 Ticket = asyncio.Future[None] | None
 """A reserved turn: None when it was free at once, else a future set when it comes."""

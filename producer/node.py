@@ -12,7 +12,7 @@ from __future__ import annotations
 import threading
 from typing import Final
 
-# Incarnations are stored in signed 64-bit columns (connection_tracker/events.py checks it).
+# Incarnations are stored in signed 64-bit columns (core/events.py checks it).
 MAX_INCARNATION: Final = 2**63 - 1
 
 _lock = threading.Lock()

@@ -51,10 +51,9 @@ from typing import Any
 from aiokafka import AIOKafkaProducer
 from aiokafka.errors import KafkaConnectionError, KafkaError, KafkaTimeoutError
 
-from connection_tracker import kafka
-from connection_tracker.events import (
+from conntrack.core import kafka
+from conntrack.core.events import (
     HEADERS,
-    MAX_ID_LENGTH,
     MAX_TIME_NS,
     MIN_TIME_NS,
     Activity,
@@ -70,10 +69,11 @@ from connection_tracker.events import (
     encode,
     record_key,
 )
-from connection_tracker.kafka import KafkaConnection, connection_of
-from connection_tracker.settings import default
-from producer.coalescing import ActivityCoalescer, CoalescedActivity
-from producer.errors import (
+from conntrack.core.ids import id_problem
+from conntrack.core.kafka import KafkaConnection, connection_of
+from conntrack.core.settings import default
+from conntrack.producer.coalescing import ActivityCoalescer, CoalescedActivity
+from conntrack.producer.errors import (
     BrokerUnavailableError,
     DeliveryTimeoutError,
     PublisherClosedError,
@@ -81,9 +81,9 @@ from producer.errors import (
     TopicNotFoundError,
     UndeliveredEventsError,
 )
-from producer.lanes import Lanes, Ticket
-from producer.node import MAX_INCARNATION, next_incarnation
-from producer.spool import Spool, SpoolFullError
+from conntrack.producer.lanes import Lanes, Ticket
+from conntrack.producer.node import MAX_INCARNATION, next_incarnation
+from conntrack.producer.spool import Spool, SpoolFullError
 
 log = logging.getLogger(__name__)
 
@@ -141,10 +141,9 @@ class PublisherStats:
 
 
 def _check_id(name: str, value: str) -> None:
-    if not value:
-        raise InvalidEvent(f"{name} is missing")
-    if len(value) > MAX_ID_LENGTH:
-        raise InvalidEvent(f"{name} is longer than {MAX_ID_LENGTH} characters")
+    problem = id_problem(name, value)
+    if problem is not None:
+        raise InvalidEvent(problem)
 
 
 def _check_time(at_ns: int) -> None:
@@ -165,8 +164,6 @@ def _checked_value(event: Event) -> bytes:
     node_event = isinstance(payload, NodeStarted | NodeHeartbeat)
     if isinstance(payload, NodeStarted | NodeHeartbeat):
         _check_id("node_id", payload.node_id)
-        if "\x00" in payload.node_id:
-            raise InvalidEvent("node_id contains a NUL character")
         if not 0 < payload.incarnation <= MAX_INCARNATION:
             raise InvalidEvent(f"incarnation {payload.incarnation} is outside 1..2**63-1")
         if event.connection_id:
@@ -227,7 +224,7 @@ class Publisher:
     """Async context manager. start() and stop() are idempotent; stop() (alias close()) flushes.
 
     bootstrap_servers: where and how to connect: bootstrap servers alone (plain Kafka, client
-        id conntrack-publisher) or a KafkaConnection (TLS, SASL; connection_tracker/kafka.py).
+        id conntrack-publisher) or a KafkaConnection (TLS, SASL; core/kafka.py).
     activity_interval_s: coalescing interval per connection; 0 publishes every activity call.
     delivery_timeout_s: how long the broker may take to accept and acknowledge events (also
         bounds start(), flush() and stop()).

@@ -24,7 +24,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Literal
 
-from connection_tracker.events import Activity, Connected, Disconnected, Event, Payload
+from conntrack.core.events import Activity, Connected, Disconnected, Event, Payload
 
 # Weighted roughly like the clients a WebSocket API sees: browsers first, then mobile SDKs,
 # server-side clients and scripts.

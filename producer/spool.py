@@ -42,7 +42,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO, Concatenate, Final, ParamSpec, TypeVar
 
-from producer.errors import PublisherError
+from conntrack.producer.errors import PublisherError
 
 log = logging.getLogger(__name__)
 

@@ -24,8 +24,8 @@ from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
 from aiokafka.errors import TopicAlreadyExistsError, for_code
 
-from connection_tracker import kafka
-from connection_tracker.kafka import KafkaConnection, connection_of
+from conntrack.core import kafka
+from conntrack.core.kafka import KafkaConnection, connection_of
 
 # The settings that decide whether a topic keeps history and how durably; reported per topic.
 _METADATA_ATTEMPTS = 25

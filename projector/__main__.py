@@ -6,17 +6,15 @@ import logging
 
 from prometheus_client import start_http_server
 
-from connection_tracker import cli
-from connection_tracker.batch import gen0_threshold
-from connection_tracker.database import create_engine
-from connection_tracker.lifecycle import (
+from conntrack.core import cli
+from conntrack.core.batch import gen0_threshold
+from conntrack.core.database import create_engine
+from conntrack.core.lifecycle import (
     on_shutdown_signal,
-    setup_logging,
-    tune_gc,
 )
-from connection_tracker.settings import Settings
-from connection_tracker.store import ProjectionStore
-from projector.runner import Abandoned, Projector
+from conntrack.core.settings import Settings
+from conntrack.core.store import ProjectionStore
+from conntrack.projector.runner import Abandoned, Projector
 
 log = logging.getLogger("projector")
 
@@ -63,12 +61,9 @@ def main(argv: list[str] | None = None) -> None:
         ("kafka", "database", "projector", "retention", "metrics", "logging"),
     )
     ns = parser.parse_args(argv)
-    try:
-        settings = cli.settings_from_args(ns)
-    except cli.CommandError as exc:
-        cli.fail("conntrack-projector", exc)
-    setup_logging(settings.log_level, settings.log_format)
-    tune_gc(settings.gc_gen0_threshold, default=gen0_threshold(settings.batch_max_events))
+    settings = cli.start(
+        "conntrack-projector", ns, gen0_threshold=lambda s: gen0_threshold(s.batch_max_events)
+    )
     cli.run("conntrack-projector", lambda: _serve(settings), settings)
 
 

@@ -8,8 +8,8 @@ from typing import Any
 
 from aiokafka import AIOKafkaProducer
 
-from connection_tracker import kafka
-from connection_tracker.kafka import KafkaConnection, connection_of
+from conntrack.core import kafka
+from conntrack.core.kafka import KafkaConnection, connection_of
 
 # Provenance headers added to every dead-lettered record (the original headers are kept too).
 SOURCE_TOPIC = "dlq.source.topic"

@@ -16,9 +16,9 @@ from typing import Any
 
 from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener, TopicPartition
 
-from connection_tracker.retry import Abandoned, Retrier
-from connection_tracker.store import ProjectionStore
-from projector.metrics import ProjectorMetrics
+from conntrack.core.retry import Abandoned, Retrier
+from conntrack.core.store import ProjectionStore
+from conntrack.projector.metrics import ProjectorMetrics
 
 log = logging.getLogger(__name__)
 

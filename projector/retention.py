@@ -1,6 +1,6 @@
 """Retention: rows of connections that disconnected long ago are pruned in small transactions,
 each leaving a tombstone so a late duplicate cannot bring the connection back half-empty
-(connection_tracker/store.py, prune())."""
+(core/store.py, prune())."""
 
 from __future__ import annotations
 
@@ -9,10 +9,10 @@ import contextlib
 import logging
 import time
 
-from connection_tracker.retry import Abandoned, Retrier
-from connection_tracker.settings import Settings
-from connection_tracker.store import CHUNK, ProjectionStore
-from projector.metrics import ProjectorMetrics
+from conntrack.core.retry import Abandoned, Retrier
+from conntrack.core.settings import Settings
+from conntrack.core.store import CHUNK, ProjectionStore
+from conntrack.projector.metrics import ProjectorMetrics
 
 log = logging.getLogger(__name__)
 

@@ -4,9 +4,9 @@ The roles, each in its own module:
 - partitions.py: which partitions this process owns, the stored positions it sought them to
   (positions live in the read-model database, not in Kafka), and the assignment listener;
 - continuity.py: which fetched records a batch may apply;
-- connection_tracker/batch.py: decoding records into a batch, and writing one batch while the
+- core/batch.py: decoding records into a batch, and writing one batch while the
   next is prepared (the same pipeline a rebuild uses);
-- connection_tracker/retry.py: waiting out an unavailable database or broker;
+- core/retry.py: waiting out an unavailable database or broker;
 - group_offsets.py: Kafka group offsets, for lag tools only;
 - retention.py: pruning long-disconnected connections;
 - this module: the consumer's lifecycle and the loop.
@@ -33,25 +33,25 @@ from typing import Any
 from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.errors import IllegalStateError
 
-from connection_tracker import kafka
-from connection_tracker.batch import YIELD_EVERY, Batch, WriteBehind
-from connection_tracker.fold import ConnectionState, NodeState
-from connection_tracker.kafka import KafkaConnection
-from connection_tracker.retry import TRANSIENT, Abandoned, Backoff, Retrier
-from connection_tracker.settings import Settings
-from connection_tracker.store import (
+from conntrack.core import kafka
+from conntrack.core.batch import YIELD_EVERY, Batch, WriteBehind
+from conntrack.core.fold import ConnectionState, NodeState
+from conntrack.core.kafka import KafkaConnection
+from conntrack.core.retry import TRANSIENT, Abandoned, Backoff, Retrier
+from conntrack.core.settings import Settings
+from conntrack.core.store import (
     REFUSALS,
     BatchResult,
     FencedError,
     OnRefused,
     ProjectionStore,
 )
-from projector.continuity import run_from
-from projector.dead_letter import DeadLetterPublisher, Rejected
-from projector.group_offsets import GroupOffsets
-from projector.metrics import ProjectorMetrics
-from projector.partitions import Partitions
-from projector.retention import Retention
+from conntrack.projector.continuity import run_from
+from conntrack.projector.dead_letter import DeadLetterPublisher, Rejected
+from conntrack.projector.group_offsets import GroupOffsets
+from conntrack.projector.metrics import ProjectorMetrics
+from conntrack.projector.partitions import Partitions
+from conntrack.projector.retention import Retention
 
 __all__ = ["Abandoned", "Projector"]
 

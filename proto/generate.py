@@ -1,9 +1,9 @@
 """Regenerate the Python protobuf/gRPC modules from the .proto files in this folder.
 
-    python proto/generate.py          # rewrite connection_tracker/protogen/
+    python proto/generate.py          # rewrite core/protogen/ (conntrack.core.protogen)
     python proto/generate.py --check  # exit 1 if the committed modules are stale
 
-The generated modules live under the project-owned package ``connection_tracker.protogen`` and
+The generated modules live under the project-owned package ``conntrack.core.protogen`` and
 their imports are rewritten to point there, so they never shadow (or get shadowed by) the
 official Yandex Cloud SDK's top-level ``yandex`` package, while the names on the wire stay
 upstream's.
@@ -21,7 +21,7 @@ from pathlib import Path
 
 PROTO_ROOT = Path(__file__).resolve().parent
 REPO = PROTO_ROOT.parent
-PACKAGE = "connection_tracker.protogen"
+PACKAGE = "conntrack.core.protogen"
 OUT = REPO / Path(*PACKAGE.split("."))
 
 # Top-level proto packages we own the generated code for; google.* comes from protobuf and

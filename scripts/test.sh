@@ -23,11 +23,6 @@ if [ ! -x .local/go/bin/grpcurl ] && ! command -v grpcurl >/dev/null 2>&1 && com
 fi
 export CONNTRACK_TEST_KAFKA="127.0.0.1:${CONNTRACK_KAFKA_PORT:-19092}"
 export CONNTRACK_TEST_POSTGRES_URL="$(bash infra/postgres.sh url)"
-# One command a line: under set -e a failure inside an `a && b` list does not stop the script.
-echo "== ruff"
-.venv/bin/ruff check .
-.venv/bin/ruff format --check .
-echo "== mypy"
-.venv/bin/mypy
+bash scripts/lint.sh
 echo "== pytest"
 .venv/bin/pytest "$@"

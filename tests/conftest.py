@@ -22,9 +22,9 @@ import pytest
 from sqlalchemy.engine import make_url
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from connection_tracker.database import create_engine
-from connection_tracker.settings import Settings
-from migrations.cli import upgrade
+from conntrack.core.database import create_engine
+from conntrack.core.settings import Settings
+from conntrack.migrations.cli import upgrade
 from tests.support.cluster import Cluster
 from tests.support.kafka import create_topic, delete_topics, unique
 from tests.support.ports import free_port

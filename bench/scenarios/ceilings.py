@@ -4,12 +4,12 @@ and per commit durability.
 - the no-database ceiling: consume + decode + fold from Kafka, nothing written (as figure 1);
 - the database-only ceiling: the same rows upserted without Kafka, the way the projector writes
   them: the topic's records (read beforehand, untimed) are cut into batches of the projector's
-  size (CONNTRACK_BATCH_MAX_EVENTS), decoded and folded (untimed, connection_tracker/batch.py's
+  size (CONNTRACK_BATCH_MAX_EVENTS), decoded and folded (untimed, core/batch.py's
   Batch as a rebuild does), then ProjectionStore.apply_batch() is timed over every batch, one
   after another, positions and all;
 - the projector: projector.runner.Projector catching up on the same topic, as figure 1.
 
-Each is run for every store path (connection_tracker/store.py's PG_BULK_PATHS) and, when the
+Each is run for every store path (core/store.py's PG_BULK_PATHS) and, when the
 server commits synchronously, again with synchronous_commit = off set on the scenario's
 database (ALTER DATABASE, so every session of the projector gets it). The server's settings as
 a session of that database sees them are recorded beside each figure."""
@@ -31,11 +31,11 @@ from bench.procstat import CpuWindow
 from bench.results import Figure, ScenarioResult, TargetCheck
 from bench.scenarios.projector import _timeout, load_mix
 from bench.workloads import activity_heavy
-from connection_tracker.batch import Batch
-from connection_tracker.database import create_engine
-from connection_tracker.fold import ConnectionState, NodeState
-from connection_tracker.settings import settings_from
-from connection_tracker.store import PG_BULK_PATHS, ProjectionStore
+from conntrack.core.batch import Batch
+from conntrack.core.database import create_engine
+from conntrack.core.fold import ConnectionState, NodeState
+from conntrack.core.settings import settings_from
+from conntrack.core.store import PG_BULK_PATHS, ProjectionStore
 
 SHOWN = ("synchronous_commit", "fsync", "full_page_writes", "wal_level")
 TARGET_RATIO = 0.8

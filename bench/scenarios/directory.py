@@ -19,16 +19,16 @@ import asyncpg
 import grpc
 from sqlalchemy.dialects import postgresql
 
-from api.directory import encode_page_token
-from api.repository import DirectoryFilter, directory_page_statement
 from bench.config import BenchConfig
 from bench.infra import asyncpg_dsn, fresh_database
 from bench.loadgen import percentile
 from bench.results import Figure, ScenarioResult
 from bench.services import api_service, free_port, running, wait_grpc_serving
-from connection_tracker.liveness import Liveness
-from connection_tracker.protogen.conntrack.directory.v1 import directory_pb2 as pb
-from connection_tracker.protogen.conntrack.directory.v1 import directory_pb2_grpc as pb_grpc
+from conntrack.api.application.directory import encode_page_token
+from conntrack.api.read.repository import DirectoryFilter, directory_page_statement
+from conntrack.core.liveness import Liveness
+from conntrack.core.protogen.conntrack.directory.v1 import directory_pb2 as pb
+from conntrack.core.protogen.conntrack.directory.v1 import directory_pb2_grpc as pb_grpc
 
 GATEWAY = "gw-directory"
 PAGE = 1000

@@ -41,12 +41,12 @@ from bench.services import (
     wait_grpc_serving,
 )
 from bench.workloads import activity_heavy
-from connection_tracker.events import HEADERS
-from connection_tracker.protogen.yandex.cloud.serverless.apigateway.websocket.v1 import (
+from conntrack.core.events import HEADERS
+from conntrack.core.protogen.yandex.cloud.serverless.apigateway.websocket.v1 import (
     connection_service_pb2,
     connection_service_pb2_grpc,
 )
-from producer.publisher import Publisher
+from conntrack.producer.publisher import Publisher
 
 TARGET_RATE = 10_000
 TARGET_P99_MS = 250.0

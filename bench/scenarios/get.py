@@ -36,8 +36,8 @@ from bench.services import (
     wait_grpc_serving,
 )
 from bench.workloads import START_NS
-from connection_tracker.fold import ConnectionState, fold
-from producer.simulator import Workload, generate
+from conntrack.core.fold import ConnectionState, fold
+from conntrack.producer.simulator import Workload, generate
 
 QPS_RATIO_TARGET = 0.75
 HALF_LOAD_P99_TARGET_MS = 10.0

@@ -1,4 +1,4 @@
-"""Figure 3c: Get over the REST mapping (api/rest.py) beside Get over gRPC, on the same
+"""Figure 3c: Get over the REST mapping (api/transport/rest.py) beside Get over gRPC, on the same
 `conntrack-api serve` process (one worker, CONNTRACK_API_REST_PORT set) over the same PostgreSQL
 read model: QPS, p50, p99 and server CPU per call, closed loop at the Get concurrency.
 

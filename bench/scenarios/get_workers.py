@@ -1,7 +1,7 @@
-"""Figure 3b: Get QPS of `conntrack-api serve` with one worker process per core (api/workers.py)
-beside the constant-answer server (bench/constant_server.py) with as many processes on one
-port, under the same load generator, closed loop at the Get concurrency; and both with one
-process in the same run, for the scaling factor.
+"""Figure 3b: Get QPS of `conntrack-api serve` with one worker process per core
+(api/process/workers.py) beside the constant-answer server (bench/constant_server.py) with as many
+processes on one port, under the same load generator, closed loop at the Get concurrency; and both
+with one process in the same run, for the scaling factor.
 
 Each server runs alone. The load generator runs on the same machine and needs cores too: on a
 machine with few cores the figures show what the servers get of what the generator leaves."""
@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import sys
 
-from api.workers import available_cores
 from bench.config import BenchConfig
 from bench.infra import fresh_database
 from bench.loadgen import LoadResult
@@ -30,6 +29,7 @@ from bench.services import (
     service_environment,
     wait_grpc_serving,
 )
+from conntrack.api.process.workers import available_cores
 
 
 def constant_workers(listen: str, workers: int, cfg: BenchConfig) -> Service:

@@ -53,11 +53,11 @@ from bench.services import (
     service_environment,
     wait_grpc_serving,
 )
-from connection_tracker.protogen.yandex.cloud.serverless.apigateway.websocket.v1 import (
+from conntrack.core.protogen.yandex.cloud.serverless.apigateway.websocket.v1 import (
     connection_service_pb2,
     connection_service_pb2_grpc,
 )
-from producer.topics import TopicSpec, ensure_topics
+from conntrack.producer.topics import TopicSpec, ensure_topics
 
 TARGET_RATE = 1_000
 TARGET_P99_MS = 50.0
@@ -286,7 +286,9 @@ def _gateway(cfg: BenchConfig, events: str, commands: str, outcomes: str, log_di
             "CONNTRACK_METRICS_PORT": "0",
         }
     )
-    return Service("conntrack-gateway", command("conntrack-gateway", "gateway"), env, log_dir)
+    return Service(
+        "conntrack-gateway", command("conntrack-gateway", "conntrack.gateway"), env, log_dir
+    )
 
 
 def _api(
@@ -313,7 +315,9 @@ def _api(
         "CONNTRACK_API_TOKENS_FILE",
     ):
         env.pop(name, None)
-    return Service("conntrack-api", [*command("conntrack-api", "api"), "serve"], env, log_dir)
+    return Service(
+        "conntrack-api", [*command("conntrack-api", "conntrack.api"), "serve"], env, log_dir
+    )
 
 
 async def _warm_up(sends: _Sends, ids: list[str], within_s: float = 60.0) -> None:

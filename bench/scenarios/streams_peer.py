@@ -9,7 +9,7 @@ dead-letter or keep out of connection state (invalid records, a node's own event
 groupByKey().aggregate()s the rest with fold.py's merge into a RocksDB store (Kafka Streams'
 default persistent store, changelogged). It reads the topic's end offsets at start and reports
 when its stream threads have processed every record up to them; then it dumps its store, which
-is compared with connection_tracker.fold.fold_tuples() of the same topic, every connection.
+is compared with conntrack.core.fold.fold_tuples() of the same topic, every connection.
 
 Its rate counts the records processed from its last move to RUNNING (every task ready) to that
 moment (the projector's, from owning every partition to caught up); the JVM's start, the group join,
@@ -35,7 +35,6 @@ from typing import Any, Final
 
 from aiokafka.admin import AIOKafkaAdminClient
 
-from audit.log import LogReader
 from bench.config import BenchConfig
 from bench.consumption import decode_and_fold, projector_catch_up
 from bench.infra import fresh_database, fresh_topics, projector_settings, unique
@@ -44,8 +43,9 @@ from bench.results import Figure, ScenarioResult
 from bench.scenarios.projector import load_mix
 from bench.services import REPO
 from bench.workloads import Mix, activity_heavy, churn_heavy
-from connection_tracker.events import InvalidEvent, decode_record_tuple
-from connection_tracker.fold import ConnectionState, fold_tuples
+from conntrack.audit.log import LogReader
+from conntrack.core.events import InvalidEvent, decode_record_tuple
+from conntrack.core.fold import ConnectionState, fold_tuples
 
 SOURCE: Final = REPO / "bench" / "kafka-streams"
 BUILD: Final = REPO / ".local" / "kafka-streams-peer"

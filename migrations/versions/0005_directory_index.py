@@ -1,9 +1,9 @@
 """connections: an index for the connection directory's pages
 
-ConnectionDirectoryService.ListConnections (api/directory.py) walks a gateway's open connections
-in connection_id order from the last id of the previous page (keyset pagination). This index on
-(gateway_id, connection_id) holds open rows only (partial: disconnected_at_ns IS NULL), so a
-page is an index range scan from the page token's key, whatever the table's size, and the
+ConnectionDirectoryService.ListConnections (api/application/directory.py) walks a gateway's open
+connections in connection_id order from the last id of the previous page (keyset pagination). This
+index on (gateway_id, connection_id) holds open rows only (partial: disconnected_at_ns IS NULL), so
+a page is an index range scan from the page token's key, whatever the table's size, and the
 index stays as small as the set of open connections. Disconnects already change an indexed
 column (disconnected_at_ns), so the index costs no HOT update that was HOT before (0003);
 activity updates touch no indexed column and stay HOT.

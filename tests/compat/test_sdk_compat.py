@@ -17,12 +17,12 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosedOK
 
-from api.auth import BearerTokens
-from api.freshness import POSITION_HEADER, parse_positions
-from api.repository import ConnectionRepository, create_read_engine
-from api.server import ApiServer
-from connection_tracker.schema import connections, projection_offsets
-from connection_tracker.settings import Settings
+from conntrack.api.application.freshness import POSITION_HEADER, parse_positions
+from conntrack.api.read.repository import ConnectionRepository, create_read_engine
+from conntrack.api.transport.auth import BearerTokens
+from conntrack.api.transport.server import ApiServer
+from conntrack.core.schema import connections, projection_offsets
+from conntrack.core.settings import Settings
 from tests.support.gateway import (
     gateway_node,
     own_id,

@@ -1,5 +1,5 @@
-"""Concurrent Gets share read-model queries (api/batching.py), over a real channel: every caller
-still gets exactly its own answer, on both backends; on PostgreSQL a table lock holds queries
+"""Concurrent Gets share read-model queries (api/read/batching.py), over a real channel: every
+caller still gets exactly its own answer, on both backends; on PostgreSQL a table lock holds queries
 in flight, so the batching, a caller leaving a shared query, and a failing shared query can be
 watched exactly (through the conntrack_api_read_* metrics)."""
 
@@ -16,19 +16,19 @@ from sqlalchemy import event, insert
 from sqlalchemy.ext.asyncio import AsyncEngine
 from sqlalchemy.util import await_only
 
-from api.repository import ConnectionRepository, create_read_engine
-from api.server import ApiServer
-from connection_tracker.protogen.yandex.cloud.serverless.apigateway.websocket.v1 import (
+from conntrack.api.read.repository import ConnectionRepository, create_read_engine
+from conntrack.api.transport.server import ApiServer
+from conntrack.core.protogen.yandex.cloud.serverless.apigateway.websocket.v1 import (
     connection_pb2,
 )
-from connection_tracker.protogen.yandex.cloud.serverless.apigateway.websocket.v1 import (
+from conntrack.core.protogen.yandex.cloud.serverless.apigateway.websocket.v1 import (
     connection_service_pb2 as svc,
 )
-from connection_tracker.protogen.yandex.cloud.serverless.apigateway.websocket.v1 import (
+from conntrack.core.protogen.yandex.cloud.serverless.apigateway.websocket.v1 import (
     connection_service_pb2_grpc as svc_grpc,
 )
-from connection_tracker.schema import connections
-from connection_tracker.timeutil import to_ns
+from conntrack.core.schema import connections
+from conntrack.core.timeutil import to_ns
 from tests.support.api import api_sessions_waiting_on_locks, connections_locked, eventually
 
 ROWS = 300

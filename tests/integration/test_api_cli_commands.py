@@ -18,10 +18,10 @@ import pytest
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from api.commands import CommandChannel
-from api.repository import ConnectionRepository
-from api.server import ApiServer
-from connection_tracker.commands import (
+from conntrack.api.application.commands import CommandChannel
+from conntrack.api.read.repository import ConnectionRepository
+from conntrack.api.transport.server import ApiServer
+from conntrack.core.commands import (
     CloseSocket,
     Command,
     DataType,
@@ -31,9 +31,9 @@ from connection_tracker.commands import (
     decode_command,
     encode_outcome,
 )
-from connection_tracker.fold import ConnectionState, NodeState
-from connection_tracker.settings import Settings
-from connection_tracker.store import ProjectionStore
+from conntrack.core.fold import ConnectionState, NodeState
+from conntrack.core.settings import Settings
+from conntrack.core.store import ProjectionStore
 from tests.support.kafka import create_topic, delete_topics, unique
 from tests.support.ports import free_port
 

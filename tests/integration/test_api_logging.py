@@ -14,14 +14,14 @@ from pathlib import Path
 import grpc
 from sqlalchemy import insert
 
-from api.repository import create_read_engine
-from connection_tracker.protogen.yandex.cloud.serverless.apigateway.websocket.v1 import (
+from conntrack.api.read.repository import create_read_engine
+from conntrack.core.protogen.yandex.cloud.serverless.apigateway.websocket.v1 import (
     connection_service_pb2 as svc,
 )
-from connection_tracker.protogen.yandex.cloud.serverless.apigateway.websocket.v1 import (
+from conntrack.core.protogen.yandex.cloud.serverless.apigateway.websocket.v1 import (
     connection_service_pb2_grpc as svc_grpc,
 )
-from connection_tracker.schema import connections
+from conntrack.core.schema import connections
 from tests.support.api import serve_api
 from tests.support.ports import free_port
 

@@ -33,18 +33,18 @@ from sqlalchemy import insert, text
 from sqlalchemy.engine import make_url
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from api.directory import DIRECTORY_SERVICE_NAME
-from api.repository import ConnectionRepository, create_read_engine
-from api.server import ApiServer, listen_host
-from api.service import SERVICE_NAME
-from connection_tracker.protogen.yandex.cloud.serverless.apigateway.websocket.v1 import (
+from conntrack.api.application.directory import DIRECTORY_SERVICE_NAME
+from conntrack.api.application.service import SERVICE_NAME
+from conntrack.api.read.repository import ConnectionRepository, create_read_engine
+from conntrack.api.transport.server import ApiServer, listen_host
+from conntrack.core.protogen.yandex.cloud.serverless.apigateway.websocket.v1 import (
     connection_service_pb2 as svc,
 )
-from connection_tracker.protogen.yandex.cloud.serverless.apigateway.websocket.v1 import (
+from conntrack.core.protogen.yandex.cloud.serverless.apigateway.websocket.v1 import (
     connection_service_pb2_grpc as svc_grpc,
 )
-from connection_tracker.schema import connections
-from connection_tracker.settings import Settings
+from conntrack.core.schema import connections
+from conntrack.core.settings import Settings
 from tests.support.api import (
     NOT_SERVING,
     SERVING,
@@ -317,7 +317,7 @@ async def run_cli(*args: str, env: dict[str, str] | None = None) -> tuple[int, s
     process = await asyncio.create_subprocess_exec(
         sys.executable,
         "-m",
-        "api",
+        "conntrack.api",
         *args,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,

@@ -21,19 +21,20 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from sqlalchemy import insert
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from api.auth import BearerTokens
-from api.repository import ConnectionRepository, create_read_engine
-from api.server import ApiServer
-from api.service import SERVICE_NAME
-from api.tls import ServerTls, client_credentials
-from connection_tracker.protogen.yandex.cloud.serverless.apigateway.websocket.v1 import (
+from conntrack.api.application.service import SERVICE_NAME
+from conntrack.api.read.repository import ConnectionRepository, create_read_engine
+from conntrack.api.transport.auth import BearerTokens
+from conntrack.api.transport.server import ApiServer
+from conntrack.api.transport.tls import ServerTls, client_credentials
+from conntrack.core.protogen.yandex.cloud.serverless.apigateway.websocket.v1 import (
     connection_service_pb2 as svc,
 )
-from connection_tracker.protogen.yandex.cloud.serverless.apigateway.websocket.v1 import (
+from conntrack.core.protogen.yandex.cloud.serverless.apigateway.websocket.v1 import (
     connection_service_pb2_grpc as svc_grpc,
 )
-from connection_tracker.schema import connections
-from connection_tracker.settings import Settings
+from conntrack.core.schema import connections
+from conntrack.core.settings import Settings
+from tests.support.tls import make_ca, make_leaf
 
 pytestmark = pytest.mark.parametrize("backend", ["sqlite"])  # transport concerns, one backend
 
@@ -53,47 +54,19 @@ class Pki:
     rogue_client_key: Path
 
 
-def _openssl(*args: str | Path) -> None:
-    subprocess.run(["openssl", *map(str, args)], check=True, capture_output=True)
-
-
-def _ca(directory: Path, name: str) -> tuple[Path, Path]:
-    cert, key = directory / f"{name}.crt", directory / f"{name}.key"
-    _openssl(
-        "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes",
-        "-keyout", key, "-out", cert, "-days", "2", "-subj", f"/CN={name}",
-    )  # fmt: skip
-    return cert, key
-
-
-def _leaf(directory: Path, name: str, ca: tuple[Path, Path], extensions: str) -> tuple[Path, Path]:
-    cert, key, csr = (directory / f"{name}.{ext}" for ext in ("crt", "key", "csr"))
-    ext_file = directory / f"{name}.ext"
-    ext_file.write_text(extensions + "\n")
-    _openssl(
-        "req", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes",
-        "-keyout", key, "-out", csr, "-subj", f"/CN={name}",
-    )  # fmt: skip
-    _openssl(
-        "x509", "-req", "-in", csr, "-CA", ca[0], "-CAkey", ca[1], "-CAcreateserial",
-        "-out", cert, "-days", "2", "-extfile", ext_file,
-    )  # fmt: skip
-    return cert, key
-
-
 @pytest.fixture(scope="module")
 def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
     d = tmp_path_factory.mktemp("pki")
-    ca = _ca(d, "test-ca")
-    rogue = _ca(d, "rogue-ca")
-    server = _leaf(
+    ca = make_ca(d, "test-ca")
+    rogue = make_ca(d, "rogue-ca")
+    server = make_leaf(
         d,
         "server",
         ca,
         "subjectAltName=DNS:localhost,IP:127.0.0.1\nextendedKeyUsage=serverAuth",
     )
-    client = _leaf(d, "client", ca, "extendedKeyUsage=clientAuth")
-    rogue_client = _leaf(d, "rogue-client", rogue, "extendedKeyUsage=clientAuth")
+    client = make_leaf(d, "client", ca, "extendedKeyUsage=clientAuth")
+    rogue_client = make_leaf(d, "rogue-client", rogue, "extendedKeyUsage=clientAuth")
     return Pki(ca[0], *server, *client, rogue[0], *rogue_client)
 
 
@@ -236,7 +209,7 @@ async def run_cli(*args: str, env: dict[str, str]) -> tuple[int, str, str]:
     process = await asyncio.create_subprocess_exec(
         sys.executable,
         "-m",
-        "api",
+        "conntrack.api",
         *args,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,

@@ -19,21 +19,21 @@ from sqlalchemy import insert, update
 from sqlalchemy.engine import make_url
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from api.freshness import POSITION_HEADER, parse_positions
-from api.repository import APPLICATION_NAME, ConnectionRepository, create_read_engine
-from api.server import ApiServer
-from api.service import SERVICE_NAME
-from connection_tracker.protogen.yandex.cloud.serverless.apigateway.websocket.v1 import (
+from conntrack.api.application.freshness import POSITION_HEADER, parse_positions
+from conntrack.api.application.service import SERVICE_NAME
+from conntrack.api.read.repository import APPLICATION_NAME, ConnectionRepository, create_read_engine
+from conntrack.api.transport.server import ApiServer
+from conntrack.core.protogen.yandex.cloud.serverless.apigateway.websocket.v1 import (
     connection_pb2,
 )
-from connection_tracker.protogen.yandex.cloud.serverless.apigateway.websocket.v1 import (
+from conntrack.core.protogen.yandex.cloud.serverless.apigateway.websocket.v1 import (
     connection_service_pb2 as svc,
 )
-from connection_tracker.protogen.yandex.cloud.serverless.apigateway.websocket.v1 import (
+from conntrack.core.protogen.yandex.cloud.serverless.apigateway.websocket.v1 import (
     connection_service_pb2_grpc as svc_grpc,
 )
-from connection_tracker.schema import connections, projection_offsets
-from connection_tracker.timeutil import to_ns
+from conntrack.core.schema import connections, projection_offsets
+from conntrack.core.timeutil import to_ns
 from tests.support.api import api_sessions_waiting_on_locks, connections_locked, eventually
 
 GET = f"/{SERVICE_NAME}/Get"

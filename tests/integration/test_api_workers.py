@@ -1,5 +1,5 @@
-"""`conntrack-api serve` with several worker processes (api/workers.py) on the real read model
-(SQLite and PostgreSQL) and the shared Kafka broker (each worker's command channel): calls
+"""`conntrack-api serve` with several worker processes (api/process/workers.py) on the real read
+model (SQLite and PostgreSQL) and the shared Kafka broker (each worker's command channel): calls
 spread over the workers, a SIGKILLed worker is replaced while the others keep answering, the
 supervisor serves the sum of the workers' metrics, SIGTERM drains every worker and exits 0, a
 port held by another server is refused, a worker's start error ends the command in one line.
@@ -32,15 +32,15 @@ from prometheus_client.metrics_core import Metric
 from prometheus_client.parser import text_string_to_metric_families
 from sqlalchemy import insert
 
-from api.repository import create_read_engine
-from api.service import SERVICE_NAME
-from connection_tracker.protogen.yandex.cloud.serverless.apigateway.websocket.v1 import (
+from conntrack.api.application.service import SERVICE_NAME
+from conntrack.api.read.repository import create_read_engine
+from conntrack.core.protogen.yandex.cloud.serverless.apigateway.websocket.v1 import (
     connection_service_pb2 as svc,
 )
-from connection_tracker.protogen.yandex.cloud.serverless.apigateway.websocket.v1 import (
+from conntrack.core.protogen.yandex.cloud.serverless.apigateway.websocket.v1 import (
     connection_service_pb2_grpc as svc_grpc,
 )
-from connection_tracker.schema import connections
+from conntrack.core.schema import connections
 from tests.support.api import SERVING, eventually, health_status, serve_api
 from tests.support.ports import free_port
 
@@ -240,7 +240,7 @@ async def _serve_once(env: dict[str, str]) -> tuple[int, str]:
     process = await asyncio.create_subprocess_exec(
         sys.executable,
         "-m",
-        "api",
+        "conntrack.api",
         "serve",
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,

@@ -10,16 +10,16 @@ from aiokafka import AIOKafkaProducer
 from sqlalchemy import update
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from audit.log import LogReader, partition_for_key
-from audit.replay import fold_until, history, state_of, verify
-from connection_tracker.events import Connected, Event, encode
-from connection_tracker.fold import fold
-from connection_tracker.schema import connections
-from connection_tracker.settings import Settings
-from connection_tracker.store import ProjectionStore
-from producer.publisher import Publisher
-from producer.simulator import Workload, generate
-from projector.runner import Projector
+from conntrack.audit.log import LogReader, partition_for_key
+from conntrack.audit.replay import fold_until, history, state_of, verify
+from conntrack.core.events import Connected, Event, encode
+from conntrack.core.fold import fold
+from conntrack.core.schema import connections
+from conntrack.core.settings import Settings
+from conntrack.core.store import ProjectionStore
+from conntrack.producer.publisher import Publisher
+from conntrack.producer.simulator import Workload, generate
+from conntrack.projector.runner import Projector
 from tests.support.kafka import create_raw, delete_topics, unique
 
 pytestmark = [pytest.mark.kafka]

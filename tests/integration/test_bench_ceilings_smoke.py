@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from connection_tracker.store import PG_BULK_PATHS
+from conntrack.core.store import PG_BULK_PATHS
 from tests.support.bench import run_bench
 
 SHOWN = ("synchronous_commit", "fsync", "full_page_writes", "wal_level")

@@ -15,8 +15,8 @@ import pytest
 from bench.loadgen import percentile
 from bench.results import SCHEMA
 from bench.workloads import activity_heavy, churn_heavy, group_by_connection, interleave
-from connection_tracker.events import Activity, Connected, Disconnected, decode
-from producer.simulator import generate
+from conntrack.core.events import Activity, Connected, Disconnected, decode
+from conntrack.producer.simulator import generate
 from tests.support.bench import run_bench
 
 SCENARIOS = ("projector-activity", "get")

@@ -21,7 +21,7 @@ from bench.scenarios.streams_peer import (
     read_dump,
     run_peer,
 )
-from connection_tracker.events import (
+from conntrack.core.events import (
     HEADERS,
     Activity,
     Connected,

@@ -22,11 +22,11 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from sqlalchemy.ext.asyncio import AsyncEngine
 from websockets.asyncio.client import ClientConnection, connect
 
-from api.commands import CommandChannel
-from api.freshness import POSITION_HEADER
-from api.repository import ConnectionRepository
-from api.server import ApiServer
-from connection_tracker.commands import (
+from conntrack.api.application.commands import CommandChannel
+from conntrack.api.application.freshness import POSITION_HEADER
+from conntrack.api.read.repository import ConnectionRepository
+from conntrack.api.transport.server import ApiServer
+from conntrack.core.commands import (
     BroadcastFrame,
     Command,
     DataType,
@@ -35,15 +35,14 @@ from connection_tracker.commands import (
     decode_outcome,
     encode_command,
 )
-from connection_tracker.fold import NodeState
-from connection_tracker.liveness import Liveness
-from connection_tracker.protogen.conntrack.directory.v1 import directory_pb2 as pb
-from connection_tracker.protogen.conntrack.directory.v1 import directory_pb2_grpc as pb_grpc
-from connection_tracker.settings import Settings
-from connection_tracker.store import ProjectionStore
-from connection_tracker.timeutil import to_timestamp
-from projector.runner import Projector
-from tests.integration.test_directory import ReadModel, opened
+from conntrack.core.fold import NodeState
+from conntrack.core.liveness import Liveness
+from conntrack.core.protogen.conntrack.directory.v1 import directory_pb2 as pb
+from conntrack.core.protogen.conntrack.directory.v1 import directory_pb2_grpc as pb_grpc
+from conntrack.core.settings import Settings
+from conntrack.core.store import ProjectionStore
+from conntrack.core.timeutil import to_timestamp
+from conntrack.projector.runner import Projector
 from tests.support.gateway import (
     GatewayProcess,
     gateway_node,
@@ -53,6 +52,7 @@ from tests.support.gateway import (
 from tests.support.kafka import unique
 from tests.support.ports import free_port
 from tests.support.projector import running
+from tests.support.readmodel import ReadModel, opened
 
 pytestmark = [pytest.mark.kafka, pytest.mark.slow]
 

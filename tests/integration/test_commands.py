@@ -1,5 +1,5 @@
 """The commands as an operator meets them: --version and --help, flags after the subcommand, and
-one clear line with a documented exit code (connection_tracker/cli.py) for a bad setting, a
+one clear line with a documented exit code (core/cli.py) for a bad setting, a
 wrong URL scheme, an unreachable database or broker; never a traceback or an ERROR log line."""
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from connection_tracker.settings import Settings
+from conntrack.core.settings import Settings
 from tests.support.events import as_records, make_events
 from tests.support.kafka import create_raw, delete_topics, publish, unique
 from tests.support.ports import free_port

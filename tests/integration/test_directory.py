@@ -17,84 +17,28 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from api.auth import BearerTokens
-from api.directory import DIRECTORY_SERVICE_NAME
-from api.freshness import POSITION_HEADER
-from api.repository import (
+from conntrack.api.application.directory import DIRECTORY_SERVICE_NAME
+from conntrack.api.application.freshness import POSITION_HEADER
+from conntrack.api.read.repository import (
     ConnectionRepository,
     DirectoryFilter,
     create_read_engine,
     directory_page_statement,
 )
-from api.server import ApiServer
-from connection_tracker.fold import ConnectionState, NodeState
-from connection_tracker.liveness import Liveness
-from connection_tracker.protogen.conntrack.directory.v1 import directory_pb2 as pb
-from connection_tracker.protogen.conntrack.directory.v1 import directory_pb2_grpc as pb_grpc
-from connection_tracker.protogen.yandex.cloud.serverless.apigateway.websocket.v1 import (
+from conntrack.api.transport.auth import BearerTokens
+from conntrack.api.transport.server import ApiServer
+from conntrack.core.fold import ConnectionState, NodeState
+from conntrack.core.liveness import Liveness
+from conntrack.core.protogen.conntrack.directory.v1 import directory_pb2 as pb
+from conntrack.core.protogen.conntrack.directory.v1 import directory_pb2_grpc as pb_grpc
+from conntrack.core.protogen.yandex.cloud.serverless.apigateway.websocket.v1 import (
     connection_service_pb2 as svc,
 )
-from connection_tracker.protogen.yandex.cloud.serverless.apigateway.websocket.v1 import (
+from conntrack.core.protogen.yandex.cloud.serverless.apigateway.websocket.v1 import (
     connection_service_pb2_grpc as svc_grpc,
 )
-from connection_tracker.store import ProjectionStore
-from connection_tracker.timeutil import to_ns, to_timestamp
-
-S = 1_000_000_000
-TOPIC = "events-dir"
-
-
-class ReadModel:
-    """Writes states and nodes the way the projector does: one fenced batch at a time."""
-
-    def __init__(self, engine: AsyncEngine) -> None:
-        self.store = ProjectionStore(engine)
-        self._offset: int | None = None
-
-    async def apply(
-        self, states: Iterable[ConnectionState], nodes: Iterable[NodeState] = ()
-    ) -> None:
-        if self._offset is None:
-            self._offset = (await self.store.positions(TOPIC, [0]))[0]
-        await self.store.apply_batch(
-            TOPIC,
-            {0: (self._offset, self._offset + 1)},
-            {s.connection_id: s for s in states},
-            {n.node_id: n for n in nodes},
-        )
-        self._offset += 1
-
-
-def opened(
-    cid: str,
-    gateway: str,
-    at: int,
-    *,
-    ip: str = "10.0.0.1",
-    active: int | None = None,
-    node: str | None = None,
-    incarnation: int | None = None,
-) -> ConnectionState:
-    return ConnectionState(
-        connection_id=cid,
-        gateway_id=gateway,
-        source_ip=ip,
-        user_agent="ua/1",
-        connected_at_ns=at,
-        connected_event_id=f"{cid}-c",
-        last_active_at_ns=active,
-        node_id=node,
-        node_incarnation=incarnation,
-    )
-
-
-def closed(state: ConnectionState, at: int) -> ConnectionState:
-    return state._replace(
-        disconnected_at_ns=at,
-        disconnect_status_code=1000,
-        disconnect_reason="bye",
-        disconnected_event_id=f"{state.connection_id}-d",
-    )
+from conntrack.core.timeutil import to_ns, to_timestamp
+from tests.support.readmodel import ReadModel, S, closed, opened
 
 
 @pytest.fixture

@@ -10,19 +10,19 @@ import grpc
 import pytest
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from api.repository import ConnectionRepository
-from api.server import ApiServer
-from connection_tracker.protogen.yandex.cloud.serverless.apigateway.websocket.v1 import (
+from conntrack.api.read.repository import ConnectionRepository
+from conntrack.api.transport.server import ApiServer
+from conntrack.core.protogen.yandex.cloud.serverless.apigateway.websocket.v1 import (
     connection_service_pb2 as svc,
 )
-from connection_tracker.protogen.yandex.cloud.serverless.apigateway.websocket.v1 import (
+from conntrack.core.protogen.yandex.cloud.serverless.apigateway.websocket.v1 import (
     connection_service_pb2_grpc as svc_grpc,
 )
-from connection_tracker.settings import Settings
-from connection_tracker.store import ProjectionStore
-from connection_tracker.timeutil import to_ns
-from producer.publisher import Publisher
-from projector.runner import Projector
+from conntrack.core.settings import Settings
+from conntrack.core.store import ProjectionStore
+from conntrack.core.timeutil import to_ns
+from conntrack.producer.publisher import Publisher
+from conntrack.projector.runner import Projector
 
 pytestmark = [pytest.mark.kafka]
 

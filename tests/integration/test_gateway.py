@@ -18,7 +18,7 @@ from aiokafka import AIOKafkaConsumer
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed
 
-from connection_tracker.commands import (
+from conntrack.core.commands import (
     CloseSocket,
     Command,
     DataType,
@@ -28,15 +28,15 @@ from connection_tracker.commands import (
     decode_outcome,
     encode_command,
 )
-from connection_tracker.events import (
+from conntrack.core.events import (
     Activity,
     Connected,
     Disconnected,
     Event,
     NodeStarted,
 )
-from connection_tracker.settings import Settings
-from gateway.server import CONNECTION_ID_HEADER
+from conntrack.core.settings import Settings
+from conntrack.gateway.server import CONNECTION_ID_HEADER
 from tests.support.kafka import create_topic, delete_topics, publish, read_events, unique
 from tests.support.ports import free_port
 
@@ -67,7 +67,7 @@ async def gateway(kafka_settings: Settings) -> AsyncIterator[Running]:
     process = await asyncio.create_subprocess_exec(
         sys.executable,
         "-m",
-        "gateway",
+        "conntrack.gateway",
         "--gateway-node-id",
         node_id,
         "--gateway-listen",

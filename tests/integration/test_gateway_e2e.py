@@ -18,10 +18,10 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, ConnectionClosedOK
 
-from connection_tracker.protogen.yandex.cloud.serverless.apigateway.websocket.v1 import (
+from conntrack.core.protogen.yandex.cloud.serverless.apigateway.websocket.v1 import (
     connection_service_pb2 as svc,
 )
-from connection_tracker.settings import Settings
+from conntrack.core.settings import Settings
 from tests.support.gateway import (
     SECOND,
     GatewayProcess,

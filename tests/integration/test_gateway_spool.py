@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 from websockets.asyncio.client import ClientConnection, connect
 
-from connection_tracker.events import (
+from conntrack.core.events import (
     Activity,
     Connected,
     Disconnected,
@@ -27,8 +27,8 @@ from connection_tracker.events import (
     NodeStarted,
     decode,
 )
-from connection_tracker.settings import Settings
-from producer.spool import SEGMENT_SUFFIX, stored_payloads
+from conntrack.core.settings import Settings
+from conntrack.producer.spool import SEGMENT_SUFFIX, stored_payloads
 from tests.conftest import PrivateBroker
 from tests.support.gateway import GatewayProcess, own_id, with_command_topics
 from tests.support.kafka import create_topic, read_events, unique

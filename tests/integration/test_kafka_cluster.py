@@ -24,14 +24,14 @@ from pathlib import Path
 import pytest
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from audit.log import LogReader
-from audit.replay import verify
-from connection_tracker.events import Event
-from connection_tracker.settings import Settings
-from connection_tracker.store import ProjectionStore
-from producer.errors import UndeliveredEventsError
-from producer.publisher import Publisher
-from projector.runner import Projector
+from conntrack.audit.log import LogReader
+from conntrack.audit.replay import verify
+from conntrack.core.events import Event
+from conntrack.core.settings import Settings
+from conntrack.core.store import ProjectionStore
+from conntrack.producer.errors import UndeliveredEventsError
+from conntrack.producer.publisher import Publisher
+from conntrack.projector.runner import Projector
 from tests.support.cluster import KAFKA_SH, Cluster
 from tests.support.events import make_events
 from tests.support.kafka import log_end_offsets, read_events, unique
@@ -62,7 +62,7 @@ async def provision(cluster: Cluster, settings: Settings) -> dict[str, dict[str,
     process = await asyncio.create_subprocess_exec(
         sys.executable,
         "-m",
-        "producer",
+        "conntrack.producer",
         "topics",
         "--partitions",
         str(PARTITIONS),

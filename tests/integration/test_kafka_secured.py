@@ -23,15 +23,15 @@ import pytest
 from aiokafka import AIOKafkaConsumer, TopicPartition
 from sqlalchemy import text
 
-from api.commands import CommandChannel, CommandChannelUnavailable
-from connection_tracker.commands import DataType, OutcomeStatus, SendFrame
-from connection_tracker.database import create_engine
-from connection_tracker.kafka import KafkaConnection, close
-from connection_tracker.settings import Settings
-from connection_tracker.store import ProjectionStore
-from migrations.cli import upgrade
-from producer.commands import NodeCommands
-from producer.topics import TopicSpec, ensure_topics
+from conntrack.api.application.commands import CommandChannel, CommandChannelUnavailable
+from conntrack.core.commands import DataType, OutcomeStatus, SendFrame
+from conntrack.core.database import create_engine
+from conntrack.core.kafka import KafkaConnection, close
+from conntrack.core.settings import Settings
+from conntrack.core.store import ProjectionStore
+from conntrack.migrations.cli import upgrade
+from conntrack.producer.commands import NodeCommands
+from conntrack.producer.topics import TopicSpec, ensure_topics
 from tests.support.kafka import unique
 
 pytestmark = [pytest.mark.kafka, pytest.mark.slow]

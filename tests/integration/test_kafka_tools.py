@@ -12,9 +12,9 @@ from pathlib import Path
 import pytest
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from connection_tracker.settings import Settings
-from connection_tracker.store import ProjectionStore
-from projector.runner import Projector
+from conntrack.core.settings import Settings
+from conntrack.core.store import ProjectionStore
+from conntrack.projector.runner import Projector
 from tests.support.events import as_records, make_events
 from tests.support.kafka import publish
 from tests.support.projector import running, wait_caught_up

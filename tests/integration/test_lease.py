@@ -13,11 +13,11 @@ import grpc
 import pytest
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from api.repository import ConnectionRepository
-from api.server import ApiServer
-from audit.log import LogReader
-from audit.replay import verify
-from connection_tracker.events import (
+from conntrack.api.read.repository import ConnectionRepository
+from conntrack.api.transport.server import ApiServer
+from conntrack.audit.log import LogReader
+from conntrack.audit.replay import verify
+from conntrack.core.events import (
     Activity,
     Connected,
     Event,
@@ -26,16 +26,16 @@ from connection_tracker.events import (
     encode,
     record_key,
 )
-from connection_tracker.liveness import Liveness
-from connection_tracker.protogen.yandex.cloud.serverless.apigateway.websocket.v1 import (
+from conntrack.core.liveness import Liveness
+from conntrack.core.protogen.yandex.cloud.serverless.apigateway.websocket.v1 import (
     connection_service_pb2 as svc,
 )
-from connection_tracker.protogen.yandex.cloud.serverless.apigateway.websocket.v1 import (
+from conntrack.core.protogen.yandex.cloud.serverless.apigateway.websocket.v1 import (
     connection_service_pb2_grpc as svc_grpc,
 )
-from connection_tracker.settings import Settings
-from connection_tracker.store import ProjectionStore
-from projector.runner import Projector
+from conntrack.core.settings import Settings
+from conntrack.core.store import ProjectionStore
+from conntrack.projector.runner import Projector
 from tests.support.kafka import publish
 from tests.support.projector import running, wait_caught_up
 

@@ -1,4 +1,4 @@
-"""The Alembic migrations and connection_tracker.schema agree, on SQLite and PostgreSQL."""
+"""The Alembic migrations and conntrack.core.schema agree, on SQLite and PostgreSQL."""
 
 from __future__ import annotations
 
@@ -12,9 +12,9 @@ from sqlalchemy import inspect
 from sqlalchemy.engine import Connection
 from sqlalchemy.schema import CreateTable
 
-from connection_tracker.database import create_engine
-from connection_tracker.schema import CONNECTIONS_FILLFACTOR, generation, metadata
-from migrations.cli import SCRIPT_LOCATION, alembic_config, downgrade, upgrade
+from conntrack.core.database import create_engine
+from conntrack.core.schema import CONNECTIONS_FILLFACTOR, generation, metadata
+from conntrack.migrations.cli import SCRIPT_LOCATION, alembic_config, downgrade, upgrade
 
 
 def _diff(conn: Connection) -> list[Any]:

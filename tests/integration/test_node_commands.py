@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 from aiokafka import AIOKafkaConsumer, TopicPartition
 
-from connection_tracker.commands import (
+from conntrack.core.commands import (
     CloseSocket,
     Command,
     DataType,
@@ -23,7 +23,7 @@ from connection_tracker.commands import (
     decode_outcome,
     encode_command,
 )
-from producer.commands import NodeCommands, partition_for_node
+from conntrack.producer.commands import NodeCommands, partition_for_node
 from tests.support.kafka import create_topic, delete_topics, publish, unique
 
 pytestmark = [pytest.mark.kafka]

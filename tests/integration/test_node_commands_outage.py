@@ -20,7 +20,7 @@ from typing import Any
 import pytest
 from aiokafka import AIOKafkaConsumer
 
-from connection_tracker.commands import (
+from conntrack.core.commands import (
     CloseSocket,
     Command,
     DataType,
@@ -30,7 +30,7 @@ from connection_tracker.commands import (
     decode_outcome,
     encode_command,
 )
-from producer.commands import NodeCommands
+from conntrack.producer.commands import NodeCommands
 from tests.conftest import PrivateBroker
 from tests.support.kafka import create_topic, publish, unique
 

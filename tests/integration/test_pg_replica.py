@@ -1,4 +1,4 @@
-"""The API reading from PostgreSQL streaming replicas (api/read_engines.py), on a private primary
+"""The API reading from PostgreSQL streaming replicas (api/read/engines.py), on a private primary
 with replicas made by infra/postgres.sh (pg_basebackup -R), and events projected from the real
 broker into the primary. The shared PostgreSQL server is never touched: this module stops its
 own primary and replicas."""
@@ -19,23 +19,23 @@ import grpc
 import pytest
 from sqlalchemy.engine import make_url
 
-from api.freshness import POSITION_HEADER, parse_positions
-from connection_tracker.database import create_engine
-from connection_tracker.fold import ConnectionState, fold
-from connection_tracker.protogen.yandex.cloud.serverless.apigateway.websocket.v1 import (
+from conntrack.api.application.freshness import POSITION_HEADER, parse_positions
+from conntrack.core.database import create_engine
+from conntrack.core.fold import ConnectionState, fold
+from conntrack.core.protogen.yandex.cloud.serverless.apigateway.websocket.v1 import (
     connection_pb2,
 )
-from connection_tracker.protogen.yandex.cloud.serverless.apigateway.websocket.v1 import (
+from conntrack.core.protogen.yandex.cloud.serverless.apigateway.websocket.v1 import (
     connection_service_pb2 as svc,
 )
-from connection_tracker.protogen.yandex.cloud.serverless.apigateway.websocket.v1 import (
+from conntrack.core.protogen.yandex.cloud.serverless.apigateway.websocket.v1 import (
     connection_service_pb2_grpc as svc_grpc,
 )
-from connection_tracker.settings import Settings
-from connection_tracker.store import ProjectionStore
-from connection_tracker.timeutil import to_ns
-from migrations.cli import upgrade
-from projector.runner import Projector
+from conntrack.core.settings import Settings
+from conntrack.core.store import ProjectionStore
+from conntrack.core.timeutil import to_ns
+from conntrack.migrations.cli import upgrade
+from conntrack.projector.runner import Projector
 from tests.support.api import SERVING, eventually, health_status, serve_api
 from tests.support.events import as_records, make_events
 from tests.support.kafka import publish

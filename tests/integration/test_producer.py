@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 from aiokafka.partitioner import murmur2
 
-from connection_tracker.events import (
+from conntrack.core.events import (
     HEADERS,
     Activity,
     Connected,
@@ -19,10 +19,14 @@ from connection_tracker.events import (
     InvalidEvent,
     decode,
 )
-from connection_tracker.settings import Settings
-from producer.errors import BrokerUnavailableError, PublisherClosedError, TopicNotFoundError
-from producer.publisher import Publisher
-from producer.simulator import Workload, generate
+from conntrack.core.settings import Settings
+from conntrack.producer.errors import (
+    BrokerUnavailableError,
+    PublisherClosedError,
+    TopicNotFoundError,
+)
+from conntrack.producer.publisher import Publisher
+from conntrack.producer.simulator import Workload, generate
 from tests.support.events import T0
 from tests.support.kafka import read_all, read_events
 
@@ -194,9 +198,9 @@ async def test_start_and_stop_are_idempotent_and_a_stopped_publisher_refuses_eve
 async def test_bad_input_is_refused_before_anything_is_sent(kafka_settings: Settings) -> None:
     failed: list[Event] = []
     async with publisher(kafka_settings, on_undeliverable=lambda e, _: failed.append(e)) as pub:
-        with pytest.raises(InvalidEvent, match="connection_id is missing"):
+        with pytest.raises(InvalidEvent, match="connection_id is required"):
             await pub.connected("", "10.0.0.1", "ua")
-        with pytest.raises(InvalidEvent, match="longer than"):
+        with pytest.raises(InvalidEvent, match="must be at most 255 characters"):
             await pub.activity("x" * 256)
         with pytest.raises(InvalidEvent, match="outside"):
             await pub.activity("ok", at_ns=0)

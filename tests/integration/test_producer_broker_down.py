@@ -14,15 +14,15 @@ import time
 import pytest
 from aiokafka.errors import LeaderNotAvailableError, NotLeaderForPartitionError
 
-from connection_tracker.events import Event, NodeHeartbeat, NodeStarted
-from producer.errors import (
+from conntrack.core.events import Event, NodeHeartbeat, NodeStarted
+from conntrack.producer.errors import (
     BrokerUnavailableError,
     DeliveryTimeoutError,
     PublisherError,
     UndeliveredEventsError,
 )
-from producer.publisher import Publisher
-from producer.topics import TopicSpec, ensure_topics
+from conntrack.producer.publisher import Publisher
+from conntrack.producer.topics import TopicSpec, ensure_topics
 from tests.conftest import PrivateBroker
 from tests.support.events import T0
 from tests.support.kafka import read_events, unique

@@ -10,8 +10,8 @@ from collections.abc import AsyncIterator
 
 import pytest
 
-from connection_tracker.settings import Settings
-from producer.simulator import Workload, generate
+from conntrack.core.settings import Settings
+from conntrack.producer.simulator import Workload, generate
 from tests.support.kafka import create_raw, delete_topics, read_events, unique
 
 pytestmark = [pytest.mark.kafka]
@@ -21,7 +21,7 @@ async def run(env: dict[str, str], *args: str) -> tuple[int, str, str]:
     process = await asyncio.create_subprocess_exec(
         sys.executable,
         "-m",
-        "producer",
+        "conntrack.producer",
         *args,
         env={**os.environ, **env},
         stdout=asyncio.subprocess.PIPE,
@@ -135,7 +135,7 @@ async def test_simulate_without_a_broker_fails_clearly() -> None:
         "--delivery-timeout",
         "1",
     )
-    assert code == 69  # a dependency that could not be reached (connection_tracker/cli.py)
+    assert code == 69  # a dependency that could not be reached (core/cli.py)
     assert "error: cannot reach Kafka at 127.0.0.1:1" in err
     assert "an open connection" not in out
 

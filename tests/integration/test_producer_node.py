@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 
-from connection_tracker.events import (
+from conntrack.core.events import (
     HEADERS,
     Connected,
     Event,
@@ -20,8 +20,8 @@ from connection_tracker.events import (
     decode_record,
     record_key,
 )
-from connection_tracker.settings import Settings
-from producer.publisher import Publisher
+from conntrack.core.settings import Settings
+from conntrack.producer.publisher import Publisher
 from tests.support.kafka import read_all
 
 pytestmark = [pytest.mark.kafka]

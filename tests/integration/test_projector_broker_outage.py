@@ -10,11 +10,11 @@ import random
 import pytest
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from connection_tracker.fold import fold
-from connection_tracker.settings import Settings
-from connection_tracker.store import ProjectionStore
-from producer.topics import TopicSpec, ensure_topics
-from projector.runner import Projector
+from conntrack.core.fold import fold
+from conntrack.core.settings import Settings
+from conntrack.core.store import ProjectionStore
+from conntrack.producer.topics import TopicSpec, ensure_topics
+from conntrack.projector.runner import Projector
 from tests.conftest import PrivateBroker
 from tests.support.events import as_records, make_events
 from tests.support.kafka import publish, unique

@@ -14,12 +14,12 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from sqlalchemy.exc import OperationalError
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from connection_tracker.events import Activity, Connected, Event
-from connection_tracker.fold import ConnectionState, NodeState, fold
-from connection_tracker.settings import Settings
-from connection_tracker.store import BatchResult, OnRefused, ProjectionStore
-from projector.dead_letter import ERROR, SOURCE_OFFSET, SOURCE_PARTITION
-from projector.runner import Projector
+from conntrack.core.events import Activity, Connected, Event
+from conntrack.core.fold import ConnectionState, NodeState, fold
+from conntrack.core.settings import Settings
+from conntrack.core.store import BatchResult, OnRefused, ProjectionStore
+from conntrack.projector.dead_letter import ERROR, SOURCE_OFFSET, SOURCE_PARTITION
+from conntrack.projector.runner import Projector
 from tests.support.events import T0, as_records, make_events
 from tests.support.kafka import (
     create_topic,

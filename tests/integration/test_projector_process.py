@@ -2,7 +2,7 @@
 CONNTRACK_* variables, on the real broker, killed, restarted, doubled, and fed poison. Each test
 runs once per read-model backend.
 
-The oracle is connection_tracker.fold.fold over the events that were published: whatever
+The oracle is conntrack.core.fold.fold over the events that were published: whatever
 happened to the processes, the read model must equal it once the stored positions reach the
 log end offsets.
 """
@@ -19,12 +19,12 @@ from typing import Any
 import pytest
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from connection_tracker.events import (
+from conntrack.core.events import (
     Event,
 )
-from connection_tracker.settings import Settings
-from connection_tracker.store import ProjectionStore
-from projector import dead_letter
+from conntrack.core.settings import Settings
+from conntrack.core.store import ProjectionStore
+from conntrack.projector import dead_letter
 from tests.support.events import Record, as_records, make_events, poison_records
 from tests.support.kafka import log_end_offsets, publish, publish_stream, read_dead_letters
 from tests.support.ports import free_port

@@ -15,11 +15,11 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.exc import OperationalError
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from connection_tracker.database import create_engine
-from connection_tracker.events import Activity, Connected, Disconnected, Event
-from connection_tracker.fold import fold
-from connection_tracker.settings import Settings
-from connection_tracker.store import ProjectionStore
+from conntrack.core.database import create_engine
+from conntrack.core.events import Activity, Connected, Disconnected, Event
+from conntrack.core.fold import fold
+from conntrack.core.settings import Settings
+from conntrack.core.store import ProjectionStore
 from tests.conftest import POSTGRES_URL
 from tests.support.events import as_records, make_events
 from tests.support.kafka import publish, publish_stream

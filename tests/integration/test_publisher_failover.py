@@ -16,9 +16,9 @@ from collections import defaultdict
 import pytest
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 
-from connection_tracker.events import Activity, Connected, Event, decode
-from connection_tracker.kafka import partition_of
-from producer.publisher import Publisher
+from conntrack.core.events import Activity, Connected, Event, decode
+from conntrack.core.kafka import partition_of
+from conntrack.producer.publisher import Publisher
 from tests.support.cluster import Cluster
 from tests.support.kafka import read_all, unique
 

@@ -16,11 +16,11 @@ from pathlib import Path
 
 import pytest
 
-from connection_tracker.events import Event
-from producer.errors import DeliveryTimeoutError, PublisherError, UndeliveredEventsError
-from producer.publisher import Publisher
-from producer.spool import SEGMENT_SUFFIX, SpoolFullError
-from producer.topics import TopicSpec, ensure_topics
+from conntrack.core.events import Event
+from conntrack.producer.errors import DeliveryTimeoutError, PublisherError, UndeliveredEventsError
+from conntrack.producer.publisher import Publisher
+from conntrack.producer.spool import SEGMENT_SUFFIX, SpoolFullError
+from conntrack.producer.topics import TopicSpec, ensure_topics
 from tests.conftest import REPO, PrivateBroker
 from tests.support.events import T0
 from tests.support.kafka import read_events, unique
@@ -115,8 +115,8 @@ async def test_an_outage_longer_than_the_delivery_timeout_loses_nothing(
 _GATEWAY = textwrap.dedent(
     """
     import asyncio, contextlib, json, sys
-    from producer.errors import DeliveryTimeoutError
-    from producer.publisher import Publisher
+    from conntrack.producer.errors import DeliveryTimeoutError
+    from conntrack.producer.publisher import Publisher
 
     T0 = 1_764_300_000_000_000_000
 

@@ -14,10 +14,10 @@ import pytest
 from sqlalchemy import inspect, text
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from api.repository import ConnectionRepository, create_read_engine
-from api.server import ApiServer
-from audit.log import LogReader
-from audit.rebuild import (
+from conntrack.api.read.repository import ConnectionRepository, create_read_engine
+from conntrack.api.transport.server import ApiServer
+from conntrack.audit.log import LogReader
+from conntrack.audit.rebuild import (
     RETIRED,
     SHADOW,
     Progress,
@@ -26,22 +26,22 @@ from audit.rebuild import (
     abandon,
     shadow_exists,
 )
-from audit.replay import verify
-from connection_tracker.events import Event
-from connection_tracker.fold import ConnectionState, fold
-from connection_tracker.protogen.yandex.cloud.serverless.apigateway.websocket.v1 import (
+from conntrack.audit.replay import verify
+from conntrack.core.events import Event
+from conntrack.core.fold import ConnectionState, fold
+from conntrack.core.protogen.yandex.cloud.serverless.apigateway.websocket.v1 import (
     connection_service_pb2 as svc,
 )
-from connection_tracker.protogen.yandex.cloud.serverless.apigateway.websocket.v1 import (
+from conntrack.core.protogen.yandex.cloud.serverless.apigateway.websocket.v1 import (
     connection_service_pb2_grpc as svc_grpc,
 )
-from connection_tracker.schema import LIVE
-from connection_tracker.settings import Settings
-from connection_tracker.store import ProjectionStore
-from connection_tracker.timeutil import to_ns
-from producer.publisher import Publisher
-from producer.simulator import Workload, generate
-from projector.runner import Projector
+from conntrack.core.schema import LIVE
+from conntrack.core.settings import Settings
+from conntrack.core.store import ProjectionStore
+from conntrack.core.timeutil import to_ns
+from conntrack.producer.publisher import Publisher
+from conntrack.producer.simulator import Workload, generate
+from conntrack.projector.runner import Projector
 from tests.support.projector import running
 
 pytestmark = [pytest.mark.kafka]
@@ -383,7 +383,7 @@ def rebuild_command(settings: Settings, database_url: str, *args: str) -> list[s
     return [
         sys.executable,
         "-m",
-        "audit",
+        "conntrack.audit",
         "--bootstrap-servers",
         settings.kafka_bootstrap_servers,
         "--topic",

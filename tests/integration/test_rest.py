@@ -1,7 +1,7 @@
-"""The REST mapping (api/rest.py) with a real HTTP client (aiohttp) against a running server on
-the real broker and read model: each route's answers and errors (grpc-gateway's status JSON on
-the conventional HTTP status), the same answers as gRPC, Send and Disconnect reaching the node
-through the command channel (a node played by the test, as in test_send.py, and a real
+"""The REST mapping (api/transport/rest.py) with a real HTTP client (aiohttp) against a running
+server on the real broker and read model: each route's answers and errors (grpc-gateway's status
+JSON on the conventional HTTP status), the same answers as gRPC, Send and Disconnect reaching the
+node through the command channel (a node played by the test, as in test_send.py, and a real
 conntrack-gateway with a WebSocket client), path encoding, body limits, tokens, TLS, the shared
 concurrency cap, deadlines, the OpenAPI document, workers and SIGTERM."""
 
@@ -29,34 +29,34 @@ from google.protobuf.json_format import MessageToDict
 from sqlalchemy.ext.asyncio import AsyncEngine
 from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosedOK
-from yarl import URL
 
-from api import openapi, rest
-from api.auth import BearerTokens
-from api.commands import CommandChannel
-from api.freshness import POSITION_AGE_HEADER, POSITION_HEADER
-from api.repository import ConnectionRepository
-from api.server import ApiServer
-from api.service import SERVICE_NAME
-from api.tls import ServerTls
-from connection_tracker.commands import CloseSocket, DataType, OutcomeStatus, SendFrame
-from connection_tracker.fold import NodeState
-from connection_tracker.protogen.yandex.cloud.serverless.apigateway.websocket.v1 import (
+from conntrack.api.application.commands import CommandChannel
+from conntrack.api.application.freshness import POSITION_AGE_HEADER, POSITION_HEADER
+from conntrack.api.application.service import SERVICE_NAME
+from conntrack.api.read.repository import ConnectionRepository
+from conntrack.api.transport import openapi, rest
+from conntrack.api.transport.auth import BearerTokens
+from conntrack.api.transport.server import ApiServer
+from conntrack.api.transport.tls import ServerTls
+from conntrack.core.commands import CloseSocket, DataType, OutcomeStatus, SendFrame
+from conntrack.core.fold import NodeState
+from conntrack.core.protogen.yandex.cloud.serverless.apigateway.websocket.v1 import (
     connection_service_pb2 as svc,
 )
-from connection_tracker.protogen.yandex.cloud.serverless.apigateway.websocket.v1 import (
+from conntrack.core.protogen.yandex.cloud.serverless.apigateway.websocket.v1 import (
     connection_service_pb2_grpc as svc_grpc,
 )
-from connection_tracker.settings import Settings
-from connection_tracker.store import ProjectionStore
-from projector.runner import Projector
-from tests.integration.test_api_security import _ca, _leaf
-from tests.integration.test_send import PlayedNode, open_state
+from conntrack.core.settings import Settings
+from conntrack.core.store import ProjectionStore
+from conntrack.projector.runner import Projector
 from tests.support.api import connections_locked, eventually, serve_api
 from tests.support.gateway import gateway_node, own_id, with_command_topics
 from tests.support.kafka import create_topic, delete_topics, unique
+from tests.support.node import PlayedNode, open_state
 from tests.support.ports import free_port
 from tests.support.projector import running
+from tests.support.rest import Client, http, is_error, status
+from tests.support.tls import make_ca, make_leaf
 
 pytestmark = [pytest.mark.kafka]
 
@@ -120,42 +120,6 @@ async def commands_server(
 
 async def _true(value: bool) -> bool:
     return value
-
-
-@contextlib.asynccontextmanager
-async def http(server: ApiServer, scheme: str = "http") -> AsyncIterator[Client]:
-    async with aiohttp.ClientSession() as session:
-        yield Client(session, f"{scheme}://127.0.0.1:{server.rest_port}")
-
-
-class Client:
-    def __init__(self, session: aiohttp.ClientSession, base: str) -> None:
-        self.session, self.base = session, base
-
-    async def call(
-        self, method: str, path: str, body: Any = None, **kwargs: Any
-    ) -> tuple[int, Any, dict[str, str]]:
-        """(HTTP status, the JSON answer, the headers); path is sent as written (encoded)."""
-        if body is not None and not isinstance(body, bytes):
-            body = json.dumps(body).encode()
-        async with self.session.request(
-            method, URL(self.base + path, encoded=True), data=body, **kwargs
-        ) as response:
-            assert response.content_type == "application/json", await response.text()
-            return response.status, await response.json(), dict(response.headers)
-
-
-def status(code: grpc.StatusCode) -> int:
-    return int(code.value[0])
-
-
-def is_error(answer: Any, code: grpc.StatusCode, *, containing: str = "") -> bool:
-    return (
-        set(answer) == {"code", "message", "details"}
-        and answer["code"] == status(code)
-        and answer["details"] == []
-        and containing in answer["message"]
-    )
 
 
 def b64(data: bytes) -> str:
@@ -458,11 +422,11 @@ async def test_concurrency_cap_is_shared_with_grpc_and_deadlines_are_kept(
 async def test_rest_uses_the_api_tls(
     kafka_settings: Settings, engine: AsyncEngine, tmp_path: Path
 ) -> None:
-    ca = _ca(tmp_path, "rest-ca")
-    server_cert, server_key = _leaf(
+    ca = make_ca(tmp_path, "rest-ca")
+    server_cert, server_key = make_leaf(
         tmp_path, "rest-server", ca, "subjectAltName=IP:127.0.0.1\nextendedKeyUsage=serverAuth"
     )
-    client_cert, client_key = _leaf(tmp_path, "rest-client", ca, "extendedKeyUsage=clientAuth")
+    client_cert, client_key = make_leaf(tmp_path, "rest-client", ca, "extendedKeyUsage=clientAuth")
     tls = ServerTls(server_cert, server_key, client_ca_file=ca[0])
     async with commands_server(kafka_settings, engine, tls=tls) as (server, _):
         trusting = ssl.create_default_context(cafile=str(ca[0]))
@@ -538,7 +502,7 @@ async def _serve_once(env: dict[str, str]) -> tuple[int, str]:
     process = await asyncio.create_subprocess_exec(
         sys.executable,
         "-m",
-        "api",
+        "conntrack.api",
         "serve",
         stdout=asyncio.subprocess.DEVNULL,
         stderr=asyncio.subprocess.PIPE,

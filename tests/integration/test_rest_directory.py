@@ -1,4 +1,4 @@
-"""The connection directory over REST (api/rest.py, the routes of directory.proto's
+"""The connection directory over REST (api/transport/rest.py, the routes of directory.proto's
 google.api.http annotations) with a real HTTP client against a running server, on both
 read-model backends: pages, counts and filters equal gRPC's answers field by field (tokens
 included), paging through a gateway lists each connection once, bad input is 400 with the
@@ -19,17 +19,17 @@ import pytest
 from google.protobuf.json_format import MessageToDict
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from api.auth import BearerTokens
-from api.directory import DIRECTORY_SERVICE_NAME
-from api.freshness import POSITION_HEADER
-from api.repository import ConnectionRepository
-from api.server import ApiServer
-from connection_tracker.fold import NodeState
-from connection_tracker.protogen.conntrack.directory.v1 import directory_pb2 as pb
-from connection_tracker.protogen.conntrack.directory.v1 import directory_pb2_grpc as pb_grpc
-from connection_tracker.timeutil import to_timestamp
-from tests.integration.test_directory import ReadModel, S, closed, opened
-from tests.integration.test_rest import Client, is_error
+from conntrack.api.application.directory import DIRECTORY_SERVICE_NAME
+from conntrack.api.application.freshness import POSITION_HEADER
+from conntrack.api.read.repository import ConnectionRepository
+from conntrack.api.transport.auth import BearerTokens
+from conntrack.api.transport.server import ApiServer
+from conntrack.core.fold import NodeState
+from conntrack.core.protogen.conntrack.directory.v1 import directory_pb2 as pb
+from conntrack.core.protogen.conntrack.directory.v1 import directory_pb2_grpc as pb_grpc
+from conntrack.core.timeutil import to_timestamp
+from tests.support.readmodel import ReadModel, S, closed, opened
+from tests.support.rest import Client, is_error
 
 BASE = "/conntrack/directory/v1/gateways/"
 TOKEN = "tok-rest-dir-8f2c"

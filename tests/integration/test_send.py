@@ -11,88 +11,30 @@ from collections.abc import AsyncIterator
 
 import grpc
 import pytest
-from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from api.commands import CommandChannel
-from api.repository import ConnectionRepository
-from api.server import ApiServer
-from connection_tracker.commands import (
+from conntrack.api.application.commands import CommandChannel
+from conntrack.api.read.repository import ConnectionRepository
+from conntrack.api.transport.server import ApiServer
+from conntrack.core.commands import (
     CloseSocket,
-    Command,
     DataType,
-    Outcome,
     OutcomeStatus,
     SendFrame,
-    decode_command,
-    encode_outcome,
 )
-from connection_tracker.fold import ConnectionState, NodeState
-from connection_tracker.protogen.yandex.cloud.serverless.apigateway.websocket.v1 import (
+from conntrack.core.fold import NodeState
+from conntrack.core.protogen.yandex.cloud.serverless.apigateway.websocket.v1 import (
     connection_service_pb2 as svc,
 )
-from connection_tracker.protogen.yandex.cloud.serverless.apigateway.websocket.v1 import (
+from conntrack.core.protogen.yandex.cloud.serverless.apigateway.websocket.v1 import (
     connection_service_pb2_grpc as svc_grpc,
 )
-from connection_tracker.settings import Settings
-from connection_tracker.store import ProjectionStore
+from conntrack.core.settings import Settings
+from conntrack.core.store import ProjectionStore
 from tests.support.kafka import create_topic, delete_topics, unique
+from tests.support.node import PlayedNode, open_state
 
 pytestmark = [pytest.mark.kafka]
-
-
-def open_state(cid: str, node: str | None, incarnation: int | None, now: int) -> ConnectionState:
-    return ConnectionState(
-        cid,
-        gateway_id="gw",
-        source_ip="10.0.0.1",
-        user_agent="ua",
-        connected_at_ns=now - 10**9,
-        connected_event_id=f"c-{cid}",
-        last_active_at_ns=now - 10**9,
-        node_id=node,
-        node_incarnation=incarnation,
-    )
-
-
-class PlayedNode:
-    """Reads every command and answers by connection id: DONE unless told otherwise; a
-    connection in `silent` gets no answer."""
-
-    def __init__(self, settings: Settings, commands: str, outcomes: str) -> None:
-        self._bootstrap = settings.kafka_bootstrap_servers
-        self._commands, self._outcomes = commands, outcomes
-        self.received: list[tuple[bytes | None, Command]] = []
-        self.answers: dict[str, OutcomeStatus] = {}
-        self.silent: set[str] = set()
-
-    async def run(self) -> None:
-        consumer = AIOKafkaConsumer(
-            self._commands, bootstrap_servers=self._bootstrap, auto_offset_reset="earliest"
-        )
-        producer = AIOKafkaProducer(bootstrap_servers=self._bootstrap)
-        await consumer.start()
-        await producer.start()
-        try:
-            async for record in consumer:
-                command = decode_command(record.value, record.key)
-                self.received.append((record.key, command))
-                if command.connection_id in self.silent:
-                    continue
-                status = self.answers.get(command.connection_id, OutcomeStatus.DONE)
-                outcome = Outcome(
-                    command.command_id,
-                    command.node_id,
-                    command.node_incarnation,
-                    time.time_ns(),
-                    status,
-                )
-                await producer.send_and_wait(
-                    self._outcomes, encode_outcome(outcome), key=command.reply_to.encode()
-                )
-        finally:
-            await consumer.stop()
-            await producer.stop()
 
 
 @contextlib.asynccontextmanager

@@ -10,8 +10,8 @@ import random
 import pytest
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from connection_tracker.database import create_engine
-from connection_tracker.events import (
+from conntrack.core.database import create_engine
+from conntrack.core.events import (
     MAX_TIME_NS,
     Activity,
     Connected,
@@ -19,8 +19,8 @@ from connection_tracker.events import (
     Event,
     Payload,
 )
-from connection_tracker.fold import ConnectionState, NodeState, fold, merge, merge_nodes, of_event
-from connection_tracker.store import (
+from conntrack.core.fold import ConnectionState, NodeState, fold, merge, merge_nodes, of_event
+from conntrack.core.store import (
     ARRAY_CHUNK,
     CHUNK,
     PG_BULK_PATHS,
@@ -212,7 +212,7 @@ async def test_the_database_merge_of_nodes_equals_the_fold_merge(
 async def test_the_database_merge_equals_the_fold_merge(
     engine: AsyncEngine, seed: int, pg_bulk: str
 ) -> None:
-    """The store merges in SQL; connection_tracker/fold.py's merge() is the definition. On
+    """The store merges in SQL; core/fold.py's merge() is the definition. On
     PostgreSQL both ways of sending a batch (COPY into a staging table, arrays) are checked."""
     if engine.dialect.name != "postgresql" and pg_bulk != PG_BULK_PATHS[0]:
         pytest.skip("one path on SQLite")

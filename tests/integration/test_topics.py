@@ -7,7 +7,7 @@ from collections.abc import AsyncIterator
 import pytest
 from aiokafka.admin import AIOKafkaAdminClient
 
-from producer.topics import (
+from conntrack.producer.topics import (
     HistoryLosingTopicError,
     TopicProvisioningError,
     TopicSpec,

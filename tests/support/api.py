@@ -15,7 +15,7 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from sqlalchemy.engine import make_url
 
-from api.repository import APPLICATION_NAME
+from conntrack.api.read.repository import APPLICATION_NAME
 
 
 @contextlib.asynccontextmanager
@@ -70,13 +70,13 @@ async def health_status(port: int, service: str = "") -> int:
 async def serve_api(
     database_url: str, port: int, log_path: Path, **settings: str
 ) -> asyncio.subprocess.Process:
-    """`python -m api serve` on 127.0.0.1:port with its output in log_path (and these CONNTRACK_*
-    settings, by lower-case name), once its health service answers SERVING."""
+    """`python -m conntrack.api serve` on 127.0.0.1:port with its output in log_path (and these
+    CONNTRACK_* settings, by lower-case name), once its health service answers SERVING."""
     with log_path.open("wb") as log_file:
         process = await asyncio.create_subprocess_exec(
             sys.executable,
             "-m",
-            "api",
+            "conntrack.api",
             "serve",
             stdout=log_file,
             stderr=log_file,

@@ -6,7 +6,7 @@ import random
 from collections.abc import Sequence
 from typing import Any
 
-from connection_tracker.events import (
+from conntrack.core.events import (
     HEADERS,
     Activity,
     Connected,
@@ -44,8 +44,8 @@ def as_records(events: Sequence[Event]) -> list[Record]:
 
 
 def _poison_message(**changes: Any) -> bytes:
-    from connection_tracker.protogen.conntrack.events.v1 import events_pb2 as pb
-    from connection_tracker.timeutil import to_timestamp
+    from conntrack.core.protogen.conntrack.events.v1 import events_pb2 as pb
+    from conntrack.core.timeutil import to_timestamp
 
     msg = pb.ConnectionEvent(
         schema_version=1,
@@ -68,13 +68,13 @@ def _poison_message(**changes: Any) -> bytes:
 
 def poison_records() -> list[tuple[Record, str]]:
     """(record, words of the error it must be dead-lettered with)."""
-    from connection_tracker.timeutil import to_timestamp
+    from conntrack.core.timeutil import to_timestamp
 
     trace = [("trace-id", b"poison")]
     valid = encode(Event("valid-e", "p", "gw", T0, Activity(1)))
     return [
         ((b"p", b"\x00\xffnot protobuf at all\xff", trace), "not a ConnectionEvent"),
-        ((b"p", _poison_message(event_id=""), trace), "event_id is missing"),
+        ((b"p", _poison_message(event_id=""), trace), "event_id is required"),
         ((b"p", _poison_message(kind=None), trace), "kind is missing or unknown"),
         ((b"p", _poison_message(occurred_at=to_timestamp(0)), trace), "outside"),
         ((b"someone-else", valid, trace), "key does not equal"),

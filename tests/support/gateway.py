@@ -18,22 +18,22 @@ import grpc
 from sqlalchemy.ext.asyncio import AsyncEngine
 from websockets.asyncio.client import ClientConnection
 
-from api.commands import CommandChannel
-from api.repository import ConnectionRepository
-from api.server import ApiServer
-from audit.log import LogReader
-from audit.replay import Verification, verify
-from connection_tracker.liveness import Liveness
-from connection_tracker.protogen.yandex.cloud.serverless.apigateway.websocket.v1 import (
+from conntrack.api.application.commands import CommandChannel
+from conntrack.api.read.repository import ConnectionRepository
+from conntrack.api.transport.server import ApiServer
+from conntrack.audit.log import LogReader
+from conntrack.audit.replay import Verification, verify
+from conntrack.core.liveness import Liveness
+from conntrack.core.protogen.yandex.cloud.serverless.apigateway.websocket.v1 import (
     connection_service_pb2 as svc,
 )
-from connection_tracker.protogen.yandex.cloud.serverless.apigateway.websocket.v1 import (
+from conntrack.core.protogen.yandex.cloud.serverless.apigateway.websocket.v1 import (
     connection_service_pb2_grpc as svc_grpc,
 )
-from connection_tracker.settings import Settings
-from connection_tracker.store import ProjectionStore
-from gateway.server import CONNECTION_ID_HEADER
-from projector.runner import Projector
+from conntrack.core.settings import Settings
+from conntrack.core.store import ProjectionStore
+from conntrack.gateway.server import CONNECTION_ID_HEADER
+from conntrack.projector.runner import Projector
 from tests.support.kafka import create_topic, delete_topics, unique
 from tests.support.projector import running, wait_caught_up
 

@@ -17,13 +17,13 @@ from typing import Any
 
 from prometheus_client.parser import text_string_to_metric_families
 
-from connection_tracker.events import (
+from conntrack.core.events import (
     Event,
 )
-from connection_tracker.fold import fold
-from connection_tracker.settings import Settings
-from connection_tracker.store import ProjectionStore
-from projector.runner import Projector
+from conntrack.core.fold import fold
+from conntrack.core.settings import Settings
+from conntrack.core.store import ProjectionStore
+from conntrack.projector.runner import Projector
 from tests.support.kafka import log_end_offsets
 
 PROJECTOR = Path(sys.executable).parent / "conntrack-projector"

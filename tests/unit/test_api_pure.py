@@ -9,22 +9,23 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from api.auth import BearerTokens, TokenConfigError, load_tokens
-from api.freshness import format_positions, parse_positions
-from api.repository import ConnectionView, PartitionPosition
-from api.service import UndecodableRequest, to_proto, tolerant_parser
-from api.tls import ServerTls, TlsConfigError, client_credentials
-from api.validation import MAX_CONNECTION_ID_LENGTH, connection_id_problem
-from connection_tracker.protogen.yandex.cloud.serverless.apigateway.websocket.v1 import (
+from conntrack.api.application.freshness import format_positions, parse_positions
+from conntrack.api.application.service import UndecodableRequest, to_proto, tolerant_parser
+from conntrack.api.read.repository import ConnectionView, PartitionPosition
+from conntrack.api.transport.auth import BearerTokens, TokenConfigError, load_tokens
+from conntrack.api.transport.tls import ServerTls, TlsConfigError, client_credentials
+from conntrack.core.ids import UPSTREAM_CONNECTION_ID_LENGTH
+from conntrack.core.ids import upstream_connection_id_problem as connection_id_problem
+from conntrack.core.protogen.yandex.cloud.serverless.apigateway.websocket.v1 import (
     connection_service_pb2 as svc,
 )
-from connection_tracker.timeutil import to_ns
+from conntrack.core.timeutil import to_ns
 
 
 @given(st.text(max_size=120))
 def test_connection_id_rule_is_required_and_at_most_50_characters(value: str) -> None:
     problem = connection_id_problem(value)
-    if 1 <= len(value) <= MAX_CONNECTION_ID_LENGTH:
+    if 1 <= len(value) <= UPSTREAM_CONNECTION_ID_LENGTH:
         assert problem is None
     else:
         assert problem is not None

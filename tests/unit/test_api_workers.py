@@ -1,4 +1,4 @@
-"""The pure parts of `conntrack-api serve`'s workers (api/workers.py): how many workers, the
+"""The pure parts of `conntrack-api serve`'s workers (api/process/workers.py): how many workers, the
 restart backoff, and how the supervisor holds the port (loopback sockets only)."""
 
 from __future__ import annotations
@@ -12,10 +12,16 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from api.workers import RestartBackoff, cgroup_cpu_limit, cores_from, hold_port, resolve_workers
-from connection_tracker import cli
-from connection_tracker.lifecycle import setup_logging
-from connection_tracker.settings import Settings
+from conntrack.api.process.workers import (
+    RestartBackoff,
+    cgroup_cpu_limit,
+    cores_from,
+    hold_port,
+    resolve_workers,
+)
+from conntrack.core import cli
+from conntrack.core.lifecycle import setup_logging
+from conntrack.core.settings import Settings
 
 
 def test_cgroup_cpu_max_lines() -> None:

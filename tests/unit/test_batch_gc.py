@@ -1,4 +1,4 @@
-"""connection_tracker.batch.gen0_threshold: the collector threshold a batch writer runs under
+"""conntrack.core.batch.gen0_threshold: the collector threshold a batch writer runs under
 keeps the young collections away from the batches it holds."""
 
 from __future__ import annotations
@@ -9,10 +9,10 @@ from dataclasses import dataclass
 
 import pytest
 
-from connection_tracker.batch import Batch, gen0_threshold
-from connection_tracker.events import encode, record_key
-from connection_tracker.lifecycle import BATCH_GEN0_THRESHOLD
-from producer.simulator import Workload, generate
+from conntrack.core.batch import Batch, gen0_threshold
+from conntrack.core.events import encode, record_key
+from conntrack.core.lifecycle import BATCH_GEN0_THRESHOLD
+from conntrack.producer.simulator import Workload, generate
 
 BATCH = 8000  # gen0_threshold(BATCH) is above the 50000 floor: the per-event rule decides
 

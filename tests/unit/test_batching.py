@@ -1,4 +1,4 @@
-"""The coalescing loader (api/batching.py) against a scripted fetch: exact behaviour, then a
+"""The coalescing loader (api/read/batching.py) against a scripted fetch: exact behaviour, then a
 property over arbitrary interleavings of lookups, cancellations, answers and failures."""
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from api.batching import CoalescingLoader, LoaderStats
+from conntrack.api.read.batching import CoalescingLoader, LoaderStats
 
 Answer = tuple[str, int]  # (key, id of the query that answered it)
 

@@ -11,8 +11,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from api.broadcast import _ID_OVERHEAD, MAX_IDS_BYTES, Chunker, NodeChunk
-from connection_tracker.commands import (
+from conntrack.api.application.broadcast import _ID_OVERHEAD, MAX_IDS_BYTES, Chunker, NodeChunk
+from conntrack.core.commands import (
     MAX_BROADCAST_IDS,
     MAX_SEND_BYTES,
     BroadcastFrame,
@@ -26,8 +26,8 @@ from connection_tracker.commands import (
     encode_command,
     encode_outcome,
 )
-from connection_tracker.protogen.conntrack.commands.v1 import commands_pb2 as pb
-from producer.broadcast import BroadcastTally, broadcast_to_sockets
+from conntrack.core.protogen.conntrack.commands.v1 import commands_pb2 as pb
+from conntrack.producer.broadcast import BroadcastTally, broadcast_to_sockets
 
 IDS = st.text(
     st.characters(exclude_categories=["Cs"], exclude_characters="\x00"), min_size=1, max_size=255
@@ -111,7 +111,7 @@ def test_a_reader_that_knows_no_broadcast_refuses_it_as_invalid() -> None:
         encode_command(_command(BroadcastFrame(b"x", DataType.TEXT, ("a", "b"))))
     )
     stripped.ClearField("broadcast")
-    with pytest.raises(InvalidCommand, match="connection_id is missing"):
+    with pytest.raises(InvalidCommand, match="connection_id is required"):
         decode_command(stripped.SerializeToString())
     stripped.connection_id = "a"
     with pytest.raises(InvalidCommand, match="action is missing or unknown"):
@@ -146,7 +146,7 @@ def test_a_broadcast_needs_no_connection_id_but_send_still_does() -> None:
         schema_version=1, command_id="c", node_id="n", reply_to="r", send=pb.Send(data=b"x")
     )
     send.send.type = pb.Send.TEXT
-    with pytest.raises(InvalidCommand, match="connection_id is missing"):
+    with pytest.raises(InvalidCommand, match="connection_id is required"):
         decode_command(send.SerializeToString())
 
 

@@ -6,7 +6,7 @@ import argparse
 
 import pytest
 
-from connection_tracker.cli import CommandError, settings_from_args
+from conntrack.core.cli import CommandError, settings_from_args
 
 
 @pytest.mark.parametrize(

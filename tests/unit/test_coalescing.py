@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from producer.coalescing import ActivityCoalescer, CoalescedActivity
+from conntrack.producer.coalescing import ActivityCoalescer, CoalescedActivity
 
 SECOND = 1_000_000_000
 T0 = 1_764_300_000 * SECOND  # gateway (wall) clock of the first activity

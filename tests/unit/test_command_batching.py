@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from connection_tracker.commands import FETCH_MIN_BYTES, Batching
-from connection_tracker.settings import Settings
+from conntrack.core.commands import FETCH_MIN_BYTES, Batching
+from conntrack.core.settings import Settings
 
 
 def test_defaults_are_the_settings_defaults() -> None:

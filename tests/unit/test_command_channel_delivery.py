@@ -1,5 +1,5 @@
 """The API's command channel awaits a command's acknowledgement and its outcome together: how the
-acknowledgement's end settles the wait (api/commands.py, _delivered)."""
+acknowledgement's end settles the wait (api/application/commands.py, _delivered)."""
 
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ from typing import Any
 import pytest
 from aiokafka.errors import KafkaTimeoutError
 
-from api.commands import CommandNotHanded, _delivered
-from connection_tracker.commands import Outcome, OutcomeStatus
+from conntrack.api.application.commands import CommandNotHanded, _delivered
+from conntrack.core.commands import Outcome, OutcomeStatus
 
 OUTCOME = Outcome("c1", "node-1", 1, 0, OutcomeStatus.DONE)
 

@@ -1,4 +1,4 @@
-"""Reading a group's committed offset from OffsetFetch answers (connection_tracker.kafka), with
+"""Reading a group's committed offset from OffsetFetch answers (conntrack.core.kafka), with
 aiokafka's own response classes: a coordinator still loading after a broker start must not read
 as "nothing committed" (aiokafka 0.14's consumer.committed() took it so)."""
 
@@ -9,7 +9,7 @@ from aiokafka.errors import GroupAuthorizationFailedError, UnknownTopicOrPartiti
 from aiokafka.protocol.commit import OffsetFetchResponse_v1, OffsetFetchResponse_v3
 from aiokafka.structs import TopicPartition
 
-from connection_tracker.kafka import AskAgain, offset_in
+from conntrack.core.kafka import AskAgain, offset_in
 
 TP = TopicPartition("commands", 2)
 

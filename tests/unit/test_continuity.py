@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from hypothesis import given
 from hypothesis import strategies as st
 
-from projector.continuity import run_from
+from conntrack.projector.continuity import run_from
 
 
 @dataclass(frozen=True)

@@ -1,5 +1,5 @@
-"""api/directory.py's pure parts: the page token codec, filter and page-size validation; and
-connection_tracker/liveness.py's bounds, which the directory's SQL is built from."""
+"""api/application/directory.py's pure parts: the page token codec, filter and page-size validation;
+and core/liveness.py's bounds, which the directory's SQL is built from."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from api.directory import (
+from conntrack.api.application.directory import (
     DEFAULT_PAGE_SIZE,
     MAX_PAGE_SIZE,
     InvalidDirectoryRequest,
@@ -20,10 +20,10 @@ from api.directory import (
     filter_from_proto,
     page_size_of,
 )
-from api.repository import DirectoryFilter
-from connection_tracker.fold import NodeState
-from connection_tracker.liveness import Liveness
-from connection_tracker.protogen.conntrack.directory.v1 import directory_pb2
+from conntrack.api.read.repository import DirectoryFilter
+from conntrack.core.fold import NodeState
+from conntrack.core.liveness import Liveness
+from conntrack.core.protogen.conntrack.directory.v1 import directory_pb2
 
 GW = DirectoryFilter("gw-1")
 ids = st.text(min_size=1, max_size=255).filter(lambda s: "\x00" not in s)
@@ -157,7 +157,7 @@ def test_node_floor_admits_exactly_what_gone_lets_live(
     connected_ago: int,
     active_ago: int,
 ) -> None:
-    """The directory's SQL uses node_floor() per node (api/repository.py); Get uses gone()."""
+    """The directory's SQL uses node_floor() per node (api/read/repository.py); Get uses gone()."""
     rules = Liveness(lease, idle, lifetime)
     nodes = {}
     if known is not None:

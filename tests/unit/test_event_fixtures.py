@@ -1,5 +1,5 @@
 """A stored log of schema-version-1 events must keep replaying to the same state, whatever the
-event schema becomes (the upcasting path in connection_tracker/events.py)."""
+event schema becomes (the upcasting path in core/events.py)."""
 
 from __future__ import annotations
 
@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from connection_tracker.events import InvalidEvent, decode, upcast
-from connection_tracker.fold import fold
-from connection_tracker.protogen.conntrack.events.v1 import events_pb2 as pb
+from conntrack.core.events import InvalidEvent, decode, upcast
+from conntrack.core.fold import fold
+from conntrack.core.protogen.conntrack.events.v1 import events_pb2 as pb
 
 FIXTURES = Path(__file__).resolve().parents[1] / "fixtures"
 
@@ -42,7 +42,7 @@ def test_unknown_schema_versions_are_rejected_with_a_reason(version: int, messag
 def test_an_old_version_is_upcast_step_by_step(monkeypatch: pytest.MonkeyPatch) -> None:
     """Pretend the schema moved to version 2, whose upcaster rewrites the user agent: v1
     records then pass through it on replay."""
-    import connection_tracker.events as events
+    import conntrack.core.events as events
 
     seen: list[int] = []
 

@@ -14,8 +14,7 @@ from google.protobuf.message import DecodeError
 from hypothesis import given
 from hypothesis import strategies as st
 
-from connection_tracker.events import (
-    MAX_ID_LENGTH,
+from conntrack.core.events import (
     MAX_TIME_NS,
     MIN_TIME_NS,
     Activity,
@@ -34,8 +33,9 @@ from connection_tracker.events import (
     record_key,
     upcast,
 )
-from connection_tracker.protogen.conntrack.events.v1 import events_pb2 as pb
-from connection_tracker.timeutil import NANOS_PER_SECOND, to_timestamp
+from conntrack.core.ids import MAX_ID_LENGTH
+from conntrack.core.protogen.conntrack.events.v1 import events_pb2 as pb
+from conntrack.core.timeutil import NANOS_PER_SECOND, to_timestamp
 
 # Any Unicode except surrogates (not encodable) and NUL (not storable in PostgreSQL text).
 _chars = st.characters(exclude_categories=["Cs"], exclude_characters="\x00")
@@ -130,10 +130,10 @@ def test_a_valid_message_decodes_with_exact_nanoseconds() -> None:
     [
         (None, b"c1", "no value"),
         (b"\xff\xff\xff", b"c1", "not a ConnectionEvent"),
-        (message(event_id="").SerializeToString(), b"c1", "event_id is missing"),
-        (message(connection_id="").SerializeToString(), None, "connection_id is missing"),
-        (message(gateway_id="").SerializeToString(), b"c1", "gateway_id is missing"),
-        (message(event_id="x" * 256).SerializeToString(), b"c1", "longer than"),
+        (message(event_id="").SerializeToString(), b"c1", "event_id is required"),
+        (message(connection_id="").SerializeToString(), None, "connection_id is required"),
+        (message(gateway_id="").SerializeToString(), b"c1", "gateway_id is required"),
+        (message(event_id="x" * 256).SerializeToString(), b"c1", "must be at most 255 characters"),
         (message().SerializeToString(), b"other", "key does not equal"),
         (message(occurred_at=None).SerializeToString(), b"c1", "occurred_at is missing"),
         (
@@ -177,7 +177,7 @@ def test_status_code_beyond_16_bits_is_rejected() -> None:
 
 
 # The fast decoder against the plain one. decode() reads each field once and tests the common
-# case in one go (see connection_tracker/events.py); reference_decode is the straightforward
+# case in one go (see core/events.py); reference_decode is the straightforward
 # version it replaced, kept here as the oracle: both must accept the same records as the same
 # events and reject the others with the same reason.
 
@@ -196,9 +196,9 @@ def reference_decode(value: bytes | None, key: bytes | None = None) -> Event:
     for name in ("event_id", "connection_id", "gateway_id"):
         v = getattr(msg, name)
         if not v:
-            raise InvalidEvent(f"{name} is missing")
+            raise InvalidEvent(f"{name} is required")
         if len(v) > MAX_ID_LENGTH:
-            raise InvalidEvent(f"{name} is longer than {MAX_ID_LENGTH} characters")
+            raise InvalidEvent(f"{name} must be at most {MAX_ID_LENGTH} characters, got {len(v)}")
     if key is not None and key != msg.connection_id.encode():
         raise InvalidEvent("record key does not equal connection_id")
     if not msg.HasField("occurred_at"):
@@ -213,7 +213,9 @@ def reference_decode(value: bytes | None, key: bytes | None = None) -> Event:
     if which == "connected":
         ident = msg.connected.identity
         if len(msg.node_id) > MAX_ID_LENGTH:
-            raise InvalidEvent(f"node_id is longer than {MAX_ID_LENGTH} characters")
+            raise InvalidEvent(
+                f"node_id must be at most {MAX_ID_LENGTH} characters, got {len(msg.node_id)}"
+            )
         if msg.node_incarnation > 2**63 - 1:
             raise InvalidEvent("node_incarnation does not fit a signed 64-bit integer")
         payload = Connected(
@@ -247,15 +249,15 @@ def reference_decode(value: bytes | None, key: bytes | None = None) -> Event:
 def reference_decode_node(msg: pb.ConnectionEvent, key: bytes | None) -> Event:
     which = msg.WhichOneof("kind")
     if which not in ("node_started", "node_heartbeat"):
-        raise InvalidEvent("connection_id is missing")
+        raise InvalidEvent("connection_id is required")
     for name in ("event_id", "gateway_id", "node_id"):
         v = getattr(msg, name)
         if not v:
-            raise InvalidEvent(f"{name} is missing")
+            raise InvalidEvent(f"{name} is required")
         if len(v) > MAX_ID_LENGTH:
-            raise InvalidEvent(f"{name} is longer than {MAX_ID_LENGTH} characters")
+            raise InvalidEvent(f"{name} must be at most {MAX_ID_LENGTH} characters, got {len(v)}")
         if "\x00" in v:
-            raise InvalidEvent("a text field contains a NUL character")
+            raise InvalidEvent(f"{name} must not contain NUL")
     if key is not None and key != msg.node_id.encode():
         raise InvalidEvent("record key does not equal node_id")
     if not 0 < msg.node_incarnation <= 2**63 - 1:

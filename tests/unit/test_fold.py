@@ -10,7 +10,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from connection_tracker.events import (
+from conntrack.core.events import (
     Activity,
     Connected,
     Disconnected,
@@ -20,7 +20,7 @@ from connection_tracker.events import (
     NodeStarted,
     Payload,
 )
-from connection_tracker.fold import (
+from conntrack.core.fold import (
     ConnectionState,
     NodeState,
     apply,
@@ -180,7 +180,7 @@ def test_events_sharing_an_id_and_time_still_fold_deterministically() -> None:
 
 
 # The fast fold against the definition. fold() does not apply() event by event (see
-# connection_tracker/fold.py); these check it gives exactly what doing so gives, and that
+# core/fold.py); these check it gives exactly what doing so gives, and that
 # merge() and of_event() still equal their plain versions (written here with _replace, field
 # by field, as they first were), on random batches full of ties, shared ids and duplicates.
 

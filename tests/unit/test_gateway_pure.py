@@ -6,8 +6,8 @@ from __future__ import annotations
 
 import pytest
 
-from connection_tracker.events import Connected, Event, decode, encode
-from gateway.server import header_text
+from conntrack.core.events import Connected, Event, decode, encode
+from conntrack.gateway.server import header_text
 
 
 def as_websockets_gives_it(raw: bytes) -> str:

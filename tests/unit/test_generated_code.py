@@ -21,7 +21,7 @@ def test_generated_code_is_up_to_date() -> None:
 
 
 def test_generated_code_lives_under_a_project_package() -> None:
-    from connection_tracker.protogen.yandex.cloud.serverless.apigateway.websocket.v1 import (
+    from conntrack.core.protogen.yandex.cloud.serverless.apigateway.websocket.v1 import (
         connection_service_pb2,
     )
 
@@ -30,4 +30,4 @@ def test_generated_code_lives_under_a_project_package() -> None:
     assert connection_service_pb2.DESCRIPTOR.name == (
         "yandex/cloud/serverless/apigateway/websocket/v1/connection_service.proto"
     )
-    assert connection_service_pb2.__name__.startswith("connection_tracker.protogen.")
+    assert connection_service_pb2.__name__.startswith("conntrack.core.protogen.")

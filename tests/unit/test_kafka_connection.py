@@ -13,9 +13,9 @@ import pytest
 from aiokafka import AIOKafkaProducer
 from aiokafka.abc import AbstractTokenProvider
 
-from connection_tracker import cli
-from connection_tracker.kafka import KafkaConnection, KafkaSetupError, close, connection_of
-from connection_tracker.settings import SECTIONS, Settings
+from conntrack.core import cli
+from conntrack.core.kafka import KafkaConnection, KafkaSetupError, close, connection_of
+from conntrack.core.settings import SECTIONS, Settings
 
 SECRET = "s3cret-passw0rd"
 

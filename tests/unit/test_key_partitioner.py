@@ -1,4 +1,4 @@
-"""KeyPartitioner (connection_tracker/kafka.py): the default partitioner's answers, remembered."""
+"""KeyPartitioner (core/kafka.py): the default partitioner's answers, remembered."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ from aiokafka.partitioner import murmur2
 from hypothesis import given
 from hypothesis import strategies as st
 
-from connection_tracker.kafka import KeyPartitioner
+from conntrack.core.kafka import KeyPartitioner
 
 
 @given(st.lists(st.tuples(st.binary(max_size=64), st.integers(1, 64)), max_size=50))

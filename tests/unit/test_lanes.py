@@ -11,9 +11,9 @@ from aiokafka.partitioner import DefaultPartitioner
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from connection_tracker.kafka import partition_of
-from producer.lanes import Lanes
-from producer.publisher import Publisher
+from conntrack.core.kafka import partition_of
+from conntrack.producer.lanes import Lanes
+from conntrack.producer.publisher import Publisher
 
 
 @given(st.binary(min_size=1, max_size=64), st.integers(min_value=1, max_value=200))

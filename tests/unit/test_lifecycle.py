@@ -1,4 +1,4 @@
-"""connection_tracker.lifecycle.tune_gc: what the commands do to the garbage collector."""
+"""conntrack.core.lifecycle.tune_gc: what the commands do to the garbage collector."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from connection_tracker.lifecycle import tune_gc
+from conntrack.core.lifecycle import tune_gc
 
 
 @pytest.fixture

@@ -1,10 +1,10 @@
-"""connection_tracker/liveness.py: when an open connection is gone although no Disconnected
+"""core/liveness.py: when an open connection is gone although no Disconnected
 says so."""
 
 from __future__ import annotations
 
-from connection_tracker.fold import NodeState
-from connection_tracker.liveness import Liveness
+from conntrack.core.fold import NodeState
+from conntrack.core.liveness import Liveness
 
 S = 1_000_000_000
 NOW = 1_764_300_000 * S

@@ -7,8 +7,8 @@ from aiokafka.partitioner import murmur2
 from hypothesis import given
 from hypothesis import strategies as st
 
-from producer.commands import partition_for_node
-from producer.topics import TopicSpec, history_problems, transient_problems
+from conntrack.producer.commands import partition_for_node
+from conntrack.producer.topics import TopicSpec, history_problems, transient_problems
 
 NODE_IDS = st.text(
     st.characters(exclude_categories=["Cs"], exclude_characters="\x00"), min_size=1, max_size=255

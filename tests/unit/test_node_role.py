@@ -6,9 +6,9 @@ import uuid
 
 import pytest
 
-from connection_tracker.events import InvalidEvent
-from producer.node import MAX_INCARNATION, next_incarnation
-from producer.publisher import Publisher
+from conntrack.core.events import InvalidEvent
+from conntrack.producer.node import MAX_INCARNATION, next_incarnation
+from conntrack.producer.publisher import Publisher
 
 T = 1_700_000_000_000_000_000
 
@@ -52,9 +52,9 @@ def make(**options: object) -> Publisher:
 @pytest.mark.parametrize(
     ("node_id", "message"),
     [
-        ("", "node_id is missing"),
-        ("n" * 256, "node_id is longer than 255 characters"),
-        ("no\x00de", "node_id contains a NUL character"),
+        ("", "node_id is required"),
+        ("n" * 256, "node_id must be at most 255 characters"),
+        ("no\x00de", "node_id must not contain NUL"),
         ("\ud800", "cannot encode event"),
     ],
 )

@@ -1,4 +1,4 @@
-"""Read replicas (api/read_engines.py): the setting's parsing and validation, and the routing
+"""Read replicas (api/read/engines.py): the setting's parsing and validation, and the routing
 rule that keeps the freshness header a true lower bound across replicas."""
 
 from __future__ import annotations
@@ -8,8 +8,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 from pydantic import ValidationError
 
-from api.read_engines import Routing, covers, describe_url
-from connection_tracker.settings import Settings, split_urls
+from conntrack.api.read.engines import Routing, covers, describe_url
+from conntrack.core.settings import Settings, split_urls
 
 R1 = "postgresql+asyncpg://conntrack:secret@10.0.0.1:5432/conntrack"
 R2 = "postgresql+asyncpg://conntrack:secret@10.0.0.2:6432/conntrack"
@@ -49,7 +49,7 @@ def test_unusable_replica_urls_are_refused_without_the_password(urls: str, probl
 
 
 def test_replica_urls_are_an_api_setting() -> None:
-    from connection_tracker.settings import SECTIONS
+    from conntrack.core.settings import SECTIONS
 
     assert "api_read_database_urls" in SECTIONS["api"]
 

@@ -13,10 +13,10 @@ from google.protobuf import json_format
 from hypothesis import given
 from hypothesis import strategies as st
 
-from api import openapi, rest
-from api.directory import DIRECTORY_SERVICE_NAME
-from api.service import SERVICE_NAME
-from connection_tracker.protogen.yandex.cloud.serverless.apigateway.websocket.v1 import (
+from conntrack.api.application.directory import DIRECTORY_SERVICE_NAME
+from conntrack.api.application.service import SERVICE_NAME
+from conntrack.api.transport import openapi, rest
+from conntrack.core.protogen.yandex.cloud.serverless.apigateway.websocket.v1 import (
     connection_service_pb2 as svc,
 )
 

@@ -9,8 +9,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from connection_tracker.events import Activity, Connected, Disconnected, Event, decode, encode
-from producer.simulator import Workload, generate
+from conntrack.core.events import Activity, Connected, Disconnected, Event, decode, encode
+from conntrack.producer.simulator import Workload, generate
 
 START = 1_764_300_000_000_000_000
 

@@ -13,7 +13,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from producer.spool import (
+from conntrack.producer.spool import (
     CURSOR_NAME,
     HEADER_BYTES,
     SEGMENT_SUFFIX,

@@ -1,7 +1,7 @@
 package conntrack.bench.streams;
 
 /**
- * A connection's folded state: connection_tracker/fold.py's ConnectionState, field for field
+ * A connection's folded state: core/fold.py's ConnectionState, field for field
  * (null where Python has None), with its merge, a join-semilattice.
  *
  * <ul>

@@ -9,7 +9,7 @@ import conntrack.events.v1.Events.ConnectionEvent;
  * A record of the events topic to the state its one event implies (fold.py of_event), or null
  * for a record the projector would not fold into a connection: a node's own event (it folds into
  * the nodes table, never into a connection's state) or an invalid record (dead-lettered). The
- * checks are connection_tracker/events.py decode_record_tuple's, in effect if not in the order
+ * checks are core/events.py decode_record_tuple's, in effect if not in the order
  * of their error messages (only "valid or not" matters here).
  */
 public final class EventDecoder {

@@ -49,7 +49,7 @@ import org.apache.kafka.streams.state.Stores;
 
 /**
  * The Kafka Streams peer of the projector: folds the events topic from its beginning into a state
- * store with groupByKey().aggregate(), the same rules as connection_tracker/fold.py, and reports
+ * store with groupByKey().aggregate(), the same rules as core/fold.py, and reports
  * on stdout (one JSON object per line) when every partition's records up to the end offsets read
  * at start have been processed.
  *

@@ -1,0 +1,103 @@
+import datetime
+
+from google.api import annotations_pb2 as _annotations_pb2
+from google.protobuf import timestamp_pb2 as _timestamp_pb2
+from conntrack.core.protogen.yandex.cloud.serverless.apigateway.websocket.v1 import connection_pb2 as _connection_pb2
+from google.protobuf.internal import containers as _containers
+from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
+from google.protobuf import descriptor as _descriptor
+from google.protobuf import message as _message
+from collections.abc import Iterable as _Iterable, Mapping as _Mapping
+from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
+
+DESCRIPTOR: _descriptor.FileDescriptor
+
+class ConnectionFilter(_message.Message):
+    __slots__ = ("node_id", "source_ip", "last_active_before", "connected_before", "connected_after")
+    NODE_ID_FIELD_NUMBER: _ClassVar[int]
+    SOURCE_IP_FIELD_NUMBER: _ClassVar[int]
+    LAST_ACTIVE_BEFORE_FIELD_NUMBER: _ClassVar[int]
+    CONNECTED_BEFORE_FIELD_NUMBER: _ClassVar[int]
+    CONNECTED_AFTER_FIELD_NUMBER: _ClassVar[int]
+    node_id: str
+    source_ip: str
+    last_active_before: _timestamp_pb2.Timestamp
+    connected_before: _timestamp_pb2.Timestamp
+    connected_after: _timestamp_pb2.Timestamp
+    def __init__(self, node_id: _Optional[str] = ..., source_ip: _Optional[str] = ..., last_active_before: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., connected_before: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., connected_after: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
+
+class ListConnectionsRequest(_message.Message):
+    __slots__ = ("gateway_id", "filter", "page_size", "page_token")
+    GATEWAY_ID_FIELD_NUMBER: _ClassVar[int]
+    FILTER_FIELD_NUMBER: _ClassVar[int]
+    PAGE_SIZE_FIELD_NUMBER: _ClassVar[int]
+    PAGE_TOKEN_FIELD_NUMBER: _ClassVar[int]
+    gateway_id: str
+    filter: ConnectionFilter
+    page_size: int
+    page_token: str
+    def __init__(self, gateway_id: _Optional[str] = ..., filter: _Optional[_Union[ConnectionFilter, _Mapping]] = ..., page_size: _Optional[int] = ..., page_token: _Optional[str] = ...) -> None: ...
+
+class DirectoryEntry(_message.Message):
+    __slots__ = ("connection", "node_id")
+    CONNECTION_FIELD_NUMBER: _ClassVar[int]
+    NODE_ID_FIELD_NUMBER: _ClassVar[int]
+    connection: _connection_pb2.Connection
+    node_id: str
+    def __init__(self, connection: _Optional[_Union[_connection_pb2.Connection, _Mapping]] = ..., node_id: _Optional[str] = ...) -> None: ...
+
+class ListConnectionsResponse(_message.Message):
+    __slots__ = ("connections", "next_page_token")
+    CONNECTIONS_FIELD_NUMBER: _ClassVar[int]
+    NEXT_PAGE_TOKEN_FIELD_NUMBER: _ClassVar[int]
+    connections: _containers.RepeatedCompositeFieldContainer[DirectoryEntry]
+    next_page_token: str
+    def __init__(self, connections: _Optional[_Iterable[_Union[DirectoryEntry, _Mapping]]] = ..., next_page_token: _Optional[str] = ...) -> None: ...
+
+class CountConnectionsRequest(_message.Message):
+    __slots__ = ("gateway_id", "filter")
+    GATEWAY_ID_FIELD_NUMBER: _ClassVar[int]
+    FILTER_FIELD_NUMBER: _ClassVar[int]
+    gateway_id: str
+    filter: ConnectionFilter
+    def __init__(self, gateway_id: _Optional[str] = ..., filter: _Optional[_Union[ConnectionFilter, _Mapping]] = ...) -> None: ...
+
+class CountConnectionsResponse(_message.Message):
+    __slots__ = ("count",)
+    COUNT_FIELD_NUMBER: _ClassVar[int]
+    count: int
+    def __init__(self, count: _Optional[int] = ...) -> None: ...
+
+class BroadcastRequest(_message.Message):
+    __slots__ = ("gateway_id", "filter", "data", "type")
+    class DataType(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+        __slots__ = ()
+        DATA_TYPE_UNSPECIFIED: _ClassVar[BroadcastRequest.DataType]
+        BINARY: _ClassVar[BroadcastRequest.DataType]
+        TEXT: _ClassVar[BroadcastRequest.DataType]
+    DATA_TYPE_UNSPECIFIED: BroadcastRequest.DataType
+    BINARY: BroadcastRequest.DataType
+    TEXT: BroadcastRequest.DataType
+    GATEWAY_ID_FIELD_NUMBER: _ClassVar[int]
+    FILTER_FIELD_NUMBER: _ClassVar[int]
+    DATA_FIELD_NUMBER: _ClassVar[int]
+    TYPE_FIELD_NUMBER: _ClassVar[int]
+    gateway_id: str
+    filter: ConnectionFilter
+    data: bytes
+    type: BroadcastRequest.DataType
+    def __init__(self, gateway_id: _Optional[str] = ..., filter: _Optional[_Union[ConnectionFilter, _Mapping]] = ..., data: _Optional[bytes] = ..., type: _Optional[_Union[BroadcastRequest.DataType, str]] = ...) -> None: ...
+
+class BroadcastResponse(_message.Message):
+    __slots__ = ("broadcast_id", "addressed", "delivered", "complete", "unreachable")
+    BROADCAST_ID_FIELD_NUMBER: _ClassVar[int]
+    ADDRESSED_FIELD_NUMBER: _ClassVar[int]
+    DELIVERED_FIELD_NUMBER: _ClassVar[int]
+    COMPLETE_FIELD_NUMBER: _ClassVar[int]
+    UNREACHABLE_FIELD_NUMBER: _ClassVar[int]
+    broadcast_id: str
+    addressed: int
+    delivered: int
+    complete: bool
+    unreachable: int
+    def __init__(self, broadcast_id: _Optional[str] = ..., addressed: _Optional[int] = ..., delivered: _Optional[int] = ..., complete: _Optional[bool] = ..., unreachable: _Optional[int] = ...) -> None: ...

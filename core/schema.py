@@ -1,0 +1,152 @@
+"""The read model's tables (SQLAlchemy Core). Alembic migrations in migrations/ create them;
+tests/integration/test_migrations.py checks that the two agree.
+
+The same tables can be defined under other names (generation()): a rebuild writes a shadow
+generation beside the live one and then swaps names (audit/rebuild.py, docs/rebuild.md)."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from sqlalchemy import (
+    BigInteger,
+    Column,
+    Index,
+    Integer,
+    MetaData,
+    RowMapping,
+    String,
+    Table,
+    Text,
+)
+
+from conntrack.core.fold import ConnectionState, NodeState
+from conntrack.core.ids import MAX_ID_LENGTH
+
+# Deterministic constraint names, so migrations can refer to them on every backend.
+NAMING_CONVENTION = {
+    "ix": "ix_%(column_0_label)s",
+    "uq": "uq_%(table_name)s_%(column_0_name)s",
+    "ck": "ck_%(table_name)s_%(constraint_name)s",
+    "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+    "pk": "pk_%(table_name)s",
+}
+
+
+CONNECTIONS_FILLFACTOR = 70
+
+
+@dataclass(frozen=True)
+class ReadModelTables:
+    """One generation of the read model: its rows, its tombstones, its positions and its
+    gateway nodes."""
+
+    connections: Table
+    pruned_connections: Table
+    projection_offsets: Table
+    nodes: Table
+
+    @property
+    def all(self) -> tuple[Table, ...]:
+        return (self.connections, self.pruned_connections, self.projection_offsets, self.nodes)
+
+
+def define_read_model(metadata: MetaData, suffix: str = "") -> ReadModelTables:
+    """The read model's tables named <table><suffix>; with the naming convention every index
+    and constraint name follows the table name, so two generations never collide."""
+    # One row per connection: the fold's ConnectionState (core/fold.py). Times
+    # are integer nanoseconds since the Unix epoch, exact on every backend.
+    conns = Table(
+        f"connections{suffix}",
+        metadata,
+        Column("connection_id", String(MAX_ID_LENGTH), primary_key=True),
+        Column("gateway_id", String(MAX_ID_LENGTH)),
+        Column("source_ip", Text),
+        Column("user_agent", Text),
+        Column("connected_at_ns", BigInteger),
+        Column("connected_event_id", String(MAX_ID_LENGTH)),
+        Column("last_active_at_ns", BigInteger),
+        Column("disconnected_at_ns", BigInteger),
+        Column("disconnect_status_code", Integer),
+        Column("disconnect_reason", Text),
+        Column("disconnected_event_id", String(MAX_ID_LENGTH)),
+        Column("node_id", String(MAX_ID_LENGTH)),
+        Column("node_incarnation", BigInteger),
+        # Room on every page for the next version of its rows: most updates are then HOT
+        # (in place, no new index entries). Migration 0003 explains the figure.
+        postgresql_with={"fillfactor": CONNECTIONS_FILLFACTOR},
+    )
+    # Retention prunes by disconnect time (core/store.py, ProjectionStore.prune).
+    Index(None, conns.c.disconnected_at_ns)
+    # The connection directory's keyset (api/application/directory.py): a gateway's open connections
+    # in connection_id order. Partial, so it holds open connections only (migration 0005).
+    Index(
+        None,
+        conns.c.gateway_id,
+        conns.c.connection_id,
+        postgresql_where=conns.c.disconnected_at_ns.is_(None),
+        sqlite_where=conns.c.disconnected_at_ns.is_(None),
+    )
+
+    # Tombstones of connections pruned by retention: a late duplicate event of a pruned
+    # connection must not resurrect it as a half-empty row (docs/projector.md, "Retention").
+    pruned = Table(
+        f"pruned_connections{suffix}",
+        metadata,
+        Column("connection_id", String(MAX_ID_LENGTH), primary_key=True),
+        Column("disconnected_at_ns", BigInteger, nullable=False, index=True),
+    )
+
+    # The consumer position of every partition the projection has applied, written in the same
+    # transaction as the rows it produced: the projection is exactly as far as this table says.
+    offsets = Table(
+        f"projection_offsets{suffix}",
+        metadata,
+        Column("topic", String(255), primary_key=True),
+        Column("partition", Integer, primary_key=True, autoincrement=False),
+        Column("next_offset", BigInteger, nullable=False),
+    )
+    # What the log says of each gateway node (core/fold.py, NodeState): readers
+    # judge a connection gone when its node has started again or gone silent.
+    nodes = Table(
+        f"nodes{suffix}",
+        metadata,
+        Column("node_id", String(MAX_ID_LENGTH), primary_key=True),
+        Column("incarnation", BigInteger, nullable=False),
+        Column("started_at_ns", BigInteger),
+        Column("last_seen_ns", BigInteger, nullable=False),
+        Column("gateway_id", String(MAX_ID_LENGTH), nullable=False),
+    )
+    return ReadModelTables(conns, pruned, offsets, nodes)
+
+
+def generation(suffix: str) -> ReadModelTables:
+    """The read model's tables under other names (a rebuild's shadow or a retired generation),
+    in a MetaData of their own: Alembic's target metadata holds only the live tables."""
+    return define_read_model(MetaData(naming_convention=NAMING_CONVENTION), suffix)
+
+
+metadata = MetaData(naming_convention=NAMING_CONVENTION)
+LIVE = define_read_model(metadata)
+connections = LIVE.connections
+pruned_connections = LIVE.pruned_connections
+projection_offsets = LIVE.projection_offsets
+nodes = LIVE.nodes
+
+
+# A connection row's columns are ConnectionState's fields, by name.
+_STATE_FIELDS = ConnectionState._fields
+
+
+def row_to_state(row: RowMapping | Mapping[str, Any]) -> ConnectionState:
+    return ConnectionState(**{name: row[name] for name in _STATE_FIELDS})
+
+
+def state_to_row(state: ConnectionState) -> dict[str, Any]:
+    return dict(zip(_STATE_FIELDS, state, strict=True))
+
+
+def row_to_node(row: RowMapping | Mapping[str, Any]) -> NodeState:
+    return NodeState(**{name: row[name] for name in NodeState._fields})
