@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import math
 import multiprocessing
 import os
 import resource
@@ -22,7 +21,9 @@ from typing import Any
 import grpc
 from google.api import annotations_pb2
 
+from bench.pacing import paced
 from bench.procstat import CpuUse, CpuWindow
+from bench.results import percentile
 from bench.services import REPO
 from conntrack.core.protogen.yandex.cloud.serverless.apigateway.websocket.v1 import (
     connection_service_pb2,
@@ -79,14 +80,6 @@ def find_ghz(explicit: str | None = None) -> str | None:
     gopath = os.environ.get("GOPATH") or str(Path.home() / "go")
     candidate = Path(gopath) / "bin" / "ghz"
     return str(candidate) if candidate.exists() else None
-
-
-def percentile(sorted_values: list[float], pct: float) -> float:
-    """Nearest-rank percentile of an ascending list (0 when empty)."""
-    if not sorted_values:
-        return 0.0
-    rank = max(1, min(len(sorted_values), math.ceil(pct / 100 * len(sorted_values))))
-    return sorted_values[rank - 1]
 
 
 def _children_cpu() -> float:
@@ -298,30 +291,16 @@ async def _worker_loop(
         await asyncio.to_thread(go.wait, 60)
         started = time.perf_counter()
         cpu_started = time.process_time()
-        deadline = started + seconds
-        # Fixed rate: each in-flight slot sends on its own schedule, staggered.
-        interval = concurrency / rps if rps else 0.0
 
-        async def slot(k: int) -> None:
-            i = k
-            next_at = started + (interval * k / concurrency if interval else 0.0)
-            while True:
-                if interval:
-                    delay = next_at - time.perf_counter()
-                    if delay > 0:
-                        await asyncio.sleep(delay)
-                    next_at += interval
-                sent = time.perf_counter()
-                if sent >= deadline:
-                    return
-                try:
-                    await stub.Get(requests[i % len(requests)], timeout=5)
-                    latencies.append(time.perf_counter() - sent)
-                    codes["OK"] += 1
-                except grpc.aio.AioRpcError as exc:
-                    codes[exc.code().name] += 1
-                i += concurrency
+        async def get(i: int) -> None:
+            sent = time.perf_counter()
+            try:
+                await stub.Get(requests[i % len(requests)], timeout=5)
+                latencies.append(time.perf_counter() - sent)
+                codes["OK"] += 1
+            except grpc.aio.AioRpcError as exc:
+                codes[exc.code().name] += 1
 
-        await asyncio.gather(*(slot(k) for k in range(concurrency)))
+        await paced(concurrency, rps, started, started + seconds, get)
         elapsed = time.perf_counter() - started
         return latencies, dict(codes), elapsed, time.process_time() - cpu_started

@@ -4,6 +4,7 @@ table and the JSON document (its shape is checked by tests/integration/test_benc
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Final
@@ -90,6 +91,39 @@ class ScenarioResult:
             "notes": self.notes,
             "error": self.error,
         }
+
+
+def percentile(sorted_values: list[float], pct: float) -> float:
+    """Nearest-rank percentile of an ascending list (0 when empty)."""
+    if not sorted_values:
+        return 0.0
+    rank = max(1, min(len(sorted_values), math.ceil(pct / 100 * len(sorted_values))))
+    return sorted_values[rank - 1]
+
+
+def add_latency_figures(
+    result: ScenarioResult,
+    prefix: str,
+    label: str,
+    latencies_ms: list[float],
+    baseline_ms: list[float],
+    baseline_label: str,
+) -> Figure:
+    """p50, p99 and max of ascending latencies (keys `<prefix>p50_ms`, ...), the percentiles
+    beside the same ones of the baseline measured in the same run; returns the p99 figure."""
+    for pct in (50, 99):
+        figure = result.add(
+            Figure(
+                f"{prefix}p{pct}_ms",
+                f"{label} p{pct}",
+                percentile(latencies_ms, pct),
+                "ms",
+                percentile(baseline_ms, pct) if baseline_ms else None,
+                baseline_label,
+            )
+        )
+    result.add(Figure(f"{prefix}max_ms", f"{label} max", latencies_ms[-1], "ms"))
+    return figure
 
 
 def at_least(value: float, threshold: float, text: str, unit: str = "") -> TargetCheck:

@@ -62,8 +62,10 @@ from bench.infra import (
     projector_settings,
     settings_environment,
 )
-from bench.loadgen import LoadGenerator, LoadResult, percentile
+from bench.loadgen import LoadGenerator, LoadResult
+from bench.pacing import paced
 from bench.procstat import CpuWindow, children, rss_mb
+from bench.results import percentile
 from bench.scenarios.freshness import PROBE_TIMEOUT_S, _Probes, wait_assigned
 from bench.scenarios.get import load_generator
 from bench.services import Service, api_service, free_port, projector_service, wait_grpc_serving
@@ -305,27 +307,15 @@ async def _get_loop(
         ready.set()
         await asyncio.to_thread(go.wait, 120)
         started = time.monotonic()
-        deadline = started + seconds
-        gap = concurrency / rps
 
-        async def slot(k: int) -> None:
-            i = k
-            next_at = started + gap * k / concurrency
-            while True:
-                delay = next_at - time.monotonic()
-                if delay > 0:
-                    await asyncio.sleep(delay)
-                next_at += gap
-                sent = time.monotonic()
-                if sent >= deadline:
-                    return
-                try:
-                    await stub.Get(requests[i % len(requests)], timeout=5)
-                    done = time.monotonic()
-                    batch.append((done, done - sent, "OK"))
-                except grpc.aio.AioRpcError as exc:
-                    batch.append((time.monotonic(), None, exc.code().name))
-                i += concurrency
+        async def get(i: int) -> None:
+            sent = time.monotonic()
+            try:
+                await stub.Get(requests[i % len(requests)], timeout=5)
+                done = time.monotonic()
+                batch.append((done, done - sent, "OK"))
+            except grpc.aio.AioRpcError as exc:
+                batch.append((time.monotonic(), None, exc.code().name))
 
         async def flush() -> None:
             while True:
@@ -336,7 +326,7 @@ async def _get_loop(
 
         flusher = asyncio.create_task(flush())
         try:
-            await asyncio.gather(*(slot(k) for k in range(concurrency)))
+            await paced(concurrency, rps, started, started + seconds, get, clock=time.monotonic)
         finally:
             flusher.cancel()
             with contextlib.suppress(asyncio.CancelledError):

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from conntrack.api.read.engines import open_repository
+from conntrack.api.read.repository import open_repository
 from conntrack.api.transport.auth import TokenConfigError
 from conntrack.api.transport.server import ApiServer
 from conntrack.api.transport.tls import TlsConfigError

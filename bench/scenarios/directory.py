@@ -21,8 +21,7 @@ from sqlalchemy.dialects import postgresql
 
 from bench.config import BenchConfig
 from bench.infra import asyncpg_dsn, fresh_database
-from bench.loadgen import percentile
-from bench.results import Figure, ScenarioResult
+from bench.results import Figure, ScenarioResult, percentile
 from bench.services import api_service, free_port, running, wait_grpc_serving
 from conntrack.api.application.directory import encode_page_token
 from conntrack.api.read.repository import DirectoryFilter, directory_page_statement

@@ -29,9 +29,8 @@ from bench.infra import (
     projector_settings,
     settings_environment,
 )
-from bench.loadgen import percentile
 from bench.procstat import CpuWindow
-from bench.results import Figure, ScenarioResult, TargetCheck
+from bench.results import Figure, ScenarioResult, TargetCheck, add_latency_figures
 from bench.services import (
     Service,
     api_service,
@@ -391,27 +390,9 @@ async def run(cfg: BenchConfig, result: ScenarioResult) -> None:
     result.add(
         Figure("rate", "background event rate achieved", achieved, "events/s", rate, "asked for")
     )
-    result.add(
-        Figure(
-            "p50_ms",
-            "publish-to-visible-in-Get p50",
-            percentile(latencies, 50),
-            "ms",
-            percentile(kafka, 50) if kafka else None,
-            kafka_label,
-        )
+    p99 = add_latency_figures(
+        result, "", "publish-to-visible-in-Get", latencies, kafka, kafka_label
     )
-    p99 = result.add(
-        Figure(
-            "p99_ms",
-            "publish-to-visible-in-Get p99",
-            percentile(latencies, 99),
-            "ms",
-            percentile(kafka, 99) if kafka else None,
-            kafka_label,
-        )
-    )
-    result.add(Figure("max_ms", "publish-to-visible-in-Get max", latencies[-1], "ms"))
     if missed:
         result.notes.append(f"{missed} of {len(published_at)} probes never became visible")
     # A steady backlog of a fraction of a second is the pipeline's depth; a second or more of

@@ -40,9 +40,8 @@ from bench.infra import (
     settings_environment,
     unique,
 )
-from bench.loadgen import percentile
 from bench.procstat import CpuWindow
-from bench.results import Figure, ScenarioResult, TargetCheck
+from bench.results import Figure, ScenarioResult, TargetCheck, add_latency_figures, percentile
 from bench.scenarios.freshness import wait_assigned
 from bench.services import (
     Service,
@@ -452,27 +451,9 @@ async def run(cfg: BenchConfig, result: ScenarioResult) -> None:
         raise RuntimeError(f"no Send arrived at a client (errors: {steady_errors})")
     kafka_label = "plain Kafka produce-to-consume"
     result.add(Figure("rate", "Send rate achieved", achieved, "sends/s", rate, "asked for"))
-    result.add(
-        Figure(
-            "delivery_p50_ms",
-            "Send call start to frame at client p50",
-            percentile(delivery, 50),
-            "ms",
-            percentile(kafka, 50) if kafka else None,
-            kafka_label,
-        )
+    p99 = add_latency_figures(
+        result, "delivery_", "Send call start to frame at client", delivery, kafka, kafka_label
     )
-    p99 = result.add(
-        Figure(
-            "delivery_p99_ms",
-            "Send call start to frame at client p99",
-            percentile(delivery, 99),
-            "ms",
-            percentile(kafka, 99) if kafka else None,
-            kafka_label,
-        )
-    )
-    result.add(Figure("delivery_max_ms", "Send to frame at client max", delivery[-1], "ms"))
     result.add(Figure("call_p50_ms", "Send gRPC call p50", percentile(calls, 50), "ms"))
     call_p99 = result.add(Figure("call_p99_ms", "Send gRPC call p99", percentile(calls, 99), "ms"))
     result.add(

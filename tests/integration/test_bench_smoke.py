@@ -12,8 +12,7 @@ from typing import Any
 
 import pytest
 
-from bench.loadgen import percentile
-from bench.results import SCHEMA
+from bench.results import SCHEMA, percentile
 from bench.workloads import activity_heavy, churn_heavy, group_by_connection, interleave
 from conntrack.core.events import Activity, Connected, Disconnected, decode
 from conntrack.producer.simulator import generate

@@ -1,4 +1,4 @@
-"""The API reading from PostgreSQL streaming replicas (api/read/engines.py), on a private primary
+"""The API reading from PostgreSQL streaming replicas (api/read/replicas.py), on a private primary
 with replicas made by infra/postgres.sh (pg_basebackup -R), and events projected from the real
 broker into the primary. The shared PostgreSQL server is never touched: this module stops its
 own primary and replicas."""

@@ -1,4 +1,4 @@
-"""Read replicas (api/read/engines.py): the setting's parsing and validation, and the routing
+"""Read replicas (api/read/replicas.py): the setting's parsing and validation, and the routing
 rule that keeps the freshness header a true lower bound across replicas."""
 
 from __future__ import annotations
@@ -8,7 +8,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 from pydantic import ValidationError
 
-from conntrack.api.read.engines import Routing, covers, describe_url
+from conntrack.api.read.replicas import Routing, covers, describe_url
 from conntrack.core.settings import Settings, split_urls
 
 R1 = "postgresql+asyncpg://conntrack:secret@10.0.0.1:5432/conntrack"

@@ -16,34 +16,25 @@ still be in use (the floor: positions read within the header cache's lifetime pl
 a call waits). A replica behind the floor is skipped until it catches up; when none has, the
 call answers UNAVAILABLE (retry) rather than a header its row might not reflect.
 
-The routing decisions are pure (Routing); ReadReplicas does the I/O around them."""
+The routing decisions are pure (Routing); ReadReplicas does the I/O around them, as a
+ReadSource of the repository (api/read/database.py)."""
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
 from collections import deque
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from typing import Any, TypeVar
 
 from sqlalchemy.engine import Row, make_url
 from sqlalchemy.ext.asyncio import AsyncEngine
 from sqlalchemy.sql import Executable
 
-from conntrack.api.read.repository import (
-    _OPEN_MANY_PG,
-    _POSITIONS,
-    _READY,
-    ConnectionRepository,
-    ConnectionView,
-    PartitionPosition,
-    ReadModelUnavailable,
-    _HeldConnections,
-    create_read_engine,
-)
-from conntrack.core.settings import Settings, default, split_urls
+from conntrack.api.read.database import Database
+from conntrack.api.read.views import ConnectionView, PartitionPosition, ReadModelUnavailable
+from conntrack.core.settings import default
 
 log = logging.getLogger(__name__)
 
@@ -161,19 +152,15 @@ def _merge(
     return floor
 
 
-class ReadReplicas(ConnectionRepository):
-    """A ConnectionRepository over several replicas, each with its own engine (pool) and held
-    connections; lookups still share queries (one CoalescingLoader), each query going to the
-    replica the routing picks. Every read goes through _read or _fetch_open, so every method of
-    ConnectionRepository is routed."""
+class ReadReplicas:
+    """A ReadSource over several replicas, each a Database with its own engine (pool) and held
+    connections: every read goes to the replica the routing picks, and to the next one when
+    it fails. The repository over it still shares lookups (one CoalescingLoader)."""
 
     def __init__(
         self,
         engines: Sequence[tuple[str, AsyncEngine]],
         *,
-        batch_max_ids: int = default("api_batch_max_ids"),
-        batch_max_in_flight: int = default("api_batch_max_in_flight"),
-        batch_window_seconds: float = default("api_batch_window_ms") / 1000,
         freshness_ttl_seconds: float = default("api_freshness_ttl_ms") / 1000,
         timeout_seconds: float = default("api_db_timeout_seconds"),
         clock: Callable[[], float] = time.monotonic,
@@ -181,46 +168,31 @@ class ReadReplicas(ConnectionRepository):
         """engines: (name for logs, engine) per replica, in the order to prefer them."""
         if not engines or any(e.dialect.name != "postgresql" for _, e in engines):
             raise ValueError("read replicas are PostgreSQL engines, at least one")
-        super().__init__(
-            engines[0][1],
-            batch_max_ids=batch_max_ids,
-            batch_max_in_flight=batch_max_in_flight,
-            batch_window_seconds=batch_window_seconds,
-        )
         self._names = tuple(name for name, _ in engines)
-        self._engines = tuple(engine for _, engine in engines)
-        sql = str(_OPEN_MANY_PG.compile(dialect=self._engines[0].dialect))
-        self._helds = (self._held, *(_HeldConnections(e, sql) for e in self._engines[1:]))
+        self._databases = tuple(Database(engine) for _, engine in engines)
         # A header is reused for the cache's lifetime, then the call holding it waits at most
         # the read-model timeout for its row; a second of slack for the event loop.
-        self.routing = Routing(len(self._engines), freshness_ttl_seconds + timeout_seconds + 1)
+        self.routing = Routing(len(self._databases), freshness_ttl_seconds + timeout_seconds + 1)
         # A probe of a replica that does not answer must end before the health check's own
         # timeout (the same setting) gives up on every replica at once.
         self._probe_timeout = timeout_seconds * 0.8
         self._clock = clock
 
-    async def release_connections(self) -> None:
-        await super().release_connections()
-        for held in self._helds[1:]:
-            if held is not None:
-                await held.release()
+    @property
+    def nul_is_unstorable(self) -> bool:
+        return True  # PostgreSQL, every one
 
-    async def _read(
-        self,
-        statement: Executable,
-        parameters: Mapping[str, Any] | None = None,
-        *,
-        engine: AsyncEngine | None = None,
+    async def release(self) -> None:
+        for database in self._databases:
+            await database.release()
+
+    async def read(
+        self, statement: Executable, parameters: Mapping[str, Any] | None = None
     ) -> Sequence[Row[Any]]:
-        if engine is not None:
-            return await super()._read(statement, parameters, engine=engine)
-        base = super()._read
-        return await self._routed(lambda i: base(statement, parameters, engine=self._engines[i]))
+        return await self._routed(lambda i: self._databases[i].read(statement, parameters))
 
-    async def _fetch_open(self, connection_ids: Sequence[str]) -> dict[str, ConnectionView]:
-        return await self._routed(
-            lambda i: self._fetch_open_on(self._engines[i], self._helds[i], connection_ids)
-        )
+    async def fetch_open(self, connection_ids: Sequence[str]) -> dict[str, ConnectionView]:
+        return await self._routed(lambda i: self._databases[i].fetch_open(connection_ids))
 
     async def positions(self) -> tuple[PartitionPosition, ...]:
         """From the replica rows are read from; in the floor before it is returned."""
@@ -230,7 +202,7 @@ class ReadReplicas(ConnectionRepository):
 
     async def ping(self) -> None:
         """Probes every replica (up and down); raises ReadModelUnavailable unless one is up."""
-        problems = await asyncio.gather(*(self._probe(i) for i in range(len(self._engines))))
+        problems = await asyncio.gather(*(self._probe(i) for i in range(len(self._databases))))
         if all(problems):
             raise ReadModelUnavailable(
                 "no read replica answers: "
@@ -241,7 +213,7 @@ class ReadReplicas(ConnectionRepository):
         """None if the replica answered (its position is then known), else why not."""
         try:
             async with asyncio.timeout(self._probe_timeout):
-                await super()._read(_READY, engine=self._engines[index])
+                await self._databases[index].ping()
                 await self._positions_of(index)
         except ReadModelUnavailable as exc:
             self._down(index, str(exc))
@@ -254,8 +226,7 @@ class ReadReplicas(ConnectionRepository):
         return None
 
     async def _positions_of(self, index: int) -> tuple[PartitionPosition, ...]:
-        rows = await super()._read(_POSITIONS, engine=self._engines[index])
-        positions = tuple(PartitionPosition(r.topic, r.partition, r.next_offset) for r in rows)
+        positions = await self._databases[index].positions()
         self.routing.observed(index, as_mapping(positions))
         return positions
 
@@ -309,36 +280,3 @@ class ReadReplicas(ConnectionRepository):
     def _up(self, index: int) -> None:
         if self.routing.mark_up(index):
             log.info("read replica %s answers again", self._names[index])
-
-
-@contextlib.asynccontextmanager
-async def open_repository(settings: Settings) -> AsyncIterator[ConnectionRepository]:
-    """The API's read model: database_url when no replicas are configured, else the replicas
-    (docs/api.md, "Reading from replicas"); the engines are disposed of at the end."""
-    replicas = split_urls(settings.api_read_database_urls)
-    engines: list[tuple[str, AsyncEngine]] = []
-    try:
-        for url in replicas or (settings.database_url,):
-            engine = create_read_engine(
-                url,
-                pool_size=settings.api_db_pool_size,
-                timeout_seconds=settings.api_db_timeout_seconds,
-            )
-            engines.append((describe_url(url), engine))
-        batching: dict[str, Any] = {
-            "batch_max_ids": settings.api_batch_max_ids,
-            "batch_max_in_flight": settings.api_batch_max_in_flight,
-            "batch_window_seconds": settings.api_batch_window_ms / 1000,
-        }
-        if not replicas:
-            yield ConnectionRepository(engines[0][1], **batching)
-        else:
-            yield ReadReplicas(
-                engines,
-                **batching,
-                freshness_ttl_seconds=settings.api_freshness_ttl_ms / 1000,
-                timeout_seconds=settings.api_db_timeout_seconds,
-            )
-    finally:
-        for _, engine in engines:
-            await engine.dispose()

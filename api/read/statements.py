@@ -1,0 +1,106 @@
+"""The read side's SQL: the statements every read runs, built once, and the directory's queries
+built from a filter and the liveness bounds."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from sqlalchemy import ColumnElement, Select, String, any_, bindparam, func, or_, select
+from sqlalchemy.dialects.postgresql import ARRAY
+
+from conntrack.api.read.views import ConnectionView, DirectoryFilter
+from conntrack.core.liveness import LiveBounds
+from conntrack.core.schema import connections, nodes, projection_offsets
+
+# Built once: SQLAlchemy then finds the compiled form in its cache by the statement's memoized
+# key, where a statement built per call would be traversed to compute its key on every Get.
+OPEN_COLUMNS = select(
+    connections.c.connection_id,
+    connections.c.gateway_id,
+    connections.c.source_ip,
+    connections.c.user_agent,
+    connections.c.connected_at_ns,
+    connections.c.last_active_at_ns,
+    connections.c.node_id,
+    connections.c.node_incarnation,
+)
+IS_OPEN = (connections.c.connected_at_ns.is_not(None), connections.c.disconnected_at_ns.is_(None))
+# One array parameter: the statement text (and so asyncpg's prepared statement) is the same
+# whatever the number of ids, where an IN list would prepare one statement per batch size.
+OPEN_MANY_PG = OPEN_COLUMNS.where(
+    connections.c.connection_id == any_(bindparam("ids", type_=ARRAY(String))), *IS_OPEN
+)
+# SQLite has no arrays; its statements are cheap to prepare, so an expanding IN is fine.
+OPEN_MANY = OPEN_COLUMNS.where(
+    connections.c.connection_id.in_(bindparam("ids", expanding=True)), *IS_OPEN
+)
+
+POSITIONS = select(
+    projection_offsets.c.topic, projection_offsets.c.partition, projection_offsets.c.next_offset
+).order_by(projection_offsets.c.topic, projection_offsets.c.partition)
+
+READY = select(connections.c.connection_id).limit(1)
+
+NODES = select(nodes)
+
+
+def directory_page_statement(
+    where: DirectoryFilter, live: LiveBounds, after_id: str | None, limit: int
+) -> Select[Any]:
+    """ConnectionRepository.list_open()'s query (also run by the query-plan test)."""
+    conditions = directory_conditions(where, live)
+    if after_id is not None:
+        conditions.append(connections.c.connection_id > after_id)
+    return OPEN_COLUMNS.where(*conditions).order_by(connections.c.connection_id).limit(limit)
+
+
+def directory_conditions(where: DirectoryFilter, live: LiveBounds) -> list[ColumnElement[bool]]:
+    """The SQL form of `where` and of the liveness bounds (core/liveness.py,
+    LiveBounds: the rule Get applies to one connection, here applied to all of them; a test
+    checks the two agree, tests/integration/test_directory.py)."""
+    c = connections.c
+    # An absent last activity is the connection time, as in view_of().
+    last_active = func.coalesce(c.last_active_at_ns, c.connected_at_ns)
+    conditions: list[ColumnElement[bool]] = [c.gateway_id == where.gateway_id, *IS_OPEN]
+    if where.node_id is not None:
+        conditions.append(c.node_id == where.node_id)
+    if where.source_ip is not None:
+        conditions.append(c.source_ip == where.source_ip)
+    if where.last_active_before_ns is not None:
+        conditions.append(last_active < where.last_active_before_ns)
+    if where.connected_before_ns is not None:
+        conditions.append(c.connected_at_ns < where.connected_before_ns)
+    if where.connected_after_ns is not None:
+        conditions.append(c.connected_at_ns >= where.connected_after_ns)
+    if live.min_last_active_ns is not None:
+        conditions.append(last_active >= live.min_last_active_ns)
+    if live.min_connected_at_ns is not None:
+        conditions.append(c.connected_at_ns >= live.min_connected_at_ns)
+    judged = live.nodes if where.node_id is None else [where.node_id]
+    for node_id in sorted(judged):
+        floor = live.node_floor(node_id)
+        if floor is not None:
+            # A connection of this node is live from the floor incarnation on (none: 0).
+            conditions.append(
+                or_(
+                    c.node_id.is_(None),
+                    c.node_id != node_id,
+                    func.coalesce(c.node_incarnation, 0) >= floor,
+                )
+            )
+    return conditions
+
+
+def view_of(row: Sequence[Any]) -> ConnectionView:
+    # By position: SQLAlchemy rows and asyncpg records both index, with different name APIs.
+    return ConnectionView(
+        id=row[0],
+        gateway_id=row[1] or "",
+        source_ip=row[2] or "",
+        user_agent=row[3] or "",
+        connected_at_ns=row[4],
+        last_active_at_ns=row[5] or row[4],
+        node_id=row[6],
+        node_incarnation=row[7],
+    )
