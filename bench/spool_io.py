@@ -3,7 +3,7 @@
 Puts N encoded Activity events into a Spool (yielding to the event loop every 100, as a
 publisher does) until they are fsynced, then reads and acknowledges them in rounds of 1,000
 (the replayer's round; one cursor fsync each). Standalone: not a `python -m bench run`
-scenario. docs/producer.md, "Durable spool", quotes its figures."""
+scenario; it prints its figures."""
 
 from __future__ import annotations
 

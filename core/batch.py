@@ -40,8 +40,9 @@ def gen0_threshold(batch_events: int) -> int:
     every batch sets off young collections that traverse (and promote) all of its surviving
     objects, then older collections that traverse them again. Above it, a young collection
     comes only once garbage that reference counting cannot free (cycles, rare here) adds up to
-    the threshold. Measured (BENCHMARKS.md 1d): with the default batch of 20000, 50000 cost the
-    in-process projector about 2 µs of collection per event out of 10, 200000 or more about 0."""
+    the threshold. Measured when the default was chosen (git history of BENCHMARKS.md, 1d): with
+    the default batch of 20000, 50000 cost the in-process projector about 2 µs of collection per
+    event out of 10, 200000 or more about 0."""
     return max(BATCH_GEN0_THRESHOLD, min(_MAX_GEN0_THRESHOLD, _TRACKED_PER_EVENT * batch_events))
 
 

@@ -117,7 +117,7 @@ def tune_gc(gen0_threshold: int | None, *, default: int) -> None:
     young collection runs every gen0_threshold container allocations. Batch work (a projector
     batch is tens of thousands of tuples that live until it is written) otherwise makes the
     collector traverse the same surviving objects over and over; a threshold of 50000 makes
-    decode + fold markedly faster (measured: docs/projector.md, "Batching and performance").
+    decode + fold markedly faster (docs/projector.md, "Batching and performance").
     The API keeps 700: a young collection of 50000 objects is a pause every Get waits for.
     Reference counting still frees everything that is not in a cycle at once; the threshold
     only delays cycles, which these commands rarely make."""

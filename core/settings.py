@@ -76,7 +76,8 @@ class Settings(BaseSettings):
         "conntrack.command-outcomes.v1",
         description="Where gateway nodes report what became of each command.",
     )
-    # Kafka's batching on the command channel (docs/api.md, "Send and Disconnect: latency").
+    # Kafka's batching on the command channel (docs/api.md, "Send latency and the channel's
+    # batching").
     # With Kafka's defaults (linger 0, fetches answered at the first byte) every command and
     # every outcome was a request of its own, and at 1,000 Sends/s those requests took the
     # machine's CPU: the tail grew to hundreds of ms. Waiting a few ms batches them.

@@ -49,3 +49,13 @@ def test_a_circle_breaks_the_acyclic_contract(tmp_path: Path) -> None:
     done = _lint(copy)
     assert done.returncode != 0
     assert "No cycles are allowed in conntrack.core" in done.stdout, done.stdout
+
+
+def test_the_application_layer_knows_no_transport() -> None:
+    """The services take a Call and raise ApiError (api/application/call.py): gRPC's servicer
+    contexts and aiohttp stay in api/transport, so the REST mapping needs no stand-in for a
+    gRPC context."""
+    for path in sorted((REPO / "api" / "application").glob("*.py")):
+        text = path.read_text()
+        for word in ("ServicerContext", "grpc.aio", "aiohttp", "context.abort"):
+            assert word not in text, f"{path.name} mentions {word}"

@@ -30,6 +30,7 @@ from typing import Final
 
 import grpc
 
+from conntrack.api.application.call import ApiError, Call, UndecodableRequest
 from conntrack.api.application.commands import (
     CommandChannel,
     CommandChannelUnavailable,
@@ -42,7 +43,6 @@ from conntrack.api.application.directory import (
     InvalidDirectoryRequest,
     filter_from_proto,
 )
-from conntrack.api.application.service import Context, UndecodableRequest
 from conntrack.api.application.validation import send_problem
 from conntrack.api.read.repository import DirectoryFilter
 from conntrack.core.commands import (
@@ -256,10 +256,10 @@ class BroadcastRpc:
     async def __call__(
         self,
         request: directory_pb2.BroadcastRequest | UndecodableRequest,
-        context: Context,
+        call: Call,
     ) -> directory_pb2.BroadcastResponse:
         # Our own wait ends a little before the caller's deadline, so the answer is ours.
-        remaining = context.time_remaining()
+        remaining = call.time_remaining()
         timeout = self._timeout
         if remaining is not None:
             timeout = min(timeout, remaining - _DEADLINE_MARGIN_S)
@@ -276,12 +276,12 @@ class BroadcastRpc:
                 where, request.data, request.type, timeout_s=timeout
             )
         except InvalidDirectoryRequest as exc:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+            raise ApiError(grpc.StatusCode.INVALID_ARGUMENT, str(exc)) from None
         except DirectoryUnavailable as exc:
-            await context.abort(grpc.StatusCode.UNAVAILABLE, str(exc))
+            raise ApiError(grpc.StatusCode.UNAVAILABLE, str(exc)) from None
         except NoCommandChannel as exc:
-            await context.abort(grpc.StatusCode.UNIMPLEMENTED, str(exc))
-        context.set_trailing_metadata(result.freshness)
+            raise ApiError(grpc.StatusCode.UNIMPLEMENTED, str(exc)) from None
+        call.set_trailing_metadata(result.freshness)
         return directory_pb2.BroadcastResponse(
             broadcast_id=result.broadcast_id,
             addressed=result.addressed,

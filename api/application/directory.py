@@ -28,10 +28,12 @@ from dataclasses import astuple, dataclass
 from typing import Any, Final, TypeVar
 
 import grpc
+from google.protobuf.message import Message
 from google.protobuf.timestamp_pb2 import Timestamp
 
+from conntrack.api.application.call import ApiError, Call, UndecodableRequest
 from conntrack.api.application.freshness import ProjectionPosition
-from conntrack.api.application.service import Context, M, UndecodableRequest, to_proto
+from conntrack.api.application.service import to_proto
 from conntrack.api.read.reading import SharedReading
 from conntrack.api.read.repository import (
     ConnectionRepository,
@@ -286,15 +288,15 @@ def entry_proto(view: ConnectionView) -> directory_pb2.DirectoryEntry:
 
 
 BroadcastMethod = Callable[
-    [directory_pb2.BroadcastRequest | UndecodableRequest, Context],
+    [directory_pb2.BroadcastRequest | UndecodableRequest, Call],
     Awaitable[directory_pb2.BroadcastResponse],
 ]
 
 
 class ConnectionDirectoryService:
-    """The gRPC servicer over ConnectionDirectory; register it with api.service.tolerant_handlers().
-    broadcast: Broadcast's implementation (api/application/broadcast.py, BroadcastRpc); without it
-    Broadcast is UNIMPLEMENTED."""
+    """ConnectionDirectoryService's methods over ConnectionDirectory, on a Call of either
+    transport. broadcast: Broadcast's implementation (api/application/broadcast.py,
+    BroadcastRpc); without it Broadcast is UNIMPLEMENTED."""
 
     def __init__(
         self, directory: ConnectionDirectory, broadcast: BroadcastMethod | None = None
@@ -305,16 +307,16 @@ class ConnectionDirectoryService:
     async def Broadcast(
         self,
         request: directory_pb2.BroadcastRequest | UndecodableRequest,
-        context: Context,
+        call: Call,
     ) -> directory_pb2.BroadcastResponse:
         if self._broadcast is None:
-            await context.abort(grpc.StatusCode.UNIMPLEMENTED, "this server does not broadcast")
-        return await self._broadcast(request, context)
+            raise ApiError(grpc.StatusCode.UNIMPLEMENTED, "this server does not broadcast")
+        return await self._broadcast(request, call)
 
     async def ListConnections(
         self,
         request: directory_pb2.ListConnectionsRequest | UndecodableRequest,
-        context: Context,
+        call: Call,
     ) -> directory_pb2.ListConnectionsResponse:
         try:
             valid = _decoded(request)
@@ -323,10 +325,10 @@ class ConnectionDirectoryService:
                 where, page_size=valid.page_size, page_token=valid.page_token
             )
         except InvalidDirectoryRequest as exc:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+            raise ApiError(grpc.StatusCode.INVALID_ARGUMENT, str(exc)) from None
         except DirectoryUnavailable as exc:
-            await context.abort(grpc.StatusCode.UNAVAILABLE, str(exc))
-        context.set_trailing_metadata(page.freshness)
+            raise ApiError(grpc.StatusCode.UNAVAILABLE, str(exc)) from None
+        call.set_trailing_metadata(page.freshness)
         return directory_pb2.ListConnectionsResponse(
             connections=[entry_proto(v) for v in page.connections],
             next_page_token=page.next_page_token,
@@ -335,7 +337,7 @@ class ConnectionDirectoryService:
     async def CountConnections(
         self,
         request: directory_pb2.CountConnectionsRequest | UndecodableRequest,
-        context: Context,
+        call: Call,
     ) -> directory_pb2.CountConnectionsResponse:
         try:
             valid = _decoded(request)
@@ -343,11 +345,14 @@ class ConnectionDirectoryService:
                 filter_from_proto(valid.gateway_id, valid.filter)
             )
         except InvalidDirectoryRequest as exc:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+            raise ApiError(grpc.StatusCode.INVALID_ARGUMENT, str(exc)) from None
         except DirectoryUnavailable as exc:
-            await context.abort(grpc.StatusCode.UNAVAILABLE, str(exc))
-        context.set_trailing_metadata(counted.freshness)
+            raise ApiError(grpc.StatusCode.UNAVAILABLE, str(exc)) from None
+        call.set_trailing_metadata(counted.freshness)
         return directory_pb2.CountConnectionsResponse(count=counted.count)
+
+
+M = TypeVar("M", bound=Message)
 
 
 def _decoded(request: M | UndecodableRequest) -> M:

@@ -14,15 +14,11 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable
-from dataclasses import dataclass
-from typing import Any, Final, TypeVar
+from typing import Any, Final
 
 import grpc
-from google.protobuf.descriptor import ServiceDescriptor
-from google.protobuf.message import DecodeError, Message
-from google.protobuf.message_factory import GetMessageClass
 
+from conntrack.api.application.call import ApiError, Call, UndecodableRequest, reject_undecodable
 from conntrack.api.application.commands import CommandChannel, CommandChannelUnavailable
 from conntrack.api.application.freshness import ProjectionPosition
 from conntrack.api.application.validation import send_problem
@@ -49,28 +45,6 @@ log = logging.getLogger(__name__)
 SERVICE: Final = connection_service_pb2.DESCRIPTOR.services_by_name["ConnectionService"]
 SERVICE_NAME: Final = SERVICE.full_name
 
-M = TypeVar("M", bound=Message)
-
-
-@dataclass(frozen=True, slots=True)
-class UndecodableRequest:
-    """A request body that is not a valid message of the method's request type (e.g. a string
-    field holding invalid UTF-8). grpcio would answer UNKNOWN for it; we answer
-    INVALID_ARGUMENT."""
-
-    message_type: str
-    reason: str
-
-
-def tolerant_parser(message_type: type[M]) -> Callable[[bytes], M | UndecodableRequest]:
-    def parse(data: bytes) -> M | UndecodableRequest:
-        try:
-            return message_type.FromString(data)
-        except DecodeError as exc:
-            return UndecodableRequest(message_type.DESCRIPTOR.name, str(exc))
-
-    return parse
-
 
 def to_proto(view: ConnectionView) -> connection_pb2.Connection:
     return connection_pb2.Connection(
@@ -82,11 +56,9 @@ def to_proto(view: ConnectionView) -> connection_pb2.Connection:
     )
 
 
-Context = grpc.aio.ServicerContext[object, object]
-
-
 class ConnectionService:
-    """The servicer; register it with tolerant_handlers()."""
+    """ConnectionService's methods over a Call, whichever transport carries it (registered by
+    api/transport/grpc_handlers.py and api/transport/rest.py)."""
 
     def __init__(
         self,
@@ -117,14 +89,14 @@ class ConnectionService:
     async def Get(
         self,
         request: connection_service_pb2.GetConnectionRequest | UndecodableRequest,
-        context: Context,
+        call: Call,
     ) -> connection_pb2.Connection:
-        connection_id = await _valid_id(request, context)
-        return to_proto(await self._open_connection(connection_id, context))
+        connection_id = _valid_id(request)
+        return to_proto(await self._open_connection(connection_id, call))
 
-    async def _open_connection(self, connection_id: str, context: Context) -> ConnectionView:
-        """The connection if it is open and not gone, with the freshness metadata set; else the
-        call is aborted (NOT_FOUND, or UNAVAILABLE when the read model cannot answer)."""
+    async def _open_connection(self, connection_id: str, call: Call) -> ConnectionView:
+        """The connection if it is open and not gone, with the freshness metadata set; else
+        ApiError (NOT_FOUND, or UNAVAILABLE when the read model cannot answer)."""
         # The caller's deadline is gRPC's to enforce: when it passes, gRPC ends the call with
         # DEADLINE_EXCEEDED and cancels this handler, which abandons the read. A status sent
         # from here as well would race gRPC's own and fail (logged by grpc as an error).
@@ -136,22 +108,24 @@ class ConnectionService:
                 gone = None if view is None else await self._gone(view)
         except TimeoutError:
             log.warning("read model did not answer within %.1fs", self._db_timeout)
-            await context.abort(
+            raise ApiError(
                 grpc.StatusCode.UNAVAILABLE,
                 f"read model did not answer within {self._db_timeout:g}s; retry",
-            )
+            ) from None
         except ReadModelUnavailable as exc:
             log.warning("read model unavailable: %s", exc)
-            await context.abort(grpc.StatusCode.UNAVAILABLE, "read model is unavailable; retry")
+            raise ApiError(
+                grpc.StatusCode.UNAVAILABLE, "read model is unavailable; retry"
+            ) from None
 
-        context.set_trailing_metadata(freshness)
+        call.set_trailing_metadata(freshness)
         if view is None:
-            await context.abort(
+            raise ApiError(
                 grpc.StatusCode.NOT_FOUND,
                 f"connection {connection_id!r} not found (unknown or disconnected)",
             )
         if gone is not None:
-            await context.abort(
+            raise ApiError(
                 grpc.StatusCode.NOT_FOUND,
                 f"connection {connection_id!r} not found (gone: {gone})",
             )
@@ -171,45 +145,45 @@ class ConnectionService:
     async def Send(
         self,
         request: connection_service_pb2.SendToConnectionRequest | UndecodableRequest,
-        context: Context,
+        call: Call,
     ) -> connection_service_pb2.SendToConnectionResponse:
-        connection_id = await _valid_id(request, context)
+        connection_id = _valid_id(request)
         assert not isinstance(request, UndecodableRequest)
         problem = send_problem(request.data, request.type)
         if problem:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, problem)
+            raise ApiError(grpc.StatusCode.INVALID_ARGUMENT, problem)
         action = SendFrame(request.data, DataType(request.type))
-        await self._command(connection_id, action, context)
+        await self._command(connection_id, action, call)
         return connection_service_pb2.SendToConnectionResponse()
 
     async def Disconnect(
         self,
         request: connection_service_pb2.DisconnectRequest | UndecodableRequest,
-        context: Context,
+        call: Call,
     ) -> connection_service_pb2.DisconnectResponse:
-        connection_id = await _valid_id(request, context)
-        await self._command(connection_id, CloseSocket(), context)
+        connection_id = _valid_id(request)
+        await self._command(connection_id, CloseSocket(), call)
         return connection_service_pb2.DisconnectResponse()
 
-    async def _command(self, connection_id: str, action: Action, context: Context) -> None:
+    async def _command(self, connection_id: str, action: Action, call: Call) -> None:
         """Deliver a command to the node holding the connection's socket and map its outcome:
         done is OK, a socket the node no longer holds is NOT_FOUND, no outcome in time (or no
         broker) is UNAVAILABLE, which is retryable (docs/api.md, "Send and Disconnect")."""
-        view = await self._open_connection(connection_id, context)
+        view = await self._open_connection(connection_id, call)
         if self._commands is None:
-            await context.abort(
+            raise ApiError(
                 grpc.StatusCode.UNIMPLEMENTED,
                 "this server has no command channel (no Kafka configured for commands)",
             )
         if not view.node_id or not view.node_incarnation:
-            await context.abort(
+            raise ApiError(
                 grpc.StatusCode.FAILED_PRECONDITION,
                 f"connection {connection_id!r} is held by a gateway that does not take "
                 "commands (it publishes without the node role)",
             )
         # Our own wait ends a little before the caller's deadline, so the answer is ours
         # (UNAVAILABLE) and not a race with gRPC's DEADLINE_EXCEEDED.
-        remaining = context.time_remaining()
+        remaining = call.time_remaining()
         timeout = self._command_timeout
         if remaining is not None:
             timeout = min(timeout, remaining - _DEADLINE_MARGIN_S)
@@ -224,15 +198,15 @@ class ConnectionService:
                 timeout_s=timeout,
             )
         except CommandChannelUnavailable as exc:
-            await context.abort(grpc.StatusCode.UNAVAILABLE, f"{exc}; retry")
+            raise ApiError(grpc.StatusCode.UNAVAILABLE, f"{exc}; retry") from None
         if outcome.status is OutcomeStatus.DONE:
             return
         if outcome.status is OutcomeStatus.CONNECTION_GONE:
-            await context.abort(
+            raise ApiError(
                 grpc.StatusCode.NOT_FOUND,
                 f"connection {connection_id!r} not found (its gateway node no longer holds it)",
             )
-        await context.abort(
+        raise ApiError(
             grpc.StatusCode.UNAVAILABLE,
             f"gateway node {view.node_id} answered {outcome.status.name.lower()}"
             f"{': ' + outcome.detail if outcome.detail else ''}; retry",
@@ -243,35 +217,12 @@ class ConnectionService:
 _DEADLINE_MARGIN_S = 0.25
 
 
-async def _valid_id(
-    request: Any,
-    context: Context,
-) -> str:
-    """The request's connection_id, or the call aborted with INVALID_ARGUMENT."""
+def _valid_id(request: Any) -> str:
+    """The request's connection_id, or ApiError INVALID_ARGUMENT."""
     if isinstance(request, UndecodableRequest):
-        await context.abort(
-            grpc.StatusCode.INVALID_ARGUMENT,
-            f"request is not a valid {request.message_type} "
-            f"(connection_id must be valid UTF-8): {request.reason}",
-        )
+        raise reject_undecodable(request, "connection_id must be valid UTF-8")
     connection_id = str(request.connection_id)
     problem = upstream_connection_id_problem(connection_id)
     if problem:
-        await context.abort(grpc.StatusCode.INVALID_ARGUMENT, problem)
+        raise ApiError(grpc.StatusCode.INVALID_ARGUMENT, problem)
     return connection_id
-
-
-def tolerant_handlers(
-    servicer: object, service: ServiceDescriptor
-) -> dict[str, grpc.RpcMethodHandler[Any, Any]]:
-    """The method handlers of one service, as its generated add_*Servicer_to_server registers
-    them (the servicer's method of each RPC's name), but with request parsers that turn
-    undecodable bodies into INVALID_ARGUMENT."""
-    return {
-        method.name: grpc.unary_unary_rpc_method_handler(
-            getattr(servicer, method.name),
-            request_deserializer=tolerant_parser(GetMessageClass(method.input_type)),
-            response_serializer=GetMessageClass(method.output_type).SerializeToString,
-        )
-        for method in service.methods
-    }

@@ -58,7 +58,6 @@ from typing import TYPE_CHECKING, Any
 from prometheus_client import start_http_server
 from prometheus_client.multiprocess import mark_process_dead
 
-from conntrack.api.process.serve import serve
 from conntrack.api.transport.metrics import aggregated_registry
 from conntrack.core import cli
 from conntrack.core.lifecycle import PYTHON_GEN0_THRESHOLD, setup_logging, tune_gc
@@ -475,6 +474,11 @@ def worker_main(settings: Settings, index: int, conn: Connection) -> None:
     # A worker still starting when the supervisor stops: it stops once up, as the others do.
     signal.signal(signal.SIGTERM, early_stop)
     setup_logging(settings.log_level, settings.log_format, worker=index)
+    # Imported here, after the SIGTERM handler above: the server's modules take a while to
+    # load, and a worker stopped meanwhile must still stop cleanly (and before tune_gc's
+    # freeze, so they are frozen with the rest).
+    from conntrack.api.process.serve import serve
+
     tune_gc(settings.gc_gen0_threshold, default=PYTHON_GEN0_THRESHOLD)
     try:
         code = asyncio.run(_work(serve, settings, conn, state))

@@ -14,7 +14,8 @@ one call, so callers trickle in one per query. `window` (a batching window, like
 lookups still go on the next turn: one arriving when no query started within the last `window`
 (an idle or lightly loaded server), one alone in the loader right after a query that answered
 a single caller (a client calling one Get after another: nobody could share its query), and a
-full batch (`max_keys`). Measured effect: docs/api.md, "How a Get is answered".
+full batch (`max_keys`). Why and its effect: docs/api.md, "How a Get is answered";
+figures: BENCHMARKS.md, 3.
 
 A lookup only ever joins a query that has not started yet: a caller never receives a result
 read before it asked (callers rely on that for read-your-writes and freshness lower bounds).

@@ -1,2 +1,3 @@
-"""How calls reach the application: the gRPC server and its REST mapping, interceptors (tokens,
-the cap on calls in flight, metrics), TLS, reflection and the OpenAPI document."""
+"""How calls reach the application: the gRPC server and its REST mapping, the wrappers every
+call of either goes through (metrics, tokens, the cap on calls in flight), TLS, reflection and
+the OpenAPI document."""

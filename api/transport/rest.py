@@ -4,10 +4,10 @@ one description of them), served over HTTP/1.1 + JSON by aiohttp on the gRPC ser
 loop. docs/api.md, "The REST mapping", is the contract.
 
 Every call goes through the same service code as a gRPC call (api/application/service.py:
-validation, freshness, liveness, commands), behind the same wrappers (api/transport/interceptors.py:
-metrics, bearer tokens, the shared cap on concurrent calls). The service speaks to a gRPC servicer
-context; a REST call hands it `HttpCallContext`, which keeps what the service sets (status, trailing
-metadata) for the HTTP answer. Messages are read and written in the proto3 JSON mapping
+validation, freshness, liveness, commands), behind the same wrappers (api/transport/wrappers.py:
+metrics, bearer tokens, the shared cap on concurrent calls), on an HttpCall (the request's
+headers, its grpc-timeout deadline, the trailing metadata the answer carries as headers); an
+ApiError becomes the HTTP answer. Messages are read and written in the proto3 JSON mapping
 (google.protobuf.json_format); a GET's other request fields come from the query string, as
 grpc-gateway reads them (`filter.nodeId=...`, proto or JSON names). Errors are grpc-gateway's
 status JSON, `{"code": <gRPC code>, "message": "...", "details": []}`, on the conventional HTTP
@@ -25,9 +25,9 @@ import re
 import ssl
 import time
 import urllib.parse
-from collections.abc import Awaitable, Callable, Iterable, Mapping
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Final, NoReturn
+from typing import Any, Final
 
 import grpc
 from aiohttp import web
@@ -36,9 +36,10 @@ from google.protobuf import descriptor, json_format
 from google.protobuf.message import Message
 from google.protobuf.message_factory import GetMessageClass
 
+from conntrack.api.application.call import ApiError, Behavior, Call
 from conntrack.api.application.directory import DIRECTORY_SERVICE
 from conntrack.api.application.service import SERVICE
-from conntrack.api.transport.interceptors import Behavior
+from conntrack.api.transport.wrappers import Wrap
 
 log = logging.getLogger(__name__)
 
@@ -158,111 +159,38 @@ def grpc_timeout_seconds(value: str) -> float:
     return int(match.group(1)) * _TIMEOUT_UNIT_S[match.group(2)]
 
 
-class RestAbort(Exception):
-    """A call ended with a status (HttpCallContext.abort); http_status overrides the
-    conventional one (413 for a body over the limit)."""
+class RestAbort(ApiError):
+    """An ApiError with an HTTP status other than the code's conventional one (413 for a body
+    over the limit)."""
 
-    def __init__(self, code: grpc.StatusCode, message: str, http_status: int | None = None):
-        super().__init__(message)
-        self.code = code
-        self.message = message
-        self.http_status = http_status if http_status is not None else HTTP_STATUS[code]
+    def __init__(self, code: grpc.StatusCode, message: str, http_status: int) -> None:
+        super().__init__(code, message)
+        self.http_status = http_status
 
 
-class HttpCallContext(grpc.aio.ServicerContext[Any, Any]):
-    """What the service and the interceptors use of a gRPC servicer context, for one HTTP call:
-    the request's headers as invocation metadata, its deadline (grpc-timeout), the status and
-    trailing metadata the call ends with. Streaming and compression do not apply."""
+class HttpCall:
+    """A Call over one HTTP request: its headers as invocation metadata, its deadline (from
+    grpc-timeout), and the trailing metadata the answer carries as headers."""
 
-    def __init__(
-        self,
-        metadata: tuple[tuple[str, str], ...],
-        deadline: float | None,
-        peer: str,
-    ) -> None:
+    def __init__(self, metadata: tuple[tuple[str, str], ...], deadline: float | None) -> None:
         self._metadata = metadata
         self._deadline = deadline  # time.monotonic() when the caller's deadline passes
-        self._peer = peer
-        self._code: grpc.StatusCode | None = None
-        self._details = ""
         self.trailing: tuple[tuple[str, str], ...] = ()
 
-    async def abort(
-        self, code: grpc.StatusCode, details: str = "", trailing_metadata: Any = ()
-    ) -> NoReturn:
-        if trailing_metadata:
-            self.set_trailing_metadata(trailing_metadata)
-        self._code, self._details = code, details
-        raise RestAbort(code, details)
-
-    async def abort_with_status(self, status: Any) -> NoReturn:
-        await self.abort(status.code, status.details, status.trailing_metadata)
-
-    def set_trailing_metadata(self, trailing_metadata: Any) -> None:
-        self.trailing = tuple((str(k), str(v)) for k, v in trailing_metadata)
-
-    def trailing_metadata(self) -> Any:
-        return self.trailing
-
-    def invocation_metadata(self) -> Any:
-        return self._metadata
-
-    def time_remaining(self) -> Any:
+    def time_remaining(self) -> float | None:
         return None if self._deadline is None else self._deadline - time.monotonic()
 
-    def set_code(self, code: grpc.StatusCode) -> None:
-        self._code = code
+    def invocation_metadata(self) -> Sequence[tuple[str, str]]:
+        return self._metadata
 
-    def code(self) -> Any:
-        return self._code
-
-    def set_details(self, details: str) -> None:
-        self._details = details
-
-    def details(self) -> str:
-        return self._details
-
-    def peer(self) -> str:
-        return self._peer
-
-    def peer_identities(self) -> Iterable[bytes] | None:
-        return None
-
-    def peer_identity_key(self) -> str | None:
-        return None
-
-    def auth_context(self) -> Mapping[str, Iterable[bytes]]:
-        return {}
-
-    async def read(self) -> Any:
-        raise NotImplementedError("a REST call is unary")
-
-    async def write(self, message: Any) -> None:
-        raise NotImplementedError("a REST call is unary")
-
-    async def send_initial_metadata(self, initial_metadata: Any) -> None:
-        raise NotImplementedError("a REST call sends its headers with its answer")
-
-    def set_compression(self, compression: grpc.Compression) -> None:
-        pass  # aiohttp decides the HTTP answer's encoding
-
-    def disable_next_message_compression(self) -> None:
-        pass
-
-    def add_done_callback(self, callback: Any) -> None:
-        raise NotImplementedError("no done callbacks on a REST call")
-
-    def cancelled(self) -> bool:
-        return False
-
-    def done(self) -> bool:
-        return self._code is not None
+    def set_trailing_metadata(self, metadata: Sequence[tuple[str, str]]) -> None:
+        self.trailing = tuple((str(k), str(v)) for k, v in metadata)
 
 
 @dataclass(frozen=True, slots=True)
-class HttpCall:
-    """What a REST handler passes down the wrapped behaviors: the request is made from it
-    innermost, after authentication and the concurrency cap, as gRPC decodes a message."""
+class HttpRequest:
+    """What a REST handler passes down the wrapped behaviors: the request message is made from
+    it innermost, after authentication and the concurrency cap, as gRPC decodes a message."""
 
     request: web.Request
     route: Route
@@ -289,8 +217,8 @@ def error_response(
     return response
 
 
-async def _abort(context: grpc.aio.ServicerContext[Any, Any], message: str) -> NoReturn:
-    await context.abort(grpc.StatusCode.INVALID_ARGUMENT, message)
+def _invalid(message: str) -> ApiError:
+    return ApiError(grpc.StatusCode.INVALID_ARGUMENT, message)
 
 
 def _reject_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
@@ -302,62 +230,61 @@ def _reject_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     return result
 
 
-async def _request_message(call: HttpCall, context: grpc.aio.ServicerContext[Any, Any]) -> Message:
-    """The route's request message from the body (proto3 JSON) and the path; the call is
-    aborted with INVALID_ARGUMENT (or RESOURCE_EXHAUSTED, 413) for one that cannot be made."""
-    route, request = call.route, call.request
+async def _request_message(http: HttpRequest) -> Message:
+    """The route's request message from the body (proto3 JSON) and the path; ApiError
+    INVALID_ARGUMENT (or RESOURCE_EXHAUSTED, 413) for one that cannot be made."""
+    route, request = http.route, http.request
     message = route.request_type()
     if route.body == "*":
         try:
             body = await request.read()  # at most client_max_size bytes are ever read
         except web.HTTPRequestEntityTooLarge as exc:
             limit = request.app[MAX_BODY_KEY]
-            context.set_code(grpc.StatusCode.RESOURCE_EXHAUSTED)
             raise RestAbort(
                 grpc.StatusCode.RESOURCE_EXHAUSTED,
                 f"request body larger than {limit} bytes",
                 http_status=exc.status,
             ) from None
-        await _parse_body(body, message, context)
+        _parse_body(body, message)
     elif route.query_fields:
-        await _parse_query(request, route, message, context)
+        _parse_query(request, route, message)
     raw_path = request.raw_path.partition("?")[0]
     try:
         urllib.parse.unquote_to_bytes(raw_path).decode("utf-8")
     except UnicodeDecodeError:
         names = " and ".join(route.path_fields) or "the path"
-        await _abort(context, f"{names} must be valid UTF-8 (percent-decoded path)")
+        raise _invalid(f"{names} must be valid UTF-8 (percent-decoded path)") from None
     for field in route.path_fields:
         json_name = route.request_type.DESCRIPTOR.fields_by_name[field].json_name
         try:
             # The path's value wins over one in the body, as in grpc-gateway.
             setattr(message, field, request.match_info[json_name])
         except (TypeError, ValueError) as exc:
-            await _abort(context, f"{field} in the path is not a valid string: {exc}")
+            raise _invalid(f"{field} in the path is not a valid string: {exc}") from None
     return message
 
 
-async def _parse_body(body: bytes, message: Message, context: Any) -> None:
+def _parse_body(body: bytes, message: Message) -> None:
     try:
         value = json.loads(body or b"{}", object_pairs_hook=_reject_duplicates)
     except (ValueError, RecursionError) as exc:
-        await _abort(context, f"request body is not JSON: {exc}")
+        raise _invalid(f"request body is not JSON: {exc}") from None
     if not isinstance(value, dict):
-        await _abort(context, "request body must be a JSON object")
+        raise _invalid("request body must be a JSON object")
     for field in message.DESCRIPTOR.fields:
         if field.type != descriptor.FieldDescriptor.TYPE_BYTES:
             continue
         for key in (field.name, field.json_name):
             encoded = value.get(key)
             if isinstance(encoded, str) and not _valid_base64(encoded):
-                await _abort(context, f"{field.name} is not base64: {encoded[:40]!r}")
+                raise _invalid(f"{field.name} is not base64: {encoded[:40]!r}")
     try:
         json_format.ParseDict(value, message)
     except json_format.ParseError as exc:
-        await _abort(context, f"request body: {exc}")
+        raise _invalid(f"request body: {exc}") from None
 
 
-async def _parse_query(request: web.Request, route: Route, message: Message, context: Any) -> None:
+def _parse_query(request: web.Request, route: Route, message: Message) -> None:
     """grpc-gateway's query parameters: each name a field path of the request (proto or JSON
     names, dotted into messages), each value the field's proto3 JSON text (numbers, enum
     names, RFC 3339 timestamps); a name that is no field, or a field given twice, is 400."""
@@ -367,7 +294,7 @@ async def _parse_query(request: web.Request, route: Route, message: Message, con
             raw_query, keep_blank_values=True, strict_parsing=False, errors="strict"
         )
     except UnicodeDecodeError:
-        await _abort(context, "the query string must be valid UTF-8 (percent-decoded)")
+        raise _invalid("the query string must be valid UTF-8 (percent-decoded)") from None
     tree: dict[str, Any] = {}
     for name, value in pairs:
         node, fields = tree, route.query_fields
@@ -375,24 +302,24 @@ async def _parse_query(request: web.Request, route: Route, message: Message, con
         for depth, part in enumerate(parts):
             field = next((f for f in fields if part in (f.name, f.json_name)), None)
             if field is None:
-                await _abort(context, f"query parameter {name!r} is not a field of the request")
+                raise _invalid(f"query parameter {name!r} is not a field of the request")
             last = depth == len(parts) - 1
             is_message = field.message_type is not None and not _is_well_known(field)
             if last == is_message or field.is_repeated:
-                await _abort(context, f"query parameter {name!r} does not name a single value")
+                raise _invalid(f"query parameter {name!r} does not name a single value")
             if last:
                 if field.name in node:
-                    await _abort(context, f"query parameter {name!r} is given twice")
+                    raise _invalid(f"query parameter {name!r} is given twice")
                 node[field.name] = _query_value(field, value)
             else:
                 child = node.setdefault(field.name, {})
                 if not isinstance(child, dict):  # "filter=x" and then "filter.nodeId=y"
-                    await _abort(context, f"query parameter {name!r} does not name a field")
+                    raise _invalid(f"query parameter {name!r} does not name a field")
                 node, fields = child, tuple(field.message_type.fields)
     try:
         json_format.ParseDict(tree, message)
     except json_format.ParseError as exc:
-        await _abort(context, f"query string: {exc}")
+        raise _invalid(f"query string: {exc}") from None
 
 
 def _is_well_known(field: descriptor.FieldDescriptor) -> bool:
@@ -417,17 +344,15 @@ def _valid_base64(text: str) -> bool:
     return True
 
 
-Service = Callable[[Message, Any], Awaitable[Message]]
-Wrap = Callable[[str, Behavior], Behavior]
-
 MAX_BODY_KEY: Final = web.AppKey("max_body_bytes", int)
 
 
-def _innermost(route: Route, method: Service) -> Behavior:
-    async def call(http_call: HttpCall, context: Any) -> Message:
-        return await method(await _request_message(http_call, context), context)
+def _innermost(method: Behavior) -> Behavior:
+    async def made(http: HttpRequest, call: Call) -> Message:
+        answer: Message = await method(await _request_message(http), call)
+        return answer
 
-    return call
+    return made
 
 
 def _handler(route: Route, behavior: Behavior) -> Callable[[web.Request], Awaitable[web.Response]]:
@@ -445,27 +370,26 @@ def _handler(route: Route, behavior: Behavior) -> Callable[[web.Request], Awaita
                 deadline = time.monotonic() + grpc_timeout_seconds(timeout_header)
             except ValueError as exc:
                 return error_response(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
-        context = HttpCallContext(
-            tuple((key.lower(), value) for key, value in request.headers.items()),
-            deadline,
-            f"http:{request.remote}",
+        call = HttpCall(
+            tuple((key.lower(), value) for key, value in request.headers.items()), deadline
         )
         try:
             if deadline is None:
-                answer = await behavior(HttpCall(request, route), context)
+                answer = await behavior(HttpRequest(request, route), call)
             else:
                 async with asyncio.timeout(deadline - time.monotonic()):
-                    answer = await behavior(HttpCall(request, route), context)
-        except RestAbort as exc:
-            return error_response(exc.code, exc.message, exc.http_status, context.trailing)
+                    answer = await behavior(HttpRequest(request, route), call)
+        except ApiError as exc:
+            http_status = exc.http_status if isinstance(exc, RestAbort) else None
+            return error_response(exc.code, exc.message, http_status, call.trailing)
         except TimeoutError:
             return error_response(
-                grpc.StatusCode.DEADLINE_EXCEEDED, "Deadline Exceeded", None, context.trailing
+                grpc.StatusCode.DEADLINE_EXCEEDED, "Deadline Exceeded", None, call.trailing
             )
         response = web.json_response(
             json_format.MessageToDict(answer, always_print_fields_with_no_presence=True)
         )
-        for key, value in context.trailing:
+        for key, value in call.trailing:
             response.headers[key] = value
         return response
 
@@ -512,7 +436,7 @@ def build_app(
     app[MAX_BODY_KEY] = max_body_bytes
     for route in ROUTES:
         method = getattr(services[route.service], route.rpc)
-        behavior = wrap(route.full_method, _innermost(route, method))
+        behavior = wrap(route.full_method, _innermost(method))
         app.router.add_route(route.http_method, route.path, _handler(route, behavior))
     document = json.dumps(openapi, indent=2)
 

@@ -1,4 +1,5 @@
-"""The gRPC server's lifecycle: ConnectionService behind the interceptors, health checking
+"""The gRPC server's lifecycle: ConnectionService and the directory behind the wrappers
+(api/transport/wrappers.py: metrics, tokens, the cap on calls in flight), health checking
 that follows the read model's readiness, server reflection (grpcurl works without .proto
 files), optional TLS, a Prometheus endpoint, the REST mapping (api/transport/rest.py), and a
 graceful stop."""
@@ -8,7 +9,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from typing import Any
 
 import grpc
 from aiohttp import web
@@ -22,32 +22,19 @@ from conntrack.api.application.directory import (
     ConnectionDirectory,
     ConnectionDirectoryService,
 )
-from conntrack.api.application.service import (
-    SERVICE,
-    SERVICE_NAME,
-    ConnectionService,
-    tolerant_handlers,
-)
+from conntrack.api.application.service import SERVICE, SERVICE_NAME, ConnectionService
 from conntrack.api.read.repository import ConnectionRepository, ReadModelUnavailable
 from conntrack.api.transport import openapi, reflection, rest
 from conntrack.api.transport.auth import BearerTokens, load_tokens
-from conntrack.api.transport.interceptors import (
-    BearerAuthInterceptor,
-    Behavior,
-    ConcurrencyLimitInterceptor,
-    MetricsInterceptor,
-)
+from conntrack.api.transport.grpc_handlers import handlers
 from conntrack.api.transport.metrics import ApiMetrics
 from conntrack.api.transport.tls import ServerTls
+from conntrack.api.transport.wrappers import CallLimit, Wrap, authenticated, composed, metered
 from conntrack.core.kafka import KafkaConnection
 from conntrack.core.liveness import Liveness
 from conntrack.core.settings import Settings, default
 
 log = logging.getLogger(__name__)
-
-# The services behind authentication, the concurrency cap and the call metrics (health checks
-# and reflection stay open).
-_PROTECTED = (f"/{SERVICE_NAME}/", f"/{DIRECTORY_SERVICE_NAME}/")
 
 
 async def _done() -> None:
@@ -130,8 +117,12 @@ class ApiServer:
             BroadcastRpc(Broadcaster(self.directory, commands), command_timeout_seconds),
         )
         self._commands = commands
-        self._limit = ConcurrencyLimitInterceptor(
-            max_concurrent_calls, _PROTECTED, self.metrics.in_flight.set
+        self._limit = CallLimit(max_concurrent_calls, self.metrics.in_flight.set)
+        # Every call of the two services, gRPC's and REST's alike, outermost first.
+        self._wrap: Wrap = composed(
+            metered(self.metrics),
+            *([authenticated(tokens)] if tokens is not None else []),
+            self._limit.wrap,
         )
         self._server: grpc.aio.Server | None = None
         # grpc-stubs do not know the asyncio servicer.
@@ -200,27 +191,11 @@ class ApiServer:
         """ConnectionService calls being served now."""
         return self._limit.in_flight
 
-    def _interceptors(self) -> list[grpc.aio.ServerInterceptor[Any, Any]]:
-        chain: list[grpc.aio.ServerInterceptor[Any, Any]] = [
-            MetricsInterceptor(self.metrics, _PROTECTED)
-        ]
-        if self._tokens is not None:
-            chain.append(BearerAuthInterceptor(self._tokens, _PROTECTED))
-        chain.append(self._limit)
-        return chain
-
-    def _rest_wrap(self, method: str, behavior: Behavior) -> Behavior:
-        """A REST call's way to the service: the interceptors' checks in gRPC's order."""
-        wrapped = self._limit.wrap(method, behavior)
-        if self._tokens is not None:
-            wrapped = BearerAuthInterceptor(self._tokens, _PROTECTED).wrap(method, wrapped)
-        return MetricsInterceptor(self.metrics, _PROTECTED).wrap(method, wrapped)
-
     async def _start_rest(self, port: int) -> rest.RestSite:
         site = rest.RestSite(
             rest.build_app(
                 {SERVICE_NAME: self._service, DIRECTORY_SERVICE_NAME: self._directory_service},
-                self._rest_wrap,
+                self._wrap,
                 max_body_bytes=self._max_message_bytes,
                 openapi=openapi.document(secured=self._tokens is not None),
             ),
@@ -238,7 +213,6 @@ class ApiServer:
             return
         credentials = self._tls.credentials() if self._tls else None
         server = grpc.aio.server(
-            interceptors=self._interceptors(),
             options=[
                 # gRPC on Linux would otherwise share a port with another server silently;
                 # a second API on the same address must fail loudly instead. Workers share
@@ -254,12 +228,12 @@ class ApiServer:
             (SERVICE, self._service),
             (DIRECTORY_SERVICE, self._directory_service),
         ):
-            handlers = tolerant_handlers(servicer, service)
+            by_name = handlers(servicer, service, self._wrap)
             server.add_generic_rpc_handlers(
-                (grpc.method_handlers_generic_handler(service.full_name, handlers),)
+                (grpc.method_handlers_generic_handler(service.full_name, by_name),)
             )
-            server.add_registered_method_handlers(service.full_name, handlers)  # type: ignore[attr-defined]
-            self.metrics.initialize(f"/{service.full_name}/{method}" for method in handlers)
+            server.add_registered_method_handlers(service.full_name, by_name)  # type: ignore[attr-defined]
+            self.metrics.initialize(f"/{service.full_name}/{method}" for method in by_name)
         health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
         reflection.enable_server_reflection(
             (SERVICE_NAME, DIRECTORY_SERVICE_NAME, health.SERVICE_NAME), server

@@ -9,10 +9,12 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from conntrack.api.application.call import UndecodableRequest
 from conntrack.api.application.freshness import format_positions, parse_positions
-from conntrack.api.application.service import UndecodableRequest, to_proto, tolerant_parser
+from conntrack.api.application.service import to_proto
 from conntrack.api.read.repository import ConnectionView, PartitionPosition
 from conntrack.api.transport.auth import BearerTokens, TokenConfigError, load_tokens
+from conntrack.api.transport.grpc_handlers import tolerant_parser
 from conntrack.api.transport.tls import ServerTls, TlsConfigError, client_credentials
 from conntrack.core.ids import UPSTREAM_CONNECTION_ID_LENGTH
 from conntrack.core.ids import upstream_connection_id_problem as connection_id_problem
