@@ -40,21 +40,17 @@ import contextlib
 import functools
 import logging
 import os
-import random
 import time
 import uuid
 from collections import deque
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
-from aiokafka import AIOKafkaProducer
-from aiokafka.errors import KafkaConnectionError, KafkaError, KafkaTimeoutError
+from aiokafka.errors import KafkaError, KafkaTimeoutError
 
-from conntrack.core import kafka
 from conntrack.core.events import (
     HEADERS,
-    MAX_TIME_NS,
     MIN_TIME_NS,
     Activity,
     Connected,
@@ -64,39 +60,30 @@ from conntrack.core.events import (
     NodeHeartbeat,
     NodeStarted,
     Payload,
-    decode,
     decode_tuple,
     encode,
     record_key,
 )
-from conntrack.core.ids import id_problem
 from conntrack.core.kafka import KafkaConnection, connection_of
 from conntrack.core.settings import default
+from conntrack.producer import kafka_producer
 from conntrack.producer.coalescing import ActivityCoalescer, CoalescedActivity
 from conntrack.producer.errors import (
     BrokerUnavailableError,
     DeliveryTimeoutError,
     PublisherClosedError,
     PublisherError,
-    TopicNotFoundError,
     UndeliveredEventsError,
 )
 from conntrack.producer.lanes import Lanes, Ticket
-from conntrack.producer.node import MAX_INCARNATION, next_incarnation
+from conntrack.producer.node import next_incarnation
 from conntrack.producer.spool import Spool, SpoolFullError
+from conntrack.producer.validation import check_frames, check_id, check_time, checked_value
 
 log = logging.getLogger(__name__)
 
 UndeliverableCallback = Callable[[Event, BaseException], None]
 
-_UINT64_MAX = 2**64 - 1
-_MAX_STATUS_CODE = 0xFFFF
-_CONNECT_BACKOFF_S = 0.5
-# Between two metadata requests of one producer: retry.backoff.ms after an answer, and after a
-# failure an exponential backoff like the Java client's reconnect.backoff.ms/.max.ms.
-_METADATA_BACKOFF_S = 0.1
-_RECONNECT_BACKOFF_S = 0.05
-_RECONNECT_BACKOFF_MAX_S = 1.0
 # Spool replay: records per round (each round waits for its acknowledgements), and the pause
 # after a round failed (the broker is still away) or while no producer can take them.
 _REPLAY_BATCH = 1000
@@ -140,86 +127,6 @@ class PublisherStats:
     """Events the disk refused to write (a failing disk; each logged as an error)."""
 
 
-def _check_id(name: str, value: str) -> None:
-    problem = id_problem(name, value)
-    if problem is not None:
-        raise InvalidEvent(problem)
-
-
-def _check_time(at_ns: int) -> None:
-    if not MIN_TIME_NS <= at_ns < MAX_TIME_NS:
-        raise InvalidEvent(f"time {at_ns} ns is outside 2000-01-01..2100-01-01")
-
-
-def _check_frames(frames: int) -> None:
-    if not 0 <= frames <= _UINT64_MAX:
-        raise InvalidEvent(f"frames {frames} is outside 0..2**64-1")
-
-
-def _checked_value(event: Event) -> bytes:
-    """The one check every event goes through before it is handed in: the fields the caller
-    gives, with messages naming them, then exactly what the projector will do (encode, then
-    decode), so nothing it would dead-letter is ever sent. Returns the encoding."""
-    payload = event.payload
-    node_event = isinstance(payload, NodeStarted | NodeHeartbeat)
-    if isinstance(payload, NodeStarted | NodeHeartbeat):
-        _check_id("node_id", payload.node_id)
-        if not 0 < payload.incarnation <= MAX_INCARNATION:
-            raise InvalidEvent(f"incarnation {payload.incarnation} is outside 1..2**63-1")
-        if event.connection_id:
-            raise InvalidEvent("a node event must not carry a connection_id")
-    else:
-        _check_id("connection_id", event.connection_id)
-    _check_time(event.occurred_at_ns)
-    if isinstance(payload, Activity):
-        _check_frames(payload.frames)
-    elif isinstance(payload, Disconnected) and not 0 <= payload.status_code <= _MAX_STATUS_CODE:
-        raise InvalidEvent(
-            f"status_code {payload.status_code} is outside 0..65535 (WebSocket close codes)"
-        )
-    try:
-        value = encode(event)
-        key = record_key(event) if node_event else event.connection_id.encode()
-    except (ValueError, TypeError) as exc:
-        raise InvalidEvent(f"cannot encode event: {exc}") from None
-    decode(value, key)
-    return value
-
-
-def _back_off_metadata_requests(client: Any) -> None:
-    """Make one aiokafka client wait between metadata requests.
-
-    aiokafka 0.14 has no reconnect backoff at all (no reconnect_backoff_ms option), and its
-    sender asks for metadata again as soon as the previous request ends whenever a partition
-    has no known leader (producer/sender.py, `if unknown_leaders_exist`). With the broker away
-    each request is one refused connection, so the loop reconnects thousands of times a second
-    and keeps a core busy for the whole outage. Every metadata request goes through
-    `_metadata_update` (the background synchroniser and fetch_all_metadata), so spacing its
-    calls bounds that loop without changing anything else."""
-    update: Callable[[Any, Any], Awaitable[bool]] = client._metadata_update
-    loop = asyncio.get_running_loop()
-    next_at = 0.0
-    backoff_s = _RECONNECT_BACKOFF_S
-
-    async def spaced_update(cluster_metadata: Any, topics: Any) -> bool:
-        nonlocal next_at, backoff_s
-        wait_s = next_at - loop.time()
-        if wait_s > 0:
-            await asyncio.sleep(wait_s)
-        updated = bool(await update(cluster_metadata, topics))
-        if updated:
-            backoff_s = _RECONNECT_BACKOFF_S
-            next_at = loop.time() + _METADATA_BACKOFF_S
-        else:
-            # Jitter, as in the Java client: many gateways losing one broker do not all come
-            # back in step.
-            next_at = loop.time() + backoff_s * random.uniform(0.8, 1.2)
-            backoff_s = min(2 * backoff_s, _RECONNECT_BACKOFF_MAX_S)
-        return updated
-
-    client._metadata_update = spaced_update
-
-
 class Publisher:
     """Async context manager. start() and stop() are idempotent; stop() (alias close()) flushes.
 
@@ -259,7 +166,7 @@ class Publisher:
         wall_clock_ns: Callable[[], int] = time.time_ns,
         **producer_options: Any,
     ) -> None:
-        _check_id("gateway_id", gateway_id)
+        check_id("gateway_id", gateway_id)
         if activity_interval_s < 0:
             raise ValueError("activity_interval_s must be >= 0")
         if delivery_timeout_s <= 0:
@@ -270,7 +177,7 @@ class Publisher:
             raise ValueError("heartbeat_interval_s must be > 0")
         if node_id is not None:
             # The one check every event goes through, on the node's first event as it will be.
-            _checked_value(
+            checked_value(
                 Event(str(uuid.uuid4()), "", gateway_id, MIN_TIME_NS, NodeStarted(node_id, 1))
             )
         self._node_id = node_id
@@ -413,8 +320,7 @@ class Publisher:
                 raise
             # Fixed for this run: a connection keeps its partition (and its order) even if the
             # topic gains partitions meanwhile.
-            partitions = self._producer.client.cluster.partitions_for_topic(self._topic)
-            self._lanes = Lanes(len(partitions))
+            self._lanes = Lanes(kafka_producer.partition_count(self._producer, self._topic))
             if self._node_id is not None:
                 try:
                     await self._announce_start(self._node_id, deadline)
@@ -446,52 +352,15 @@ class Publisher:
     async def _connect(
         self, retry_log_level: int = logging.WARNING, deadline: float | None = None
     ) -> Any:
-        loop = asyncio.get_running_loop()
         if deadline is None:
-            deadline = loop.time() + self._delivery_timeout_s
-        while True:
-            producer = AIOKafkaProducer(**{**self._connection.options(), **self._producer_options})
-            _back_off_metadata_requests(producer.client)
-            try:
-                async with asyncio.timeout_at(deadline):
-                    await kafka.start(producer, self._connection)
-                    await self._check_topic(producer)
-                return producer
-            except (KafkaConnectionError, TimeoutError) as exc:
-                await producer.stop()
-                if loop.time() + _CONNECT_BACKOFF_S >= deadline:
-                    raise BrokerUnavailableError(
-                        f"cannot reach Kafka at {self._bootstrap_servers} within "
-                        f"{self._delivery_timeout_s:g} s: {exc or type(exc).__name__}"
-                    ) from exc
-                log.log(
-                    retry_log_level,
-                    "Kafka at %s unreachable, retrying: %s",
-                    self._bootstrap_servers,
-                    exc,
-                )
-                await asyncio.sleep(_CONNECT_BACKOFF_S)
-            except BaseException:
-                await producer.stop()
-                raise
-
-    async def _check_topic(self, producer: Any) -> None:
-        # A topic created a moment ago may be missing from the first metadata answer: ask again
-        # a few times before calling it missing.
-        for attempt in range(5):
-            updated = await (
-                producer.client.add_topic(self._topic)
-                if attempt == 0
-                else producer.client.force_metadata_update()
-            )
-            if not updated:
-                raise KafkaConnectionError("no broker answered the metadata request")
-            if producer.client.cluster.partitions_for_topic(self._topic):
-                return
-            await asyncio.sleep(0.2)
-        raise TopicNotFoundError(
-            f"topic {self._topic} does not exist at {self._bootstrap_servers}; "
-            "create it with `conntrack-producer topics`"
+            deadline = asyncio.get_running_loop().time() + self._delivery_timeout_s
+        return await kafka_producer.connect(
+            self._connection,
+            self._producer_options,
+            self._topic,
+            deadline=deadline,
+            timeout_s=self._delivery_timeout_s,
+            retry_log_level=retry_log_level,
         )
 
     async def stop(self) -> None:
@@ -575,34 +444,15 @@ class Publisher:
     async def _abandon(self, producer: Any, futures: list[asyncio.Future[Any]]) -> None:
         """Report these in-flight events as not acknowledged in time, failing what the producer
         still holds of them."""
-        # aiokafka retries a batch forever while its partition has a leader (it only expires
-        # batches of leaderless partitions), so its stop() would not return while the broker is
-        # away. Stop its sender and fail what it still holds, so those events are reported.
+        # Stop its sender and fail what it still holds (kafka_producer.fail_held says why), so
+        # those events are reported.
         error = DeliveryTimeoutError(
             f"not acknowledged within {self._delivery_timeout_s:g} s; the broker may still "
             "have received it"
         )
         if futures:
             self._degrade()  # before any of them is taken out of _in_flight: keeps their order
-        sender = getattr(producer, "_sender", None)
-        accumulator = getattr(producer, "_message_accumulator", None)
-        if sender is not None and accumulator is not None:
-            await sender.close()
-            # A batch waiting to be retried was taken out of _pending_batches by reenqueue(),
-            # yet the done-callback of its first drain removes it from there again once
-            # fail_all fails it: a KeyError logged per batch. Put such batches back first.
-            pending = getattr(accumulator, "_pending_batches", None)
-            if isinstance(pending, set):
-                for batches in getattr(accumulator, "_batches", {}).values():
-                    pending.update(b for b in batches if b.retry_count > 0)
-            accumulator.fail_all(error)
-            # fail_all also fails the drain waiter of each batch nobody was appending to; left
-            # unread, each would be logged as "Future exception was never retrieved".
-            for batches in getattr(accumulator, "_batches", {}).values():
-                for batch in batches:
-                    waiter = getattr(batch, "_drain_waiter", None)
-                    if waiter is not None and waiter.done() and not waiter.cancelled():
-                        waiter.exception()
+        await kafka_producer.fail_held(producer, error)
         for future in futures:
             event = self._in_flight.pop(future, None)
             if event is None:
@@ -640,7 +490,7 @@ class Publisher:
         self._require_accepting()
         if isinstance(event.payload, NodeStarted | NodeHeartbeat):
             raise InvalidEvent("a node's own events are published by its node role, not publish()")
-        value = _checked_value(event)
+        value = checked_value(event)
         deadline = asyncio.get_running_loop().time() + self._delivery_timeout_s
         lane = self._lanes.lane_of(event.connection_id)
         # The turn and the connection's pending activity are taken in one step, with no await
@@ -679,11 +529,11 @@ class Publisher:
         if connection_id in self._coalescer:
             # Its id passed the whole check when its interval opened (below); a merged call
             # brings only frames and a time, checked by the same rules, and stays cheap.
-            _check_frames(frames)
-            _check_time(at)
+            check_frames(frames)
+            check_time(at)
         else:
             checked = self._event(connection_id, Activity(frames), at)
-            value = _checked_value(checked)
+            value = checked_value(checked)
         ready = self._coalescer.record(connection_id, at, frames, self._monotonic_ns())
         if ready is None:
             self._coalesced += 1
@@ -761,7 +611,7 @@ class Publisher:
         acknowledgement: it is in the log before any Connected of this incarnation is sent."""
         self._incarnation = next_incarnation(node_id, self._wall_clock_ns())
         event = self._node_event(NodeStarted(node_id, self._incarnation))
-        value = _checked_value(event)
+        value = checked_value(event)
         try:
             async with asyncio.timeout_at(deadline):
                 future = await self._producer.send(
@@ -816,7 +666,7 @@ class Publisher:
             return
         event = self._node_event(NodeHeartbeat(self._node_id, self._incarnation))
         try:
-            value = _checked_value(event)
+            value = checked_value(event)
             async with asyncio.timeout(timeout_s):
                 future = await producer.send(
                     self._topic, value=value, key=record_key(event), headers=list(HEADERS)
@@ -1146,7 +996,7 @@ class Publisher:
                 return await self._connect(retry_log_level=logging.DEBUG)
             except Exception as exc:
                 log.warning("no new Kafka producer yet, retrying: %r", exc)
-                await asyncio.sleep(_CONNECT_BACKOFF_S)
+                await asyncio.sleep(kafka_producer.CONNECT_BACKOFF_S)
 
     async def _wait_in_flight(self, deadline: float) -> int:
         """Wait until everything in flight is settled or the deadline passes; how many remain."""
