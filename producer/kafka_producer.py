@@ -22,12 +22,38 @@ from conntrack.producer.errors import BrokerUnavailableError, TopicNotFoundError
 
 log = logging.getLogger(__name__)
 
+# aiokafka holds one batch per partition and send() waits while it is full and cannot be sent
+# (its leader is away: a broker failover takes about 10 s). Its default, 16 KiB (some 160
+# events), made calls wait within a second of a failover; 1 MiB (the broker's default
+# message.max.bytes is 1 MiB + 12 bytes, so a full batch is still accepted) holds some 7,000
+# events of the partition: docs/producer.md, "Failure behaviour".
+MAX_BATCH_BYTES: Final = 1 << 20
 CONNECT_BACKOFF_S: Final = 0.5
 # Between two metadata requests of one producer: retry.backoff.ms after an answer, and after a
 # failure an exponential backoff like the Java client's reconnect.backoff.ms/.max.ms.
 _METADATA_BACKOFF_S: Final = 0.1
 _RECONNECT_BACKOFF_S: Final = 0.05
 _RECONNECT_BACKOFF_MAX_S: Final = 1.0
+
+
+def options(linger_ms: int, delivery_timeout_s: float, extra: Mapping[str, Any]) -> dict[str, Any]:
+    """The producer's options: the publisher's defaults, the caller's `extra` aiokafka options
+    over them, and what per-connection order and no duplicates need over everything."""
+    if "partitioner" in extra:
+        raise ValueError(
+            "partitioner: the publisher places each connection's events itself, by its id "
+            "as Kafka's default partitioner does (producer/lanes.py)"
+        )
+    return {
+        "linger_ms": linger_ms,
+        "max_batch_size": MAX_BATCH_BYTES,
+        # aiokafka uses it for metadata waits, full-buffer waits and produce requests.
+        "request_timeout_ms": max(1, int(delivery_timeout_s * 1000)),
+        **extra,
+        # Not overridable: these are what make per-connection order and no-duplicates hold.
+        "acks": "all",
+        "enable_idempotence": True,
+    }
 
 
 async def connect(

@@ -311,8 +311,11 @@ async def test_a_failing_callback_does_not_break_the_publisher(kafka_settings: S
     await pub.start()
     await pub.stop()
     # Publishing into a stopped producer in a turn taken before stop() is reported, then refused.
+    lanes = pub._handover.lanes
+    lane = lanes.lane_of("c")
+    event = Event("e", "c", "gw", T0, Activity(1))
     with pytest.raises(PublisherClosedError):
-        await pub._send(Event("e", "c", "gw", T0, Activity(1)), 0.0, pub._lanes.lane_of("c"))
+        await pub._handover.send_in_turn(lane, lanes.reserve(lane), [event], 0.0)
     assert pub.undelivered == 1
 
 

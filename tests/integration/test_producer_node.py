@@ -156,8 +156,8 @@ async def test_heartbeats_do_not_wait_for_connection_events(kafka_settings: Sett
     go around both."""
     node = f"node-{uuid.uuid4().hex[:8]}"
     async with publisher(kafka_settings, node_id=node, heartbeat_interval_s=0.1) as pub:
-        lane = pub._lanes.lane_of("c-1")
-        assert pub._lanes.reserve(lane) is None  # c-1's partition waits for this turn now
+        lane = pub._handover.lanes.lane_of("c-1")
+        assert pub._handover.lanes.reserve(lane) is None  # c-1's partition waits for this turn now
         try:
             blocked = asyncio.create_task(pub.connected("c-1", "10.0.0.1", "ua"))
             before = pub.stats().heartbeats_delivered
@@ -165,7 +165,7 @@ async def test_heartbeats_do_not_wait_for_connection_events(kafka_settings: Sett
             during = pub.stats().heartbeats_delivered - before
             assert not blocked.done()
         finally:
-            pub._lanes.release(lane)
+            pub._handover.lanes.release(lane)
         await blocked
     assert during >= 3
 

@@ -244,7 +244,7 @@ async def test_records_fetched_before_the_assignment_seek_are_never_applied(
     slices. The records taken before the seek must not be committed as if they followed the
     stored position (before the fix: 0 -> 2500 with 1000 records, the first 1500 never
     applied)."""
-    caplog.set_level(logging.DEBUG, logger="projector.runner")
+    caplog.set_level(logging.DEBUG, logger="conntrack.projector.runner")
     topic = unique("events")
     await create_topic(kafka_settings.kafka_bootstrap_servers, topic, 1)
     s = kafka_settings.model_copy(update={"events_topic": topic})
@@ -296,7 +296,7 @@ async def test_records_that_do_not_begin_at_the_position_are_read_again(
     """Whatever moved the consumer (here a seek behind the projector's back, as a library fault
     would), a batch whose records begin past the stored position is not applied: the partition
     is read again from its position."""
-    caplog.set_level(logging.DEBUG, logger="projector.runner")
+    caplog.set_level(logging.DEBUG, logger="conntrack.projector.runner")
     s = kafka_settings
     store = ProjectionStore(engine)
     events = make_events(random.Random(15), "r", 1500, 150)
@@ -324,7 +324,7 @@ async def test_offsets_kafka_leaves_unused_are_passed_over(
 ) -> None:
     """A gateway publishing in transactions leaves a commit marker after each one: offsets no
     consumer sees. They are not gaps: every event is applied, none twice."""
-    caplog.set_level(logging.INFO, logger="projector.runner")
+    caplog.set_level(logging.INFO, logger="conntrack.projector.runner")
     s = kafka_settings.model_copy(update={"batch_max_events": 37})
     store = ProjectionStore(engine)
     events = make_events(random.Random(16), "t", 1200, 100)

@@ -137,14 +137,14 @@ def test_a_workers_log_lines_say_which_worker(
     handlers, level = root.handlers[:], root.level
     setup_logging("INFO", log_format, worker=3)
     try:
-        logging.getLogger("api.server").info("event=probe state=%s", "SERVING")
+        logging.getLogger("conntrack.api").info("event=probe state=%s", "SERVING")
     finally:  # pytest's own handlers back, as they were
         root.handlers[:] = handlers
         root.setLevel(level)
     line = capsys.readouterr().err.strip().splitlines()[-1]
     if log_format == "text":
         tag = f"[worker 3 pid {os.getpid()}]"
-        assert line.endswith(f"INFO api.server: {tag} event=probe state=SERVING")
+        assert line.endswith(f"INFO conntrack.api: {tag} event=probe state=SERVING")
     else:
         fields = json.loads(line)
         assert fields["worker"] == 3
