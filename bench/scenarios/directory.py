@@ -1,6 +1,6 @@
 """Figure 7: the connection directory's page latency: ListConnections of 1,000-connection pages
 of one gateway, through `conntrack-api serve` over PostgreSQL, at gateways of 1k, 100k and 1M
-open connections (--scale shrinks the largest; --directory-sizes picks others).
+open connections (--scale shrinks the largest).
 
 The read model is filled straight with COPY (not through Kafka: the figure is the API's, and
 the rows are what the projector would have written). Beside the measured gateway the table holds
