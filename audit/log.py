@@ -10,7 +10,7 @@ from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient
 from aiokafka.partitioner import DefaultPartitioner
 
-from conntrack.core import kafka
+from conntrack.core import aiokafka_internals, kafka
 from conntrack.core.kafka import KafkaConnection, connection_of
 from conntrack.producer.topics import describe_topic_configs
 
@@ -70,10 +70,7 @@ class LogReader:
         return configs.get("message.timestamp.type", "CreateTime")
 
     async def partitions(self) -> list[int]:
-        # The consumer's own metadata cache only covers assigned topics; topics() answers from a
-        # fresh full fetch, which is what this asks the client for directly.
-        cluster = await self._consumer._client.fetch_all_metadata()
-        parts = cluster.partitions_for_topic(self.topic)
+        parts = await aiokafka_internals.topic_partitions(self._consumer, self.topic)
         if not parts:
             raise TopicNotFoundError(self.topic)
         return sorted(parts)

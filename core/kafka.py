@@ -22,7 +22,7 @@ import logging
 import ssl
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Final, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from aiokafka.abc import AbstractTokenProvider
 from aiokafka.conn import create_conn
@@ -32,12 +32,9 @@ from aiokafka.errors import (
     KafkaError,
     SaslAuthenticationFailed,
     UnsupportedSaslMechanismError,
-    for_code,
 )
 from aiokafka.helpers import create_ssl_context
 from aiokafka.partitioner import DefaultPartitioner, murmur2
-from aiokafka.protocol.commit import OffsetFetchRequest
-from aiokafka.structs import TopicPartition
 from pydantic import SecretStr
 
 from conntrack.core.settings import default, env_name
@@ -361,66 +358,6 @@ class KeyPartitioner:
             known = all_partitions[partition_of(key, len(all_partitions))]
             self._known[(key, len(all_partitions))] = known
         return known
-
-
-# OffsetFetch errors after which the request is simply repeated: the group's coordinator is still
-# loading its offsets (right after a broker start), or it is not available or another broker now
-# (then it is looked up again first).
-_COORDINATOR_LOADING: Final = 14
-_COORDINATOR_GONE: Final = frozenset({15, 16})
-
-
-class AskAgain(Exception):
-    """An OffsetFetch answer that is no answer yet: repeat the request (after looking the
-    coordinator up again, if `rediscover`)."""
-
-    def __init__(self, rediscover: bool) -> None:
-        super().__init__("the group coordinator is not ready")
-        self.rediscover = rediscover
-
-
-def offset_in(response: Any, tp: TopicPartition) -> int | None:
-    """What an OffsetFetch answer says of tp: its committed offset, or None (nothing committed).
-    Raises AskAgain for an answer that is no answer yet, and the answer's other errors."""
-    codes = [getattr(response, "error_code", 0)]  # the group's, from version 2 on
-    offset = None
-    for topic, partitions in response.topics:
-        for partition, committed, _, error in partitions:
-            if (topic, partition) == (tp.topic, tp.partition):
-                codes.append(error)
-                offset = int(committed) if committed >= 0 else None
-    for code in codes:
-        if code == _COORDINATOR_LOADING or code in _COORDINATOR_GONE:
-            raise AskAgain(rediscover=code in _COORDINATOR_GONE)
-        if code:
-            raise for_code(code)()
-    return offset
-
-
-async def committed_offset(
-    consumer: Any, tp: TopicPartition, *, retry_backoff_s: float = 0.1
-) -> int | None:
-    """The consumer group's committed offset of tp, or None if nothing is committed: what
-    consumer.committed(tp) answers, except while the group's coordinator is loading its offsets.
-    aiokafka 0.14 reads only the per-partition errors of an OffsetFetch answer, and from version
-    2 on a broker that has just started answers COORDINATOR_LOAD_IN_PROGRESS for the whole group,
-    with no partitions at all: consumer.committed() took that for "nothing committed", and a
-    gateway node started then skipped the commands waiting for it. Here such an answer is asked
-    again until it is a real one (bound the call with a timeout)."""
-    coordinator = consumer._coordinator
-    while True:
-        await coordinator.ensure_coordinator_known()
-        request = OffsetFetchRequest(coordinator.group_id, [(tp.topic, [tp.partition])])
-        try:
-            return offset_in(await coordinator._send_req(request), tp)
-        except AskAgain as again:
-            log.debug("event=offset_fetch_again group=%s partition=%s", coordinator.group_id, tp)
-            if again.rediscover:
-                coordinator.coordinator_dead()
-        except KafkaError as exc:  # _send_req has marked the coordinator dead
-            if not exc.retriable:
-                raise
-        await asyncio.sleep(retry_backoff_s)
 
 
 def _read_secret(path: Path) -> str:

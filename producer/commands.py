@@ -45,7 +45,7 @@ from typing import Any, Final, Protocol
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.errors import KafkaConnectionError, KafkaError
 
-from conntrack.core import kafka
+from conntrack.core import aiokafka_internals, kafka
 from conntrack.core.commands import (
     Batching,
     BroadcastFrame,
@@ -304,8 +304,8 @@ class NodeCommands:
         )
         consumer.assign([tp])
         # Not consumer.committed(): right after a broker start it can answer "nothing
-        # committed" for a group that has an offset (kafka.committed_offset says why).
-        committed = await kafka.committed_offset(consumer, tp)
+        # committed" for a group that has an offset (aiokafka_internals.committed_offset says why).
+        committed = await aiokafka_internals.committed_offset(consumer, tp)
         if committed is None:
             # Never ran: start at the end (earlier commands are for no start of this node that
             # could still hold a socket), and commit it, so that whatever arrives from now on is

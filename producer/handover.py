@@ -19,8 +19,8 @@ from typing import Any
 
 from aiokafka.errors import KafkaError, KafkaTimeoutError
 
+from conntrack.core import aiokafka_internals
 from conntrack.core.events import HEADERS, Event, encode
-from conntrack.producer import kafka_producer
 from conntrack.producer.errors import (
     BrokerUnavailableError,
     DeliveryTimeoutError,
@@ -227,14 +227,14 @@ class Handover:
 
     async def abandon(self, producer: Any, futures: list[Future]) -> None:
         """Report these in-flight events as not acknowledged in time, failing what the producer
-        still holds of them (kafka_producer.fail_held says why)."""
+        still holds of them (aiokafka_internals.fail_held says why)."""
         error = DeliveryTimeoutError(
             f"not acknowledged within {self._delivery_timeout_s:g} s; the broker may still "
             "have received it"
         )
         if futures:
             self.degrade()  # before any of them is taken out of the ledger: keeps their order
-        await kafka_producer.fail_held(producer, error)
+        await aiokafka_internals.fail_held(producer, error)
         for future in futures:
             record = self._ledger.pop(future)
             if record is None:

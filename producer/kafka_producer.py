@@ -1,22 +1,19 @@
 """The publisher's aiokafka producer: made with the options that keep per-connection order and
-no duplicates, connected with retries until a deadline, the topic checked; and the two places
-where the publisher reaches into aiokafka's internals (spacing metadata requests; failing what
-a producer still holds). Those two are here and nowhere else, and
-tests/unit/test_aiokafka_internals.py fails when the pinned aiokafka no longer has what they
-rely on."""
+no duplicates, connected with retries until a deadline (its metadata requests spaced, see
+core/aiokafka_internals.py), the topic checked."""
 
 from __future__ import annotations
 
 import asyncio
 import logging
-import random
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Mapping
 from typing import Any, Final
 
 from aiokafka import AIOKafkaProducer
 from aiokafka.errors import KafkaConnectionError
 
 from conntrack.core import kafka
+from conntrack.core.aiokafka_internals import back_off_metadata_requests
 from conntrack.core.kafka import KafkaConnection
 from conntrack.producer.errors import BrokerUnavailableError, TopicNotFoundError
 
@@ -118,64 +115,3 @@ async def _check_topic(producer: Any, topic: str, servers: str) -> None:
 def partition_count(producer: Any, topic: str) -> int:
     """How many partitions the producer's metadata says `topic` has."""
     return len(producer.client.cluster.partitions_for_topic(topic))
-
-
-def back_off_metadata_requests(client: Any) -> None:
-    """Make one aiokafka client wait between metadata requests.
-
-    aiokafka 0.14 has no reconnect backoff at all (no reconnect_backoff_ms option), and its
-    sender asks for metadata again as soon as the previous request ends whenever a partition
-    has no known leader (producer/sender.py, `if unknown_leaders_exist`). With the broker away
-    each request is one refused connection, so the loop reconnects thousands of times a second
-    and keeps a core busy for the whole outage. Every metadata request goes through
-    `_metadata_update` (the background synchroniser and fetch_all_metadata), so spacing its
-    calls bounds that loop without changing anything else."""
-    update: Callable[[Any, Any], Awaitable[bool]] = client._metadata_update
-    loop = asyncio.get_running_loop()
-    next_at = 0.0
-    backoff_s = _RECONNECT_BACKOFF_S
-
-    async def spaced_update(cluster_metadata: Any, topics: Any) -> bool:
-        nonlocal next_at, backoff_s
-        wait_s = next_at - loop.time()
-        if wait_s > 0:
-            await asyncio.sleep(wait_s)
-        updated = bool(await update(cluster_metadata, topics))
-        if updated:
-            backoff_s = _RECONNECT_BACKOFF_S
-            next_at = loop.time() + _METADATA_BACKOFF_S
-        else:
-            # Jitter, as in the Java client: many gateways losing one broker do not all come
-            # back in step.
-            next_at = loop.time() + backoff_s * random.uniform(0.8, 1.2)
-            backoff_s = min(2 * backoff_s, _RECONNECT_BACKOFF_MAX_S)
-        return updated
-
-    client._metadata_update = spaced_update
-
-
-async def fail_held(producer: Any, error: BaseException) -> None:
-    """Stop the producer's sender and fail every record it still holds with `error`.
-
-    aiokafka retries a batch forever while its partition has a leader (it only expires batches
-    of leaderless partitions), so its stop() would not return while the broker is away."""
-    sender = getattr(producer, "_sender", None)
-    accumulator = getattr(producer, "_message_accumulator", None)
-    if sender is None or accumulator is None:
-        return
-    await sender.close()
-    # A batch waiting to be retried was taken out of _pending_batches by reenqueue(), yet the
-    # done-callback of its first drain removes it from there again once fail_all fails it: a
-    # KeyError logged per batch. Put such batches back first.
-    pending = getattr(accumulator, "_pending_batches", None)
-    if isinstance(pending, set):
-        for batches in getattr(accumulator, "_batches", {}).values():
-            pending.update(b for b in batches if b.retry_count > 0)
-    accumulator.fail_all(error)
-    # fail_all also fails the drain waiter of each batch nobody was appending to; left unread,
-    # each would be logged as "Future exception was never retrieved".
-    for batches in getattr(accumulator, "_batches", {}).values():
-        for batch in batches:
-            waiter = getattr(batch, "_drain_waiter", None)
-            if waiter is not None and waiter.done() and not waiter.cancelled():
-                waiter.exception()

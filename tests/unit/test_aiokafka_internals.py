@@ -1,17 +1,17 @@
-"""What producer/kafka_producer.py relies on in aiokafka's internals, checked on the pinned
-aiokafka without a broker: a change of aiokafka that breaks either reliance fails here, not in
-an outage."""
+"""What core/aiokafka_internals.py relies on in aiokafka's internals, checked on the pinned
+aiokafka without a broker: a change of aiokafka that breaks a reliance fails here, not in an
+outage."""
 
 from __future__ import annotations
 
 import asyncio
 import inspect
 
-from aiokafka import AIOKafkaProducer
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from aiokafka.producer.message_accumulator import MessageBatch
 from aiokafka.structs import TopicPartition
 
-from conntrack.producer.kafka_producer import back_off_metadata_requests, fail_held
+from conntrack.core.aiokafka_internals import back_off_metadata_requests, fail_held
 
 
 async def test_metadata_requests_go_through_one_replaceable_method() -> None:
@@ -68,3 +68,22 @@ async def test_fail_held_leaves_an_object_without_those_internals_alone() -> Non
     plain = Plain()
     await fail_held(plain, RuntimeError("x"))
     assert vars(plain) == {}
+
+
+async def test_a_consumers_group_coordinator_and_full_metadata_fetch_are_reachable() -> None:
+    """committed_offset sends OffsetFetch through the consumer's group coordinator (aiokafka's
+    committed() misreads a loading coordinator's answer); topic_partitions asks the client for a
+    full metadata fetch (the consumer's cache holds only its assigned topics)."""
+    consumer = AIOKafkaConsumer(bootstrap_servers="127.0.0.1:9", group_id="g")
+    assert consumer._client is not None
+    assert inspect.iscoroutinefunction(consumer._client.fetch_all_metadata)
+    # The coordinator exists once the consumer starts; its class has what committed_offset uses.
+    from aiokafka.consumer.group_coordinator import GroupCoordinator
+
+    for name in ("ensure_coordinator_known", "_send_req"):
+        assert inspect.iscoroutinefunction(getattr(GroupCoordinator, name)), name
+    assert callable(GroupCoordinator.coordinator_dead)
+    assert "self.group_id" in inspect.getsource(GroupCoordinator.__init__)
+    source = inspect.getsource(AIOKafkaConsumer.start)
+    assert "self._coordinator = GroupCoordinator(" in source
+    await consumer.stop()

@@ -9,7 +9,7 @@ from aiokafka.errors import GroupAuthorizationFailedError, UnknownTopicOrPartiti
 from aiokafka.protocol.commit import OffsetFetchResponse_v1, OffsetFetchResponse_v3
 from aiokafka.structs import TopicPartition
 
-from conntrack.core.kafka import AskAgain, offset_in
+from conntrack.core.aiokafka_internals import AskAgain, offset_in
 
 TP = TopicPartition("commands", 2)
 
