@@ -20,9 +20,13 @@ from conntrack.core.lifecycle import (
 from conntrack.core.settings import Settings, env_name
 from conntrack.gateway.server import Gateway
 from conntrack.producer.commands import NodeCommands
-from conntrack.producer.errors import BrokerUnavailableError, PublisherError, TopicNotFoundError
+from conntrack.producer.errors import (
+    BrokerUnavailableError,
+    PublisherError,
+    SpoolError,
+    TopicNotFoundError,
+)
 from conntrack.producer.publisher import Publisher
-from conntrack.producer.spool import SpoolError
 
 log = logging.getLogger("gateway")
 

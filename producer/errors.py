@@ -41,3 +41,12 @@ class UndeliveredEventsError(PublisherError):
         )
         self.count = count
         self.first_error = first_error
+
+
+class SpoolError(PublisherError):
+    """The spool cannot be used (its directory, a file in it)."""
+
+
+class SpoolFullError(SpoolError):
+    """An append would take the spool past its size bound (for the publisher: the broker is
+    away and the spool holds spool_max_bytes already; the event was refused, not kept)."""

@@ -1,5 +1,5 @@
-"""A publisher's spool mode (spool_dir=...; producer/spool.py is the disk format; docs/producer.md,
-"Durable spool").
+"""A publisher's spool mode (spool_dir=...; producer/spool_files.py is the disk format;
+docs/producer.md, "Durable spool").
 
 Instead of reporting an event it could not deliver, the publisher writes it to the spool, and
 from the first failure on every new event goes there too, behind the others, until a replayer
@@ -20,10 +20,11 @@ from typing import Any, Final
 from aiokafka.errors import KafkaError
 
 from conntrack.core.events import HEADERS, InvalidEvent, decode_tuple
+from conntrack.producer.errors import SpoolFullError
 from conntrack.producer.ledger import Future, Ledger, Record
 from conntrack.producer.outcomes import Outcomes
 from conntrack.producer.replacement import ProducerSlot
-from conntrack.producer.spool import Spool, SpoolFullError
+from conntrack.producer.spool import Spool
 
 log = logging.getLogger(__name__)
 

@@ -28,7 +28,7 @@ from conntrack.core.events import (
     decode,
 )
 from conntrack.core.settings import Settings
-from conntrack.producer.spool import SEGMENT_SUFFIX, stored_payloads
+from conntrack.producer.spool_files import SEGMENT_SUFFIX, stored_payloads
 from tests.conftest import PrivateBroker
 from tests.support.gateway import GatewayProcess, own_id, with_command_topics
 from tests.support.kafka import create_topic, read_events, unique

@@ -17,9 +17,14 @@ from pathlib import Path
 import pytest
 
 from conntrack.core.events import Event
-from conntrack.producer.errors import DeliveryTimeoutError, PublisherError, UndeliveredEventsError
+from conntrack.producer.errors import (
+    DeliveryTimeoutError,
+    PublisherError,
+    SpoolFullError,
+    UndeliveredEventsError,
+)
 from conntrack.producer.publisher import Publisher
-from conntrack.producer.spool import SEGMENT_SUFFIX, SpoolFullError
+from conntrack.producer.spool_files import SEGMENT_SUFFIX
 from conntrack.producer.topics import TopicSpec, ensure_topics
 from tests.conftest import REPO, PrivateBroker
 from tests.support.events import T0

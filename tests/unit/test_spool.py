@@ -1,5 +1,5 @@
-"""The spool's files (producer/spool.py): format, recovery, order and bounds, on a real
-directory; plus the event-loop wrapper's buffer, bound and durability."""
+"""The spool's files (producer/spool_files.py): format, recovery, order and bounds, on a real
+directory; plus the event-loop wrapper's buffer, bound and durability (producer/spool.py)."""
 
 from __future__ import annotations
 
@@ -13,14 +13,13 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from conntrack.producer.spool import (
+from conntrack.producer.errors import SpoolError, SpoolFullError
+from conntrack.producer.spool import Spool
+from conntrack.producer.spool_files import (
     CURSOR_NAME,
     HEADER_BYTES,
     SEGMENT_SUFFIX,
-    Spool,
-    SpoolError,
     SpoolFiles,
-    SpoolFullError,
     record_bytes,
     stored_payloads,
 )
