@@ -1,11 +1,13 @@
-"""The Publisher's parts that hold no connection to Kafka, each on its own: the in-flight ledger,
-the outcomes, and the one event check (the rest are exercised against the real broker in
-tests/integration)."""
+"""The Publisher's parts that need no broker, each on its own: the in-flight ledger, the
+outcomes, the one event check, and the spool mode's taking of events (the parts that talk to
+Kafka are tested on their own against the real broker in
+tests/integration/test_publisher_parts.py)."""
 
 from __future__ import annotations
 
 import asyncio
 import logging
+from pathlib import Path
 
 import pytest
 
@@ -20,9 +22,12 @@ from conntrack.core.events import (
     decode,
     encode,
 )
-from conntrack.producer.errors import UndeliveredEventsError
+from conntrack.producer.errors import SpoolFullError, UndeliveredEventsError
 from conntrack.producer.ledger import Ledger, Record, pass_on
 from conntrack.producer.outcomes import Outcomes
+from conntrack.producer.spool import Spool
+from conntrack.producer.spool_files import record_bytes, stored_payloads
+from conntrack.producer.spooling import Spooling
 from conntrack.producer.validation import checked_value
 
 
@@ -121,3 +126,40 @@ def test_the_event_check_names_the_field() -> None:
     for event, message in bad:
         with pytest.raises(InvalidEvent, match=message):
             checked_value(event)
+
+
+async def test_spool_mode_keeps_in_flight_events_in_order_and_refuses_when_full(
+    tmp_path: Path,
+) -> None:
+    """Spooling on its own, on a real spool directory (its replay needs a broker: see
+    tests/integration/test_publisher_spool.py)."""
+    ledger, outcomes = Ledger(max_pending=10), Outcomes(None)
+    first, second, third = _record(1), _record(2), _record(3)
+    spooling = Spooling(
+        Spool(tmp_path / "spool", record_bytes(first.value) * 3),
+        ledger=ledger,
+        outcomes=outcomes,
+        topic="t",
+        partition_of=lambda connection_id: 0,
+        delivery_timeout_s=1.0,
+    )
+    await spooling.open()
+    try:
+        in_flight = asyncio.get_running_loop().create_future()
+        ledger.track(in_flight, first)
+        assert not spooling.active
+        spooling.degrade()  # the first failure: what is in flight goes to the spool first
+        assert spooling.active
+        assert spooling.spooled == 1
+        assert spooling.absorb(first)  # its failure is not reported: the spool has it
+        spooling.take_new(second)
+        assert spooling.spooled == 2
+        spooling.take_new(third)
+        with pytest.raises(SpoolFullError):
+            spooling.take_new(_record(4))
+        assert (spooling.refused, outcomes.undelivered) == (1, 1)
+        await spooling.spool.durable()
+        assert spooling.spool.pending == 3
+    finally:
+        await spooling.close()
+    assert [decode(v).event_id for v in stored_payloads(tmp_path / "spool")] == ["e1", "e2", "e3"]
