@@ -1,6 +1,7 @@
 """The OpenAPI 3.1 document of the REST mapping (api/transport/rest.py), made from the same route
-table the server registers (rest.ROUTES, read from the .proto's google.api.http annotations) and the
-messages' descriptors, so it describes exactly what is served. `GET /openapi.json` serves it."""
+table the server registers (rest_routes.ROUTES, read from the .proto's google.api.http
+annotations) and the messages' descriptors, so it describes exactly what is served.
+`GET /openapi.json` serves it."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ from google.protobuf import descriptor
 
 from conntrack.api.application.freshness import POSITION_AGE_HEADER, POSITION_HEADER
 from conntrack.api.transport import rest
+from conntrack.api.transport.rest_routes import ROUTES, Route
 from conntrack.core.commands import MAX_SEND_BYTES
 from conntrack.core.ids import UPSTREAM_CONNECTION_ID_LENGTH
 
@@ -91,7 +93,7 @@ class _Schemas:
         return schema
 
 
-def _operation(route: rest.Route, schemas: _Schemas, secured: bool) -> dict[str, Any]:
+def _operation(route: Route, schemas: _Schemas, secured: bool) -> dict[str, Any]:
     request = route.request_type.DESCRIPTOR
     parameters = []
     for name in route.path_fields:
@@ -158,7 +160,7 @@ def _operation(route: rest.Route, schemas: _Schemas, secured: bool) -> dict[str,
 
 def _query_parameters(fields: Any, prefix: str, schemas: _Schemas) -> list[dict[str, Any]]:
     """A GET's query parameters: each single-valued field, messages' fields dotted (JSON
-    names), as rest._parse_query reads them."""
+    names), as rest_requests reads them."""
     parameters: list[dict[str, Any]] = []
     for field in fields:
         name = prefix + field.json_name
@@ -176,7 +178,7 @@ def document(*, secured: bool) -> dict[str, Any]:
     requires bearer tokens."""
     schemas = _Schemas()
     paths: dict[str, dict[str, Any]] = {}
-    for route in rest.ROUTES:
+    for route in ROUTES:
         paths.setdefault(route.path, {})[route.http_method.lower()] = _operation(
             route, schemas, secured
         )

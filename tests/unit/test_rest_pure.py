@@ -16,13 +16,15 @@ from hypothesis import strategies as st
 from conntrack.api.application.directory import DIRECTORY_SERVICE_NAME
 from conntrack.api.application.service import SERVICE_NAME
 from conntrack.api.transport import openapi, rest
+from conntrack.api.transport.rest_requests import valid_base64
+from conntrack.api.transport.rest_routes import ROUTES
 from conntrack.core.protogen.yandex.cloud.serverless.apigateway.websocket.v1 import (
     connection_service_pb2 as svc,
 )
 
 
 def test_routes_are_upstreams_annotations() -> None:
-    upstream = [r for r in rest.ROUTES if r.service == SERVICE_NAME]
+    upstream = [r for r in ROUTES if r.service == SERVICE_NAME]
     assert [(r.rpc, r.http_method, r.path, r.body) for r in upstream] == [
         ("Get", "GET", "/apigateways/websocket/v1/connections/{connectionId}", ""),
         ("Send", "POST", "/apigateways/websocket/v1/connections/{connectionId}:send", "*"),
@@ -35,7 +37,7 @@ def test_routes_are_upstreams_annotations() -> None:
 
 
 def test_directory_routes_are_its_annotations() -> None:
-    directory = [r for r in rest.ROUTES if r.service == DIRECTORY_SERVICE_NAME]
+    directory = [r for r in ROUTES if r.service == DIRECTORY_SERVICE_NAME]
     base = "/conntrack/directory/v1/gateways/{gatewayId}/connections"
     assert [(r.rpc, r.http_method, r.path, r.body) for r in directory] == [
         ("ListConnections", "GET", base, ""),
@@ -96,14 +98,14 @@ def test_base64_accepted_as_proto3_json_writes_or_reads_it(
     text = (base64.urlsafe_b64encode if urlsafe else base64.b64encode)(data).decode()
     if not padded:
         text = text.rstrip("=")
-    assert rest._valid_base64(text)
+    assert valid_base64(text)
     message = json_format.Parse(json.dumps({"data": text}), svc.SendToConnectionRequest())
     assert message.data == data
 
 
 @pytest.mark.parametrize("text", ["aGk!!", "a", "aGk= ", "a=b=", "aGk===", "*"])
 def test_base64_refused(text: str) -> None:
-    assert not rest._valid_base64(text)
+    assert not valid_base64(text)
 
 
 def _refs(value: Any) -> set[str]:
