@@ -4,8 +4,9 @@ a frame to one (`send`) or close it (`disconnect`) through the gateway node hold
 from __future__ import annotations
 
 from conntrack.api.process.client import add_client_flags, call
+from conntrack.api.process.cores import available_cores, resolve_workers
 from conntrack.api.process.serve import serve
-from conntrack.api.process.workers import available_cores, resolve_workers, supervise
+from conntrack.api.process.workers import supervise
 from conntrack.api.transport.tls import TlsConfigError
 from conntrack.core import cli
 from conntrack.core.lifecycle import PYTHON_GEN0_THRESHOLD

@@ -38,93 +38,35 @@ import asyncio
 import contextlib
 import errno
 import logging
-import math
 import multiprocessing
 import os
 import shutil
 import signal
 import socket
-import sys
 import tempfile
 import threading
 import time
-from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from multiprocessing.connection import Connection
 from multiprocessing.process import BaseProcess
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from prometheus_client import start_http_server
 from prometheus_client.multiprocess import mark_process_dead
 
+from conntrack.api.process.worker import worker_main
 from conntrack.api.transport.metrics import aggregated_registry
 from conntrack.core import cli
-from conntrack.core.lifecycle import PYTHON_GEN0_THRESHOLD, setup_logging, tune_gc
-from conntrack.core.settings import Settings, env_name
+from conntrack.core.settings import Settings
 
 if TYPE_CHECKING:
-    from conntrack.api.transport.server import ApiServer
+    pass
 
 log = logging.getLogger(__name__)
 
-# Where cgroup v2 states the CPU quota of the process's group ("max 100000": none).
-CGROUP_CPU_MAX = Path("/sys/fs/cgroup/cpu.max")
 # How much longer than the grace period the supervisor waits for a draining worker: the time it
 # takes to close the command channel and the database pool after the last call.
 STOP_MARGIN_SECONDS = 10.0
-
-
-def cgroup_cpu_limit(cpu_max: str | None) -> int | None:
-    """The cores a cgroup v2 cpu.max line ("QUOTA PERIOD", or "max PERIOD" for no limit)
-    allows, rounded up; None for no limit or a line that is not one."""
-    if not cpu_max:
-        return None
-    parts = cpu_max.split()
-    if len(parts) != 2 or parts[0] == "max":
-        return None
-    try:
-        quota, period = int(parts[0]), int(parts[1])
-    except ValueError:
-        return None
-    if quota <= 0 or period <= 0:
-        return None
-    return max(1, math.ceil(quota / period))
-
-
-def cores_from(affinity: int, cpu_max: str | None) -> int:
-    """The cores a process can use: those it may run on, fewer if its cgroup's quota says so
-    (a container with `cpus: 2` on a 16-core host)."""
-    limit = cgroup_cpu_limit(cpu_max)
-    return max(1, affinity if limit is None else min(affinity, limit))
-
-
-def available_cores() -> int:
-    """cores_from() for this process (os.sched_getaffinity, /sys/fs/cgroup/cpu.max)."""
-    try:
-        affinity = len(os.sched_getaffinity(0))
-    except AttributeError:  # not Linux
-        affinity = os.cpu_count() or 1
-    try:
-        cpu_max: str | None = CGROUP_CPU_MAX.read_text(encoding="ascii")
-    except OSError:
-        cpu_max = None
-    return cores_from(affinity, cpu_max)
-
-
-def resolve_workers(setting: int | None, listen: str, cores: int) -> int:
-    """How many server processes `serve` runs: the api_workers setting, or one per core when it
-    is unset. A Unix socket cannot be shared (SO_REUSEPORT is TCP's): one process there,
-    and asking for more is a usage error."""
-    if listen.startswith("unix:"):
-        if setting is not None and setting > 1:
-            raise cli.CommandError(
-                f"{env_name('api_workers')} / --api-workers = {setting}: workers share a TCP "
-                f"port, and {env_name('api_listen')} = {listen!r} is a Unix socket; use 1",
-                cli.Exit.USAGE,
-            )
-        return 1
-    return max(1, cores) if setting is None else setting
 
 
 @dataclass
@@ -450,81 +392,3 @@ async def supervise(settings: Settings, workers: int) -> int:
             sock.close()
         os.environ.pop("PROMETHEUS_MULTIPROC_DIR", None)
         shutil.rmtree(multiproc_dir, ignore_errors=True)
-
-
-@dataclass
-class _WorkerState:
-    ready: bool = False
-    stop_requested: bool = False  # SIGTERM before the server was up
-    stopping: bool = False
-    tasks: set[asyncio.Task[None]] = field(default_factory=set)
-
-
-def worker_main(settings: Settings, index: int, conn: Connection) -> None:
-    """A worker process: one API server (api/process/serve.py) on the shared port, stopped by
-    SIGTERM from the supervisor or by the supervisor's end of `conn` closing (it died)."""
-    # The supervisor forwards a terminal's Ctrl-C as SIGTERM; a SIGINT of our own on top would
-    # count as the second signal and cut the drain short.
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    state = _WorkerState()
-
-    def early_stop(signum: int, frame: object) -> None:
-        state.stop_requested = True
-
-    # A worker still starting when the supervisor stops: it stops once up, as the others do.
-    signal.signal(signal.SIGTERM, early_stop)
-    setup_logging(settings.log_level, settings.log_format, worker=index)
-    # Imported here, after the SIGTERM handler above: the server's modules take a while to
-    # load, and a worker stopped meanwhile must still stop cleanly (and before tune_gc's
-    # freeze, so they are frozen with the rest).
-    from conntrack.api.process.serve import serve
-
-    tune_gc(settings.gc_gen0_threshold, default=PYTHON_GEN0_THRESHOLD)
-    try:
-        code = asyncio.run(_work(serve, settings, conn, state))
-    except cli.CommandError as exc:
-        code = exc.code
-        _report_start_error(conn, state, str(exc), exc.code)
-    except Exception as exc:
-        message = cli.dependency_error(exc, settings)
-        if message is None or state.ready:
-            raise  # a bug, or trouble after the start: the traceback, and a replacement
-        code = cli.Exit.UNAVAILABLE
-        _report_start_error(conn, state, message, code)
-    conn.close()
-    sys.exit(int(code))
-
-
-def _report_start_error(conn: Connection, state: _WorkerState, message: str, code: int) -> None:
-    if state.ready:
-        log.error("%s", message)  # after the start: the supervisor replaces this worker
-        return
-    with contextlib.suppress(OSError):
-        conn.send(("error", message, int(code)))
-
-
-async def _work(
-    serve: Callable[..., Awaitable[int]], settings: Settings, conn: Connection, state: _WorkerState
-) -> int:
-    loop = asyncio.get_running_loop()
-
-    def started(server: ApiServer) -> None:
-        def stop(reason: str) -> None:
-            if state.stopping:
-                return
-            state.stopping = True
-            log.info("%s, shutting down", reason)
-            loop.remove_reader(conn.fileno())
-            task = loop.create_task(server.stop())
-            state.tasks.add(task)
-            task.add_done_callback(state.tasks.discard)
-
-        loop.add_signal_handler(signal.SIGTERM, stop, "received SIGTERM")
-        # The supervisor never writes after the start: readable means its end closed.
-        loop.add_reader(conn.fileno(), stop, "the supervisor is gone")
-        conn.send(("ready",))
-        state.ready = True
-        if state.stop_requested:
-            stop("received SIGTERM")
-
-    return await serve(settings, started=started)

@@ -29,7 +29,7 @@ from bench.services import (
     service_environment,
     wait_grpc_serving,
 )
-from conntrack.api.process.workers import available_cores
+from conntrack.api.process.cores import available_cores
 
 
 def constant_workers(listen: str, workers: int, cfg: BenchConfig) -> Service:

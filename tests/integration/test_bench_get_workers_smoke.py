@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from conntrack.api.process.workers import available_cores
+from conntrack.api.process.cores import available_cores
 from tests.support.bench import run_bench
 
 

@@ -12,13 +12,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from conntrack.api.process.workers import (
-    RestartBackoff,
-    cgroup_cpu_limit,
-    cores_from,
-    hold_port,
-    resolve_workers,
-)
+from conntrack.api.process.cores import cgroup_cpu_limit, cores_from, resolve_workers
+from conntrack.api.process.workers import RestartBackoff, hold_port
 from conntrack.core import cli
 from conntrack.core.lifecycle import setup_logging
 from conntrack.core.settings import Settings
