@@ -60,6 +60,7 @@ from conntrack.core.commands import (
     decode_outcome,
     encode_outcome,
 )
+from conntrack.core.ids import id_problem
 from conntrack.core.kafka import KafkaConnection, KeyPartitioner, connection_of, partition_of
 from conntrack.core.settings import default
 from conntrack.producer.broadcast import BroadcastTally, broadcast_to_sockets
@@ -153,8 +154,8 @@ class NodeCommands:
         fetch_wait_ms: int | None = None,
         **client_options: Any,
     ) -> None:
-        if not node_id or len(node_id) > 255 or "\x00" in node_id:
-            raise ValueError("node_id must be 1..255 characters without NUL")
+        if (problem := id_problem("node_id", node_id)) is not None:
+            raise ValueError(problem)
         if remember < 1:
             raise ValueError("remember must be >= 1")
         self._connection = connection_of(bootstrap_servers, "node-commands")

@@ -57,7 +57,7 @@ DIRECTORY_SERVICE_NAME: Final = DIRECTORY_SERVICE.full_name
 DEFAULT_PAGE_SIZE: Final = 100
 MAX_PAGE_SIZE: Final = 1000
 MAX_SOURCE_IP_LENGTH: Final = 1024
-# A token holds one connection id (at most 255 code points, 4 bytes each) and its tag.
+# A token holds one connection id (at most MAX_ID_LENGTH code points, 4 bytes each) and its tag.
 MAX_PAGE_TOKEN_LENGTH: Final = 2048
 
 _TOKEN_VERSION: Final = 1
