@@ -33,7 +33,8 @@ if TYPE_CHECKING:
         NodeHeartbeat,
         NodeStarted,
     )
-    from conntrack.producer.commands import CommandHandler, NodeCommands
+    from conntrack.producer.command_execution import CommandHandler
+    from conntrack.producer.commands import NodeCommands
     from conntrack.producer.errors import (
         BrokerUnavailableError,
         DeliveryTimeoutError,
@@ -68,7 +69,7 @@ _HOMES = {
     "Activity": "conntrack.core.events",
     "BrokerUnavailableError": _ERRORS,
     "DeliveryTimeoutError": _ERRORS,
-    "CommandHandler": "conntrack.producer.commands",
+    "CommandHandler": "conntrack.producer.command_execution",
     "Connected": "conntrack.core.events",
     "Disconnected": "conntrack.core.events",
     "Event": "conntrack.core.events",

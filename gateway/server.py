@@ -107,7 +107,7 @@ class Gateway:
             log.error("event=disconnected_not_published connection_id=%s error=%s", conn_id, exc)
         log.debug("event=disconnected connection_id=%s code=%d", conn_id, code)
 
-    # -- the node's commands (producer.commands.CommandHandler) -------------------------------
+    # -- the node's commands (producer.command_execution.CommandHandler) ----------------------
 
     async def send(self, connection_id: str, data: bytes, data_type: DataType, /) -> bool:
         ws = self._sockets.get(connection_id)

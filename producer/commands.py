@@ -39,8 +39,7 @@ import logging
 import time
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass, field, replace
-from typing import Any, Final, Protocol
+from typing import Any, Final
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.errors import KafkaConnectionError, KafkaError
@@ -48,14 +47,8 @@ from aiokafka.errors import KafkaConnectionError, KafkaError
 from conntrack.core import aiokafka_internals, kafka
 from conntrack.core.commands import (
     Batching,
-    BroadcastFrame,
-    CloseSocket,
     Command,
-    DataType,
     InvalidCommand,
-    Outcome,
-    OutcomeStatus,
-    SendFrame,
     decode_command,
     decode_outcome,
     encode_outcome,
@@ -63,7 +56,11 @@ from conntrack.core.commands import (
 from conntrack.core.ids import id_problem
 from conntrack.core.kafka import KafkaConnection, KeyPartitioner, connection_of, partition_of
 from conntrack.core.settings import default
-from conntrack.producer.broadcast import BroadcastTally, broadcast_to_sockets
+from conntrack.producer.command_execution import (
+    CommandExecutor,
+    CommandHandler,
+    NodeCommandsStats,
+)
 from conntrack.producer.errors import BrokerUnavailableError, TopicNotFoundError
 
 log = logging.getLogger(__name__)
@@ -82,17 +79,6 @@ _COMMIT_INTERVAL_S: Final = 0.1
 # The outcome producer's batch size per partition (aiokafka's default is 16 KiB); below the
 # broker's default message.max.bytes and the producer's max_request_size (1 MB).
 _OUTCOME_BATCH_BYTES: Final = 512 * 1024
-# A command without a deadline (expires_at unset) may run this long before it counts as FAILED.
-_NO_DEADLINE_RUN_S: Final = 30.0
-
-
-class CommandHandler(Protocol):
-    """What the gateway does with a command. Both return False when the node holds no socket
-    with this connection id (the outcome is then CONNECTION_GONE), True when done."""
-
-    async def send(self, connection_id: str, data: bytes, data_type: DataType, /) -> bool: ...
-
-    async def disconnect(self, connection_id: str, status_code: int, reason: str, /) -> bool: ...
 
 
 def partition_for_node(node_id: str, partitions: int) -> int:
@@ -100,24 +86,6 @@ def partition_for_node(node_id: str, partitions: int) -> int:
     partitioner on the UTF-8 node id, the same as the API's producer uses (murmur2, as the Java
     client, franz-go and librdkafka's murmur2_random)."""
     return partition_of(node_id.encode(), partitions)
-
-
-@dataclass
-class NodeCommandsStats:
-    received: int = 0
-    """Records of the node's partition read (every node's)."""
-    executed: int = 0
-    """Commands handed to the handler."""
-    duplicates: int = 0
-    """Commands read again after they had been acted on; not executed again."""
-    other_nodes: int = 0
-    """Records for other nodes (or a newer incarnation of this node), skipped."""
-    invalid: int = 0
-    """Records that were not valid commands, skipped."""
-    outcomes: dict[str, int] = field(default_factory=dict)
-    """Outcomes published, by status name."""
-    outcomes_abandoned: int = 0
-    """Outcomes the broker did not acknowledge before the command's deadline or stop()."""
 
 
 class NodeCommands:
@@ -182,6 +150,7 @@ class NodeCommands:
         self._done: dict[str, bytes] = {}
         self._done_before: dict[str, bytes] = {}
         self._stats = NodeCommandsStats()
+        self._executor = CommandExecutor(handler, node_id, wall_clock_ns, self._stats)
         self._lifecycle = asyncio.Lock()
         self._consumer: Any = None
         self._producer: Any = None
@@ -496,7 +465,7 @@ class NodeCommands:
             # A newer start of this node exists (this process is an old one still running).
             self._stats.other_nodes += 1
             return False
-        outcome = encode_outcome(await self._execute(command, incarnation))
+        outcome = encode_outcome(await self._executor.execute(command, incarnation))
         self._remember_outcome(command.command_id, outcome)
         publishing.append(asyncio.create_task(self._publish(command, outcome)))
         return True
@@ -505,94 +474,6 @@ class NodeCommands:
         if len(self._done) >= self._remember:
             self._done_before, self._done = self._done, {}
         self._done[command_id] = outcome
-
-    def _outcome(
-        self, command: Command, incarnation: int, status: OutcomeStatus, detail: str = ""
-    ) -> Outcome:
-        self._stats.outcomes[status.name] = self._stats.outcomes.get(status.name, 0) + 1
-        return Outcome(
-            command.command_id, self._node_id, incarnation, self._wall_clock_ns(), status, detail
-        )
-
-    async def _execute(self, command: Command, incarnation: int) -> Outcome:
-        if command.node_incarnation != incarnation:
-            return self._outcome(
-                command,
-                incarnation,
-                OutcomeStatus.CONNECTION_GONE,
-                f"incarnation {command.node_incarnation} of the node is gone; it is {incarnation}",
-            )
-        now_ns = self._wall_clock_ns()
-        if command.expires_at_ns > 0 and now_ns >= command.expires_at_ns:
-            late_ms = (now_ns - command.expires_at_ns) / 1e6
-            return self._outcome(
-                command,
-                incarnation,
-                OutcomeStatus.EXPIRED,
-                f"read {late_ms:.0f} ms after its deadline",
-            )
-        budget_s = (
-            (command.expires_at_ns - now_ns) / 1e9
-            if command.expires_at_ns > 0
-            else _NO_DEADLINE_RUN_S
-        )
-        self._stats.executed += 1
-        action = command.action
-        if isinstance(action, BroadcastFrame):
-            return await self._broadcast(command, action, incarnation, budget_s)
-        try:
-            async with asyncio.timeout(budget_s):
-                if isinstance(action, SendFrame):
-                    held = await self._handler.send(command.connection_id, action.data, action.type)
-                else:
-                    assert isinstance(action, CloseSocket)
-                    held = await self._handler.disconnect(
-                        command.connection_id, action.status_code, action.reason
-                    )
-        except TimeoutError:
-            return self._outcome(
-                command, incarnation, OutcomeStatus.FAILED, "not done before the deadline"
-            )
-        except Exception as exc:
-            log.warning(
-                "event=command_failed command_id=%s connection_id=%s error=%r",
-                command.command_id,
-                command.connection_id,
-                exc,
-            )
-            return self._outcome(
-                command, incarnation, OutcomeStatus.FAILED, f"{type(exc).__name__}: {exc}"[:1000]
-            )
-        if not held:
-            return self._outcome(
-                command, incarnation, OutcomeStatus.CONNECTION_GONE, "no such socket on the node"
-            )
-        return self._outcome(command, incarnation, OutcomeStatus.DONE)
-
-    async def _broadcast(
-        self, command: Command, action: BroadcastFrame, incarnation: int, budget_s: float
-    ) -> Outcome:
-        """A broadcast command (producer/broadcast.py): DONE with how many of the listed sockets
-        the frame was written to and how many the node did not hold; FAILED, with the same
-        counts so far, when a write raised or the deadline came first."""
-        tally = BroadcastTally()
-        detail = ""
-        try:
-            async with asyncio.timeout(budget_s):
-                await broadcast_to_sockets(self._handler, action, tally)
-        except TimeoutError:
-            detail = "not done before the deadline"
-        if tally.failed and not detail:
-            detail = f"{tally.failed} writes failed, the first: {tally.error}"
-            log.warning(
-                "event=broadcast_failed command_id=%s failed=%d error=%r",
-                command.command_id,
-                tally.failed,
-                tally.error,
-            )
-        status = OutcomeStatus.FAILED if detail else OutcomeStatus.DONE
-        outcome = self._outcome(command, incarnation, status, detail)
-        return replace(outcome, delivered=tally.delivered, gone=tally.gone)
 
     async def _publish(self, command: Command, value: bytes) -> None:
         """Publish the (encoded) outcome and wait for its acknowledgement; retry until

@@ -134,11 +134,12 @@ def test_installed_wheel_imports_from_its_own_files(wheel: Path, tmp_path: Path)
 
 def test_public_api_names_resolve_to_their_homes() -> None:
     import conntrack.core.events as events
+    import conntrack.producer.command_execution as execution
     import conntrack.producer.commands as commands
     import conntrack.producer.errors as errors
     import conntrack.producer.publisher as publisher
 
-    homes = (events, commands, errors, publisher)
+    homes = (events, execution, commands, errors, publisher)
     for name in conntrack.__all__:
         value = getattr(conntrack, name)
         assert any(getattr(home, name, None) is value for home in homes), name

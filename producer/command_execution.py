@@ -1,0 +1,160 @@
+"""What a gateway node does with one of its commands: CONNECTION_GONE for a command of an older
+incarnation of the node (its sockets died with that start), EXPIRED for one read after its
+expires_at, otherwise the gateway's handler (CommandHandler) within the command's deadline:
+`send` / `disconnect` return False when the node holds no such socket (CONNECTION_GONE); an
+exception or running past the deadline is FAILED, with the reason in `detail`; a broadcast
+reports how many of its sockets were written to and how many were gone."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
+from typing import Final, Protocol
+
+from conntrack.core.commands import (
+    BroadcastFrame,
+    CloseSocket,
+    Command,
+    DataType,
+    Outcome,
+    OutcomeStatus,
+    SendFrame,
+)
+from conntrack.producer.broadcast import BroadcastTally, broadcast_to_sockets
+
+log = logging.getLogger(__name__)
+
+# A command without a deadline (expires_at unset) may run this long before it counts as FAILED.
+_NO_DEADLINE_RUN_S: Final = 30.0
+
+
+class CommandHandler(Protocol):
+    """What the gateway does with a command. Both return False when the node holds no socket
+    with this connection id (the outcome is then CONNECTION_GONE), True when done."""
+
+    async def send(self, connection_id: str, data: bytes, data_type: DataType, /) -> bool: ...
+
+    async def disconnect(self, connection_id: str, status_code: int, reason: str, /) -> bool: ...
+
+
+@dataclass
+class NodeCommandsStats:
+    received: int = 0
+    """Records of the node's partition read (every node's)."""
+    executed: int = 0
+    """Commands handed to the handler."""
+    duplicates: int = 0
+    """Commands read again after they had been acted on; not executed again."""
+    other_nodes: int = 0
+    """Records for other nodes (or a newer incarnation of this node), skipped."""
+    invalid: int = 0
+    """Records that were not valid commands, skipped."""
+    outcomes: dict[str, int] = field(default_factory=dict)
+    """Outcomes published, by status name."""
+    outcomes_abandoned: int = 0
+    """Outcomes the broker did not acknowledge before the command's deadline or stop()."""
+
+
+class CommandExecutor:
+    def __init__(
+        self,
+        handler: CommandHandler,
+        node_id: str,
+        wall_clock_ns: Callable[[], int],
+        stats: NodeCommandsStats,
+    ) -> None:
+        self._handler = handler
+        self._node_id = node_id
+        self._wall_clock_ns = wall_clock_ns
+        self._stats = stats
+
+    def _outcome(
+        self, command: Command, incarnation: int, status: OutcomeStatus, detail: str = ""
+    ) -> Outcome:
+        self._stats.outcomes[status.name] = self._stats.outcomes.get(status.name, 0) + 1
+        return Outcome(
+            command.command_id, self._node_id, incarnation, self._wall_clock_ns(), status, detail
+        )
+
+    async def execute(self, command: Command, incarnation: int) -> Outcome:
+        """What the node does with one command of its own (not a duplicate) and its Outcome."""
+        if command.node_incarnation != incarnation:
+            return self._outcome(
+                command,
+                incarnation,
+                OutcomeStatus.CONNECTION_GONE,
+                f"incarnation {command.node_incarnation} of the node is gone; it is {incarnation}",
+            )
+        now_ns = self._wall_clock_ns()
+        if command.expires_at_ns > 0 and now_ns >= command.expires_at_ns:
+            late_ms = (now_ns - command.expires_at_ns) / 1e6
+            return self._outcome(
+                command,
+                incarnation,
+                OutcomeStatus.EXPIRED,
+                f"read {late_ms:.0f} ms after its deadline",
+            )
+        budget_s = (
+            (command.expires_at_ns - now_ns) / 1e9
+            if command.expires_at_ns > 0
+            else _NO_DEADLINE_RUN_S
+        )
+        self._stats.executed += 1
+        action = command.action
+        if isinstance(action, BroadcastFrame):
+            return await self._broadcast(command, action, incarnation, budget_s)
+        try:
+            async with asyncio.timeout(budget_s):
+                if isinstance(action, SendFrame):
+                    held = await self._handler.send(command.connection_id, action.data, action.type)
+                else:
+                    assert isinstance(action, CloseSocket)
+                    held = await self._handler.disconnect(
+                        command.connection_id, action.status_code, action.reason
+                    )
+        except TimeoutError:
+            return self._outcome(
+                command, incarnation, OutcomeStatus.FAILED, "not done before the deadline"
+            )
+        except Exception as exc:
+            log.warning(
+                "event=command_failed command_id=%s connection_id=%s error=%r",
+                command.command_id,
+                command.connection_id,
+                exc,
+            )
+            return self._outcome(
+                command, incarnation, OutcomeStatus.FAILED, f"{type(exc).__name__}: {exc}"[:1000]
+            )
+        if not held:
+            return self._outcome(
+                command, incarnation, OutcomeStatus.CONNECTION_GONE, "no such socket on the node"
+            )
+        return self._outcome(command, incarnation, OutcomeStatus.DONE)
+
+    async def _broadcast(
+        self, command: Command, action: BroadcastFrame, incarnation: int, budget_s: float
+    ) -> Outcome:
+        """A broadcast command (producer/broadcast.py): DONE with how many of the listed sockets
+        the frame was written to and how many the node did not hold; FAILED, with the same
+        counts so far, when a write raised or the deadline came first."""
+        tally = BroadcastTally()
+        detail = ""
+        try:
+            async with asyncio.timeout(budget_s):
+                await broadcast_to_sockets(self._handler, action, tally)
+        except TimeoutError:
+            detail = "not done before the deadline"
+        if tally.failed and not detail:
+            detail = f"{tally.failed} writes failed, the first: {tally.error}"
+            log.warning(
+                "event=broadcast_failed command_id=%s failed=%d error=%r",
+                command.command_id,
+                tally.failed,
+                tally.error,
+            )
+        status = OutcomeStatus.FAILED if detail else OutcomeStatus.DONE
+        outcome = self._outcome(command, incarnation, status, detail)
+        return replace(outcome, delivered=tally.delivered, gone=tally.gone)
