@@ -28,15 +28,9 @@ from typing import Any
 
 from sqlalchemy.engine import make_url
 
+from conntrack.audit.generations import RebuildError, abandon, drop_retired, shadow_exists
 from conntrack.audit.log import LogReader, TopicNotFoundError
-from conntrack.audit.rebuild import (
-    Progress,
-    Rebuild,
-    RebuildError,
-    abandon,
-    drop_retired,
-    shadow_exists,
-)
+from conntrack.audit.rebuild import Progress, Rebuild
 from conntrack.audit.replay import HistoryEntry, fold_until, history, state_of, verify
 from conntrack.core import cli
 from conntrack.core.batch import gen0_threshold

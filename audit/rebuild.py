@@ -31,31 +31,31 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from sqlalchemy import Connection, Table, inspect, select, text
+from sqlalchemy import select, text
 from sqlalchemy.exc import DBAPIError, OperationalError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
-from sqlalchemy.schema import CreateIndex, CreateTable, DropIndex
 
+from conntrack.audit.generations import (
+    SHADOW,
+    RebuildError,
+    drop_retired,
+    prepare_shadow,
+    quote,
+    switch_ddl,
+)
 from conntrack.audit.log import LogReader
 from conntrack.core.batch import YIELD_EVERY, Batch, WriteBehind
 from conntrack.core.fold import ConnectionState, NodeState
 from conntrack.core.retry import Backoff, one_line
-from conntrack.core.schema import LIVE, ReadModelTables, generation
+from conntrack.core.schema import LIVE
 from conntrack.core.store import FencedError, ProjectionStore
 
 log = logging.getLogger(__name__)
-
-SHADOW = generation("_rebuild")
-RETIRED = generation("_retired")
 
 # PostgreSQL SQLSTATEs after which a switch attempt is simply tried again: the lock wait timed
 # out (a long reader such as `conntrack-audit verify` holds the table) or the deadlock detector
 # chose the switch (a retention prune upgrading its lock at the same moment).
 _RETRYABLE_SQLSTATES = frozenset({"55P03", "40P01"})
-
-
-class RebuildError(RuntimeError):
-    """The rebuild cannot go on; nothing live was changed."""
 
 
 @dataclass
@@ -101,76 +101,6 @@ class RebuildResult:
     switch_attempts: int
     switch_seconds: float  # time the last (successful) switch transaction held its locks
     folded_in_switch: int  # records the live projection had beyond the shadow at the switch
-
-
-async def _table_names(engine: AsyncEngine) -> set[str]:
-    async with engine.connect() as conn:
-        return set(await conn.run_sync(lambda c: inspect(c).get_table_names()))
-
-
-async def _drop(engine: AsyncEngine, tables: ReadModelTables) -> bool:
-    names = await _table_names(engine)
-    present = [t for t in tables.all if t.name in names]
-    if not present:
-        return False
-    async with engine.begin() as conn:
-        for t in present:
-            await conn.execute(text(f"DROP TABLE IF EXISTS {_quote(conn, t.name)}"))
-    return True
-
-
-async def abandon(engine: AsyncEngine) -> bool:
-    """Drop the shadow tables of an unfinished rebuild. Returns whether there were any."""
-    return await _drop(engine, SHADOW)
-
-
-async def drop_retired(engine: AsyncEngine) -> bool:
-    """Drop the previous generation kept by the last switch. Returns whether there was one."""
-    return await _drop(engine, RETIRED)
-
-
-async def shadow_exists(engine: AsyncEngine) -> bool:
-    return bool(await _table_names(engine) & {t.name for t in SHADOW.all})
-
-
-def _quote(conn: AsyncConnection, name: str) -> str:
-    return str(conn.dialect.identifier_preparer.quote(name))
-
-
-def _column_names(conn: Connection, table: str) -> list[str]:
-    return [col["name"] for col in inspect(conn).get_columns(table)]
-
-
-async def _prepare_shadow(engine: AsyncEngine) -> bool:
-    """Create the shadow tables, or check the ones an interrupted rebuild left. Returns
-    whether they existed (a resume)."""
-    names = await _table_names(engine)
-    existing = [t for t in SHADOW.all if t.name in names]
-    if existing and len(existing) != len(SHADOW.all):
-        raise RebuildError(
-            f"only some shadow tables exist ({', '.join(t.name for t in existing)}); "
-            "run `conntrack-audit rebuild --abandon` and start again"
-        )
-    if existing:
-        async with engine.connect() as conn:
-            for shadow, live in zip(SHADOW.all, LIVE.all, strict=True):
-                got = await conn.run_sync(_column_names, shadow.name)
-                if got != [c.name for c in live.columns]:
-                    raise RebuildError(
-                        f"{shadow.name} has columns {got}, the schema now has "
-                        f"{[c.name for c in live.columns]} (migrated since the rebuild began?); "
-                        "run `conntrack-audit rebuild --abandon` and start again"
-                    )
-        return True
-    async with engine.begin() as conn:
-        for t in SHADOW.all:
-            await conn.execute(CreateTable(t))
-            # SQLite cannot rename an index, so the switch creates the live index names on the
-            # new generation itself; building them here would be wasted work.
-            if conn.dialect.name != "sqlite":
-                for ix in t.indexes:
-                    await conn.execute(CreateIndex(ix))
-    return False
 
 
 class Rebuild:
@@ -258,7 +188,7 @@ class Rebuild:
     async def start(self) -> None:
         """Create the shadow tables (or take up the ones an interrupted rebuild left) and read
         their positions."""
-        self._resumed = await _prepare_shadow(self._engine)
+        self._resumed = await prepare_shadow(self._engine)
         parts = await self._reader.partitions()
         self._positions = await self._shadow.positions(self._topic, parts)
         start = await self._reader.beginning(parts)
@@ -399,7 +329,7 @@ class Rebuild:
                 )
                 # EXCLUSIVE stops every writer (projector, retention) but lets readers through;
                 # the renames below take ACCESS EXCLUSIVE only for their last moments.
-                names = ", ".join(_quote(conn, t.name) for t in LIVE.all)
+                names = ", ".join(quote(conn, t.name) for t in LIVE.all)
                 await conn.execute(text(f"LOCK TABLE {names} IN EXCLUSIVE MODE"))
                 locked_at = time.monotonic()
             saved = dict(self._positions)
@@ -450,7 +380,7 @@ class Rebuild:
         short = {p: o for (_, p), o in live.items() if shadow.get(p, -1) < o}
         if short:  # cannot happen after _fold_in; refuse rather than switch to less
             raise RebuildError(f"shadow behind the live projection after folding: {short}")
-        for ddl in _switch_ddl(conn, sqlite):
+        for ddl in switch_ddl(conn, sqlite):
             await conn.execute(text(ddl))
         return True
 
@@ -462,41 +392,6 @@ class Rebuild:
         }
         if tail:
             await self._write(tail, {}, conn)
-
-
-def _switch_ddl(conn: AsyncConnection, sqlite: bool) -> list[str]:
-    """Statements that make the shadow live and keep the old live generation as retired."""
-    q = conn.dialect.identifier_preparer.quote
-    out = [f"DROP TABLE IF EXISTS {q(t.name)}" for t in RETIRED.all]
-    for live, shadow, retired in zip(LIVE.all, SHADOW.all, RETIRED.all, strict=True):
-        out.append(f"ALTER TABLE {q(live.name)} RENAME TO {q(retired.name)}")
-        if sqlite:
-            # Index names are global in SQLite and cannot be renamed: the retired generation
-            # (kept for inspection, never queried by the service) loses its secondary indexes,
-            # and the new live tables get theirs built here under the live names.
-            out += [str(DropIndex(ix).compile(dialect=conn.dialect)) for ix in live.indexes]
-        else:
-            out += _rename_constraints(q, live, retired)
-        out.append(f"ALTER TABLE {q(shadow.name)} RENAME TO {q(live.name)}")
-        if sqlite:
-            out += [str(CreateIndex(ix).compile(dialect=conn.dialect)) for ix in live.indexes]
-        else:
-            out += _rename_constraints(q, shadow, live)
-    return out
-
-
-def _rename_constraints(q: Callable[[str], str], old: Table, new: Table) -> list[str]:
-    """PostgreSQL: give a table just renamed from old.name to new.name the primary key and
-    index names of its new generation, so the next rebuild can create its shadow again."""
-    out = [
-        f"ALTER TABLE {q(new.name)} RENAME CONSTRAINT {q(str(old.primary_key.name))} "
-        f"TO {q(str(new.primary_key.name))}"
-    ]
-    by_columns = {tuple(c.name for c in ix.columns): ix for ix in new.indexes}
-    for ix in old.indexes:
-        target = by_columns[tuple(c.name for c in ix.columns)]
-        out.append(f"ALTER INDEX {q(str(ix.name))} RENAME TO {q(str(target.name))}")
-    return out
 
 
 def _retryable(exc: BaseException) -> bool:

@@ -16,16 +16,9 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from conntrack.api.read.repository import ConnectionRepository, create_read_engine
 from conntrack.api.transport.server import ApiServer
+from conntrack.audit.generations import RETIRED, SHADOW, RebuildError, abandon, shadow_exists
 from conntrack.audit.log import LogReader
-from conntrack.audit.rebuild import (
-    RETIRED,
-    SHADOW,
-    Progress,
-    Rebuild,
-    RebuildError,
-    abandon,
-    shadow_exists,
-)
+from conntrack.audit.rebuild import Progress, Rebuild
 from conntrack.audit.replay import verify
 from conntrack.core.events import Event
 from conntrack.core.fold import ConnectionState, fold
