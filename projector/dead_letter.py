@@ -3,6 +3,7 @@ dead-letter topic with headers that say where it came from and why it was reject
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from typing import Any
 
@@ -10,6 +11,8 @@ from aiokafka import AIOKafkaProducer
 
 from conntrack.core import kafka
 from conntrack.core.kafka import KafkaConnection, connection_of
+
+log = logging.getLogger(__name__)
 
 # Provenance headers added to every dead-lettered record (the original headers are kept too).
 SOURCE_TOPIC = "dlq.source.topic"
@@ -81,6 +84,7 @@ class DeadLetterPublisher:
             await self._producer.stop()
 
     async def publish(self, rejected: list[Rejected]) -> None:
+        """Publish the records and wait for every acknowledgement; each is then logged once."""
         futures = [
             await self._producer.send(
                 self._topic, value=r.value, key=r.key, headers=r.dead_letter_headers()
@@ -89,3 +93,11 @@ class DeadLetterPublisher:
         ]
         for fut in futures:
             await fut
+        for r in rejected:
+            log.warning(
+                "event=dead_lettered topic=%s partition=%d offset=%d error=%r",
+                r.topic,
+                r.partition,
+                r.offset,
+                r.error,
+            )

@@ -3,6 +3,13 @@ docs/projector.md lists them with their meaning."""
 
 from __future__ import annotations
 
+import collections
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from conntrack.core.batch import Batch
+    from conntrack.core.store import BatchResult
+
 from prometheus_client import (
     CollectorRegistry,
     Counter,
@@ -123,3 +130,17 @@ class ProjectorMetrics:
             "Tombstones of pruned connections deleted after their own retention.",
             registry=r,
         )
+
+    def batch_committed(self, batch: Batch, result: BatchResult, elapsed: float) -> None:
+        """Count one committed batch."""
+        self.batch_seconds.observe(elapsed)
+        self.batch_records.observe(batch.records)
+        self.batches.inc()
+        # One labels() lookup per kind, not per event: this runs for every batch.
+        for payload_type, n in collections.Counter(type(e[4]) for e in batch.events).items():
+            self.events_applied.labels(payload_type.__name__.lower()).inc(n)
+        if batch.rejected:
+            self.dead_lettered.inc(len(batch.rejected))
+        self.rows_written.inc(result.written)
+        if result.suppressed:
+            self.suppressed.inc(result.suppressed)

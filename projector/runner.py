@@ -22,7 +22,6 @@ which the stored positions tell whether the earlier attempt had committed.
 from __future__ import annotations
 
 import asyncio
-import collections
 import contextlib
 import logging
 import time
@@ -416,14 +415,6 @@ class Projector:
                 raise Abandoned(
                     f"stage=dead_lettering cause=broker records={batch.records}"
                 ) from None
-            for r in rejected:
-                log.warning(
-                    "event=dead_lettered topic=%s partition=%d offset=%d error=%r",
-                    r.topic,
-                    r.partition,
-                    r.offset,
-                    r.error,
-                )
         started = time.perf_counter()
         attempts = refusals = 0
 
@@ -465,7 +456,7 @@ class Projector:
                 return
         elapsed = time.perf_counter() - started
         self.records_committed += batch.records
-        self._count(batch, result, elapsed)
+        self.metrics.batch_committed(batch, result, elapsed)
         commit: dict[TopicPartition, int] = {}
         for partition, (_, new) in advances.items():
             tp = self._partitions.advanced(partition, new)
@@ -502,14 +493,6 @@ class Projector:
             ]
             await self._dead_letters.publish(rejected)
             self.metrics.dead_lettered.inc(len(rejected))
-            for r in rejected:
-                log.warning(
-                    "event=dead_lettered topic=%s partition=%d offset=%d error=%r",
-                    r.topic,
-                    r.partition,
-                    r.offset,
-                    r.error,
-                )
 
         return dead_letter
 
@@ -519,17 +502,3 @@ class Projector:
             "database", lambda: self._store.positions(self._topic, list(advances))
         )
         return all(stored[p] == new for p, (_, new) in advances.items())
-
-    def _count(self, batch: Batch, result: BatchResult, elapsed: float) -> None:
-        m = self.metrics
-        m.batch_seconds.observe(elapsed)
-        m.batch_records.observe(batch.records)
-        m.batches.inc()
-        # One labels() lookup per kind, not per event: this runs for every batch.
-        for payload_type, n in collections.Counter(type(e[4]) for e in batch.events).items():
-            m.events_applied.labels(payload_type.__name__.lower()).inc(n)
-        if batch.rejected:
-            m.dead_lettered.inc(len(batch.rejected))
-        m.rows_written.inc(result.written)
-        if result.suppressed:
-            m.suppressed.inc(result.suppressed)
