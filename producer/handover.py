@@ -20,7 +20,8 @@ from typing import Any
 from aiokafka.errors import KafkaError, KafkaTimeoutError
 
 from conntrack.core import aiokafka_internals
-from conntrack.core.events import HEADERS, Event, encode
+from conntrack.core.events import Event, encode
+from conntrack.producer import kafka_producer
 from conntrack.producer.errors import (
     BrokerUnavailableError,
     DeliveryTimeoutError,
@@ -162,12 +163,8 @@ class Handover:
             # aiokafka bounds its own waits (metadata, a full batch) by request_timeout_ms,
             # which is delivery_timeout_s, and raises KafkaTimeoutError after it.
             with self._ledger.handing_over():
-                future = await slot.producer.send(
-                    self._topic,
-                    value=record.value,
-                    key=event.connection_id.encode(),
-                    partition=lane,
-                    headers=list(HEADERS),
+                future = await kafka_producer.send_event(
+                    slot.producer, self._topic, record.value, event.connection_id, lane
                 )
         except (TimeoutError, KafkaTimeoutError) as exc:
             if acquired:

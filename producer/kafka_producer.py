@@ -14,6 +14,7 @@ from aiokafka.errors import KafkaConnectionError
 
 from conntrack.core import kafka
 from conntrack.core.aiokafka_internals import back_off_metadata_requests
+from conntrack.core.events import HEADERS
 from conntrack.core.kafka import KafkaConnection
 from conntrack.producer.errors import BrokerUnavailableError, TopicNotFoundError
 
@@ -109,6 +110,20 @@ async def _check_topic(producer: Any, topic: str, servers: str) -> None:
         await asyncio.sleep(0.2)
     raise TopicNotFoundError(
         f"topic {topic} does not exist at {servers}; create it with `conntrack-producer topics`"
+    )
+
+
+async def send_event(
+    producer: Any, topic: str, value: bytes, connection_id: str, partition: int
+) -> Any:
+    """Hand one connection event's record to the producer: keyed by its connection id, on its
+    connection's partition, with the events topic's headers. Returns the delivery future."""
+    return await producer.send(
+        topic,
+        value=value,
+        key=connection_id.encode(),
+        partition=partition,
+        headers=list(HEADERS),
     )
 
 

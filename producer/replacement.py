@@ -20,8 +20,7 @@ import logging
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from conntrack.core.events import HEADERS
-from conntrack.producer.kafka_producer import CONNECT_BACKOFF_S
+from conntrack.producer import kafka_producer
 from conntrack.producer.ledger import Future, Ledger, pass_on
 
 log = logging.getLogger(__name__)
@@ -109,12 +108,12 @@ class ProducerSlot:
                 record, parked = waiting
                 connection_id = record.event.connection_id
                 try:
-                    sent = await new.send(
+                    sent = await kafka_producer.send_event(
+                        new,
                         self._topic,
-                        value=record.value,
-                        key=connection_id.encode(),
-                        partition=self._partition_of(connection_id),
-                        headers=list(HEADERS),
+                        record.value,
+                        connection_id,
+                        self._partition_of(connection_id),
                     )
                 except Exception as exc:
                     if not parked.done():
@@ -161,4 +160,4 @@ class ProducerSlot:
                 return await self._connect(logging.DEBUG)
             except Exception as exc:
                 log.warning("no new Kafka producer yet, retrying: %r", exc)
-                await asyncio.sleep(CONNECT_BACKOFF_S)
+                await asyncio.sleep(kafka_producer.CONNECT_BACKOFF_S)

@@ -19,7 +19,8 @@ from typing import Any, Final
 
 from aiokafka.errors import KafkaError
 
-from conntrack.core.events import HEADERS, InvalidEvent, decode_tuple
+from conntrack.core.events import InvalidEvent, decode_tuple
+from conntrack.producer import kafka_producer
 from conntrack.producer.errors import SpoolFullError
 from conntrack.producer.ledger import Future, Ledger, Record
 from conntrack.producer.outcomes import Outcomes
@@ -272,12 +273,12 @@ class Spooling:
                     skipped.append(event_id)
                     continue
                 futures.append(
-                    await producer.send(
+                    await kafka_producer.send_event(
+                        producer,
                         self._topic,
-                        value=value,
-                        key=connection_id.encode(),
-                        partition=self._partition_of(connection_id),
-                        headers=list(HEADERS),
+                        value,
+                        connection_id,
+                        self._partition_of(connection_id),
                     )
                 )
             if futures:
