@@ -14,6 +14,7 @@ from typing import Final, NoReturn
 from google.protobuf.message import DecodeError
 
 from conntrack.core.ids import MAX_ID_LENGTH, id_problem
+from conntrack.core.labels import Labels, labels_problem, normalized
 from conntrack.core.protogen.conntrack.events.v1 import events_pb2 as pb
 from conntrack.core.timeutil import NANOS_PER_SECOND, to_timestamp
 
@@ -40,6 +41,9 @@ class Connected:
     # The gateway node holding the socket, and which start of it ("" and 0: no node role).
     node_id: str = ""
     node_incarnation: int = 0
+    # Who the connection is for ("": unknown) and its labels, sorted by key (core/labels.py).
+    principal: str = ""
+    labels: Labels = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -115,6 +119,8 @@ def encode(event: Event) -> bytes:
         msg.connected.identity.user_agent = p.user_agent
         msg.node_id = p.node_id
         msg.node_incarnation = p.node_incarnation
+        msg.connected.principal = p.principal
+        msg.connected.labels.update(p.labels)
     elif isinstance(p, Activity):
         msg.activity.frames = p.frames
     elif isinstance(p, Disconnected):
@@ -229,8 +235,20 @@ def decode_tuple(value: bytes | None, key: bytes | None = None) -> EventTuple:
             raise InvalidEvent(id_problem("node_id", node_id, check_nul=False))
         if msg.node_incarnation > _MAX_INCARNATION:
             raise InvalidEvent("node_incarnation does not fit a signed 64-bit integer")
-        payload = Connected(source_ip, user_agent, node_id, msg.node_incarnation)
-        texts_have_nul = "\x00" in source_ip or "\x00" in user_agent or "\x00" in node_id
+        connected = msg.connected
+        principal = connected.principal
+        if len(principal) > MAX_ID_LENGTH:
+            raise InvalidEvent(id_problem("connected.principal", principal, check_nul=False))
+        labels: Labels = ()
+        if connected.labels:
+            labels = normalized(connected.labels.items())
+            problem = labels_problem("connected.labels", labels)
+            if problem:
+                raise InvalidEvent(problem)
+        payload = Connected(source_ip, user_agent, node_id, msg.node_incarnation, principal, labels)
+        texts_have_nul = (
+            "\x00" in source_ip or "\x00" in user_agent or "\x00" in node_id or "\x00" in principal
+        )
     elif which in ("node_started", "node_heartbeat"):
         raise InvalidEvent(f"{which} carries a connection_id (a node event must not)")
     elif which == "disconnected":

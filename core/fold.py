@@ -4,8 +4,9 @@ The state of a connection is a join-semilattice: every field is chosen by a tota
 events, so applying the same events in any order, any number of times, in any batch split,
 gives the same state (property-tested in tests/unit/test_fold.py):
 
-- gateway, identity and connected_at come from the Connected event that sorts first by
-  (occurred_at, event_id, then its contents): a retried or duplicated Connected cannot move them;
+- gateway, identity, node, principal, labels and connected_at come from the Connected event
+  that sorts first by (occurred_at, event_id, then its contents): a retried or duplicated
+  Connected cannot move them;
 - last_active_at is the latest event time of any kind;
 - disconnected_at, status and reason come from the first Disconnected by the same order.
 
@@ -37,6 +38,7 @@ from conntrack.core.events import (
     NodeHeartbeat,
     NodeStarted,
 )
+from conntrack.core.labels import to_json
 
 
 class ConnectionState(NamedTuple):
@@ -60,6 +62,10 @@ class ConnectionState(NamedTuple):
     # The gateway node holding the socket, from the winning Connected (None: no node role).
     node_id: str | None = None
     node_incarnation: int | None = None
+    # Who the connection is for and its labels as canonical JSON (core/labels.py), from the
+    # winning Connected (None: none given).
+    principal: str | None = None
+    labels: str | None = None
 
     @property
     def is_open(self) -> bool:
@@ -81,6 +87,8 @@ def _connected_key_of(
     user_agent: str | None,
     node_id: str | None,
     node_incarnation: int | None,
+    principal: str | None,
+    labels: str | None,
 ) -> _Key:
     return (
         at,
@@ -90,6 +98,8 @@ def _connected_key_of(
         user_agent or "",
         node_id or "",
         node_incarnation or 0,
+        principal or "",
+        labels or "",
     )
 
 
@@ -110,6 +120,8 @@ def _connected_key(s: ConnectionState) -> _Key | None:
         s.user_agent,
         s.node_id,
         s.node_incarnation,
+        s.principal,
+        s.labels,
     )
 
 
@@ -162,6 +174,8 @@ def merge(a: ConnectionState, b: ConnectionState) -> ConnectionState:
         d.disconnected_event_id,
         c.node_id,
         c.node_incarnation,
+        c.principal,
+        c.labels,
     )
 
 
@@ -184,6 +198,8 @@ def of_event(event: Event) -> ConnectionState:
             None,
             p.node_id or None,
             p.node_incarnation or None,
+            p.principal or None,
+            to_json(p.labels),
         )
     if isinstance(p, Disconnected):
         return ConnectionState(
@@ -215,9 +231,9 @@ def fold(events: Iterable[Event]) -> dict[str, ConnectionState]:
 # The fields of a state that its winning Connected / Disconnected set, in the state's order.
 _ConnectedFields = tuple[str | None, str | None, str | None, int | None, str | None]
 _DisconnectedFields = tuple[int | None, int | None, str | None, str | None]
-_NodeFields = tuple[str | None, int | None]
+_NodeFields = tuple[str | None, int | None, str | None, str | None]
 _NO_CONNECTED: _ConnectedFields = (None, None, None, None, None)
-_NO_NODE: _NodeFields = (None, None)
+_NO_NODE: _NodeFields = (None, None, None, None)
 _NO_DISCONNECTED: _DisconnectedFields = (None, None, None, None)
 
 
@@ -239,10 +255,17 @@ def fold_tuples(events: Iterable[EventTuple]) -> dict[str, ConnectionState]:
         if isinstance(payload, Connected):
             ip, ua = payload.source_ip, payload.user_agent
             node, incarnation = payload.node_id or None, payload.node_incarnation or None
-            key = _connected_key_of(at, event_id, gateway_id, ip, ua, node, incarnation)
+            principal, labels = payload.principal or None, to_json(payload.labels)
+            key = _connected_key_of(
+                at, event_id, gateway_id, ip, ua, node, incarnation, principal, labels
+            )
             best_c = connected.get(cid)
             if best_c is None or key < best_c[0]:
-                connected[cid] = (key, (gateway_id, ip, ua, at, event_id), (node, incarnation))
+                connected[cid] = (
+                    key,
+                    (gateway_id, ip, ua, at, event_id),
+                    (node, incarnation, principal, labels),
+                )
         elif isinstance(payload, Disconnected):
             code, reason = payload.status_code, payload.reason
             key = _disconnected_key_of(at, event_id, code, reason)

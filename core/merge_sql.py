@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import asyncpg
-from sqlalchemy import BigInteger, Integer, String, Table, text
+from sqlalchemy import BigInteger, Integer, String, Table, bindparam, text
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import DataError, DBAPIError, IntegrityError
 from sqlalchemy.ext.asyncio import AsyncConnection
@@ -43,6 +43,8 @@ _CONNECTED_KEY = (
     "user_agent",
     "node_id",
     "node_incarnation",
+    "principal",
+    "labels",
 )
 _CONNECTED_FIELDS = (
     "gateway_id",
@@ -52,6 +54,8 @@ _CONNECTED_FIELDS = (
     "connected_event_id",
     "node_id",
     "node_incarnation",
+    "principal",
+    "labels",
 )
 _DISCONNECTED_KEY = (
     "disconnected_at_ns",
@@ -155,6 +159,39 @@ def nodes_merge(tables: ReadModelTables, preparer: IdentifierPreparer, dialect: 
             ]
         )
     )
+
+
+@dataclass(frozen=True, slots=True)
+class LabelStatements:
+    clear: Any  # deletes the label rows of :ids
+    fill: Any  # inserts the label rows of those of :ids that are open and labelled
+
+
+@functools.cache
+def label_index(tables: ReadModelTables, preparer: IdentifierPreparer, dialect: str) -> Any:
+    """The label index's upkeep (core/schema.py, connection_labels): the rows of a batch's
+    connections are dropped and derived again from their merged rows, so the index holds
+    exactly the labels of every open connection whatever order the events came in. :ids is an
+    array on PostgreSQL, an expanding list on SQLite."""
+    labels = preparer.format_table(tables.connection_labels)
+    conns = preparer.format_table(tables.connections)
+    if dialect == "postgresql":
+        ids = "= ANY(CAST(:ids AS text[]))"
+        each = "jsonb_each_text(CAST(c.labels AS jsonb)) AS j"
+    else:
+        ids = "IN :ids"
+        each = "json_each(c.labels) AS j"
+    clear = text(f"DELETE FROM {labels} WHERE connection_id {ids}")
+    fill = text(
+        f"INSERT INTO {labels} (connection_id, key, value, gateway_id) "
+        f"SELECT c.connection_id, j.key, j.value, c.gateway_id FROM {conns} AS c, {each} "
+        f"WHERE c.connection_id {ids} AND c.labels IS NOT NULL "
+        "AND c.disconnected_at_ns IS NULL AND c.gateway_id IS NOT NULL"
+    )
+    if dialect != "postgresql":
+        clear = clear.bindparams(bindparam("ids", expanding=True))
+        fill = fill.bindparams(bindparam("ids", expanding=True))
+    return LabelStatements(clear, fill)
 
 
 def database_error(exc: BaseException) -> str:

@@ -24,6 +24,7 @@ from sqlalchemy import (
 
 from conntrack.core.fold import ConnectionState, NodeState
 from conntrack.core.ids import MAX_ID_LENGTH
+from conntrack.core.labels import MAX_LABEL_KEY_LENGTH, MAX_LABEL_VALUE_LENGTH
 
 # Deterministic constraint names, so migrations can refer to them on every backend.
 NAMING_CONVENTION = {
@@ -40,17 +41,24 @@ CONNECTIONS_FILLFACTOR = 70
 
 @dataclass(frozen=True)
 class ReadModelTables:
-    """One generation of the read model: its rows, its tombstones, its positions and its
-    gateway nodes."""
+    """One generation of the read model: its rows, its tombstones, its positions, its gateway
+    nodes and the label index of its open connections."""
 
     connections: Table
     pruned_connections: Table
     projection_offsets: Table
     nodes: Table
+    connection_labels: Table
 
     @property
     def all(self) -> tuple[Table, ...]:
-        return (self.connections, self.pruned_connections, self.projection_offsets, self.nodes)
+        return (
+            self.connections,
+            self.pruned_connections,
+            self.projection_offsets,
+            self.nodes,
+            self.connection_labels,
+        )
 
 
 def define_read_model(metadata: MetaData, suffix: str = "") -> ReadModelTables:
@@ -74,6 +82,9 @@ def define_read_model(metadata: MetaData, suffix: str = "") -> ReadModelTables:
         Column("disconnected_event_id", String(MAX_ID_LENGTH)),
         Column("node_id", String(MAX_ID_LENGTH)),
         Column("node_incarnation", BigInteger),
+        # Who the connection is for, and its labels as canonical JSON (core/labels.py).
+        Column("principal", String(MAX_ID_LENGTH)),
+        Column("labels", Text),
         # Room on every page for the next version of its rows: most updates are then HOT
         # (in place, no new index entries). Migration 0003 explains the figure.
         postgresql_with={"fillfactor": CONNECTIONS_FILLFACTOR},
@@ -85,6 +96,16 @@ def define_read_model(metadata: MetaData, suffix: str = "") -> ReadModelTables:
     Index(
         None,
         conns.c.gateway_id,
+        conns.c.connection_id,
+        postgresql_where=conns.c.disconnected_at_ns.is_(None),
+        sqlite_where=conns.c.disconnected_at_ns.is_(None),
+    )
+    # The directory by principal: a principal's open connections of a gateway in keyset order
+    # (migration 0006).
+    Index(
+        f"ix_{conns.name}_principal",
+        conns.c.gateway_id,
+        conns.c.principal,
         conns.c.connection_id,
         postgresql_where=conns.c.disconnected_at_ns.is_(None),
         sqlite_where=conns.c.disconnected_at_ns.is_(None),
@@ -119,7 +140,19 @@ def define_read_model(metadata: MetaData, suffix: str = "") -> ReadModelTables:
         Column("last_seen_ns", BigInteger, nullable=False),
         Column("gateway_id", String(MAX_ID_LENGTH), nullable=False),
     )
-    return ReadModelTables(conns, pruned, offsets, nodes)
+    # The label index: one row per label of each open connection, derived from the connection
+    # rows by the store in the same transaction (core/store.py), so a label selector walks
+    # (gateway, key, value) in connection_id order on either backend (migration 0006).
+    labels = Table(
+        f"connection_labels{suffix}",
+        metadata,
+        Column("connection_id", String(MAX_ID_LENGTH), primary_key=True),
+        Column("key", String(MAX_LABEL_KEY_LENGTH), primary_key=True),
+        Column("value", String(MAX_LABEL_VALUE_LENGTH), nullable=False),
+        Column("gateway_id", String(MAX_ID_LENGTH), nullable=False),
+    )
+    Index(None, labels.c.gateway_id, labels.c.key, labels.c.value, labels.c.connection_id)
+    return ReadModelTables(conns, pruned, offsets, nodes, labels)
 
 
 def generation(suffix: str) -> ReadModelTables:
@@ -134,6 +167,7 @@ connections = LIVE.connections
 pruned_connections = LIVE.pruned_connections
 projection_offsets = LIVE.projection_offsets
 nodes = LIVE.nodes
+connection_labels = LIVE.connection_labels
 
 
 # A connection row's columns are ConnectionState's fields, by name.

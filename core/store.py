@@ -43,6 +43,7 @@ from conntrack.core.merge_sql import (
     database_error,
     dialect_insert,
     driver_error,
+    label_index,
     nodes_merge,
     pg_copy_merge,
     pg_merge,
@@ -263,8 +264,28 @@ class ProjectionStore:
                 sqlite_merge(self._tables, preparer), [state_to_row(s) for s in states.values()]
             )
             written = result.rowcount
+        await self._index_labels(conn, states)
         # Rows skipped for a tombstone are the only ones the upsert neither inserts nor updates.
         return BatchResult(written, len(states) - written)
+
+    async def _index_labels(
+        self, conn: AsyncConnection, states: Mapping[str, ConnectionState]
+    ) -> None:
+        """Bring the label index up to date for the connections whose Connected or
+        Disconnected is in the batch (activity changes no label and no openness)."""
+        ids = sorted(
+            cid
+            for cid, s in states.items()
+            if s.connected_event_id is not None or s.disconnected_at_ns is not None
+        )
+        if not ids:
+            return
+        statements = label_index(self._tables, conn.dialect.identifier_preparer, conn.dialect.name)
+        step = CHUNK if conn.dialect.name == "sqlite" else ARRAY_CHUNK
+        for i in range(0, len(ids), step):
+            part = ids[i : i + step]
+            await conn.execute(statements.clear, {"ids": part})
+            await conn.execute(statements.fill, {"ids": part})
 
     async def _copy_merge(
         self, conn: AsyncConnection, states: Mapping[str, ConnectionState]

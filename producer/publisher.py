@@ -28,7 +28,7 @@ import logging
 import os
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from conntrack.core.events import (
@@ -42,6 +42,7 @@ from conntrack.core.events import (
     Payload,
 )
 from conntrack.core.kafka import KafkaConnection, connection_of
+from conntrack.core.labels import normalized
 from conntrack.core.settings import default
 from conntrack.producer import kafka_producer
 from conntrack.producer.activity import ActivityPublishing
@@ -383,14 +384,26 @@ class Publisher:
             await self._handover.send_in_turn(lane, ticket, [pending, event], deadline, taken=1)
 
     async def connected(
-        self, connection_id: str, source_ip: str, user_agent: str, *, at_ns: int | None = None
+        self,
+        connection_id: str,
+        source_ip: str,
+        user_agent: str,
+        *,
+        principal: str = "",
+        labels: Mapping[str, str] | None = None,
+        at_ns: int | None = None,
     ) -> Event:
-        """Publish a Connected event; with the node role it carries node_id and incarnation."""
+        """Publish a Connected event; with the node role it carries node_id and incarnation.
+        principal: who the connection is for (the authenticated user or service); labels:
+        key/value pairs such as tenant or device (limits in core/labels.py; InvalidEvent
+        naming the field when one is broken)."""
         node = self._node
+        node_id, incarnation = "", 0
         if node is not None and node.incarnation is not None:
-            payload = Connected(source_ip, user_agent, node.node_id, node.incarnation)
-        else:
-            payload = Connected(source_ip, user_agent)
+            node_id, incarnation = node.node_id, node.incarnation
+        payload = Connected(
+            source_ip, user_agent, node_id, incarnation, principal, normalized(labels)
+        )
         event = self._event(connection_id, payload, at_ns)
         await self.publish(event)
         return event

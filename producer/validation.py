@@ -10,6 +10,7 @@ from conntrack.core.events import (
     MAX_TIME_NS,
     MIN_TIME_NS,
     Activity,
+    Connected,
     Disconnected,
     Event,
     InvalidEvent,
@@ -20,6 +21,7 @@ from conntrack.core.events import (
     record_key,
 )
 from conntrack.core.ids import id_problem
+from conntrack.core.labels import labels_problem, principal_problem
 from conntrack.producer.node import MAX_INCARNATION
 
 _UINT64_MAX: Final = 2**64 - 1
@@ -55,7 +57,13 @@ def checked_value(event: Event) -> bytes:
     else:
         check_id("connection_id", event.connection_id)
     check_time(event.occurred_at_ns)
-    if isinstance(payload, Activity):
+    if isinstance(payload, Connected):
+        problem = principal_problem("principal", payload.principal) or labels_problem(
+            "labels", payload.labels
+        )
+        if problem:
+            raise InvalidEvent(problem)
+    elif isinstance(payload, Activity):
         check_frames(payload.frames)
     elif isinstance(payload, Disconnected) and not 0 <= payload.status_code <= _MAX_STATUS_CODE:
         raise InvalidEvent(

@@ -44,7 +44,12 @@ async def test_migrated_database_matches_the_models(database_url: str) -> None:
     diff, tables = await _inspect(database_url)
     assert diff == []
     assert tables == {
-        "connections": ["ix_connections_disconnected_at_ns", "ix_connections_gateway_id"],
+        "connection_labels": ["ix_connection_labels_gateway_id"],
+        "connections": [
+            "ix_connections_disconnected_at_ns",
+            "ix_connections_gateway_id",
+            "ix_connections_principal",
+        ],
         "nodes": [],
         "projection_offsets": [],
         "pruned_connections": ["ix_pruned_connections_disconnected_at_ns"],

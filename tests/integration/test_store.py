@@ -6,8 +6,10 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import random
+from collections.abc import Mapping
 
 import pytest
+from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from conntrack.core.database import create_engine
@@ -20,6 +22,8 @@ from conntrack.core.events import (
     Payload,
 )
 from conntrack.core.fold import ConnectionState, NodeState, fold, merge, merge_nodes, of_event
+from conntrack.core.labels import from_json
+from conntrack.core.schema import connection_labels
 from conntrack.core.store import (
     ARRAY_CHUNK,
     CHUNK,
@@ -38,8 +42,12 @@ def random_events(rnd: random.Random, prefix: str, n: int, connections: int) -> 
     for i in range(n):
         cid = f"{prefix}-{rnd.randrange(connections)}"
         at = T0 + rnd.randrange(10**12)
+        labels = rnd.choice([(), (("tenant", "t1"),), (("device", "ios"), ("tenant", "t2"))])
         choices: list[Payload] = [
             Connected(f"10.0.0.{rnd.randrange(256)}", rnd.choice(["ua-1", "ua-2"])),
+            Connected(
+                "10.0.0.1", "ua-1", principal=rnd.choice(["", "alice", "bob"]), labels=labels
+            ),
             Activity(rnd.randrange(5)),
             Disconnected(rnd.choice([1000, 1001, 1006]), rnd.choice(["", "bye"])),
         ]
@@ -152,6 +160,27 @@ async def test_batches_merged_with_stored_rows_equal_one_fold(
         offset += len(batch)
     assert await store.all_states() == fold(events)
     assert await store.all_positions() == {(TOPIC, 0): len(log)}
+    assert await label_rows(engine) == expected_label_rows(fold(events))
+
+
+async def label_rows(engine: AsyncEngine) -> set[tuple[str, str, str, str]]:
+    async with engine.connect() as conn:
+        rows = await conn.execute(select(connection_labels))
+        return {(r.connection_id, r.key, r.value, r.gateway_id) for r in rows}
+
+
+def expected_label_rows(
+    states: Mapping[str, ConnectionState],
+) -> set[tuple[str, str, str, str]]:
+    """The label index's definition: every label of every open connection."""
+    return {
+        (cid, key, value, s.gateway_id)
+        for cid, s in states.items()
+        if s.connected_at_ns is not None
+        and s.disconnected_at_ns is None
+        and s.gateway_id is not None
+        for key, value in from_json(s.labels).items()
+    }
 
 
 def random_state(rnd: random.Random, cid: str) -> ConnectionState:
@@ -179,6 +208,8 @@ def random_state(rnd: random.Random, cid: str) -> ConnectionState:
         disconnected_event_id=text(["d", "D", "ð", "d2"]) if disconnected else None,
         node_id=text([None, "n", "N", "é"]) if connected else None,
         node_incarnation=rnd.choice([None, 1, 2, 2**62]) if connected else None,
+        principal=text([None, "p", "P", "é"]) if connected else None,
+        labels=text([None, '{"a":"1"}', '{"a":"2"}', '{"b":"1"}']) if connected else None,
     )
 
 
@@ -230,6 +261,7 @@ async def test_the_database_merge_equals_the_fold_merge(
         if stored[cid] != merge(a, b)
     }
     assert not wrong, next(iter(wrong.values()))
+    assert await label_rows(engine) == expected_label_rows(stored)
 
 
 async def test_timestamps_are_exact_to_the_nanosecond(engine: AsyncEngine) -> None:
@@ -334,6 +366,8 @@ async def test_state_fields_round_trip(engine: AsyncEngine) -> None:
         disconnected_event_id="d",
         node_id="n" * 255,
         node_incarnation=2**63 - 1,
+        principal="ü" * 255,
+        labels='{"k":"' + "v" * 255 + '"}',
     )
     await store.apply_batch(TOPIC, {0: (0, 2)}, {"c": state})
     assert await store.get("c") == state

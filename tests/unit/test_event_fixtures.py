@@ -22,7 +22,8 @@ def test_stored_version_1_events_replay_to_the_recorded_state() -> None:
     assert len(events) == 6
     expected = json.loads((FIXTURES / "events-v1.expected.json").read_text())
     # The state recorded when the fixture was made, field for field; a field the state has
-    # gained since (a v1 log says nothing of gateway nodes) must hold its "unknown" value.
+    # gained since (a v1 log says nothing of gateway nodes, principals or labels) must hold its
+    # "unknown" value.
     replayed = {k: v._asdict() for k, v in fold(events).items()}
     assert replayed.keys() == expected.keys()
     for cid, state in replayed.items():
@@ -30,6 +31,8 @@ def test_stored_version_1_events_replay_to_the_recorded_state() -> None:
         assert {name: value for name, value in state.items() if name not in expected[cid]} == {
             "node_id": None,
             "node_incarnation": None,
+            "principal": None,
+            "labels": None,
         }
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import itertools
 import random
 from collections.abc import Iterable
@@ -46,6 +48,16 @@ payloads: st.SearchStrategy[Payload] = st.one_of(
         st.just("ua1"),
         st.sampled_from(["", "n1", "n2"]),
         st.sampled_from([0, 1, 2]),
+    ),
+    # The same Connected for two principals or label sets: still one order.
+    st.builds(
+        Connected,
+        st.just("10.0.0.1"),
+        st.just("ua1"),
+        st.just("n1"),
+        st.just(1),
+        st.sampled_from(["", "alice", "bob"]),
+        st.sampled_from([(), (("tenant", "a"),), (("device", "ios"), ("tenant", "a"))]),
     ),
     st.builds(Activity, st.integers(0, 3)),
     st.builds(Disconnected, st.sampled_from([0, 1000, 1001, 65535]), st.sampled_from(["", "bye"])),
@@ -197,6 +209,10 @@ def reference_of_event(event: Event) -> ConnectionState:
             connected_event_id=event.event_id,
             node_id=p.node_id or None,
             node_incarnation=p.node_incarnation or None,
+            principal=p.principal or None,
+            labels=json.dumps(dict(p.labels), separators=(",", ":"), sort_keys=True)
+            if p.labels
+            else None,
         )
     if isinstance(p, Disconnected):
         return base._replace(
@@ -208,7 +224,9 @@ def reference_of_event(event: Event) -> ConnectionState:
     return base
 
 
-def _connected_order(s: ConnectionState) -> tuple[int, str, str, str, str, str, int] | None:
+def _connected_order(
+    s: ConnectionState,
+) -> tuple[int, str, str, str, str, str, int, str, str] | None:
     if s.connected_at_ns is None or s.connected_event_id is None:
         return None
     return (
@@ -219,6 +237,8 @@ def _connected_order(s: ConnectionState) -> tuple[int, str, str, str, str, str, 
         s.user_agent or "",
         s.node_id or "",
         s.node_incarnation or 0,
+        s.principal or "",
+        s.labels or "",
     )
 
 
@@ -245,6 +265,8 @@ def reference_merge(a: ConnectionState, b: ConnectionState) -> ConnectionState:
             connected_event_id=b.connected_event_id,
             node_id=b.node_id,
             node_incarnation=b.node_incarnation,
+            principal=b.principal,
+            labels=b.labels,
         )
     da, db = _disconnected_order(a), _disconnected_order(b)
     if db is not None and (da is None or db < da):
@@ -297,6 +319,15 @@ tied_events = st.builds(
     st.one_of(
         st.builds(Connected, _tie_texts, _tie_texts),
         st.builds(Connected, _tie_texts, _tie_texts, _tie_texts, st.sampled_from([0, 1, 2])),
+        st.builds(
+            Connected,
+            _tie_texts,
+            _tie_texts,
+            _tie_texts,
+            st.just(1),
+            _tie_texts,
+            st.sampled_from([(), (("k", "a"),), (("k", "b"),)]),
+        ),
         st.builds(Activity, st.integers(0, 3)),
         st.builds(Disconnected, st.sampled_from([0, 1000, 10**10 - 1, 10**10]), _tie_texts),
     ),

@@ -1,6 +1,7 @@
 import datetime
 
 from google.protobuf import timestamp_pb2 as _timestamp_pb2
+from google.protobuf.internal import containers as _containers
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
 from collections.abc import Mapping as _Mapping
@@ -45,10 +46,21 @@ class NodeHeartbeat(_message.Message):
     def __init__(self) -> None: ...
 
 class Connected(_message.Message):
-    __slots__ = ("identity",)
+    __slots__ = ("identity", "principal", "labels")
+    class LabelsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: str
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
     IDENTITY_FIELD_NUMBER: _ClassVar[int]
+    PRINCIPAL_FIELD_NUMBER: _ClassVar[int]
+    LABELS_FIELD_NUMBER: _ClassVar[int]
     identity: CallerIdentity
-    def __init__(self, identity: _Optional[_Union[CallerIdentity, _Mapping]] = ...) -> None: ...
+    principal: str
+    labels: _containers.ScalarMap[str, str]
+    def __init__(self, identity: _Optional[_Union[CallerIdentity, _Mapping]] = ..., principal: _Optional[str] = ..., labels: _Optional[_Mapping[str, str]] = ...) -> None: ...
 
 class Activity(_message.Message):
     __slots__ = ("frames",)
