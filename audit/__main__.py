@@ -37,6 +37,7 @@ from conntrack.core.batch import gen0_threshold
 from conntrack.core.database import create_engine
 from conntrack.core.fold import ConnectionState
 from conntrack.core.kafka import KafkaConnection
+from conntrack.core.labels import from_json
 from conntrack.core.settings import Settings
 from conntrack.core.store import ProjectionStore
 from conntrack.core.timeutil import format_ns
@@ -71,11 +72,14 @@ def entry_json(e: HistoryEntry) -> dict[str, Any]:
         "gateway_id": ev.gateway_id,
         **dataclasses.asdict(ev.payload),
     }
+    if "labels" in out:
+        out["labels"] = dict(out["labels"])
     return out
 
 
 def state_json(state: ConnectionState) -> dict[str, Any]:
     out = state._asdict()
+    out["labels"] = from_json(state.labels)
     for name in ("connected_at_ns", "last_active_at_ns", "disconnected_at_ns"):
         if out[name] is not None:
             out[name.removesuffix("_ns")] = format_ns(out[name])
@@ -221,6 +225,7 @@ async def cmd_verify(settings: Settings, ns: argparse.Namespace) -> int:
                         }
                         for n in result.node_differences[: ns.examples]
                     ],
+                    "label_index_differences": result.label_index_differences[: ns.examples],
                 },
                 ensure_ascii=False,
             )
@@ -236,10 +241,13 @@ async def cmd_verify(settings: Settings, ns: argparse.Namespace) -> int:
         print("OK: the read model equals a fresh fold of the log")
         return cli.Exit.OK
     print(
-        f"DIVERGED: {len(result.differences)} connections and "
-        f"{len(result.node_differences)} gateway nodes differ",
+        f"DIVERGED: {len(result.differences)} connections, "
+        f"{len(result.node_differences)} gateway nodes and the label index of "
+        f"{len(result.label_index_differences)} connections differ",
         file=sys.stderr,
     )
+    for cid in result.label_index_differences[: ns.examples]:
+        print(json.dumps({"label_index_differs_for": cid}, ensure_ascii=False), file=sys.stderr)
     for n in result.node_differences[: ns.examples]:
         print(
             json.dumps(

@@ -21,7 +21,10 @@ from conntrack.core.fold import (
     merge_nodes,
 )
 from conntrack.core.schema import (
+    LabelRow,
+    connection_labels,
     connections,
+    label_rows_of,
     projection_offsets,
     pruned_connections,
     row_to_node,
@@ -141,6 +144,7 @@ class Snapshot:
     positions: dict[int, int]
     pruned: set[str]  # connections retention deleted (their tombstones)
     nodes: dict[str, NodeState]
+    label_rows: set[LabelRow]
 
 
 async def snapshot(engine: AsyncEngine, topic: str) -> Snapshot:
@@ -164,7 +168,11 @@ async def snapshot(engine: AsyncEngine, topic: str) -> Snapshot:
                 r["node_id"]: row_to_node(r)
                 for r in (await conn.execute(select(nodes_table))).mappings()
             }
-    return Snapshot(states, positions, pruned, nodes)
+            label_rows: set[LabelRow] = {
+                (r.connection_id, r.key, r.value, r.gateway_id)
+                for r in await conn.execute(select(connection_labels))
+            }
+    return Snapshot(states, positions, pruned, nodes, label_rows)
 
 
 @dataclass(frozen=True)
@@ -190,10 +198,13 @@ class Verification:
     events: int
     invalid: int
     pruned: int  # connections absent live because retention pruned them (tombstoned)
+    # Connections whose rows in the label index are not exactly the labels of their replayed
+    # state (core/schema.py, label_rows_of).
+    label_index_differences: list[str] = field(default_factory=list)
 
     @property
     def ok(self) -> bool:
-        return not self.differences and not self.node_differences
+        return not (self.differences or self.node_differences or self.label_index_differences)
 
 
 async def verify(
@@ -220,6 +231,15 @@ async def verify(
         for n in sorted(snap.nodes.keys() | replay.nodes.keys())
         if snap.nodes.get(n) != replay.nodes.get(n)
     ]
+    expected = label_rows_of(replay.states[cid] for cid in ids if cid in replay.states)
+    label_diffs = sorted({row[0] for row in expected ^ snap.label_rows})
     return Verification(
-        len(ids), diffs, node_diffs, snap.positions, replay.events, replay.invalid, len(pruned)
+        len(ids),
+        diffs,
+        node_diffs,
+        snap.positions,
+        replay.events,
+        replay.invalid,
+        len(pruned),
+        label_diffs,
     )

@@ -6,7 +6,7 @@ generation beside the live one and then swaps names (audit/rebuild.py, docs/rebu
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -24,7 +24,7 @@ from sqlalchemy import (
 
 from conntrack.core.fold import ConnectionState, NodeState
 from conntrack.core.ids import MAX_ID_LENGTH
-from conntrack.core.labels import MAX_LABEL_KEY_LENGTH, MAX_LABEL_VALUE_LENGTH
+from conntrack.core.labels import MAX_LABEL_KEY_LENGTH, MAX_LABEL_VALUE_LENGTH, from_json
 
 # Deterministic constraint names, so migrations can refer to them on every backend.
 NAMING_CONVENTION = {
@@ -180,6 +180,21 @@ def row_to_state(row: RowMapping | Mapping[str, Any]) -> ConnectionState:
 
 def state_to_row(state: ConnectionState) -> dict[str, Any]:
     return dict(zip(_STATE_FIELDS, state, strict=True))
+
+
+LabelRow = tuple[str, str, str, str]
+"""A row of the label index: (connection_id, key, value, gateway_id)."""
+
+
+def label_rows_of(states: Iterable[ConnectionState]) -> set[LabelRow]:
+    """What the label index holds for these states (its definition; the store maintains it and
+    `conntrack-audit verify` checks it): every label of every open connection of a gateway."""
+    return {
+        (s.connection_id, key, value, s.gateway_id)
+        for s in states
+        if s.is_open and s.gateway_id is not None and s.labels is not None
+        for key, value in from_json(s.labels).items()
+    }
 
 
 def row_to_node(row: RowMapping | Mapping[str, Any]) -> NodeState:

@@ -57,6 +57,8 @@ _USER_AGENTS: tuple[tuple[str, int], ...] = (
     ("node-fetch/1.0 (+https://github.com/websockets/ws)", 2),
 )
 
+_DEVICES = ("web", "ios", "android")
+
 # (status code, reason, weight): RFC 6455 close codes as gateways see them; 0 = no close frame.
 _CLOSES: tuple[tuple[int, str, int], ...] = (
     (1000, "", 60),
@@ -90,6 +92,9 @@ class Workload:
     max_events: int | None = None
     """Stop after this many events."""
     ipv6_share: float = 0.3
+    principals: int = 0
+    """Connections belong to this many principals ("user-<n>"), each labelled with a tenant
+    (one of ten) and a device; 0: no principals or labels (and the same events as before)."""
 
     def __post_init__(self) -> None:
         if self.gateways < 1:
@@ -107,6 +112,8 @@ class Workload:
                 raise ValueError(f"{name} must be between 0 and 1")
         if self.duration_s is not None and self.duration_s <= 0:
             raise ValueError("duration_s must be > 0")
+        if self.principals < 0:
+            raise ValueError("principals must be >= 0")
         if self.max_events is not None and self.max_events < 0:
             raise ValueError("max_events must be >= 0")
 
@@ -202,6 +209,12 @@ def _timeline(w: Workload, start: int) -> Iterator[tuple[Event | None, str, bool
         schedule(at + _gap_ns(rng, w.activity_rate), _NEXT, cid)
         version = 6 if rng.random() < w.ipv6_share else 4
         identity = Connected(_global(rng, version), rng.choices(agents, agent_weights)[0])
+        if w.principals:
+            user = rng.randrange(w.principals)
+            labels = (("device", rng.choice(_DEVICES)), ("tenant", f"tenant-{user % 10}"))
+            identity = Connected(
+                identity.source_ip, identity.user_agent, principal=f"user-{user}", labels=labels
+            )
         return event(cid, at, identity)
 
     arrivals = 0

@@ -14,7 +14,7 @@ from conntrack.audit.log import LogReader, partition_for_key
 from conntrack.audit.replay import fold_until, history, state_of, verify
 from conntrack.core.events import Connected, Event, encode
 from conntrack.core.fold import fold
-from conntrack.core.schema import connections
+from conntrack.core.schema import connection_labels, connections
 from conntrack.core.settings import Settings
 from conntrack.core.store import ProjectionStore
 from conntrack.producer.publisher import Publisher
@@ -71,7 +71,7 @@ async def test_state_as_of_a_moment_equals_a_fold_of_the_events_before_it(
 async def test_verify_passes_on_a_live_projection_and_reports_a_row_altered_behind_its_back(
     kafka_settings: Settings, engine: AsyncEngine
 ) -> None:
-    events = list(generate(Workload(connections=60, seed=3)))
+    events = list(generate(Workload(connections=60, seed=3, principals=7)))
     await publish(kafka_settings, events)
     # A valid event without a key: the projector dead-letters it, so a replay must leave it out
     # too (it would otherwise be a connection the fold has and the live projection has not).
@@ -108,6 +108,21 @@ async def test_verify_passes_on_a_live_projection_and_reports_a_row_altered_behi
     assert [d.connection_id for d in result.differences] == [victim]
     assert result.differences[0].live is not None
     assert result.differences[0].live.source_ip == "203.0.113.66"
+    assert result.label_index_differences == []
+
+    # The label index is checked too: a row for a label the connection does not have.
+    open_labelled = min(
+        cid for cid, s in fold(events).items() if s.is_open and s.labels and cid != victim
+    )
+    async with engine.begin() as conn:
+        await conn.execute(
+            update(connection_labels)
+            .where(connection_labels.c.connection_id == open_labelled)
+            .values(value="forged")
+        )
+    async with LogReader(kafka_settings.kafka_bootstrap_servers, kafka_settings.events_topic) as r:
+        result = await verify(engine, r)
+    assert result.label_index_differences == [open_labelled]
 
 
 async def test_verify_expects_connections_pruned_by_retention_to_be_absent(
