@@ -34,6 +34,12 @@ from conntrack.core.events import (
     upcast,
 )
 from conntrack.core.ids import MAX_ID_LENGTH
+from conntrack.core.labels import (
+    MAX_LABEL_VALUE_LENGTH,
+    MAX_LABELS,
+    label_key_problem,
+    label_value_problem,
+)
 from conntrack.core.protogen.conntrack.events.v1 import events_pb2 as pb
 from conntrack.core.timeutil import NANOS_PER_SECOND, to_timestamp
 
@@ -44,6 +50,19 @@ ids = st.text(_chars, min_size=1, max_size=MAX_ID_LENGTH)
 payloads: st.SearchStrategy[Payload] = st.one_of(
     st.builds(Connected, text, text),
     st.builds(Connected, text, text, ids, st.integers(1, 2**63 - 1)),
+    st.builds(
+        Connected,
+        text,
+        text,
+        st.just(""),
+        st.just(0),
+        st.text(_chars, max_size=MAX_ID_LENGTH),
+        st.dictionaries(
+            st.from_regex(r"[A-Za-z0-9][A-Za-z0-9._/-]{0,62}", fullmatch=True),
+            st.text(_chars, max_size=MAX_LABEL_VALUE_LENGTH),
+            max_size=MAX_LABELS,
+        ).map(lambda d: tuple(sorted(d.items()))),
+    ),
     st.builds(Activity, st.integers(0, 2**64 - 1)),
     st.builds(Disconnected, st.integers(0, 0xFFFF), text),
 )
@@ -218,11 +237,30 @@ def reference_decode(value: bytes | None, key: bytes | None = None) -> Event:
             )
         if msg.node_incarnation > 2**63 - 1:
             raise InvalidEvent("node_incarnation does not fit a signed 64-bit integer")
+        principal = msg.connected.principal
+        if len(principal) > MAX_ID_LENGTH:
+            raise InvalidEvent(
+                f"connected.principal must be at most {MAX_ID_LENGTH} characters, "
+                f"got {len(principal)}"
+            )
+        labels = dict(msg.connected.labels)
+        if len(labels) > MAX_LABELS:
+            raise InvalidEvent(
+                f"connected.labels must hold at most {MAX_LABELS} labels, got {len(labels)}"
+            )
+        for k, v in sorted(labels.items()):
+            problem = label_key_problem("connected.labels", k) or label_value_problem(
+                "connected.labels", k, v
+            )
+            if problem:
+                raise InvalidEvent(problem)
         payload = Connected(
             source_ip=ident.source_ip,
             user_agent=ident.user_agent,
             node_id=msg.node_id,
             node_incarnation=msg.node_incarnation,
+            principal=principal,
+            labels=tuple(sorted(labels.items())),
         )
     elif which == "activity":
         payload = Activity(frames=msg.activity.frames)
@@ -238,7 +276,7 @@ def reference_decode(value: bytes | None, key: bytes | None = None) -> Event:
         raise InvalidEvent("disconnected.status_code is not a 16-bit WebSocket close code")
     texts = [msg.event_id, msg.connection_id, msg.gateway_id]
     if isinstance(payload, Connected):
-        texts += [payload.source_ip, payload.user_agent, payload.node_id]
+        texts += [payload.source_ip, payload.user_agent, payload.node_id, payload.principal]
     elif isinstance(payload, Disconnected):
         texts.append(payload.reason)
     if any("\x00" in t for t in texts):
@@ -337,6 +375,20 @@ _DEFECTS: dict[str, _Defect] = {
     "code 2**32-1": lambda m: setattr(m.disconnected, "status_code", 2**32 - 1),
     "frames 2**64-1": lambda m: setattr(m.activity, "frames", 2**64 - 1),
     "frames 1024": lambda m: setattr(m.activity, "frames", 1024),
+    "principal": lambda m: setattr(m.connected, "principal", "alice@example.com"),
+    "principal longest": lambda m: setattr(m.connected, "principal", "p" * MAX_ID_LENGTH),
+    "principal too long": lambda m: setattr(m.connected, "principal", "p" * (MAX_ID_LENGTH + 1)),
+    "principal NUL": lambda m: setattr(m.connected, "principal", "a\x00"),
+    "labels": lambda m: m.connected.labels.update({"tenant": "t1", "device": "ios"}),
+    "labels most": lambda m: m.connected.labels.update({f"k{i}": "v" for i in range(MAX_LABELS)}),
+    "labels too many": lambda m: m.connected.labels.update(
+        {f"k{i}": "v" for i in range(MAX_LABELS + 1)}
+    ),
+    "label key empty": lambda m: m.connected.labels.update({"": "v"}),
+    "label key bad": lambda m: m.connected.labels.update({"-x": "v"}),
+    "label key too long": lambda m: m.connected.labels.update({"k" * 64: "v"}),
+    "label value too long": lambda m: m.connected.labels.update({"k": "v" * 256}),
+    "label value NUL": lambda m: m.connected.labels.update({"k": "\x00"}),
 }
 
 
