@@ -42,6 +42,7 @@ from conntrack.api.read.repository import (
     ReadModelUnavailable,
 )
 from conntrack.core.ids import id_problem
+from conntrack.core.labels import SelectorError, from_json, parse_selector, principal_problem
 from conntrack.core.liveness import Liveness
 from conntrack.core.protogen.conntrack.directory.v1 import directory_pb2
 from conntrack.core.settings import default
@@ -91,12 +92,15 @@ def directory_filter(
     last_active_before_ns: int | None = None,
     connected_before_ns: int | None = None,
     connected_after_ns: int | None = None,
+    principal: str = "",
+    label_selector: str = "",
 ) -> DirectoryFilter:
     """The filter of a request; empty strings and None do not filter. Raises
     InvalidDirectoryRequest naming the first invalid field."""
     problem = (
         id_problem("gateway_id", gateway_id)
         or id_problem("filter.node_id", node_id, required=False)
+        or principal_problem("filter.principal", principal)
         or _ns_problem("filter.last_active_before", last_active_before_ns)
         or _ns_problem("filter.connected_before", connected_before_ns)
         or _ns_problem("filter.connected_after", connected_after_ns)
@@ -107,6 +111,10 @@ def directory_filter(
         problem = "filter.source_ip must not contain NUL"
     if problem:
         raise InvalidDirectoryRequest(problem)
+    try:
+        labels = parse_selector(label_selector, "filter.label_selector")
+    except SelectorError as exc:
+        raise InvalidDirectoryRequest(str(exc)) from None
     return DirectoryFilter(
         gateway_id=gateway_id,
         node_id=node_id or None,
@@ -114,6 +122,8 @@ def directory_filter(
         last_active_before_ns=last_active_before_ns,
         connected_before_ns=connected_before_ns,
         connected_after_ns=connected_after_ns,
+        principal=principal or None,
+        labels=labels,
     )
 
 
@@ -280,11 +290,18 @@ def filter_from_proto(gateway_id: str, f: directory_pb2.ConnectionFilter) -> Dir
         last_active_before_ns=_timestamp_ns("filter.last_active_before", f, "last_active_before"),
         connected_before_ns=_timestamp_ns("filter.connected_before", f, "connected_before"),
         connected_after_ns=_timestamp_ns("filter.connected_after", f, "connected_after"),
+        principal=f.principal,
+        label_selector=f.label_selector,
     )
 
 
 def entry_proto(view: ConnectionView) -> directory_pb2.DirectoryEntry:
-    return directory_pb2.DirectoryEntry(connection=to_proto(view), node_id=view.node_id or "")
+    return directory_pb2.DirectoryEntry(
+        connection=to_proto(view),
+        node_id=view.node_id or "",
+        principal=view.principal or "",
+        labels=from_json(view.labels),
+    )
 
 
 BroadcastMethod = Callable[

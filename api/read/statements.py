@@ -11,7 +11,7 @@ from sqlalchemy.dialects.postgresql import ARRAY
 
 from conntrack.api.read.views import ConnectionView, DirectoryFilter
 from conntrack.core.liveness import LiveBounds
-from conntrack.core.schema import connections, nodes, projection_offsets
+from conntrack.core.schema import connection_labels, connections, nodes, projection_offsets
 
 # Built once: SQLAlchemy then finds the compiled form in its cache by the statement's memoized
 # key, where a statement built per call would be traversed to compute its key on every Get.
@@ -25,6 +25,8 @@ OPEN_COLUMNS = select(
     connections.c.node_id,
     connections.c.node_incarnation,
 )
+# The directory's rows: Get's columns and who the connection is for and its labels.
+DIRECTORY_COLUMNS = OPEN_COLUMNS.add_columns(connections.c.principal, connections.c.labels)
 IS_OPEN = (connections.c.connected_at_ns.is_not(None), connections.c.disconnected_at_ns.is_(None))
 # One array parameter: the statement text (and so asyncpg's prepared statement) is the same
 # whatever the number of ids, where an IN list would prepare one statement per batch size.
@@ -52,7 +54,7 @@ def directory_page_statement(
     conditions = directory_conditions(where, live)
     if after_id is not None:
         conditions.append(connections.c.connection_id > after_id)
-    return OPEN_COLUMNS.where(*conditions).order_by(connections.c.connection_id).limit(limit)
+    return DIRECTORY_COLUMNS.where(*conditions).order_by(connections.c.connection_id).limit(limit)
 
 
 def directory_conditions(where: DirectoryFilter, live: LiveBounds) -> list[ColumnElement[bool]]:
@@ -73,6 +75,20 @@ def directory_conditions(where: DirectoryFilter, live: LiveBounds) -> list[Colum
         conditions.append(c.connected_at_ns < where.connected_before_ns)
     if where.connected_after_ns is not None:
         conditions.append(c.connected_at_ns >= where.connected_after_ns)
+    if where.principal is not None:
+        conditions.append(c.principal == where.principal)
+    for key, values in where.labels:
+        # Through the label index (core/schema.py): only open connections have rows there.
+        labelled = connection_labels.c
+        conditions.append(
+            c.connection_id.in_(
+                select(labelled.connection_id).where(
+                    labelled.gateway_id == where.gateway_id,
+                    labelled.key == key,
+                    labelled.value.in_(values),
+                )
+            )
+        )
     if live.min_last_active_ns is not None:
         conditions.append(last_active >= live.min_last_active_ns)
     if live.min_connected_at_ns is not None:
@@ -103,4 +119,6 @@ def view_of(row: Sequence[Any]) -> ConnectionView:
         last_active_at_ns=row[5] or row[4],
         node_id=row[6],
         node_incarnation=row[7],
+        principal=row[8] if len(row) > 8 else None,
+        labels=row[9] if len(row) > 8 else None,
     )

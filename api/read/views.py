@@ -5,6 +5,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from conntrack.core.labels import Selector
+
 
 class ReadModelUnavailable(RuntimeError):
     """The read-model database cannot be reached or answered with an error."""
@@ -20,6 +22,10 @@ class ConnectionView:
     last_active_at_ns: int
     node_id: str | None = None
     node_incarnation: int | None = None
+    # Read by the directory only (Get's answer has no place for them): who the connection is
+    # for, and its labels as canonical JSON (core/labels.py).
+    principal: str | None = None
+    labels: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -34,6 +40,8 @@ class DirectoryFilter:
     last_active_before_ns: int | None = None
     connected_before_ns: int | None = None  # exclusive
     connected_after_ns: int | None = None  # inclusive
+    principal: str | None = None
+    labels: Selector = ()  # every requirement must hold (core/labels.py)
 
 
 @dataclass(frozen=True, slots=True)

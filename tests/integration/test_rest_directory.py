@@ -55,7 +55,17 @@ async def seed(engine: AsyncEngine) -> int:
     ]
     states = []
     for i in range(23):
-        states.append(opened(f"a{i:03d}", "gw-r", base + i * S, node="n1", incarnation=5))
+        states.append(
+            opened(
+                f"a{i:03d}",
+                "gw-r",
+                base + i * S,
+                node="n1",
+                incarnation=5,
+                principal=f"user-{i % 4}",
+                labels={"tenant": f"t{i % 3}", "app": "chat"},
+            )
+        )
     for i in range(9):
         ip = "10.0.0.2" if i % 3 == 0 else "10.0.0.1"
         active = base + 10 * S if i % 2 else None
@@ -117,6 +127,11 @@ async def test_list_and_count_answer_as_grpc_does_with_filters_and_paging(
             ({"filter.nodeId": "n2"}, pb.ConnectionFilter(node_id="n2")),
             ({"filter.node_id": "n1"}, pb.ConnectionFilter(node_id="n1")),  # proto names too
             ({"filter.sourceIp": "10.0.0.2"}, pb.ConnectionFilter(source_ip="10.0.0.2")),
+            ({"filter.principal": "user-1"}, pb.ConnectionFilter(principal="user-1")),
+            (
+                {"filter.labelSelector": "tenant in (t0, t2), app=chat"},
+                pb.ConnectionFilter(label_selector="tenant in (t0, t2), app=chat"),
+            ),
             (
                 {"filter.connectedAfter": rfc3339(base + 55 * S)},
                 pb.ConnectionFilter(connected_after=to_timestamp(base + 55 * S)),
@@ -217,6 +232,8 @@ async def test_bad_requests_are_400_with_the_status_json(engine: AsyncEngine) ->
             (list_path("gw-r") + "?filter.nodeId=%ff", "valid UTF-8"),
             (list_path("g" * 256), "gateway_id must be at most 255"),
             (list_path("gw-r", ":count", **{"filter.nodeId": "n" * 256}), "filter.node_id"),
+            (list_path("gw-r", **{"filter.labelSelector": "tenant"}), "filter.label_selector"),
+            (list_path("gw-r", **{"filter.principal": "p" * 256}), "filter.principal"),
             (BASE + "%ff/connections", "gateway_id must be valid UTF-8"),
         ]
         for path, why in bad:

@@ -8,6 +8,7 @@ from collections.abc import Iterable
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from conntrack.core.fold import ConnectionState, NodeState
+from conntrack.core.labels import normalized, to_json
 from conntrack.core.store import ProjectionStore
 
 S = 1_000_000_000
@@ -44,6 +45,8 @@ def opened(
     active: int | None = None,
     node: str | None = None,
     incarnation: int | None = None,
+    principal: str | None = None,
+    labels: dict[str, str] | None = None,
 ) -> ConnectionState:
     return ConnectionState(
         connection_id=cid,
@@ -55,6 +58,8 @@ def opened(
         last_active_at_ns=active,
         node_id=node,
         node_incarnation=incarnation,
+        principal=principal,
+        labels=to_json(normalized(labels)),
     )
 
 

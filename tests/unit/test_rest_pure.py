@@ -57,6 +57,8 @@ def test_directory_routes_are_its_annotations() -> None:
         "filter.lastActiveBefore",
         "filter.connectedBefore",
         "filter.connectedAfter",
+        "filter.principal",
+        "filter.labelSelector",
         "pageSize",
         "pageToken",
     ]

@@ -27,13 +27,15 @@ from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__
 from conntrack.core.protogen.yandex.cloud.serverless.apigateway.websocket.v1 import connection_pb2 as yandex_dot_cloud_dot_serverless_dot_apigateway_dot_websocket_dot_v1_dot_connection__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n&conntrack/directory/v1/directory.proto\x12\x16\x63onntrack.directory.v1\x1a\x1cgoogle/api/annotations.proto\x1a\x1fgoogle/protobuf/timestamp.proto\x1a@yandex/cloud/serverless/apigateway/websocket/v1/connection.proto\"\xd9\x01\n\x10\x43onnectionFilter\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\x11\n\tsource_ip\x18\x02 \x01(\t\x12\x36\n\x12last_active_before\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x34\n\x10\x63onnected_before\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x33\n\x0f\x63onnected_after\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\x8d\x01\n\x16ListConnectionsRequest\x12\x12\n\ngateway_id\x18\x01 \x01(\t\x12\x38\n\x06\x66ilter\x18\x02 \x01(\x0b\x32(.conntrack.directory.v1.ConnectionFilter\x12\x11\n\tpage_size\x18\x03 \x01(\x03\x12\x12\n\npage_token\x18\x04 \x01(\t\"r\n\x0e\x44irectoryEntry\x12O\n\nconnection\x18\x01 \x01(\x0b\x32;.yandex.cloud.serverless.apigateway.websocket.v1.Connection\x12\x0f\n\x07node_id\x18\x02 \x01(\t\"o\n\x17ListConnectionsResponse\x12;\n\x0b\x63onnections\x18\x01 \x03(\x0b\x32&.conntrack.directory.v1.DirectoryEntry\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"g\n\x17\x43ountConnectionsRequest\x12\x12\n\ngateway_id\x18\x01 \x01(\t\x12\x38\n\x06\x66ilter\x18\x02 \x01(\x0b\x32(.conntrack.directory.v1.ConnectionFilter\")\n\x18\x43ountConnectionsResponse\x12\r\n\x05\x63ount\x18\x01 \x01(\x03\"\xec\x01\n\x10\x42roadcastRequest\x12\x12\n\ngateway_id\x18\x01 \x01(\t\x12\x38\n\x06\x66ilter\x18\x02 \x01(\x0b\x32(.conntrack.directory.v1.ConnectionFilter\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\x12?\n\x04type\x18\x04 \x01(\x0e\x32\x31.conntrack.directory.v1.BroadcastRequest.DataType\";\n\x08\x44\x61taType\x12\x19\n\x15\x44\x41TA_TYPE_UNSPECIFIED\x10\x00\x12\n\n\x06\x42INARY\x10\x01\x12\x08\n\x04TEXT\x10\x02\"v\n\x11\x42roadcastResponse\x12\x14\n\x0c\x62roadcast_id\x18\x01 \x01(\t\x12\x11\n\taddressed\x18\x02 \x01(\x03\x12\x11\n\tdelivered\x18\x03 \x01(\x03\x12\x10\n\x08\x63omplete\x18\x04 \x01(\x08\x12\x13\n\x0bunreachable\x18\x05 \x01(\x03\x32\xc8\x04\n\x1a\x43onnectionDirectoryService\x12\xb5\x01\n\x0fListConnections\x12..conntrack.directory.v1.ListConnectionsRequest\x1a/.conntrack.directory.v1.ListConnectionsResponse\"A\x82\xd3\xe4\x93\x02;\x12\x39/conntrack/directory/v1/gateways/{gateway_id}/connections\x12\xbe\x01\n\x10\x43ountConnections\x12/.conntrack.directory.v1.CountConnectionsRequest\x1a\x30.conntrack.directory.v1.CountConnectionsResponse\"G\x82\xd3\xe4\x93\x02\x41\x12?/conntrack/directory/v1/gateways/{gateway_id}/connections:count\x12\xb0\x01\n\tBroadcast\x12(.conntrack.directory.v1.BroadcastRequest\x1a).conntrack.directory.v1.BroadcastResponse\"N\x82\xd3\xe4\x93\x02H\"C/conntrack/directory/v1/gateways/{gateway_id}/connections:broadcast:\x01*b\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n&conntrack/directory/v1/directory.proto\x12\x16\x63onntrack.directory.v1\x1a\x1cgoogle/api/annotations.proto\x1a\x1fgoogle/protobuf/timestamp.proto\x1a@yandex/cloud/serverless/apigateway/websocket/v1/connection.proto\"\x84\x02\n\x10\x43onnectionFilter\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\x11\n\tsource_ip\x18\x02 \x01(\t\x12\x36\n\x12last_active_before\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x34\n\x10\x63onnected_before\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x33\n\x0f\x63onnected_after\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x11\n\tprincipal\x18\x06 \x01(\t\x12\x16\n\x0elabel_selector\x18\x07 \x01(\t\"\x8d\x01\n\x16ListConnectionsRequest\x12\x12\n\ngateway_id\x18\x01 \x01(\t\x12\x38\n\x06\x66ilter\x18\x02 \x01(\x0b\x32(.conntrack.directory.v1.ConnectionFilter\x12\x11\n\tpage_size\x18\x03 \x01(\x03\x12\x12\n\npage_token\x18\x04 \x01(\t\"\xf8\x01\n\x0e\x44irectoryEntry\x12O\n\nconnection\x18\x01 \x01(\x0b\x32;.yandex.cloud.serverless.apigateway.websocket.v1.Connection\x12\x0f\n\x07node_id\x18\x02 \x01(\t\x12\x11\n\tprincipal\x18\x03 \x01(\t\x12\x42\n\x06labels\x18\x04 \x03(\x0b\x32\x32.conntrack.directory.v1.DirectoryEntry.LabelsEntry\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"o\n\x17ListConnectionsResponse\x12;\n\x0b\x63onnections\x18\x01 \x03(\x0b\x32&.conntrack.directory.v1.DirectoryEntry\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"g\n\x17\x43ountConnectionsRequest\x12\x12\n\ngateway_id\x18\x01 \x01(\t\x12\x38\n\x06\x66ilter\x18\x02 \x01(\x0b\x32(.conntrack.directory.v1.ConnectionFilter\")\n\x18\x43ountConnectionsResponse\x12\r\n\x05\x63ount\x18\x01 \x01(\x03\"\xec\x01\n\x10\x42roadcastRequest\x12\x12\n\ngateway_id\x18\x01 \x01(\t\x12\x38\n\x06\x66ilter\x18\x02 \x01(\x0b\x32(.conntrack.directory.v1.ConnectionFilter\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\x12?\n\x04type\x18\x04 \x01(\x0e\x32\x31.conntrack.directory.v1.BroadcastRequest.DataType\";\n\x08\x44\x61taType\x12\x19\n\x15\x44\x41TA_TYPE_UNSPECIFIED\x10\x00\x12\n\n\x06\x42INARY\x10\x01\x12\x08\n\x04TEXT\x10\x02\"v\n\x11\x42roadcastResponse\x12\x14\n\x0c\x62roadcast_id\x18\x01 \x01(\t\x12\x11\n\taddressed\x18\x02 \x01(\x03\x12\x11\n\tdelivered\x18\x03 \x01(\x03\x12\x10\n\x08\x63omplete\x18\x04 \x01(\x08\x12\x13\n\x0bunreachable\x18\x05 \x01(\x03\x32\xc8\x04\n\x1a\x43onnectionDirectoryService\x12\xb5\x01\n\x0fListConnections\x12..conntrack.directory.v1.ListConnectionsRequest\x1a/.conntrack.directory.v1.ListConnectionsResponse\"A\x82\xd3\xe4\x93\x02;\x12\x39/conntrack/directory/v1/gateways/{gateway_id}/connections\x12\xbe\x01\n\x10\x43ountConnections\x12/.conntrack.directory.v1.CountConnectionsRequest\x1a\x30.conntrack.directory.v1.CountConnectionsResponse\"G\x82\xd3\xe4\x93\x02\x41\x12?/conntrack/directory/v1/gateways/{gateway_id}/connections:count\x12\xb0\x01\n\tBroadcast\x12(.conntrack.directory.v1.BroadcastRequest\x1a).conntrack.directory.v1.BroadcastResponse\"N\x82\xd3\xe4\x93\x02H\"C/conntrack/directory/v1/gateways/{gateway_id}/connections:broadcast:\x01*b\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'conntrack.directory.v1.directory_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
+  _globals['_DIRECTORYENTRY_LABELSENTRY']._loaded_options = None
+  _globals['_DIRECTORYENTRY_LABELSENTRY']._serialized_options = b'8\001'
   _globals['_CONNECTIONDIRECTORYSERVICE'].methods_by_name['ListConnections']._loaded_options = None
   _globals['_CONNECTIONDIRECTORYSERVICE'].methods_by_name['ListConnections']._serialized_options = b'\202\323\344\223\002;\0229/conntrack/directory/v1/gateways/{gateway_id}/connections'
   _globals['_CONNECTIONDIRECTORYSERVICE'].methods_by_name['CountConnections']._loaded_options = None
@@ -41,23 +43,25 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_CONNECTIONDIRECTORYSERVICE'].methods_by_name['Broadcast']._loaded_options = None
   _globals['_CONNECTIONDIRECTORYSERVICE'].methods_by_name['Broadcast']._serialized_options = b'\202\323\344\223\002H\"C/conntrack/directory/v1/gateways/{gateway_id}/connections:broadcast:\001*'
   _globals['_CONNECTIONFILTER']._serialized_start=196
-  _globals['_CONNECTIONFILTER']._serialized_end=413
-  _globals['_LISTCONNECTIONSREQUEST']._serialized_start=416
-  _globals['_LISTCONNECTIONSREQUEST']._serialized_end=557
-  _globals['_DIRECTORYENTRY']._serialized_start=559
-  _globals['_DIRECTORYENTRY']._serialized_end=673
-  _globals['_LISTCONNECTIONSRESPONSE']._serialized_start=675
-  _globals['_LISTCONNECTIONSRESPONSE']._serialized_end=786
-  _globals['_COUNTCONNECTIONSREQUEST']._serialized_start=788
-  _globals['_COUNTCONNECTIONSREQUEST']._serialized_end=891
-  _globals['_COUNTCONNECTIONSRESPONSE']._serialized_start=893
-  _globals['_COUNTCONNECTIONSRESPONSE']._serialized_end=934
-  _globals['_BROADCASTREQUEST']._serialized_start=937
-  _globals['_BROADCASTREQUEST']._serialized_end=1173
-  _globals['_BROADCASTREQUEST_DATATYPE']._serialized_start=1114
-  _globals['_BROADCASTREQUEST_DATATYPE']._serialized_end=1173
-  _globals['_BROADCASTRESPONSE']._serialized_start=1175
-  _globals['_BROADCASTRESPONSE']._serialized_end=1293
-  _globals['_CONNECTIONDIRECTORYSERVICE']._serialized_start=1296
-  _globals['_CONNECTIONDIRECTORYSERVICE']._serialized_end=1880
+  _globals['_CONNECTIONFILTER']._serialized_end=456
+  _globals['_LISTCONNECTIONSREQUEST']._serialized_start=459
+  _globals['_LISTCONNECTIONSREQUEST']._serialized_end=600
+  _globals['_DIRECTORYENTRY']._serialized_start=603
+  _globals['_DIRECTORYENTRY']._serialized_end=851
+  _globals['_DIRECTORYENTRY_LABELSENTRY']._serialized_start=806
+  _globals['_DIRECTORYENTRY_LABELSENTRY']._serialized_end=851
+  _globals['_LISTCONNECTIONSRESPONSE']._serialized_start=853
+  _globals['_LISTCONNECTIONSRESPONSE']._serialized_end=964
+  _globals['_COUNTCONNECTIONSREQUEST']._serialized_start=966
+  _globals['_COUNTCONNECTIONSREQUEST']._serialized_end=1069
+  _globals['_COUNTCONNECTIONSRESPONSE']._serialized_start=1071
+  _globals['_COUNTCONNECTIONSRESPONSE']._serialized_end=1112
+  _globals['_BROADCASTREQUEST']._serialized_start=1115
+  _globals['_BROADCASTREQUEST']._serialized_end=1351
+  _globals['_BROADCASTREQUEST_DATATYPE']._serialized_start=1292
+  _globals['_BROADCASTREQUEST_DATATYPE']._serialized_end=1351
+  _globals['_BROADCASTRESPONSE']._serialized_start=1353
+  _globals['_BROADCASTRESPONSE']._serialized_end=1471
+  _globals['_CONNECTIONDIRECTORYSERVICE']._serialized_start=1474
+  _globals['_CONNECTIONDIRECTORYSERVICE']._serialized_end=2058
 # @@protoc_insertion_point(module_scope)

@@ -13,18 +13,22 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class ConnectionFilter(_message.Message):
-    __slots__ = ("node_id", "source_ip", "last_active_before", "connected_before", "connected_after")
+    __slots__ = ("node_id", "source_ip", "last_active_before", "connected_before", "connected_after", "principal", "label_selector")
     NODE_ID_FIELD_NUMBER: _ClassVar[int]
     SOURCE_IP_FIELD_NUMBER: _ClassVar[int]
     LAST_ACTIVE_BEFORE_FIELD_NUMBER: _ClassVar[int]
     CONNECTED_BEFORE_FIELD_NUMBER: _ClassVar[int]
     CONNECTED_AFTER_FIELD_NUMBER: _ClassVar[int]
+    PRINCIPAL_FIELD_NUMBER: _ClassVar[int]
+    LABEL_SELECTOR_FIELD_NUMBER: _ClassVar[int]
     node_id: str
     source_ip: str
     last_active_before: _timestamp_pb2.Timestamp
     connected_before: _timestamp_pb2.Timestamp
     connected_after: _timestamp_pb2.Timestamp
-    def __init__(self, node_id: _Optional[str] = ..., source_ip: _Optional[str] = ..., last_active_before: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., connected_before: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., connected_after: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
+    principal: str
+    label_selector: str
+    def __init__(self, node_id: _Optional[str] = ..., source_ip: _Optional[str] = ..., last_active_before: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., connected_before: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., connected_after: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., principal: _Optional[str] = ..., label_selector: _Optional[str] = ...) -> None: ...
 
 class ListConnectionsRequest(_message.Message):
     __slots__ = ("gateway_id", "filter", "page_size", "page_token")
@@ -39,12 +43,23 @@ class ListConnectionsRequest(_message.Message):
     def __init__(self, gateway_id: _Optional[str] = ..., filter: _Optional[_Union[ConnectionFilter, _Mapping]] = ..., page_size: _Optional[int] = ..., page_token: _Optional[str] = ...) -> None: ...
 
 class DirectoryEntry(_message.Message):
-    __slots__ = ("connection", "node_id")
+    __slots__ = ("connection", "node_id", "principal", "labels")
+    class LabelsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: str
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
     CONNECTION_FIELD_NUMBER: _ClassVar[int]
     NODE_ID_FIELD_NUMBER: _ClassVar[int]
+    PRINCIPAL_FIELD_NUMBER: _ClassVar[int]
+    LABELS_FIELD_NUMBER: _ClassVar[int]
     connection: _connection_pb2.Connection
     node_id: str
-    def __init__(self, connection: _Optional[_Union[_connection_pb2.Connection, _Mapping]] = ..., node_id: _Optional[str] = ...) -> None: ...
+    principal: str
+    labels: _containers.ScalarMap[str, str]
+    def __init__(self, connection: _Optional[_Union[_connection_pb2.Connection, _Mapping]] = ..., node_id: _Optional[str] = ..., principal: _Optional[str] = ..., labels: _Optional[_Mapping[str, str]] = ...) -> None: ...
 
 class ListConnectionsResponse(_message.Message):
     __slots__ = ("connections", "next_page_token")
