@@ -22,6 +22,7 @@ import pytest
 from sqlalchemy.engine import make_url
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from conntrack.api.read.database import create_read_engine
 from conntrack.core.database import create_engine
 from conntrack.core.settings import Settings
 from conntrack.migrations.cli import upgrade
@@ -123,6 +124,13 @@ async def engine(database_url: str) -> AsyncIterator[AsyncEngine]:
     eng = create_engine(database_url)
     yield eng
     await eng.dispose()
+
+
+@pytest.fixture
+async def read_engine(database_url: str) -> AsyncIterator[AsyncEngine]:
+    engine = create_read_engine(database_url, timeout_seconds=60)
+    yield engine
+    await engine.dispose()
 
 
 @pytest.fixture(params=BACKENDS)

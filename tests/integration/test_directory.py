@@ -4,10 +4,8 @@ included; "open" is checked against what Get answers for every connection."""
 
 from __future__ import annotations
 
-import contextlib
 import random
 import time
-from collections.abc import AsyncIterator, Iterable
 from typing import Any
 
 import grpc
@@ -20,13 +18,10 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from conntrack.api.application.directory import DIRECTORY_SERVICE_NAME
 from conntrack.api.application.freshness import POSITION_HEADER
 from conntrack.api.read.repository import (
-    ConnectionRepository,
     DirectoryFilter,
-    create_read_engine,
     directory_page_statement,
 )
 from conntrack.api.transport.auth import BearerTokens
-from conntrack.api.transport.server import ApiServer
 from conntrack.core.fold import ConnectionState, NodeState
 from conntrack.core.liveness import Liveness
 from conntrack.core.protogen.conntrack.directory.v1 import directory_pb2 as pb
@@ -38,67 +33,8 @@ from conntrack.core.protogen.yandex.cloud.serverless.apigateway.websocket.v1 imp
     connection_service_pb2_grpc as svc_grpc,
 )
 from conntrack.core.timeutil import to_ns, to_timestamp
+from tests.support.directory import channel_to, code_of, failure, ids, list_all, request, serving
 from tests.support.readmodel import ReadModel, S, closed, opened
-
-
-@pytest.fixture
-async def read_engine(database_url: str) -> AsyncIterator[AsyncEngine]:
-    engine = create_read_engine(database_url, timeout_seconds=60)
-    yield engine
-    await engine.dispose()
-
-
-@contextlib.asynccontextmanager
-async def serving(engine: AsyncEngine, **options: Any) -> AsyncIterator[ApiServer]:
-    options.setdefault("freshness_ttl_seconds", 0)
-    async with ApiServer(ConnectionRepository(engine), "127.0.0.1:0", **options) as server:
-        yield server
-
-
-@contextlib.asynccontextmanager
-async def channel_to(server: ApiServer) -> AsyncIterator[grpc.aio.Channel]:
-    async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel:
-        yield channel
-
-
-def request(
-    gateway: str, size: int = 0, token: str = "", **filters: Any
-) -> pb.ListConnectionsRequest:
-    return pb.ListConnectionsRequest(
-        gateway_id=gateway, page_size=size, page_token=token, filter=pb.ConnectionFilter(**filters)
-    )
-
-
-async def list_all(
-    stub: pb_grpc.ConnectionDirectoryServiceStub, gateway: str, size: int, **filters: Any
-) -> list[pb.DirectoryEntry]:
-    entries: list[pb.DirectoryEntry] = []
-    token = ""
-    while True:
-        page = await stub.ListConnections(request(gateway, size, token, **filters), timeout=30)
-        assert len(page.connections) <= size
-        entries.extend(page.connections)
-        if not page.next_page_token:
-            return entries
-        token = page.next_page_token
-
-
-def ids(entries: Iterable[pb.DirectoryEntry]) -> list[str]:
-    return [e.connection.id for e in entries]
-
-
-async def code_of(call: Any) -> grpc.StatusCode:
-    try:
-        await call
-    except grpc.aio.AioRpcError as exc:
-        return exc.code()
-    return grpc.StatusCode.OK
-
-
-async def failure(call: Any) -> grpc.aio.AioRpcError:
-    with pytest.raises(grpc.aio.AioRpcError) as err:
-        await call
-    return err.value
 
 
 async def test_lists_exactly_what_get_finds_in_order_with_filters_and_counts(

@@ -19,15 +19,7 @@ from conntrack.core.labels import from_json, matches, parse_selector
 from conntrack.core.liveness import Liveness
 from conntrack.core.protogen.conntrack.directory.v1 import directory_pb2 as pb
 from conntrack.core.protogen.conntrack.directory.v1 import directory_pb2_grpc as pb_grpc
-from tests.integration.test_directory import (
-    channel_to,
-    failure,
-    ids,
-    list_all,
-    read_engine,  # noqa: F401 (a fixture)
-    request,
-    serving,
-)
+from tests.support.directory import channel_to, failure, ids, list_all, request, serving
 from tests.support.readmodel import ReadModel, S, closed, opened
 
 NODES = ("node-a", "node-b", "node-c")
@@ -53,7 +45,7 @@ def count_request(**filters: Any) -> pb.CountConnectionsRequest:
 
 
 async def test_by_principal_and_by_label_equal_the_truth_while_connections_come_and_go(
-    read_engine: AsyncEngine,  # noqa: F811
+    read_engine: AsyncEngine,
 ) -> None:
     """10,000 connections on three nodes of 2,000 principals: every page of a principal's or a
     selector's listing lists each connection open throughout exactly once, nothing closed
@@ -159,7 +151,7 @@ async def test_by_principal_and_by_label_equal_the_truth_while_connections_come_
 
 
 async def test_bad_principals_and_selectors_are_invalid_argument_naming_the_field(
-    read_engine: AsyncEngine,  # noqa: F811
+    read_engine: AsyncEngine,
 ) -> None:
     async with serving(read_engine) as server, channel_to(server) as channel:
         stub = pb_grpc.ConnectionDirectoryServiceStub(channel)
@@ -200,7 +192,7 @@ async def test_bad_principals_and_selectors_are_invalid_argument_naming_the_fiel
     ],
 )
 async def test_a_principal_or_selector_page_walks_its_index(
-    read_engine: AsyncEngine,  # noqa: F811
+    read_engine: AsyncEngine,
     backend: str,
     where: DirectoryFilter,
     index: str,
