@@ -261,6 +261,37 @@ class Settings(BaseSettings):
         ge=1024,
         description="Most disk space the spool takes; beyond it new events are refused.",
     )
+    # docs/gateway.md, "Who is connecting".
+    gateway_auth: Literal["none", "jwt", "header"] = Field(
+        "none",
+        description="How a handshake names its principal: none; jwt (a bearer token verified "
+        "with the key file); header (set by a trusted proxy in front of the gateway).",
+    )
+    gateway_jwt_key_file: Path | None = Field(
+        None,
+        description="jwt: a PEM public key (RS256 or ES256), a JWKS file (keys chosen by kid), "
+        "or a file holding the HS256 shared secret (at least 32 bytes).",
+    )
+    gateway_jwt_principal_claim: str = Field(
+        "sub", min_length=1, description="jwt: the claim that names the principal."
+    )
+    gateway_jwt_audience: str | None = Field(
+        None, description="jwt: the audience (aud) tokens must carry; unset: not checked."
+    )
+    gateway_jwt_issuer: str | None = Field(
+        None, description="jwt: the issuer (iss) tokens must carry; unset: not checked."
+    )
+    gateway_principal_header: str = Field(
+        "X-Authenticated-User",
+        min_length=1,
+        description="header: the request header the trusted proxy names the principal in.",
+    )
+    gateway_labels: str = Field(
+        "",
+        description="Labels of each connection, as key=source:name pairs separated by commas; "
+        "source is claim (jwt), header or query, e.g. "
+        "'tenant=claim:tid,device=header:X-Device,app=query:v'.",
+    )
 
     # rebuild (docs/rebuild.md)
     rebuild_batch_events: int = Field(20_000, ge=1, description="Rebuild: records per commit.")

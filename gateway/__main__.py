@@ -18,6 +18,7 @@ from conntrack.core.lifecycle import (
     on_shutdown_signal,
 )
 from conntrack.core.settings import Settings, env_name
+from conntrack.gateway.handshake import Handshakes
 from conntrack.gateway.server import Gateway
 from conntrack.producer.commands import NodeCommands
 from conntrack.producer.errors import (
@@ -62,11 +63,20 @@ async def run(settings: Settings) -> int:
             spool_dir=settings.gateway_spool_dir,
             spool_max_bytes=settings.gateway_spool_max_bytes,
         )
-    except ValueError as exc:
+        handshakes = Handshakes(
+            settings.gateway_auth,
+            key_file=settings.gateway_jwt_key_file,
+            principal_claim=settings.gateway_jwt_principal_claim,
+            audience=settings.gateway_jwt_audience,
+            issuer=settings.gateway_jwt_issuer,
+            principal_header=settings.gateway_principal_header,
+            labels=settings.gateway_labels,
+        )
+    except ValueError as exc:  # HandshakeConfigError among them
         raise cli.CommandError(f"cannot start: {exc}", cli.Exit.USAGE) from None
     try:
         async with publisher:
-            gateway = Gateway(publisher)
+            gateway = Gateway(publisher, handshakes)
             commands = NodeCommands(
                 kafka,
                 node_id,
@@ -83,6 +93,7 @@ async def run(settings: Settings) -> int:
                         gateway.handle,
                         host,
                         port,
+                        process_request=gateway.check_handshake,
                         process_response=gateway.add_connection_id,
                         close_timeout=5,
                     )

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import ipaddress
 import logging
+from http import HTTPStatus
 from typing import Final
 
 from websockets.asyncio.server import ServerConnection
@@ -16,6 +17,7 @@ from websockets.exceptions import ConnectionClosed
 from websockets.http11 import Request, Response
 
 from conntrack.core.commands import DataType
+from conntrack.gateway.handshake import NOBODY, HandshakeRefused, Handshakes, Identity
 from conntrack.producer.errors import PublisherError
 from conntrack.producer.publisher import Publisher
 
@@ -57,9 +59,28 @@ class Gateway:
     """The sockets this node holds, the WebSocket handler that publishes their events, and the
     command handler (send / disconnect) NodeCommands calls."""
 
-    def __init__(self, publisher: Publisher) -> None:
+    def __init__(self, publisher: Publisher, handshakes: Handshakes | None = None) -> None:
         self._publisher = publisher
+        self._handshakes = handshakes or Handshakes()
         self._sockets: dict[str, ServerConnection] = {}
+        # Who each accepted handshake is for, from process_request until its handler starts.
+        self._identities: dict[str, Identity] = {}
+
+    def check_handshake(self, ws: ServerConnection, request: Request) -> Response | None:
+        """process_request hook: refuse a handshake without a valid credential (no socket, so
+        no event), or remember who it is for."""
+        try:
+            identity = self._handshakes.identify(request.headers, request.path)
+        except HandshakeRefused as exc:
+            # An ordinary refusal, not the gateway's failure: logged below ERROR.
+            log.info("event=handshake_refused status=%d reason=%s", exc.status, exc)
+            response = ws.respond(exc.status, f"{exc}\n")
+            if exc.status == HTTPStatus.UNAUTHORIZED and self._handshakes.mode == "jwt":
+                response.headers["WWW-Authenticate"] = 'Bearer error="invalid_token"'
+            return response
+        if identity is not NOBODY:
+            self._identities[connection_id(ws)] = identity
+        return None
 
     @property
     def open_sockets(self) -> int:
@@ -68,7 +89,11 @@ class Gateway:
     def add_connection_id(
         self, ws: ServerConnection, request: Request, response: Response
     ) -> Response:
-        """process_response hook: tell the client its connection id."""
+        """process_response hook: tell the client its connection id (and forget who a
+        handshake that failed after check_handshake was for)."""
+        if response.status_code != HTTPStatus.SWITCHING_PROTOCOLS:
+            self._identities.pop(connection_id(ws), None)
+            return response
         response.headers[CONNECTION_ID_HEADER] = connection_id(ws)
         return response
 
@@ -76,10 +101,17 @@ class Gateway:
         """One client, from the handshake to the close."""
         conn_id = connection_id(ws)
         user_agent = header_text(ws.request.headers.get("User-Agent", "")) if ws.request else ""
+        who = self._identities.pop(conn_id, NOBODY)
         self._sockets[conn_id] = ws
         try:
             try:
-                await self._publisher.connected(conn_id, source_ip(ws), user_agent)
+                await self._publisher.connected(
+                    conn_id,
+                    source_ip(ws),
+                    user_agent,
+                    principal=who.principal,
+                    labels=dict(who.labels),
+                )
             except (PublisherError, ValueError) as exc:
                 log.error("event=connected_not_published connection_id=%s error=%s", conn_id, exc)
                 await ws.close(1011, "connection tracking unavailable")

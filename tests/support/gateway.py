@@ -61,7 +61,12 @@ class GatewayProcess:
     delivery timeout and spool directory; stderr goes to a file."""
 
     def __init__(
-        self, settings: Settings, node_id: str, log_path: Path, heartbeat_seconds: float = 0.2
+        self,
+        settings: Settings,
+        node_id: str,
+        log_path: Path,
+        heartbeat_seconds: float = 0.2,
+        env: dict[str, str] | None = None,
     ) -> None:
         self.node_id = node_id
         self.log_path = log_path
@@ -83,6 +88,7 @@ class GatewayProcess:
         )
         if settings.gateway_spool_dir is not None:
             self._env["CONNTRACK_GATEWAY_SPOOL_DIR"] = str(settings.gateway_spool_dir)
+        self._env.update(env or {})
         self.process: asyncio.subprocess.Process | None = None
 
     async def start(self, within: float = 90) -> str:
@@ -121,9 +127,13 @@ class GatewayProcess:
 
 @contextlib.asynccontextmanager
 async def gateway_node(
-    settings: Settings, node_id: str, log_path: Path, heartbeat_seconds: float = 0.2
+    settings: Settings,
+    node_id: str,
+    log_path: Path,
+    heartbeat_seconds: float = 0.2,
+    env: dict[str, str] | None = None,
 ) -> AsyncIterator[GatewayProcess]:
-    gateway = GatewayProcess(settings, node_id, log_path, heartbeat_seconds)
+    gateway = GatewayProcess(settings, node_id, log_path, heartbeat_seconds, env)
     try:
         await gateway.start()
         yield gateway
