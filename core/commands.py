@@ -6,6 +6,7 @@ through this module, and decoding turns anything unusable into InvalidCommand wi
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
 from enum import IntEnum
 from typing import Final
@@ -82,7 +83,17 @@ class BroadcastFrame:
     connection_ids: tuple[str, ...]
 
 
-Action = SendFrame | CloseSocket | BroadcastFrame
+@dataclass(frozen=True, slots=True)
+class CloseSockets:
+    """Close each of these sockets of the node (command's connection_id is "")."""
+
+    status_code: int
+    reason: str
+    connection_ids: tuple[str, ...]
+
+
+ManySockets = BroadcastFrame | CloseSockets
+Action = SendFrame | CloseSocket | BroadcastFrame | CloseSockets
 
 
 @dataclass(frozen=True, slots=True)
@@ -115,6 +126,11 @@ class Outcome:
     # Broadcast: sockets the frame was written to, and ids the node did not hold.
     delivered: int = 0
     gone: int = 0
+    # Broadcast and CloseSockets: the ids the node did not hold, failed on, or (FAILED at the
+    # deadline) had not reached; every other id of the command was done.
+    gone_ids: tuple[str, ...] = ()
+    failed_ids: tuple[str, ...] = ()
+    unreached_ids: tuple[str, ...] = ()
 
 
 class InvalidCommand(ValueError):
@@ -144,6 +160,10 @@ def encode_command(command: Command) -> bytes:
         msg.broadcast.data = action.data
         msg.broadcast.type = int(action.type)  # type: ignore[assignment]
         msg.broadcast.connection_ids.extend(action.connection_ids)
+    elif isinstance(action, CloseSockets):
+        msg.disconnect_many.status_code = action.status_code
+        msg.disconnect_many.reason = action.reason
+        msg.disconnect_many.connection_ids.extend(action.connection_ids)
     else:
         msg.disconnect.status_code = action.status_code
         msg.disconnect.reason = action.reason
@@ -163,7 +183,8 @@ def decode_command(value: bytes | None, key: bytes | None = None) -> Command:
     which = msg.WhichOneof("action")
     # A broadcast names its sockets in the action, not in connection_id.
     names = ("command_id", "node_id", "reply_to")
-    for name in names if which == "broadcast" else (*names, "connection_id"):
+    many = which in ("broadcast", "disconnect_many")
+    for name in names if many else (*names, "connection_id"):
         problem = id_problem(name, getattr(msg, name))
         if problem is not None:
             raise InvalidCommand(problem)
@@ -180,6 +201,13 @@ def decode_command(value: bytes | None, key: bytes | None = None) -> Command:
         action = CloseSocket(msg.disconnect.status_code or NORMAL_CLOSURE, msg.disconnect.reason)
     elif which == "broadcast":
         action = _broadcast_frame(msg.broadcast)
+    elif which == "disconnect_many":
+        many_msg = msg.disconnect_many
+        action = CloseSockets(
+            many_msg.status_code or NORMAL_CLOSURE,
+            many_msg.reason,
+            _target_ids("disconnect_many", many_msg.connection_ids),
+        )
     else:
         raise InvalidCommand("action is missing or unknown")
     return Command(
@@ -199,14 +227,20 @@ def _broadcast_frame(msg: pb.Broadcast) -> BroadcastFrame:
         raise InvalidCommand("broadcast.type is neither BINARY nor TEXT")
     if len(msg.data) > MAX_SEND_BYTES:
         raise InvalidCommand(f"broadcast.data is longer than {MAX_SEND_BYTES} bytes")
-    ids = tuple(msg.connection_ids)
+    return BroadcastFrame(
+        msg.data, DataType(msg.type), _target_ids("broadcast", msg.connection_ids)
+    )
+
+
+def _target_ids(action: str, connection_ids: Iterable[str]) -> tuple[str, ...]:
+    ids = tuple(connection_ids)
     if not ids or len(ids) > MAX_BROADCAST_IDS:
-        raise InvalidCommand(f"broadcast.connection_ids must hold 1 to {MAX_BROADCAST_IDS} ids")
+        raise InvalidCommand(f"{action}.connection_ids must hold 1 to {MAX_BROADCAST_IDS} ids")
     if not all(is_valid_id(i) for i in ids):
-        raise InvalidCommand("broadcast.connection_ids holds an empty, too long or NUL id")
+        raise InvalidCommand(f"{action}.connection_ids holds an empty, too long or NUL id")
     if len(set(ids)) != len(ids):
-        raise InvalidCommand("broadcast.connection_ids holds an id twice")
-    return BroadcastFrame(msg.data, DataType(msg.type), ids)
+        raise InvalidCommand(f"{action}.connection_ids holds an id twice")
+    return ids
 
 
 def encode_outcome(outcome: Outcome) -> bytes:
@@ -220,6 +254,9 @@ def encode_outcome(outcome: Outcome) -> bytes:
         detail=outcome.detail,
         delivered=outcome.delivered,
         gone=outcome.gone,
+        gone_ids=outcome.gone_ids,
+        failed_ids=outcome.failed_ids,
+        unreached_ids=outcome.unreached_ids,
     ).SerializeToString()
 
 
@@ -245,4 +282,7 @@ def decode_outcome(value: bytes | None) -> Outcome:
         msg.detail,
         msg.delivered,
         msg.gone,
+        tuple(msg.gone_ids),
+        tuple(msg.failed_ids),
+        tuple(msg.unreached_ids),
     )

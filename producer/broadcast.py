@@ -1,66 +1,89 @@
-"""The node's side of a broadcast command (core/commands.py, BroadcastFrame): the
-same frame written to each of the listed sockets the node still holds, through the gateway's own
-CommandHandler.send, a bounded number at a time.
+"""The node's side of a command for many of its sockets (core/commands.py: BroadcastFrame writes
+the same frame to each, CloseSockets closes each), through the gateway's own CommandHandler, a
+bounded number at a time.
 
-The tally is kept as the writes finish, so a broadcast cut short by its deadline still reports
-how many sockets it reached (producer/commands.py publishes it as the outcome's `delivered`)."""
+The tally is kept as the operations finish, so a command cut short by its deadline still
+reports which sockets it reached (producer/command_execution.py publishes the ids it did not
+hold, failed on or had not reached; every other id was done)."""
 
 from __future__ import annotations
 
 import asyncio
-from dataclasses import dataclass
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
 from typing import Final, Protocol
 
-from conntrack.core.commands import BroadcastFrame, DataType
+from conntrack.core.commands import BroadcastFrame, CloseSockets, DataType, ManySockets
 
-# Writes in flight at once: a slow client's socket holds one slot, not the whole broadcast.
+# Operations in flight at once: a slow client's socket holds one slot, not the whole command.
 CONCURRENT_WRITES: Final = 64
 
 
-class Sender(Protocol):
+@dataclass
+class SocketsTally:
+    done: int = 0
+    """Sockets written to (or closed)."""
+    gone_ids: list[str] = field(default_factory=list)
+    """Ids the node did not hold (closed meanwhile, or never here)."""
+    failed_ids: list[str] = field(default_factory=list)
+    """Ids whose operation raised; `error` is the first one's."""
+    error: str = ""
+    finished: set[str] = field(default_factory=set)
+    """Every id whose operation ended, whichever way."""
+
+    def unreached(self, ids: tuple[str, ...]) -> tuple[str, ...]:
+        return tuple(i for i in ids if i not in self.finished)
+
+
+class Handler(Protocol):
+    """What a many-sockets command needs of the gateway (producer/command_execution.py,
+    CommandHandler, has both)."""
+
     async def send(self, connection_id: str, data: bytes, data_type: DataType, /) -> bool: ...
 
-
-@dataclass
-class BroadcastTally:
-    delivered: int = 0
-    """Sockets the frame was written to."""
-    gone: int = 0
-    """Ids the node did not hold (closed meanwhile, or never here)."""
-    failed: int = 0
-    """Writes that raised; `error` is the first one's."""
-    error: str = ""
+    async def disconnect(self, connection_id: str, status_code: int, reason: str, /) -> bool: ...
 
 
-async def broadcast_to_sockets(
-    sender: Sender,
-    frame: BroadcastFrame,
-    tally: BroadcastTally,
+def operation_of(handler: Handler, action: ManySockets) -> Callable[[str], Awaitable[bool]]:
+    """The per-socket operation of a many-sockets action: True when done, False when the node
+    holds no such socket."""
+    if isinstance(action, BroadcastFrame):
+        return lambda cid: handler.send(cid, action.data, action.type)
+    assert isinstance(action, CloseSockets)
+    return lambda cid: handler.disconnect(cid, action.status_code, action.reason)
+
+
+async def each_socket(
+    operation: Callable[[str], Awaitable[bool]],
+    connection_ids: tuple[str, ...],
+    tally: SocketsTally,
     *,
     concurrency: int = CONCURRENT_WRITES,
 ) -> None:
-    """Write `frame` to each of its sockets, `concurrency` at a time, counting into `tally` as
-    writes finish. A write that raises is counted as failed and the others go on; cancel the
-    call to stop (the tally keeps what was done)."""
-    ids = iter(frame.connection_ids)
+    """Run `operation` on each id, `concurrency` at a time, counting into `tally` as they
+    finish. One that raises is counted as failed and the others go on; cancel the call to stop
+    (the tally keeps what was done)."""
+    ids = iter(connection_ids)
 
     async def worker() -> None:
         for connection_id in ids:  # one shared iterator: each id is taken once
             try:
-                held = await sender.send(connection_id, frame.data, frame.type)
+                held = await operation(connection_id)
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
-                tally.failed += 1
+                tally.failed_ids.append(connection_id)
+                tally.finished.add(connection_id)
                 if not tally.error:
                     tally.error = f"{type(exc).__name__}: {exc}"[:1000]
                 continue
+            tally.finished.add(connection_id)
             if held:
-                tally.delivered += 1
+                tally.done += 1
             else:
-                tally.gone += 1
+                tally.gone_ids.append(connection_id)
 
-    workers = min(concurrency, len(frame.connection_ids))
+    workers = min(concurrency, len(connection_ids))
     async with asyncio.TaskGroup() as group:
         for _ in range(workers):
             group.create_task(worker())

@@ -3,7 +3,8 @@ incarnation of the node (its sockets died with that start), EXPIRED for one read
 expires_at, otherwise the gateway's handler (CommandHandler) within the command's deadline:
 `send` / `disconnect` return False when the node holds no such socket (CONNECTION_GONE); an
 exception or running past the deadline is FAILED, with the reason in `detail`; a broadcast
-reports how many of its sockets were written to and how many were gone."""
+(or a disconnect of many sockets) reports how many of its sockets were done and which ids it
+did not hold, failed on or had not reached."""
 
 from __future__ import annotations
 
@@ -16,13 +17,15 @@ from typing import Final, Protocol
 from conntrack.core.commands import (
     BroadcastFrame,
     CloseSocket,
+    CloseSockets,
     Command,
     DataType,
+    ManySockets,
     Outcome,
     OutcomeStatus,
     SendFrame,
 )
-from conntrack.producer.broadcast import BroadcastTally, broadcast_to_sockets
+from conntrack.producer.broadcast import SocketsTally, each_socket, operation_of
 
 log = logging.getLogger(__name__)
 
@@ -103,8 +106,8 @@ class CommandExecutor:
         )
         self._stats.executed += 1
         action = command.action
-        if isinstance(action, BroadcastFrame):
-            return await self._broadcast(command, action, incarnation, budget_s)
+        if isinstance(action, BroadcastFrame | CloseSockets):
+            return await self._many(command, action, incarnation, budget_s)
         try:
             async with asyncio.timeout(budget_s):
                 if isinstance(action, SendFrame):
@@ -134,27 +137,35 @@ class CommandExecutor:
             )
         return self._outcome(command, incarnation, OutcomeStatus.DONE)
 
-    async def _broadcast(
-        self, command: Command, action: BroadcastFrame, incarnation: int, budget_s: float
+    async def _many(
+        self, command: Command, action: ManySockets, incarnation: int, budget_s: float
     ) -> Outcome:
-        """A broadcast command (producer/broadcast.py): DONE with how many of the listed sockets
-        the frame was written to and how many the node did not hold; FAILED, with the same
-        counts so far, when a write raised or the deadline came first."""
-        tally = BroadcastTally()
+        """A command for many sockets (producer/broadcast.py): DONE with how many of the listed
+        sockets were done and the ids the node did not hold; FAILED, with the same so far and
+        the ids it failed on or had not reached, when an operation raised or the deadline came
+        first."""
+        tally = SocketsTally()
         detail = ""
         try:
             async with asyncio.timeout(budget_s):
-                await broadcast_to_sockets(self._handler, action, tally)
+                await each_socket(operation_of(self._handler, action), action.connection_ids, tally)
         except TimeoutError:
             detail = "not done before the deadline"
-        if tally.failed and not detail:
-            detail = f"{tally.failed} writes failed, the first: {tally.error}"
+        if tally.failed_ids and not detail:
+            detail = f"{len(tally.failed_ids)} sockets failed, the first: {tally.error}"
             log.warning(
-                "event=broadcast_failed command_id=%s failed=%d error=%r",
+                "event=many_sockets_failed command_id=%s failed=%d error=%r",
                 command.command_id,
-                tally.failed,
+                len(tally.failed_ids),
                 tally.error,
             )
         status = OutcomeStatus.FAILED if detail else OutcomeStatus.DONE
         outcome = self._outcome(command, incarnation, status, detail)
-        return replace(outcome, delivered=tally.delivered, gone=tally.gone)
+        return replace(
+            outcome,
+            delivered=tally.done,
+            gone=len(tally.gone_ids),
+            gone_ids=tuple(tally.gone_ids),
+            failed_ids=tuple(tally.failed_ids),
+            unreached_ids=tally.unreached(action.connection_ids),
+        )

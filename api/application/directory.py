@@ -259,6 +259,32 @@ class ConnectionDirectory:
 
         return await self._bounded(read())
 
+    async def lookup(
+        self, gateway_id: str, connection_ids: Sequence[str]
+    ) -> dict[str, ConnectionView | str]:
+        """Each id's view when it is an open connection of the gateway (what Get finds), else
+        why not: "node lost", "node restarted", "idle", "lifetime", "closed" (unknown,
+        disconnected or of another gateway)."""
+
+        async def read() -> dict[str, ConnectionView | str]:
+            views = await asyncio.gather(*map(self._repository.get_open, connection_ids))
+            live = self._liveness.bounds((await self._nodes.get())[0], time.time_ns())
+            out: dict[str, ConnectionView | str] = {}
+            for cid, view in zip(connection_ids, views, strict=True):
+                if view is None or view.gateway_id != gateway_id:
+                    out[cid] = "closed"
+                    continue
+                gone = live.gone(
+                    node_id=view.node_id,
+                    node_incarnation=view.node_incarnation,
+                    connected_at_ns=view.connected_at_ns,
+                    last_active_at_ns=view.last_active_at_ns,
+                )
+                out[cid] = view if gone is None else gone
+            return out
+
+        return await self._bounded(read())
+
     async def _bounded(self, read: Awaitable[T]) -> T:
         try:
             async with asyncio.timeout(self._db_timeout):
@@ -310,16 +336,51 @@ BroadcastMethod = Callable[
 ]
 
 
+SendToMethod = Callable[
+    [directory_pb2.SendToConnectionsRequest | UndecodableRequest, Call],
+    Awaitable[directory_pb2.TargetedResponse],
+]
+DisconnectManyMethod = Callable[
+    [directory_pb2.DisconnectConnectionsRequest | UndecodableRequest, Call],
+    Awaitable[directory_pb2.TargetedResponse],
+]
+
+
 class ConnectionDirectoryService:
     """ConnectionDirectoryService's methods over ConnectionDirectory, on a Call of either
     transport. broadcast: Broadcast's implementation (api/application/broadcast.py,
-    BroadcastRpc); without it Broadcast is UNIMPLEMENTED."""
+    BroadcastRpc); send_to and disconnect: SendToConnections' and DisconnectConnections'
+    (api/application/targets.py, TargetedRpc); without them those are UNIMPLEMENTED."""
 
     def __init__(
-        self, directory: ConnectionDirectory, broadcast: BroadcastMethod | None = None
+        self,
+        directory: ConnectionDirectory,
+        broadcast: BroadcastMethod | None = None,
+        send_to: SendToMethod | None = None,
+        disconnect: DisconnectManyMethod | None = None,
     ) -> None:
         self._directory = directory
         self._broadcast = broadcast
+        self._send_to = send_to
+        self._disconnect = disconnect
+
+    async def SendToConnections(
+        self,
+        request: directory_pb2.SendToConnectionsRequest | UndecodableRequest,
+        call: Call,
+    ) -> directory_pb2.TargetedResponse:
+        if self._send_to is None:
+            raise ApiError(grpc.StatusCode.UNIMPLEMENTED, "this server does not send to many")
+        return await self._send_to(request, call)
+
+    async def DisconnectConnections(
+        self,
+        request: directory_pb2.DisconnectConnectionsRequest | UndecodableRequest,
+        call: Call,
+    ) -> directory_pb2.TargetedResponse:
+        if self._disconnect is None:
+            raise ApiError(grpc.StatusCode.UNIMPLEMENTED, "this server does not disconnect many")
+        return await self._disconnect(request, call)
 
     async def Broadcast(
         self,

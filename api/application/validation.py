@@ -22,3 +22,17 @@ def send_problem(data: bytes, data_type: int) -> str | None:
         except UnicodeDecodeError as exc:
             return f"data of a TEXT frame must be valid UTF-8 (byte {exc.start} is not)"
     return None
+
+
+# Close codes an application may send (RFC 6455, 7.4): normal closure, and the registered and
+# private ranges.
+_MAX_CLOSE_REASON_BYTES = 123
+
+
+def close_problem(status_code: int, reason: str) -> str | None:
+    """Why a close code or reason cannot go in a close frame, or None (0 stands for 1000)."""
+    if status_code not in (0, 1000) and not 3000 <= status_code <= 4999:
+        return f"status_code must be 1000 or 3000-4999, got {status_code}"
+    if len(reason.encode()) > _MAX_CLOSE_REASON_BYTES:
+        return f"reason must be at most {_MAX_CLOSE_REASON_BYTES} bytes of UTF-8"
+    return None

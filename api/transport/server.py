@@ -23,6 +23,7 @@ from conntrack.api.application.directory import (
     ConnectionDirectoryService,
 )
 from conntrack.api.application.service import SERVICE, SERVICE_NAME, ConnectionService
+from conntrack.api.application.targets import TargetedActions, TargetedRpc
 from conntrack.api.read.repository import ConnectionRepository, ReadModelUnavailable
 from conntrack.api.transport import openapi, reflection, rest
 from conntrack.api.transport.auth import BearerTokens, load_tokens
@@ -112,9 +113,12 @@ class ApiServer:
             db_timeout_seconds=db_timeout_seconds,
             freshness_ttl_seconds=freshness_ttl_seconds,
         )
+        targeted = TargetedRpc(TargetedActions(self.directory, commands), command_timeout_seconds)
         self._directory_service = ConnectionDirectoryService(
             self.directory,
             BroadcastRpc(Broadcaster(self.directory, commands), command_timeout_seconds),
+            targeted.send,
+            targeted.disconnect,
         )
         self._commands = commands
         self._limit = CallLimit(max_concurrent_calls, self.metrics.in_flight.set)

@@ -16,6 +16,7 @@ from conntrack.core.commands import (
     MAX_BROADCAST_IDS,
     MAX_SEND_BYTES,
     BroadcastFrame,
+    CloseSockets,
     Command,
     DataType,
     InvalidCommand,
@@ -27,7 +28,7 @@ from conntrack.core.commands import (
     encode_outcome,
 )
 from conntrack.core.protogen.conntrack.commands.v1 import commands_pb2 as pb
-from conntrack.producer.broadcast import BroadcastTally, broadcast_to_sockets
+from conntrack.producer.broadcast import SocketsTally, each_socket, operation_of
 
 IDS = st.text(
     st.characters(exclude_categories=["Cs"], exclude_characters="\x00"), min_size=1, max_size=255
@@ -231,6 +232,7 @@ class _Sockets:
         self.held = held
         self.failing = failing
         self.written: list[tuple[str, bytes, DataType]] = []
+        self.closed: list[tuple[str, int, str]] = []
         self.concurrent = self.most_concurrent = 0
 
     async def send(self, connection_id: str, data: bytes, data_type: DataType, /) -> bool:
@@ -247,16 +249,54 @@ class _Sockets:
         finally:
             self.concurrent -= 1
 
+    async def disconnect(self, connection_id: str, status_code: int, reason: str, /) -> bool:
+        await asyncio.sleep(0)
+        if connection_id not in self.held:
+            return False
+        self.held.discard(connection_id)
+        self.closed.append((connection_id, status_code, reason))
+        return True
+
 
 async def test_the_write_loop_counts_written_gone_and_failed() -> None:
     ids = tuple(f"c{i}" for i in range(200))
     sockets = _Sockets(held=set(ids[:150]), failing={"c3", "c4"})
-    tally = BroadcastTally()
-    await broadcast_to_sockets(
-        sockets, BroadcastFrame(b"hi", DataType.TEXT, ids), tally, concurrency=8
-    )
-    assert (tally.delivered, tally.gone, tally.failed) == (148, 50, 2)
+    tally = SocketsTally()
+    frame = BroadcastFrame(b"hi", DataType.TEXT, ids)
+    await each_socket(operation_of(sockets, frame), ids, tally, concurrency=8)
+    assert (tally.done, len(tally.gone_ids), len(tally.failed_ids)) == (148, 50, 2)
+    assert sorted(tally.gone_ids) == sorted(ids[150:])
+    assert sorted(tally.failed_ids) == ["c3", "c4"]
+    assert tally.unreached(ids) == ()
     assert tally.error == "ConnectionResetError: peer went away"
     assert sorted(w[0] for w in sockets.written) == sorted(set(ids[:150]) - {"c3", "c4"})
     assert {(w[1], w[2]) for w in sockets.written} == {(b"hi", DataType.TEXT)}
     assert sockets.most_concurrent == 8
+
+
+async def test_a_disconnect_of_many_closes_the_held_and_names_the_gone() -> None:
+    ids = tuple(f"c{i}" for i in range(10))
+    sockets = _Sockets(held=set(ids[:6]))
+    tally = SocketsTally()
+    action = CloseSockets(4000, "bye", ids)
+    await each_socket(operation_of(sockets, action), ids, tally)
+    assert tally.done == 6
+    assert sorted(sockets.closed) == [(c, 4000, "bye") for c in sorted(ids[:6])]
+    assert sorted(tally.gone_ids) == sorted(ids[6:])
+
+
+async def test_ids_not_reached_before_a_cancel_are_unreached() -> None:
+    ids = tuple(f"c{i}" for i in range(100))
+
+    class Slow(_Sockets):
+        async def send(self, connection_id: str, data: bytes, data_type: DataType, /) -> bool:
+            await asyncio.sleep(0.01 if connection_id < "c5" else 10)
+            return True
+
+    tally = SocketsTally()
+    frame = BroadcastFrame(b"x", DataType.BINARY, ids)
+    with pytest.raises(TimeoutError):
+        async with asyncio.timeout(0.5):
+            await each_socket(operation_of(Slow(set(ids)), frame), ids, tally, concurrency=4)
+    assert tally.done >= 1
+    assert len(tally.unreached(ids)) == 100 - tally.done

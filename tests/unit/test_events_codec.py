@@ -59,7 +59,10 @@ payloads: st.SearchStrategy[Payload] = st.one_of(
         st.text(_chars, max_size=MAX_ID_LENGTH),
         st.dictionaries(
             st.from_regex(r"[A-Za-z0-9][A-Za-z0-9._/-]{0,62}", fullmatch=True),
-            st.text(_chars, max_size=MAX_LABEL_VALUE_LENGTH),
+            st.text(
+                st.characters(exclude_categories=["Cs", "Cc"], exclude_characters=",()=!"),
+                max_size=MAX_LABEL_VALUE_LENGTH,
+            ).map(str.strip),
             max_size=MAX_LABELS,
         ).map(lambda d: tuple(sorted(d.items()))),
     ),

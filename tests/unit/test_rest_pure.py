@@ -43,11 +43,15 @@ def test_directory_routes_are_its_annotations() -> None:
         ("ListConnections", "GET", base, ""),
         ("CountConnections", "GET", base + ":count", ""),
         ("Broadcast", "POST", base + ":broadcast", "*"),
+        ("SendToConnections", "POST", base + ":send", "*"),
+        ("DisconnectConnections", "POST", base + ":disconnect", "*"),
     ]
     assert all(r.path_fields == ("gateway_id",) for r in directory)
     assert [[f.name for f in r.query_fields] for r in directory] == [
         ["filter", "page_size", "page_token"],
         ["filter"],
+        [],
+        [],
         [],
     ]
     parameters = openapi.document(secured=False)["paths"][base]["get"]["parameters"]

@@ -11,7 +11,7 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class Command(_message.Message):
-    __slots__ = ("schema_version", "command_id", "node_id", "node_incarnation", "connection_id", "issued_at", "expires_at", "reply_to", "send", "disconnect", "broadcast")
+    __slots__ = ("schema_version", "command_id", "node_id", "node_incarnation", "connection_id", "issued_at", "expires_at", "reply_to", "send", "disconnect", "broadcast", "disconnect_many")
     SCHEMA_VERSION_FIELD_NUMBER: _ClassVar[int]
     COMMAND_ID_FIELD_NUMBER: _ClassVar[int]
     NODE_ID_FIELD_NUMBER: _ClassVar[int]
@@ -23,6 +23,7 @@ class Command(_message.Message):
     SEND_FIELD_NUMBER: _ClassVar[int]
     DISCONNECT_FIELD_NUMBER: _ClassVar[int]
     BROADCAST_FIELD_NUMBER: _ClassVar[int]
+    DISCONNECT_MANY_FIELD_NUMBER: _ClassVar[int]
     schema_version: int
     command_id: str
     node_id: str
@@ -34,7 +35,8 @@ class Command(_message.Message):
     send: Send
     disconnect: Disconnect
     broadcast: Broadcast
-    def __init__(self, schema_version: _Optional[int] = ..., command_id: _Optional[str] = ..., node_id: _Optional[str] = ..., node_incarnation: _Optional[int] = ..., connection_id: _Optional[str] = ..., issued_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., expires_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., reply_to: _Optional[str] = ..., send: _Optional[_Union[Send, _Mapping]] = ..., disconnect: _Optional[_Union[Disconnect, _Mapping]] = ..., broadcast: _Optional[_Union[Broadcast, _Mapping]] = ...) -> None: ...
+    disconnect_many: DisconnectMany
+    def __init__(self, schema_version: _Optional[int] = ..., command_id: _Optional[str] = ..., node_id: _Optional[str] = ..., node_incarnation: _Optional[int] = ..., connection_id: _Optional[str] = ..., issued_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., expires_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., reply_to: _Optional[str] = ..., send: _Optional[_Union[Send, _Mapping]] = ..., disconnect: _Optional[_Union[Disconnect, _Mapping]] = ..., broadcast: _Optional[_Union[Broadcast, _Mapping]] = ..., disconnect_many: _Optional[_Union[DisconnectMany, _Mapping]] = ...) -> None: ...
 
 class Send(_message.Message):
     __slots__ = ("data", "type")
@@ -70,8 +72,18 @@ class Broadcast(_message.Message):
     connection_ids: _containers.RepeatedScalarFieldContainer[str]
     def __init__(self, data: _Optional[bytes] = ..., type: _Optional[_Union[Send.DataType, str]] = ..., connection_ids: _Optional[_Iterable[str]] = ...) -> None: ...
 
+class DisconnectMany(_message.Message):
+    __slots__ = ("status_code", "reason", "connection_ids")
+    STATUS_CODE_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    CONNECTION_IDS_FIELD_NUMBER: _ClassVar[int]
+    status_code: int
+    reason: str
+    connection_ids: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, status_code: _Optional[int] = ..., reason: _Optional[str] = ..., connection_ids: _Optional[_Iterable[str]] = ...) -> None: ...
+
 class CommandOutcome(_message.Message):
-    __slots__ = ("schema_version", "command_id", "node_id", "node_incarnation", "completed_at", "status", "detail", "delivered", "gone")
+    __slots__ = ("schema_version", "command_id", "node_id", "node_incarnation", "completed_at", "status", "detail", "delivered", "gone", "gone_ids", "failed_ids", "unreached_ids")
     class Status(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
         __slots__ = ()
         STATUS_UNSPECIFIED: _ClassVar[CommandOutcome.Status]
@@ -93,6 +105,9 @@ class CommandOutcome(_message.Message):
     DETAIL_FIELD_NUMBER: _ClassVar[int]
     DELIVERED_FIELD_NUMBER: _ClassVar[int]
     GONE_FIELD_NUMBER: _ClassVar[int]
+    GONE_IDS_FIELD_NUMBER: _ClassVar[int]
+    FAILED_IDS_FIELD_NUMBER: _ClassVar[int]
+    UNREACHED_IDS_FIELD_NUMBER: _ClassVar[int]
     schema_version: int
     command_id: str
     node_id: str
@@ -102,4 +117,7 @@ class CommandOutcome(_message.Message):
     detail: str
     delivered: int
     gone: int
-    def __init__(self, schema_version: _Optional[int] = ..., command_id: _Optional[str] = ..., node_id: _Optional[str] = ..., node_incarnation: _Optional[int] = ..., completed_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., status: _Optional[_Union[CommandOutcome.Status, str]] = ..., detail: _Optional[str] = ..., delivered: _Optional[int] = ..., gone: _Optional[int] = ...) -> None: ...
+    gone_ids: _containers.RepeatedScalarFieldContainer[str]
+    failed_ids: _containers.RepeatedScalarFieldContainer[str]
+    unreached_ids: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, schema_version: _Optional[int] = ..., command_id: _Optional[str] = ..., node_id: _Optional[str] = ..., node_incarnation: _Optional[int] = ..., completed_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., status: _Optional[_Union[CommandOutcome.Status, str]] = ..., detail: _Optional[str] = ..., delivered: _Optional[int] = ..., gone: _Optional[int] = ..., gone_ids: _Optional[_Iterable[str]] = ..., failed_ids: _Optional[_Iterable[str]] = ..., unreached_ids: _Optional[_Iterable[str]] = ...) -> None: ...

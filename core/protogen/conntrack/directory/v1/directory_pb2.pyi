@@ -116,3 +116,79 @@ class BroadcastResponse(_message.Message):
     complete: bool
     unreachable: int
     def __init__(self, broadcast_id: _Optional[str] = ..., addressed: _Optional[int] = ..., delivered: _Optional[int] = ..., complete: _Optional[bool] = ..., unreachable: _Optional[int] = ...) -> None: ...
+
+class Targets(_message.Message):
+    __slots__ = ("filter", "connection_ids", "except_connection_ids")
+    FILTER_FIELD_NUMBER: _ClassVar[int]
+    CONNECTION_IDS_FIELD_NUMBER: _ClassVar[int]
+    EXCEPT_CONNECTION_IDS_FIELD_NUMBER: _ClassVar[int]
+    filter: ConnectionFilter
+    connection_ids: _containers.RepeatedScalarFieldContainer[str]
+    except_connection_ids: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, filter: _Optional[_Union[ConnectionFilter, _Mapping]] = ..., connection_ids: _Optional[_Iterable[str]] = ..., except_connection_ids: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class SendToConnectionsRequest(_message.Message):
+    __slots__ = ("gateway_id", "targets", "data", "type")
+    GATEWAY_ID_FIELD_NUMBER: _ClassVar[int]
+    TARGETS_FIELD_NUMBER: _ClassVar[int]
+    DATA_FIELD_NUMBER: _ClassVar[int]
+    TYPE_FIELD_NUMBER: _ClassVar[int]
+    gateway_id: str
+    targets: Targets
+    data: bytes
+    type: BroadcastRequest.DataType
+    def __init__(self, gateway_id: _Optional[str] = ..., targets: _Optional[_Union[Targets, _Mapping]] = ..., data: _Optional[bytes] = ..., type: _Optional[_Union[BroadcastRequest.DataType, str]] = ...) -> None: ...
+
+class DisconnectConnectionsRequest(_message.Message):
+    __slots__ = ("gateway_id", "targets", "status_code", "reason")
+    GATEWAY_ID_FIELD_NUMBER: _ClassVar[int]
+    TARGETS_FIELD_NUMBER: _ClassVar[int]
+    STATUS_CODE_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    gateway_id: str
+    targets: Targets
+    status_code: int
+    reason: str
+    def __init__(self, gateway_id: _Optional[str] = ..., targets: _Optional[_Union[Targets, _Mapping]] = ..., status_code: _Optional[int] = ..., reason: _Optional[str] = ...) -> None: ...
+
+class TargetOutcome(_message.Message):
+    __slots__ = ("connection_id", "result", "detail")
+    class Result(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+        __slots__ = ()
+        RESULT_UNSPECIFIED: _ClassVar[TargetOutcome.Result]
+        DONE: _ClassVar[TargetOutcome.Result]
+        GONE: _ClassVar[TargetOutcome.Result]
+        NODE_LOST: _ClassVar[TargetOutcome.Result]
+        NODE_UNREACHABLE: _ClassVar[TargetOutcome.Result]
+        REFUSED: _ClassVar[TargetOutcome.Result]
+    RESULT_UNSPECIFIED: TargetOutcome.Result
+    DONE: TargetOutcome.Result
+    GONE: TargetOutcome.Result
+    NODE_LOST: TargetOutcome.Result
+    NODE_UNREACHABLE: TargetOutcome.Result
+    REFUSED: TargetOutcome.Result
+    CONNECTION_ID_FIELD_NUMBER: _ClassVar[int]
+    RESULT_FIELD_NUMBER: _ClassVar[int]
+    DETAIL_FIELD_NUMBER: _ClassVar[int]
+    connection_id: str
+    result: TargetOutcome.Result
+    detail: str
+    def __init__(self, connection_id: _Optional[str] = ..., result: _Optional[_Union[TargetOutcome.Result, str]] = ..., detail: _Optional[str] = ...) -> None: ...
+
+class TargetedResponse(_message.Message):
+    __slots__ = ("action_id", "outcomes", "done", "gone", "node_lost", "node_unreachable", "refused")
+    ACTION_ID_FIELD_NUMBER: _ClassVar[int]
+    OUTCOMES_FIELD_NUMBER: _ClassVar[int]
+    DONE_FIELD_NUMBER: _ClassVar[int]
+    GONE_FIELD_NUMBER: _ClassVar[int]
+    NODE_LOST_FIELD_NUMBER: _ClassVar[int]
+    NODE_UNREACHABLE_FIELD_NUMBER: _ClassVar[int]
+    REFUSED_FIELD_NUMBER: _ClassVar[int]
+    action_id: str
+    outcomes: _containers.RepeatedCompositeFieldContainer[TargetOutcome]
+    done: int
+    gone: int
+    node_lost: int
+    node_unreachable: int
+    refused: int
+    def __init__(self, action_id: _Optional[str] = ..., outcomes: _Optional[_Iterable[_Union[TargetOutcome, _Mapping]]] = ..., done: _Optional[int] = ..., gone: _Optional[int] = ..., node_lost: _Optional[int] = ..., node_unreachable: _Optional[int] = ..., refused: _Optional[int] = ...) -> None: ...

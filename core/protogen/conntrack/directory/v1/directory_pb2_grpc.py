@@ -49,6 +49,16 @@ class ConnectionDirectoryServiceStub:
                 request_serializer=conntrack_dot_directory_dot_v1_dot_directory__pb2.BroadcastRequest.SerializeToString,
                 response_deserializer=conntrack_dot_directory_dot_v1_dot_directory__pb2.BroadcastResponse.FromString,
                 _registered_method=True)
+        self.SendToConnections = channel.unary_unary(
+                '/conntrack.directory.v1.ConnectionDirectoryService/SendToConnections',
+                request_serializer=conntrack_dot_directory_dot_v1_dot_directory__pb2.SendToConnectionsRequest.SerializeToString,
+                response_deserializer=conntrack_dot_directory_dot_v1_dot_directory__pb2.TargetedResponse.FromString,
+                _registered_method=True)
+        self.DisconnectConnections = channel.unary_unary(
+                '/conntrack.directory.v1.ConnectionDirectoryService/DisconnectConnections',
+                request_serializer=conntrack_dot_directory_dot_v1_dot_directory__pb2.DisconnectConnectionsRequest.SerializeToString,
+                response_deserializer=conntrack_dot_directory_dot_v1_dot_directory__pb2.TargetedResponse.FromString,
+                _registered_method=True)
 
 
 class ConnectionDirectoryServiceServicer:
@@ -77,6 +87,22 @@ class ConnectionDirectoryServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def SendToConnections(self, request, context):
+        """One frame to each target (a principal's connections, a label selector's, or a list of
+        ids), through the nodes holding them; the answer has an outcome for every target
+        (docs/api.md, "Acting on people").
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def DisconnectConnections(self, request, context):
+        """Close each target's socket, with an outcome for every target.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_ConnectionDirectoryServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -94,6 +120,16 @@ def add_ConnectionDirectoryServiceServicer_to_server(servicer, server):
                     servicer.Broadcast,
                     request_deserializer=conntrack_dot_directory_dot_v1_dot_directory__pb2.BroadcastRequest.FromString,
                     response_serializer=conntrack_dot_directory_dot_v1_dot_directory__pb2.BroadcastResponse.SerializeToString,
+            ),
+            'SendToConnections': grpc.unary_unary_rpc_method_handler(
+                    servicer.SendToConnections,
+                    request_deserializer=conntrack_dot_directory_dot_v1_dot_directory__pb2.SendToConnectionsRequest.FromString,
+                    response_serializer=conntrack_dot_directory_dot_v1_dot_directory__pb2.TargetedResponse.SerializeToString,
+            ),
+            'DisconnectConnections': grpc.unary_unary_rpc_method_handler(
+                    servicer.DisconnectConnections,
+                    request_deserializer=conntrack_dot_directory_dot_v1_dot_directory__pb2.DisconnectConnectionsRequest.FromString,
+                    response_serializer=conntrack_dot_directory_dot_v1_dot_directory__pb2.TargetedResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -177,6 +213,60 @@ class ConnectionDirectoryService:
             '/conntrack.directory.v1.ConnectionDirectoryService/Broadcast',
             conntrack_dot_directory_dot_v1_dot_directory__pb2.BroadcastRequest.SerializeToString,
             conntrack_dot_directory_dot_v1_dot_directory__pb2.BroadcastResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SendToConnections(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/conntrack.directory.v1.ConnectionDirectoryService/SendToConnections',
+            conntrack_dot_directory_dot_v1_dot_directory__pb2.SendToConnectionsRequest.SerializeToString,
+            conntrack_dot_directory_dot_v1_dot_directory__pb2.TargetedResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DisconnectConnections(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/conntrack.directory.v1.ConnectionDirectoryService/DisconnectConnections',
+            conntrack_dot_directory_dot_v1_dot_directory__pb2.DisconnectConnectionsRequest.SerializeToString,
+            conntrack_dot_directory_dot_v1_dot_directory__pb2.TargetedResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -1,0 +1,253 @@
+"""Send and Disconnect addressed to people (SendToConnections, DisconnectConnections) on the real
+broker, three reference gateway nodes and real WebSocket clients, on both read-model backends:
+each target's socket is acted on once and answered with its own outcome; except ids are left
+alone; ids that are not open are GONE; a node SIGKILLed mid-operation leaves its targets
+NODE_UNREACHABLE (and, after the lease, NODE_LOST), never DONE."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import random
+from pathlib import Path
+from typing import Any
+
+import grpc
+import pytest
+from sqlalchemy.ext.asyncio import AsyncEngine
+from websockets.asyncio.client import ClientConnection, connect
+
+from conntrack.core.protogen.conntrack.directory.v1 import directory_pb2 as pb
+from conntrack.core.protogen.conntrack.directory.v1 import directory_pb2_grpc as pb_grpc
+from conntrack.core.settings import Settings
+from tests.support.gateway import gateway_node, own_id, projector_and_api, with_command_topics
+from tests.support.kafka import unique
+
+pytestmark = [pytest.mark.kafka, pytest.mark.slow]
+
+Result = pb.TargetOutcome.Result
+HEADER_AUTH = {"CONNTRACK_GATEWAY_AUTH": "header", "CONNTRACK_GATEWAY_LABELS": "tier=header:X-Tier"}
+
+
+def outcomes(answer: pb.TargetedResponse) -> dict[str, str]:
+    return {o.connection_id: Result.Name(o.result) for o in answer.outcomes}
+
+
+async def received(client: ClientConnection, within: float = 20) -> str | bytes:
+    return await asyncio.wait_for(client.recv(), within)
+
+
+async def nothing_for(clients: list[ClientConnection], within: float = 1.0) -> None:
+    for client in clients:
+        with pytest.raises(TimeoutError):
+            await asyncio.wait_for(client.recv(), within)
+
+
+async def test_send_and_disconnect_by_principal_selector_and_ids_with_an_outcome_each(
+    kafka_settings: Settings, engine: AsyncEngine, tmp_path: Path
+) -> None:
+    rnd = random.Random(31)
+    async with (
+        with_command_topics(kafka_settings) as settings,
+        projector_and_api(settings, engine, lease_seconds=3.0) as system,
+        grpc.aio.insecure_channel(f"127.0.0.1:{system.server.port}") as channel,
+        contextlib.AsyncExitStack() as stack,
+    ):
+        nodes = [
+            await stack.enter_async_context(
+                gateway_node(settings, unique(f"n{i}"), tmp_path / f"n{i}.log", env=HEADER_AUTH)
+            )
+            for i in range(3)
+        ]
+        people = ["alice", "bob", "carol", "dave"]
+        clients: dict[str, ClientConnection] = {}
+        owner: dict[str, str] = {}
+        node_of: dict[str, int] = {}
+        for i in range(36):
+            who, at = people[i % 4], i % 3
+            client = await stack.enter_async_context(
+                connect(
+                    nodes[at].url,
+                    additional_headers={
+                        "X-Authenticated-User": who,
+                        "X-Tier": rnd.choice(["gold", "free"]),
+                    },
+                )
+            )
+            cid = own_id(client)
+            clients[cid], owner[cid], node_of[cid] = client, who, at
+        stub = pb_grpc.ConnectionDirectoryServiceStub(channel)
+        gateway = settings.gateway_id
+        for _ in range(300):
+            count = await stub.CountConnections(pb.CountConnectionsRequest(gateway_id=gateway))
+            if count.count == len(clients):
+                break
+            await asyncio.sleep(0.1)
+        assert count.count == len(clients)
+
+        def of(who: str) -> list[str]:
+            return sorted(c for c in clients if owner[c] == who)
+
+        # Send to a principal: each of alice's sockets gets the frame once, DONE each.
+        answer = await stub.SendToConnections(
+            pb.SendToConnectionsRequest(
+                gateway_id=gateway,
+                targets=pb.Targets(filter=pb.ConnectionFilter(principal="alice")),
+                data=b"hello alice",
+                type=pb.BroadcastRequest.TEXT,
+            ),
+            timeout=30,
+        )
+        assert outcomes(answer) == dict.fromkeys(of("alice"), "DONE")
+        assert (answer.done, answer.gone, answer.node_unreachable) == (len(of("alice")), 0, 0)
+        assert [o.connection_id for o in answer.outcomes] == of("alice")
+        for cid in of("alice"):
+            assert await received(clients[cid]) == "hello alice"
+        await nothing_for([clients[c] for c in clients])
+
+        # A label selector, and a principal and selector together.
+        gold_bob = pb.ConnectionFilter(principal="bob", label_selector="tier=gold")
+        answer = await stub.SendToConnections(
+            pb.SendToConnectionsRequest(
+                gateway_id=gateway,
+                targets=pb.Targets(filter=gold_bob),
+                data=b"\x00\x01",
+                type=pb.BroadcastRequest.BINARY,
+            ),
+            timeout=30,
+        )
+        listed = await stub.ListConnections(
+            pb.ListConnectionsRequest(gateway_id=gateway, filter=gold_bob)
+        )
+        assert sorted(outcomes(answer)) == sorted(e.connection.id for e in listed.connections)
+        for cid in outcomes(answer):
+            assert await received(clients[cid]) == b"\x00\x01"
+
+        # Log bob out everywhere but here.
+        here, *elsewhere = of("bob")
+        answer = await stub.DisconnectConnections(
+            pb.DisconnectConnectionsRequest(
+                gateway_id=gateway,
+                targets=pb.Targets(
+                    filter=pb.ConnectionFilter(principal="bob"), except_connection_ids=[here]
+                ),
+                status_code=4001,
+                reason="signed out elsewhere",
+            ),
+            timeout=30,
+        )
+        assert outcomes(answer) == dict.fromkeys(elsewhere, "DONE")
+        for cid in elsewhere:
+            await asyncio.wait_for(clients[cid].wait_closed(), 20)
+            assert (clients[cid].close_code, clients[cid].close_reason) == (
+                4001,
+                "signed out elsewhere",
+            )
+        await clients[here].send("still here")  # the excepted socket stays open
+
+        # Listed ids: an unknown one and a closed one are GONE; the others DONE.
+        carol = of("carol")
+        answer = await stub.SendToConnections(
+            pb.SendToConnectionsRequest(
+                gateway_id=gateway,
+                targets=pb.Targets(connection_ids=[*carol, "no-such-id", elsewhere[0]]),
+                data=b"listed",
+                type=pb.BroadcastRequest.TEXT,
+            ),
+            timeout=30,
+        )
+        assert outcomes(answer) == dict.fromkeys(carol, "DONE") | {
+            "no-such-id": "GONE",
+            elsewhere[0]: "GONE",
+        }
+        for cid in carol:
+            assert await received(clients[cid]) == "listed"
+
+        # A node SIGKILLed: its targets are NODE_UNREACHABLE, never DONE; the others DONE.
+        await nodes[0].kill()
+        dave = of("dave")
+        answer = await stub.SendToConnections(
+            pb.SendToConnectionsRequest(
+                gateway_id=gateway,
+                targets=pb.Targets(filter=pb.ConnectionFilter(principal="dave")),
+                data=b"after the kill",
+                type=pb.BroadcastRequest.TEXT,
+            ),
+            timeout=5,
+        )
+        got = outcomes(answer)
+        assert got == {c: "NODE_UNREACHABLE" if node_of[c] == 0 else "DONE" for c in dave}, got
+        # After the lease, its connections are NODE_LOST when listed by id.
+        await asyncio.sleep(4)
+        answer = await stub.SendToConnections(
+            pb.SendToConnectionsRequest(
+                gateway_id=gateway,
+                targets=pb.Targets(connection_ids=dave),
+                data=b"later",
+                type=pb.BroadcastRequest.TEXT,
+            ),
+            timeout=10,
+        )
+        assert outcomes(answer) == {c: "NODE_LOST" if node_of[c] == 0 else "DONE" for c in dave}
+        for node in nodes[1:]:
+            log = node.log()
+            assert "Traceback" not in log, log
+            assert " ERROR " not in log, log
+
+
+async def test_targets_must_be_named_and_bounded(
+    kafka_settings: Settings, engine: AsyncEngine
+) -> None:
+    async with (
+        with_command_topics(kafka_settings) as settings,
+        projector_and_api(settings, engine) as system,
+        grpc.aio.insecure_channel(f"127.0.0.1:{system.server.port}") as channel,
+    ):
+        stub = pb_grpc.ConnectionDirectoryServiceStub(channel)
+
+        def send(targets: pb.Targets, data: bytes = b"x") -> Any:
+            return stub.SendToConnections(
+                pb.SendToConnectionsRequest(
+                    gateway_id="gw", targets=targets, data=data, type=pb.BroadcastRequest.TEXT
+                ),
+                timeout=10,
+            )
+
+        by_alice = pb.Targets(filter=pb.ConnectionFilter(principal="alice"))
+        cases = [
+            (send(pb.Targets()), "name a filter.principal"),
+            (send(pb.Targets(filter=pb.ConnectionFilter(node_id="n"))), "name a filter.principal"),
+            (send(pb.Targets(connection_ids=["a"] * 2)), "holds an id twice"),
+            (send(pb.Targets(connection_ids=[str(i) for i in range(1001)])), "at most 1000 ids"),
+            (send(pb.Targets(connection_ids=[""])), "connection_ids[0] is required"),
+            (
+                send(pb.Targets(connection_ids=["a"], filter=pb.ConnectionFilter(principal="p"))),
+                "not both",
+            ),
+            (send(by_alice, data=b""), "data is required"),
+            (send(by_alice, data=b"\xff"), "valid UTF-8"),
+            (
+                stub.DisconnectConnections(
+                    pb.DisconnectConnectionsRequest(
+                        gateway_id="gw", targets=by_alice, status_code=1006
+                    )
+                ),
+                "status_code must be 1000 or 3000-4999",
+            ),
+            (
+                stub.DisconnectConnections(
+                    pb.DisconnectConnectionsRequest(
+                        gateway_id="gw", targets=by_alice, reason="r" * 124
+                    )
+                ),
+                "at most 123 bytes",
+            ),
+        ]
+        for call, why in cases:
+            with pytest.raises(grpc.aio.AioRpcError) as err:
+                await call
+            assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT, why
+            assert why in (err.value.details() or ""), (why, err.value.details())
+        # Nobody matches: zero targets, not an error.
+        answer = await send(by_alice)
+        assert list(answer.outcomes) == []
