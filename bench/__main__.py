@@ -36,11 +36,13 @@ from bench.results import ScenarioResult, document, render, write_json
 from bench.scenarios import (
     ceilings,
     directory,
+    fanout,
     freshness,
     get,
     get_rest,
     get_workers,
     memory,
+    people,
     projector,
     send,
     streams_peer,
@@ -95,6 +97,16 @@ SCENARIOS: dict[str, tuple[Scenario, str]] = {
     "directory": (
         directory.run,
         "7. ListConnections p50/p99 of 1,000-connection pages at gateways of 1k/100k/1M",
+    ),
+    "people": (
+        people.run,
+        "9. ListConnections by principal and by label selector at 1M connections of 200k "
+        "principals, vs the unfiltered page",
+    ),
+    "fanout": (
+        fanout.run,
+        "10. SendToConnections to 10,000 connections on 3 gateway nodes: time to the last "
+        "outcome, vs a loop of single Sends",
     ),
     "streams-peer-activity": (
         streams_peer.run_activity,

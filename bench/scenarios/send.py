@@ -71,8 +71,10 @@ Request = connection_service_pb2.SendToConnectionRequest
 # -- the WebSocket clients, in a process of their own ---------------------------------------
 
 
-def _clients(url: str, n: int, ids: Any, stop: Any, out: Any) -> None:
-    out.put(asyncio.run(_hold_clients(url, n, ids, stop)))
+def _clients(
+    url: str, n: int, ids: Any, stop: Any, out: Any, headers: dict[str, str] | None = None
+) -> None:
+    out.put(asyncio.run(_hold_clients(url, n, ids, stop, headers)))
 
 
 @contextlib.contextmanager
@@ -87,9 +89,12 @@ def _collector_off() -> Iterator[None]:
         gc.enable()
 
 
-async def _hold_clients(url: str, n: int, ids: Any, stop: Any) -> dict[int, int]:
-    """Connect n clients, report their connection ids, note each message's arrival (its payload
-    is `SEQ START_NS`) until stop is set; returns {seq: arrival time_ns}."""
+async def _hold_clients(
+    url: str, n: int, ids: Any, stop: Any, headers: dict[str, str] | None = None
+) -> dict[int, int]:
+    """Connect n clients (with these handshake headers), report their connection ids, note each
+    message's arrival (its payload is `SEQ START_NS`) until stop is set; returns
+    {seq: arrival time_ns}."""
     from websockets.asyncio.client import ClientConnection, connect
 
     arrived: dict[int, int] = {}
@@ -105,7 +110,10 @@ async def _hold_clients(url: str, n: int, ids: Any, stop: Any) -> dict[int, int]
     sockets: list[ClientConnection] = []
     for i in range(0, n, 50):  # in slices, so the gateway's accept queue is not flooded
         sockets += await asyncio.gather(
-            *(connect(url, user_agent_header="conntrack-bench") for _ in range(min(50, n - i)))
+            *(
+                connect(url, user_agent_header="conntrack-bench", additional_headers=headers)
+                for _ in range(min(50, n - i))
+            )
         )
     ids.put([ws.response.headers["X-Connection-Id"] for ws in sockets if ws.response])
     readers = [asyncio.create_task(read(ws)) for ws in sockets]
@@ -272,7 +280,14 @@ async def _kafka_baseline(bootstrap: str, rate: int, seconds: float) -> tuple[li
 # -- the scenario ----------------------------------------------------------------------------
 
 
-def _gateway(cfg: BenchConfig, events: str, commands: str, outcomes: str, log_dir: Path) -> Service:
+def _gateway(
+    cfg: BenchConfig,
+    events: str,
+    commands: str,
+    outcomes: str,
+    log_dir: Path,
+    extra: dict[str, str] | None = None,
+) -> Service:
     env = service_environment(
         {
             "CONNTRACK_KAFKA_BOOTSTRAP_SERVERS": cfg.kafka,
@@ -283,6 +298,7 @@ def _gateway(cfg: BenchConfig, events: str, commands: str, outcomes: str, log_di
             "CONNTRACK_GATEWAY_NODE_ID": unique("node"),
             "CONNTRACK_LOG_LEVEL": "WARNING",
             "CONNTRACK_METRICS_PORT": "0",
+            **(extra or {}),
         }
     )
     return Service(

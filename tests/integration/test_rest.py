@@ -365,6 +365,8 @@ async def test_bearer_tokens_and_the_openapi_document(
             ("/conntrack/directory/v1/gateways/{gatewayId}/connections", "GET"),
             ("/conntrack/directory/v1/gateways/{gatewayId}/connections:count", "GET"),
             ("/conntrack/directory/v1/gateways/{gatewayId}/connections:broadcast", "POST"),
+            ("/conntrack/directory/v1/gateways/{gatewayId}/connections:send", "POST"),
+            ("/conntrack/directory/v1/gateways/{gatewayId}/connections:disconnect", "POST"),
             ("/openapi.json", "GET"),
         } == registered
         send_body = document["paths"][f"{CONNECTIONS}{{connectionId}}:send"]["post"]
