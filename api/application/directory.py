@@ -242,11 +242,8 @@ class ConnectionDirectory:
             # Position first: the header is then a lower bound of what the rows reflect.
             freshness = await self._position.metadata()
             live = self._liveness.bounds((await self._nodes.get())[0], time.time_ns())
-            # One more than the page: whether another page follows, without an empty last page.
-            views = await self._repository.list_open(where, live, after, size + 1)
-            more = len(views) > size
-            views = views[:size]
-            token = encode_page_token(where, views[-1].id) if more else ""
+            views, next_after = await self._repository.list_open(where, live, after, size)
+            token = encode_page_token(where, next_after) if next_after is not None else ""
             return DirectoryPage(views, token, freshness)
 
         return await self._bounded(read())

@@ -221,9 +221,16 @@ class Database:
         the held-connection path."""
         read = asyncio.get_running_loop().create_task(self._read_through(statement, parameters))
         self._reads.add(read)
-        read.add_done_callback(self._reads.discard)
-        # If the caller is cancelled, shield() marks the read's exception as retrieved.
+        read.add_done_callback(self._read_done)
         return await asyncio.shield(read)
+
+    def _read_done(self, read: asyncio.Task[Sequence[Row[Any]]]) -> None:
+        self._reads.discard(read)
+        # A read whose caller gave up (a timeout) fails unobserved: shield() stops watching it
+        # when its caller is cancelled, and asyncio would log the exception as an ERROR. The
+        # caller has been answered already; marking it retrieved keeps an ordinary timeout quiet.
+        if not read.cancelled():
+            read.exception()
 
     async def _read_through(
         self, statement: Executable, parameters: Mapping[str, Any] | None

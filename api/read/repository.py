@@ -24,6 +24,8 @@ from conntrack.api.read.statements import (
     NODES,
     directory_conditions,
     directory_page_statement,
+    label_candidates_statement,
+    rows_of_statement,
     view_of,
 )
 from conntrack.api.read.views import (
@@ -33,6 +35,7 @@ from conntrack.api.read.views import (
     ReadModelUnavailable,
 )
 from conntrack.core.fold import NodeState
+from conntrack.core.labels import from_json, matches
 from conntrack.core.liveness import LiveBounds
 from conntrack.core.schema import connections, row_to_node
 from conntrack.core.settings import Settings, default, split_urls
@@ -47,7 +50,11 @@ __all__ = [
     "ReadModelUnavailable",
     "create_read_engine",
     "directory_page_statement",
+    "label_candidates_statement",
 ]
+
+# Connections a count by label selector reads at a time.
+COUNT_CHUNK = 5000
 
 
 class ConnectionRepository:
@@ -91,19 +98,57 @@ class ConnectionRepository:
         return await self._open.load(connection_id)
 
     async def list_open(
-        self, where: DirectoryFilter, live: LiveBounds, after_id: str | None, limit: int
+        self, where: DirectoryFilter, live: LiveBounds, after_id: str | None, size: int
+    ) -> tuple[list[ConnectionView], str | None]:
+        """Up to `size` open, live connections matching `where`, in connection_id order, after
+        `after_id`, and the key to continue after (None: nothing follows). Keyset pagination:
+        an index range scan of ix_connections_gateway_id (or ix_connections_principal), so a
+        page costs the same wherever it starts and whatever the table's size.
+
+        With a label selector the page is read in two steps: the next `size` + 1 ids carrying
+        its first requirement, from the label index, then their rows by primary key with every
+        other condition, the other requirements checked on them here. Each step's work is
+        bounded by the page whatever plan the database picks; the page may then hold fewer than
+        `size` connections although more follow (the key says where to go on)."""
+        if not where.labels:
+            statement = directory_page_statement(where, live, after_id, size + 1)
+            views = [view_of(row) for row in await self._source.read(statement)]
+            more = len(views) > size
+            views = views[:size]
+            return views, (views[-1].id if more else None)
+        ids = [
+            cid
+            for (cid,) in await self._source.read(
+                label_candidates_statement(where, after_id, size + 1)
+            )
+        ]
+        more = len(ids) > size
+        ids = ids[:size]
+        views = await self._labelled(where, live, ids)
+        return views, (ids[-1] if more else None)
+
+    async def _labelled(
+        self, where: DirectoryFilter, live: LiveBounds, ids: list[str]
     ) -> list[ConnectionView]:
-        """Up to `limit` open, live connections matching `where`, in connection_id order, after
-        `after_id` (keyset pagination: an index range scan of ix_connections_gateway_id, so a
-        page costs the same wherever it starts and whatever the table's size)."""
-        statement = directory_page_statement(where, live, after_id, limit)
-        return [view_of(row) for row in await self._source.read(statement)]
+        if not ids:
+            return []
+        rows = await self._source.read(rows_of_statement(where, live, ids))
+        views = (view_of(row) for row in rows)
+        return [v for v in views if matches(where.labels, from_json(v.labels))]
 
     async def count_open(self, where: DirectoryFilter, live: LiveBounds) -> int:
-        """How many open, live connections match `where` (reads every one of them)."""
-        statement = select(func.count()).select_from(connections)
-        rows = await self._source.read(statement.where(*directory_conditions(where, live)))
-        return int(rows[0][0])
+        """How many open, live connections match `where` (reads every one of them; a label
+        selector's in chunks of COUNT_CHUNK, as its pages are read)."""
+        if not where.labels:
+            statement = select(func.count()).select_from(connections)
+            rows = await self._source.read(statement.where(*directory_conditions(where, live)))
+            return int(rows[0][0])
+        count, after = 0, None
+        while True:
+            views, after = await self.list_open(where, live, after, COUNT_CHUNK)
+            count += len(views)
+            if after is None:
+                return count
 
     async def nodes(self) -> dict[str, NodeState]:
         """What the read model says of every gateway node (a handful of rows)."""

@@ -47,10 +47,45 @@ READY = select(connections.c.connection_id).limit(1)
 NODES = select(nodes)
 
 
+def label_candidates_statement(
+    where: DirectoryFilter, after_id: str | None, limit: int
+) -> Select[Any]:
+    """The next `limit` ids after `after_id` that carry the selector's first requirement, from
+    the label index in connection_id order: a range scan of ix_connection_labels_gateway_id
+    stopped by the LIMIT, whatever the tables' statistics say (a selector's page is read in
+    two steps, so no join order is left to the planner: ConnectionRepository.list_open)."""
+    key, values = where.labels[0]
+    labelled = connection_labels.c
+    conditions = [
+        labelled.gateway_id == where.gateway_id,
+        labelled.key == key,
+        labelled.value.in_(values),
+    ]
+    if after_id is not None:
+        conditions.append(labelled.connection_id > after_id)
+    return (
+        select(labelled.connection_id)
+        .where(*conditions)
+        .order_by(labelled.connection_id)
+        .limit(limit)
+    )
+
+
+def rows_of_statement(
+    where: DirectoryFilter, live: LiveBounds, connection_ids: Sequence[str]
+) -> Select[Any]:
+    """The directory's rows of these ids that meet every condition but the labels (checked in
+    Python on the few rows this returns: core/labels.py, matches), by primary key."""
+    conditions = directory_conditions(where, live)
+    conditions.append(connections.c.connection_id.in_(list(connection_ids)))
+    return DIRECTORY_COLUMNS.where(*conditions).order_by(connections.c.connection_id)
+
+
 def directory_page_statement(
     where: DirectoryFilter, live: LiveBounds, after_id: str | None, limit: int
 ) -> Select[Any]:
-    """ConnectionRepository.list_open()'s query (also run by the query-plan test)."""
+    """ConnectionRepository.list_open()'s query without a label selector (also run by the
+    query-plan test)."""
     conditions = directory_conditions(where, live)
     if after_id is not None:
         conditions.append(connections.c.connection_id > after_id)
@@ -58,7 +93,8 @@ def directory_page_statement(
 
 
 def directory_conditions(where: DirectoryFilter, live: LiveBounds) -> list[ColumnElement[bool]]:
-    """The SQL form of `where` and of the liveness bounds (core/liveness.py,
+    """The SQL form of `where` (its labels aside: label_candidates_statement) and of the
+    liveness bounds (core/liveness.py,
     LiveBounds: the rule Get applies to one connection, here applied to all of them; a test
     checks the two agree, tests/integration/test_directory.py)."""
     c = connections.c
@@ -77,18 +113,6 @@ def directory_conditions(where: DirectoryFilter, live: LiveBounds) -> list[Colum
         conditions.append(c.connected_at_ns >= where.connected_after_ns)
     if where.principal is not None:
         conditions.append(c.principal == where.principal)
-    for key, values in where.labels:
-        # Through the label index (core/schema.py): only open connections have rows there.
-        labelled = connection_labels.c
-        conditions.append(
-            c.connection_id.in_(
-                select(labelled.connection_id).where(
-                    labelled.gateway_id == where.gateway_id,
-                    labelled.key == key,
-                    labelled.value.in_(values),
-                )
-            )
-        )
     if live.min_last_active_ns is not None:
         conditions.append(last_active >= live.min_last_active_ns)
     if live.min_connected_at_ns is not None:
