@@ -58,7 +58,10 @@ from conntrack.core.settings import default
 _ActionOf = Callable[[tuple[str, ...]], ManySockets]
 
 MAX_LISTED_IDS: Final = 1000
-MAX_TARGETS: Final = 100_000
+# An answer holds an outcome per target, about 60 bytes each with the longest details: at most
+# this many targets keep it within gRPC clients' default receive limit (4 MiB).
+MAX_TARGETS: Final = 20_000
+MAX_ANSWER_BYTES: Final = 4 * 1024 * 1024
 
 Result = directory_pb2.TargetOutcome.Result
 

@@ -23,7 +23,7 @@ from conntrack.api.application.directory import (
     ConnectionDirectoryService,
 )
 from conntrack.api.application.service import SERVICE, SERVICE_NAME, ConnectionService
-from conntrack.api.application.targets import TargetedActions, TargetedRpc
+from conntrack.api.application.targets import MAX_ANSWER_BYTES, TargetedActions, TargetedRpc
 from conntrack.api.read.repository import ConnectionRepository, ReadModelUnavailable
 from conntrack.api.transport import openapi, reflection, rest
 from conntrack.api.transport.auth import BearerTokens, load_tokens
@@ -223,7 +223,10 @@ class ApiServer:
                 # it on purpose: their supervisor has refused a port held by anyone else.
                 ("grpc.so_reuseport", 1 if self.reuse_port else 0),
                 ("grpc.max_receive_message_length", self._max_message_bytes),
-                ("grpc.max_send_message_length", self._max_message_bytes),
+                # Answers may be larger than any request: an outcome for each of up to
+                # MAX_TARGETS targets (api/application/targets.py) fits gRPC clients' default
+                # receive limit of 4 MiB, which this matches.
+                ("grpc.max_send_message_length", max(self._max_message_bytes, MAX_ANSWER_BYTES)),
             ],
         )
         if self._commands is not None:

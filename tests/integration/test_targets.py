@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import random
+import time
 from pathlib import Path
 from typing import Any
 
@@ -17,11 +18,13 @@ import pytest
 from sqlalchemy.ext.asyncio import AsyncEngine
 from websockets.asyncio.client import ClientConnection, connect
 
+from conntrack.api.application import targets
 from conntrack.core.protogen.conntrack.directory.v1 import directory_pb2 as pb
 from conntrack.core.protogen.conntrack.directory.v1 import directory_pb2_grpc as pb_grpc
 from conntrack.core.settings import Settings
 from tests.support.gateway import gateway_node, own_id, projector_and_api, with_command_topics
 from tests.support.kafka import unique
+from tests.support.readmodel import ReadModel, opened
 
 pytestmark = [pytest.mark.kafka, pytest.mark.slow]
 
@@ -196,7 +199,7 @@ async def test_send_and_disconnect_by_principal_selector_and_ids_with_an_outcome
 
 
 async def test_targets_must_be_named_and_bounded(
-    kafka_settings: Settings, engine: AsyncEngine
+    kafka_settings: Settings, engine: AsyncEngine, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     async with (
         with_command_topics(kafka_settings) as settings,
@@ -251,3 +254,16 @@ async def test_targets_must_be_named_and_bounded(
         # Nobody matches: zero targets, not an error.
         answer = await send(by_alice)
         assert list(answer.outcomes) == []
+        # More targets than the limit: refused with nothing sent.
+        now = time.time_ns()
+        await ReadModel(engine).apply(
+            [
+                opened(f"many-{i}", "gw", now, node="n", incarnation=1, principal="many")
+                for i in range(3)
+            ]
+        )
+        monkeypatch.setattr(targets, "MAX_TARGETS", 2)
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await send(pb.Targets(filter=pb.ConnectionFilter(principal="many")))
+        assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+        assert "more than 2 connections" in (err.value.details() or "")
