@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 import socket
 
 from websockets.asyncio.server import serve as serve_websockets
@@ -18,7 +19,7 @@ from conntrack.core.lifecycle import (
     on_shutdown_signal,
 )
 from conntrack.core.settings import Settings, env_name
-from conntrack.gateway.handshake import Handshakes
+from conntrack.gateway.handshake import HandshakeConfigError, Handshakes
 from conntrack.gateway.server import Gateway
 from conntrack.producer.commands import NodeCommands
 from conntrack.producer.errors import (
@@ -72,7 +73,11 @@ async def run(settings: Settings) -> int:
             principal_header=settings.gateway_principal_header,
             labels=settings.gateway_labels,
         )
-    except ValueError as exc:  # HandshakeConfigError among them
+    except HandshakeConfigError as exc:
+        # Named as the operator sets them: CONNTRACK_GATEWAY_JWT_KEY_FILE, not the field.
+        message = re.sub(r"\bgateway_[a-z_]+", lambda m: env_name(m.group(0)), str(exc))
+        raise cli.CommandError(f"cannot start: {message}", cli.Exit.USAGE) from None
+    except ValueError as exc:
         raise cli.CommandError(f"cannot start: {exc}", cli.Exit.USAGE) from None
     try:
         async with publisher:

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
+import subprocess
 from pathlib import Path
 
 import grpc
@@ -20,6 +22,7 @@ from conntrack.core.protogen.conntrack.directory.v1 import directory_pb2 as pb
 from conntrack.core.protogen.conntrack.directory.v1 import directory_pb2_grpc as pb_grpc
 from conntrack.core.settings import Settings
 from tests.support.gateway import (
+    GATEWAY,
     GatewayProcess,
     gateway_node,
     own_id,
@@ -146,3 +149,30 @@ async def test_a_broadcast_to_a_principal_reaches_exactly_its_sockets(
             with pytest.raises(TimeoutError):
                 await asyncio.wait_for(client.recv(), 1.0)
         assert_clean(gateway)
+
+
+@pytest.mark.parametrize(
+    ("env", "says"),
+    [
+        (
+            {"CONNTRACK_GATEWAY_AUTH": "jwt", "CONNTRACK_GATEWAY_JWT_KEY_FILE": "/nonexistent"},
+            "CONNTRACK_GATEWAY_JWT_KEY_FILE /nonexistent: No such file or directory",
+        ),
+        ({"CONNTRACK_GATEWAY_AUTH": "jwt"}, "CONNTRACK_GATEWAY_AUTH=jwt needs"),
+        (
+            {"CONNTRACK_GATEWAY_LABELS": "tenant=claim:tid"},
+            "CONNTRACK_GATEWAY_LABELS takes claims only with CONNTRACK_GATEWAY_AUTH=jwt",
+        ),
+        ({"CONNTRACK_GATEWAY_AUTH": "oauth"}, "CONNTRACK_GATEWAY_AUTH / --gateway-auth"),
+    ],
+)
+def test_identity_settings_that_cannot_work_stop_the_gateway_in_one_line(
+    env: dict[str, str], says: str
+) -> None:
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("CONNTRACK_")}
+    proc = subprocess.run(
+        [str(GATEWAY)], env=clean | env, capture_output=True, text=True, timeout=60
+    )
+    assert proc.returncode == 2, proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+    assert says in proc.stderr
