@@ -30,7 +30,7 @@ from typing import Final
 
 import grpc
 
-from conntrack.api.application.call import ApiError, Call, UndecodableRequest
+from conntrack.api.application.call import ApiError, Call, UndecodableRequest, wait_budget
 from conntrack.api.application.commands import (
     CommandChannel,
     CommandChannelUnavailable,
@@ -41,6 +41,7 @@ from conntrack.api.application.directory import (
     ConnectionDirectory,
     DirectoryUnavailable,
     InvalidDirectoryRequest,
+    decoded,
     filter_from_proto,
 )
 from conntrack.api.application.validation import send_problem
@@ -236,10 +237,6 @@ class Broadcaster:
         )
 
 
-# How much of the caller's deadline a broadcast leaves for its own answer (as Send does).
-_DEADLINE_MARGIN_S: Final = 0.25
-
-
 class BroadcastRpc:
     """ConnectionDirectoryService.Broadcast over a Broadcaster (api/application/directory.py's
     servicer delegates to it): INVALID_ARGUMENT for bad input, UNAVAILABLE when nothing could be
@@ -258,19 +255,9 @@ class BroadcastRpc:
         request: directory_pb2.BroadcastRequest | UndecodableRequest,
         call: Call,
     ) -> directory_pb2.BroadcastResponse:
-        # Our own wait ends a little before the caller's deadline, so the answer is ours.
-        remaining = call.time_remaining()
-        timeout = self._timeout
-        if remaining is not None:
-            timeout = min(timeout, remaining - _DEADLINE_MARGIN_S)
-        if timeout <= 0:
-            timeout = max(remaining or 0.0, 0.001)
+        timeout = wait_budget(call, self._timeout)
         try:
-            if isinstance(request, UndecodableRequest):
-                raise InvalidDirectoryRequest(
-                    f"request is not a valid {request.message_type} "
-                    f"(string fields must be valid UTF-8): {request.reason}"
-                )
+            request = decoded(request)
             where = filter_from_proto(request.gateway_id, request.filter)
             result = await self._broadcaster.broadcast(
                 where, request.data, request.type, timeout_s=timeout

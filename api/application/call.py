@@ -58,3 +58,22 @@ def reject_undecodable(request: UndecodableRequest, what: str) -> ApiError:
         grpc.StatusCode.INVALID_ARGUMENT,
         f"request is not a valid {request.message_type} ({what}): {request.reason}",
     )
+
+
+# How much of the caller's deadline a call that waits for gateway nodes leaves for its own
+# answer.
+DEADLINE_MARGIN_S = 0.25
+
+
+def wait_budget(call: Call, configured_s: float) -> float:
+    """How long a call may wait for gateway nodes: `configured_s`, but ending a little before
+    the caller's deadline, so the answer is ours (UNAVAILABLE, or an incomplete outcome) and
+    not a race with gRPC's DEADLINE_EXCEEDED. When too little is left, what is left (gRPC's
+    deadline then ends the call first)."""
+    remaining = call.time_remaining()
+    timeout = configured_s
+    if remaining is not None:
+        timeout = min(timeout, remaining - DEADLINE_MARGIN_S)
+    if timeout <= 0:
+        timeout = max(remaining or 0.0, 0.001)
+    return timeout

@@ -394,7 +394,7 @@ class ConnectionDirectoryService:
         call: Call,
     ) -> directory_pb2.ListConnectionsResponse:
         try:
-            valid = _decoded(request)
+            valid = decoded(request)
             where = filter_from_proto(valid.gateway_id, valid.filter)
             page = await self._directory.list_connections(
                 where, page_size=valid.page_size, page_token=valid.page_token
@@ -415,7 +415,7 @@ class ConnectionDirectoryService:
         call: Call,
     ) -> directory_pb2.CountConnectionsResponse:
         try:
-            valid = _decoded(request)
+            valid = decoded(request)
             counted = await self._directory.count_connections(
                 filter_from_proto(valid.gateway_id, valid.filter)
             )
@@ -430,7 +430,8 @@ class ConnectionDirectoryService:
 M = TypeVar("M", bound=Message)
 
 
-def _decoded(request: M | UndecodableRequest) -> M:
+def decoded(request: M | UndecodableRequest) -> M:
+    """The request, or InvalidDirectoryRequest for one that could not be decoded."""
     if isinstance(request, UndecodableRequest):
         raise InvalidDirectoryRequest(
             f"request is not a valid {request.message_type} "

@@ -18,7 +18,13 @@ from typing import Any, Final
 
 import grpc
 
-from conntrack.api.application.call import ApiError, Call, UndecodableRequest, reject_undecodable
+from conntrack.api.application.call import (
+    ApiError,
+    Call,
+    UndecodableRequest,
+    reject_undecodable,
+    wait_budget,
+)
 from conntrack.api.application.commands import CommandChannel, CommandChannelUnavailable
 from conntrack.api.application.freshness import ProjectionPosition
 from conntrack.api.application.validation import send_problem
@@ -181,14 +187,7 @@ class ConnectionService:
                 f"connection {connection_id!r} is held by a gateway that does not take "
                 "commands (it publishes without the node role)",
             )
-        # Our own wait ends a little before the caller's deadline, so the answer is ours
-        # (UNAVAILABLE) and not a race with gRPC's DEADLINE_EXCEEDED.
-        remaining = call.time_remaining()
-        timeout = self._command_timeout
-        if remaining is not None:
-            timeout = min(timeout, remaining - _DEADLINE_MARGIN_S)
-        if timeout <= 0:
-            timeout = max(remaining or 0.0, 0.001)  # gRPC's deadline ends the call first
+        timeout = wait_budget(call, self._command_timeout)
         try:
             outcome = await self._commands.execute(
                 node_id=view.node_id,
@@ -211,10 +210,6 @@ class ConnectionService:
             f"gateway node {view.node_id} answered {outcome.status.name.lower()}"
             f"{': ' + outcome.detail if outcome.detail else ''}; retry",
         )
-
-
-# How much of the caller's deadline a Send or Disconnect leaves for its own answer.
-_DEADLINE_MARGIN_S = 0.25
 
 
 def _valid_id(request: Any) -> str:

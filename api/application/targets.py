@@ -21,12 +21,12 @@ import uuid
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from enum import Enum
-from typing import Any, Final
+from typing import Final
 
 import grpc
 
 from conntrack.api.application.broadcast import Chunker, NoCommandChannel, NodeChunk
-from conntrack.api.application.call import ApiError, Call, UndecodableRequest
+from conntrack.api.application.call import ApiError, Call, UndecodableRequest, wait_budget
 from conntrack.api.application.commands import (
     CommandChannel,
     CommandChannelUnavailable,
@@ -37,6 +37,7 @@ from conntrack.api.application.directory import (
     ConnectionDirectory,
     DirectoryUnavailable,
     InvalidDirectoryRequest,
+    decoded,
     filter_from_proto,
 )
 from conntrack.api.application.validation import close_problem, send_problem
@@ -278,10 +279,6 @@ def _chunk_results(chunk: NodeChunk, task: asyncio.Task[Outcome]) -> list[Target
     return out
 
 
-# How much of the caller's deadline an action leaves for its own answer (as Send does).
-_DEADLINE_MARGIN_S: Final = 0.25
-
-
 class TargetedRpc:
     """SendToConnections and DisconnectConnections over TargetedActions (the directory's
     servicer delegates to it)."""
@@ -294,24 +291,15 @@ class TargetedRpc:
         self._actions = actions
         self._timeout = command_timeout_seconds
 
-    def _timeout_of(self, call: Call) -> float:
-        remaining = call.time_remaining()
-        timeout = self._timeout
-        if remaining is not None:
-            timeout = min(timeout, remaining - _DEADLINE_MARGIN_S)
-        if timeout <= 0:
-            timeout = max(remaining or 0.0, 0.001)
-        return timeout
-
     async def send(
         self,
         request: directory_pb2.SendToConnectionsRequest | UndecodableRequest,
         call: Call,
     ) -> directory_pb2.TargetedResponse:
-        timeout = self._timeout_of(call)
+        timeout = wait_budget(call, self._timeout)
 
         async def act() -> Targeted:
-            valid = _decoded(request)
+            valid = decoded(request)
             selection = selection_from_proto(valid.gateway_id, valid.targets)
             return await self._actions.send(selection, valid.data, valid.type, timeout_s=timeout)
 
@@ -322,10 +310,10 @@ class TargetedRpc:
         request: directory_pb2.DisconnectConnectionsRequest | UndecodableRequest,
         call: Call,
     ) -> directory_pb2.TargetedResponse:
-        timeout = self._timeout_of(call)
+        timeout = wait_budget(call, self._timeout)
 
         async def act() -> Targeted:
-            valid = _decoded(request)
+            valid = decoded(request)
             selection = selection_from_proto(valid.gateway_id, valid.targets)
             return await self._actions.disconnect(
                 selection, valid.status_code, valid.reason, timeout_s=timeout
@@ -363,16 +351,3 @@ class TargetedRpc:
         response.node_unreachable = counts[Ending.NODE_UNREACHABLE]
         response.refused = counts[Ending.REFUSED]
         return response
-
-
-def _decoded(
-    request: directory_pb2.SendToConnectionsRequest
-    | directory_pb2.DisconnectConnectionsRequest
-    | UndecodableRequest,
-) -> Any:
-    if isinstance(request, UndecodableRequest):
-        raise InvalidDirectoryRequest(
-            f"request is not a valid {request.message_type} "
-            f"(string fields must be valid UTF-8): {request.reason}"
-        )
-    return request
