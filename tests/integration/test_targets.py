@@ -9,9 +9,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import random
+import socket
 import time
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import grpc
 import pytest
@@ -267,3 +269,107 @@ async def test_targets_must_be_named_and_bounded(
             await send(pb.Targets(filter=pb.ConnectionFilter(principal="many")))
         assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION
         assert "more than 2 connections" in (err.value.details() or "")
+
+
+async def _small_receive_buffer(url: str) -> socket.socket:
+    """A socket connected to the gateway at `url` that takes little before the sender's writes
+    block."""
+    where = urlsplit(url)
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock.setblocking(False)
+    await asyncio.get_running_loop().sock_connect(sock, (where.hostname, where.port))
+    return sock
+
+
+async def test_a_node_killed_mid_operation_answers_no_target_of_it_done(
+    kafka_settings: Settings, engine: AsyncEngine, tmp_path: Path
+) -> None:
+    """Node 0 is SIGKILLed while it executes its part of a selector Send (it has written to some
+    of its targets and is held up by a client that stopped reading): none of its targets is
+    answered DONE, written or not; the other node's are."""
+    big = random.Random(5).randbytes(131_072)  # incompressible: permessage-deflate is on
+    async with (
+        with_command_topics(kafka_settings) as settings,
+        projector_and_api(settings, engine, lease_seconds=30.0) as system,
+        grpc.aio.insecure_channel(f"127.0.0.1:{system.server.port}") as channel,
+        contextlib.AsyncExitStack() as stack,
+    ):
+        nodes = [
+            await stack.enter_async_context(
+                gateway_node(settings, unique(f"k{i}"), tmp_path / f"k{i}.log", env=HEADER_AUTH)
+            )
+            for i in range(2)
+        ]
+        headers = {"X-Authenticated-User": "erin", "X-Tier": "gold"}
+        readers: dict[str, tuple[int, ClientConnection]] = {}
+        for i in range(8):
+            client = await stack.enter_async_context(
+                connect(nodes[i % 2].url, additional_headers=headers)
+            )
+            readers[own_id(client)] = (i % 2, client)
+        # Reads one frame and no more: the node's writes to it block once the buffers are full.
+        stuck = await stack.enter_async_context(
+            connect(
+                nodes[0].url,
+                additional_headers=headers,
+                sock=await _small_receive_buffer(nodes[0].url),
+                max_queue=1,
+            )
+        )
+        stuck_id = own_id(stuck)
+        stub = pb_grpc.ConnectionDirectoryServiceStub(channel)
+        gateway = settings.gateway_id
+        for _ in range(300):
+            count = await stub.CountConnections(pb.CountConnectionsRequest(gateway_id=gateway))
+            if count.count == len(readers) + 1:
+                break
+            await asyncio.sleep(0.1)
+        assert count.count == len(readers) + 1
+
+        # Fill the stuck client's buffers until a write to it no longer finishes.
+        for _ in range(100):
+            answer = await stub.SendToConnections(
+                pb.SendToConnectionsRequest(
+                    gateway_id=gateway,
+                    targets=pb.Targets(connection_ids=[stuck_id]),
+                    data=big,
+                    type=pb.BroadcastRequest.BINARY,
+                ),
+                timeout=1.5,
+            )
+            if answer.done == 0:
+                break
+        assert answer.done == 0, "the stuck client's buffers never filled"
+
+        call = asyncio.ensure_future(
+            stub.SendToConnections(
+                pb.SendToConnectionsRequest(
+                    gateway_id=gateway,
+                    targets=pb.Targets(filter=pb.ConnectionFilter(principal="erin")),
+                    data=b"mid-operation",
+                    type=pb.BroadcastRequest.TEXT,
+                ),
+                timeout=6,
+            )
+        )
+        # Node 0 is under way: one of its readers got the frame. Then it dies.
+        on_node0 = [client for at, client in readers.values() if at == 0]
+        first = await asyncio.wait_for(
+            asyncio.wait(
+                [asyncio.ensure_future(received(c)) for c in on_node0],
+                return_when=asyncio.FIRST_COMPLETED,
+            ),
+            20,
+        )
+        assert first[0].pop().result() == "mid-operation"
+        await nodes[0].kill()
+        answer = await call
+        got = outcomes(answer)
+        expected = {
+            cid: "NODE_UNREACHABLE" if at == 0 else "DONE" for cid, (at, _) in readers.items()
+        }
+        assert got == expected | {stuck_id: "NODE_UNREACHABLE"}, got
+        for at, client in readers.values():
+            if at == 1:
+                assert await received(client) == "mid-operation"
