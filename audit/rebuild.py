@@ -48,6 +48,7 @@ from conntrack.core.batch import YIELD_EVERY, Batch, WriteBehind
 from conntrack.core.fold import ConnectionState, NodeState
 from conntrack.core.retry import Backoff, one_line
 from conntrack.core.schema import LIVE
+from conntrack.core.statistics import analyze
 from conntrack.core.store import FencedError, ProjectionStore
 
 log = logging.getLogger(__name__)
@@ -155,10 +156,16 @@ class Rebuild:
         await self.start()
         attempts = 0
         delays = self._backoff.delays()
+        analyzed = False
         while True:
             await self.catch_up()
             if not self._switch:
                 return self._result(attempts, 0.0)
+            if not analyzed:
+                # Statistics of the new generation before it goes live, outside the switch's
+                # locks (core/statistics.py says why the service's queries need them).
+                await analyze(self._engine, SHADOW.all)
+                analyzed = True
             if self._gap(await self._live.all_positions()) > self._max_gap:
                 continue  # the live projection ran ahead: another round before locking
             attempts += 1

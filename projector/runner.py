@@ -38,6 +38,7 @@ from conntrack.core.fold import ConnectionState, NodeState
 from conntrack.core.kafka import KafkaConnection
 from conntrack.core.retry import TRANSIENT, Abandoned, Backoff, Retrier
 from conntrack.core.settings import Settings
+from conntrack.core.statistics import EarlyStatistics
 from conntrack.core.store import (
     REFUSALS,
     BatchResult,
@@ -98,6 +99,10 @@ class Projector:
         self._group_offsets = GroupOffsets()
         self._partitions.on_revoked.append(self._group_offsets.forget)
         self._retention = Retention(settings, store, self.metrics, self._retry, self._stopping)
+        tables = store.tables
+        self._statistics = EarlyStatistics(
+            store.engine, (tables.connections, tables.connection_labels)
+        )
         self._kafka = KafkaConnection.from_settings(settings, "projector")
         self._consumer = self._new_consumer()
         self._dead_letters = self._new_dead_letters()
@@ -473,6 +478,11 @@ class Projector:
         )
         if commit:
             self._group_offsets.commit_soon(commit)
+        if not self._statistics.done:
+            try:
+                await self._statistics.after_write()
+            except TRANSIENT as exc:  # tried again after the next batch
+                log.info("event=analyze_skipped error=%r", str(exc))
 
     def _dead_letter_refused(self, prepared: _Prepared) -> OnRefused:
         """What to do with connections the database refused: their records of this batch go to

@@ -14,10 +14,12 @@ import multiprocessing
 import time
 from typing import Any
 
+import asyncpg
 import grpc
 
 from bench.config import BenchConfig
 from bench.infra import (
+    asyncpg_dsn,
     fresh_database,
     fresh_topics,
     projector_settings,
@@ -90,6 +92,28 @@ async def _directory_walk(stub: pb_grpc.ConnectionDirectoryServiceStub) -> tuple
         token = page.next_page_token
         if not token:
             return time.perf_counter() - started, found
+
+
+async def _table_statistics(url: str) -> dict[str, Any]:
+    """What PostgreSQL knows of the read model's tables when the figures were taken: plans
+    depend on it (core/statistics.py)."""
+    conn = await asyncpg.connect(asyncpg_dsn(url))
+    try:
+        rows = await conn.fetch(
+            "SELECT relname, n_live_tup, n_dead_tup, last_analyze, last_autoanalyze "
+            "FROM pg_stat_user_tables WHERE relname IN ('connections', 'connection_labels')"
+        )
+    finally:
+        await conn.close()
+    return {
+        r["relname"]: {
+            "live": r["n_live_tup"],
+            "dead": r["n_dead_tup"],
+            "analyzed": str(r["last_analyze"] or ""),
+            "autoanalyzed": str(r["last_autoanalyze"] or ""),
+        }
+        for r in rows
+    }
 
 
 async def _single_sends(
@@ -177,6 +201,7 @@ async def run(cfg: BenchConfig, result: ScenarioResult) -> None:
                             }
                         )
                     walks = [await _directory_walk(directory) for _ in range(TIMES)]
+                    statistics = await _table_statistics(url)
                     loop_s, loop_errors = await _single_sends(single, ids)
             finally:
                 stop.set()
@@ -188,6 +213,7 @@ async def run(cfg: BenchConfig, result: ScenarioResult) -> None:
                 answers=answers,
                 times_s=[round(t, 3) for t in times],
                 directory_walks_s=[round(t, 3) for t, _ in walks],
+                table_statistics=statistics,
                 loop_errors=loop_errors,
                 gateway_peak_rss_mb=[g.peak_rss_mb() for g in gateways],
                 api_peak_rss_mb=api.peak_rss_mb(),

@@ -20,6 +20,7 @@ from conntrack.audit.generations import RETIRED, SHADOW, RebuildError, abandon, 
 from conntrack.audit.log import LogReader
 from conntrack.audit.rebuild import Progress, Rebuild
 from conntrack.audit.replay import verify
+from conntrack.core.database import is_sqlite
 from conntrack.core.events import Event
 from conntrack.core.fold import ConnectionState, fold
 from conntrack.core.protogen.yandex.cloud.serverless.apigateway.websocket.v1 import (
@@ -36,6 +37,7 @@ from conntrack.producer.publisher import Publisher
 from conntrack.producer.simulator import Workload, generate
 from conntrack.projector.runner import Projector
 from tests.support.projector import running
+from tests.support.readmodel import reltuples
 
 pytestmark = [pytest.mark.kafka]
 
@@ -142,6 +144,8 @@ async def test_interrupted_rebuild_resumes_from_its_shadow_and_switches(
     await assert_equals_fresh_fold(engine, kafka_settings, fold(events))
     # The new live tables carry the live index names (the next rebuild can reuse its own).
     assert "ix_connections_disconnected_at_ns" in await index_names(engine, "connections")
+    if not is_sqlite(engine):  # and went live analyzed (core/statistics.py)
+        assert await reltuples(engine, "connections") == len(fold(events))
 
 
 async def test_projector_holding_old_positions_is_fenced_after_the_switch_and_loses_nothing(

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
+from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from conntrack.core.fold import ConnectionState, NodeState
@@ -70,3 +71,12 @@ def closed(state: ConnectionState, at: int) -> ConnectionState:
         disconnect_reason="bye",
         disconnected_event_id=f"{state.connection_id}-d",
     )
+
+
+async def reltuples(engine: AsyncEngine, table: str) -> float:
+    """PostgreSQL's row estimate of a table (-1: never analyzed, PostgreSQL 14 on)."""
+    async with engine.connect() as conn:
+        found = await conn.execute(
+            text("SELECT reltuples FROM pg_class WHERE oid = to_regclass(:t)"), {"t": table}
+        )
+        return float(found.scalar_one())
