@@ -68,6 +68,11 @@ SCENARIOS: dict[str, tuple[Scenario, str]] = {
         projector.run_churn,
         "1. projector events/s, churn-heavy mix, vs raw consume / decode+fold / naive",
     ),
+    "projector-labels": (
+        projector.run_labels,
+        "1e. projector events/s, churn-heavy mix with a principal and labels on every "
+        "connection, vs the same mix without",
+    ),
     "projector-ceilings": (
         ceilings.run,
         "1d. projector vs its no-database and database-only ceilings, per store path and "

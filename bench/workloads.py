@@ -77,6 +77,26 @@ def churn_heavy(events: int, seed: int = 1) -> Mix:
     )
 
 
+def churn_labelled(events: int, seed: int = 1) -> Mix:
+    """churn_heavy() with a principal and two labels (tenant, device) on every connection: the
+    same events otherwise, so the two measure what the label index costs."""
+    plain = churn_heavy(events, seed)
+    connections = plain.workload.connections
+    principals = max(1, connections // 5)
+    return Mix(
+        "churn-heavy, labelled",
+        f"{plain.description}; each of {principals:,} principals, labels tenant and device",
+        Workload(
+            connections=connections,
+            activities_per_connection=1,
+            disconnect_ratio=1.0,
+            seed=seed,
+            principals=principals,
+        ),
+        plain.window,
+    )
+
+
 def mixed_history(events: int, seed: int = 1) -> Mix:
     """The simulator's default shape (5 activities, half disconnect) at a given size."""
     connections = max(1, round(events / 6.5))

@@ -238,7 +238,7 @@ async def run(cfg: BenchConfig, result: ScenarioResult) -> None:
     result.add(
         Figure(
             "selector_targets_walk_median_s",
-            f"of which: the {n:,} targets read through ListConnections, 1,000 a page, median",
+            f"beside it: the {n:,} targets listed through ListConnections, 1,000 a page, median",
             walk,
             "s",
         )

@@ -21,7 +21,14 @@ from bench.consumption import (
 )
 from bench.infra import end_offsets, fresh_database, fresh_topics, projector_settings
 from bench.results import Figure, ScenarioResult, TargetCheck, at_least, at_most, fmt
-from bench.workloads import Mix, activity_heavy, churn_heavy, mixed_history, publish_records
+from bench.workloads import (
+    Mix,
+    activity_heavy,
+    churn_heavy,
+    churn_labelled,
+    mixed_history,
+    publish_records,
+)
 
 ACTIVITY_TARGET_EVENTS_PER_S = 100_000
 RAW_RATIO_TARGET = 0.5
@@ -148,6 +155,42 @@ async def run_activity(cfg: BenchConfig, result: ScenarioResult) -> None:
 
 async def run_churn(cfg: BenchConfig, result: ScenarioResult) -> None:
     await throughput(cfg, result, churn_heavy(cfg.throughput_events, cfg.seed))
+
+
+async def run_labels(cfg: BenchConfig, result: ScenarioResult) -> None:
+    """Figure 1e: the churn-heavy mix with a principal and two labels on every connection
+    beside the same mix without, each projected into a fresh database by one projector: what
+    keeping the label index (core/store.py, _index_labels) costs the projector."""
+    rates: dict[str, float] = {}
+    runs: list[dict[str, object]] = []
+    for mix in (
+        churn_heavy(cfg.throughput_events, cfg.seed),
+        churn_labelled(cfg.throughput_events, cfg.seed),
+    ):
+        async with fresh_topics(cfg, f"{result.name}-{len(rates)}") as (topic, dlq):
+            end = await load_mix(cfg, mix, topic, result)
+            async with fresh_database(cfg, f"{result.name}-{len(rates)}") as url:
+                run = await projector_catch_up(
+                    projector_settings(cfg, topic, dlq, url),
+                    cfg.partitions,
+                    end,
+                    _timeout(sum(end.values())),
+                )
+        rates[mix.name] = run.rate
+        result.cpu[mix.name] = run.cpu.as_dict()
+        runs.append({"mix": mix.name, "events": sum(end.values()), "rows": run.rows})
+    result.params["runs"] = runs
+    plain, labelled = rates.values()
+    result.add(
+        Figure(
+            "labelled_events_per_s",
+            "projector events/s into PostgreSQL, churn-heavy, every connection labelled",
+            labelled,
+            "events/s",
+            plain,
+            "the same mix without principals or labels",
+        )
+    )
 
 
 async def run_rebuild(cfg: BenchConfig, result: ScenarioResult) -> None:
