@@ -17,8 +17,9 @@ reply_to on the outcomes topic. A node's NodeCommands:
   otherwise calls the gateway's handler (CommandHandler): `send` / `disconnect` return False when
   the node holds no such socket (CONNECTION_GONE); an exception or running past the command's
   deadline is FAILED, with the reason in `detail`;
-- publishes the Outcome keyed by reply_to and waits for the broker's acknowledgement, then
-  commits the command's offset. A command is executed at most once: the ids of the last
+- publishes the Outcome keyed by reply_to and waits for the broker's acknowledgement; the
+  command's offset is committed once its outcome and every earlier one's are acknowledged
+  (producer/command_progress.py). A command is executed at most once: the ids of the last
   `remember` commands are kept with their outcomes, and a command read again (a redelivery, or an
   API that published it twice) only has its remembered outcome published again.
 
@@ -37,7 +38,6 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections import deque
 from collections.abc import Callable
 from typing import Any, Final
 
@@ -61,6 +61,7 @@ from conntrack.producer.command_execution import (
     CommandHandler,
     NodeCommandsStats,
 )
+from conntrack.producer.command_progress import CommandProgress
 from conntrack.producer.errors import BrokerUnavailableError, TopicNotFoundError
 
 log = logging.getLogger(__name__)
@@ -69,13 +70,6 @@ GROUP_PREFIX: Final = "conntrack-node."
 _POLL_MS: Final = 200
 _RETRY_S: Final = 0.5
 _SEND_ATTEMPT_S: Final = 5.0
-# Batches read ahead while earlier ones' outcomes are still being acknowledged.
-_MAX_UNACKNOWLEDGED_BATCHES: Final = 4
-# The committer commits at most this often: each commit is a request and a response the node
-# pays for in CPU (~6% of its samples at 1,000 Sends/s with a commit after every settled
-# batch). A node that dies loses at most this much more of its committed progress, and its next
-# incarnation answers those commands CONNECTION_GONE without acting on them.
-_COMMIT_INTERVAL_S: Final = 0.1
 # The outcome producer's batch size per partition (aiokafka's default is 16 KiB); below the
 # broker's default message.max.bytes and the producer's max_request_size (1 MB).
 _OUTCOME_BATCH_BYTES: Final = 512 * 1024
@@ -157,15 +151,7 @@ class NodeCommands:
         self._tp: TopicPartition | None = None
         self._loop_task: asyncio.Task[None] | None = None
         self._stopping = asyncio.Event()
-        self._uncommitted: int | None = None  # next offset to commit, if not committed yet
-        # Batches read, oldest first, as (their outcomes' tasks, the offset after them): the
-        # committer's queue, and the read loop's (it reads ahead of unacknowledged outcomes by
-        # at most _MAX_UNACKNOWLEDGED_BATCHES batches).
-        self._to_commit: deque[tuple[list[asyncio.Task[None]], int]] = deque()
-        self._unacknowledged: deque[list[asyncio.Task[None]]] = deque()
-        self._queued = asyncio.Event()
-        self._reading = False
-        self._committer: asyncio.Task[None] | None = None
+        self._progress = CommandProgress(node_id)
 
     # -- lifecycle ---------------------------------------------------------------------------
 
@@ -243,10 +229,8 @@ class NodeCommands:
                 raise
             self._consumer, self._producer = consumer, producer
             self._stopping = asyncio.Event()
-            self._reading = True
-            self._committer = asyncio.create_task(
-                self._commit_in_order(consumer), name="node-commands-commits"
-            )
+            self._progress = CommandProgress(self._node_id)
+            self._progress.start(consumer, self._tp)
             self._loop_task = asyncio.create_task(self._receive(), name="node-commands")
             log.info(
                 "event=commands_started node_id=%s topic=%s partition=%d group=%s",
@@ -305,24 +289,11 @@ class NodeCommands:
                 with contextlib.suppress(asyncio.CancelledError):
                     await task
             consumer, producer = self._consumer, self._producer
-            self._reading = False
-            self._queued.set()
-            committer, self._committer = self._committer, None
-            if committer is not None:
-                # The last batches' outcomes (each retried until acknowledged or given up), and
-                # their commits.
-                try:
-                    async with asyncio.timeout(self._drain_timeout_s + _SEND_ATTEMPT_S + 1):
-                        await asyncio.shield(committer)
-                except TimeoutError:
-                    committer.cancel()
-                    with contextlib.suppress(asyncio.CancelledError):
-                        await committer
-            self._to_commit.clear()
-            self._unacknowledged.clear()
-            # Only now: the outcomes' tasks publish through the producer until here.
+            # The last batches' outcomes (each retried until acknowledged or given up), and
+            # their commits; only then are the clients closed (the outcomes' tasks publish
+            # through the producer until here).
+            await self._progress.finish(self._drain_timeout_s + _SEND_ATTEMPT_S + 1)
             self._consumer = self._producer = None
-            await self._commit_pending(consumer, final=True)
             await kafka.close(consumer, producer)
             log.info("event=commands_stopped node_id=%s", self._node_id)
 
@@ -344,98 +315,23 @@ class NodeCommands:
             try:
                 batch = await consumer.getmany(tp, timeout_ms=_POLL_MS)
                 # Commands are executed one after another, in order; their outcomes go out
-                # without waiting for one another's acknowledgement, and the batch is committed
-                # once they all are (a commit and an acknowledgement per command held one node
-                # to ~140 commands/s). Committing later is safe: a command is never executed
-                # twice by this process (remembered below), and a later start of the node is a
-                # new incarnation, which answers old commands CONNECTION_GONE without acting.
-                # The next batch is read while this one's outcomes are acknowledged, and the
-                # committer commits in the background, in batch order (waiting for both between
-                # polls put one broker round trip or two before every command's turn; a commit
-                # per batch, in turn, held the loop back whenever a commit took longer than a
-                # poll: they are coalesced).
+                # without waiting for one another's acknowledgement (a commit and an
+                # acknowledgement per command held one node to ~140 commands/s), and the next
+                # batch is read while this one's are acknowledged and committed in the
+                # background (producer/command_progress.py).
                 publishing: list[asyncio.Task[None]] = []
                 for record in batch.get(tp, []):
                     if self._stopping.is_set():
                         break
                     await self._handle(record, publishing)
-                    self._uncommitted = record.offset + 1
-                if self._uncommitted is not None:
-                    # Also after an empty poll: a commit that failed (the broker away) is retried.
-                    self._to_commit.append((publishing, self._uncommitted))
-                    self._queued.set()
-                await self._hold_back(publishing)
+                    self._progress.advanced(record.offset + 1)
+                self._progress.batch_read(publishing)
+                await self._progress.hold_back(publishing)
             except asyncio.CancelledError:
                 raise
             except Exception:
                 log.exception("event=commands_loop_error node_id=%s", self._node_id)
                 await asyncio.sleep(_RETRY_S)
-
-    async def _hold_back(self, publishing: list[asyncio.Task[None]]) -> None:
-        """Wait, before the next poll, while more than _MAX_UNACKNOWLEDGED_BATCHES batches have
-        outcomes not yet acknowledged (the broker is slow: read no further ahead)."""
-        waiting = self._unacknowledged
-        if publishing:
-            waiting.append(publishing)
-        while waiting and all(task.done() for task in waiting[0]):
-            waiting.popleft()
-        if len(waiting) > _MAX_UNACKNOWLEDGED_BATCHES:
-            await asyncio.wait(waiting.popleft())  # wait() never cancels the outcomes' tasks
-
-    async def _commit_in_order(self, consumer: Any) -> None:
-        """The committer: commits the offset after each batch once its outcomes, and every
-        earlier batch's, are acknowledged (or given up). One commit at a time, of everything
-        settled meanwhile. Returns once reading has ended and every batch read is settled."""
-        queue = self._to_commit
-        loop = asyncio.get_running_loop()
-        next_commit = loop.time()
-        while True:
-            if queue and self._reading and (wait_s := next_commit - loop.time()) > 0:
-                # Batches settled meanwhile are covered by the one commit after the pause (at
-                # most _COMMIT_INTERVAL_S: stop() waits for the committer).
-                await asyncio.sleep(wait_s)
-                continue
-            if not queue:
-                if not self._reading:
-                    return
-                self._queued.clear()
-                await self._queued.wait()
-                continue
-            try:
-                publishing, offset = queue[0]
-                if publishing:
-                    await asyncio.wait(publishing)
-                queue.popleft()
-                while queue and all(task.done() for task in queue[0][0]):
-                    offset = queue.popleft()[1]
-                await self._commit_pending(consumer, offset=offset)
-                next_commit = loop.time() + _COMMIT_INTERVAL_S
-            except asyncio.CancelledError:
-                raise
-            except Exception:
-                log.exception("event=commands_commit_error node_id=%s", self._node_id)
-                await asyncio.sleep(_RETRY_S)
-
-    async def _commit_pending(
-        self, consumer: Any, final: bool = False, offset: int | None = None
-    ) -> None:
-        """Commit `offset` (default: everything read so far)."""
-        offset = self._uncommitted if offset is None else offset
-        if offset is None or self._uncommitted is None or consumer is None or self._tp is None:
-            return
-        try:
-            # aiokafka's commit waits, without end, for the group's coordinator while the broker
-            # is away: bounded, so the loop goes on and stop() returns.
-            async with asyncio.timeout(_SEND_ATTEMPT_S):
-                await consumer.commit({self._tp: offset})
-        except (KafkaError, TimeoutError) as exc:
-            # The broker is away: the next commit carries it. Commands acted on meanwhile are
-            # remembered, so this process does not act on them twice.
-            level = logging.WARNING if final else logging.DEBUG
-            log.log(level, "event=commands_commit_failed offset=%d error=%s", offset, exc)
-            return
-        if self._uncommitted == offset:
-            self._uncommitted = None
 
     async def _handle(self, record: Any, publishing: list[asyncio.Task[None]]) -> bool:
         """Act on one record; True if an outcome is being published for it (its task is added

@@ -22,15 +22,13 @@ from conntrack.core.protogen.conntrack.directory.v1 import directory_pb2_grpc as
 from conntrack.core.settings import Settings
 from tests.support.crowd import Crowd, Headers
 from tests.support.directory import ids, list_all, request
-from tests.support.gateway import gateway_node, projector_and_api, with_command_topics
-from tests.support.kafka import unique
+from tests.support.gateway import header_identity_nodes, projector_and_api, with_command_topics
 
 pytestmark = [pytest.mark.kafka, pytest.mark.slow]
 
 CONNECTIONS = 10_000
 PRINCIPALS = 2_000
 NODES = 3
-HEADER_AUTH = {"CONNTRACK_GATEWAY_AUTH": "header", "CONNTRACK_GATEWAY_LABELS": "tier=header:X-Tier"}
 
 
 def who(rnd: random.Random, i: int) -> Headers:
@@ -65,12 +63,7 @@ async def test_ten_thousand_people_on_three_nodes(
         grpc.aio.insecure_channel(f"127.0.0.1:{system.server.port}") as channel,
         contextlib.AsyncExitStack() as stack,
     ):
-        nodes = [
-            await stack.enter_async_context(
-                gateway_node(settings, unique(f"p{i}"), tmp_path / f"p{i}.log", env=HEADER_AUTH)
-            )
-            for i in range(NODES)
-        ]
+        nodes = await header_identity_nodes(stack, settings, NODES, tmp_path)
         crowds = [await stack.enter_async_context(Crowd(node.url)) for node in nodes]
         # Who each open connection is: principal, tier, and the crowd holding it.
         people: dict[str, tuple[str, str, int]] = {}

@@ -24,14 +24,17 @@ from conntrack.api.application import targets
 from conntrack.core.protogen.conntrack.directory.v1 import directory_pb2 as pb
 from conntrack.core.protogen.conntrack.directory.v1 import directory_pb2_grpc as pb_grpc
 from conntrack.core.settings import Settings
-from tests.support.gateway import gateway_node, own_id, projector_and_api, with_command_topics
-from tests.support.kafka import unique
+from tests.support.gateway import (
+    header_identity_nodes,
+    own_id,
+    projector_and_api,
+    with_command_topics,
+)
 from tests.support.readmodel import ReadModel, opened
 
 pytestmark = [pytest.mark.kafka, pytest.mark.slow]
 
 Result = pb.TargetOutcome.Result
-HEADER_AUTH = {"CONNTRACK_GATEWAY_AUTH": "header", "CONNTRACK_GATEWAY_LABELS": "tier=header:X-Tier"}
 
 
 def outcomes(answer: pb.TargetedResponse) -> dict[str, str]:
@@ -58,12 +61,7 @@ async def test_send_and_disconnect_by_principal_selector_and_ids_with_an_outcome
         grpc.aio.insecure_channel(f"127.0.0.1:{system.server.port}") as channel,
         contextlib.AsyncExitStack() as stack,
     ):
-        nodes = [
-            await stack.enter_async_context(
-                gateway_node(settings, unique(f"n{i}"), tmp_path / f"n{i}.log", env=HEADER_AUTH)
-            )
-            for i in range(3)
-        ]
+        nodes = await header_identity_nodes(stack, settings, 3, tmp_path)
         people = ["alice", "bob", "carol", "dave"]
         clients: dict[str, ClientConnection] = {}
         owner: dict[str, str] = {}
@@ -295,12 +293,7 @@ async def test_a_node_killed_mid_operation_answers_no_target_of_it_done(
         grpc.aio.insecure_channel(f"127.0.0.1:{system.server.port}") as channel,
         contextlib.AsyncExitStack() as stack,
     ):
-        nodes = [
-            await stack.enter_async_context(
-                gateway_node(settings, unique(f"k{i}"), tmp_path / f"k{i}.log", env=HEADER_AUTH)
-            )
-            for i in range(2)
-        ]
+        nodes = await header_identity_nodes(stack, settings, 2, tmp_path)
         headers = {"X-Authenticated-User": "erin", "X-Tier": "gold"}
         readers: dict[str, tuple[int, ClientConnection]] = {}
         for i in range(8):

@@ -141,6 +141,31 @@ async def gateway_node(
         await gateway.close()
 
 
+# The reference gateway's trusted-header identity, with a `tier` label from a header: clients
+# say who they are with X-Authenticated-User and X-Tier.
+HEADER_IDENTITY = {
+    "CONNTRACK_GATEWAY_AUTH": "header",
+    "CONNTRACK_GATEWAY_LABELS": "tier=header:X-Tier",
+}
+
+
+async def header_identity_nodes(
+    stack: contextlib.AsyncExitStack, settings: Settings, count: int, log_dir: Path
+) -> list[GatewayProcess]:
+    """`count` gateway nodes with HEADER_IDENTITY, stopped when `stack` closes."""
+    return [
+        await stack.enter_async_context(
+            gateway_node(
+                settings,
+                unique(f"n{i}"),
+                log_dir / f"n{i}-{unique('log')}.log",
+                env=HEADER_IDENTITY,
+            )
+        )
+        for i in range(count)
+    ]
+
+
 @dataclass
 class System:
     store: ProjectionStore
