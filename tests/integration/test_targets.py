@@ -46,9 +46,11 @@ async def received(client: ClientConnection, within: float = 20) -> str | bytes:
 
 
 async def nothing_for(clients: list[ClientConnection], within: float = 1.0) -> None:
-    for client in clients:
-        with pytest.raises(TimeoutError):
-            await asyncio.wait_for(client.recv(), within)
+    """None of these clients receives anything within `within` seconds (waited for at once)."""
+    got = await asyncio.gather(
+        *(asyncio.wait_for(c.recv(), within) for c in clients), return_exceptions=True
+    )
+    assert all(isinstance(g, TimeoutError) for g in got), got
 
 
 async def test_send_and_disconnect_by_principal_selector_and_ids_with_an_outcome_each(
@@ -125,6 +127,34 @@ async def test_send_and_disconnect_by_principal_selector_and_ids_with_an_outcome
         assert sorted(outcomes(answer)) == sorted(e.connection.id for e in listed.connections)
         for cid in outcomes(answer):
             assert await received(clients[cid]) == b"\x00\x01"
+
+        # Broadcast takes the same filters: a selector's sockets get the frame once, no others.
+        gold = sorted(
+            e.connection.id
+            for e in (
+                await stub.ListConnections(
+                    pb.ListConnectionsRequest(
+                        gateway_id=gateway,
+                        page_size=100,
+                        filter=pb.ConnectionFilter(label_selector="tier=gold"),
+                    )
+                )
+            ).connections
+        )
+        assert gold
+        sent = await stub.Broadcast(
+            pb.BroadcastRequest(
+                gateway_id=gateway,
+                filter=pb.ConnectionFilter(label_selector="tier=gold"),
+                data=b"gold only",
+                type=pb.BroadcastRequest.TEXT,
+            ),
+            timeout=30,
+        )
+        assert (sent.addressed, sent.delivered, sent.complete) == (len(gold), len(gold), True)
+        for cid in gold:
+            assert await received(clients[cid]) == "gold only"
+        await nothing_for([clients[c] for c in clients if c not in gold], within=0.5)
 
         # Log bob out everywhere but here.
         here, *elsewhere = of("bob")
