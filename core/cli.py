@@ -14,8 +14,11 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import logging
+import os
 import re
 import signal
+import ssl
 import sys
 from collections.abc import Callable, Coroutine, Iterable
 from enum import IntEnum
@@ -30,7 +33,7 @@ from sqlalchemy.exc import ArgumentError, DBAPIError, OperationalError
 from conntrack.core.kafka import KafkaSetupError
 from conntrack.core.lifecycle import setup_logging, tune_gc
 from conntrack.core.retry import one_line
-from conntrack.core.settings import SECTIONS, Settings, env_name
+from conntrack.core.settings import SECTIONS, Settings, env_name, unknown_variables
 
 
 class Exit(IntEnum):
@@ -170,6 +173,13 @@ def run(
     except KafkaSetupError as exc:  # a credential, the CA, the protocol: not worth a retry
         print(f"{prog}: {exc}", file=sys.stderr)
         code = Exit.USAGE
+    except ssl.SSLCertVerificationError as exc:  # the database's certificate: not worth a retry
+        print(
+            f"{prog}: the database's certificate does not verify ({exc.verify_message}); check "
+            f"sslmode and sslrootcert in {env_name('database_url')}",
+            file=sys.stderr,
+        )
+        code = Exit.USAGE
     except Exception as exc:  # mapped to one line, or re-raised
         message = dependency_error(exc, settings)
         if message is None:
@@ -224,6 +234,9 @@ def start(
     except CommandError as exc:
         fail(prog, exc)
     setup_logging(log_level or settings.log_level, settings.log_format)
+    for name, close in unknown_variables(os.environ):
+        hint = f" (did you mean {close}?)" if close else ""
+        logging.getLogger(prog).warning("%s is not a setting%s; it is ignored", name, hint)
     if callable(gen0_threshold):
         gen0_threshold = gen0_threshold(settings)
     if gen0_threshold is not None:

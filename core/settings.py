@@ -8,11 +8,15 @@ of the sections it needs."""
 
 from __future__ import annotations
 
+import difflib
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from conntrack.core.database import postgres_connect_arguments
 
 ENV_PREFIX = "CONNTRACK_"
 
@@ -98,7 +102,11 @@ class Settings(BaseSettings):
     database_url: str = Field(
         "sqlite+aiosqlite:///.local/readmodel.db",
         description="SQLAlchemy async URL of the read model "
-        "(sqlite+aiosqlite:///PATH or postgresql+asyncpg://USER:PASSWORD@HOST:PORT/DB).",
+        "(sqlite+aiosqlite:///PATH or postgresql+asyncpg://USER:PASSWORD@HOST:PORT/DB). "
+        "PostgreSQL URLs take libpq's sslmode, sslrootcert, sslcert, sslkey, sslpassword, "
+        "application_name and connect_timeout as libpq means them (`?sslmode=require`, as "
+        "managed services hand it out), and asyncpg's own ssl, target_session_attrs, "
+        "command_timeout; any other parameter is refused.",
     )
 
     # projector
@@ -336,6 +344,8 @@ class Settings(BaseSettings):
                 f"the read model needs an async driver: use {DATABASE_SCHEMES[0]}:///PATH or "
                 f"{DATABASE_SCHEMES[1]}://USER:PASSWORD@HOST:PORT/DB, not {scheme or url!r}"
             )
+        if scheme == DATABASE_SCHEMES[1]:
+            postgres_connect_arguments(url)  # DatabaseUrlError (a ValueError) names the problem
         return url
 
     @field_validator("api_read_database_urls")
@@ -350,6 +360,7 @@ class Settings(BaseSettings):
                     f"each read replica needs {REPLICA_SCHEME}://USER:PASSWORD@HOST:PORT/DB, "
                     f"not {scheme + '://...' if scheme else 'a URL without a scheme'}"
                 )
+            postgres_connect_arguments(url)
         if len(set(listed)) != len(listed):
             raise ValueError("a read replica is listed twice")
         return urls
@@ -444,3 +455,42 @@ def settings_from(**flags: Any) -> Settings:
     """Settings from the environment with the command-line flags that were given on top (a flag
     left at None was not given and does not override anything)."""
     return Settings(**{name: value for name, value in flags.items() if value is not None})
+
+
+# CONNTRACK_* variables that are not settings: the infra scripts', the tests' and the
+# benchmark's, and the image's healthcheck's.
+NOT_SETTINGS_PREFIXES = (
+    "CONNTRACK_TEST_",
+    "CONNTRACK_BENCH_",
+    "CONNTRACK_PG_",
+    "CONNTRACK_CLUSTER_",
+)
+NOT_SETTINGS = frozenset(
+    {
+        "CONNTRACK_KAFKA_PORT",
+        "CONNTRACK_KAFKA_CTRL_PORT",
+        "CONNTRACK_KAFKA_HEAP",
+        "CONNTRACK_KAFKA_SECURITY",
+        "CONNTRACK_STATE_DIR",
+        "CONNTRACK_HEALTHCHECK_STATE",
+    }
+)
+
+
+def unknown_variables(environ: Mapping[str, str]) -> list[tuple[str, str | None]]:
+    """CONNTRACK_* variables in `environ` that are not settings (a misspelt one is otherwise
+    ignored without a word), each with the closest setting's name, if one is close."""
+    known = [env_name(name) for name in Settings.model_fields]
+    out = []
+    for name in sorted(environ):
+        upper = name.upper()
+        if (
+            not upper.startswith(ENV_PREFIX)
+            or upper in known
+            or upper in NOT_SETTINGS
+            or upper.startswith(NOT_SETTINGS_PREFIXES)
+        ):
+            continue
+        close = difflib.get_close_matches(upper, known, n=1, cutoff=0.75)
+        out.append((name, close[0] if close else None))
+    return out

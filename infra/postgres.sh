@@ -12,6 +12,9 @@
 #                       'postgres' OS user, hence not inside a checkout that may live under /root)
 #   CONNTRACK_PG_REPLICA_PORT  the replica's port                 (default: CONNTRACK_PG_PORT + 1)
 #   CONNTRACK_PG_REPLICA_DIR   the replica's directory            (default /tmp/conntrack-pg-<its port>)
+#   CONNTRACK_PG_TLS_DIR       a folder with server.crt and server.key: the server also takes TLS
+#                       connections with them (ssl = on; plain ones still work), for tests of
+#                       sslmode and certificate verification.
 #   CONNTRACK_PG_DURABLE=1     a server that commits like a production one: synchronous_commit = on
 #                       (PostgreSQL's default; fsync and full_page_writes are left on as ever).
 #                       Without it the server runs with synchronous_commit = off (a crash may lose
@@ -101,6 +104,15 @@ wal_keep_size = 512MB
 CONF
     # initdb --auth=trust already trusts loopback replication; stated so it does not depend on it.
     echo "host replication all 127.0.0.1/32 trust" >>"$data/pg_hba.conf"
+  fi
+  if [ -n "${CONNTRACK_PG_TLS_DIR:-}" ]; then
+    local f
+    for f in server.crt server.key; do
+      [ -f "$CONNTRACK_PG_TLS_DIR/$f" ] || die "CONNTRACK_PG_TLS_DIR has no $f"
+      install -m 600 "$CONNTRACK_PG_TLS_DIR/$f" "$data/$f"
+      [ "$(id -u)" = 0 ] && chown postgres: "$data/$f"
+    done
+    start_options+=(-o "-c ssl=on")
   fi
   as_pg "$bin/pg_ctl" -D "$data" -l "$dir/server.log" ${start_options[@]+"${start_options[@]}"} -w -t 60 start >/dev/null ||
     { tail -30 "$dir/server.log" >&2; die "server did not start"; }

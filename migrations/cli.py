@@ -6,6 +6,7 @@ from pathlib import Path
 
 from alembic import command
 from alembic.config import Config
+from alembic.util import CommandError as AlembicCommandError
 
 from conntrack.core import cli
 
@@ -43,12 +44,17 @@ def main(argv: list[str] | None = None) -> None:
     cfg = alembic_config(settings.database_url)
 
     def migrate() -> int:
-        if ns.action == "downgrade":
-            command.downgrade(cfg, ns.revision)
-        elif ns.action == "current":
-            command.current(cfg, verbose=True)
-        else:
-            command.upgrade(cfg, getattr(ns, "revision", "head"))
+        try:
+            if ns.action == "downgrade":
+                command.downgrade(cfg, ns.revision)
+            elif ns.action == "current":
+                command.current(cfg, verbose=True)
+            else:
+                command.upgrade(cfg, getattr(ns, "revision", "head"))
+        except AlembicCommandError as exc:  # a revision that does not exist, and the like
+            raise cli.CommandError(
+                f"{exc} (`conntrack-migrate current` shows where it is)", cli.Exit.USAGE
+            ) from None
         return cli.Exit.OK
 
     cli.run("conntrack-migrate", migrate, settings)
