@@ -47,9 +47,13 @@ async def run(settings: Settings) -> int:
     host, port = _host_port(settings.gateway_listen)
     node_id = settings.gateway_node_id or socket.gethostname()
     stop = asyncio.Event()
+    main = asyncio.current_task()
+    starting = True
 
     async def request_stop() -> None:
         stop.set()
+        if starting and main is not None:
+            main.cancel()  # waiting for the broker: give up the start at once
 
     on_shutdown_signal(request_stop)
     try:
@@ -118,11 +122,16 @@ async def run(settings: Settings) -> int:
                         commands.partition,
                     )
                     print(f"listening on ws://{host}:{bound[0]}/ as node {node_id}", flush=True)
+                    starting = False
                     await stop.wait()
                     # Closing the server closes every socket with 1001 (going away) and waits
                     # for the handlers, which publish the Disconnected events.
                     server.close()
                     await server.wait_closed()
+    except asyncio.CancelledError:
+        if not stop.is_set():
+            raise
+        log.info("event=abandoned_start: stopped before the gateway was listening")
     except SpoolError as exc:
         raise cli.CommandError(
             f"{exc}; check {env_name('gateway_spool_dir')}", cli.Exit.USAGE

@@ -106,6 +106,7 @@ class Projector:
         self._kafka = KafkaConnection.from_settings(settings, "projector")
         self._consumer = self._new_consumer()
         self._dead_letters = self._new_dead_letters()
+        self._spent_clients = False
         self._started = False
         # Where the batch being written leaves its partitions (the next one starts there).
         self._in_flight_ends: dict[TopicPartition, int] = {}
@@ -143,21 +144,22 @@ class Projector:
         self._started = True
 
     async def _connect(self) -> None:
+        if self._spent_clients:
+            # aiokafka clients cannot be started again after a failed start: fresh ones for
+            # this attempt (made only now, so that an abandoned start leaves none unclosed).
+            self._consumer = self._new_consumer()
+            self._dead_letters = self._new_dead_letters()
+            self._spent_clients = False
         try:
             await self._dead_letters.start()
             self._consumer.subscribe([self._topic], listener=self._partitions.listener())
             await kafka.start(self._consumer, self._kafka)
-        except BaseException as exc:
+        except BaseException:
             with contextlib.suppress(Exception):
                 await self._consumer.stop()
             with contextlib.suppress(Exception):
                 await self._dead_letters.stop()
-            if isinstance(exc, TRANSIENT):
-                # aiokafka clients cannot be started again after a failed start: fresh ones
-                # for the next attempt (none for a failure that is not retried: they would
-                # be left unclosed).
-                self._consumer = self._new_consumer()
-                self._dead_letters = self._new_dead_letters()
+            self._spent_clients = True
             raise
 
     async def stop(self) -> None:
