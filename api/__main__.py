@@ -7,6 +7,8 @@ from conntrack.api.process.client import add_client_flags, call
 from conntrack.api.process.cores import available_cores, resolve_workers
 from conntrack.api.process.serve import serve
 from conntrack.api.process.workers import supervise
+from conntrack.api.transport.auth import TokenConfigError
+from conntrack.api.transport.server import security_of
 from conntrack.api.transport.tls import TlsConfigError
 from conntrack.core import cli
 from conntrack.core.lifecycle import PYTHON_GEN0_THRESHOLD
@@ -39,8 +41,11 @@ def main(argv: list[str] | None = None) -> None:
     if ns.command == "serve":
         try:
             workers = resolve_workers(settings.api_workers, settings.api_listen, available_cores())
+            security_of(settings)  # every file named, before any worker is forked
         except cli.CommandError as exc:
             cli.fail(prog, exc)
+        except (TlsConfigError, TokenConfigError) as exc:
+            cli.fail(prog, cli.CommandError(f"cannot start: {exc}", cli.Exit.USAGE))
         if workers == 1:
             cli.run(prog, lambda: serve(settings), settings)
         cli.run(prog, lambda: supervise(settings, workers), settings)

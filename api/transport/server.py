@@ -146,21 +146,14 @@ class ApiServer:
     ) -> ApiServer:
         """A server configured by CONNTRACK_API_* (docs/api.md); raises TlsConfigError or
         TokenConfigError for unusable certificate or token configuration."""
-        tokens = load_tokens(
-            settings.api_tokens.get_secret_value() if settings.api_tokens else None,
-            settings.api_tokens_file,
-        )
+        tls, tokens = security_of(settings)
         return cls(
             repository,
             settings.api_listen,
             grace_seconds=settings.api_grace_seconds,
             health_interval_seconds=settings.api_health_interval_seconds,
-            tls=ServerTls.from_files(
-                settings.api_tls_cert_file,
-                settings.api_tls_key_file,
-                settings.api_tls_client_ca_file,
-            ),
-            tokens=BearerTokens(tokens) if tokens else None,
+            tls=tls,
+            tokens=tokens,
             max_message_bytes=settings.api_max_message_bytes,
             max_concurrent_calls=settings.api_max_concurrent_calls,
             db_timeout_seconds=settings.api_db_timeout_seconds,
@@ -347,3 +340,19 @@ class ApiServer:
 
     async def __aexit__(self, *exc: object) -> None:
         await self.stop()
+
+
+def security_of(settings: Settings) -> tuple[ServerTls | None, BearerTokens | None]:
+    """The server's TLS and bearer tokens, read from the files the settings name; raises
+    TlsConfigError or TokenConfigError naming the file that cannot be used (`serve` calls it
+    once before it forks its workers, so a missing file is one line at once)."""
+    tokens = load_tokens(
+        settings.api_tokens.get_secret_value() if settings.api_tokens else None,
+        settings.api_tokens_file,
+    )
+    tls = ServerTls.from_files(
+        settings.api_tls_cert_file, settings.api_tls_key_file, settings.api_tls_client_ca_file
+    )
+    if tls is not None:
+        tls.ssl_context()  # reads every file and checks the key is the certificate's
+    return tls, BearerTokens(tokens) if tokens else None
