@@ -13,7 +13,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import Field, SecretStr, field_validator
+from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from conntrack.core.database import postgres_connect_arguments
@@ -61,6 +61,9 @@ class Settings(BaseSettings):
     kafka_ssl_key_password: SecretStr | None = Field(
         None, description="Password of the client certificate's key."
     )
+    kafka_ssl_key_password_file: Path | None = Field(
+        None, description="File holding kafka_ssl_key_password (instead of the password)."
+    )
     kafka_client_id: str = Field(
         "conntrack",
         description=(
@@ -107,6 +110,11 @@ class Settings(BaseSettings):
         "application_name and connect_timeout as libpq means them (`?sslmode=require`, as "
         "managed services hand it out), and asyncpg's own ssl, target_session_attrs, "
         "command_timeout; any other parameter is refused.",
+    )
+    database_url_file: Path | None = Field(
+        None,
+        description="File holding database_url (its password out of the environment and the "
+        "command line, as container platforms mount secrets).",
     )
 
     # projector
@@ -174,6 +182,9 @@ class Settings(BaseSettings):
     api_client_token: SecretStr | None = Field(
         None, description="Bearer token `conntrack-api get` sends."
     )
+    api_client_token_file: Path | None = Field(
+        None, description="File holding api_client_token (instead of the token)."
+    )
     # Room for upstream's largest valid request (Send with 131072 bytes of data) and framing.
     api_max_message_bytes: int = Field(
         262_144, ge=1024, description="Largest request or response message."
@@ -192,6 +203,9 @@ class Settings(BaseSettings):
         "",
         description="PostgreSQL streaming replicas the API reads from, comma separated "
         "postgresql+asyncpg URLs, first healthy first; empty: the API reads database_url.",
+    )
+    api_read_database_urls_file: Path | None = Field(
+        None, description="File holding api_read_database_urls (their passwords out of sight)."
     )
     api_command_timeout_seconds: float = Field(
         10.0,
@@ -335,6 +349,29 @@ class Settings(BaseSettings):
         "choice; 0: Python's defaults.",
     )
 
+    @model_validator(mode="before")
+    @classmethod
+    def _secrets_from_files(cls, data: Any) -> Any:
+        """<setting>_file: the setting's value is the file's content (without the line end)."""
+        if not isinstance(data, dict):
+            return data
+        for name in FILE_SECRETS:
+            path = data.get(f"{name}_file")
+            if path in (None, ""):
+                continue
+            if data.get(name) not in (None, ""):
+                raise ValueError(f"give {env_name(name)} or {env_name(name + '_file')}, not both")
+            try:
+                value = Path(path).read_text().rstrip("\r\n")
+            except OSError as exc:
+                raise ValueError(
+                    f"cannot read {env_name(name + '_file')} = {str(path)!r}: {exc.strerror}"
+                ) from None
+            if not value:
+                raise ValueError(f"{env_name(name + '_file')} = {str(path)!r} is empty")
+            data = {**data, name: value}
+        return data
+
     @field_validator("database_url")
     @classmethod
     def _async_driver(cls, url: str) -> str:
@@ -390,6 +427,7 @@ SECTIONS: dict[str, tuple[str, ...]] = {
         "kafka_ssl_certfile",
         "kafka_ssl_keyfile",
         "kafka_ssl_key_password",
+        "kafka_ssl_key_password_file",
         "kafka_client_id",
         "events_topic",
         "dead_letter_topic",
@@ -398,7 +436,7 @@ SECTIONS: dict[str, tuple[str, ...]] = {
         "commands_linger_ms",
         "commands_fetch_wait_ms",
     ),
-    "database": ("database_url",),
+    "database": ("database_url", "database_url_file"),
     "projector": (
         "consumer_group",
         "batch_max_events",
@@ -455,6 +493,16 @@ def settings_from(**flags: Any) -> Settings:
     """Settings from the environment with the command-line flags that were given on top (a flag
     left at None was not given and does not override anything)."""
     return Settings(**{name: value for name, value in flags.items() if value is not None})
+
+
+# Secrets that may be given as a file instead, in <setting>_file (kafka_sasl_password_file and
+# api_tokens_file are read where they are used: core/kafka.py, api/transport/auth.py).
+FILE_SECRETS = (
+    "database_url",
+    "api_read_database_urls",
+    "kafka_ssl_key_password",
+    "api_client_token",
+)
 
 
 # CONNTRACK_* variables that are not settings: the infra scripts', the tests' and the
