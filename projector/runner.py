@@ -76,6 +76,7 @@ class _Prepared:
     states: dict[str, ConnectionState]
     nodes: dict[str, NodeState]
     records: dict[TopicPartition, list[Any]]  # what the batch was decoded from
+    stamps: dict[TopicPartition, int]  # the seeks whose reads they were
 
 
 class Projector:
@@ -108,8 +109,10 @@ class Projector:
         self._dead_letters = self._new_dead_letters()
         self._spent_clients = False
         self._started = False
-        # Where the batch being written leaves its partitions (the next one starts there).
-        self._in_flight_ends: dict[TopicPartition, int] = {}
+        # Where the batch being written leaves its partitions (the next one starts there), with
+        # each partition's seek stamp when it was prepared: a partition sought since (assigned
+        # again in a rebalance, or re-read after a fence) starts where that seek put it.
+        self._in_flight_ends: dict[TopicPartition, tuple[int, int]] = {}
         # Records (events and dead letters) this process has committed: over clean runs of all
         # processes of a group these add up to the log's length, each record exactly once.
         self.records_committed = 0
@@ -215,7 +218,12 @@ class Projector:
                 if fetched.records:
                     planned = dict(self._partitions.positions)
                     if writing.busy:
-                        planned |= self._in_flight_ends
+                        stamp = self._partitions.stamp
+                        planned |= {
+                            tp: end
+                            for tp, (end, sought) in self._in_flight_ends.items()
+                            if stamp(tp) == sought
+                        }
                     prepared = await self._prepare(fetched, planned)
                 if writing.busy and not await self._finished(writing):
                     if prepared is not None:
@@ -228,8 +236,9 @@ class Projector:
                 if prepared is not None:
                     if self._is_current(prepared):
                         self._in_flight_ends = {
-                            TopicPartition(self._topic, p): new
+                            tp: (new, prepared.stamps.get(tp, -1))
                             for p, (_, new) in prepared.batch.advances.items()
+                            if (tp := TopicPartition(self._topic, p))
                         }
                         writing.start(self._commit(prepared))
                     else:
@@ -390,7 +399,7 @@ class Projector:
                 await asyncio.sleep(0)
         if not batch.advances:
             return None
-        return _Prepared(batch, batch.fold(), batch.fold_nodes(), fetched.records)
+        return _Prepared(batch, batch.fold(), batch.fold_nodes(), fetched.records, fetched.stamps)
 
     def _gap(self, tp: TopicPartition, start: int, records: list[Any], read_from: int) -> None:
         self.metrics.position_gaps.labels(tp.topic, str(tp.partition)).inc()

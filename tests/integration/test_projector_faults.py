@@ -186,6 +186,66 @@ async def test_a_batch_prepared_behind_a_fenced_one_is_dropped_and_read_again(
     assert await store.all_states() == fold(applied)
 
 
+async def test_a_partition_assigned_again_while_a_batch_is_in_flight_is_no_position_gap(
+    kafka_settings: Settings, engine: AsyncEngine, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A rebalance during the fetch of the next batch while one is being written: another owner
+    moved the batch's partition on, then it was assigned back (the listener, which aiokafka runs
+    inside the fetch, seeks it to its stored position). The next batch starts where that seek
+    put it, not where the batch in flight would have left it: no position gap is counted or
+    logged (an alert on that counter must not fire on a rebalance)."""
+    caplog.set_level(logging.INFO, logger="conntrack.projector.runner")
+    s = kafka_settings.model_copy(update={"batch_max_events": 300})
+    store = HeldFirstWrite(engine)
+    events = make_events(random.Random(17), "g", 3000, 300)
+    records = as_records(events)
+    original = Projector._fetch
+    skip = 400  # past the batch in flight's end
+    moved: dict[int, int] = {}
+
+    async def rebalanced_fetch(self: Projector) -> Any:
+        if not self._in_flight_ends or moved:
+            return await original(self)
+        # The first batch is being written. The other owner takes its partition `skip`
+        # records further on; then it is assigned back, as the assignment listener does, and
+        # this fetch hands over the new read's first records, the batch still in flight
+        # (fault injection; the other partitions are held back meanwhile).
+        await store.writing.wait()
+        (tp,) = self._in_flight_ends
+        start = (await store.positions(s.events_topic, [tp.partition]))[tp.partition]
+        await store.apply_batch(s.events_topic, {tp.partition: (start, start + skip)}, {})
+        moved[tp.partition] = start
+        others = [t for t in self._consumer.assignment() if t != tp]
+        self._consumer.pause(*others)
+        await self._partitions.seek_to_stored([tp])
+        for _ in range(100):
+            fetched = await original(self)
+            if fetched.records:
+                break
+        self._consumer.resume(*others)
+        store.release.set()
+        return fetched
+
+    # All published first, so that the first batch is a full one.
+    metas = await publish(s.kafka_bootstrap_servers, s.events_topic, records)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(Projector, "_fetch", rebalanced_fetch)
+        async with running(Projector(s, store)) as projector:
+            await asyncio.wait_for(store.writing.wait(), 30)
+            await wait_caught_up(store, s)
+            gaps = per_partition(
+                projector, "conntrack_projector_position_gaps_total", s.events_topic
+            )
+    assert moved
+    assert gaps == 0
+    assert "event=position_gap" not in caplog.text
+    claimed = {(p, o) for p, start in moved.items() for o in range(start, start + skip)}
+    applied = [
+        e for e, m in zip(events, metas, strict=True) if (m.partition, m.offset) not in claimed
+    ]
+    assert await store.all_states() == fold(applied)
+
+
 class FirstPositionsReadFails(ProjectionStore):
     """The first read of the stored positions fails with an unexpected error, as a bug or an
     unforeseen driver error would: the assignment listener dies with it."""
