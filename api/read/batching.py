@@ -129,6 +129,13 @@ class CoalescingLoader(Generic[K, V]):
         while pending := [b.task for b in self._running if b.task and not b.task.done()]:
             await asyncio.wait(pending)
 
+    def cancel_running(self) -> None:
+        """Cancel the queries running now; their callers' waits are cancelled too (for a server
+        that is stopping, past its grace)."""
+        for batch in self._running:
+            if batch.task is not None:
+                batch.task.cancel()
+
     def _schedule_launch(self, *, full: bool = False) -> None:
         """Arranges for queued batches to start when a slot is free: on the next turn (so that
         callers resumed in the same turn join), or, within `window` of the previous start, at

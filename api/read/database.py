@@ -45,7 +45,7 @@ class ReadSource(Protocol):
 
     async def ping(self) -> None: ...
 
-    async def release(self) -> None: ...
+    async def release(self, within_s: float | None = None) -> None: ...
 
 
 def create_read_engine(
@@ -202,9 +202,15 @@ class Database:
     def nul_is_unstorable(self) -> bool:
         return self._nul_is_unstorable
 
-    async def release(self) -> None:
-        while self._reads:
-            await asyncio.wait(set(self._reads))
+    async def release(self, within_s: float | None = None) -> None:
+        """Wait for the running reads (at most `within_s`: after that they are left to end by
+        themselves, each bounded by statement_timeout), then close the held connections."""
+        try:
+            async with asyncio.timeout(within_s):
+                while self._reads:
+                    await asyncio.wait(set(self._reads))
+        except TimeoutError:
+            log.info("event=reads_left_running reads=%d", len(self._reads))
         if self._held is not None:
             await self._held.release()
 

@@ -182,9 +182,8 @@ class ReadReplicas:
     def nul_is_unstorable(self) -> bool:
         return True  # PostgreSQL, every one
 
-    async def release(self) -> None:
-        for database in self._databases:
-            await database.release()
+    async def release(self, within_s: float | None = None) -> None:
+        await asyncio.gather(*(database.release(within_s) for database in self._databases))
 
     async def read(
         self, statement: Executable, parameters: Mapping[str, Any] | None = None

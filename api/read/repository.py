@@ -5,6 +5,7 @@ failure surfaces as ReadModelUnavailable."""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 from collections.abc import AsyncIterator
 from typing import Any
@@ -84,11 +85,17 @@ class ConnectionRepository:
         """How Get lookups were batched into queries (for metrics and tests)."""
         return self._open.stats()
 
-    async def release_connections(self) -> None:
-        """Waits for running queries, then returns held connections to the engines' pools
-        (later reads take them again)."""
-        await self._open.wait_idle()
-        await self._source.release()
+    async def release_connections(self, within_s: float | None = None) -> None:
+        """Waits for running queries (at most `within_s`, then they are cancelled: a server past
+        its grace does not wait for a database that hangs), then returns held connections to
+        the engines' pools (later reads take them again)."""
+        try:
+            async with asyncio.timeout(within_s):
+                await self._open.wait_idle()
+        except TimeoutError:
+            self._open.cancel_running()
+            await self._open.wait_idle()
+        await self._source.release(within_s)
 
     async def get_open(self, connection_id: str) -> ConnectionView | None:
         """The connection if it is known and has not disconnected, else None. Concurrent calls

@@ -36,6 +36,8 @@ from conntrack.core.liveness import Liveness
 from conntrack.core.settings import Settings, default
 
 log = logging.getLogger(__name__)
+# After the grace: how long the queries of the calls that were cut may take to end.
+_RELEASE_S = 0.5
 
 
 async def _done() -> None:
@@ -324,7 +326,9 @@ class ApiServer:
         self.metrics.sync()  # a worker's last figures, for the supervisor to add up
         if self._commands is not None:
             await self._commands.stop()
-        await self._repository.release_connections()
+        # Calls past the grace were cut; their queries may still wait on the database (a lock,
+        # a server that hangs): the drain ends near its grace whatever the database does.
+        await self._repository.release_connections(within_s=_RELEASE_S)
         self.metrics.stop_http()
         log.info("stopped")
         self._stopped.set()
