@@ -191,6 +191,25 @@ class Settings(BaseSettings):
     )
     # A Send is in flight for its whole round trip through Kafka and the node (~20 ms): at
     # 1,000 Sends/s that is 20 calls on average and 64 in a burst, where 64 shed them.
+    # Behind an L4 load balancer a client keeps its one HTTP/2 connection, and so its replica,
+    # for good: a maximum age makes it reconnect (and be balanced again) now and then.
+    api_max_connection_age_seconds: float = Field(
+        300.0,
+        ge=0,
+        description="A client connection older than this is asked to reconnect (GOAWAY; gRPC "
+        "adds +-10% jitter), so load balancers spread long-lived clients again; 0: never.",
+    )
+    api_max_connection_age_grace_seconds: float = Field(
+        30.0,
+        ge=0,
+        description="How long the calls of a connection past its maximum age may still run.",
+    )
+    api_keepalive_seconds: float = Field(
+        60.0,
+        ge=0,
+        description="Ping a client connection quiet for this long and close it when the ping is "
+        "not answered within 20 s (a client gone without a word); 0: no pings.",
+    )
     api_max_concurrent_calls: int = Field(
         256, ge=1, description="Calls served at once; more are refused (RESOURCE_EXHAUSTED)."
     )

@@ -76,6 +76,9 @@ class ApiServer:
         liveness: Liveness | None = None,
         commands: CommandChannel | None = None,
         command_timeout_seconds: float = default("api_command_timeout_seconds"),
+        max_connection_age_seconds: float = default("api_max_connection_age_seconds"),
+        max_connection_age_grace_seconds: float = default("api_max_connection_age_grace_seconds"),
+        keepalive_seconds: float = default("api_keepalive_seconds"),
         worker: bool = False,
     ) -> None:
         """metrics_port None serves no /metrics endpoint; 0 picks a free port. metrics_host
@@ -85,6 +88,9 @@ class ApiServer:
         files, which the supervisor serves (give no metrics_port)."""
         self._repository = repository
         self._listen = listen
+        self._connection_options = _connection_options(
+            max_connection_age_seconds, max_connection_age_grace_seconds, keepalive_seconds
+        )
         self._grace = grace_seconds
         self._health_interval = health_interval_seconds
         self._tls = tls
@@ -176,6 +182,9 @@ class ApiServer:
                 fetch_wait_ms=settings.commands_fetch_wait_ms,
             ),
             command_timeout_seconds=settings.api_command_timeout_seconds,
+            max_connection_age_seconds=settings.api_max_connection_age_seconds,
+            max_connection_age_grace_seconds=settings.api_max_connection_age_grace_seconds,
+            keepalive_seconds=settings.api_keepalive_seconds,
             worker=worker,
         )
 
@@ -222,6 +231,7 @@ class ApiServer:
                 # MAX_TARGETS targets (api/application/targets.py) fits gRPC clients' default
                 # receive limit of 4 MiB, which this matches.
                 ("grpc.max_send_message_length", max(self._max_message_bytes, MAX_ANSWER_BYTES)),
+                *self._connection_options,
             ],
         )
         if self._commands is not None:
@@ -360,3 +370,27 @@ def security_of(settings: Settings) -> tuple[ServerTls | None, BearerTokens | No
     if tls is not None:
         tls.ssl_context()  # reads every file and checks the key is the certificate's
     return tls, BearerTokens(tokens) if tokens else None
+
+
+def _connection_options(
+    max_age_s: float, max_age_grace_s: float, keepalive_s: float
+) -> list[tuple[str, int]]:
+    """gRPC core's channel arguments for the life of client connections (0: gRPC's default,
+    no limit and no pings)."""
+    options: list[tuple[str, int]] = [
+        # Clients may ping every 10 s, calls or not (a client's keepalive below this would be
+        # answered with GOAWAY "too_many_pings").
+        ("grpc.http2.min_recv_ping_interval_without_data_ms", 10_000),
+        ("grpc.keepalive_permit_without_calls", 1),
+    ]
+    if max_age_s > 0:
+        options += [
+            ("grpc.max_connection_age_ms", int(max_age_s * 1000)),
+            ("grpc.max_connection_age_grace_ms", int(max_age_grace_s * 1000)),
+        ]
+    if keepalive_s > 0:
+        options += [
+            ("grpc.keepalive_time_ms", int(keepalive_s * 1000)),
+            ("grpc.keepalive_timeout_ms", 20_000),
+        ]
+    return options
