@@ -215,7 +215,7 @@ def compose_config() -> ComposeConfig:
 
 
 def test_all_services_are_defined(compose_config: ComposeConfig) -> None:
-    expected = {"kafka", "postgres", "topics", "migrate", "projector", "api"}
+    expected = {"kafka", "postgres", "topics", "migrate", "projector", "api", "gateway"}
     missing = expected - compose_config.services
     assert not missing, f"services missing from docker-compose.yml: {sorted(missing)}"
 
@@ -225,21 +225,27 @@ def test_app_services_get_their_connection_settings(compose_config: ComposeConfi
     api_env = compose_config.keys_under("services", "api", "environment")
     assert {"CONNTRACK_DATABASE_URL", "CONNTRACK_KAFKA_BOOTSTRAP_SERVERS"} <= projector_env
     assert {"CONNTRACK_DATABASE_URL", "CONNTRACK_API_LISTEN"} <= api_env
+    # Send, Disconnect and Broadcast need the command channel; REST is on.
+    assert {"CONNTRACK_KAFKA_BOOTSTRAP_SERVERS", "CONNTRACK_API_REST_PORT"} <= api_env
 
     for service in ("projector", "api", "migrate"):
         url = compose_config.value("services", service, "environment", "CONNTRACK_DATABASE_URL")
         assert url is not None
         assert url.startswith("postgresql+asyncpg://"), url
         assert "@postgres:5432/" in url, url
-    for service in ("projector", "topics"):
+    for service in ("projector", "topics", "api", "gateway"):
         servers = compose_config.value(
             "services", service, "environment", "CONNTRACK_KAFKA_BOOTSTRAP_SERVERS"
         )
         assert servers == "kafka:9092"
     # Inside a container a loopback listener would be unreachable through the published port.
-    listen = compose_config.value("services", "api", "environment", "CONNTRACK_API_LISTEN")
-    assert listen is not None
-    assert listen.startswith("0.0.0.0:")
+    for service, setting in (
+        ("api", "CONNTRACK_API_LISTEN"),
+        ("gateway", "CONNTRACK_GATEWAY_LISTEN"),
+    ):
+        listen = compose_config.value("services", service, "environment", setting)
+        assert listen is not None
+        assert listen.startswith("0.0.0.0:")
 
 
 def test_start_up_order(compose_config: ComposeConfig) -> None:
@@ -251,6 +257,8 @@ def test_start_up_order(compose_config: ComposeConfig) -> None:
     assert condition("projector", "migrate") == "service_completed_successfully"
     assert condition("projector", "topics") == "service_completed_successfully"
     assert condition("api", "migrate") == "service_completed_successfully"
+    assert condition("api", "topics") == "service_completed_successfully"
+    assert condition("gateway", "topics") == "service_completed_successfully"
     # service_healthy is only meaningful with a healthcheck to wait for.
     for service in ("kafka", "postgres"):
         assert compose_config.keys_under("services", service, "healthcheck") >= {"test"}
