@@ -15,6 +15,14 @@ if ! command -v docker-compose >/dev/null 2>&1 && command -v apt-get >/dev/null 
     { apt-get update -q >/dev/null 2>&1 &&
       DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends docker-compose >/dev/null; }
 fi
+# promtool (Debian's prometheus package), for tests/test_alert_rules.py; the server it also
+# installs is not started (no init system runs it here).
+if ! command -v promtool >/dev/null 2>&1 && command -v apt-get >/dev/null 2>&1; then
+  echo "test: installing promtool (Debian's prometheus package)"
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends prometheus >/dev/null 2>&1 ||
+    { apt-get update -q >/dev/null 2>&1 &&
+      DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends prometheus >/dev/null; }
+fi
 # grpcurl, for the test that calls the API the way operators do (reflection, no .proto files).
 if [ ! -x .local/go/bin/grpcurl ] && ! command -v grpcurl >/dev/null 2>&1 && command -v go >/dev/null 2>&1; then
   echo "test: installing grpcurl into .local/go/bin"
