@@ -19,8 +19,10 @@ from conntrack.core.database import is_sqlite
 from conntrack.core.schema import LIVE
 from conntrack.core.settings import Settings
 from conntrack.core.statistics import CHECK_INTERVAL_S, EarlyStatistics
+from conntrack.core.store import ProjectionStore
 from conntrack.producer.publisher import Publisher
-from tests.integration.test_end_to_end import running_projector
+from conntrack.projector.runner import Projector
+from tests.support.projector import running
 from tests.support.readmodel import ReadModel, opened, reltuples
 
 TABLES = (LIVE.connections, LIVE.connection_labels)
@@ -118,7 +120,7 @@ async def test_the_projector_analyzes_a_fresh_read_model(
         Publisher(
             kafka_settings.kafka_bootstrap_servers, kafka_settings.events_topic, "gw"
         ) as publisher,
-        running_projector(kafka_settings, engine),
+        running(Projector(kafka_settings, ProjectionStore(engine))),
     ):
         for i in range(200):
             await publisher.connected(f"p{i}", "10.0.0.1", "ua", labels={"t": "x"})
