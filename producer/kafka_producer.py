@@ -27,6 +27,7 @@ log = logging.getLogger(__name__)
 # events of the partition: docs/producer.md, "Failure behaviour".
 MAX_BATCH_BYTES: Final = 1 << 20
 CONNECT_BACKOFF_S: Final = 0.5
+RETRY_NOTICE_S: Final = 60.0
 # Between two metadata requests of one producer: retry.backoff.ms after an answer, and after a
 # failure an exponential backoff like the Java client's reconnect.backoff.ms/.max.ms.
 _METADATA_BACKOFF_S: Final = 0.1
@@ -67,6 +68,8 @@ async def connect(
     BrokerUnavailableError after it (`timeout_s`: the wait, for the message),
     TopicNotFoundError for a topic the broker does not have."""
     loop = asyncio.get_running_loop()
+    began = loop.time()
+    told_at: float | None = None  # when the operator was last told it is unreachable
     while True:
         producer = AIOKafkaProducer(**{**connection.options(), **options})
         back_off_metadata_requests(producer.client)
@@ -82,10 +85,17 @@ async def connect(
                     f"cannot reach Kafka at {connection.bootstrap_servers} within "
                     f"{timeout_s:g} s: {exc or type(exc).__name__}"
                 ) from exc
+            # Said once, then every RETRY_NOTICE_S (each attempt only at DEBUG): a broker that
+            # stays away for minutes is one line a minute, not two a second.
+            now = loop.time()
+            tell = told_at is None or now - told_at >= RETRY_NOTICE_S
+            if tell:
+                told_at = now
             log.log(
-                retry_log_level,
-                "Kafka at %s unreachable, retrying: %s",
+                retry_log_level if tell else logging.DEBUG,
+                "Kafka at %s unreachable for %.0f s, retrying: %s",
                 connection.bootstrap_servers,
+                now - began,
                 exc,
             )
             await asyncio.sleep(CONNECT_BACKOFF_S)
