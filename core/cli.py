@@ -109,7 +109,10 @@ def add_settings(p: argparse.ArgumentParser, sections: Iterable[str]) -> None:
                 dest=_DEST + name,
                 metavar=name.rsplit("_", 1)[-1].upper(),
                 default=argparse.SUPPRESS,
-                help=f"{text}{'; ' if text else ''}env {env_name(name)} (default: {shown})",
+                # argparse expands %-formats in help texts: a literal % is written %%.
+                help=f"{text}{'; ' if text else ''}env {env_name(name)} (default: {shown})".replace(
+                    "%", "%%"
+                ),
             )
 
 

@@ -20,7 +20,13 @@ def test_fanout_scenario_reports_the_selector_send_beside_single_sends(tmp_path:
     (scenario,) = run.scenarios
     assert scenario["status"] == "ok", scenario["error"]
     figures = {f["key"]: f for f in scenario["figures"]}
-    assert set(figures) == {"selector_send_median_s", "selector_send_max_s"}
+    assert set(figures) == {
+        "selector_send_median_s",
+        "selector_send_max_s",
+        "selector_targets_walk_median_s",
+    }
+    assert figures["selector_targets_walk_median_s"]["value"] > 0
+    assert set(scenario["params"]["table_statistics"]) == {"connections", "connection_labels"}
     assert figures["selector_send_median_s"]["ceiling"] > 0  # the loop of single Sends
     connections = scenario["params"]["connections"]
     assert all(a["done"] == connections for a in scenario["params"]["answers"])
