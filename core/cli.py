@@ -30,10 +30,11 @@ from pydantic import SecretStr, ValidationError
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import ArgumentError, DBAPIError, OperationalError
 
+from conntrack.core.environment import unknown_variables
 from conntrack.core.kafka import KafkaSetupError
 from conntrack.core.lifecycle import setup_logging, tune_gc
 from conntrack.core.retry import one_line
-from conntrack.core.settings import SECTIONS, Settings, env_name, unknown_variables
+from conntrack.core.settings import SECTIONS, Settings, env_name
 
 
 class Exit(IntEnum):

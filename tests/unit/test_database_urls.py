@@ -13,7 +13,7 @@ import pytest
 
 from conntrack.core.cli import CommandError, settings_from_args
 from conntrack.core.database import DatabaseUrlError, postgres_connect_arguments
-from conntrack.core.settings import unknown_variables
+from conntrack.core.environment import unknown_variables
 from tests.support.tls import make_ca, make_leaf
 
 BASE = "postgresql+asyncpg://u:pw@db.example:5432/conntrack"
