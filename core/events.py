@@ -73,8 +73,19 @@ class NodeHeartbeat:
     incarnation: int
 
 
-NodePayload = NodeStarted | NodeHeartbeat
-Payload = Connected | Activity | Disconnected | NodeStarted | NodeHeartbeat
+@dataclass(frozen=True, slots=True)
+class NodeFenced:
+    """The lifecycle role's decision that a node's incarnations up to `incarnation` are lost
+    (the node was silent for longer than the lease): their connections are closed for good,
+    whatever the node says of them later (docs/lifecycle.md)."""
+
+    node_id: str
+    incarnation: int
+
+
+NodePayload = NodeStarted | NodeHeartbeat | NodeFenced
+NODE_PAYLOADS: Final = (NodeStarted, NodeHeartbeat, NodeFenced)
+Payload = Connected | Activity | Disconnected | NodeStarted | NodeHeartbeat | NodeFenced
 
 
 @dataclass(frozen=True, slots=True)
@@ -98,6 +109,7 @@ _KIND_NAMES: Final[dict[type, str]] = {
     Disconnected: "disconnected",
     NodeStarted: "node_started",
     NodeHeartbeat: "node_heartbeat",
+    NodeFenced: "node_fenced",
 }
 
 
@@ -131,6 +143,8 @@ def encode(event: Event) -> bytes:
         msg.node_incarnation = p.incarnation
         if isinstance(p, NodeStarted):
             msg.node_started.SetInParent()
+        elif isinstance(p, NodeFenced):
+            msg.node_fenced.SetInParent()
         else:
             msg.node_heartbeat.SetInParent()
     return msg.SerializeToString()
@@ -140,7 +154,7 @@ def record_key(event: Event) -> bytes:
     """The record key an event is published under: its connection, or for a node's own events,
     its node."""
     p = event.payload
-    if isinstance(p, NodeStarted | NodeHeartbeat):
+    if isinstance(p, NODE_PAYLOADS):
         return p.node_id.encode()
     return event.connection_id.encode()
 
@@ -249,7 +263,7 @@ def decode_tuple(value: bytes | None, key: bytes | None = None) -> EventTuple:
         texts_have_nul = (
             "\x00" in source_ip or "\x00" in user_agent or "\x00" in node_id or "\x00" in principal
         )
-    elif which in ("node_started", "node_heartbeat"):
+    elif which in _NODE_KINDS:
         raise InvalidEvent(f"{which} carries a connection_id (a node event must not)")
     elif which == "disconnected":
         disconnected = msg.disconnected
@@ -271,6 +285,12 @@ def decode_tuple(value: bytes | None, key: bytes | None = None) -> EventTuple:
 
 _parse = pb.ConnectionEvent.FromString
 
+_NODE_KINDS: Final[dict[str | None, type[NodePayload]]] = {
+    "node_started": NodeStarted,
+    "node_heartbeat": NodeHeartbeat,
+    "node_fenced": NodeFenced,
+}
+
 # Incarnations are stored in signed 64-bit columns.
 _MAX_INCARNATION: Final = 2**63 - 1
 
@@ -278,7 +298,7 @@ _MAX_INCARNATION: Final = 2**63 - 1
 def _decode_node_event(msg: pb.ConnectionEvent, key: bytes | None) -> EventTuple:
     """A node's own event: no connection, keyed by node_id. Its tuple's connection_id is ""."""
     which = msg.WhichOneof("kind")
-    if which not in ("node_started", "node_heartbeat"):
+    if which not in _NODE_KINDS:
         raise InvalidEvent("connection_id is required")
     event_id, gateway_id, node_id = msg.event_id, msg.gateway_id, msg.node_id
     for name, v in (("event_id", event_id), ("gateway_id", gateway_id), ("node_id", node_id)):
@@ -294,11 +314,7 @@ def _decode_node_event(msg: pb.ConnectionEvent, key: bytes | None) -> EventTuple
     at = ts.seconds * NANOS_PER_SECOND + ts.nanos
     if not (0 <= ts.nanos < NANOS_PER_SECOND and MIN_TIME_NS <= at < MAX_TIME_NS):
         _reject_time(msg, ts.nanos)
-    payload: NodePayload = (
-        NodeStarted(node_id, incarnation)
-        if which == "node_started"
-        else NodeHeartbeat(node_id, incarnation)
-    )
+    payload: NodePayload = _NODE_KINDS[which](node_id, incarnation)
     return (event_id, "", gateway_id, at, payload)
 
 

@@ -30,12 +30,14 @@ from collections.abc import Callable, Iterable
 from typing import Any, NamedTuple
 
 from conntrack.core.events import (
+    NODE_PAYLOADS,
     Activity,
     Connected,
     Disconnected,
     Event,
     EventTuple,
-    NodeHeartbeat,
+    NodeFenced,
+    NodePayload,
     NodeStarted,
 )
 from conntrack.core.labels import to_json
@@ -291,22 +293,41 @@ def fold_tuples(events: Iterable[EventTuple]) -> dict[str, ConnectionState]:
 
 class NodeState(NamedTuple):
     """What the log says of a gateway node: its newest incarnation, when that one started (None
-    while only its heartbeats have been seen) and when it was last heard from. A join
-    semilattice like ConnectionState: a newer incarnation supersedes everything said of an older
-    one; within one incarnation the earliest start and the latest sighting win."""
+    while only its heartbeats have been seen), when it was last heard from, and up to which
+    incarnation it is fenced (0: none) and since when. A join semilattice like
+    ConnectionState: a newer incarnation supersedes what was said of an older one's start and
+    sightings; within one incarnation the earliest start and the latest sighting win; the
+    highest fence wins whatever the incarnation, and of equal fences the earliest."""
 
     node_id: str
     incarnation: int
     started_at_ns: int | None
     last_seen_ns: int
     gateway_id: str
+    fenced_through: int = 0
+    fenced_at_ns: int | None = None
+
+    def fenced(self, incarnation: int | None) -> bool:
+        """Whether a connection of this incarnation (None: 0) is closed by a fence."""
+        return (incarnation or 0) <= self.fenced_through and self.fenced_through > 0
+
+
+def _fence(a: NodeState, b: NodeState) -> tuple[int, int | None]:
+    if a.fenced_through != b.fenced_through:
+        w = a if a.fenced_through > b.fenced_through else b
+        return w.fenced_through, w.fenced_at_ns
+    if a.fenced_at_ns is None or b.fenced_at_ns is None:
+        return a.fenced_through, a.fenced_at_ns if b.fenced_at_ns is None else b.fenced_at_ns
+    return a.fenced_through, min(a.fenced_at_ns, b.fenced_at_ns)
 
 
 def merge_nodes(a: NodeState, b: NodeState) -> NodeState:
     if a.node_id != b.node_id:
         raise ValueError("cannot merge states of different nodes")
+    fenced_through, fenced_at = _fence(a, b)
     if a.incarnation != b.incarnation:
-        return a if a.incarnation > b.incarnation else b
+        w = a if a.incarnation > b.incarnation else b
+        return w._replace(fenced_through=fenced_through, fenced_at_ns=fenced_at)
     started = (
         b.started_at_ns
         if a.started_at_ns is None
@@ -320,16 +341,27 @@ def merge_nodes(a: NodeState, b: NodeState) -> NodeState:
         started,
         max(a.last_seen_ns, b.last_seen_ns),
         min(a.gateway_id, b.gateway_id),
+        fenced_through,
+        fenced_at,
     )
 
 
+def of_node_event(gateway_id: str, at: int, payload: NodePayload) -> NodeState:
+    """The state that one of a node's events alone implies. A fence is not a sighting of the
+    node: its last_seen_ns is 0, which any sighting supersedes."""
+    node_id, incarnation = payload.node_id, payload.incarnation
+    if isinstance(payload, NodeFenced):
+        return NodeState(node_id, incarnation, None, 0, gateway_id, incarnation, at)
+    started = at if isinstance(payload, NodeStarted) else None
+    return NodeState(node_id, incarnation, started, at, gateway_id)
+
+
 def fold_nodes(events: Iterable[EventTuple]) -> dict[str, NodeState]:
-    """The state of every node whose own events (started, heartbeat) are among these."""
+    """The state of every node whose own events (started, heartbeat, fenced) are among these."""
     nodes: dict[str, NodeState] = {}
     for _, _, gateway_id, at, payload in events:
-        if isinstance(payload, NodeStarted | NodeHeartbeat):
-            started = at if isinstance(payload, NodeStarted) else None
-            new = NodeState(payload.node_id, payload.incarnation, started, at, gateway_id)
+        if isinstance(payload, NODE_PAYLOADS):
+            new = of_node_event(gateway_id, at, payload)
             old = nodes.get(payload.node_id)
             nodes[payload.node_id] = new if old is None else merge_nodes(old, new)
     return nodes

@@ -4,9 +4,10 @@ connection outlived an idle timeout or a maximum lifetime.
 
 This is judged when the read model is read, at the reader's clock, never written into it: the
 read model stays a deterministic function of the log (verify, as-of and rebuild stay exact), and
-the judgment is undone by itself when a silent node is heard from again, where a published
-"Disconnected: node lost" would be history forever (one stalled node would disconnect all its
-users for good). Node times are the nodes' own clocks (occurred_at), so the lease must be much
+the lease's judgment is undone by itself when a silent node is heard from again. Only the
+lifecycle role's NodeFenced, an event in the log, makes a node's loss final (a fenced
+incarnation's connections stay gone whatever the node says later): it is decided once, by one
+process that has read the node's partition to its end (docs/lifecycle.md). Node times are the nodes' own clocks (occurred_at), so the lease must be much
 longer than the heartbeat interval plus the clock skew between nodes and readers.
 """
 
@@ -40,10 +41,10 @@ class Liveness:
         """The rules at now_ns as bounds on a connection's columns: what gone() judges one
         connection by, and what a query over many (the connection directory,
         api/application/directory.py) turns into SQL, so the two cannot disagree."""
-        nodes_floor: dict[str, tuple[int, bool]] = {}
+        nodes_floor: dict[str, tuple[int, bool, int]] = {}
         for node_id, node in nodes.items():
             lost = bool(self.node_lease_ns) and node.last_seen_ns < now_ns - self.node_lease_ns
-            nodes_floor[node_id] = (node.incarnation, lost)
+            nodes_floor[node_id] = (node.incarnation, lost, node.fenced_through)
         return LiveBounds(
             min_last_active_ns=now_ns - self.idle_timeout_ns if self.idle_timeout_ns else None,
             min_connected_at_ns=now_ns - self.max_lifetime_ns if self.max_lifetime_ns else None,
@@ -75,23 +76,24 @@ class LiveBounds:
     """The liveness rules at one moment. An open connection is live exactly when:
     - its node (if it has one and the read model knows it) has not started again since
       (incarnation >= the node's), and, if the node is lost (silent for longer than the
-      lease), the connection belongs to a newer incarnation than the lost one;
+      lease), the connection belongs to a newer incarnation than the lost one; and its
+      incarnation is not fenced (> the node's fenced_through: a fence is for good);
     - last activity >= min_last_active_ns (None: no idle timeout);
     - connected at >= min_connected_at_ns (None: no maximum lifetime).
     A connection without an incarnation counts as incarnation 0; node incarnations are >= 1."""
 
     min_last_active_ns: int | None
     min_connected_at_ns: int | None
-    # node id -> (its newest incarnation, lost)
-    nodes: Mapping[str, tuple[int, bool]]
+    # node id -> (its newest incarnation, lost, fenced through)
+    nodes: Mapping[str, tuple[int, bool, int]]
 
     def node_floor(self, node_id: str) -> int | None:
         """The least incarnation of a live connection on this node (None: any)."""
         known = self.nodes.get(node_id)
         if known is None:
             return None
-        incarnation, lost = known
-        return incarnation + 1 if lost else incarnation
+        incarnation, lost, fenced_through = known
+        return max(incarnation + 1 if lost else incarnation, fenced_through + 1)
 
     def gone(
         self,
@@ -106,7 +108,9 @@ class LiveBounds:
             # travel on another partition); its connection is not judged before they arrive.
             known = self.nodes.get(node_id)
             if known is not None:
-                incarnation, lost = known
+                incarnation, lost, fenced_through = known
+                if (node_incarnation or 0) <= fenced_through:
+                    return "node lost"
                 if incarnation > (node_incarnation or 0):
                     return "node restarted"
                 if lost and incarnation == node_incarnation:

@@ -117,7 +117,8 @@ def _merge_assignments(table: Table, existing: str, collate: str) -> str:
 @functools.cache
 def nodes_merge(tables: ReadModelTables, preparer: IdentifierPreparer, dialect: str) -> Any:
     """conntrack.core.fold.merge_nodes() in SQL: a newer incarnation takes the row; within
-    one, the earliest start, the latest sighting and the least gateway id (by code point)."""
+    one, the earliest start, the latest sighting and the least gateway id (by code point); the
+    highest fence, and of equal ones the earliest, whatever the incarnation."""
     table = preparer.format_table(tables.nodes)
     collate = ' COLLATE "C"' if dialect == "postgresql" else ""
     new, old = "EXCLUDED", "existing"
@@ -144,6 +145,19 @@ def nodes_merge(tables: ReadModelTables, preparer: IdentifierPreparer, dialect: 
         f"CASE WHEN {new}.gateway_id{collate} < {old}.gateway_id{collate} THEN {new}.gateway_id "
         f"ELSE {old}.gateway_id END"
     )
+    higher_fence = f"{new}.fenced_through > {old}.fenced_through"
+    fence = (
+        f"fenced_through = CASE WHEN {higher_fence} THEN {new}.fenced_through "
+        f"ELSE {old}.fenced_through END"
+    )
+    fenced_at = (
+        f"fenced_at_ns = CASE WHEN {higher_fence} THEN {new}.fenced_at_ns "
+        f"WHEN {new}.fenced_through < {old}.fenced_through THEN {old}.fenced_at_ns "
+        f"WHEN {old}.fenced_at_ns IS NULL THEN {new}.fenced_at_ns "
+        f"WHEN {new}.fenced_at_ns IS NULL THEN {old}.fenced_at_ns "
+        f"WHEN {new}.fenced_at_ns < {old}.fenced_at_ns THEN {new}.fenced_at_ns "
+        f"ELSE {old}.fenced_at_ns END"
+    )
     names = ", ".join(NodeState._fields)
     values = ", ".join(f":{n}" for n in NodeState._fields)
     return text(
@@ -156,6 +170,8 @@ def nodes_merge(tables: ReadModelTables, preparer: IdentifierPreparer, dialect: 
                 pick(gateway, "gateway_id"),
                 f"incarnation = CASE WHEN {newer} THEN {new}.incarnation "
                 f"ELSE {old}.incarnation END",
+                fence,
+                fenced_at,
             ]
         )
     )

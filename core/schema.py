@@ -20,6 +20,7 @@ from sqlalchemy import (
     String,
     Table,
     Text,
+    text,
 )
 
 from conntrack.core.fold import ConnectionState, NodeState
@@ -139,6 +140,9 @@ def define_read_model(metadata: MetaData, suffix: str = "") -> ReadModelTables:
         Column("started_at_ns", BigInteger),
         Column("last_seen_ns", BigInteger, nullable=False),
         Column("gateway_id", String(MAX_ID_LENGTH), nullable=False),
+        # Up to which incarnation the node is fenced (0: none) and since when (migration 0007).
+        Column("fenced_through", BigInteger, nullable=False, server_default=text("0")),
+        Column("fenced_at_ns", BigInteger),
     )
     # The label index: one row per label of each open connection, derived from the connection
     # rows by the store in the same transaction (core/store.py), so a label selector walks

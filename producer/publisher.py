@@ -33,11 +33,11 @@ from typing import Any
 
 from conntrack.core.events import (
     MIN_TIME_NS,
+    NODE_PAYLOADS,
     Connected,
     Disconnected,
     Event,
     InvalidEvent,
-    NodeHeartbeat,
     NodeStarted,
     Payload,
 )
@@ -368,7 +368,7 @@ class Publisher:
         flush). The event is validated as the projector would (InvalidEvent if it would be
         dead-lettered). Coalesced activity of its connection is published before it."""
         self._require_accepting()
-        if isinstance(event.payload, NodeStarted | NodeHeartbeat):
+        if isinstance(event.payload, NODE_PAYLOADS):
             raise InvalidEvent("a node's own events are published by its node role, not publish()")
         value = checked_value(event)
         deadline = asyncio.get_running_loop().time() + self._delivery_timeout_s

@@ -9,13 +9,12 @@ from typing import Final
 from conntrack.core.events import (
     MAX_TIME_NS,
     MIN_TIME_NS,
+    NODE_PAYLOADS,
     Activity,
     Connected,
     Disconnected,
     Event,
     InvalidEvent,
-    NodeHeartbeat,
-    NodeStarted,
     decode,
     encode,
     record_key,
@@ -47,8 +46,8 @@ def check_frames(frames: int) -> None:
 def checked_value(event: Event) -> bytes:
     """The event's encoding, once it passed every check (InvalidEvent otherwise)."""
     payload = event.payload
-    node_event = isinstance(payload, NodeStarted | NodeHeartbeat)
-    if isinstance(payload, NodeStarted | NodeHeartbeat):
+    node_event = isinstance(payload, NODE_PAYLOADS)
+    if isinstance(payload, NODE_PAYLOADS):
         check_id("node_id", payload.node_id)
         if not 0 < payload.incarnation <= MAX_INCARNATION:
             raise InvalidEvent(f"incarnation {payload.incarnation} is outside 1..2**63-1")

@@ -220,6 +220,8 @@ def random_node(rnd: random.Random, node_id: str) -> NodeState:
         started_at_ns=rnd.choice([None, T0, T0 + 1]),
         last_seen_ns=rnd.choice([T0, T0 + 1, T0 + 2]),
         gateway_id=rnd.choice(["g", "G", "é", "gg"]),
+        fenced_through=(fenced := rnd.choice([0, 1, 2])),
+        fenced_at_ns=rnd.choice([T0, T0 + 1]) if fenced else None,
     )
 
 

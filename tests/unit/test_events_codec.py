@@ -178,8 +178,8 @@ def test_invalid_records_are_rejected_with_a_reason(
 def test_unknown_kind_is_rejected() -> None:
     msg = message()
     msg.ClearField("activity")
-    # Field 15 is a kind this reader does not know (a newer producer's), length-delimited.
-    raw = msg.SerializeToString() + bytes([15 << 3 | 2, 0])
+    # Field 16 is a kind this reader does not know (a newer producer's), length-delimited.
+    raw = msg.SerializeToString() + bytes([0x82, 0x01, 0])  # (16 << 3 | 2) as a varint, empty
     with pytest.raises(InvalidEvent, match="kind is missing or unknown"):
         decode(raw, b"c1")
 

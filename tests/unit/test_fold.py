@@ -17,6 +17,7 @@ from conntrack.core.events import (
     Disconnected,
     Event,
     EventTuple,
+    NodeFenced,
     NodeHeartbeat,
     NodeStarted,
     Payload,
@@ -400,6 +401,7 @@ node_events = st.builds(
     st.one_of(
         st.builds(NodeStarted, st.sampled_from(["n1", "n2"]), st.integers(1, 3)),
         st.builds(NodeHeartbeat, st.sampled_from(["n1", "n2"]), st.integers(1, 3)),
+        st.builds(NodeFenced, st.sampled_from(["n1", "n2"]), st.integers(1, 3)),
     ),
 )
 
@@ -432,3 +434,24 @@ def test_a_newer_incarnation_supersedes_everything_said_of_the_older() -> None:
         Event("h2", "", "gw", T0 + 6, NodeHeartbeat("n", 2)),
     ]
     assert fold_nodes(_node_tuples(evs)) == {"n": NodeState("n", 2, T0 + 5, T0 + 6, "gw")}
+
+
+def test_a_fence_holds_across_a_restart_and_is_no_sighting() -> None:
+    evs = [
+        Event("s1", "", "gw", T0 + 1, NodeStarted("n", 1)),
+        Event("h1", "", "gw", T0 + 2, NodeHeartbeat("n", 1)),
+        Event("f1", "", "gw", T0 + 30, NodeFenced("n", 1)),
+        # The stalled node speaks again, then starts its next incarnation.
+        Event("h1b", "", "gw", T0 + 40, NodeHeartbeat("n", 1)),
+        Event("s2", "", "gw", T0 + 41, NodeStarted("n", 2)),
+    ]
+    node = fold_nodes(_node_tuples(evs))["n"]
+    assert node == NodeState("n", 2, T0 + 41, T0 + 41, "gw", 1, T0 + 30)
+    assert node.fenced(1) and node.fenced(None) and not node.fenced(2)
+    # Alone, the fence says nothing of when the node was seen.
+    assert fold_nodes(_node_tuples(evs[2:3]))["n"].last_seen_ns == 0
+    # Of two decisions on the same incarnation the earlier stands; a higher one wins.
+    again = Event("f1b", "", "gw", T0 + 20, NodeFenced("n", 1))
+    assert fold_nodes(_node_tuples([*evs, again]))["n"].fenced_at_ns == T0 + 20
+    higher = Event("f2", "", "gw", T0 + 90, NodeFenced("n", 2))
+    assert fold_nodes(_node_tuples([higher, *evs]))["n"][5:] == (2, T0 + 90)

@@ -57,3 +57,14 @@ def test_idle_timeout_and_maximum_lifetime() -> None:
     assert gone(rules, {}, last_active_at_ns=NOW - 61 * S) == "idle"
     assert gone(rules, {}, connected_at_ns=NOW - 3601 * S) == "lifetime"
     assert Liveness.of_seconds(30, 60, 0) == Liveness(30 * S, 60 * S, 0)
+
+
+def test_a_fenced_incarnation_stays_lost_when_its_node_is_heard_from_again() -> None:
+    fenced = {"n": NodeState("n", 2, NOW - 100 * S, NOW, "gw", 2, NOW - 5 * S)}
+    assert gone(LEASE, fenced) == "node lost"
+    assert gone(LEASE, fenced, node_incarnation=3) is None
+    bounds = LEASE.bounds(fenced, NOW)
+    assert bounds.node_floor("n") == 3
+    # A fence of an older incarnation does not lower the floor of a lost newer one.
+    lost_newer = {"n": NodeState("n", 4, NOW - 100 * S, NOW - 31 * S, "gw", 2, NOW - 50 * S)}
+    assert LEASE.bounds(lost_newer, NOW).node_floor("n") == 5

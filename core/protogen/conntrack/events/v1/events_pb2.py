@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n conntrack/events/v1/events.proto\x12\x13\x63onntrack.events.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"\xe5\x03\n\x0f\x43onnectionEvent\x12\x16\n\x0eschema_version\x18\x01 \x01(\r\x12\x10\n\x08\x65vent_id\x18\x02 \x01(\t\x12\x15\n\rconnection_id\x18\x03 \x01(\t\x12\x12\n\ngateway_id\x18\x04 \x01(\t\x12/\n\x0boccurred_at\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0f\n\x07node_id\x18\x06 \x01(\t\x12\x18\n\x10node_incarnation\x18\x07 \x01(\x04\x12\x33\n\tconnected\x18\n \x01(\x0b\x32\x1e.conntrack.events.v1.ConnectedH\x00\x12\x31\n\x08\x61\x63tivity\x18\x0b \x01(\x0b\x32\x1d.conntrack.events.v1.ActivityH\x00\x12\x39\n\x0c\x64isconnected\x18\x0c \x01(\x0b\x32!.conntrack.events.v1.DisconnectedH\x00\x12\x38\n\x0cnode_started\x18\r \x01(\x0b\x32 .conntrack.events.v1.NodeStartedH\x00\x12<\n\x0enode_heartbeat\x18\x0e \x01(\x0b\x32\".conntrack.events.v1.NodeHeartbeatH\x00\x42\x06\n\x04kind\"\r\n\x0bNodeStarted\"\x0f\n\rNodeHeartbeat\"\xc0\x01\n\tConnected\x12\x35\n\x08identity\x18\x01 \x01(\x0b\x32#.conntrack.events.v1.CallerIdentity\x12\x11\n\tprincipal\x18\x02 \x01(\t\x12:\n\x06labels\x18\x03 \x03(\x0b\x32*.conntrack.events.v1.Connected.LabelsEntry\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\x1a\n\x08\x41\x63tivity\x12\x0e\n\x06\x66rames\x18\x01 \x01(\x04\"3\n\x0c\x44isconnected\x12\x13\n\x0bstatus_code\x18\x01 \x01(\r\x12\x0e\n\x06reason\x18\x02 \x01(\t\"7\n\x0e\x43\x61llerIdentity\x12\x11\n\tsource_ip\x18\x01 \x01(\t\x12\x12\n\nuser_agent\x18\x02 \x01(\tb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n conntrack/events/v1/events.proto\x12\x13\x63onntrack.events.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"\x9d\x04\n\x0f\x43onnectionEvent\x12\x16\n\x0eschema_version\x18\x01 \x01(\r\x12\x10\n\x08\x65vent_id\x18\x02 \x01(\t\x12\x15\n\rconnection_id\x18\x03 \x01(\t\x12\x12\n\ngateway_id\x18\x04 \x01(\t\x12/\n\x0boccurred_at\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0f\n\x07node_id\x18\x06 \x01(\t\x12\x18\n\x10node_incarnation\x18\x07 \x01(\x04\x12\x33\n\tconnected\x18\n \x01(\x0b\x32\x1e.conntrack.events.v1.ConnectedH\x00\x12\x31\n\x08\x61\x63tivity\x18\x0b \x01(\x0b\x32\x1d.conntrack.events.v1.ActivityH\x00\x12\x39\n\x0c\x64isconnected\x18\x0c \x01(\x0b\x32!.conntrack.events.v1.DisconnectedH\x00\x12\x38\n\x0cnode_started\x18\r \x01(\x0b\x32 .conntrack.events.v1.NodeStartedH\x00\x12<\n\x0enode_heartbeat\x18\x0e \x01(\x0b\x32\".conntrack.events.v1.NodeHeartbeatH\x00\x12\x36\n\x0bnode_fenced\x18\x0f \x01(\x0b\x32\x1f.conntrack.events.v1.NodeFencedH\x00\x42\x06\n\x04kind\"\r\n\x0bNodeStarted\"\x0c\n\nNodeFenced\"\x0f\n\rNodeHeartbeat\"\xc0\x01\n\tConnected\x12\x35\n\x08identity\x18\x01 \x01(\x0b\x32#.conntrack.events.v1.CallerIdentity\x12\x11\n\tprincipal\x18\x02 \x01(\t\x12:\n\x06labels\x18\x03 \x03(\x0b\x32*.conntrack.events.v1.Connected.LabelsEntry\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\x1a\n\x08\x41\x63tivity\x12\x0e\n\x06\x66rames\x18\x01 \x01(\x04\"3\n\x0c\x44isconnected\x12\x13\n\x0bstatus_code\x18\x01 \x01(\r\x12\x0e\n\x06reason\x18\x02 \x01(\t\"7\n\x0e\x43\x61llerIdentity\x12\x11\n\tsource_ip\x18\x01 \x01(\t\x12\x12\n\nuser_agent\x18\x02 \x01(\tb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -35,19 +35,21 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_CONNECTED_LABELSENTRY']._loaded_options = None
   _globals['_CONNECTED_LABELSENTRY']._serialized_options = b'8\001'
   _globals['_CONNECTIONEVENT']._serialized_start=91
-  _globals['_CONNECTIONEVENT']._serialized_end=576
-  _globals['_NODESTARTED']._serialized_start=578
-  _globals['_NODESTARTED']._serialized_end=591
-  _globals['_NODEHEARTBEAT']._serialized_start=593
-  _globals['_NODEHEARTBEAT']._serialized_end=608
-  _globals['_CONNECTED']._serialized_start=611
-  _globals['_CONNECTED']._serialized_end=803
-  _globals['_CONNECTED_LABELSENTRY']._serialized_start=758
-  _globals['_CONNECTED_LABELSENTRY']._serialized_end=803
-  _globals['_ACTIVITY']._serialized_start=805
-  _globals['_ACTIVITY']._serialized_end=831
-  _globals['_DISCONNECTED']._serialized_start=833
-  _globals['_DISCONNECTED']._serialized_end=884
-  _globals['_CALLERIDENTITY']._serialized_start=886
-  _globals['_CALLERIDENTITY']._serialized_end=941
+  _globals['_CONNECTIONEVENT']._serialized_end=632
+  _globals['_NODESTARTED']._serialized_start=634
+  _globals['_NODESTARTED']._serialized_end=647
+  _globals['_NODEFENCED']._serialized_start=649
+  _globals['_NODEFENCED']._serialized_end=661
+  _globals['_NODEHEARTBEAT']._serialized_start=663
+  _globals['_NODEHEARTBEAT']._serialized_end=678
+  _globals['_CONNECTED']._serialized_start=681
+  _globals['_CONNECTED']._serialized_end=873
+  _globals['_CONNECTED_LABELSENTRY']._serialized_start=828
+  _globals['_CONNECTED_LABELSENTRY']._serialized_end=873
+  _globals['_ACTIVITY']._serialized_start=875
+  _globals['_ACTIVITY']._serialized_end=901
+  _globals['_DISCONNECTED']._serialized_start=903
+  _globals['_DISCONNECTED']._serialized_end=954
+  _globals['_CALLERIDENTITY']._serialized_start=956
+  _globals['_CALLERIDENTITY']._serialized_end=1011
 # @@protoc_insertion_point(module_scope)

@@ -10,7 +10,7 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class ConnectionEvent(_message.Message):
-    __slots__ = ("schema_version", "event_id", "connection_id", "gateway_id", "occurred_at", "node_id", "node_incarnation", "connected", "activity", "disconnected", "node_started", "node_heartbeat")
+    __slots__ = ("schema_version", "event_id", "connection_id", "gateway_id", "occurred_at", "node_id", "node_incarnation", "connected", "activity", "disconnected", "node_started", "node_heartbeat", "node_fenced")
     SCHEMA_VERSION_FIELD_NUMBER: _ClassVar[int]
     EVENT_ID_FIELD_NUMBER: _ClassVar[int]
     CONNECTION_ID_FIELD_NUMBER: _ClassVar[int]
@@ -23,6 +23,7 @@ class ConnectionEvent(_message.Message):
     DISCONNECTED_FIELD_NUMBER: _ClassVar[int]
     NODE_STARTED_FIELD_NUMBER: _ClassVar[int]
     NODE_HEARTBEAT_FIELD_NUMBER: _ClassVar[int]
+    NODE_FENCED_FIELD_NUMBER: _ClassVar[int]
     schema_version: int
     event_id: str
     connection_id: str
@@ -35,9 +36,14 @@ class ConnectionEvent(_message.Message):
     disconnected: Disconnected
     node_started: NodeStarted
     node_heartbeat: NodeHeartbeat
-    def __init__(self, schema_version: _Optional[int] = ..., event_id: _Optional[str] = ..., connection_id: _Optional[str] = ..., gateway_id: _Optional[str] = ..., occurred_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., node_id: _Optional[str] = ..., node_incarnation: _Optional[int] = ..., connected: _Optional[_Union[Connected, _Mapping]] = ..., activity: _Optional[_Union[Activity, _Mapping]] = ..., disconnected: _Optional[_Union[Disconnected, _Mapping]] = ..., node_started: _Optional[_Union[NodeStarted, _Mapping]] = ..., node_heartbeat: _Optional[_Union[NodeHeartbeat, _Mapping]] = ...) -> None: ...
+    node_fenced: NodeFenced
+    def __init__(self, schema_version: _Optional[int] = ..., event_id: _Optional[str] = ..., connection_id: _Optional[str] = ..., gateway_id: _Optional[str] = ..., occurred_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., node_id: _Optional[str] = ..., node_incarnation: _Optional[int] = ..., connected: _Optional[_Union[Connected, _Mapping]] = ..., activity: _Optional[_Union[Activity, _Mapping]] = ..., disconnected: _Optional[_Union[Disconnected, _Mapping]] = ..., node_started: _Optional[_Union[NodeStarted, _Mapping]] = ..., node_heartbeat: _Optional[_Union[NodeHeartbeat, _Mapping]] = ..., node_fenced: _Optional[_Union[NodeFenced, _Mapping]] = ...) -> None: ...
 
 class NodeStarted(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class NodeFenced(_message.Message):
     __slots__ = ()
     def __init__(self) -> None: ...
 
