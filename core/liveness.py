@@ -7,8 +7,9 @@ read model stays a deterministic function of the log (verify, as-of and rebuild 
 the lease's judgment is undone by itself when a silent node is heard from again. Only the
 lifecycle role's NodeFenced, an event in the log, makes a node's loss final (a fenced
 incarnation's connections stay gone whatever the node says later): it is decided once, by one
-process that has read the node's partition to its end (docs/lifecycle.md). Node times are the nodes' own clocks (occurred_at), so the lease must be much
-longer than the heartbeat interval plus the clock skew between nodes and readers.
+process that has read the node's partition to its end (docs/lifecycle.md). Node times are the
+nodes' own clocks (occurred_at), so the lease must be much longer than the heartbeat interval
+plus the clock skew between nodes and readers.
 """
 
 from __future__ import annotations
