@@ -447,7 +447,7 @@ def test_a_fence_holds_across_a_restart_and_is_no_sighting() -> None:
     ]
     node = fold_nodes(_node_tuples(evs))["n"]
     assert node == NodeState("n", 2, T0 + 41, T0 + 41, "gw", 1, T0 + 30)
-    assert node.fenced(1) and node.fenced(None) and not node.fenced(2)
+    assert (node.fenced(1), node.fenced(None), node.fenced(2)) == (True, True, False)
     # Alone, the fence says nothing of when the node was seen.
     assert fold_nodes(_node_tuples(evs[2:3]))["n"].last_seen_ns == 0
     # Of two decisions on the same incarnation the earlier stands; a higher one wins.
