@@ -11,7 +11,7 @@ from conntrack.api.transport.auth import TokenConfigError
 from conntrack.api.transport.server import security_of
 from conntrack.api.transport.tls import TlsConfigError
 from conntrack.core import cli
-from conntrack.core.lifecycle import PYTHON_GEN0_THRESHOLD
+from conntrack.core.process import PYTHON_GEN0_THRESHOLD
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -49,7 +49,7 @@ from bench.scenarios import (
 )
 from bench.services import REPO
 from conntrack.core.batch import gen0_threshold
-from conntrack.core.lifecycle import tune_gc
+from conntrack.core.process import tune_gc
 from conntrack.core.settings import settings_from
 
 log = logging.getLogger("bench")

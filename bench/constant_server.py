@@ -17,7 +17,7 @@ import sys
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
-from conntrack.core.lifecycle import (
+from conntrack.core.process import (
     PYTHON_GEN0_THRESHOLD,
     on_shutdown_signal,
     setup_logging,

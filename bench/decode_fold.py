@@ -33,7 +33,7 @@ from typing import Any
 from bench.workloads import Mix, Record, activity_heavy, churn_heavy, mixed_history
 from conntrack.core.events import decode, decode_tuple
 from conntrack.core.fold import ConnectionState, fold, fold_tuples, merge
-from conntrack.core.lifecycle import BATCH_GEN0_THRESHOLD, tune_gc
+from conntrack.core.process import BATCH_GEN0_THRESHOLD, tune_gc
 from conntrack.core.settings import settings_from
 
 MIXES: dict[str, Callable[[int, int], Mix]] = {

@@ -11,7 +11,7 @@ from typing import Any
 
 from conntrack.core.events import EventTuple, InvalidEvent, decode_record_tuple
 from conntrack.core.fold import ConnectionState, NodeState, fold_nodes, fold_tuples
-from conntrack.core.lifecycle import BATCH_GEN0_THRESHOLD
+from conntrack.core.process import BATCH_GEN0_THRESHOLD
 
 # Records a writer takes from the log and decodes between two yields to the event loop (about
 # 2 ms of work). The batch being written needs the loop for each of its round trips (about 8 per
@@ -32,7 +32,7 @@ _MAX_GEN0_THRESHOLD = 1_000_000
 
 
 def gen0_threshold(batch_events: int) -> int:
-    """The young-generation threshold (conntrack.core.lifecycle.tune_gc) for a process that
+    """The young-generation threshold (conntrack.core.process.tune_gc) for a process that
     writes batches of up to batch_events events (the projector, a rebuild).
 
     A batch's objects all live until it is written, and the collector's young-generation count

@@ -32,7 +32,7 @@ from sqlalchemy.exc import ArgumentError, DBAPIError, OperationalError
 
 from conntrack.core.environment import unknown_variables
 from conntrack.core.kafka import KafkaSetupError
-from conntrack.core.lifecycle import setup_logging, tune_gc
+from conntrack.core.process import setup_logging, tune_gc
 from conntrack.core.retry import one_line
 from conntrack.core.settings import SECTIONS, Settings, env_name
 

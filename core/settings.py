@@ -358,7 +358,7 @@ class Settings(BaseSettings):
     log_format: Literal["text", "json"] = Field(
         "text", description="text: `time level logger: message` lines; json: one object a line."
     )
-    # conntrack.core.lifecycle.tune_gc
+    # conntrack.core.process.tune_gc
     gc_gen0_threshold: int | None = Field(
         None,
         ge=0,

@@ -14,7 +14,7 @@ from websockets.asyncio.server import serve as serve_websockets
 
 from conntrack.core import cli
 from conntrack.core.kafka import KafkaConnection
-from conntrack.core.lifecycle import (
+from conntrack.core.process import (
     GATEWAY_GEN0_THRESHOLD,
     on_shutdown_signal,
 )

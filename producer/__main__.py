@@ -16,7 +16,7 @@ import time
 from conntrack.core import cli
 from conntrack.core.events import Event
 from conntrack.core.kafka import KafkaConnection
-from conntrack.core.lifecycle import (
+from conntrack.core.process import (
     BATCH_GEN0_THRESHOLD,
     on_shutdown_signal,
 )

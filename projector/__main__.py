@@ -9,7 +9,7 @@ from prometheus_client import start_http_server
 from conntrack.core import cli
 from conntrack.core.batch import gen0_threshold
 from conntrack.core.database import create_engine
-from conntrack.core.lifecycle import (
+from conntrack.core.process import (
     on_shutdown_signal,
 )
 from conntrack.core.settings import Settings

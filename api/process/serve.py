@@ -10,7 +10,7 @@ from conntrack.api.transport.auth import TokenConfigError
 from conntrack.api.transport.server import ApiServer
 from conntrack.api.transport.tls import TlsConfigError
 from conntrack.core import cli
-from conntrack.core.lifecycle import on_shutdown_signal
+from conntrack.core.process import on_shutdown_signal
 from conntrack.core.settings import Settings
 
 

@@ -15,7 +15,7 @@ from multiprocessing.connection import Connection
 from typing import TYPE_CHECKING
 
 from conntrack.core import cli
-from conntrack.core.lifecycle import PYTHON_GEN0_THRESHOLD, setup_logging, tune_gc
+from conntrack.core.process import PYTHON_GEN0_THRESHOLD, setup_logging, tune_gc
 from conntrack.core.settings import Settings
 
 if TYPE_CHECKING:

@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 from conntrack.api.process.cores import cgroup_cpu_limit, cores_from, resolve_workers
 from conntrack.api.process.workers import RestartBackoff, hold_port
 from conntrack.core import cli
-from conntrack.core.lifecycle import setup_logging
+from conntrack.core.process import setup_logging
 from conntrack.core.settings import Settings
 
 

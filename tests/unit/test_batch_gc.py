@@ -11,7 +11,7 @@ import pytest
 
 from conntrack.core.batch import Batch, gen0_threshold
 from conntrack.core.events import encode, record_key
-from conntrack.core.lifecycle import BATCH_GEN0_THRESHOLD
+from conntrack.core.process import BATCH_GEN0_THRESHOLD
 from conntrack.producer.simulator import Workload, generate
 
 BATCH = 8000  # gen0_threshold(BATCH) is above the 50000 floor: the per-event rule decides

@@ -1,4 +1,4 @@
-"""conntrack.core.lifecycle.tune_gc: what the commands do to the garbage collector."""
+"""conntrack.core.process.tune_gc: what the commands do to the garbage collector."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from conntrack.core.lifecycle import tune_gc
+from conntrack.core.process import tune_gc
 
 
 @pytest.fixture
