@@ -92,8 +92,18 @@ class CloseSockets:
     connection_ids: tuple[str, ...]
 
 
+@dataclass(frozen=True, slots=True)
+class FenceNotice:
+    """The node's incarnations up to the command's node_incarnation are fenced (connection_id
+    is ""): start a new incarnation and close their sockets (commands.proto, Fenced)."""
+
+
+# The WebSocket close code of a fenced incarnation's sockets: service restart, so the clients
+# connect again.
+FENCED_CLOSE_CODE: Final = 1012
+
 ManySockets = BroadcastFrame | CloseSockets
-Action = SendFrame | CloseSocket | BroadcastFrame | CloseSockets
+Action = SendFrame | CloseSocket | BroadcastFrame | CloseSockets | FenceNotice
 
 
 @dataclass(frozen=True, slots=True)
@@ -164,6 +174,8 @@ def encode_command(command: Command) -> bytes:
         msg.disconnect_many.status_code = action.status_code
         msg.disconnect_many.reason = action.reason
         msg.disconnect_many.connection_ids.extend(action.connection_ids)
+    elif isinstance(action, FenceNotice):
+        msg.fenced.SetInParent()
     else:
         msg.disconnect.status_code = action.status_code
         msg.disconnect.reason = action.reason
@@ -183,7 +195,7 @@ def decode_command(value: bytes | None, key: bytes | None = None) -> Command:
     which = msg.WhichOneof("action")
     # A broadcast names its sockets in the action, not in connection_id.
     names = ("command_id", "node_id", "reply_to")
-    many = which in ("broadcast", "disconnect_many")
+    many = which in ("broadcast", "disconnect_many", "fenced")
     for name in names if many else (*names, "connection_id"):
         problem = id_problem(name, getattr(msg, name))
         if problem is not None:
@@ -208,6 +220,8 @@ def decode_command(value: bytes | None, key: bytes | None = None) -> Command:
             many_msg.reason,
             _target_ids("disconnect_many", many_msg.connection_ids),
         )
+    elif which == "fenced":
+        action = FenceNotice()
     else:
         raise InvalidCommand("action is missing or unknown")
     return Command(

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, fields
+from enum import IntEnum
 from typing import Final, NoReturn
 
 from google.protobuf.message import DecodeError
@@ -51,10 +52,26 @@ class Activity:
     frames: int = 0
 
 
+class Cause(IntEnum):
+    """Who ended a connection (Disconnected.cause in events.proto; the lifecycle stream tells
+    it). A newer gateway's value this reader does not know is kept as its number."""
+
+    UNSPECIFIED = 0
+    CLIENT_CLOSED = 1
+    DISCONNECTED_BY_API = 2
+    GATEWAY_SHUTDOWN = 3
+    IDLE_TIMEOUT = 4
+    MAX_LIFETIME = 5
+    GATEWAY_ERROR = 6
+    NODE_FENCED = 7
+
+
 @dataclass(frozen=True, slots=True)
 class Disconnected:
     status_code: int = 0
     reason: str = ""
+    # A Cause, or a newer writer's number (not part of the read model's row).
+    cause: int = Cause.UNSPECIFIED
 
 
 @dataclass(frozen=True, slots=True)
@@ -138,6 +155,7 @@ def encode(event: Event) -> bytes:
     elif isinstance(p, Disconnected):
         msg.disconnected.status_code = p.status_code
         msg.disconnected.reason = p.reason
+        msg.disconnected.cause = p.cause  # type: ignore[assignment]
     else:
         msg.node_id = p.node_id
         msg.node_incarnation = p.incarnation
@@ -274,7 +292,7 @@ def decode_tuple(value: bytes | None, key: bytes | None = None) -> EventTuple:
         # a partition.
         if status_code > 0xFFFF:
             raise InvalidEvent("disconnected.status_code is not a 16-bit WebSocket close code")
-        payload = Disconnected(status_code, reason)
+        payload = Disconnected(status_code, reason, disconnected.cause)
         texts_have_nul = "\x00" in reason
     else:
         raise InvalidEvent("event kind is missing or unknown")

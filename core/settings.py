@@ -332,6 +332,34 @@ class Settings(BaseSettings):
         "'tenant=claim:tid,device=header:X-Device,app=query:v'.",
     )
 
+    # lifecycle: the lifecycle role, conntrack-lifecycle (docs/lifecycle.md)
+    lifecycle_topic: str = Field(
+        "conntrack.lifecycle.v1",
+        description="Topic the lifecycle role tells each connection's opened and closed on.",
+    )
+    lifecycle_state_topic: str = Field(
+        "conntrack.lifecycle-state.v1",
+        description="Compacted topic of the lifecycle role's state, written in its transactions.",
+    )
+    lifecycle_group: str = Field(
+        "conntrack-lifecycle",
+        description="Consumer group whose offsets the lifecycle role commits in its transactions.",
+    )
+    lifecycle_transactional_id: str = Field(
+        "conntrack-lifecycle",
+        description="Kafka transactional id of the lifecycle role: one process at a time holds "
+        "it; a second one started fences the first.",
+    )
+    lifecycle_commit_interval_ms: int = Field(
+        100, ge=1, description="Longest wait before what was read is told and committed."
+    )
+    lifecycle_remember_closed_seconds: float = Field(
+        3600,
+        gt=0,
+        description="How long a closed connection is remembered, so a late duplicate of its "
+        "events is not told again.",
+    )
+
     # rebuild (docs/rebuild.md)
     rebuild_batch_events: int = Field(20_000, ge=1, description="Rebuild: records per commit.")
     rebuild_max_events_per_second: float | None = Field(
@@ -474,6 +502,7 @@ SECTIONS: dict[str, tuple[str, ...]] = {
         "connection_max_lifetime_seconds",
     ),
     "rebuild": tuple(n for n in Settings.model_fields if n.startswith("rebuild_")),
+    "lifecycle": tuple(n for n in Settings.model_fields if n.startswith("lifecycle_")),
     "gateway": tuple(n for n in Settings.model_fields if n.startswith("gateway_")),
     "metrics": ("metrics_port",),
     "logging": ("log_level", "log_format", "gc_gen0_threshold"),
@@ -487,10 +516,11 @@ SECTION_READERS: dict[str, str] = {
     "projector": "conntrack-projector",
     "retention": "conntrack-projector",
     "api": "conntrack-api",
-    "liveness": "conntrack-api serve",
+    "liveness": "conntrack-api serve, conntrack-lifecycle (the lease)",
     "rebuild": "conntrack-audit rebuild",
+    "lifecycle": "conntrack-lifecycle",
     "gateway": "conntrack-gateway",
-    "metrics": "conntrack-projector, conntrack-api serve",
+    "metrics": "conntrack-projector, conntrack-api serve, conntrack-lifecycle",
     "logging": "every command",
 }
 assert SECTION_READERS.keys() == SECTIONS.keys()

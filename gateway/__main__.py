@@ -126,6 +126,7 @@ async def run(settings: Settings) -> int:
                     await stop.wait()
                     # Closing the server closes every socket with 1001 (going away) and waits
                     # for the handlers, which publish the Disconnected events.
+                    gateway.shutting_down()
                     server.close()
                     await server.wait_closed()
     except asyncio.CancelledError:

@@ -7,6 +7,7 @@ handshake's `X-Connection-Id` response header, so a client (or a demo) can name 
 
 from __future__ import annotations
 
+import asyncio
 import ipaddress
 import logging
 from http import HTTPStatus
@@ -16,7 +17,8 @@ from websockets.asyncio.server import ServerConnection
 from websockets.exceptions import ConnectionClosed
 from websockets.http11 import Request, Response
 
-from conntrack.core.commands import DataType
+from conntrack.core.commands import FENCED_CLOSE_CODE, DataType
+from conntrack.core.events import Cause, Connected
 from conntrack.gateway.handshake import NOBODY, HandshakeRefused, Handshakes, Identity
 from conntrack.producer.errors import PublisherError
 from conntrack.producer.publisher import Publisher
@@ -63,6 +65,11 @@ class Gateway:
         self._publisher = publisher
         self._handshakes = handshakes or Handshakes()
         self._sockets: dict[str, ServerConnection] = {}
+        # The node's incarnation each socket's Connected carried.
+        self._incarnations: dict[str, int] = {}
+        # Why the gateway itself closed a socket (absent: the client did, or it dropped).
+        self._causes: dict[str, Cause] = {}
+        self._shutting_down = False
         # Who each accepted handshake is for, from process_request until its handler starts.
         self._identities: dict[str, Identity] = {}
 
@@ -105,7 +112,7 @@ class Gateway:
         self._sockets[conn_id] = ws
         try:
             try:
-                await self._publisher.connected(
+                connected = await self._publisher.connected(
                     conn_id,
                     source_ip(ws),
                     user_agent,
@@ -116,6 +123,8 @@ class Gateway:
                 log.error("event=connected_not_published connection_id=%s error=%s", conn_id, exc)
                 await ws.close(1011, "connection tracking unavailable")
                 return
+            assert isinstance(connected.payload, Connected)
+            self._incarnations[conn_id] = connected.payload.node_incarnation
             log.debug("event=connected connection_id=%s", conn_id)
             try:
                 async for _ in ws:
@@ -124,16 +133,21 @@ class Gateway:
                 pass
             except PublisherError as exc:
                 log.error("event=activity_not_published connection_id=%s error=%s", conn_id, exc)
+                self._causes[conn_id] = Cause.GATEWAY_ERROR
                 await ws.close(1011, "connection tracking unavailable")
         finally:
             self._sockets.pop(conn_id, None)
+            self._incarnations.pop(conn_id, None)
         code = ws.close_code or 0
         reason = ws.close_reason or ""
         if code in _NO_CODE:
             code, reason = 0, ""
+        cause = self._causes.pop(conn_id, None) or (
+            Cause.GATEWAY_SHUTDOWN if self._shutting_down else Cause.CLIENT_CLOSED
+        )
         try:
             await self._publisher.disconnected(
-                conn_id, status_code=code, reason=reason.replace("\x00", "")
+                conn_id, status_code=code, reason=reason.replace("\x00", ""), cause=cause
             )
         except PublisherError as exc:
             log.error("event=disconnected_not_published connection_id=%s error=%s", conn_id, exc)
@@ -158,5 +172,32 @@ class Gateway:
             return False
         # Waits for the client's close frame (close_timeout at most); the handler then
         # publishes Disconnected. An invalid code or a reason over 123 bytes raises: FAILED.
-        await ws.close(status_code, reason)
+        self._causes[connection_id] = Cause.DISCONNECTED_BY_API
+        try:
+            await ws.close(status_code, reason)
+        except BaseException:
+            self._causes.pop(connection_id, None)
+            raise
         return True
+
+    async def fenced(self, incarnation: int, /) -> None:
+        """The lifecycle role fenced this node's incarnations up to `incarnation` (it was taken
+        for lost): start a new incarnation, then close every socket of the fenced ones with
+        1012 (service restart), so their clients connect again and are tracked anew."""
+        await self._publisher.new_incarnation()
+        fenced = [c for c, i in self._incarnations.items() if i <= incarnation]
+        for conn_id in fenced:
+            self._causes[conn_id] = Cause.NODE_FENCED
+        await asyncio.gather(
+            *(
+                ws.close(FENCED_CLOSE_CODE, "node fenced")
+                for conn_id in fenced
+                if (ws := self._sockets.get(conn_id)) is not None
+            ),
+            return_exceptions=True,
+        )
+        log.info("event=fenced_sockets_closed count=%d", len(fenced))
+
+    def shutting_down(self) -> None:
+        """The node is stopping: the sockets closed from now on close for that."""
+        self._shutting_down = True

@@ -32,6 +32,7 @@ from conntrack.producer.topics import (
     broker_count,
     default_replication,
     ensure_topics,
+    lifecycle_specs,
 )
 
 
@@ -66,6 +67,13 @@ async def provision(settings: Settings, ns: argparse.Namespace) -> int:
             )
             for name in (settings.commands_topic, settings.command_outcomes_topic)
         ]
+        specs += lifecycle_specs(
+            settings.lifecycle_topic,
+            settings.lifecycle_state_topic,
+            ns.partitions,
+            replication,
+            min_isr,
+        )
         reports = await ensure_topics(KafkaConnection.from_settings(settings, "topics"), specs)
     except HistoryLosingTopicError as exc:
         _print_reports(exc.reports, ns.format)
@@ -202,7 +210,7 @@ def main(argv: list[str] | None = None) -> None:
     sub = parser.add_subparsers(dest="command", required=True)
     topics = sub.add_parser(
         "topics",
-        help="create the events, dead-letter, commands and command-outcomes topics "
+        help="create the events, dead-letter, commands, command-outcomes and lifecycle topics "
         "(idempotent); refuse history-losing ones",
     )
     topics.add_argument("--partitions", type=int, default=6)
@@ -261,8 +269,8 @@ def main(argv: list[str] | None = None) -> None:
         default=2.0,
         help="seconds between progress lines; 0: none",
     )
-    for p in (topics, sim):
-        cli.add_settings(p, sections)
+    cli.add_settings(topics, (*sections, "lifecycle"))
+    cli.add_settings(sim, sections)
     ns = parser.parse_args(argv)
     settings = cli.start(prog, ns, gen0_threshold=BATCH_GEN0_THRESHOLD)
     run = provision if ns.command == "topics" else simulate

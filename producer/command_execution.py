@@ -12,7 +12,7 @@ import asyncio
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
-from typing import Final, Protocol
+from typing import Final, Protocol, runtime_checkable
 
 from conntrack.core.commands import (
     BroadcastFrame,
@@ -20,6 +20,7 @@ from conntrack.core.commands import (
     CloseSockets,
     Command,
     DataType,
+    FenceNotice,
     ManySockets,
     Outcome,
     OutcomeStatus,
@@ -40,6 +41,14 @@ class CommandHandler(Protocol):
     async def send(self, connection_id: str, data: bytes, data_type: DataType, /) -> bool: ...
 
     async def disconnect(self, connection_id: str, status_code: int, reason: str, /) -> bool: ...
+
+
+@runtime_checkable
+class FenceHandler(Protocol):
+    """A gateway that can act on its fencing (commands.proto, Fenced): start a new incarnation,
+    then close every socket of the fenced ones (up to `incarnation`) with FENCED_CLOSE_CODE."""
+
+    async def fenced(self, incarnation: int, /) -> None: ...
 
 
 @dataclass
@@ -83,6 +92,8 @@ class CommandExecutor:
 
     async def execute(self, command: Command, incarnation: int) -> Outcome:
         """What the node does with one command of its own (not a duplicate) and its Outcome."""
+        if isinstance(command.action, FenceNotice):
+            return await self._fenced(command, incarnation)
         if command.node_incarnation != incarnation:
             return self._outcome(
                 command,
@@ -134,6 +145,34 @@ class CommandExecutor:
         if not held:
             return self._outcome(
                 command, incarnation, OutcomeStatus.CONNECTION_GONE, "no such socket on the node"
+            )
+        return self._outcome(command, incarnation, OutcomeStatus.DONE)
+
+    async def _fenced(self, command: Command, incarnation: int) -> Outcome:
+        """A fence of this node's incarnations up to the command's: acted on once, by the
+        incarnation it names (an older fence, or one read by a newer start, is done already).
+        Not bound by expires_at: a fence is news however late it is read."""
+        if command.node_incarnation < incarnation:
+            return self._outcome(
+                command, incarnation, OutcomeStatus.DONE, f"already at incarnation {incarnation}"
+            )
+        if not isinstance(self._handler, FenceHandler):
+            return self._outcome(
+                command, incarnation, OutcomeStatus.FAILED, "this gateway cannot act on a fence"
+            )
+        self._stats.executed += 1
+        log.warning(
+            "event=node_fenced node_id=%s incarnation=%d: the lifecycle role took this node for "
+            "lost; starting a new incarnation and closing the fenced sockets",
+            self._node_id,
+            incarnation,
+        )
+        try:
+            await self._handler.fenced(incarnation)
+        except Exception as exc:
+            log.error("event=fence_not_acted_on node_id=%s error=%r", self._node_id, exc)
+            return self._outcome(
+                command, incarnation, OutcomeStatus.FAILED, f"{type(exc).__name__}: {exc}"[:1000]
             )
         return self._outcome(command, incarnation, OutcomeStatus.DONE)
 

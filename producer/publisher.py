@@ -34,6 +34,7 @@ from typing import Any
 from conntrack.core.events import (
     MIN_TIME_NS,
     NODE_PAYLOADS,
+    Cause,
     Connected,
     Disconnected,
     Event,
@@ -47,6 +48,7 @@ from conntrack.core.settings import default
 from conntrack.producer import kafka_producer
 from conntrack.producer.activity import ActivityPublishing
 from conntrack.producer.errors import (
+    BrokerUnavailableError,
     DeliveryTimeoutError,
     PublisherClosedError,
     PublisherError,
@@ -282,6 +284,23 @@ class Publisher:
             if self._node is not None:
                 self._node.start(self._slot)
 
+    async def new_incarnation(self) -> int:
+        """With the node role, while running: choose a new incarnation and publish its
+        NodeStarted, acknowledged within delivery_timeout_s (the node learnt that its
+        incarnation was fenced: docs/lifecycle.md). Connected events handed in from the choice
+        on carry the new one. Returns it."""
+        async with self._lifecycle:
+            self._require_accepting()
+            if self._node is None:
+                raise PublisherError("new_incarnation() needs the node role (node_id=...)")
+            producer = self._slot.producer
+            if producer is None or self._slot.replacing:
+                raise BrokerUnavailableError("no producer to publish NodeStarted with right now")
+            deadline = asyncio.get_running_loop().time() + self._delivery_timeout_s
+            await self._node.announce_start(producer, deadline)
+            assert self._node.incarnation is not None
+            return self._node.incarnation
+
     async def stop(self) -> None:
         """Publish pending activity, wait up to delivery_timeout_s for acknowledgements, close.
 
@@ -424,9 +443,11 @@ class Publisher:
         status_code: int = 1000,
         reason: str = "",
         at_ns: int | None = None,
+        cause: Cause = Cause.UNSPECIFIED,
     ) -> Event:
-        """Publish the connection's pending activity, then its Disconnected."""
-        event = self._event(connection_id, Disconnected(status_code, reason), at_ns)
+        """Publish the connection's pending activity, then its Disconnected (cause: who ended
+        it, for the lifecycle stream)."""
+        event = self._event(connection_id, Disconnected(status_code, reason, cause), at_ns)
         await self.publish(event)
         return event
 

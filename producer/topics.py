@@ -1,4 +1,5 @@
-"""Provisioning of the events, dead-letter, commands and command-outcomes topics, idempotently.
+"""Provisioning of the events, dead-letter, commands, command-outcomes and lifecycle topics,
+idempotently.
 
 The events topic is the system of record, so it must keep history: retention.ms=-1 and
 retention.bytes=-1 with cleanup.policy=delete (compaction would drop all but the last event of a
@@ -63,10 +64,13 @@ class TopicSpec:
     the log held, not at what the gateways' clocks said)."""
     extra_configs: tuple[tuple[str, str], ...] = ()
     """Other topic configs passed through (refused if they could lose acknowledged data)."""
+    compacted: bool = False
+    """A state topic (the lifecycle role's): compacted, each key's last record kept forever;
+    any deletion is refused."""
 
     @property
     def keeps_history(self) -> bool:
-        return self.retention_ms is None
+        return self.retention_ms is None and not self.compacted
 
     def __post_init__(self) -> None:
         if not self.name:
@@ -80,6 +84,8 @@ class TopicSpec:
             raise ValueError(
                 f"{self.name}: min.insync.replicas must be between 1 and the replication factor"
             )
+        if self.compacted and self.retention_ms is not None:
+            raise ValueError(f"{self.name}: a compacted topic keeps each key's last record")
         if self.retention_ms is not None and self.retention_ms < 1:
             raise ValueError(f"{self.name}: retention.ms of a transient topic must be >= 1")
         for key, value in self.extra_configs:
@@ -90,7 +96,7 @@ class TopicSpec:
 
     def configs(self) -> dict[str, str]:
         managed = {
-            "cleanup.policy": "delete",
+            "cleanup.policy": "compact" if self.compacted else "delete",
             "retention.ms": "-1" if self.retention_ms is None else str(self.retention_ms),
             "retention.bytes": "-1",
             "min.insync.replicas": str(self.min_insync_replicas),
@@ -125,13 +131,17 @@ class TopicReport:
     warnings: list[str] = field(default_factory=list)
     """Differences from the spec that do not lose history."""
     keeps_history: bool = True
-    """False for a transient topic (commands, outcomes): a finite retention is expected."""
+    """False for a transient topic (commands, outcomes): a finite retention is expected; and
+    for a compacted state topic."""
+    compacted: bool = False
 
     def __str__(self) -> str:
         settings = ", ".join(f"{k}={self.configs.get(k, '?')}" for k in REPORTED_CONFIGS)
         state = "created" if self.created else "exists"
         if self.problems:
             verdict = "REFUSED: would lose history" if self.keeps_history else "REFUSED"
+        elif self.compacted:
+            verdict = "compacted state"
         else:
             verdict = "keeps history" if self.keeps_history else "transient"
         line = (
@@ -193,6 +203,27 @@ def transient_problems(configs: dict[str, str]) -> list[str]:
             f"cleanup.policy={configs['cleanup.policy']} drops all but a key's last record"
         )
     return problems
+
+
+def state_problems(configs: dict[str, str]) -> list[str]:
+    """What is wrong with a compacted state topic: anything that deletes a key's last record."""
+    problems = data_loss_problems(configs)
+    if configs.get("cleanup.policy", "delete") != "compact":
+        problems.append(
+            f"cleanup.policy={configs.get('cleanup.policy')} deletes state (use compact alone)"
+        )
+    return problems
+
+
+def lifecycle_specs(
+    lifecycle_topic: str, state_topic: str, partitions: int, replication: int, min_isr: int
+) -> list[TopicSpec]:
+    """The lifecycle role's topics (docs/lifecycle.md): the lifecycle stream keeps history like
+    the events (two records per connection), its state topic is compacted."""
+    return [
+        TopicSpec(lifecycle_topic, partitions, replication, min_isr),
+        TopicSpec(state_topic, partitions, replication, min_isr, compacted=True),
+    ]
 
 
 def _raise_for(error_code: int, message: str | None, what: str) -> None:
@@ -261,7 +292,7 @@ def _warnings(
     if replication < spec.replication_factor:
         out.append(f"replication factor {replication} < {spec.replication_factor} requested")
     retention = configs.get("retention.ms")
-    if not spec.keeps_history and retention != str(spec.retention_ms):
+    if spec.retention_ms is not None and retention != str(spec.retention_ms):
         out.append(f"retention.ms={retention}, {spec.retention_ms} requested")
     min_isr = configs.get("min.insync.replicas", "1")
     if min_isr.isdigit() and int(min_isr) < spec.min_insync_replicas:
@@ -318,12 +349,15 @@ async def ensure_topics(
                     replication_factor=replication,
                     configs={k: configs[k] for k in REPORTED_CONFIGS if k in configs},
                     problems=(
-                        history_problems(configs)
+                        state_problems(configs)
+                        if spec.compacted
+                        else history_problems(configs)
                         if spec.keeps_history
                         else transient_problems(configs)
                     ),
                     warnings=[] if created else _warnings(spec, partitions, replication, configs),
                     keeps_history=spec.keeps_history,
+                    compacted=spec.compacted,
                 )
             )
     finally:

@@ -64,10 +64,13 @@ def checked_value(event: Event) -> bytes:
             raise InvalidEvent(problem)
     elif isinstance(payload, Activity):
         check_frames(payload.frames)
-    elif isinstance(payload, Disconnected) and not 0 <= payload.status_code <= _MAX_STATUS_CODE:
-        raise InvalidEvent(
-            f"status_code {payload.status_code} is outside 0..65535 (WebSocket close codes)"
-        )
+    elif isinstance(payload, Disconnected):
+        if not 0 <= payload.status_code <= _MAX_STATUS_CODE:
+            raise InvalidEvent(
+                f"status_code {payload.status_code} is outside 0..65535 (WebSocket close codes)"
+            )
+        if not 0 <= payload.cause < 2**31:
+            raise InvalidEvent(f"cause {payload.cause} is outside 0..2**31-1 (a protobuf enum)")
     try:
         value = encode(event)
         key = record_key(event) if node_event else event.connection_id.encode()

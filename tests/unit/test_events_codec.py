@@ -22,6 +22,7 @@ from conntrack.core.events import (
     Disconnected,
     Event,
     InvalidEvent,
+    NodeFenced,
     NodeHeartbeat,
     NodeStarted,
     Payload,
@@ -67,11 +68,12 @@ payloads: st.SearchStrategy[Payload] = st.one_of(
         ).map(lambda d: tuple(sorted(d.items()))),
     ),
     st.builds(Activity, st.integers(0, 2**64 - 1)),
-    st.builds(Disconnected, st.integers(0, 0xFFFF), text),
+    st.builds(Disconnected, st.integers(0, 0xFFFF), text, st.integers(0, 2**31 - 1)),
 )
 node_payloads: st.SearchStrategy[Payload] = st.one_of(
     st.builds(NodeStarted, ids, st.integers(1, 2**63 - 1)),
     st.builds(NodeHeartbeat, ids, st.integers(1, 2**63 - 1)),
+    st.builds(NodeFenced, ids, st.integers(1, 2**63 - 1)),
 )
 _times = st.integers(MIN_TIME_NS, MAX_TIME_NS - 1)
 valid_events = st.one_of(
@@ -269,9 +271,11 @@ def reference_decode(value: bytes | None, key: bytes | None = None) -> Event:
         payload = Activity(frames=msg.activity.frames)
     elif which == "disconnected":
         payload = Disconnected(
-            status_code=msg.disconnected.status_code, reason=msg.disconnected.reason
+            status_code=msg.disconnected.status_code,
+            reason=msg.disconnected.reason,
+            cause=msg.disconnected.cause,
         )
-    elif which in ("node_started", "node_heartbeat"):
+    elif which in _NODE_KINDS:
         raise InvalidEvent(f"{which} carries a connection_id (a node event must not)")
     else:
         raise InvalidEvent("event kind is missing or unknown")
@@ -289,7 +293,7 @@ def reference_decode(value: bytes | None, key: bytes | None = None) -> Event:
 
 def reference_decode_node(msg: pb.ConnectionEvent, key: bytes | None) -> Event:
     which = msg.WhichOneof("kind")
-    if which not in ("node_started", "node_heartbeat"):
+    if which not in _NODE_KINDS:
         raise InvalidEvent("connection_id is required")
     for name in ("event_id", "gateway_id", "node_id"):
         v = getattr(msg, name)
@@ -310,8 +314,15 @@ def reference_decode_node(msg: pb.ConnectionEvent, key: bytes | None) -> Event:
     at = msg.occurred_at.seconds * NANOS_PER_SECOND + msg.occurred_at.nanos
     if not MIN_TIME_NS <= at < MAX_TIME_NS:
         raise InvalidEvent("occurred_at is outside 2000-01-01..2100-01-01")
-    kind = NodeStarted if which == "node_started" else NodeHeartbeat
+    kind = _NODE_KINDS[which]
     return Event(msg.event_id, "", msg.gateway_id, at, kind(msg.node_id, msg.node_incarnation))
+
+
+_NODE_KINDS: dict[str | None, type[NodeStarted | NodeHeartbeat | NodeFenced]] = {
+    "node_started": NodeStarted,
+    "node_heartbeat": NodeHeartbeat,
+    "node_fenced": NodeFenced,
+}
 
 
 def test_a_node_event_is_keyed_by_its_node_and_carries_no_connection() -> None:

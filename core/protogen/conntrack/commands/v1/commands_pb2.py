@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n$conntrack/commands/v1/commands.proto\x12\x15\x63onntrack.commands.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"\xd1\x03\n\x07\x43ommand\x12\x16\n\x0eschema_version\x18\x01 \x01(\r\x12\x12\n\ncommand_id\x18\x02 \x01(\t\x12\x0f\n\x07node_id\x18\x03 \x01(\t\x12\x18\n\x10node_incarnation\x18\x04 \x01(\x04\x12\x15\n\rconnection_id\x18\x05 \x01(\t\x12-\n\tissued_at\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\nexpires_at\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x10\n\x08reply_to\x18\x08 \x01(\t\x12+\n\x04send\x18\n \x01(\x0b\x32\x1b.conntrack.commands.v1.SendH\x00\x12\x37\n\ndisconnect\x18\x0b \x01(\x0b\x32!.conntrack.commands.v1.DisconnectH\x00\x12\x35\n\tbroadcast\x18\x0c \x01(\x0b\x32 .conntrack.commands.v1.BroadcastH\x00\x12@\n\x0f\x64isconnect_many\x18\r \x01(\x0b\x32%.conntrack.commands.v1.DisconnectManyH\x00\x42\x08\n\x06\x61\x63tion\"\x85\x01\n\x04Send\x12\x0c\n\x04\x64\x61ta\x18\x01 \x01(\x0c\x12\x32\n\x04type\x18\x02 \x01(\x0e\x32$.conntrack.commands.v1.Send.DataType\";\n\x08\x44\x61taType\x12\x19\n\x15\x44\x41TA_TYPE_UNSPECIFIED\x10\x00\x12\n\n\x06\x42INARY\x10\x01\x12\x08\n\x04TEXT\x10\x02\"1\n\nDisconnect\x12\x13\n\x0bstatus_code\x18\x01 \x01(\r\x12\x0e\n\x06reason\x18\x02 \x01(\t\"e\n\tBroadcast\x12\x0c\n\x04\x64\x61ta\x18\x01 \x01(\x0c\x12\x32\n\x04type\x18\x02 \x01(\x0e\x32$.conntrack.commands.v1.Send.DataType\x12\x16\n\x0e\x63onnection_ids\x18\x03 \x03(\t\"M\n\x0e\x44isconnectMany\x12\x13\n\x0bstatus_code\x18\x01 \x01(\r\x12\x0e\n\x06reason\x18\x02 \x01(\t\x12\x16\n\x0e\x63onnection_ids\x18\x03 \x03(\t\"\x9f\x03\n\x0e\x43ommandOutcome\x12\x16\n\x0eschema_version\x18\x01 \x01(\r\x12\x12\n\ncommand_id\x18\x02 \x01(\t\x12\x0f\n\x07node_id\x18\x03 \x01(\t\x12\x18\n\x10node_incarnation\x18\x04 \x01(\x04\x12\x30\n\x0c\x63ompleted_at\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12<\n\x06status\x18\x06 \x01(\x0e\x32,.conntrack.commands.v1.CommandOutcome.Status\x12\x0e\n\x06\x64\x65tail\x18\x07 \x01(\t\x12\x11\n\tdelivered\x18\x08 \x01(\r\x12\x0c\n\x04gone\x18\t \x01(\r\x12\x10\n\x08gone_ids\x18\n \x03(\t\x12\x12\n\nfailed_ids\x18\x0b \x03(\t\x12\x15\n\runreached_ids\x18\x0c \x03(\t\"X\n\x06Status\x12\x16\n\x12STATUS_UNSPECIFIED\x10\x00\x12\x08\n\x04\x44ONE\x10\x01\x12\x13\n\x0f\x43ONNECTION_GONE\x10\x02\x12\x0b\n\x07\x45XPIRED\x10\x03\x12\n\n\x06\x46\x41ILED\x10\x04\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n$conntrack/commands/v1/commands.proto\x12\x15\x63onntrack.commands.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"\x82\x04\n\x07\x43ommand\x12\x16\n\x0eschema_version\x18\x01 \x01(\r\x12\x12\n\ncommand_id\x18\x02 \x01(\t\x12\x0f\n\x07node_id\x18\x03 \x01(\t\x12\x18\n\x10node_incarnation\x18\x04 \x01(\x04\x12\x15\n\rconnection_id\x18\x05 \x01(\t\x12-\n\tissued_at\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\nexpires_at\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x10\n\x08reply_to\x18\x08 \x01(\t\x12+\n\x04send\x18\n \x01(\x0b\x32\x1b.conntrack.commands.v1.SendH\x00\x12\x37\n\ndisconnect\x18\x0b \x01(\x0b\x32!.conntrack.commands.v1.DisconnectH\x00\x12\x35\n\tbroadcast\x18\x0c \x01(\x0b\x32 .conntrack.commands.v1.BroadcastH\x00\x12@\n\x0f\x64isconnect_many\x18\r \x01(\x0b\x32%.conntrack.commands.v1.DisconnectManyH\x00\x12/\n\x06\x66\x65nced\x18\x0e \x01(\x0b\x32\x1d.conntrack.commands.v1.FencedH\x00\x42\x08\n\x06\x61\x63tion\"\x85\x01\n\x04Send\x12\x0c\n\x04\x64\x61ta\x18\x01 \x01(\x0c\x12\x32\n\x04type\x18\x02 \x01(\x0e\x32$.conntrack.commands.v1.Send.DataType\";\n\x08\x44\x61taType\x12\x19\n\x15\x44\x41TA_TYPE_UNSPECIFIED\x10\x00\x12\n\n\x06\x42INARY\x10\x01\x12\x08\n\x04TEXT\x10\x02\"1\n\nDisconnect\x12\x13\n\x0bstatus_code\x18\x01 \x01(\r\x12\x0e\n\x06reason\x18\x02 \x01(\t\"e\n\tBroadcast\x12\x0c\n\x04\x64\x61ta\x18\x01 \x01(\x0c\x12\x32\n\x04type\x18\x02 \x01(\x0e\x32$.conntrack.commands.v1.Send.DataType\x12\x16\n\x0e\x63onnection_ids\x18\x03 \x03(\t\"M\n\x0e\x44isconnectMany\x12\x13\n\x0bstatus_code\x18\x01 \x01(\r\x12\x0e\n\x06reason\x18\x02 \x01(\t\x12\x16\n\x0e\x63onnection_ids\x18\x03 \x03(\t\"\x08\n\x06\x46\x65nced\"\x9f\x03\n\x0e\x43ommandOutcome\x12\x16\n\x0eschema_version\x18\x01 \x01(\r\x12\x12\n\ncommand_id\x18\x02 \x01(\t\x12\x0f\n\x07node_id\x18\x03 \x01(\t\x12\x18\n\x10node_incarnation\x18\x04 \x01(\x04\x12\x30\n\x0c\x63ompleted_at\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12<\n\x06status\x18\x06 \x01(\x0e\x32,.conntrack.commands.v1.CommandOutcome.Status\x12\x0e\n\x06\x64\x65tail\x18\x07 \x01(\t\x12\x11\n\tdelivered\x18\x08 \x01(\r\x12\x0c\n\x04gone\x18\t \x01(\r\x12\x10\n\x08gone_ids\x18\n \x03(\t\x12\x12\n\nfailed_ids\x18\x0b \x03(\t\x12\x15\n\runreached_ids\x18\x0c \x03(\t\"X\n\x06Status\x12\x16\n\x12STATUS_UNSPECIFIED\x10\x00\x12\x08\n\x04\x44ONE\x10\x01\x12\x13\n\x0f\x43ONNECTION_GONE\x10\x02\x12\x0b\n\x07\x45XPIRED\x10\x03\x12\n\n\x06\x46\x41ILED\x10\x04\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -33,19 +33,21 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'conntrack.commands.v1.comma
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_COMMAND']._serialized_start=97
-  _globals['_COMMAND']._serialized_end=562
-  _globals['_SEND']._serialized_start=565
-  _globals['_SEND']._serialized_end=698
-  _globals['_SEND_DATATYPE']._serialized_start=639
-  _globals['_SEND_DATATYPE']._serialized_end=698
-  _globals['_DISCONNECT']._serialized_start=700
-  _globals['_DISCONNECT']._serialized_end=749
-  _globals['_BROADCAST']._serialized_start=751
-  _globals['_BROADCAST']._serialized_end=852
-  _globals['_DISCONNECTMANY']._serialized_start=854
-  _globals['_DISCONNECTMANY']._serialized_end=931
-  _globals['_COMMANDOUTCOME']._serialized_start=934
-  _globals['_COMMANDOUTCOME']._serialized_end=1349
-  _globals['_COMMANDOUTCOME_STATUS']._serialized_start=1261
-  _globals['_COMMANDOUTCOME_STATUS']._serialized_end=1349
+  _globals['_COMMAND']._serialized_end=611
+  _globals['_SEND']._serialized_start=614
+  _globals['_SEND']._serialized_end=747
+  _globals['_SEND_DATATYPE']._serialized_start=688
+  _globals['_SEND_DATATYPE']._serialized_end=747
+  _globals['_DISCONNECT']._serialized_start=749
+  _globals['_DISCONNECT']._serialized_end=798
+  _globals['_BROADCAST']._serialized_start=800
+  _globals['_BROADCAST']._serialized_end=901
+  _globals['_DISCONNECTMANY']._serialized_start=903
+  _globals['_DISCONNECTMANY']._serialized_end=980
+  _globals['_FENCED']._serialized_start=982
+  _globals['_FENCED']._serialized_end=990
+  _globals['_COMMANDOUTCOME']._serialized_start=993
+  _globals['_COMMANDOUTCOME']._serialized_end=1408
+  _globals['_COMMANDOUTCOME_STATUS']._serialized_start=1320
+  _globals['_COMMANDOUTCOME_STATUS']._serialized_end=1408
 # @@protoc_insertion_point(module_scope)

@@ -11,7 +11,7 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class Command(_message.Message):
-    __slots__ = ("schema_version", "command_id", "node_id", "node_incarnation", "connection_id", "issued_at", "expires_at", "reply_to", "send", "disconnect", "broadcast", "disconnect_many")
+    __slots__ = ("schema_version", "command_id", "node_id", "node_incarnation", "connection_id", "issued_at", "expires_at", "reply_to", "send", "disconnect", "broadcast", "disconnect_many", "fenced")
     SCHEMA_VERSION_FIELD_NUMBER: _ClassVar[int]
     COMMAND_ID_FIELD_NUMBER: _ClassVar[int]
     NODE_ID_FIELD_NUMBER: _ClassVar[int]
@@ -24,6 +24,7 @@ class Command(_message.Message):
     DISCONNECT_FIELD_NUMBER: _ClassVar[int]
     BROADCAST_FIELD_NUMBER: _ClassVar[int]
     DISCONNECT_MANY_FIELD_NUMBER: _ClassVar[int]
+    FENCED_FIELD_NUMBER: _ClassVar[int]
     schema_version: int
     command_id: str
     node_id: str
@@ -36,7 +37,8 @@ class Command(_message.Message):
     disconnect: Disconnect
     broadcast: Broadcast
     disconnect_many: DisconnectMany
-    def __init__(self, schema_version: _Optional[int] = ..., command_id: _Optional[str] = ..., node_id: _Optional[str] = ..., node_incarnation: _Optional[int] = ..., connection_id: _Optional[str] = ..., issued_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., expires_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., reply_to: _Optional[str] = ..., send: _Optional[_Union[Send, _Mapping]] = ..., disconnect: _Optional[_Union[Disconnect, _Mapping]] = ..., broadcast: _Optional[_Union[Broadcast, _Mapping]] = ..., disconnect_many: _Optional[_Union[DisconnectMany, _Mapping]] = ...) -> None: ...
+    fenced: Fenced
+    def __init__(self, schema_version: _Optional[int] = ..., command_id: _Optional[str] = ..., node_id: _Optional[str] = ..., node_incarnation: _Optional[int] = ..., connection_id: _Optional[str] = ..., issued_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., expires_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., reply_to: _Optional[str] = ..., send: _Optional[_Union[Send, _Mapping]] = ..., disconnect: _Optional[_Union[Disconnect, _Mapping]] = ..., broadcast: _Optional[_Union[Broadcast, _Mapping]] = ..., disconnect_many: _Optional[_Union[DisconnectMany, _Mapping]] = ..., fenced: _Optional[_Union[Fenced, _Mapping]] = ...) -> None: ...
 
 class Send(_message.Message):
     __slots__ = ("data", "type")
@@ -81,6 +83,10 @@ class DisconnectMany(_message.Message):
     reason: str
     connection_ids: _containers.RepeatedScalarFieldContainer[str]
     def __init__(self, status_code: _Optional[int] = ..., reason: _Optional[str] = ..., connection_ids: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class Fenced(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
 
 class CommandOutcome(_message.Message):
     __slots__ = ("schema_version", "command_id", "node_id", "node_incarnation", "completed_at", "status", "detail", "delivered", "gone", "gone_ids", "failed_ids", "unreached_ids")

@@ -2,6 +2,7 @@ import datetime
 
 from google.protobuf import timestamp_pb2 as _timestamp_pb2
 from google.protobuf.internal import containers as _containers
+from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
 from collections.abc import Mapping as _Mapping
@@ -75,12 +76,32 @@ class Activity(_message.Message):
     def __init__(self, frames: _Optional[int] = ...) -> None: ...
 
 class Disconnected(_message.Message):
-    __slots__ = ("status_code", "reason")
+    __slots__ = ("status_code", "reason", "cause")
+    class Cause(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+        __slots__ = ()
+        CAUSE_UNSPECIFIED: _ClassVar[Disconnected.Cause]
+        CLIENT_CLOSED: _ClassVar[Disconnected.Cause]
+        DISCONNECTED_BY_API: _ClassVar[Disconnected.Cause]
+        GATEWAY_SHUTDOWN: _ClassVar[Disconnected.Cause]
+        IDLE_TIMEOUT: _ClassVar[Disconnected.Cause]
+        MAX_LIFETIME: _ClassVar[Disconnected.Cause]
+        GATEWAY_ERROR: _ClassVar[Disconnected.Cause]
+        NODE_FENCED: _ClassVar[Disconnected.Cause]
+    CAUSE_UNSPECIFIED: Disconnected.Cause
+    CLIENT_CLOSED: Disconnected.Cause
+    DISCONNECTED_BY_API: Disconnected.Cause
+    GATEWAY_SHUTDOWN: Disconnected.Cause
+    IDLE_TIMEOUT: Disconnected.Cause
+    MAX_LIFETIME: Disconnected.Cause
+    GATEWAY_ERROR: Disconnected.Cause
+    NODE_FENCED: Disconnected.Cause
     STATUS_CODE_FIELD_NUMBER: _ClassVar[int]
     REASON_FIELD_NUMBER: _ClassVar[int]
+    CAUSE_FIELD_NUMBER: _ClassVar[int]
     status_code: int
     reason: str
-    def __init__(self, status_code: _Optional[int] = ..., reason: _Optional[str] = ...) -> None: ...
+    cause: Disconnected.Cause
+    def __init__(self, status_code: _Optional[int] = ..., reason: _Optional[str] = ..., cause: _Optional[_Union[Disconnected.Cause, str]] = ...) -> None: ...
 
 class CallerIdentity(_message.Message):
     __slots__ = ("source_ip", "user_agent")

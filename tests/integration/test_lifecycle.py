@@ -1,0 +1,220 @@
+"""The lifecycle role on the real broker with real gateway nodes and WebSocket clients: each
+connection told opened and closed once with its reason and CloudEvents headers; a SIGKILLed
+node fenced within the lease and two heartbeats; a stalled node fenced, told, and back with a
+new incarnation; the role SIGKILLed again and again without a record lost or told twice."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import random
+import time
+from pathlib import Path
+
+import pytest
+from websockets.asyncio.client import connect
+
+from conntrack.core.events import Connected, Disconnected, Event
+from conntrack.core.settings import Settings
+from conntrack.lifecycle.records import TYPES, event_id
+from tests.support.events import as_records
+from tests.support.gateway import gateway_node, own_id, with_command_topics
+from tests.support.kafka import publish
+from tests.support.lifecycle import (
+    CLOSED,
+    LifecycleProcess,
+    assert_told_once,
+    lifecycle_role,
+    read_lifecycle,
+    with_lifecycle_topics,
+)
+
+pytestmark = [pytest.mark.kafka, pytest.mark.slow]
+
+SECOND = 1_000_000_000
+LEASE_S = 3.0
+HEARTBEAT_S = 0.2
+
+
+async def told_until(settings: Settings, done: object, within: float = 60) -> dict[str, list]:  # type: ignore[type-arg]
+    """Read the lifecycle topic until done(each) holds."""
+    deadline = asyncio.get_running_loop().time() + within
+    while True:
+        each = assert_told_once(await read_lifecycle(settings, idle_s=0.2))
+        if done(each):  # type: ignore[operator]
+            return each
+        assert asyncio.get_running_loop().time() < deadline, {
+            cid: [t.event.WhichOneof("kind") for t in ts] for cid, ts in each.items()
+        }
+        await asyncio.sleep(0.3)
+
+
+async def test_each_connection_is_told_with_its_reason_and_a_killed_node_is_fenced_in_time(
+    kafka_settings: Settings, tmp_path: Path
+) -> None:
+    async with (
+        with_command_topics(kafka_settings) as base,
+        with_lifecycle_topics(base, LEASE_S) as settings,
+        lifecycle_role(settings),
+        gateway_node(settings, "stays", tmp_path / "stays.log", HEARTBEAT_S) as stays,
+        gateway_node(settings, "stops", tmp_path / "stops.log", HEARTBEAT_S) as stops,
+        gateway_node(settings, "dies", tmp_path / "dies.log", HEARTBEAT_S) as dies,
+        contextlib.AsyncExitStack() as clients,
+    ):
+        leaving = await clients.enter_async_context(connect(stays.url))
+        staying = await clients.enter_async_context(connect(stays.url))
+        stopped = await clients.enter_async_context(connect(stops.url))
+        killed = [await clients.enter_async_context(connect(dies.url)) for _ in range(5)]
+        ids = {
+            "leaving": own_id(leaving),
+            "staying": own_id(staying),
+            "stopped": own_id(stopped),
+        }
+        killed_ids = {own_id(c) for c in killed}
+        everyone = set(ids.values()) | killed_ids
+        await told_until(settings, lambda each: set(each) >= everyone)
+
+        await leaving.close(4001, "done here")
+        assert await stops.terminate() == 0
+        await dies.kill()
+        killed_at = time.monotonic()
+        each = await told_until(
+            settings,
+            lambda each: all(len(each[c]) == 2 for c in everyone - {ids["staying"]}),
+            within=LEASE_S + 30,
+        )
+        fenced_after = time.monotonic() - killed_at
+
+        closed = {cid: ts[1].event.closed for cid, ts in each.items() if len(ts) == 2}
+        assert (closed[ids["leaving"]].reason, closed[ids["leaving"]].status_code) == (
+            CLOSED.CLIENT_CLOSED,
+            4001,
+        )
+        assert closed[ids["leaving"]].reason_text == "done here"
+        assert closed[ids["stopped"]].reason == CLOSED.GATEWAY_SHUTDOWN
+        assert {closed[c].reason for c in killed_ids} == {CLOSED.NODE_LOST}
+        assert len(each[ids["staying"]]) == 1
+        # Within the lease and two heartbeats of the kill (and the role's commit interval).
+        assert fenced_after <= LEASE_S + 2 * HEARTBEAT_S + 2.0, fenced_after
+
+        # The records: keyed by connection, with the CloudEvents binding's headers.
+        opened = each[ids["staying"]][0]
+        assert opened.key == ids["staying"].encode()
+        assert opened.event.gateway_id == settings.gateway_id
+        assert opened.event.node_id == "stays"
+        assert opened.event.opened.source_ip == "127.0.0.1"
+        h = opened.headers
+        assert h["ce_specversion"] == b"1.0"
+        assert h["ce_type"] == TYPES["opened"].encode()
+        assert h["ce_id"].decode() == opened.event.event_id == event_id("opened", ids["staying"])
+        assert h["ce_source"] == f"/conntrack/gateways/{settings.gateway_id}".encode()
+        assert h["ce_subject"] == ids["staying"].encode()
+        assert h["ce_time"].decode().endswith("Z")
+        assert h["content-type"] == b"application/x-protobuf"
+        lost = each[next(iter(killed_ids))][1]
+        assert lost.headers["ce_type"] == TYPES["closed"].encode()
+        assert (
+            lost.event.occurred_at.ToNanoseconds()
+            >= each[next(iter(killed_ids))][0].event.occurred_at.ToNanoseconds()
+        )
+
+
+async def test_a_stalled_node_is_fenced_closes_its_sockets_with_1012_and_comes_back_anew(
+    kafka_settings: Settings, tmp_path: Path
+) -> None:
+    async with (
+        with_command_topics(kafka_settings) as base,
+        with_lifecycle_topics(base, LEASE_S) as settings,
+        lifecycle_role(settings),
+        gateway_node(settings, "stalls", tmp_path / "stalls.log", HEARTBEAT_S) as node,
+    ):
+        async with connect(node.url) as client:
+            first = own_id(client)
+            await told_until(settings, lambda each: first in each)
+            assert node.process is not None
+            node.process.send_signal(19)  # SIGSTOP
+            try:
+                each = await told_until(
+                    settings, lambda each: len(each[first]) == 2, within=LEASE_S + 30
+                )
+            finally:
+                node.process.send_signal(18)  # SIGCONT
+            assert each[first][1].event.closed.reason == CLOSED.NODE_LOST
+            # Back, the node learns it was fenced and closes the socket for the client to
+            # connect again.
+            await asyncio.wait_for(client.wait_closed(), 30)
+            assert client.close_code == 1012
+        # A new client of the same node: a new incarnation, told opened and left open.
+        async with connect(node.url) as again:
+            second = own_id(again)
+            each = await told_until(settings, lambda each: second in each)
+            assert each[second][0].event.node_incarnation > each[first][0].event.node_incarnation
+            await asyncio.sleep(LEASE_S + 1)
+            each = await told_until(settings, lambda each: True)
+            assert len(each[second]) == 1, "the new incarnation must not be fenced"
+            assert len(each[first]) == 2
+    assert "event=node_fenced" in node.log()
+
+
+async def test_told_exactly_once_while_the_role_is_killed_again_and_again(
+    kafka_settings: Settings, tmp_path: Path
+) -> None:
+    """Events keep coming while the role is SIGKILLed at random moments, mid-transaction
+    among them; a read_committed consumer sees each connection told exactly once."""
+    rnd = random.Random(7)
+    async with (
+        with_command_topics(kafka_settings) as base,
+        with_lifecycle_topics(base, LEASE_S) as settings,
+    ):
+        t0 = time.time_ns()
+        connections = [f"c{i:05d}" for i in range(6000)]
+        events = []
+        for i, cid in enumerate(connections):
+            at = t0 + i * 1000
+            events.append(Event(f"{cid}-c", cid, "gw-k", at, Connected("10.0.0.1", "ua")))
+            if i % 3:
+                events.append(Event(f"{cid}-d", cid, "gw-k", at + 500, Disconnected(1000, "", 1)))
+
+        async def feed() -> None:
+            for i in range(0, len(events), 100):
+                await publish(
+                    settings.kafka_bootstrap_servers,
+                    settings.events_topic,
+                    as_records(events[i : i + 100]),
+                )
+                await asyncio.sleep(0.05)
+
+        feeding = asyncio.create_task(feed())
+        processes: list[LifecycleProcess] = []
+        try:
+            while not feeding.done():
+                process = LifecycleProcess(settings, tmp_path / f"lifecycle-{len(processes)}.log")
+                processes.append(process)
+                await process.started()
+                await asyncio.sleep(rnd.uniform(0.2, 1.5))
+                process.kill()
+            await feeding
+            last = LifecycleProcess(settings, tmp_path / "lifecycle-last.log")
+            processes.append(last)
+            each = await told_until(
+                settings,
+                lambda each: (
+                    len(each) == len(connections)
+                    and sum(len(ts) for ts in each.values()) == len(events)
+                ),
+                within=120,
+            )
+            await last.started()
+            assert await last.terminate() == 0
+        finally:
+            feeding.cancel()
+            for p in processes:
+                p.close()
+        assert len(processes) >= 4, "the role must be killed several times while events come"
+        # Some kills landed mid-transaction: what those wrote is in the log, never committed.
+        written = await read_lifecycle(settings, committed=False, idle_s=0.2)
+        assert len(written) > len(events), "no kill landed mid-transaction"
+        assert set(each) == set(connections)
+        for i, cid in enumerate(connections):
+            kinds = [t.event.WhichOneof("kind") for t in each[cid]]
+            assert kinds == (["opened", "closed"] if i % 3 else ["opened"]), (cid, kinds)

@@ -1,0 +1,178 @@
+"""The lifecycle role around tests: fresh lifecycle and state topics, the role in-process or as
+a `conntrack-lifecycle` subprocess (to be SIGKILLed), and reading the lifecycle topic as a
+read_committed consumer."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import signal
+import subprocess
+import sys
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from aiokafka import AIOKafkaConsumer, TopicPartition
+
+from conntrack.core.protogen.conntrack.lifecycle.v1 import lifecycle_pb2 as pb
+from conntrack.core.settings import Settings
+from conntrack.lifecycle.records import decode_lifecycle
+from conntrack.lifecycle.runner import LifecycleRole
+from tests.support.kafka import delete_topics, unique
+
+LIFECYCLE = Path(sys.executable).parent / "conntrack-lifecycle"
+CLOSED = pb.Closed
+
+
+@contextlib.asynccontextmanager
+async def with_lifecycle_topics(
+    settings: Settings, lease_seconds: float = 3.0
+) -> AsyncIterator[Settings]:
+    """The settings with fresh lifecycle topics (the role creates them), group and
+    transactional id, and a short lease."""
+    lifecycle, state = unique("lifecycle"), unique("lifecycle-state")
+    try:
+        yield settings.model_copy(
+            update={
+                "lifecycle_topic": lifecycle,
+                "lifecycle_state_topic": state,
+                "lifecycle_group": unique("lifecycle-group"),
+                "lifecycle_transactional_id": unique("lifecycle-txn"),
+                "node_lease_seconds": lease_seconds,
+                "retry_max_backoff_seconds": 1,
+            }
+        )
+    finally:
+        await delete_topics(settings.kafka_bootstrap_servers, [lifecycle, state])
+
+
+@contextlib.asynccontextmanager
+async def lifecycle_role(settings: Settings) -> AsyncIterator[LifecycleRole]:
+    """The role running in this process until the block ends."""
+    role = LifecycleRole(settings)
+    task = asyncio.create_task(role.run())
+    try:
+        yield role
+    finally:
+        await role.stop()
+        await asyncio.wait_for(task, 60)
+
+
+class LifecycleProcess:
+    """One `conntrack-lifecycle` subprocess; its output goes to a file."""
+
+    def __init__(self, settings: Settings, log_path: Path) -> None:
+        self.log_path = log_path
+        env = {k: v for k, v in os.environ.items() if not k.startswith("CONNTRACK_")}
+        names = (
+            "kafka_bootstrap_servers",
+            "events_topic",
+            "commands_topic",
+            "lifecycle_topic",
+            "lifecycle_state_topic",
+            "lifecycle_group",
+            "lifecycle_transactional_id",
+            "node_lease_seconds",
+            "retry_max_backoff_seconds",
+        )
+        env.update({f"CONNTRACK_{n.upper()}": str(getattr(settings, n)) for n in names})
+        self._log = log_path.open("ab")
+        self.process = subprocess.Popen(
+            [str(LIFECYCLE)], env=env, stdout=self._log, stderr=subprocess.STDOUT
+        )
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    async def started(self, within: float = 60) -> None:
+        """Wait until it has restored its state and reads the log."""
+        deadline = asyncio.get_running_loop().time() + within
+        while "event=started" not in self.log():
+            assert self.process.poll() is None, self.log()
+            assert asyncio.get_running_loop().time() < deadline, self.log()
+            await asyncio.sleep(0.1)
+
+    def kill(self) -> None:
+        self.process.send_signal(signal.SIGKILL)
+        self.process.wait(30)
+
+    async def terminate(self, within: float = 60) -> int:
+        self.process.send_signal(signal.SIGTERM)
+        return await asyncio.to_thread(self.process.wait, within)
+
+    def close(self) -> None:
+        if self.process.poll() is None:
+            self.kill()
+        self._log.close()
+
+
+@dataclass(frozen=True)
+class ToldRecord:
+    event: pb.LifecycleEvent
+    headers: dict[str, bytes]
+    partition: int
+    key: bytes
+
+
+async def read_lifecycle(
+    settings: Settings, *, idle_s: float = 1.5, committed: bool = True
+) -> list[ToldRecord]:
+    """Everything committed to the lifecycle topic so far, in each partition's order, as a
+    read_committed consumer sees it (read until the end offsets, then `idle_s` more); with
+    committed=False, also what aborted transactions wrote."""
+    consumer = AIOKafkaConsumer(
+        bootstrap_servers=settings.kafka_bootstrap_servers,
+        isolation_level="read_committed" if committed else "read_uncommitted",
+        enable_auto_commit=False,
+    )
+    await consumer.start()
+    try:
+        parts = consumer.partitions_for_topic(settings.lifecycle_topic)
+        for _ in range(50):
+            if parts:
+                break
+            await asyncio.sleep(0.1)
+            await consumer._client.force_metadata_update()  # a topic the role just created
+            parts = consumer.partitions_for_topic(settings.lifecycle_topic)
+        tps = [TopicPartition(settings.lifecycle_topic, p) for p in sorted(parts or ())]
+        consumer.assign(tps)
+        await consumer.seek_to_beginning(*tps)
+        ends = await consumer.end_offsets(tps)
+        out: list[ToldRecord] = []
+        loop = asyncio.get_running_loop()
+        quiet_until = loop.time() + idle_s
+        while True:
+            data = await consumer.getmany(timeout_ms=200)
+            for tp, records in data.items():
+                out += [
+                    ToldRecord(decode_lifecycle(r.value), dict(r.headers), tp.partition, r.key)
+                    for r in records
+                ]
+            if data:
+                quiet_until = loop.time() + idle_s
+            done = all([await consumer.position(tp) >= ends[tp] for tp in tps])
+            if done and loop.time() >= quiet_until:
+                return out
+    finally:
+        await consumer.stop()
+
+
+def by_connection(told: list[ToldRecord]) -> dict[str, list[ToldRecord]]:
+    out: dict[str, list[ToldRecord]] = {}
+    for t in told:
+        out.setdefault(t.event.connection_id, []).append(t)
+    return out
+
+
+def assert_told_once(told: list[ToldRecord]) -> dict[str, list[ToldRecord]]:
+    """Each connection: exactly one opened, then exactly one closed at most; returns them."""
+    each = by_connection(told)
+    wrong = {
+        cid: [t.event.WhichOneof("kind") for t in ts]
+        for cid, ts in each.items()
+        if [t.event.WhichOneof("kind") for t in ts] not in (["opened"], ["opened", "closed"])
+    }
+    assert not wrong, f"{len(wrong)} connections told wrongly, e.g. {next(iter(wrong.items()))}"
+    return each
