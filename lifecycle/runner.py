@@ -2,13 +2,20 @@
 on the lifecycle topic, fence lost nodes, in Kafka transactions (docs/lifecycle.md).
 
 One transaction holds everything a slice of the log caused: the told records, the changes of
-the role's state (a compacted topic), the fences (NodeFenced on the events topic and a notice
-to the node on the commands topic) and the consumed offsets of the events topic
-(send_offsets_to_transaction). A read_committed consumer of the lifecycle topic therefore sees
-each record exactly once whatever process is killed: a transaction that did not commit is
-aborted (by the broker's timeout, or at once by the next process with the same transactional
-id) together with its offsets and state, and the next process reads the same records again
-from the committed offsets with the state they were committed with.
+the role's state (a compacted topic, fences decided included) and the consumed offsets of the
+events topic (send_offsets_to_transaction). A read_committed consumer of the lifecycle topic
+therefore sees each record exactly once whatever process is killed: a transaction that did not
+commit is aborted (by the broker's timeout, or at once by the next process with the same
+transactional id) together with its offsets and state, and the next process reads the same
+records again from the committed offsets with the state they were committed with.
+
+A fence decided is published once its transaction has committed: NodeFenced on the events topic
+and a notice to the node on the commands topic, by an ordinary idempotent producer, and marked
+published in the next transaction (a restart publishes again what is not marked; the fold and
+the node take a repeated fence as one). Not inside the transaction, because a transaction open
+on the events topic would hold every read_committed reader of that partition (the projector, if
+it read so) until it ended, and a process killed mid-transaction leaves it open until the
+broker's transaction timeout.
 
 One process at a time does the work: the transactional id is the role's, and a second process
 started with it fences the first (whose next commit fails; it stops with a warning). The state
@@ -23,7 +30,7 @@ import contextlib
 import logging
 import time
 from collections.abc import Callable
-from typing import Any, Final
+from typing import Final
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.errors import KafkaError, ProducerFenced
@@ -41,7 +48,7 @@ from conntrack.lifecycle.records import (
     fence_notice_record,
     lifecycle_record,
 )
-from conntrack.lifecycle.telling import Reason, Teller
+from conntrack.lifecycle.telling import Fence, Reason, Teller, Told
 from conntrack.producer.topics import (
     broker_count,
     default_replication,
@@ -128,8 +135,10 @@ class LifecycleRole:
 
     async def _session(self, on_started: Callable[[], None]) -> None:
         s = self._settings
-        producer = consumer = None
+        producer = consumer = plain = None
         try:
+            plain = AIOKafkaProducer(**self._kafka.options(), enable_idempotence=True, acks="all")
+            await kafka.start(plain, self._kafka)
             producer = AIOKafkaProducer(
                 **self._kafka.options(),
                 transactional_id=s.lifecycle_transactional_id,
@@ -155,6 +164,7 @@ class LifecycleRole:
             )
             await kafka.start(consumer, self._kafka)
             await self._seek(consumer, producer)
+            await self._publish_fences(plain, producer, self.teller.unpublished_fences())
             log.info(
                 "event=started open_connections=%d partitions=%d restore_s=%.2f",
                 self.teller.open_count,
@@ -162,9 +172,9 @@ class LifecycleRole:
                 time.monotonic() - started_at,
             )
             on_started()
-            await self._loop(consumer, producer)
+            await self._loop(consumer, producer, plain)
         finally:
-            await kafka.close(consumer, producer)
+            await kafka.close(consumer, producer, plain)
 
     async def _provision(self, producer: AIOKafkaProducer) -> None:
         s = self._settings
@@ -225,25 +235,28 @@ class LifecycleRole:
                 consumer.seek(tp, committed)
                 self._positions[tp] = committed
 
-    async def _loop(self, consumer: AIOKafkaConsumer, producer: AIOKafkaProducer) -> None:
+    async def _loop(
+        self, consumer: AIOKafkaConsumer, producer: AIOKafkaProducer, plain: AIOKafkaProducer
+    ) -> None:
         s = self._settings
         forget_at = time.monotonic() + _FORGET_EVERY_S
-        # Partitions by number, for "read to the end" of a node's partition.
-        by_number = {tp.partition: tp for tp in self._positions}
 
-        def caught_up(partition: int) -> bool:
-            tp = by_number.get(partition)
-            if tp is None:
-                return False
-            end = consumer.last_stable_offset(tp)
-            polled = consumer.last_poll_timestamp(tp)
-            return (
-                end is not None
-                and end >= 0
-                and polled is not None
-                and time.time() * 1000 - polled < _CAUGHT_UP_FRESH_MS
-                and self._positions[tp] >= end
-            )
+        def caught_up() -> bool:
+            """Every partition read to its end, as fetches said within _CAUGHT_UP_FRESH_MS."""
+            now_ms = time.time() * 1000
+            for tp, position in self._positions.items():
+                end = consumer.last_stable_offset(tp)
+                polled = consumer.last_poll_timestamp(tp)
+                if (
+                    end is None
+                    or end < 0
+                    or polled is None
+                    or now_ms - polled > _CAUGHT_UP_FRESH_MS
+                ):
+                    return False
+                if position < end:
+                    return False
+            return True
 
         while not self._stopping.is_set():
             data = await consumer.getmany(
@@ -263,14 +276,14 @@ class LifecycleRole:
                     first_ms = records[0].timestamp
                     oldest_ms = first_ms if oldest_ms is None else min(oldest_ms, first_ms)
             self._positions.update(advanced)
-            fences = self.teller.due_fences(self._wall_clock_ns(), caught_up)
+            fences = self.teller.due_fences(self._wall_clock_ns(), caught_up())
             if time.monotonic() >= forget_at:
                 self.teller.forget_closed()
                 forget_at = time.monotonic() + _FORGET_EVERY_S
             told, changes = self.teller.take()
             if advanced or told or changes or fences:
                 began = time.monotonic()
-                await self._commit(producer, told, changes, fences, advanced)
+                await self._commit(producer, told, changes, advanced)
                 self.metrics.transaction_seconds.observe(time.monotonic() - began)
                 self.metrics.transactions.inc()
                 for t in told:
@@ -286,6 +299,7 @@ class LifecycleRole:
                         fence.gateway_id,
                         s.node_lease_seconds,
                     )
+                await self._publish_fences(plain, producer, fences)
             now_ms = time.time() * 1000
             self.metrics.lag_seconds.set(
                 0 if oldest_ms is None else max(0.0, (now_ms - oldest_ms) / 1000)
@@ -302,27 +316,47 @@ class LifecycleRole:
     async def _commit(
         self,
         producer: AIOKafkaProducer,
-        told: list[Any],
+        told: list[Told],
         changes: dict[str, str | None],
-        fences: list[Any],
         advanced: dict[TopicPartition, int],
     ) -> None:
         s = self._settings
         async with producer.transaction():
             for t in told:
                 await _send(producer, s.lifecycle_topic, lifecycle_record(t))
-            for fence in fences:
-                await _send(producer, s.events_topic, fence_event_record(fence))
-                notice = fence_notice_record(fence, s.lifecycle_transactional_id)
-                await _send(producer, s.commands_topic, notice)
             for key, value in changes.items():
                 await producer.send(
                     s.lifecycle_state_topic,
                     key=key.encode(),
                     value=None if value is None else value.encode(),
                 )
-            offsets = dict(advanced) or {tp: o for tp, o in self._positions.items()}
+            offsets = dict(advanced) or dict(self._positions)
             await producer.send_offsets_to_transaction(offsets, s.lifecycle_group)
+
+    async def _publish_fences(
+        self, plain: AIOKafkaProducer, producer: AIOKafkaProducer, fences: list[Fence]
+    ) -> None:
+        """Publish each fence's NodeFenced and notice, acknowledged, then mark them published
+        (a transaction of state changes alone)."""
+        if not fences:
+            return
+        s = self._settings
+        sent = []
+        for fence in fences:
+            for topic, record in (
+                (s.events_topic, fence_event_record(fence)),
+                (s.commands_topic, fence_notice_record(fence, s.lifecycle_transactional_id)),
+            ):
+                sent.append(
+                    await plain.send(
+                        topic, key=record.key, value=record.value, headers=record.headers
+                    )
+                )
+        await asyncio.gather(*sent)
+        for fence in fences:
+            self.teller.fence_published(fence)
+        told, changes = self.teller.take()
+        await self._commit(producer, told, changes, {})
 
 
 async def _send(producer: AIOKafkaProducer, topic: str, record: Record) -> None:

@@ -15,14 +15,18 @@ which the runner writes in the same Kafka transaction as the told records and th
 offsets, and reads back on start (`restore`), so the state always matches the offsets.
 
 A node is fenced (`due_fences`) when it has told connections open, has not been heard from for
-longer than the lease by this process's clock, and the runner has read the node's partition to
-its end (a process that lags must not take old heartbeats for silence).
+longer than the lease by this process's clock, and the runner has read the log to its end (a
+process that lags must not take old heartbeats for silence, nor close as lost a connection
+whose Disconnected it has not read yet). The fence is in the state
+at once (committed with what it closed) and marked unpublished until the runner has its NodeFenced
+acknowledged on the events topic (`fence_published`); a restart publishes the unpublished ones
+again (the fold takes a repeated fence as one).
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -113,6 +117,8 @@ class _Node:
     partition: int
     fenced_through: int = 0
     fenced_at_ns: int = 0
+    # Whether the NodeFenced of fenced_through is known to be in the events topic.
+    fence_published: bool = True
 
 
 # A Disconnected read before its Connected: (at, status code, reason text, lifecycle reason).
@@ -214,14 +220,18 @@ class Teller:
             self._close_incarnation(p.node_id, incarnation, node.since_ns, Reason.NODE_RESTARTED)
 
     def _fenced(self, fence: Fence, partition: int | None) -> None:
+        """A fence read from the log (partition given) or decided here (None: its NodeFenced
+        is still to be published)."""
         node = self._nodes.get(fence.node_id)
         if node is None:
             node = _Node(fence.incarnation, fence.at_ns, 0, fence.gateway_id, partition or 0)
             self._nodes[fence.node_id] = node
         if fence.incarnation > node.fenced_through:
             node.fenced_through, node.fenced_at_ns = fence.incarnation, fence.at_ns
+            node.fence_published = partition is not None
         elif fence.incarnation == node.fenced_through:
             node.fenced_at_ns = min(node.fenced_at_ns, fence.at_ns)
+            node.fence_published = node.fence_published or partition is not None
         self._save_node(fence.node_id, node)
         incarnations = self._by_node.get(fence.node_id, {})
         for incarnation in [i for i in incarnations if i <= node.fenced_through]:
@@ -229,15 +239,16 @@ class Teller:
 
     # -- the clock -------------------------------------------------------------------------
 
-    def due_fences(self, now_ns: int, caught_up: Callable[[int], bool]) -> list[Fence]:
+    def due_fences(self, now_ns: int, caught_up: bool) -> list[Fence]:
         """Fence every node silent for longer than the lease that holds told-open connections
-        of an unfenced incarnation, if its partition has been read to the end. The fences are
-        applied here; the runner publishes them (NodeFenced) with the told records."""
-        if not self.lease_ns:
+        of an unfenced incarnation, if the log has been read to its end (caught_up: every
+        partition, so neither a heartbeat of the node nor a Disconnected of one of its
+        connections is still unread). The fences are applied here; the runner publishes them."""
+        if not self.lease_ns or not caught_up:
             return []
         fences = []
         for node_id, node in self._nodes.items():
-            if node.last_seen_ns >= now_ns - self.lease_ns or not caught_up(node.partition):
+            if node.last_seen_ns >= now_ns - self.lease_ns:
                 continue
             held = [
                 i
@@ -250,6 +261,21 @@ class Teller:
         for fence in fences:
             self._fenced(fence, None)
         return fences
+
+    def unpublished_fences(self) -> list[Fence]:
+        """Fences decided here whose NodeFenced is not yet known to be in the events topic."""
+        return [
+            Fence(node_id, node.fenced_through, node.gateway_id, node.fenced_at_ns)
+            for node_id, node in sorted(self._nodes.items())
+            if node.fenced_through and not node.fence_published
+        ]
+
+    def fence_published(self, fence: Fence) -> None:
+        """The fence's NodeFenced (and notice) were acknowledged by the broker."""
+        node = self._nodes.get(fence.node_id)
+        if node is not None and node.fenced_through == fence.incarnation:
+            node.fence_published = True
+            self._save_node(fence.node_id, node)
 
     def forget_closed(self) -> None:
         """Forget connections closed longer ago than remember_closed_ns (by the latest event
@@ -280,9 +306,7 @@ class Teller:
             self._nodes[key[len(_NODE) :]] = node
             return
         cid = key[len(_CONN) :]
-        self._open.pop(cid, None)
-        self._closed.pop(cid, None)
-        self._early.pop(cid, None)
+        self.forget_restored(key)
         if "o" in data:
             opened = _Open(*data["o"])
             self._open[cid] = opened
@@ -366,5 +390,6 @@ class Teller:
                 node.partition,
                 node.fenced_through,
                 node.fenced_at_ns,
+                node.fence_published,
             ]
         )

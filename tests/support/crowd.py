@@ -22,12 +22,16 @@ async def _serve(url: str, commands: Any, replies: Any) -> None:
 
     clients: dict[str, ClientConnection] = {}
     received: dict[str, list[str | bytes]] = defaultdict(list)
+    # The close code each connection the server closed got (those the crowd closed are absent).
+    closed_by_server: dict[str, int | None] = {}
     readers: list[asyncio.Task[None]] = []
 
     async def read(cid: str, ws: ClientConnection) -> None:
         with contextlib.suppress(Exception):
             async for message in ws:
                 received[cid].append(message)
+        if cid in clients:
+            closed_by_server[cid] = ws.close_code
 
     async def open_all(headers: list[Headers]) -> list[str]:
         opened: list[str] = []
@@ -52,6 +56,8 @@ async def _serve(url: str, commands: Any, replies: Any) -> None:
             replies.put(None)
         elif command == "received":
             replies.put({cid: list(frames) for cid, frames in received.items()})
+        elif command == "closed_by_server":
+            replies.put(dict(closed_by_server))
         else:  # stop
             await asyncio.gather(*(ws.close() for ws in clients.values()))
             for task in readers:
@@ -93,6 +99,11 @@ class Crowd:
         """Every frame each connection has received so far, in order."""
         frames: dict[str, list[str | bytes]] = await self._ask("received")
         return frames
+
+    async def closed_by_server(self) -> dict[str, int | None]:
+        """The close code of each connection the server closed (or None: it dropped)."""
+        codes: dict[str, int | None] = await self._ask("closed_by_server")
+        return codes
 
     async def __aenter__(self) -> Crowd:
         self._process.start()

@@ -175,17 +175,16 @@ class System:
 
 
 @contextlib.asynccontextmanager
-async def projector_and_api(
+async def api_with_commands(
     settings: Settings, engine: AsyncEngine, *, lease_seconds: float = 30.0
 ) -> AsyncIterator[System]:
-    """The projector and the API (with a command channel on the settings' topics) in-process,
-    the API reading the nodes afresh for every call; yields once the channel is connected."""
-    store = ProjectionStore(engine)
+    """The API (with a command channel on the settings' topics) in-process, reading the nodes
+    afresh for every call; yields once the channel is connected. The projector is the
+    caller's (System.store is for reading the read model)."""
     channel = CommandChannel(
         settings.kafka_bootstrap_servers, settings.commands_topic, settings.command_outcomes_topic
     )
     async with (
-        running(Projector(settings, store)),
         ApiServer(
             ConnectionRepository(engine),
             "127.0.0.1:0",
@@ -200,7 +199,21 @@ async def projector_and_api(
         while not channel.ready:
             assert asyncio.get_running_loop().time() < deadline, "command channel not ready"
             await asyncio.sleep(0.05)
-        yield System(store, server, channel, svc_grpc.ConnectionServiceStub(grpc_channel))
+        yield System(
+            ProjectionStore(engine), server, channel, svc_grpc.ConnectionServiceStub(grpc_channel)
+        )
+
+
+@contextlib.asynccontextmanager
+async def projector_and_api(
+    settings: Settings, engine: AsyncEngine, *, lease_seconds: float = 30.0
+) -> AsyncIterator[System]:
+    """The projector and the API (api_with_commands) in-process."""
+    async with (
+        running(Projector(settings, ProjectionStore(engine))),
+        api_with_commands(settings, engine, lease_seconds=lease_seconds) as system,
+    ):
+        yield system
 
 
 def own_id(client: ClientConnection) -> str:

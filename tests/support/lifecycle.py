@@ -10,7 +10,7 @@ import os
 import signal
 import subprocess
 import sys
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -176,3 +176,70 @@ def assert_told_once(told: list[ToldRecord]) -> dict[str, list[ToldRecord]]:
     }
     assert not wrong, f"{len(wrong)} connections told wrongly, e.g. {next(iter(wrong.items()))}"
     return each
+
+
+class LifecycleWatcher:
+    """A read_committed consumer of the lifecycle topic running in the background, from the
+    beginning: what it has seen so far, by connection, and a wait for a condition on it."""
+
+    def __init__(self, settings: Settings) -> None:
+        self._settings = settings
+        self.told: dict[str, list[ToldRecord]] = {}
+        self.seen = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+
+    async def _run(self) -> None:
+        s = self._settings
+        consumer = AIOKafkaConsumer(
+            bootstrap_servers=s.kafka_bootstrap_servers,
+            isolation_level="read_committed",
+            enable_auto_commit=False,
+        )
+        await consumer.start()
+        try:
+            parts = None
+            while not parts:
+                await consumer._client.force_metadata_update()
+                parts = consumer.partitions_for_topic(s.lifecycle_topic)
+                if not parts:
+                    await asyncio.sleep(0.2)
+            tps = [TopicPartition(s.lifecycle_topic, p) for p in sorted(parts)]
+            consumer.assign(tps)
+            await consumer.seek_to_beginning(*tps)
+            while True:
+                data = await consumer.getmany(timeout_ms=200)
+                for tp, records in data.items():
+                    for r in records:
+                        told = ToldRecord(
+                            decode_lifecycle(r.value), dict(r.headers), tp.partition, r.key
+                        )
+                        self.told.setdefault(told.event.connection_id, []).append(told)
+                if data:
+                    self.seen.set()
+        finally:
+            await consumer.stop()
+
+    async def until(
+        self, condition: Callable[[dict[str, list[ToldRecord]]], bool], within: float
+    ) -> None:
+        deadline = asyncio.get_running_loop().time() + within
+        while not condition(self.told):
+            assert self._task is not None
+            if self._task.done():
+                self._task.result()  # its error, if it failed
+                raise AssertionError("the watcher stopped")
+            remaining = deadline - asyncio.get_running_loop().time()
+            assert remaining > 0, "the lifecycle stream did not get there in time"
+            self.seen.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.seen.wait(), min(remaining, 0.5))
+
+    async def __aenter__(self) -> LifecycleWatcher:
+        self._task = asyncio.create_task(self._run())
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        assert self._task is not None
+        self._task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await self._task
