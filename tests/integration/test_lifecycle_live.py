@@ -201,7 +201,7 @@ async def test_every_end_told_once_through_kills_stalls_and_shutdowns(
         assert verification.ok, verification
         stored = await system.store.nodes()
         for role in ("killed", "stalled"):
-            node = stored[nodes[role].node_id]
+            state = stored[nodes[role].node_id]
             incarnation = watcher.told[held[role][0]][0].event.node_incarnation
-            assert node.fenced_through >= incarnation, (role, node)
+            assert state.fenced_through >= incarnation, (role, state)
         assert stored[nodes["stopped"].node_id].fenced_through == 0
