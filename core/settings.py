@@ -360,6 +360,37 @@ class Settings(BaseSettings):
         "events is not told again.",
     )
 
+    # webhook: conntrack-lifecycle webhook, the lifecycle stream as signed HTTP POSTs
+    webhook_url: str | None = Field(
+        None, description="URL each lifecycle event is POSTed to as a CloudEvent (JSON)."
+    )
+    webhook_secret: SecretStr | None = Field(
+        None,
+        description="Shared secret of the X-Conntrack-Signature header (HMAC-SHA256 of the "
+        "body); unset: requests are not signed.",
+    )
+    webhook_secret_file: Path | None = Field(None, description="File holding webhook_secret.")
+    webhook_group: str = Field(
+        "conntrack-lifecycle-webhook",
+        description="Consumer group of the webhook sink (its processes share the partitions).",
+    )
+    webhook_dead_letter_topic: str = Field(
+        "conntrack.lifecycle-webhook.dlq",
+        description="Topic of the events the receiver did not take within webhook_max_attempts.",
+    )
+    webhook_timeout_seconds: float = Field(
+        5.0, gt=0, description="Longest wait for the receiver's answer to one POST."
+    )
+    webhook_max_attempts: int = Field(
+        12, ge=1, description="POSTs of one event before it goes to the dead-letter topic."
+    )
+    webhook_max_backoff_seconds: float = Field(
+        10.0, gt=0, description="Longest wait between two POSTs of one event."
+    )
+    webhook_concurrency: int = Field(
+        32, ge=1, description="Connections whose events are POSTed at once (each in order)."
+    )
+
     # rebuild (docs/rebuild.md)
     rebuild_batch_events: int = Field(20_000, ge=1, description="Rebuild: records per commit.")
     rebuild_max_events_per_second: float | None = Field(
@@ -503,6 +534,7 @@ SECTIONS: dict[str, tuple[str, ...]] = {
     ),
     "rebuild": tuple(n for n in Settings.model_fields if n.startswith("rebuild_")),
     "lifecycle": tuple(n for n in Settings.model_fields if n.startswith("lifecycle_")),
+    "webhook": tuple(n for n in Settings.model_fields if n.startswith("webhook_")),
     "gateway": tuple(n for n in Settings.model_fields if n.startswith("gateway_")),
     "metrics": ("metrics_port",),
     "logging": ("log_level", "log_format", "gc_gen0_threshold"),
@@ -519,6 +551,7 @@ SECTION_READERS: dict[str, str] = {
     "liveness": "conntrack-api serve, conntrack-lifecycle (the lease)",
     "rebuild": "conntrack-audit rebuild",
     "lifecycle": "conntrack-lifecycle",
+    "webhook": "conntrack-lifecycle webhook",
     "gateway": "conntrack-gateway",
     "metrics": "conntrack-projector, conntrack-api serve, conntrack-lifecycle",
     "logging": "every command",
@@ -546,6 +579,7 @@ def settings_from(**flags: Any) -> Settings:
 # api_tokens_file are read where they are used: core/kafka.py, api/transport/auth.py).
 FILE_SECRETS = (
     "database_url",
+    "webhook_secret",
     "api_read_database_urls",
     "kafka_ssl_key_password",
     "api_client_token",

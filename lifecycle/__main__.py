@@ -2,7 +2,8 @@
 topic, and fence gateway nodes silent for longer than the lease, until SIGTERM/SIGINT.
 
 One process at a time holds the role (a second one started takes it over from the first); its
-first start tells the whole history of the events topic. See docs/lifecycle.md."""
+first start tells the whole history of the events topic. `conntrack-lifecycle webhook` POSTs
+the lifecycle stream to an HTTP endpoint instead of Kafka consumers. See docs/lifecycle.md."""
 
 from __future__ import annotations
 
@@ -13,8 +14,9 @@ from prometheus_client import start_http_server
 from conntrack.core import cli
 from conntrack.core.process import on_shutdown_signal
 from conntrack.core.retry import Abandoned
-from conntrack.core.settings import Settings
+from conntrack.core.settings import Settings, env_name
 from conntrack.lifecycle.runner import LifecycleRole, Superseded
+from conntrack.lifecycle.webhook import WebhookSink
 
 log = logging.getLogger("lifecycle")
 
@@ -48,12 +50,47 @@ async def serve(settings: Settings) -> int:
     return cli.Exit.OK
 
 
+async def webhook(settings: Settings) -> int:
+    try:
+        sink = WebhookSink(settings)
+    except ValueError:
+        raise cli.CommandError(
+            f"no webhook URL: set {env_name('webhook_url')} (or --webhook-url)", cli.Exit.USAGE
+        ) from None
+    if settings.metrics_port:
+        start_http_server(settings.metrics_port, registry=sink.metrics.registry)
+    on_shutdown_signal(sink.stop)
+    log.info(
+        "event=starting lifecycle_topic=%s url=%s group=%s signed=%s dead_letter_topic=%s",
+        settings.lifecycle_topic,
+        settings.webhook_url,
+        settings.webhook_group,
+        settings.webhook_secret is not None,
+        settings.webhook_dead_letter_topic,
+    )
+    try:
+        await sink.run()
+    except Abandoned:
+        log.info("event=abandoned_start: stopped before the broker could be reached")
+    log.info("stopped cleanly delivered=%d", sink.delivered)
+    return cli.Exit.OK
+
+
 def main(argv: list[str] | None = None) -> None:
     prog = "conntrack-lifecycle"
-    parser = cli.parser(prog, __doc__, ("kafka", "lifecycle", "liveness", "metrics", "logging"))
+    sections = ("kafka", "lifecycle", "liveness", "metrics", "logging")
+    parser = cli.parser(prog, __doc__, sections)
+    sub = parser.add_subparsers(dest="command", metavar="{webhook}")
+    hook = sub.add_parser(
+        "webhook",
+        help="POST each lifecycle event, signed, to an HTTP endpoint (at least once)",
+        description=WebhookSink.__doc__ or None,
+    )
+    cli.add_settings(hook, ("kafka", "lifecycle", "webhook", "metrics", "logging"))
     ns = parser.parse_args(argv)
     settings = cli.start(prog, ns, gen0_threshold=None)
-    cli.run(prog, lambda: serve(settings), settings)
+    body = webhook if ns.command == "webhook" else serve
+    cli.run(prog, lambda: body(settings), settings)
 
 
 if __name__ == "__main__":
