@@ -41,6 +41,7 @@ from bench.scenarios import (
     get,
     get_rest,
     get_workers,
+    lifecycle,
     memory,
     people,
     projector,
@@ -112,6 +113,11 @@ SCENARIOS: dict[str, tuple[Scenario, str]] = {
         fanout.run,
         "10. SendToConnections to 10,000 connections on 3 gateway nodes: time to the last "
         "outcome, vs a loop of single Sends",
+    ),
+    "lifecycle": (
+        lifecycle.run,
+        "11. the lifecycle role's events/s vs the projector's on the same log; a node of 10,000 "
+        "sockets SIGKILLed: time to the last closed(node_lost)",
     ),
     "streams-peer-activity": (
         streams_peer.run_activity,

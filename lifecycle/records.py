@@ -12,7 +12,7 @@ from typing import Final
 from conntrack.core.commands import Command, FenceNotice, encode_command
 from conntrack.core.events import HEADERS, Event, NodeFenced, encode, record_key
 from conntrack.core.protogen.conntrack.lifecycle.v1 import lifecycle_pb2 as pb
-from conntrack.core.timeutil import NANOS_PER_SECOND, format_ns, to_timestamp
+from conntrack.core.timeutil import NANOS_PER_SECOND, format_rfc3339, to_timestamp
 from conntrack.lifecycle.telling import Fence, Told
 
 SCHEMA_VERSION: Final = 1
@@ -22,8 +22,8 @@ TYPES: Final = {
     "opened": "dev.conntrack.connection.opened.v1",
     "closed": "dev.conntrack.connection.closed.v1",
 }
-# Namespace of the events' ids: uuid5 of "<kind>:<connection_id>", the same every time the same
-# thing is told (a consumer deduplicates by it).
+# Namespace of the ids of the fences' records (uuid5 of what is fenced: the same every time the
+# same fence is published again).
 _ID_NAMESPACE: Final = uuid.UUID("6c1f0f0e-3b1a-5d8e-9a57-2f4c1e0b7d21")
 # How long a fence notice may wait for its node: long enough for any stall the node could
 # come back from.
@@ -38,7 +38,9 @@ class Record:
 
 
 def event_id(kind: str, connection_id: str) -> str:
-    return str(uuid.uuid5(_ID_NAMESPACE, f"{kind}:{connection_id}"))
+    """The id of what is told of a connection, `<connection_id>/<kind>`: unique within its source
+    (a gateway), the same every time the same thing is told (a consumer deduplicates by it)."""
+    return f"{connection_id}/{kind}"
 
 
 def lifecycle_record(told: Told) -> Record:
@@ -66,7 +68,7 @@ def lifecycle_record(told: Told) -> Record:
         ("ce_type", TYPES[told.kind].encode()),
         ("ce_source", f"/conntrack/gateways/{told.gateway_id}".encode()),
         ("ce_subject", told.connection_id.encode()),
-        ("ce_time", format_ns(told.at_ns).encode()),
+        ("ce_time", format_rfc3339(told.at_ns).encode()),
         ("content-type", CONTENT_TYPE.encode()),
     ]
     return Record(told.connection_id.encode(), msg.SerializeToString(), headers)

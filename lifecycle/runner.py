@@ -85,8 +85,15 @@ class LifecycleRole:
         self._stopping = asyncio.Event()
         self._backoff = Backoff(settings.retry_max_backoff_seconds)
         self.teller = self._new_teller()
-        # Events topic partitions -> the next offset to read.
+        # Events topic partitions -> the next offset to read (all before it committed).
         self._positions: dict[TopicPartition, int] = {}
+        # Set while the role reads the log (restored and sought); cleared by a restart.
+        self.reading = asyncio.Event()
+
+    @property
+    def positions(self) -> dict[int, int]:
+        """Committed next offset of each partition of the events topic."""
+        return {tp.partition: offset for tp, offset in self._positions.items()}
 
     def _new_teller(self) -> Teller:
         s = self._settings
@@ -107,7 +114,7 @@ class LifecycleRole:
         started = False
         while not self._stopping.is_set():
             try:
-                await self._session(on_started=lambda: None)
+                await self._session()
                 started = True
                 delays = self._backoff.delays()
             except ProducerFenced as exc:
@@ -133,7 +140,7 @@ class LifecycleRole:
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._stopping.wait(), delay)
 
-    async def _session(self, on_started: Callable[[], None]) -> None:
+    async def _session(self) -> None:
         s = self._settings
         producer = consumer = plain = None
         try:
@@ -171,9 +178,10 @@ class LifecycleRole:
                 len(self._positions),
                 time.monotonic() - started_at,
             )
-            on_started()
+            self.reading.set()
             await self._loop(consumer, producer, plain)
         finally:
+            self.reading.clear()
             await kafka.close(consumer, producer, plain)
 
     async def _provision(self, producer: AIOKafkaProducer) -> None:
@@ -241,10 +249,10 @@ class LifecycleRole:
         s = self._settings
         forget_at = time.monotonic() + _FORGET_EVERY_S
 
-        def caught_up() -> bool:
+        def caught_up(read: dict[TopicPartition, int]) -> bool:
             """Every partition read to its end, as fetches said within _CAUGHT_UP_FRESH_MS."""
             now_ms = time.time() * 1000
-            for tp, position in self._positions.items():
+            for tp, position in read.items():
                 end = consumer.last_stable_offset(tp)
                 polled = consumer.last_poll_timestamp(tp)
                 if (
@@ -275,8 +283,8 @@ class LifecycleRole:
                     advanced[tp] = records[-1].offset + 1
                     first_ms = records[0].timestamp
                     oldest_ms = first_ms if oldest_ms is None else min(oldest_ms, first_ms)
-            self._positions.update(advanced)
-            fences = self.teller.due_fences(self._wall_clock_ns(), caught_up())
+            read = {**self._positions, **advanced}
+            fences = self.teller.due_fences(self._wall_clock_ns(), caught_up(read))
             if time.monotonic() >= forget_at:
                 self.teller.forget_closed()
                 forget_at = time.monotonic() + _FORGET_EVERY_S
@@ -284,6 +292,7 @@ class LifecycleRole:
             if advanced or told or changes or fences:
                 began = time.monotonic()
                 await self._commit(producer, told, changes, advanced)
+                self._positions.update(advanced)
                 self.metrics.transaction_seconds.observe(time.monotonic() - began)
                 self.metrics.transactions.inc()
                 for t in told:
