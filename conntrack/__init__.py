@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from conntrack.core.events import (
         Activity,
+        Cause,
         Connected,
         Disconnected,
         Event,
@@ -33,7 +34,7 @@ if TYPE_CHECKING:
         NodeHeartbeat,
         NodeStarted,
     )
-    from conntrack.producer.command_execution import CommandHandler
+    from conntrack.producer.command_execution import CommandHandler, FenceHandler
     from conntrack.producer.commands import NodeCommands
     from conntrack.producer.errors import (
         BrokerUnavailableError,
@@ -48,11 +49,13 @@ if TYPE_CHECKING:
 __all__ = [
     "Activity",
     "BrokerUnavailableError",
+    "Cause",
     "CommandHandler",
     "Connected",
     "DeliveryTimeoutError",
     "Disconnected",
     "Event",
+    "FenceHandler",
     "InvalidEvent",
     "NodeCommands",
     "NodeHeartbeat",
@@ -68,11 +71,13 @@ _ERRORS = "conntrack.producer.errors"
 _HOMES = {
     "Activity": "conntrack.core.events",
     "BrokerUnavailableError": _ERRORS,
+    "Cause": "conntrack.core.events",
     "DeliveryTimeoutError": _ERRORS,
     "CommandHandler": "conntrack.producer.command_execution",
     "Connected": "conntrack.core.events",
     "Disconnected": "conntrack.core.events",
     "Event": "conntrack.core.events",
+    "FenceHandler": "conntrack.producer.command_execution",
     "InvalidEvent": "conntrack.core.events",
     "NodeCommands": "conntrack.producer.commands",
     "NodeHeartbeat": "conntrack.core.events",

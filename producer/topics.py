@@ -249,12 +249,15 @@ async def describe_topic_configs(admin: AIOKafkaAdminClient, name: str) -> dict[
 
 
 async def _describe_layout(admin: AIOKafkaAdminClient, name: str) -> tuple[int, int]:
-    """(partitions, replication factor) of an existing topic."""
+    """(partitions, replication factor) of an existing topic, once every partition has a
+    leader (so that a client may read or write it at once)."""
     for _ in range(_METADATA_ATTEMPTS):
         (topic,) = await admin.describe_topics([name])
         partitions: list[dict[str, Any]] = topic["partitions"]
-        # A topic created a moment ago may not be in every broker's metadata yet.
-        if topic["error_code"] == 0 and partitions:
+        # A topic created a moment ago may not be in every broker's metadata yet, nor have
+        # elected its leaders.
+        led = all(p.get("leader", -1) >= 0 for p in partitions)
+        if topic["error_code"] == 0 and partitions and led:
             return len(partitions), min(len(p["replicas"]) for p in partitions)
         if not for_code(topic["error_code"]).retriable and topic["error_code"] != 0:
             break

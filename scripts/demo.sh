@@ -33,6 +33,8 @@ start() {  # name, command...
 }
 start projector "$bin/conntrack-projector"
 start api "$bin/conntrack-api" serve
+# The lifecycle role: every connection's opened and closed, once, on conntrack.lifecycle.v1.
+start lifecycle "$bin/conntrack-lifecycle"
 # The reference gateway: a node that publishes its sockets' events and executes Send/Disconnect.
 export CONNTRACK_GATEWAY_NODE_ID="${CONNTRACK_GATEWAY_NODE_ID:-demo-node}"
 export CONNTRACK_GATEWAY_LISTEN="${CONNTRACK_GATEWAY_LISTEN:-127.0.0.1:$(
@@ -74,7 +76,8 @@ echo "demo: a WebSocket client on the gateway ($url, node $CONNTRACK_GATEWAY_NOD
 cat <<TXT
 
 The stack is running: Kafka on $CONNTRACK_KAFKA_BOOTSTRAP_SERVERS, the projector, the gRPC API on
-$CONNTRACK_API_LISTEN and the gateway on $url (node $CONNTRACK_GATEWAY_NODE_ID). Try:
+$CONNTRACK_API_LISTEN, the lifecycle role (the stream: conntrack.lifecycle.v1, docs/lifecycle.md)
+and the gateway on $url (node $CONNTRACK_GATEWAY_NODE_ID). Try:
   .venv/bin/conntrack-api get $cid
   .venv/bin/python scripts/demo_client.py $url
 Stop everything with:  make stop

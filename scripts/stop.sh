@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # Stop what `make demo` started: the gateway (SIGTERM: it closes its sockets with 1001 and
-# publishes their disconnects), the API and the projector (they drain and exit), then Kafka.
+# publishes their disconnects), the lifecycle role, the API and the projector (they drain and
+# exit), then Kafka.
 set -uo pipefail
 repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-for name in gateway api projector; do
+for name in gateway lifecycle api projector; do
   pidfile="$repo/.local/run/$name.pid"
   [ -f "$pidfile" ] || continue
   pid="$(cat "$pidfile")"

@@ -1,6 +1,6 @@
 """The shipped Prometheus alerts (ops/prometheus/alerts.yml) are checked as Prometheus checks them
 (`promtool check rules`), each fires on its test series and stays quiet on ordinary ones
-(`promtool test rules`), every metric they name is one the projector or the API exposes, and each
+(`promtool test rules`), every metric they name is one the projector, the API or the lifecycle role exposes, and each
 has its runbook entry in docs/operations.md."""
 
 from __future__ import annotations
@@ -15,6 +15,8 @@ import pytest
 from prometheus_client import CollectorRegistry
 
 from conntrack.api.transport.metrics import ApiMetrics
+from conntrack.lifecycle.metrics import LifecycleMetrics
+from conntrack.lifecycle.webhook import WebhookMetrics
 from conntrack.projector.metrics import ProjectorMetrics
 
 REPO = Path(__file__).resolve().parents[1]
@@ -95,7 +97,12 @@ def _exposed(registry: CollectorRegistry) -> set[str]:
 
 
 def test_every_metric_an_alert_names_is_exposed() -> None:
-    exposed = _exposed(ProjectorMetrics().registry) | _exposed(ApiMetrics().registry)
+    exposed = set().union(
+        *(
+            _exposed(metrics().registry)
+            for metrics in (ProjectorMetrics, ApiMetrics, LifecycleMetrics, WebhookMetrics)
+        )
+    )
     named = {
         name
         for rule in _rules()

@@ -215,7 +215,16 @@ def compose_config() -> ComposeConfig:
 
 
 def test_all_services_are_defined(compose_config: ComposeConfig) -> None:
-    expected = {"kafka", "postgres", "topics", "migrate", "projector", "api", "gateway"}
+    expected = {
+        "kafka",
+        "postgres",
+        "topics",
+        "migrate",
+        "projector",
+        "api",
+        "gateway",
+        "lifecycle",
+    }
     missing = expected - compose_config.services
     assert not missing, f"services missing from docker-compose.yml: {sorted(missing)}"
 
@@ -233,7 +242,7 @@ def test_app_services_get_their_connection_settings(compose_config: ComposeConfi
         assert url is not None
         assert url.startswith("postgresql+asyncpg://"), url
         assert "@postgres:5432/" in url, url
-    for service in ("projector", "topics", "api", "gateway"):
+    for service in ("projector", "topics", "api", "gateway", "lifecycle"):
         servers = compose_config.value(
             "services", service, "environment", "CONNTRACK_KAFKA_BOOTSTRAP_SERVERS"
         )
@@ -259,6 +268,7 @@ def test_start_up_order(compose_config: ComposeConfig) -> None:
     assert condition("api", "migrate") == "service_completed_successfully"
     assert condition("api", "topics") == "service_completed_successfully"
     assert condition("gateway", "topics") == "service_completed_successfully"
+    assert condition("lifecycle", "topics") == "service_completed_successfully"
     # service_healthy is only meaningful with a healthcheck to wait for.
     for service in ("kafka", "postgres"):
         assert compose_config.keys_under("services", service, "healthcheck") >= {"test"}
@@ -294,7 +304,7 @@ def test_third_party_images_are_pinned(compose_config: ComposeConfig) -> None:
 
 
 def test_long_running_services_have_healthchecks(compose_config: ComposeConfig) -> None:
-    for service in ("kafka", "postgres", "projector", "api"):
+    for service in ("kafka", "postgres", "projector", "api", "lifecycle"):
         assert compose_config.items("services", service, "healthcheck", "test"), service
         assert compose_config.value("services", service, "restart") == "unless-stopped"
     # One-shot jobs must not be restarted, or `service_completed_successfully` never comes.
