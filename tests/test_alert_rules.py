@@ -1,7 +1,7 @@
 """The shipped Prometheus alerts (ops/prometheus/alerts.yml) are checked as Prometheus checks them
 (`promtool check rules`), each fires on its test series and stays quiet on ordinary ones
-(`promtool test rules`), every metric they name is one the projector, the API or the lifecycle role exposes, and each
-has its runbook entry in docs/operations.md."""
+(`promtool test rules`), every metric they name is one the projector, the API or the lifecycle
+role exposes, and each has its runbook entry in docs/operations.md."""
 
 from __future__ import annotations
 

@@ -22,6 +22,7 @@ SCRIPTS = {
     "conntrack-api": "conntrack.api.__main__:main",
     "conntrack-audit": "conntrack.audit.__main__:main",
     "conntrack-gateway": "conntrack.gateway.__main__:main",
+    "conntrack-lifecycle": "conntrack.lifecycle.__main__:main",
     "conntrack-migrate": "conntrack.migrations.cli:main",
     "conntrack-producer": "conntrack.producer.__main__:main",
     "conntrack-projector": "conntrack.projector.__main__:main",
@@ -83,9 +84,10 @@ def test_wheel_is_typed_and_licensed(wheel: Path) -> None:
 
 def test_wheel_carries_every_subpackage_and_the_migrations(wheel: Path) -> None:
     names = set(_names(wheel))
-    for package in ("api", "audit", "core", "gateway", "migrations", "producer", "projector"):
+    for package in ("api", "audit", "core", "gateway", "lifecycle", "migrations", "producer", "projector"):
         assert f"conntrack/{package}/__init__.py" in names
     assert "conntrack/core/protogen/conntrack/events/v1/events_pb2.py" in names
+    assert "conntrack/core/protogen/conntrack/lifecycle/v1/lifecycle_pb2.py" in names
     versions = {n for n in names if n.startswith("conntrack/migrations/versions/")}
     in_repo = {p.name for p in (REPO / "migrations" / "versions").glob("*.py")}
     assert {Path(n).name for n in versions} == in_repo
