@@ -15,7 +15,7 @@ from conntrack.core import cli
 from conntrack.core.process import on_shutdown_signal
 from conntrack.core.retry import Abandoned
 from conntrack.core.settings import Settings, env_name
-from conntrack.lifecycle.runner import LifecycleRole, Superseded
+from conntrack.lifecycle.runner import LifecycleRole, MissingTopicError, Superseded
 from conntrack.lifecycle.webhook import WebhookSink
 
 log = logging.getLogger("lifecycle")
@@ -46,6 +46,8 @@ async def serve(settings: Settings) -> int:
     except Superseded as exc:
         log.warning("event=superseded: %s; stopping", exc)
         return cli.Exit.UNAVAILABLE
+    except MissingTopicError as exc:
+        raise cli.CommandError(str(exc), cli.Exit.USAGE) from None
     log.info("stopped cleanly")
     return cli.Exit.OK
 

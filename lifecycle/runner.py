@@ -70,6 +70,10 @@ class Superseded(Exception):
     """Another process took the role's transactional id: this one stops."""
 
 
+class MissingTopicError(Exception):
+    """A topic the role reads or writes to does not exist (the message says which)."""
+
+
 class LifecycleRole:
     def __init__(
         self,
@@ -89,6 +93,7 @@ class LifecycleRole:
         self._positions: dict[TopicPartition, int] = {}
         # Set while the role reads the log (restored and sought); cleared by a restart.
         self.reading = asyncio.Event()
+        self._ever_read = False
 
     @property
     def positions(self) -> dict[int, int]:
@@ -109,41 +114,58 @@ class LifecycleRole:
     async def run(self) -> None:
         """Until stop(): provision the topics, restore, and tell. An error of the broker drops
         the state and starts over from what is committed, after a backoff. Raises Superseded
-        when another process took the role, Abandoned when stopped before the first start."""
+        when another process took the role, MissingTopicError when a topic it reads is not
+        there, Abandoned when stopped before the first start."""
         delays = self._backoff.delays()
         started = False
         while not self._stopping.is_set():
             try:
                 await self._session()
-                started = True
-                delays = self._backoff.delays()
             except ProducerFenced as exc:
                 raise Superseded(
                     f"another conntrack-lifecycle took transactional id "
                     f"{self._settings.lifecycle_transactional_id!r}"
                 ) from exc
             except (KafkaError, OSError) as exc:
+                started = started or self._ever_read
                 if self._stopping.is_set():
-                    if not started:
-                        raise Abandoned("broker") from exc
-                    return
+                    break
                 delay = next(delays)
-                cause = type(exc).__name__
-                self.metrics.restarts.labels(cause).inc()
-                log.warning(
-                    "event=restart cause=%s delay_s=%.1f error=%r: the state is restored from "
-                    "what was committed",
-                    cause,
-                    delay,
-                    one_line(exc),
-                )
+                if started:
+                    cause = type(exc).__name__
+                    self.metrics.restarts.labels(cause).inc()
+                    log.warning(
+                        "event=restart cause=%s delay_s=%.1f error=%r: the state is restored "
+                        "from what was committed",
+                        cause,
+                        delay,
+                        one_line(exc),
+                    )
+                else:
+                    log.warning(
+                        "event=retry cause=broker delay_s=%.1f error=%r", delay, one_line(exc)
+                    )
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._stopping.wait(), delay)
+            else:
+                delays = self._backoff.delays()
+        if not (started or self._ever_read):
+            raise Abandoned("broker")
 
     async def _session(self) -> None:
         s = self._settings
         producer = consumer = plain = None
         try:
+            consumer = AIOKafkaConsumer(
+                **self._kafka.options(),
+                group_id=s.lifecycle_group,
+                enable_auto_commit=False,
+                isolation_level="read_committed",
+                auto_offset_reset="earliest",
+                max_partition_fetch_bytes=4 * 1024 * 1024,
+            )
+            await kafka.start(consumer, self._kafka)
+            partitions = await self._check_topics(consumer)
             plain = AIOKafkaProducer(**self._kafka.options(), enable_idempotence=True, acks="all")
             await kafka.start(plain, self._kafka)
             producer = AIOKafkaProducer(
@@ -156,21 +178,18 @@ class LifecycleRole:
             # Starting it fences any earlier process with this transactional id and aborts its
             # open transaction, so what is read below is all that will ever be committed.
             await kafka.start(producer, self._kafka)
-            await self._provision(producer)
+            replication, min_isr = default_replication(await broker_count(self._kafka))
+            await ensure_topics(
+                self._kafka,
+                lifecycle_specs(
+                    s.lifecycle_topic, s.lifecycle_state_topic, partitions, replication, min_isr
+                ),
+            )
             started_at = time.monotonic()
             self.teller = self._new_teller()
             await self._restore()
             self.metrics.restore_seconds.set(time.monotonic() - started_at)
-            consumer = AIOKafkaConsumer(
-                **self._kafka.options(),
-                group_id=s.lifecycle_group,
-                enable_auto_commit=False,
-                isolation_level="read_committed",
-                auto_offset_reset="earliest",
-                max_partition_fetch_bytes=4 * 1024 * 1024,
-            )
-            await kafka.start(consumer, self._kafka)
-            await self._seek(consumer, producer)
+            await self._seek(consumer, partitions)
             await self._publish_fences(plain, producer, self.teller.unpublished_fences())
             log.info(
                 "event=started open_connections=%d partitions=%d restore_s=%.2f",
@@ -178,22 +197,26 @@ class LifecycleRole:
                 len(self._positions),
                 time.monotonic() - started_at,
             )
+            self._ever_read = True
             self.reading.set()
             await self._loop(consumer, producer, plain)
         finally:
             self.reading.clear()
             await kafka.close(consumer, producer, plain)
 
-    async def _provision(self, producer: AIOKafkaProducer) -> None:
+    async def _check_topics(self, consumer: AIOKafkaConsumer) -> int:
+        """The events topic's partition count, once it and the commands topic exist."""
         s = self._settings
-        partitions = await producer.partitions_for(s.events_topic)
-        replication, min_isr = default_replication(await broker_count(self._kafka))
-        await ensure_topics(
-            self._kafka,
-            lifecycle_specs(
-                s.lifecycle_topic, s.lifecycle_state_topic, len(partitions), replication, min_isr
-            ),
-        )
+        counts = {}
+        for topic in (s.events_topic, s.commands_topic):
+            parts = await aiokafka_internals.topic_partitions(consumer, topic)
+            if not parts:
+                raise MissingTopicError(
+                    f"topic {topic} does not exist at {s.kafka_bootstrap_servers}; create it "
+                    "with `conntrack-producer topics`"
+                )
+            counts[topic] = len(parts)
+        return counts[s.events_topic]
 
     async def _restore(self) -> None:
         """Read the whole state topic (committed records only) into a new teller."""
@@ -227,11 +250,11 @@ class LifecycleRole:
         finally:
             await kafka.close(consumer)
 
-    async def _seek(self, consumer: AIOKafkaConsumer, producer: AIOKafkaProducer) -> None:
+    async def _seek(self, consumer: AIOKafkaConsumer, partitions: int) -> None:
         """Every partition of the events topic from its committed offset (the first start: from
         the log's beginning, so every connection in the history is told)."""
         topic = self._settings.events_topic
-        tps = [TopicPartition(topic, p) for p in sorted(await producer.partitions_for(topic))]
+        tps = [TopicPartition(topic, p) for p in range(partitions)]
         consumer.assign(tps)
         self._positions = {}
         for tp in tps:
