@@ -84,7 +84,8 @@ def test_wheel_is_typed_and_licensed(wheel: Path) -> None:
 
 def test_wheel_carries_every_subpackage_and_the_migrations(wheel: Path) -> None:
     names = set(_names(wheel))
-    for package in ("api", "audit", "core", "gateway", "lifecycle", "migrations", "producer", "projector"):
+    packages = ("api", "audit", "core", "gateway", "lifecycle", "migrations", "producer", "projector")
+    for package in packages:
         assert f"conntrack/{package}/__init__.py" in names
     assert "conntrack/core/protogen/conntrack/events/v1/events_pb2.py" in names
     assert "conntrack/core/protogen/conntrack/lifecycle/v1/lifecycle_pb2.py" in names
