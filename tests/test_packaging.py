@@ -84,8 +84,16 @@ def test_wheel_is_typed_and_licensed(wheel: Path) -> None:
 
 def test_wheel_carries_every_subpackage_and_the_migrations(wheel: Path) -> None:
     names = set(_names(wheel))
-    packages = ("api", "audit", "core", "gateway", "lifecycle", "migrations", "producer", "projector")
-    for package in packages:
+    for package in (
+        "api",
+        "audit",
+        "core",
+        "gateway",
+        "lifecycle",
+        "migrations",
+        "producer",
+        "projector",
+    ):
         assert f"conntrack/{package}/__init__.py" in names
     assert "conntrack/core/protogen/conntrack/events/v1/events_pb2.py" in names
     assert "conntrack/core/protogen/conntrack/lifecycle/v1/lifecycle_pb2.py" in names
