@@ -29,7 +29,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Final
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
@@ -37,7 +37,7 @@ from aiokafka.errors import KafkaError, ProducerFenced
 
 from conntrack.core import aiokafka_internals, kafka
 from conntrack.core.events import InvalidEvent, decode_record_tuple
-from conntrack.core.kafka import KafkaConnection
+from conntrack.core.kafka import KafkaConnection, partition_of
 from conntrack.core.retry import Abandoned, Backoff, one_line
 from conntrack.core.settings import Settings
 from conntrack.core.timeutil import NANOS_PER_SECOND
@@ -58,7 +58,7 @@ from conntrack.producer.topics import (
 
 log = logging.getLogger(__name__)
 
-_MAX_RECORDS: Final = 5000
+_MAX_RECORDS: Final = 20_000
 # How often closed connections past the memory window are forgotten.
 _FORGET_EVERY_S: Final = 60.0
 # A partition counts as read to its end for this long after a fetch said so.
@@ -174,6 +174,7 @@ class LifecycleRole:
                 enable_idempotence=True,
                 acks="all",
                 linger_ms=5,
+                max_batch_size=1 << 20,
             )
             # Starting it fences any earlier process with this transactional id and aborts its
             # open transaction, so what is read below is all that will ever be committed.
@@ -354,14 +355,12 @@ class LifecycleRole:
     ) -> None:
         s = self._settings
         async with producer.transaction():
-            for t in told:
-                await _send(producer, s.lifecycle_topic, lifecycle_record(t))
-            for key, value in changes.items():
-                await producer.send(
-                    s.lifecycle_state_topic,
-                    key=key.encode(),
-                    value=None if value is None else value.encode(),
-                )
+            await _send_batched(producer, s.lifecycle_topic, map(lifecycle_record, told))
+            states = (
+                Record(key.encode(), None if value is None else value.encode(), [])
+                for key, value in changes.items()
+            )
+            await _send_batched(producer, s.lifecycle_state_topic, states)
             offsets = dict(advanced) or dict(self._positions)
             await producer.send_offsets_to_transaction(offsets, s.lifecycle_group)
 
@@ -391,5 +390,24 @@ class LifecycleRole:
         await self._commit(producer, told, changes, {})
 
 
-async def _send(producer: AIOKafkaProducer, topic: str, record: Record) -> None:
-    await producer.send(topic, key=record.key, value=record.value, headers=record.headers)
+async def _send_batched(producer: AIOKafkaProducer, topic: str, records: Iterable[Record]) -> None:
+    """Hand records to the producer a partition's batch at a time (each record on its key's
+    partition, as the default partitioner places it, in order): an order of magnitude less work
+    per record than send(). The transaction's commit waits for their delivery."""
+    partitions = len(await producer.partitions_for(topic))
+    by_partition: dict[int, list[Record]] = {}
+    for record in records:
+        by_partition.setdefault(partition_of(record.key, partitions), []).append(record)
+    for partition, part in by_partition.items():
+        batch = producer.create_batch()
+        for record in part:
+            appended = batch.append(
+                key=record.key, value=record.value, timestamp=None, headers=record.headers
+            )
+            if appended is None:  # full: send it, and start the next one with this record
+                await producer.send_batch(batch, topic, partition=partition)
+                batch = producer.create_batch()
+                batch.append(
+                    key=record.key, value=record.value, timestamp=None, headers=record.headers
+                )
+        await producer.send_batch(batch, topic, partition=partition)
