@@ -11,11 +11,15 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import random
+import time
 from pathlib import Path
 
 import pytest
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from conntrack.audit.log import LogReader
+from conntrack.audit.rebuild import Rebuild
+from conntrack.audit.replay import fold_until
 from conntrack.core.protogen.yandex.cloud.serverless.apigateway.websocket.v1 import (
     connection_service_pb2 as svc,
 )
@@ -205,3 +209,16 @@ async def test_every_end_told_once_through_kills_stalls_and_shutdowns(
             incarnation = watcher.told[held[role][0]][0].event.node_incarnation
             assert state.fenced_through >= incarnation, (role, state)
         assert stored[nodes["stopped"].node_id].fenced_through == 0
+
+        # A rebuild from the log gives the same read model, fences included; and the state as of
+        # now, replayed from the log, has the same fences.
+        states = await system.store.all_states()
+        async with LogReader(settings.kafka_bootstrap_servers, settings.events_topic) as reader:
+            await Rebuild(engine, reader).run()
+        assert await system.store.all_states() == states
+        assert await system.store.nodes() == stored
+        async with LogReader(settings.kafka_bootstrap_servers, settings.events_topic) as reader:
+            as_of = await fold_until(reader, int(time.time() * 1000))
+        assert {n: s.fenced_through for n, s in as_of.nodes.items()} == {
+            n: s.fenced_through for n, s in stored.items()
+        }
