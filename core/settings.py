@@ -289,6 +289,18 @@ class Settings(BaseSettings):
         description="Seconds the broker may take to acknowledge an event before the node counts "
         "the delivery as failed (with a spool: switches to spooling; without: reported).",
     )
+    gateway_idle_timeout_seconds: float = Field(
+        0,
+        ge=0,
+        description="The gateway closes a socket that received no message for this long "
+        "(1001, told as IDLE_TIMEOUT); 0: never.",
+    )
+    gateway_max_lifetime_seconds: float = Field(
+        0,
+        ge=0,
+        description="The gateway closes a socket open for longer than this (1001, told as "
+        "MAX_LIFETIME); 0: never.",
+    )
     # docs/producer.md, "Durable spool".
     gateway_spool_dir: Path | None = Field(
         None,

@@ -6,6 +6,7 @@ with 1001 (going away), publishes the Disconnected events and exits 0."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import re
 import socket
@@ -85,7 +86,12 @@ async def run(settings: Settings) -> int:
         raise cli.CommandError(f"cannot start: {exc}", cli.Exit.USAGE) from None
     try:
         async with publisher:
-            gateway = Gateway(publisher, handshakes)
+            gateway = Gateway(
+                publisher,
+                handshakes,
+                idle_timeout_s=settings.gateway_idle_timeout_seconds,
+                max_lifetime_s=settings.gateway_max_lifetime_seconds,
+            )
             commands = NodeCommands(
                 kafka,
                 node_id,
@@ -123,7 +129,11 @@ async def run(settings: Settings) -> int:
                     )
                     print(f"listening on ws://{host}:{bound[0]}/ as node {node_id}", flush=True)
                     starting = False
+                    sweeping = asyncio.create_task(gateway.sweep())
                     await stop.wait()
+                    sweeping.cancel()
+                    with contextlib.suppress(asyncio.CancelledError):
+                        await sweeping
                     # Closing the server closes every socket with 1001 (going away) and waits
                     # for the handlers, which publish the Disconnected events.
                     gateway.shutting_down()

@@ -8,6 +8,7 @@ handshake's `X-Connection-Id` response header, so a client (or a demo) can name 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import ipaddress
 import logging
 from http import HTTPStatus
@@ -57,14 +58,35 @@ def header_text(value: str) -> str:
     return raw.decode("utf-8", "replace").replace("\x00", "")
 
 
+async def _close_quietly(ws: ServerConnection, code: int, reason: str) -> None:
+    """Close a socket; one that is gone already, or whose client does not answer, is closed."""
+    with contextlib.suppress(Exception):
+        await ws.close(code, reason)
+
+
 class Gateway:
     """The sockets this node holds, the WebSocket handler that publishes their events, and the
     command handler (send / disconnect) NodeCommands calls."""
 
-    def __init__(self, publisher: Publisher, handshakes: Handshakes | None = None) -> None:
+    def __init__(
+        self,
+        publisher: Publisher,
+        handshakes: Handshakes | None = None,
+        *,
+        idle_timeout_s: float = 0,
+        max_lifetime_s: float = 0,
+    ) -> None:
+        """idle_timeout_s, max_lifetime_s: close a socket that received nothing for this long,
+        or that is open for longer than this (0: never); sweep() does it."""
         self._publisher = publisher
         self._handshakes = handshakes or Handshakes()
+        self._idle_timeout_s = idle_timeout_s
+        self._max_lifetime_s = max_lifetime_s
         self._sockets: dict[str, ServerConnection] = {}
+        # When each socket connected and last received a message (the loop's clock).
+        self._opened_at: dict[str, float] = {}
+        self._active_at: dict[str, float] = {}
+        self._closing: set[asyncio.Task[None]] = set()
         # The node's incarnation each socket's Connected carried.
         self._incarnations: dict[str, int] = {}
         # Why the gateway itself closed a socket (absent: the client did, or it dropped).
@@ -125,9 +147,13 @@ class Gateway:
                 return
             assert isinstance(connected.payload, Connected)
             self._incarnations[conn_id] = connected.payload.node_incarnation
+            now = asyncio.get_running_loop().time()
+            self._opened_at[conn_id] = self._active_at[conn_id] = now
             log.debug("event=connected connection_id=%s", conn_id)
             try:
+                loop = asyncio.get_running_loop()
                 async for _ in ws:
+                    self._active_at[conn_id] = loop.time()
                     await self._publisher.activity(conn_id, frames=1)
             except ConnectionClosed:
                 pass
@@ -138,6 +164,8 @@ class Gateway:
         finally:
             self._sockets.pop(conn_id, None)
             self._incarnations.pop(conn_id, None)
+            self._opened_at.pop(conn_id, None)
+            self._active_at.pop(conn_id, None)
         code = ws.close_code or 0
         reason = ws.close_reason or ""
         if code in _NO_CODE:
@@ -197,6 +225,34 @@ class Gateway:
             return_exceptions=True,
         )
         log.info("event=fenced_sockets_closed count=%d", len(fenced))
+
+    async def sweep(self) -> None:
+        """Until cancelled: close the sockets past the idle timeout or the maximum lifetime
+        (1001, going away), each with its cause. Checks a few times per the shorter limit."""
+        limits = [t for t in (self._idle_timeout_s, self._max_lifetime_s) if t > 0]
+        if not limits:
+            return
+        loop = asyncio.get_running_loop()
+        while True:
+            await asyncio.sleep(min(1.0, min(limits) / 4))
+            now = loop.time()
+            due: list[tuple[str, Cause, str]] = []
+            for conn_id, opened_at in list(self._opened_at.items()):
+                if conn_id in self._causes:
+                    continue  # being closed already
+                if self._max_lifetime_s and now - opened_at > self._max_lifetime_s:
+                    due.append((conn_id, Cause.MAX_LIFETIME, "maximum lifetime"))
+                elif self._idle_timeout_s and now - self._active_at[conn_id] > self._idle_timeout_s:
+                    due.append((conn_id, Cause.IDLE_TIMEOUT, "idle timeout"))
+            for conn_id, cause, reason in due:
+                ws = self._sockets.get(conn_id)
+                if ws is None:
+                    continue
+                self._causes[conn_id] = cause
+                # Not waited for here: each close waits for its client's close frame.
+                task = asyncio.create_task(_close_quietly(ws, 1001, reason))
+                self._closing.add(task)
+                task.add_done_callback(self._closing.discard)
 
     def shutting_down(self) -> None:
         """The node is stopping: the sockets closed from now on close for that."""

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 from websockets.asyncio.client import connect
+from websockets.exceptions import ConnectionClosed
 
 from conntrack.core.events import Connected, Disconnected, Event
 from conntrack.core.settings import Settings
@@ -154,6 +155,48 @@ async def test_a_stalled_node_is_fenced_closes_its_sockets_with_1012_and_comes_b
             assert len(each[second]) == 1, "the new incarnation must not be fenced"
             assert len(each[first]) == 2
     assert "event=node_fenced" in node.log()
+
+
+async def test_the_gateway_closes_idle_and_old_sockets_and_says_why(
+    kafka_settings: Settings, tmp_path: Path
+) -> None:
+    limits = {
+        "CONNTRACK_GATEWAY_IDLE_TIMEOUT_SECONDS": "1",
+        "CONNTRACK_GATEWAY_MAX_LIFETIME_SECONDS": "3",
+    }
+    async with (
+        with_command_topics(kafka_settings) as base,
+        with_lifecycle_topics(base, LEASE_S) as settings,
+        lifecycle_role(settings),
+        gateway_node(settings, "limits", tmp_path / "limits.log", HEARTBEAT_S, limits) as node,
+        connect(node.url) as quiet,
+        connect(node.url) as chatty,
+    ):
+        opened = time.monotonic()
+
+        async def chat() -> None:
+            while True:
+                await chatty.send("still here")
+                await asyncio.sleep(0.2)
+
+        chatting = asyncio.create_task(chat())
+        await asyncio.wait_for(quiet.wait_closed(), 10)
+        quiet_after = time.monotonic() - opened
+        await asyncio.wait_for(chatty.wait_closed(), 10)
+        chatty_after = time.monotonic() - opened
+        chatting.cancel()
+        with contextlib.suppress(asyncio.CancelledError, ConnectionClosed):
+            await chatting
+        each = await told_until(
+            settings, lambda each: all(len(each.get(own_id(c), ())) == 2 for c in (quiet, chatty))
+        )
+    assert (quiet.close_code, quiet.close_reason) == (1001, "idle timeout")
+    assert (chatty.close_code, chatty.close_reason) == (1001, "maximum lifetime")
+    assert 0.8 <= quiet_after < 3, quiet_after
+    assert 2.8 <= chatty_after < 6, chatty_after
+    assert each[own_id(quiet)][1].event.closed.reason == CLOSED.IDLE_TIMEOUT
+    assert each[own_id(chatty)][1].event.closed.reason == CLOSED.MAX_LIFETIME
+    assert each[own_id(chatty)][1].event.closed.status_code == 1001
 
 
 async def test_told_exactly_once_while_the_role_is_killed_again_and_again(
