@@ -33,7 +33,7 @@ FENCE_NOTICE_TTL_NS: Final = 7 * 24 * 3600 * NANOS_PER_SECOND
 @dataclass(frozen=True, slots=True)
 class Record:
     key: bytes
-    value: bytes | None  # None: a tombstone (the state topic)
+    value: bytes
     headers: list[tuple[str, bytes]]
 
 

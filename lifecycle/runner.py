@@ -43,7 +43,6 @@ from conntrack.core.settings import Settings
 from conntrack.core.timeutil import NANOS_PER_SECOND
 from conntrack.lifecycle.metrics import LifecycleMetrics
 from conntrack.lifecycle.records import (
-    Record,
     fence_event_record,
     fence_notice_record,
     lifecycle_record,
@@ -355,9 +354,12 @@ class LifecycleRole:
     ) -> None:
         s = self._settings
         async with producer.transaction():
-            await _send_batched(producer, s.lifecycle_topic, map(lifecycle_record, told))
-            states = (
-                Record(key.encode(), None if value is None else value.encode(), [])
+            records = map(lifecycle_record, told)
+            await _send_batched(
+                producer, s.lifecycle_topic, ((r.key, r.value, r.headers) for r in records)
+            )
+            states: Iterable[_Out] = (
+                (key.encode(), None if value is None else value.encode(), [])
                 for key, value in changes.items()
             )
             await _send_batched(producer, s.lifecycle_state_topic, states)
@@ -390,24 +392,24 @@ class LifecycleRole:
         await self._commit(producer, told, changes, {})
 
 
-async def _send_batched(producer: AIOKafkaProducer, topic: str, records: Iterable[Record]) -> None:
+# A record to hand over: key, value (None: a tombstone), headers.
+_Out = tuple[bytes, bytes | None, list[tuple[str, bytes]]]
+
+
+async def _send_batched(producer: AIOKafkaProducer, topic: str, records: Iterable[_Out]) -> None:
     """Hand records to the producer a partition's batch at a time (each record on its key's
-    partition, as the default partitioner places it, in order): an order of magnitude less work
-    per record than send(). The transaction's commit waits for their delivery."""
+    partition, as the default partitioner places it, in order): far less work per record than
+    send(). The transaction's commit waits for their delivery."""
     partitions = len(await producer.partitions_for(topic))
-    by_partition: dict[int, list[Record]] = {}
+    by_partition: dict[int, list[_Out]] = {}
     for record in records:
-        by_partition.setdefault(partition_of(record.key, partitions), []).append(record)
+        by_partition.setdefault(partition_of(record[0], partitions), []).append(record)
     for partition, part in by_partition.items():
         batch = producer.create_batch()
-        for record in part:
-            appended = batch.append(
-                key=record.key, value=record.value, timestamp=None, headers=record.headers
-            )
-            if appended is None:  # full: send it, and start the next one with this record
+        for key, value, headers in part:
+            if batch.append(key=key, value=value, timestamp=None, headers=headers) is None:
+                # Full: send it, and start the next one with this record.
                 await producer.send_batch(batch, topic, partition=partition)
                 batch = producer.create_batch()
-                batch.append(
-                    key=record.key, value=record.value, timestamp=None, headers=record.headers
-                )
+                batch.append(key=key, value=value, timestamp=None, headers=headers)
         await producer.send_batch(batch, topic, partition=partition)

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import random
 import time
 from collections.abc import AsyncIterator
@@ -15,6 +14,7 @@ from pathlib import Path
 
 import pytest
 from aiohttp import web
+from cloudevents.http import from_http
 from pydantic import SecretStr
 
 from conntrack.core.events import Connected, Disconnected, Event
@@ -50,7 +50,9 @@ class Receiver:
         if request.headers.get(SIGNATURE_HEADER) != signature(SECRET.encode(), body):
             self.bad_signatures += 1
             return web.Response(status=401)
-        event = json.loads(body)
+        # Read as the CloudEvents SDK reads a structured-mode request.
+        cloud_event = from_http(dict(request.headers), body)
+        event = {**cloud_event.get_attributes(), "data": cloud_event.data}
         if event["type"] == self.refuse_type:
             return web.Response(status=422)
         if self.rnd.random() < self.fail_share:
