@@ -22,7 +22,6 @@ import ssl
 import sys
 from collections.abc import Callable, Coroutine, Iterable
 from enum import IntEnum
-from importlib.metadata import PackageNotFoundError, version
 from typing import Any, NoReturn
 
 from aiokafka.errors import KafkaConnectionError, KafkaError
@@ -30,6 +29,7 @@ from pydantic import SecretStr, ValidationError
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import ArgumentError, DBAPIError, OperationalError
 
+from conntrack.core.build_info import package_version
 from conntrack.core.environment import unknown_variables
 from conntrack.core.kafka import KafkaSetupError
 from conntrack.core.process import setup_logging, tune_gc
@@ -65,13 +65,6 @@ ALIASES: dict[str, tuple[str, ...]] = {
     "rebuild_max_switch_gap": ("--max-switch-gap",),
     "rebuild_lock_timeout_seconds": ("--lock-timeout",),
 }
-
-
-def package_version() -> str:
-    try:
-        return version("ws-connection-tracker")
-    except PackageNotFoundError:  # run from a source tree that was never installed
-        return "unknown"
 
 
 def parser(prog: str, description: str | None, sections: Iterable[str]) -> argparse.ArgumentParser:

@@ -565,7 +565,7 @@ SECTION_READERS: dict[str, str] = {
     "lifecycle": "conntrack-lifecycle",
     "webhook": "conntrack-lifecycle webhook",
     "gateway": "conntrack-gateway",
-    "metrics": "conntrack-projector, conntrack-api serve, conntrack-lifecycle",
+    "metrics": "conntrack-projector, conntrack-api serve, conntrack-lifecycle, conntrack-gateway",
     "logging": "every command",
 }
 assert SECTION_READERS.keys() == SECTIONS.keys()

@@ -11,6 +11,7 @@ import logging
 import re
 import socket
 
+from prometheus_client import start_http_server
 from websockets.asyncio.server import serve as serve_websockets
 
 from conntrack.core import cli
@@ -21,6 +22,7 @@ from conntrack.core.process import (
 )
 from conntrack.core.settings import Settings, env_name
 from conntrack.gateway.handshake import HandshakeConfigError, Handshakes
+from conntrack.gateway.metrics import gateway_registry
 from conntrack.gateway.server import Gateway
 from conntrack.producer.commands import NodeCommands
 from conntrack.producer.errors import (
@@ -102,6 +104,9 @@ async def run(settings: Settings) -> int:
                 linger_ms=settings.commands_linger_ms,
                 fetch_wait_ms=settings.commands_fetch_wait_ms,
             )
+            if settings.metrics_port:
+                registry = gateway_registry(gateway, publisher.stats, commands.stats)
+                start_http_server(settings.metrics_port, registry=registry)
             async with commands:
                 try:
                     server = await serve_websockets(
@@ -162,7 +167,7 @@ async def run(settings: Settings) -> int:
 
 def main(argv: list[str] | None = None) -> None:
     prog = "conntrack-gateway"
-    sections = ("kafka", "gateway", "logging")
+    sections = ("kafka", "gateway", "metrics", "logging")
     parser = cli.parser(prog, __doc__, sections)
     ns = parser.parse_args(argv)
     settings = cli.start(prog, ns, gen0_threshold=GATEWAY_GEN0_THRESHOLD)

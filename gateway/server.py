@@ -64,6 +64,17 @@ async def _close_quietly(ws: ServerConnection, code: int, reason: str) -> None:
         await ws.close(code, reason)
 
 
+# What gateway_sockets_closed{why} calls each cause the gateway closes a socket for.
+_WHY: Final = {
+    Cause.DISCONNECTED_BY_API: "api",
+    Cause.GATEWAY_SHUTDOWN: "shutdown",
+    Cause.IDLE_TIMEOUT: "idle_timeout",
+    Cause.MAX_LIFETIME: "max_lifetime",
+    Cause.GATEWAY_ERROR: "error",
+    Cause.NODE_FENCED: "fenced",
+}
+
+
 class Gateway:
     """The sockets this node holds, the WebSocket handler that publishes their events, and the
     command handler (send / disconnect) NodeCommands calls."""
@@ -87,6 +98,11 @@ class Gateway:
         self._opened_at: dict[str, float] = {}
         self._active_at: dict[str, float] = {}
         self._closing: set[asyncio.Task[None]] = set()
+        # Counters the metrics read when scraped (gateway/metrics.py).
+        self.frames_received = 0
+        self.frames_sent = 0
+        self.handshakes_refused: dict[int, int] = {}
+        self.closed_by_gateway: dict[str, int] = {}
         # The node's incarnation each socket's Connected carried.
         self._incarnations: dict[str, int] = {}
         # Why the gateway itself closed a socket (absent: the client did, or it dropped).
@@ -103,6 +119,8 @@ class Gateway:
         except HandshakeRefused as exc:
             # An ordinary refusal, not the gateway's failure: logged below ERROR.
             log.info("event=handshake_refused status=%d reason=%s", exc.status, exc)
+            status = int(exc.status)
+            self.handshakes_refused[status] = self.handshakes_refused.get(status, 0) + 1
             response = ws.respond(exc.status, f"{exc}\n")
             if exc.status == HTTPStatus.UNAUTHORIZED and self._handshakes.mode == "jwt":
                 response.headers["WWW-Authenticate"] = 'Bearer error="invalid_token"'
@@ -153,6 +171,7 @@ class Gateway:
             try:
                 loop = asyncio.get_running_loop()
                 async for _ in ws:
+                    self.frames_received += 1
                     self._active_at[conn_id] = loop.time()
                     await self._publisher.activity(conn_id, frames=1)
             except ConnectionClosed:
@@ -173,6 +192,9 @@ class Gateway:
         cause = self._causes.pop(conn_id, None) or (
             Cause.GATEWAY_SHUTDOWN if self._shutting_down else Cause.CLIENT_CLOSED
         )
+        if cause is not Cause.CLIENT_CLOSED:
+            why = _WHY[cause]
+            self.closed_by_gateway[why] = self.closed_by_gateway.get(why, 0) + 1
         try:
             await self._publisher.disconnected(
                 conn_id, status_code=code, reason=reason.replace("\x00", ""), cause=cause
@@ -192,6 +214,7 @@ class Gateway:
             await ws.send(data.decode("utf-8") if data_type is DataType.TEXT else data)
         except ConnectionClosed:
             return False
+        self.frames_sent += 1
         return True
 
     async def disconnect(self, connection_id: str, status_code: int, reason: str, /) -> bool:

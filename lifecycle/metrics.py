@@ -13,6 +13,8 @@ from prometheus_client import (
     ProcessCollector,
 )
 
+from conntrack.core.build_info import register_build_info
+
 
 class LifecycleMetrics:
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
@@ -21,6 +23,7 @@ class LifecycleMetrics:
         ProcessCollector(registry=r)
         GCCollector(registry=r)
         PlatformCollector(registry=r)
+        register_build_info(r, "lifecycle")
         self.told = Counter(
             "conntrack_lifecycle_told",
             "Lifecycle events committed to the lifecycle topic, by kind (opened, closed) and, "

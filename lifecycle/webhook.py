@@ -30,9 +30,17 @@ import aiohttp
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.errors import KafkaError
 from google.protobuf.json_format import MessageToDict
-from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    GCCollector,
+    Histogram,
+    PlatformCollector,
+    ProcessCollector,
+)
 
 from conntrack.core import kafka
+from conntrack.core.build_info import register_build_info
 from conntrack.core.kafka import KafkaConnection
 from conntrack.core.retry import Abandoned, Backoff, one_line
 from conntrack.core.settings import Settings
@@ -69,6 +77,10 @@ class WebhookMetrics:
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
         self.registry = registry or CollectorRegistry()
         r = self.registry
+        ProcessCollector(registry=r)
+        GCCollector(registry=r)
+        PlatformCollector(registry=r)
+        register_build_info(r, "webhook")
         self.attempts = Counter(
             "conntrack_webhook_attempts",
             "POSTs to the webhook, by outcome (delivered, retried, refused).",

@@ -4,7 +4,9 @@ docs/projector.md lists them with their meaning."""
 from __future__ import annotations
 
 import collections
-from typing import TYPE_CHECKING
+import time
+from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from conntrack.core.batch import Batch
@@ -20,6 +22,8 @@ from prometheus_client import (
     ProcessCollector,
 )
 
+from conntrack.core.build_info import register_build_info
+
 _BATCH_SIZE_BUCKETS = (1, 10, 50, 100, 500, 1000, 2000, 5000, 10000, 20000)
 
 
@@ -31,6 +35,20 @@ class ProjectorMetrics:
         ProcessCollector(registry=r)
         GCCollector(registry=r)
         PlatformCollector(registry=r)
+        register_build_info(r, "projector")
+        self.freshness_seconds = Histogram(
+            "conntrack_projector_freshness_seconds",
+            "From the log append of each batch's oldest record to the batch's commit: how long an "
+            "event takes to be visible to Get, as the projector sees it.",
+            buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300),
+            registry=r,
+        )
+        self.applied_append_time = Gauge(
+            "conntrack_projector_applied_append_timestamp_seconds",
+            "Log append time of the newest record applied (Unix time): time() minus this is how "
+            "far behind the read model is, in seconds.",
+            registry=r,
+        )
         self.last_poll = Gauge(
             "conntrack_projector_last_poll_timestamp_seconds",
             "When the loop last asked the broker for records (Unix time): a loop that hangs "
@@ -130,6 +148,16 @@ class ProjectorMetrics:
             "Tombstones of pruned connections deleted after their own retention.",
             registry=r,
         )
+
+    def applied(self, records: Mapping[Any, Sequence[Any]]) -> None:
+        """A batch of these records (per partition, in offset order) is committed now: how long
+        after the log appended them (the events topic stamps records with LogAppendTime)."""
+        now_ms = time.time() * 1000
+        stamps = [rs[0].timestamp for rs in records.values() if rs]
+        if stamps:
+            self.freshness_seconds.observe(max(0.0, now_ms - min(stamps)) / 1000)
+            newest = max(rs[-1].timestamp for rs in records.values() if rs)
+            self.applied_append_time.set(newest / 1000)
 
     def batch_committed(self, batch: Batch, result: BatchResult, elapsed: float) -> None:
         """Count one committed batch."""

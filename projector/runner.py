@@ -473,6 +473,7 @@ class Projector:
         elapsed = time.perf_counter() - started
         self.records_committed += batch.records
         self.metrics.batch_committed(batch, result, elapsed)
+        self.metrics.applied(prepared.records)
         commit: dict[TopicPartition, int] = {}
         for partition, (_, new) in advances.items():
             tp = self._partitions.advanced(partition, new)

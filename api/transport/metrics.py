@@ -37,6 +37,7 @@ from prometheus_client.multiprocess import MultiProcessCollector
 from prometheus_client.registry import Collector
 
 from conntrack.api.read.batching import LoaderStats
+from conntrack.core.build_info import register_build_info
 
 # Get is one indexed query: most answers take well under 10 ms; the tail shows a slow database.
 _LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
@@ -74,6 +75,7 @@ def aggregated_registry(multiproc_dir: str) -> CollectorRegistry:
     registry = CollectorRegistry()
     MultiProcessCollector(registry, path=multiproc_dir)  # type: ignore[no-untyped-call]
     PlatformCollector(registry=registry)
+    register_build_info(registry, "api")
     return registry
 
 
@@ -91,6 +93,7 @@ class ApiMetrics:
             ProcessCollector(registry=r)
             GCCollector(registry=r)
             PlatformCollector(registry=r)
+            register_build_info(r, "api")
         call_labels = ["grpc_type", "grpc_service", "grpc_method"]
         self.started = Counter(
             "grpc_server_started",

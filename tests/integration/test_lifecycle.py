@@ -30,6 +30,8 @@ from tests.support.lifecycle import (
     read_lifecycle,
     with_lifecycle_topics,
 )
+from tests.support.ports import free_port
+from tests.support.projector import scrape
 
 pytestmark = [pytest.mark.kafka, pytest.mark.slow]
 
@@ -163,9 +165,11 @@ async def test_a_stalled_node_is_fenced_closes_its_sockets_with_1012_and_comes_b
 async def test_the_gateway_closes_idle_and_old_sockets_and_says_why(
     kafka_settings: Settings, tmp_path: Path
 ) -> None:
+    metrics_port = free_port()
     limits = {
         "CONNTRACK_GATEWAY_IDLE_TIMEOUT_SECONDS": "1",
         "CONNTRACK_GATEWAY_MAX_LIFETIME_SECONDS": "3",
+        "CONNTRACK_METRICS_PORT": str(metrics_port),
     }
     async with (
         with_command_topics(kafka_settings) as base,
@@ -193,6 +197,8 @@ async def test_the_gateway_closes_idle_and_old_sockets_and_says_why(
         each = await told_until(
             settings, lambda each: all(len(each.get(own_id(c), ())) == 2 for c in (quiet, chatty))
         )
+        # The node's metrics say the same.
+        metrics = await scrape(metrics_port)
     assert (quiet.close_code, quiet.close_reason) == (1001, "idle timeout")
     assert (chatty.close_code, chatty.close_reason) == (1001, "maximum lifetime")
     assert 0.8 <= quiet_after < 3, quiet_after
@@ -200,6 +206,15 @@ async def test_the_gateway_closes_idle_and_old_sockets_and_says_why(
     assert each[own_id(quiet)][1].event.closed.reason == CLOSED.IDLE_TIMEOUT
     assert each[own_id(chatty)][1].event.closed.reason == CLOSED.MAX_LIFETIME
     assert each[own_id(chatty)][1].event.closed.status_code == 1001
+    assert metrics[("conntrack_gateway_sockets_closed_total", (("why", "idle_timeout"),))] == 1
+    assert metrics[("conntrack_gateway_sockets_closed_total", (("why", "max_lifetime"),))] == 1
+    assert metrics[("conntrack_gateway_open_sockets", ())] == 0
+    assert metrics[("conntrack_gateway_frames_received_total", ())] >= 10
+    assert metrics[("conntrack_publisher_events_delivered_total", ())] >= 4
+    assert metrics[("conntrack_publisher_heartbeats_total", (("outcome", "delivered"),))] >= 1
+    assert metrics[("conntrack_publisher_in_flight", ())] == 0
+    build = [dict(k[1]) for k in metrics if k[0] == "conntrack_build_info"]
+    assert [b["component"] for b in build] == ["gateway"]
 
 
 async def test_told_exactly_once_while_the_role_is_killed_again_and_again(

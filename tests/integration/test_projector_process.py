@@ -168,6 +168,18 @@ async def test_poison_events_are_dead_lettered_with_provenance_and_counted(
     assert metrics[("conntrack_projector_batch_seconds_count", ())] >= 1
     assert metrics[("conntrack_projector_assigned_partitions", ())] == 3
     assert metrics[("conntrack_projector_last_poll_timestamp_seconds", ())] > time.time() - 60
+    # Freshness: how long after their append the batches' events became visible.
+    assert metrics[("conntrack_projector_freshness_seconds_count", ())] >= 1
+    assert (
+        0
+        < metrics[("conntrack_projector_freshness_seconds_sum", ())]
+        < 60 * (metrics[("conntrack_projector_freshness_seconds_count", ())])
+    )
+    newest = max(m.timestamp for m in metas) / 1000
+    assert metrics[("conntrack_projector_applied_append_timestamp_seconds", ())] == newest
+    build = [k for k in metrics if k[0] == "conntrack_build_info"]
+    assert len(build) == 1
+    assert dict(build[0][1])["component"] == "projector"
     assert metrics[("process_resident_memory_bytes", ())] > 0
     assert ("python_gc_collections_total", (("generation", "0"),)) in metrics
     for partition, end in ends.items():
