@@ -72,8 +72,8 @@ async def webhook(settings: Settings) -> int:
     )
     try:
         await sink.run()
-    except Abandoned:
-        log.info("event=abandoned_start: stopped before the broker could be reached")
+    except Abandoned as exc:
+        log.info("event=abandoned_start cause=%s: stopped before it could read the stream", exc)
     log.info("stopped cleanly delivered=%d", sink.delivered)
     return cli.Exit.OK
 

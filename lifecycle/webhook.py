@@ -39,7 +39,7 @@ from prometheus_client import (
     ProcessCollector,
 )
 
-from conntrack.core import kafka
+from conntrack.core import aiokafka_internals, kafka
 from conntrack.core.build_info import register_build_info
 from conntrack.core.kafka import KafkaConnection
 from conntrack.core.retry import Abandoned, Backoff, one_line
@@ -54,6 +54,7 @@ CONTENT_TYPE: Final = "application/cloudevents+json; charset=utf-8"
 _RETRIED_STATUSES: Final = frozenset({408, 429})
 _FIRST_BACKOFF_S: Final = 0.5
 _MAX_RECORDS: Final = 500
+_TOPIC_WAIT_S: Final = 5.0
 
 
 def signature(secret: bytes, body: bytes) -> str:
@@ -129,20 +130,10 @@ class WebhookSink:
     async def run(self) -> None:
         """Until stop(). Raises Abandoned if stopped before the broker could be reached."""
         s = self._settings
-        consumer = AIOKafkaConsumer(
-            **self._kafka.options(),
-            group_id=s.webhook_group,
-            enable_auto_commit=False,
-            isolation_level="read_committed",
-            auto_offset_reset="earliest",
-        )
-        dead_letters = AIOKafkaProducer(
-            **self._kafka.options(), acks="all", enable_idempotence=True
-        )
+        consumer, dead_letters = await self._connect()
         timeout = aiohttp.ClientTimeout(total=s.webhook_timeout_seconds)
         try:
             consumer.subscribe([s.lifecycle_topic])
-            await self._start(consumer, dead_letters)
             async with aiohttp.ClientSession(timeout=timeout) as http:
                 while not self._stopping.is_set():
                     data = await consumer.getmany(timeout_ms=500, max_records=_MAX_RECORDS)
@@ -166,25 +157,56 @@ class WebhookSink:
         finally:
             await kafka.close(consumer, dead_letters)
 
-    async def _start(self, consumer: AIOKafkaConsumer, dead_letters: AIOKafkaProducer) -> None:
+    async def _connect(self) -> tuple[AIOKafkaConsumer, AIOKafkaProducer]:
+        """Started clients (fresh ones for every attempt: an aiokafka client cannot start again
+        after a failed start), the dead-letter topic provisioned, the lifecycle topic there."""
+        s = self._settings
         delays = self._backoff.delays()
+        said_waiting = False
         while True:
+            consumer = AIOKafkaConsumer(
+                **self._kafka.options(),
+                group_id=s.webhook_group,
+                enable_auto_commit=False,
+                isolation_level="read_committed",
+                auto_offset_reset="earliest",
+            )
+            dead_letters = AIOKafkaProducer(
+                **self._kafka.options(), acks="all", enable_idempotence=True
+            )
             try:
                 await kafka.start(consumer, self._kafka)
                 await kafka.start(dead_letters, self._kafka)
                 replication, min_isr = default_replication(await broker_count(self._kafka))
                 await ensure_topics(
-                    self._kafka,
-                    [TopicSpec(self._settings.webhook_dead_letter_topic, 1, replication, min_isr)],
+                    self._kafka, [TopicSpec(s.webhook_dead_letter_topic, 1, replication, min_isr)]
                 )
-                return
+                while not await aiokafka_internals.topic_partitions(consumer, s.lifecycle_topic):
+                    if not said_waiting:
+                        log.warning(
+                            "event=waiting_for_topic topic=%s: conntrack-lifecycle creates it "
+                            "on its first start",
+                            s.lifecycle_topic,
+                        )
+                        said_waiting = True
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(self._stopping.wait(), _TOPIC_WAIT_S)
+                    if self._stopping.is_set():
+                        raise Abandoned("topic")
+                return consumer, dead_letters
             except (KafkaError, OSError) as exc:
+                await kafka.close(consumer, dead_letters)
                 if self._stopping.is_set():
                     raise Abandoned("broker") from exc
                 delay = next(delays)
                 log.warning("event=retry cause=broker delay_s=%.1f error=%r", delay, one_line(exc))
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._stopping.wait(), delay)
+                if self._stopping.is_set():
+                    raise Abandoned("broker") from exc
+            except BaseException:
+                await kafka.close(consumer, dead_letters)
+                raise
 
     async def _deliver_all(
         self,
