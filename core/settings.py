@@ -366,10 +366,10 @@ class Settings(BaseSettings):
         100, ge=1, description="Longest wait before what was read is told and committed."
     )
     lifecycle_remember_closed_seconds: float = Field(
-        3600,
+        300,
         gt=0,
         description="How long a closed connection is remembered, so a late duplicate of its "
-        "events is not told again.",
+        "events is not told again (memory and state: one entry per connection closed within).",
     )
 
     # webhook: conntrack-lifecycle webhook, the lifecycle stream as signed HTTP POSTs
