@@ -30,6 +30,7 @@ from conntrack.core.commands import (
 )
 from conntrack.core.events import (
     Activity,
+    Cause,
     Connected,
     Disconnected,
     Event,
@@ -201,7 +202,8 @@ async def test_the_gateway_publishes_its_sockets_and_executes_commands(gateway: 
         events = await events_of(settings, len(events) + 1)
         (second_closed,) = [e for e in events if e.kind == "disconnected"]
         assert second_closed.connection_id == second_id
-        assert second_closed.payload == Disconnected(4001, "bye")
+        # Closed by the API's Disconnect: the event says so, for the lifecycle stream.
+        assert second_closed.payload == Disconnected(4001, "bye", Cause.DISCONNECTED_BY_API)
 
         # SIGTERM: the open socket is closed with 1001, its Disconnected published, exit 0.
         gateway.process.send_signal(signal.SIGTERM)

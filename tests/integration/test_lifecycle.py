@@ -26,6 +26,7 @@ from tests.support.lifecycle import (
     CLOSED,
     LifecycleProcess,
     assert_told_once,
+    kill_in_a_transaction,
     lifecycle_role,
     read_lifecycle,
     with_lifecycle_topics,
@@ -236,23 +237,28 @@ async def test_told_exactly_once_while_the_role_is_killed_again_and_again(
             events.append(Event(f"{cid}-c", cid, "gw-k", at, Connected("10.0.0.1", "ua")))
             if i % 3:
                 events.append(Event(f"{cid}-d", cid, "gw-k", at + 500, Disconnected(1000, "", 1)))
-        backlog, more = events[: len(events) * 3 // 4], events[len(events) * 3 // 4 :]
+        # A backlog, then events arriving all through the kills (the rounds need the role busy).
+        backlog, more = events[: len(events) // 2], events[len(events) // 2 :]
         bootstrap = settings.kafka_bootstrap_servers
         await publish(bootstrap, settings.events_topic, as_records(backlog))
 
         async def feed() -> None:
             for i in range(0, len(more), 500):
                 await publish(bootstrap, settings.events_topic, as_records(more[i : i + 500]))
+                await asyncio.sleep(0.2)
 
         feeding = asyncio.create_task(feed())
         processes: list[LifecycleProcess] = []
         try:
-            for _ in range(5):
+            for round_ in range(6):
                 process = LifecycleProcess(settings, tmp_path / f"lifecycle-{len(processes)}.log")
                 processes.append(process)
                 await process.started()
-                await asyncio.sleep(rnd.uniform(0.1, 0.6))
-                process.kill()
+                if round_ % 2:
+                    await asyncio.sleep(rnd.uniform(0.1, 1.0))
+                    process.kill()
+                else:  # while it writes: its transaction is open
+                    await kill_in_a_transaction(settings, process)
             await feeding
             last = LifecycleProcess(settings, tmp_path / "lifecycle-last.log")
             processes.append(last)

@@ -36,14 +36,17 @@ async def run(env: dict[str, str], *args: str) -> tuple[int, str, str]:
 async def topic_env(kafka_bootstrap: str) -> AsyncIterator[dict[str, str]]:
     events, dlq = unique("cli-events"), unique("cli-dlq")
     commands, outcomes = unique("cli-commands"), unique("cli-outcomes")
+    lifecycle, state = unique("cli-lifecycle"), unique("cli-lifecycle-state")
     yield {
         "CONNTRACK_KAFKA_BOOTSTRAP_SERVERS": kafka_bootstrap,
         "CONNTRACK_EVENTS_TOPIC": events,
         "CONNTRACK_DEAD_LETTER_TOPIC": dlq,
         "CONNTRACK_COMMANDS_TOPIC": commands,
         "CONNTRACK_COMMAND_OUTCOMES_TOPIC": outcomes,
+        "CONNTRACK_LIFECYCLE_TOPIC": lifecycle,
+        "CONNTRACK_LIFECYCLE_STATE_TOPIC": state,
     }
-    await delete_topics(kafka_bootstrap, [events, dlq, commands, outcomes])
+    await delete_topics(kafka_bootstrap, [events, dlq, commands, outcomes, lifecycle, state])
 
 
 async def test_topics_command_creates_then_reports_and_refuses_a_history_losing_topic(
@@ -52,6 +55,8 @@ async def test_topics_command_creates_then_reports_and_refuses_a_history_losing_
     events, dlq = topic_env["CONNTRACK_EVENTS_TOPIC"], topic_env["CONNTRACK_DEAD_LETTER_TOPIC"]
     commands = topic_env["CONNTRACK_COMMANDS_TOPIC"]
     outcomes = topic_env["CONNTRACK_COMMAND_OUTCOMES_TOPIC"]
+    lifecycle = topic_env["CONNTRACK_LIFECYCLE_TOPIC"]
+    state = topic_env["CONNTRACK_LIFECYCLE_STATE_TOPIC"]
     code, out, err = await run(topic_env, "topics", "--partitions", "3")
     assert (code, err) == (0, "")
     # One broker: one replica (the default follows the cluster), the events topic stamped by
@@ -69,6 +74,15 @@ async def test_topics_command_creates_then_reports_and_refuses_a_history_losing_
         "retention.ms=86400000, retention.bytes=-1, min.insync.replicas=1, "
         "message.timestamp.type=CreateTime, unclean.leader.election.enable=false; transient"
         for name in (commands, outcomes)
+    ] + [
+        # The lifecycle stream keeps history like the events; its state topic is compacted.
+        f"{lifecycle}: created, 3 partitions, replication factor 1, cleanup.policy=delete, "
+        "retention.ms=-1, retention.bytes=-1, min.insync.replicas=1, "
+        "message.timestamp.type=CreateTime, unclean.leader.election.enable=false; keeps history",
+        f"{state}: created, 3 partitions, replication factor 1, cleanup.policy=compact, "
+        "retention.ms=-1, retention.bytes=-1, min.insync.replicas=1, "
+        "message.timestamp.type=CreateTime, unclean.leader.election.enable=false; "
+        "compacted state",
     ]
     code, out, _ = await run(topic_env, "topics", "--partitions", "3")
     assert code == 0
@@ -77,6 +91,8 @@ async def test_topics_command_creates_then_reports_and_refuses_a_history_losing_
         f"{dlq}: exists",
         f"{commands}: exists",
         f"{outcomes}: exists",
+        f"{lifecycle}: exists",
+        f"{state}: exists",
     ]
 
     short_lived = unique("cli-short")

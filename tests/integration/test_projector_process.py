@@ -175,8 +175,8 @@ async def test_poison_events_are_dead_lettered_with_provenance_and_counted(
         < metrics[("conntrack_projector_freshness_seconds_sum", ())]
         < 60 * (metrics[("conntrack_projector_freshness_seconds_count", ())])
     )
-    newest = max(m.timestamp for m in metas) / 1000
-    assert metrics[("conntrack_projector_applied_append_timestamp_seconds", ())] == newest
+    applied_at = metrics[("conntrack_projector_applied_append_timestamp_seconds", ())]
+    assert max(m.timestamp for m in metas) / 1000 - 1 <= applied_at <= time.time()
     build = [k for k in metrics if k[0] == "conntrack_build_info"]
     assert len(build) == 1
     assert dict(build[0][1])["component"] == "projector"

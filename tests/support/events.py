@@ -60,7 +60,8 @@ def _poison_message(**changes: Any) -> bytes:
             msg.occurred_at.CopyFrom(value)
         elif name == "kind":
             msg.ClearField("activity")
-            return msg.SerializeToString() + bytes([15 << 3 | 2, 0])  # an unknown field 15
+            # An unknown field 16, length-delimited: its tag (16 << 3 | 2) is a two-byte varint.
+            return msg.SerializeToString() + bytes([0x82, 0x01, 0])
         else:
             setattr(msg, name, value)
     return msg.SerializeToString()

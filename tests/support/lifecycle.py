@@ -243,3 +243,40 @@ class LifecycleWatcher:
         self._task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await self._task
+
+
+async def kill_in_a_transaction(
+    settings: Settings, process: LifecycleProcess, within: float = 30
+) -> None:
+    """SIGKILL the role while a transaction of its is open on the lifecycle topic: when the
+    topic's high watermark (what read_uncommitted sees) is past its last stable offset (what
+    read_committed sees) on some partition. Fails if none is seen within `within` seconds."""
+    clients = [
+        AIOKafkaConsumer(
+            bootstrap_servers=settings.kafka_bootstrap_servers,
+            isolation_level=level,
+            enable_auto_commit=False,
+        )
+        for level in ("read_committed", "read_uncommitted")
+    ]
+    for client in clients:
+        await client.start()
+    try:
+        committed, uncommitted = clients
+        deadline = asyncio.get_running_loop().time() + within
+        while True:
+            parts = committed.partitions_for_topic(settings.lifecycle_topic)
+            if parts:
+                tps = [TopicPartition(settings.lifecycle_topic, p) for p in sorted(parts)]
+                stable = await committed.end_offsets(tps)
+                written = await uncommitted.end_offsets(tps)
+                if any(written[tp] > stable[tp] for tp in tps):
+                    process.kill()
+                    return
+            else:
+                await committed._client.force_metadata_update()
+            assert asyncio.get_running_loop().time() < deadline, "no open transaction seen"
+            await asyncio.sleep(0.005)
+    finally:
+        for client in clients:
+            await client.stop()
