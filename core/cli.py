@@ -29,10 +29,10 @@ from pydantic import SecretStr, ValidationError
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import ArgumentError, DBAPIError, OperationalError
 
-from conntrack.core.build_info import package_version
 from conntrack.core.environment import unknown_variables
 from conntrack.core.kafka import KafkaSetupError
 from conntrack.core.process import setup_logging, tune_gc
+from conntrack.core.process_metrics import package_version
 from conntrack.core.retry import one_line
 from conntrack.core.settings import SECTIONS, Settings, env_name
 

@@ -8,11 +8,11 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 from typing import Protocol
 
-from prometheus_client import CollectorRegistry, GCCollector, PlatformCollector, ProcessCollector
+from prometheus_client import CollectorRegistry
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from conntrack.core.build_info import register_build_info
+from conntrack.core.process_metrics import add_process_collectors
 from conntrack.producer.command_execution import NodeCommandsStats
 from conntrack.producer.outcomes import PublisherStats
 
@@ -146,9 +146,6 @@ def gateway_registry(
     commands: Callable[[], NodeCommandsStats | None],
 ) -> CollectorRegistry:
     registry = CollectorRegistry()
-    ProcessCollector(registry=registry)
-    GCCollector(registry=registry)
-    PlatformCollector(registry=registry)
-    register_build_info(registry, "gateway")
+    add_process_collectors(registry, "gateway")
     registry.register(_GatewayCollector(sockets, publisher, commands))
     return registry

@@ -235,19 +235,23 @@ class Gateway:
         """The lifecycle role fenced this node's incarnations up to `incarnation` (it was taken
         for lost): start a new incarnation, then close every socket of the fenced ones with
         1012 (service restart), so their clients connect again and are tracked anew."""
-        await self._publisher.new_incarnation()
-        fenced = [c for c, i in self._incarnations.items() if i <= incarnation]
-        for conn_id in fenced:
-            self._causes[conn_id] = Cause.NODE_FENCED
-        await asyncio.gather(
-            *(
-                ws.close(FENCED_CLOSE_CODE, "node fenced")
-                for conn_id in fenced
-                if (ws := self._sockets.get(conn_id)) is not None
-            ),
-            return_exceptions=True,
-        )
-        log.info("event=fenced_sockets_closed count=%d", len(fenced))
+        try:
+            await self._publisher.new_incarnation()
+        finally:
+            # Closed whether or not the new incarnation could be announced: the stream has told
+            # them closed, and the API no longer finds them.
+            fenced = [c for c, i in self._incarnations.items() if i <= incarnation]
+            for conn_id in fenced:
+                self._causes[conn_id] = Cause.NODE_FENCED
+            await asyncio.gather(
+                *(
+                    ws.close(FENCED_CLOSE_CODE, "node fenced")
+                    for conn_id in fenced
+                    if (ws := self._sockets.get(conn_id)) is not None
+                ),
+                return_exceptions=True,
+            )
+            log.info("event=fenced_sockets_closed count=%d", len(fenced))
 
     async def sweep(self) -> None:
         """Until cancelled: close the sockets past the idle timeout or the maximum lifetime

@@ -7,23 +7,17 @@ from prometheus_client import (
     CollectorRegistry,
     Counter,
     Gauge,
-    GCCollector,
     Histogram,
-    PlatformCollector,
-    ProcessCollector,
 )
 
-from conntrack.core.build_info import register_build_info
+from conntrack.core.process_metrics import add_process_collectors
 
 
 class LifecycleMetrics:
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
         self.registry = registry or CollectorRegistry()
         r = self.registry
-        ProcessCollector(registry=r)
-        GCCollector(registry=r)
-        PlatformCollector(registry=r)
-        register_build_info(r, "lifecycle")
+        add_process_collectors(r, "lifecycle")
         self.told = Counter(
             "conntrack_lifecycle_told",
             "Lifecycle events committed to the lifecycle topic, by kind (opened, closed) and, "

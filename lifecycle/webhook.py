@@ -33,15 +33,12 @@ from google.protobuf.json_format import MessageToDict
 from prometheus_client import (
     CollectorRegistry,
     Counter,
-    GCCollector,
     Histogram,
-    PlatformCollector,
-    ProcessCollector,
 )
 
 from conntrack.core import aiokafka_internals, kafka
-from conntrack.core.build_info import register_build_info
 from conntrack.core.kafka import KafkaConnection
+from conntrack.core.process_metrics import add_process_collectors
 from conntrack.core.retry import Abandoned, Backoff, one_line
 from conntrack.core.settings import Settings
 from conntrack.lifecycle.records import decode_lifecycle
@@ -78,10 +75,7 @@ class WebhookMetrics:
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
         self.registry = registry or CollectorRegistry()
         r = self.registry
-        ProcessCollector(registry=r)
-        GCCollector(registry=r)
-        PlatformCollector(registry=r)
-        register_build_info(r, "webhook")
+        add_process_collectors(r, "webhook")
         self.attempts = Counter(
             "conntrack_webhook_attempts",
             "POSTs to the webhook, by outcome (delivered, retried, refused).",

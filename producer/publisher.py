@@ -63,6 +63,9 @@ from conntrack.producer.spool import Spool
 from conntrack.producer.spooling import Spooling
 from conntrack.producer.validation import check_id, checked_value
 
+# How often new_incarnation() looks whether a producer is there again.
+_PRODUCER_WAIT_S = 0.05
+
 log = logging.getLogger(__name__)
 
 __all__ = ["Publisher", "PublisherStats", "UndeliverableCallback"]
@@ -293,10 +296,17 @@ class Publisher:
             self._require_accepting()
             if self._node is None:
                 raise PublisherError("new_incarnation() needs the node role (node_id=...)")
-            producer = self._slot.producer
-            if producer is None or self._slot.replacing:
-                raise BrokerUnavailableError("no producer to publish NodeStarted with right now")
-            deadline = asyncio.get_running_loop().time() + self._delivery_timeout_s
+            loop = asyncio.get_running_loop()
+            deadline = loop.time() + self._delivery_timeout_s
+            # A producer being replaced (after a failed delivery, as when the node was paused)
+            # is waited for, within the same deadline.
+            while (producer := self._slot.producer) is None or self._slot.replacing:
+                if loop.time() >= deadline:
+                    raise BrokerUnavailableError(
+                        f"no producer to publish NodeStarted with within "
+                        f"{self._delivery_timeout_s:g} s"
+                    )
+                await asyncio.sleep(_PRODUCER_WAIT_S)
             await self._node.announce_start(producer, deadline)
             assert self._node.incarnation is not None
             return self._node.incarnation

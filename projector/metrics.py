@@ -16,13 +16,10 @@ from prometheus_client import (
     CollectorRegistry,
     Counter,
     Gauge,
-    GCCollector,
     Histogram,
-    PlatformCollector,
-    ProcessCollector,
 )
 
-from conntrack.core.build_info import register_build_info
+from conntrack.core.process_metrics import add_process_collectors
 
 _BATCH_SIZE_BUCKETS = (1, 10, 50, 100, 500, 1000, 2000, 5000, 10000, 20000)
 
@@ -32,10 +29,7 @@ class ProjectorMetrics:
         self.registry = registry or CollectorRegistry()
         r = self.registry
         # The process's own families (process_*, python_gc_*, python_info), as every exporter has.
-        ProcessCollector(registry=r)
-        GCCollector(registry=r)
-        PlatformCollector(registry=r)
-        register_build_info(r, "projector")
+        add_process_collectors(r, "projector")
         self.freshness_seconds = Histogram(
             "conntrack_projector_freshness_seconds",
             "From the log append of each batch's oldest record to the batch's commit: how long an "

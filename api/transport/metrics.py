@@ -26,10 +26,8 @@ from prometheus_client import (
     CollectorRegistry,
     Counter,
     Gauge,
-    GCCollector,
     Histogram,
     PlatformCollector,
-    ProcessCollector,
     start_http_server,
 )
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
@@ -37,7 +35,7 @@ from prometheus_client.multiprocess import MultiProcessCollector
 from prometheus_client.registry import Collector
 
 from conntrack.api.read.batching import LoaderStats
-from conntrack.core.build_info import register_build_info
+from conntrack.core.process_metrics import add_process_collectors, register_build_info
 
 # Get is one indexed query: most answers take well under 10 ms; the tail shows a slow database.
 _LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
@@ -90,10 +88,7 @@ class ApiMetrics:
         r = self.registry
         if not multiprocess:
             # What the default registry holds (process_*, python_gc_*, python_info).
-            ProcessCollector(registry=r)
-            GCCollector(registry=r)
-            PlatformCollector(registry=r)
-            register_build_info(r, "api")
+            add_process_collectors(r, "api")
         call_labels = ["grpc_type", "grpc_service", "grpc_method"]
         self.started = Counter(
             "grpc_server_started",
