@@ -324,6 +324,7 @@ async def cmd_rebuild(settings: Settings, ns: argparse.Namespace) -> int:
                 batch_events=settings.rebuild_batch_events,
                 max_events_per_second=settings.rebuild_max_events_per_second,
                 max_switch_gap=settings.rebuild_max_switch_gap,
+                node_lease_seconds=settings.node_lease_seconds,
                 lock_timeout_seconds=settings.rebuild_lock_timeout_seconds,
                 switch=not ns.no_switch,
                 on_batch=show,

@@ -12,7 +12,13 @@ from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from conntrack.audit.log import Bounds, LogReader, partition_for_key
-from conntrack.core.events import Event, EventTuple, InvalidEvent, decode_record
+from conntrack.core.events import (
+    Event,
+    EventTuple,
+    InvalidEvent,
+    decode_record,
+    decode_record_tuple,
+)
 from conntrack.core.fold import (
     ConnectionState,
     NodeState,
@@ -94,6 +100,26 @@ async def fold_until(
     start, cut = await reader.beginning(parts), await reader.offsets_at(parts, timestamp_ms)
     bounds = {p: (start[p], max(start[p], cut[p])) for p in parts}
     return await fold_log(reader, bounds, on_progress)
+
+
+async def read_event_tuples(
+    reader: LogReader, on_progress: OnProgress | None = None
+) -> list[EventTuple]:
+    """Every event of the whole log, as the fold takes them (records that do not decode are
+    left out: they fold to nothing). For answers about moments by the events' own times
+    (core/history.py, replay_at), where a cut of the log by its timestamps would not do."""
+    bounds = await reader.full_bounds()
+    total = sum(max(0, end - start) for start, end in bounds.values())
+    out: list[EventTuple] = []
+    async for batch in reader.read(bounds):
+        for record in batch:
+            try:
+                out.append(decode_record_tuple(record.value, record.key))
+            except InvalidEvent:
+                pass
+        if on_progress is not None:
+            on_progress(len(out), total)
+    return out
 
 
 @dataclass(frozen=True)

@@ -50,6 +50,10 @@ class ReadModelTables:
     projection_offsets: Table
     nodes: Table
     connection_labels: Table
+    connection_history: Table
+    node_sightings: Table
+    node_fences: Table
+    history_since: Table
 
     @property
     def all(self) -> tuple[Table, ...]:
@@ -59,6 +63,10 @@ class ReadModelTables:
             self.projection_offsets,
             self.nodes,
             self.connection_labels,
+            self.connection_history,
+            self.node_sightings,
+            self.node_fences,
+            self.history_since,
         )
 
 
@@ -156,7 +164,59 @@ def define_read_model(metadata: MetaData, suffix: str = "") -> ReadModelTables:
         Column("gateway_id", String(MAX_ID_LENGTH), nullable=False),
     )
     Index(None, labels.c.gateway_id, labels.c.key, labels.c.value, labels.c.connection_id)
-    return ReadModelTables(conns, pruned, offsets, nodes, labels)
+
+    # Presence in time (core/history.py, docs/history.md; migration 0008). A closed connection's
+    # row, moved here by retention, once per hour its interval touches (`bucket`; `final` marks
+    # the row of its last hour, the one a principal's timeline reads). PostgreSQL partitions it
+    # by day, so the history is expired a partition at a time (core/history_store.py).
+    history = Table(
+        f"connection_history{suffix}",
+        metadata,
+        Column("bucket", BigInteger, primary_key=True, autoincrement=False),
+        # The connection's columns, connection_id the key's second part.
+        *(Column(c.name, c.type, primary_key=c.primary_key) for c in conns.columns),
+        Column("final", Integer, nullable=False),
+        postgresql_partition_by="RANGE (bucket)",
+    )
+    # An answer at a moment: the rows of its hour, a gateway's in connection_id order.
+    Index(None, history.c.bucket, history.c.gateway_id, history.c.connection_id)
+    # A connection as of a moment, by id.
+    Index(f"ix_{history.name}_id", history.c.connection_id)
+    # A principal's timeline and last sighting: its connections' final rows.
+    Index(
+        f"ix_{history.name}_principal",
+        history.c.principal,
+        history.c.gateway_id,
+        history.c.connected_at_ns,
+        postgresql_where=history.c.final == 1,
+        sqlite_where=history.c.final == 1,
+    )
+    # Each node's sightings, as intervals of one incarnation (core/history.py, Sighting).
+    sightings = Table(
+        f"node_sightings{suffix}",
+        metadata,
+        Column("node_id", String(MAX_ID_LENGTH), primary_key=True),
+        Column("incarnation", BigInteger, primary_key=True, autoincrement=False),
+        Column("first_seen_ns", BigInteger, primary_key=True, autoincrement=False),
+        Column("last_seen_ns", BigInteger, nullable=False),
+    )
+    # Each fence of a node's incarnation, with the earliest time it was decided.
+    fences = Table(
+        f"node_fences{suffix}",
+        metadata,
+        Column("node_id", String(MAX_ID_LENGTH), primary_key=True),
+        Column("incarnation", BigInteger, primary_key=True, autoincrement=False),
+        Column("fenced_at_ns", BigInteger, nullable=False),
+    )
+    # One row: since when this generation has kept node sightings (before that moment, answers
+    # in time cannot judge the nodes).
+    since = Table(
+        f"history_since{suffix}",
+        metadata,
+        Column("id", Integer, primary_key=True, autoincrement=False),
+        Column("since_ns", BigInteger, nullable=False),
+    )
+    return ReadModelTables(conns, pruned, offsets, nodes, labels, history, sightings, fences, since)
 
 
 def generation(suffix: str) -> ReadModelTables:
@@ -172,6 +232,7 @@ pruned_connections = LIVE.pruned_connections
 projection_offsets = LIVE.projection_offsets
 nodes = LIVE.nodes
 connection_labels = LIVE.connection_labels
+connection_history = LIVE.connection_history
 
 
 # A connection row's columns are ConnectionState's fields, by name.

@@ -152,6 +152,12 @@ class Settings(BaseSettings):
     retention_interval_seconds: float = Field(
         60.0, gt=0, description="Seconds between two retention passes."
     )
+    history_days: int = Field(
+        7,
+        ge=0,
+        description="Days of presence history kept for answers in time (docs/history.md): "
+        "connections pruned by retention move into it; 0 keeps none (pruned rows are deleted).",
+    )
 
     # api (docs/api.md, "Configuration" explains each one)
     api_listen: str = Field("127.0.0.1:50051", description="host:port the gRPC API listens on.")
@@ -537,6 +543,7 @@ SECTIONS: dict[str, tuple[str, ...]] = {
         "retention_disconnected_seconds",
         "retention_tombstone_seconds",
         "retention_interval_seconds",
+        "history_days",
     ),
     "api": tuple(n for n in Settings.model_fields if n.startswith("api_")),
     "liveness": (

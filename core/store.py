@@ -24,6 +24,7 @@ rows.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass
 
@@ -38,6 +39,7 @@ from sqlalchemy.exc import DataError, IntegrityError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from conntrack.core.fold import ConnectionState, NodeState
+from conntrack.core.history_store import NodeHistory, archive, note_since, write_node_history
 from conntrack.core.merge_sql import (
     STATE_FIELDS,
     database_error,
@@ -129,6 +131,8 @@ class ProjectionStore:
                 insert(projection_offsets).on_conflict_do_nothing(),
                 [{"topic": topic, "partition": p, "next_offset": 0} for p in parts],
             )
+            # From the first assignment on, batches keep the nodes' sightings (core/history.py).
+            await note_since(conn, self._tables, time.time_ns())
             rows = await conn.execute(
                 select(projection_offsets.c.partition, projection_offsets.c.next_offset).where(
                     projection_offsets.c.topic == topic,
@@ -150,17 +154,21 @@ class ProjectionStore:
         states: Mapping[str, ConnectionState],
         nodes: Mapping[str, NodeState] | None = None,
         on_refused: OnRefused | None = None,
+        history: NodeHistory | None = None,
     ) -> BatchResult:
         """Atomically move each partition from expected to new offset and merge the states (and
-        the nodes' states). advances: partition -> (expected stored offset, new offset). Raises
-        FencedError, or a REFUSALS error if the database will not take a state.
+        the nodes' states, and what the batch adds to their history). advances: partition ->
+        (expected stored offset, new offset). Raises FencedError, or a REFUSALS error if the
+        database will not take a state.
 
         With on_refused, states are merged in savepoints instead, and a part the database
         refuses is split until the states it refuses are found; those are left out, handed to
         on_refused (which must make them durable elsewhere, or raise to roll everything back),
         and the rest commits with the positions."""
         async with self._engine.begin() as conn:
-            return await self.apply_batch_in(conn, topic, advances, states, nodes, on_refused)
+            return await self.apply_batch_in(
+                conn, topic, advances, states, nodes, on_refused, history
+            )
 
     async def apply_batch_in(
         self,
@@ -170,6 +178,7 @@ class ProjectionStore:
         states: Mapping[str, ConnectionState],
         nodes: Mapping[str, NodeState] | None = None,
         on_refused: OnRefused | None = None,
+        history: NodeHistory | None = None,
     ) -> BatchResult:
         """apply_batch() inside the caller's transaction (a rebuild's switch folds its last
         events in the same transaction that swaps the generations)."""
@@ -196,6 +205,8 @@ class ProjectionStore:
                 )
         if nodes:
             await self._merge_nodes(conn, nodes)
+        if history:
+            await write_node_history(conn, self._tables, history)
         if not states:
             return BatchResult(0, 0)
         if on_refused is None:
@@ -315,10 +326,16 @@ class ProjectionStore:
         return int(result.rowcount)
 
     async def prune(
-        self, disconnected_before_ns: int, tombstones_before_ns: int | None, limit: int = CHUNK
+        self,
+        disconnected_before_ns: int,
+        tombstones_before_ns: int | None,
+        limit: int = CHUNK,
+        *,
+        keep_history: bool = False,
     ) -> PruneResult:
         """Delete up to `limit` rows of connections disconnected before disconnected_before_ns,
-        leaving a tombstone for each, and up to `limit` tombstones of disconnects before
+        leaving a tombstone for each (and, with keep_history, moving them into the history:
+        core/history_store.py), and up to `limit` tombstones of disconnects before
         tombstones_before_ns (None keeps tombstones). One small transaction; call again while
         it returns `limit` of either."""
         connections, pruned_connections = self._tables.connections, self._tables.pruned_connections
@@ -352,14 +369,22 @@ class ProjectionStore:
                             connections.c.connection_id.in_(victims),
                             connections.c.disconnected_at_ns < disconnected_before_ns,
                         )
-                        .returning(connections.c.connection_id, connections.c.disconnected_at_ns)
+                        .returning(*connections.columns)
                     )
                 ).all()
+                if deleted and keep_history:
+                    await archive(conn, self._tables, (row_to_state(r._mapping) for r in deleted))
                 if deleted:
                     insert = dialect_insert(conn)
                     await conn.execute(
                         insert(pruned_connections).on_conflict_do_nothing(),
-                        [{"connection_id": c, "disconnected_at_ns": d} for c, d in deleted],
+                        [
+                            {
+                                "connection_id": r.connection_id,
+                                "disconnected_at_ns": r.disconnected_at_ns,
+                            }
+                            for r in deleted
+                        ],
                     )
                 pruned = len(deleted)
             expired = 0

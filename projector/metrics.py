@@ -142,6 +142,18 @@ class ProjectorMetrics:
             "Tombstones of pruned connections deleted after their own retention.",
             registry=r,
         )
+        self.history_rows_expired = Counter(
+            "conntrack_projector_history_rows_expired",
+            "History rows older than the kept history, dropped (with their partitions on "
+            "PostgreSQL) or deleted.",
+            registry=r,
+        )
+        self.history_oldest = Gauge(
+            "conntrack_projector_history_oldest_seconds",
+            "The oldest moment answers in time can be asked about, as of the last retention "
+            "pass (Unix time).",
+            registry=r,
+        )
 
     def applied(self, records: Mapping[Any, Sequence[Any]]) -> None:
         """A batch of these records (per partition, in offset order) is committed now: how long

@@ -1,6 +1,7 @@
 """Retention: rows of connections that disconnected long ago are pruned in small transactions,
 each leaving a tombstone so a late duplicate cannot bring the connection back half-empty
-(core/store.py, prune())."""
+(core/store.py, prune()); with a history kept (history_days), a pruned row moves into it, and
+what is older than the kept history is expired (core/history_store.py)."""
 
 from __future__ import annotations
 
@@ -9,6 +10,8 @@ import contextlib
 import logging
 import time
 
+from conntrack.core.history import DAY_NS
+from conntrack.core.history_store import expire
 from conntrack.core.retry import Abandoned, Retrier
 from conntrack.core.settings import Settings
 from conntrack.core.store import CHUNK, ProjectionStore
@@ -34,7 +37,8 @@ class Retention:
 
     @property
     def enabled(self) -> bool:
-        return self._settings.retention_disconnected_seconds > 0
+        s = self._settings
+        return s.retention_disconnected_seconds > 0 or s.history_days > 0
 
     async def run(self) -> None:
         """Prune every retention_interval_seconds until stopping is set."""
@@ -60,9 +64,11 @@ class Retention:
             now_ns - tombstone_age_s * 1_000_000_000 if s.retention_tombstone_seconds > 0 else None
         )
         total = 0
-        while True:
+        keep = s.history_days > 0
+        while s.retention_disconnected_seconds > 0:
             result = await self._retry(
-                "database", lambda: self._store.prune(before, tombstones_before, CHUNK)
+                "database",
+                lambda: self._store.prune(before, tombstones_before, CHUNK, keep_history=keep),
             )
             total += result.pruned
             self._metrics.pruned.inc(result.pruned)
@@ -72,4 +78,21 @@ class Retention:
             await asyncio.sleep(0)  # let batches in between: pruning is never urgent
         if total:
             log.info("event=pruned rows=%d disconnected_before_ns=%d", total, before)
+        if keep:
+            horizon = now_ns - s.history_days * DAY_NS
+            lease_ns = round(s.node_lease_seconds * 1e9)
+            expired = await self._retry(
+                "database",
+                lambda: expire(self._store.engine, self._store.tables, horizon, lease_ns),
+            )
+            self._metrics.history_rows_expired.inc(expired.rows)
+            self._metrics.history_oldest.set(horizon / 1e9)
+            if expired.rows or expired.partitions:
+                log.info(
+                    "event=history_expired rows=%d partitions=%d sightings=%d before_ns=%d",
+                    expired.rows,
+                    expired.partitions,
+                    expired.sightings,
+                    horizon,
+                )
         return total

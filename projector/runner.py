@@ -35,6 +35,8 @@ from aiokafka.errors import IllegalStateError
 from conntrack.core import kafka
 from conntrack.core.batch import YIELD_EVERY, Batch, WriteBehind
 from conntrack.core.fold import ConnectionState, NodeState
+from conntrack.core.history import sighting_gap_ns
+from conntrack.core.history_store import NodeHistory
 from conntrack.core.kafka import KafkaConnection
 from conntrack.core.retry import TRANSIENT, Abandoned, Backoff, Retrier
 from conntrack.core.settings import Settings
@@ -75,6 +77,7 @@ class _Prepared:
     batch: Batch
     states: dict[str, ConnectionState]
     nodes: dict[str, NodeState]
+    history: NodeHistory
     records: dict[TopicPartition, list[Any]]  # what the batch was decoded from
     stamps: dict[TopicPartition, int]  # the seeks whose reads they were
 
@@ -87,6 +90,7 @@ class Projector:
     ) -> None:
         self._settings = settings
         self._store = store
+        self._sighting_gap_ns = sighting_gap_ns(round(settings.node_lease_seconds * 1e9))
         self.metrics = metrics or ProjectorMetrics()
         self._topic = settings.events_topic
         self._stopping = asyncio.Event()
@@ -399,7 +403,14 @@ class Projector:
                 await asyncio.sleep(0)
         if not batch.advances:
             return None
-        return _Prepared(batch, batch.fold(), batch.fold_nodes(), fetched.records, fetched.stamps)
+        return _Prepared(
+            batch,
+            batch.fold(),
+            batch.fold_nodes(),
+            batch.node_history(self._sighting_gap_ns),
+            fetched.records,
+            fetched.stamps,
+        )
 
     def _gap(self, tp: TopicPartition, start: int, records: list[Any], read_from: int) -> None:
         self.metrics.position_gaps.labels(tp.topic, str(tp.partition)).inc()
@@ -447,7 +458,7 @@ class Projector:
             )
             try:
                 return await self._store.apply_batch(
-                    self._topic, advances, states, prepared.nodes, isolate
+                    self._topic, advances, states, prepared.nodes, isolate, prepared.history
                 )
             except REFUSALS:
                 refusals += 1

@@ -25,7 +25,7 @@ import logging
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import astuple, dataclass
-from typing import Any, Final, TypeVar
+from typing import TYPE_CHECKING, Any, Final, TypeVar
 
 import grpc
 from google.protobuf.message import Message
@@ -47,6 +47,9 @@ from conntrack.core.liveness import Liveness
 from conntrack.core.protogen.conntrack.directory.v1 import directory_pb2
 from conntrack.core.settings import default
 from conntrack.core.timeutil import to_ns
+
+if TYPE_CHECKING:
+    from conntrack.api.application.history import HistoryRpc
 
 log = logging.getLogger(__name__)
 
@@ -230,6 +233,10 @@ class ConnectionDirectory:
         # As in ConnectionService: the nodes' state is read at most once per freshness TTL.
         self._nodes = SharedReading(repository.nodes, freshness_ttl_seconds)
 
+    @property
+    def liveness(self) -> Liveness:
+        return self._liveness
+
     async def list_connections(
         self, where: DirectoryFilter, *, page_size: int = 0, page_token: str = ""
     ) -> DirectoryPage:
@@ -246,7 +253,7 @@ class ConnectionDirectory:
             token = encode_page_token(where, next_after) if next_after is not None else ""
             return DirectoryPage(views, token, freshness)
 
-        return await self._bounded(read())
+        return await self.bounded(read())
 
     async def count_connections(self, where: DirectoryFilter) -> DirectoryCount:
         async def read() -> DirectoryCount:
@@ -254,7 +261,7 @@ class ConnectionDirectory:
             live = self._liveness.bounds((await self._nodes.get())[0], time.time_ns())
             return DirectoryCount(await self._repository.count_open(where, live), freshness)
 
-        return await self._bounded(read())
+        return await self.bounded(read())
 
     async def lookup(
         self, gateway_id: str, connection_ids: Sequence[str]
@@ -280,9 +287,10 @@ class ConnectionDirectory:
                 out[cid] = view if gone is None else gone
             return out
 
-        return await self._bounded(read())
+        return await self.bounded(read())
 
-    async def _bounded(self, read: Awaitable[T]) -> T:
+    async def bounded(self, read: Awaitable[T]) -> T:
+        """`read`, bounded by db_timeout_seconds; DirectoryUnavailable if it fails or is late."""
         try:
             async with asyncio.timeout(self._db_timeout):
                 return await read
@@ -296,7 +304,7 @@ class ConnectionDirectory:
             raise DirectoryUnavailable("read model is unavailable; retry") from exc
 
 
-def _timestamp_ns(name: str, message: Any, field: str) -> int | None:
+def timestamp_ns(name: str, message: Any, field: str) -> int | None:
     if not message.HasField(field):
         return None
     ts: Timestamp = getattr(message, field)
@@ -310,9 +318,9 @@ def filter_from_proto(gateway_id: str, f: directory_pb2.ConnectionFilter) -> Dir
         gateway_id,
         node_id=f.node_id,
         source_ip=f.source_ip,
-        last_active_before_ns=_timestamp_ns("filter.last_active_before", f, "last_active_before"),
-        connected_before_ns=_timestamp_ns("filter.connected_before", f, "connected_before"),
-        connected_after_ns=_timestamp_ns("filter.connected_after", f, "connected_after"),
+        last_active_before_ns=timestamp_ns("filter.last_active_before", f, "last_active_before"),
+        connected_before_ns=timestamp_ns("filter.connected_before", f, "connected_before"),
+        connected_after_ns=timestamp_ns("filter.connected_after", f, "connected_after"),
         principal=f.principal,
         label_selector=f.label_selector,
     )
@@ -355,11 +363,33 @@ class ConnectionDirectoryService:
         broadcast: BroadcastMethod | None = None,
         send_to: SendToMethod | None = None,
         disconnect: DisconnectManyMethod | None = None,
+        history: HistoryRpc | None = None,
     ) -> None:
         self._directory = directory
         self._broadcast = broadcast
         self._send_to = send_to
         self._disconnect = disconnect
+        self._history = history
+
+    def _in_time(self) -> HistoryRpc:
+        if self._history is None:
+            raise ApiError(grpc.StatusCode.UNIMPLEMENTED, "this server keeps no history")
+        return self._history
+
+    async def GetConnectionAsOf(
+        self, request: directory_pb2.GetConnectionAsOfRequest | UndecodableRequest, call: Call
+    ) -> directory_pb2.ConnectionAsOf:
+        return await self._in_time().get_connection_as_of(request)
+
+    async def GetLastSeen(
+        self, request: directory_pb2.GetLastSeenRequest | UndecodableRequest, call: Call
+    ) -> directory_pb2.LastSeen:
+        return await self._in_time().get_last_seen(request)
+
+    async def ListSessions(
+        self, request: directory_pb2.ListSessionsRequest | UndecodableRequest, call: Call
+    ) -> directory_pb2.ListSessionsResponse:
+        return await self._in_time().list_sessions(request)
 
     async def SendToConnections(
         self,
@@ -396,6 +426,8 @@ class ConnectionDirectoryService:
         try:
             valid = decoded(request)
             where = filter_from_proto(valid.gateway_id, valid.filter)
+            if valid.HasField("as_of"):
+                return await self._in_time().list_at(where, valid)
             page = await self._directory.list_connections(
                 where, page_size=valid.page_size, page_token=valid.page_token
             )
@@ -416,9 +448,10 @@ class ConnectionDirectoryService:
     ) -> directory_pb2.CountConnectionsResponse:
         try:
             valid = decoded(request)
-            counted = await self._directory.count_connections(
-                filter_from_proto(valid.gateway_id, valid.filter)
-            )
+            where = filter_from_proto(valid.gateway_id, valid.filter)
+            if valid.HasField("as_of"):
+                return await self._in_time().count_at(where, valid)
+            counted = await self._directory.count_connections(where)
         except InvalidDirectoryRequest as exc:
             raise ApiError(grpc.StatusCode.INVALID_ARGUMENT, str(exc)) from None
         except DirectoryUnavailable as exc:

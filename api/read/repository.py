@@ -20,6 +20,7 @@ from conntrack.api.read.database import (
     ReadSource,
     create_read_engine,
 )
+from conntrack.api.read.history import HistoryReader
 from conntrack.api.read.replicas import ReadReplicas, describe_url
 from conntrack.api.read.statements import (
     NODES,
@@ -80,6 +81,10 @@ class ConnectionRepository:
             max_in_flight=batch_max_in_flight,
             window=batch_window_seconds,
         )
+
+    def history(self) -> HistoryReader:
+        """Reads of presence in time through the same source (api/read/history.py)."""
+        return HistoryReader(self._source)
 
     def read_stats(self) -> LoaderStats:
         """How Get lookups were batched into queries (for metrics and tests)."""

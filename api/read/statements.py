@@ -6,7 +6,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from sqlalchemy import ColumnElement, Select, String, any_, bindparam, func, or_, select
+from sqlalchemy import ColumnElement, Select, String, Table, any_, bindparam, func, or_, select
 from sqlalchemy.dialects.postgresql import ARRAY
 
 from conntrack.api.read.views import ConnectionView, DirectoryFilter
@@ -27,6 +27,8 @@ OPEN_COLUMNS = select(
 )
 # The directory's rows: Get's columns and who the connection is for and its labels.
 DIRECTORY_COLUMNS = OPEN_COLUMNS.add_columns(connections.c.principal, connections.c.labels)
+# view_of()'s columns by name, for the same rows of another table (the history).
+VIEW_COLUMNS = tuple(c.name for c in DIRECTORY_COLUMNS.selected_columns)
 IS_OPEN = (connections.c.connected_at_ns.is_not(None), connections.c.disconnected_at_ns.is_(None))
 # One array parameter: the statement text (and so asyncpg's prepared statement) is the same
 # whatever the number of ids, where an IN list would prepare one statement per batch size.
@@ -92,15 +94,32 @@ def directory_page_statement(
     return DIRECTORY_COLUMNS.where(*conditions).order_by(connections.c.connection_id).limit(limit)
 
 
-def directory_conditions(where: DirectoryFilter, live: LiveBounds) -> list[ColumnElement[bool]]:
+def open_at(table: Table, at_ns: int) -> list[ColumnElement[bool]]:
+    """A row's connection was open at at_ns: connected by then, not disconnected by then."""
+    c = table.c
+    return [
+        c.connected_at_ns <= at_ns,
+        or_(c.disconnected_at_ns.is_(None), c.disconnected_at_ns > at_ns),
+    ]
+
+
+def directory_conditions(
+    where: DirectoryFilter,
+    live: LiveBounds,
+    table: Table = connections,
+    at_ns: int | None = None,
+) -> list[ColumnElement[bool]]:
     """The SQL form of `where` (its labels aside: label_candidates_statement) and of the
     liveness bounds (core/liveness.py,
     LiveBounds: the rule Get applies to one connection, here applied to all of them; a test
-    checks the two agree, tests/integration/test_directory.py)."""
-    c = connections.c
+    checks the two agree, tests/integration/test_directory.py). On the live table by default
+    (open now); with at_ns, on `table` (the connections or their history), open at that
+    moment (api/read/history.py)."""
+    c = table.c
     # An absent last activity is the connection time, as in view_of().
     last_active = func.coalesce(c.last_active_at_ns, c.connected_at_ns)
-    conditions: list[ColumnElement[bool]] = [c.gateway_id == where.gateway_id, *IS_OPEN]
+    is_open = list(IS_OPEN) if at_ns is None else open_at(table, at_ns)
+    conditions: list[ColumnElement[bool]] = [c.gateway_id == where.gateway_id, *is_open]
     if where.node_id is not None:
         conditions.append(c.node_id == where.node_id)
     if where.source_ip is not None:

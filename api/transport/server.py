@@ -22,6 +22,7 @@ from conntrack.api.application.directory import (
     ConnectionDirectory,
     ConnectionDirectoryService,
 )
+from conntrack.api.application.history import ConnectionHistory, HistoryRpc
 from conntrack.api.application.service import SERVICE, SERVICE_NAME, ConnectionService
 from conntrack.api.application.targets import MAX_ANSWER_BYTES, TargetedActions, TargetedRpc
 from conntrack.api.read.repository import ConnectionRepository, ReadModelUnavailable
@@ -79,6 +80,7 @@ class ApiServer:
         max_connection_age_seconds: float = default("api_max_connection_age_seconds"),
         max_connection_age_grace_seconds: float = default("api_max_connection_age_grace_seconds"),
         keepalive_seconds: float = default("api_keepalive_seconds"),
+        history_days: int = default("history_days"),
         worker: bool = False,
     ) -> None:
         """metrics_port None serves no /metrics endpoint; 0 picks a free port. metrics_host
@@ -122,11 +124,16 @@ class ApiServer:
             freshness_ttl_seconds=freshness_ttl_seconds,
         )
         targeted = TargetedRpc(TargetedActions(self.directory, commands), command_timeout_seconds)
+        # Answers in time (api/application/history.py); public like the directory.
+        self.history = ConnectionHistory(
+            repository.history(), self.directory, self.directory.liveness, history_days
+        )
         self._directory_service = ConnectionDirectoryService(
             self.directory,
             BroadcastRpc(Broadcaster(self.directory, commands), command_timeout_seconds),
             targeted.send,
             targeted.disconnect,
+            HistoryRpc(self.history),
         )
         self._commands = commands
         self._limit = CallLimit(max_concurrent_calls, self.metrics.in_flight.set)
@@ -169,6 +176,7 @@ class ApiServer:
             metrics_port=settings.metrics_port or None,
             metrics_host=settings.api_metrics_host,
             rest_port=settings.api_rest_port or None,
+            history_days=settings.history_days,
             liveness=Liveness.of_seconds(
                 settings.node_lease_seconds,
                 settings.connection_idle_timeout_seconds,

@@ -44,12 +44,20 @@ async def test_migrated_database_matches_the_models(database_url: str) -> None:
     diff, tables = await _inspect(database_url)
     assert diff == []
     assert tables == {
+        "connection_history": [
+            "ix_connection_history_bucket",
+            "ix_connection_history_id",
+            "ix_connection_history_principal",
+        ],
         "connection_labels": ["ix_connection_labels_gateway_id"],
         "connections": [
             "ix_connections_disconnected_at_ns",
             "ix_connections_gateway_id",
             "ix_connections_principal",
         ],
+        "history_since": [],
+        "node_fences": [],
+        "node_sightings": [],
         "nodes": [],
         "projection_offsets": [],
         "pruned_connections": ["ix_pruned_connections_disconnected_at_ns"],

@@ -16,6 +16,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from conntrack.core.events import Activity, Connected, Event
 from conntrack.core.fold import ConnectionState, NodeState, fold
+from conntrack.core.history_store import NodeHistory
 from conntrack.core.settings import Settings
 from conntrack.core.store import BatchResult, OnRefused, ProjectionStore
 from conntrack.projector.dead_letter import ERROR, SOURCE_OFFSET, SOURCE_PARTITION
@@ -58,9 +59,10 @@ class LostCommitReplies(ProjectionStore):
         states: Mapping[str, ConnectionState],
         nodes: Mapping[str, NodeState] | None = None,
         on_refused: OnRefused | None = None,
+        history: NodeHistory | None = None,
     ) -> BatchResult:
         self.calls += 1
-        result = await super().apply_batch(topic, advances, states, nodes, on_refused)
+        result = await super().apply_batch(topic, advances, states, nodes, on_refused, history)
         if self.calls % self.every == 0:
             self.lost += 1
             raise OperationalError("COMMIT", {}, ConnectionResetError("reply lost"))
@@ -130,12 +132,13 @@ class HeldFirstWrite(ProjectionStore):
         states: Mapping[str, ConnectionState],
         nodes: Mapping[str, NodeState] | None = None,
         on_refused: OnRefused | None = None,
+        history: NodeHistory | None = None,
     ) -> BatchResult:
         self.calls += 1
         if self.calls == 1:
             self.writing.set()
             await self.release.wait()
-        return await super().apply_batch(topic, advances, states, nodes, on_refused)
+        return await super().apply_batch(topic, advances, states, nodes, on_refused, history)
 
 
 async def test_a_batch_prepared_behind_a_fenced_one_is_dropped_and_read_again(

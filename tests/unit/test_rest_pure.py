@@ -45,14 +45,24 @@ def test_directory_routes_are_its_annotations() -> None:
         ("Broadcast", "POST", base + ":broadcast", "*"),
         ("SendToConnections", "POST", base + ":send", "*"),
         ("DisconnectConnections", "POST", base + ":disconnect", "*"),
+        ("GetConnectionAsOf", "GET", "/conntrack/directory/v1/connections/{connectionId}:asOf", ""),
+        ("GetLastSeen", "GET", base.replace("connections", "principals:lastSeen"), ""),
+        ("ListSessions", "GET", base.replace("connections", "principals:sessions"), ""),
     ]
-    assert all(r.path_fields == ("gateway_id",) for r in directory)
+    assert [r.path_fields for r in directory] == [("gateway_id",)] * 5 + [
+        ("connection_id",),
+        ("gateway_id",),
+        ("gateway_id",),
+    ]
     assert [[f.name for f in r.query_fields] for r in directory] == [
-        ["filter", "page_size", "page_token"],
-        ["filter"],
+        ["filter", "page_size", "page_token", "as_of"],
+        ["filter", "as_of"],
         [],
         [],
         [],
+        ["as_of"],
+        ["principal"],
+        ["principal", "window_start", "window_end", "page_size", "page_token"],
     ]
     parameters = openapi.document(secured=False)["paths"][base]["get"]["parameters"]
     assert [p["name"] for p in parameters if p["in"] == "query"] == [
@@ -65,6 +75,7 @@ def test_directory_routes_are_its_annotations() -> None:
         "filter.labelSelector",
         "pageSize",
         "pageToken",
+        "asOf",
     ]
 
 

@@ -31,16 +31,18 @@ class ConnectionFilter(_message.Message):
     def __init__(self, node_id: _Optional[str] = ..., source_ip: _Optional[str] = ..., last_active_before: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., connected_before: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., connected_after: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., principal: _Optional[str] = ..., label_selector: _Optional[str] = ...) -> None: ...
 
 class ListConnectionsRequest(_message.Message):
-    __slots__ = ("gateway_id", "filter", "page_size", "page_token")
+    __slots__ = ("gateway_id", "filter", "page_size", "page_token", "as_of")
     GATEWAY_ID_FIELD_NUMBER: _ClassVar[int]
     FILTER_FIELD_NUMBER: _ClassVar[int]
     PAGE_SIZE_FIELD_NUMBER: _ClassVar[int]
     PAGE_TOKEN_FIELD_NUMBER: _ClassVar[int]
+    AS_OF_FIELD_NUMBER: _ClassVar[int]
     gateway_id: str
     filter: ConnectionFilter
     page_size: int
     page_token: str
-    def __init__(self, gateway_id: _Optional[str] = ..., filter: _Optional[_Union[ConnectionFilter, _Mapping]] = ..., page_size: _Optional[int] = ..., page_token: _Optional[str] = ...) -> None: ...
+    as_of: _timestamp_pb2.Timestamp
+    def __init__(self, gateway_id: _Optional[str] = ..., filter: _Optional[_Union[ConnectionFilter, _Mapping]] = ..., page_size: _Optional[int] = ..., page_token: _Optional[str] = ..., as_of: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
 
 class DirectoryEntry(_message.Message):
     __slots__ = ("connection", "node_id", "principal", "labels")
@@ -70,12 +72,14 @@ class ListConnectionsResponse(_message.Message):
     def __init__(self, connections: _Optional[_Iterable[_Union[DirectoryEntry, _Mapping]]] = ..., next_page_token: _Optional[str] = ...) -> None: ...
 
 class CountConnectionsRequest(_message.Message):
-    __slots__ = ("gateway_id", "filter")
+    __slots__ = ("gateway_id", "filter", "as_of")
     GATEWAY_ID_FIELD_NUMBER: _ClassVar[int]
     FILTER_FIELD_NUMBER: _ClassVar[int]
+    AS_OF_FIELD_NUMBER: _ClassVar[int]
     gateway_id: str
     filter: ConnectionFilter
-    def __init__(self, gateway_id: _Optional[str] = ..., filter: _Optional[_Union[ConnectionFilter, _Mapping]] = ...) -> None: ...
+    as_of: _timestamp_pb2.Timestamp
+    def __init__(self, gateway_id: _Optional[str] = ..., filter: _Optional[_Union[ConnectionFilter, _Mapping]] = ..., as_of: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
 
 class CountConnectionsResponse(_message.Message):
     __slots__ = ("count",)
@@ -192,3 +196,93 @@ class TargetedResponse(_message.Message):
     node_unreachable: int
     refused: int
     def __init__(self, action_id: _Optional[str] = ..., outcomes: _Optional[_Iterable[_Union[TargetOutcome, _Mapping]]] = ..., done: _Optional[int] = ..., gone: _Optional[int] = ..., node_lost: _Optional[int] = ..., node_unreachable: _Optional[int] = ..., refused: _Optional[int] = ...) -> None: ...
+
+class GetConnectionAsOfRequest(_message.Message):
+    __slots__ = ("connection_id", "as_of")
+    CONNECTION_ID_FIELD_NUMBER: _ClassVar[int]
+    AS_OF_FIELD_NUMBER: _ClassVar[int]
+    connection_id: str
+    as_of: _timestamp_pb2.Timestamp
+    def __init__(self, connection_id: _Optional[str] = ..., as_of: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
+
+class ConnectionAsOf(_message.Message):
+    __slots__ = ("entry", "state", "disconnected_at", "status_code", "reason", "gone_reason")
+    class State(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+        __slots__ = ()
+        STATE_UNSPECIFIED: _ClassVar[ConnectionAsOf.State]
+        OPEN: _ClassVar[ConnectionAsOf.State]
+        CLOSED: _ClassVar[ConnectionAsOf.State]
+        GONE: _ClassVar[ConnectionAsOf.State]
+    STATE_UNSPECIFIED: ConnectionAsOf.State
+    OPEN: ConnectionAsOf.State
+    CLOSED: ConnectionAsOf.State
+    GONE: ConnectionAsOf.State
+    ENTRY_FIELD_NUMBER: _ClassVar[int]
+    STATE_FIELD_NUMBER: _ClassVar[int]
+    DISCONNECTED_AT_FIELD_NUMBER: _ClassVar[int]
+    STATUS_CODE_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    GONE_REASON_FIELD_NUMBER: _ClassVar[int]
+    entry: DirectoryEntry
+    state: ConnectionAsOf.State
+    disconnected_at: _timestamp_pb2.Timestamp
+    status_code: int
+    reason: str
+    gone_reason: str
+    def __init__(self, entry: _Optional[_Union[DirectoryEntry, _Mapping]] = ..., state: _Optional[_Union[ConnectionAsOf.State, str]] = ..., disconnected_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., status_code: _Optional[int] = ..., reason: _Optional[str] = ..., gone_reason: _Optional[str] = ...) -> None: ...
+
+class GetLastSeenRequest(_message.Message):
+    __slots__ = ("gateway_id", "principal")
+    GATEWAY_ID_FIELD_NUMBER: _ClassVar[int]
+    PRINCIPAL_FIELD_NUMBER: _ClassVar[int]
+    gateway_id: str
+    principal: str
+    def __init__(self, gateway_id: _Optional[str] = ..., principal: _Optional[str] = ...) -> None: ...
+
+class LastSeen(_message.Message):
+    __slots__ = ("connected_now", "last_seen", "connection_id")
+    CONNECTED_NOW_FIELD_NUMBER: _ClassVar[int]
+    LAST_SEEN_FIELD_NUMBER: _ClassVar[int]
+    CONNECTION_ID_FIELD_NUMBER: _ClassVar[int]
+    connected_now: bool
+    last_seen: _timestamp_pb2.Timestamp
+    connection_id: str
+    def __init__(self, connected_now: _Optional[bool] = ..., last_seen: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., connection_id: _Optional[str] = ...) -> None: ...
+
+class ListSessionsRequest(_message.Message):
+    __slots__ = ("gateway_id", "principal", "window_start", "window_end", "page_size", "page_token")
+    GATEWAY_ID_FIELD_NUMBER: _ClassVar[int]
+    PRINCIPAL_FIELD_NUMBER: _ClassVar[int]
+    WINDOW_START_FIELD_NUMBER: _ClassVar[int]
+    WINDOW_END_FIELD_NUMBER: _ClassVar[int]
+    PAGE_SIZE_FIELD_NUMBER: _ClassVar[int]
+    PAGE_TOKEN_FIELD_NUMBER: _ClassVar[int]
+    gateway_id: str
+    principal: str
+    window_start: _timestamp_pb2.Timestamp
+    window_end: _timestamp_pb2.Timestamp
+    page_size: int
+    page_token: str
+    def __init__(self, gateway_id: _Optional[str] = ..., principal: _Optional[str] = ..., window_start: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., window_end: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., page_size: _Optional[int] = ..., page_token: _Optional[str] = ...) -> None: ...
+
+class Session(_message.Message):
+    __slots__ = ("entry", "disconnected_at", "status_code", "reason", "gone_reason")
+    ENTRY_FIELD_NUMBER: _ClassVar[int]
+    DISCONNECTED_AT_FIELD_NUMBER: _ClassVar[int]
+    STATUS_CODE_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    GONE_REASON_FIELD_NUMBER: _ClassVar[int]
+    entry: DirectoryEntry
+    disconnected_at: _timestamp_pb2.Timestamp
+    status_code: int
+    reason: str
+    gone_reason: str
+    def __init__(self, entry: _Optional[_Union[DirectoryEntry, _Mapping]] = ..., disconnected_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., status_code: _Optional[int] = ..., reason: _Optional[str] = ..., gone_reason: _Optional[str] = ...) -> None: ...
+
+class ListSessionsResponse(_message.Message):
+    __slots__ = ("sessions", "next_page_token")
+    SESSIONS_FIELD_NUMBER: _ClassVar[int]
+    NEXT_PAGE_TOKEN_FIELD_NUMBER: _ClassVar[int]
+    sessions: _containers.RepeatedCompositeFieldContainer[Session]
+    next_page_token: str
+    def __init__(self, sessions: _Optional[_Iterable[_Union[Session, _Mapping]]] = ..., next_page_token: _Optional[str] = ...) -> None: ...

@@ -59,6 +59,21 @@ class ConnectionDirectoryServiceStub:
                 request_serializer=conntrack_dot_directory_dot_v1_dot_directory__pb2.DisconnectConnectionsRequest.SerializeToString,
                 response_deserializer=conntrack_dot_directory_dot_v1_dot_directory__pb2.TargetedResponse.FromString,
                 _registered_method=True)
+        self.GetConnectionAsOf = channel.unary_unary(
+                '/conntrack.directory.v1.ConnectionDirectoryService/GetConnectionAsOf',
+                request_serializer=conntrack_dot_directory_dot_v1_dot_directory__pb2.GetConnectionAsOfRequest.SerializeToString,
+                response_deserializer=conntrack_dot_directory_dot_v1_dot_directory__pb2.ConnectionAsOf.FromString,
+                _registered_method=True)
+        self.GetLastSeen = channel.unary_unary(
+                '/conntrack.directory.v1.ConnectionDirectoryService/GetLastSeen',
+                request_serializer=conntrack_dot_directory_dot_v1_dot_directory__pb2.GetLastSeenRequest.SerializeToString,
+                response_deserializer=conntrack_dot_directory_dot_v1_dot_directory__pb2.LastSeen.FromString,
+                _registered_method=True)
+        self.ListSessions = channel.unary_unary(
+                '/conntrack.directory.v1.ConnectionDirectoryService/ListSessions',
+                request_serializer=conntrack_dot_directory_dot_v1_dot_directory__pb2.ListSessionsRequest.SerializeToString,
+                response_deserializer=conntrack_dot_directory_dot_v1_dot_directory__pb2.ListSessionsResponse.FromString,
+                _registered_method=True)
 
 
 class ConnectionDirectoryServiceServicer:
@@ -103,6 +118,28 @@ class ConnectionDirectoryServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def GetConnectionAsOf(self, request, context):
+        """A connection as it stood at a past moment (docs/history.md).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetLastSeen(self, request, context):
+        """When a principal was last seen on a gateway: connected now, or the latest activity of any
+        of its connections the history keeps.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListSessions(self, request, context):
+        """A principal's sessions on a gateway that overlap a window, in order of connection time.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_ConnectionDirectoryServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -130,6 +167,21 @@ def add_ConnectionDirectoryServiceServicer_to_server(servicer, server):
                     servicer.DisconnectConnections,
                     request_deserializer=conntrack_dot_directory_dot_v1_dot_directory__pb2.DisconnectConnectionsRequest.FromString,
                     response_serializer=conntrack_dot_directory_dot_v1_dot_directory__pb2.TargetedResponse.SerializeToString,
+            ),
+            'GetConnectionAsOf': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetConnectionAsOf,
+                    request_deserializer=conntrack_dot_directory_dot_v1_dot_directory__pb2.GetConnectionAsOfRequest.FromString,
+                    response_serializer=conntrack_dot_directory_dot_v1_dot_directory__pb2.ConnectionAsOf.SerializeToString,
+            ),
+            'GetLastSeen': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetLastSeen,
+                    request_deserializer=conntrack_dot_directory_dot_v1_dot_directory__pb2.GetLastSeenRequest.FromString,
+                    response_serializer=conntrack_dot_directory_dot_v1_dot_directory__pb2.LastSeen.SerializeToString,
+            ),
+            'ListSessions': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListSessions,
+                    request_deserializer=conntrack_dot_directory_dot_v1_dot_directory__pb2.ListSessionsRequest.FromString,
+                    response_serializer=conntrack_dot_directory_dot_v1_dot_directory__pb2.ListSessionsResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -267,6 +319,87 @@ class ConnectionDirectoryService:
             '/conntrack.directory.v1.ConnectionDirectoryService/DisconnectConnections',
             conntrack_dot_directory_dot_v1_dot_directory__pb2.DisconnectConnectionsRequest.SerializeToString,
             conntrack_dot_directory_dot_v1_dot_directory__pb2.TargetedResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetConnectionAsOf(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/conntrack.directory.v1.ConnectionDirectoryService/GetConnectionAsOf',
+            conntrack_dot_directory_dot_v1_dot_directory__pb2.GetConnectionAsOfRequest.SerializeToString,
+            conntrack_dot_directory_dot_v1_dot_directory__pb2.ConnectionAsOf.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetLastSeen(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/conntrack.directory.v1.ConnectionDirectoryService/GetLastSeen',
+            conntrack_dot_directory_dot_v1_dot_directory__pb2.GetLastSeenRequest.SerializeToString,
+            conntrack_dot_directory_dot_v1_dot_directory__pb2.LastSeen.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListSessions(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/conntrack.directory.v1.ConnectionDirectoryService/ListSessions',
+            conntrack_dot_directory_dot_v1_dot_directory__pb2.ListSessionsRequest.SerializeToString,
+            conntrack_dot_directory_dot_v1_dot_directory__pb2.ListSessionsResponse.FromString,
             options,
             channel_credentials,
             insecure,
