@@ -226,6 +226,8 @@ async def cmd_verify(settings: Settings, ns: argparse.Namespace) -> int:
                         for n in result.node_differences[: ns.examples]
                     ],
                     "label_index_differences": result.label_index_differences[: ns.examples],
+                    "archived": result.archived,
+                    "history_differences": result.history_differences[: ns.examples],
                 },
                 ensure_ascii=False,
             )
@@ -234,7 +236,7 @@ async def cmd_verify(settings: Settings, ns: argparse.Namespace) -> int:
     print(
         f"compared {result.compared} connections "
         f"({result.events} events, {result.invalid} invalid, "
-        f"{result.pruned} pruned by retention) "
+        f"{result.pruned} pruned by retention, {result.archived} of them in the history) "
         f"up to stored positions {dict(sorted(result.positions.items()))}"
     )
     if result.ok:
@@ -243,9 +245,12 @@ async def cmd_verify(settings: Settings, ns: argparse.Namespace) -> int:
     print(
         f"DIVERGED: {len(result.differences)} connections, "
         f"{len(result.node_differences)} gateway nodes and the label index of "
-        f"{len(result.label_index_differences)} connections differ",
+        f"{len(result.label_index_differences)} connections differ; "
+        f"{len(result.history_differences)} differences in the history",
         file=sys.stderr,
     )
+    for line in result.history_differences[: ns.examples]:
+        print(json.dumps({"history": line}, ensure_ascii=False), file=sys.stderr)
     for cid in result.label_index_differences[: ns.examples]:
         print(json.dumps({"label_index_differs_for": cid}, ensure_ascii=False), file=sys.stderr)
     for n in result.node_differences[: ns.examples]:
@@ -324,7 +329,6 @@ async def cmd_rebuild(settings: Settings, ns: argparse.Namespace) -> int:
                 batch_events=settings.rebuild_batch_events,
                 max_events_per_second=settings.rebuild_max_events_per_second,
                 max_switch_gap=settings.rebuild_max_switch_gap,
-                node_lease_seconds=settings.node_lease_seconds,
                 lock_timeout_seconds=settings.rebuild_lock_timeout_seconds,
                 switch=not ns.no_switch,
                 on_batch=show,

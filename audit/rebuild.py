@@ -46,11 +46,9 @@ from conntrack.audit.generations import (
 from conntrack.audit.log import LogReader
 from conntrack.core.batch import YIELD_EVERY, Batch, WriteBehind
 from conntrack.core.fold import ConnectionState, NodeState
-from conntrack.core.history import sighting_gap_ns
 from conntrack.core.history_store import NodeHistory
 from conntrack.core.retry import Backoff, one_line
 from conntrack.core.schema import LIVE
-from conntrack.core.settings import default
 from conntrack.core.statistics import analyze
 from conntrack.core.store import FencedError, ProjectionStore
 
@@ -123,10 +121,8 @@ class Rebuild:
         switch: bool = True,
         on_batch: Callable[[Progress], None] | None = None,
         backoff: Backoff | None = None,
-        node_lease_seconds: float = default("node_lease_seconds"),
     ) -> None:
-        """node_lease_seconds: the lease node sightings are merged across (core/history.py).
-        max_switch_gap: switch only when the live projection is at most this many records
+        """max_switch_gap: switch only when the live projection is at most this many records
         beyond the shadow (they are folded while the live writers wait). switch=False stops
         once caught up, leaving the shadow for a later run. on_batch runs after every
         committed shadow batch."""
@@ -140,7 +136,6 @@ class Rebuild:
         self._shadow = ProjectionStore(engine, SHADOW)
         self._live = ProjectionStore(engine, LIVE)
         self._batch_events = batch_events
-        self._sighting_gap_ns = sighting_gap_ns(round(node_lease_seconds * 1e9))
         self._rate_limit = max_events_per_second
         self._max_gap = max_switch_gap
         self._lock_timeout = lock_timeout_seconds
@@ -289,7 +284,7 @@ class Rebuild:
         conn: AsyncConnection | None = None,
     ) -> None:
         # A record that does not decode folds to nothing here (the projector dead-letters it).
-        history = batch.node_history(self._sighting_gap_ns)
+        history = batch.node_history()
         await self._write(batch.advances, states, conn, nodes, history)
         self._events += len(batch.events)
         self._invalid += len(batch.rejected)

@@ -5,6 +5,7 @@ group and reads the live read model in one snapshot."""
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 
@@ -26,7 +27,16 @@ from conntrack.core.fold import (
     fold_nodes,
     merge_nodes,
 )
+from conntrack.core.history import (
+    SIGHTING_GAP_NS,
+    Sighting,
+    buckets_of,
+    coalesce,
+    fences_of,
+    sightings_of,
+)
 from conntrack.core.schema import (
+    LIVE,
     LabelRow,
     connection_labels,
     connections,
@@ -58,11 +68,13 @@ class Replay:
     events: int = 0
     invalid: int = 0
     nodes: dict[str, NodeState] = field(default_factory=dict)
+    node_events: list[EventTuple] = field(default_factory=list)  # for the nodes' history
 
     def add(self, event: Event) -> None:
         if event.connection_id:
             self.states[event.connection_id] = apply(self.states.get(event.connection_id), event)
         else:  # a node's own event
+            self.node_events.append(_tuple(event))
             for node_id, node in fold_nodes([_tuple(event)]).items():
                 old = self.nodes.get(node_id)
                 self.nodes[node_id] = node if old is None else merge_nodes(old, node)
@@ -113,10 +125,8 @@ async def read_event_tuples(
     out: list[EventTuple] = []
     async for batch in reader.read(bounds):
         for record in batch:
-            try:
+            with contextlib.suppress(InvalidEvent):  # folds to nothing
                 out.append(decode_record_tuple(record.value, record.key))
-            except InvalidEvent:
-                pass
         if on_progress is not None:
             on_progress(len(out), total)
     return out
@@ -171,6 +181,10 @@ class Snapshot:
     pruned: set[str]  # connections retention deleted (their tombstones)
     nodes: dict[str, NodeState]
     label_rows: set[LabelRow]
+    # The history (core/history_store.py): connection id -> its rows' (bucket, final) and state.
+    history: dict[str, tuple[list[tuple[int, int]], ConnectionState]]
+    sightings: set[Sighting]
+    fences: dict[tuple[str, int], int]
 
 
 async def snapshot(engine: AsyncEngine, topic: str) -> Snapshot:
@@ -198,7 +212,26 @@ async def snapshot(engine: AsyncEngine, topic: str) -> Snapshot:
                 (r.connection_id, r.key, r.value, r.gateway_id)
                 for r in await conn.execute(select(connection_labels))
             }
-    return Snapshot(states, positions, pruned, nodes, label_rows)
+            history: dict[str, tuple[list[tuple[int, int]], ConnectionState]] = {}
+            h = LIVE.connection_history
+            for r in (await conn.execute(select(h).order_by(h.c.bucket))).mappings():
+                hours, _ = history.setdefault(r["connection_id"], ([], row_to_state(r)))
+                hours.append((int(r["bucket"]), int(r["final"])))
+                if row_to_state(r) != history[r["connection_id"]][1]:
+                    hours.append((int(r["bucket"]), -1))  # rows of one connection disagree
+            s = LIVE.node_sightings.c
+            sightings = {
+                Sighting(r.node_id, int(r.incarnation), int(r.first_seen_ns), int(r.last_seen_ns))
+                for r in await conn.execute(
+                    select(s.node_id, s.incarnation, s.first_seen_ns, s.last_seen_ns)
+                )
+            }
+            f = LIVE.node_fences.c
+            fences = {
+                (r.node_id, int(r.incarnation)): int(r.fenced_at_ns)
+                for r in await conn.execute(select(f.node_id, f.incarnation, f.fenced_at_ns))
+            }
+    return Snapshot(states, positions, pruned, nodes, label_rows, history, sightings, fences)
 
 
 @dataclass(frozen=True)
@@ -227,10 +260,18 @@ class Verification:
     # Connections whose rows in the label index are not exactly the labels of their replayed
     # state (core/schema.py, label_rows_of).
     label_index_differences: list[str] = field(default_factory=list)
+    # What the history holds that the log does not say (one line each).
+    history_differences: list[str] = field(default_factory=list)
+    archived: int = 0  # connections in the history
 
     @property
     def ok(self) -> bool:
-        return not (self.differences or self.node_differences or self.label_index_differences)
+        return not (
+            self.differences
+            or self.node_differences
+            or self.label_index_differences
+            or self.history_differences
+        )
 
 
 async def verify(
@@ -268,4 +309,42 @@ async def verify(
         replay.invalid,
         len(pruned),
         label_diffs,
+        history_differences(snap, replay),
+        len(snap.history),
     )
+
+
+def history_differences(snap: Snapshot, replay: Replay) -> list[str]:
+    """The history against the log: each archived connection's rows hold its replayed state
+    (it was pruned: no longer live), one row for each of the last hours its
+    interval touches (retention expires the earliest hours first), the last marked final; each
+    sighting interval is one the log's node events make (expiry only removes whole ones); the
+    fences are exactly the log's."""
+    out: list[str] = []
+    for cid, (hours, stored) in sorted(snap.history.items()):
+        state = replay.states.get(cid)
+        if state is None or stored != state:
+            out.append(f"connection {cid}: its history rows differ from the log's state")
+            continue
+        if cid in snap.states:
+            out.append(f"connection {cid}: both live and in the history")
+            continue
+        assert state.connected_at_ns is not None
+        assert state.disconnected_at_ns is not None
+        want = list(buckets_of(state.connected_at_ns, state.disconnected_at_ns))
+        buckets = [b for b, _ in hours]
+        if buckets != want[len(want) - len(buckets) :] or [f for _, f in hours] != [0] * (
+            len(hours) - 1
+        ) + [1]:
+            out.append(f"connection {cid}: its history rows are not the hours it was open")
+    made: set[Sighting] = set()
+    for new in sightings_of(replay.node_events, SIGHTING_GAP_NS):
+        joined, hull = coalesce(made, new, SIGHTING_GAP_NS)
+        made = (made - set(joined)) | {hull}
+    out += [
+        f"node {s.node_id}: sighting interval {tuple(s)} is not the log's"
+        for s in sorted(snap.sightings - made)
+    ]
+    if snap.fences != fences_of(replay.node_events):
+        out.append("node fences differ from the log's NodeFenced events")
+    return out

@@ -11,7 +11,7 @@ from typing import Any
 
 from conntrack.core.events import EventTuple, InvalidEvent, decode_record_tuple
 from conntrack.core.fold import ConnectionState, NodeState, fold_nodes, fold_tuples
-from conntrack.core.history import fences_of, sightings_of
+from conntrack.core.history import SIGHTING_GAP_NS, fences_of, sightings_of
 from conntrack.core.history_store import NodeHistory
 from conntrack.core.process import BATCH_GEN0_THRESHOLD
 
@@ -92,9 +92,11 @@ class Batch:
     def fold_nodes(self) -> dict[str, NodeState]:
         return fold_nodes(self.events)
 
-    def node_history(self, gap_ns: int) -> NodeHistory:
+    def node_history(self) -> NodeHistory:
         """What the batch adds to the nodes' history (core/history.py)."""
-        return NodeHistory(gap_ns, sightings_of(self.events, gap_ns), fences_of(self.events))
+        return NodeHistory(
+            SIGHTING_GAP_NS, sightings_of(self.events, SIGHTING_GAP_NS), fences_of(self.events)
+        )
 
 
 class WriteBehind:

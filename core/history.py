@@ -32,9 +32,11 @@ from conntrack.core.liveness import LiveBounds, Liveness
 HOUR_NS = 3_600_000_000_000
 DAY_NS = 24 * HOUR_NS
 BUCKETS_PER_DAY = DAY_NS // HOUR_NS
-# The gap sightings are merged across when the lease is 0 (no node is ever lost; the intervals
-# then only tell incarnations apart).
-DEFAULT_GAP_NS = 30_000_000_000
+# Sightings of a node's incarnation closer together than this are one interval. Answers in
+# time are exact for any lease at least this long (the lease must be well above the heartbeat
+# interval anyway: 30 s and 5 s by default); with heartbeats further apart than this a node
+# leaves an interval per heartbeat, which stays exact but takes more rows.
+SIGHTING_GAP_NS = 10_000_000_000
 
 
 def bucket_of(at_ns: int) -> int:
@@ -48,12 +50,6 @@ def buckets_of(connected_at_ns: int, disconnected_at_ns: int) -> range:
     still has its row)."""
     first = bucket_of(connected_at_ns)
     return range(first, max(first, bucket_of(disconnected_at_ns)) + 1)
-
-
-def sighting_gap_ns(lease_ns: int) -> int:
-    """The gap a writer merges sightings across: the lease it was configured with (answers are
-    exact for any reader lease at least this long), or DEFAULT_GAP_NS without one."""
-    return lease_ns if lease_ns > 0 else DEFAULT_GAP_NS
 
 
 class Sighting(NamedTuple):

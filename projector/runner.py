@@ -35,7 +35,6 @@ from aiokafka.errors import IllegalStateError
 from conntrack.core import kafka
 from conntrack.core.batch import YIELD_EVERY, Batch, WriteBehind
 from conntrack.core.fold import ConnectionState, NodeState
-from conntrack.core.history import sighting_gap_ns
 from conntrack.core.history_store import NodeHistory
 from conntrack.core.kafka import KafkaConnection
 from conntrack.core.retry import TRANSIENT, Abandoned, Backoff, Retrier
@@ -90,7 +89,6 @@ class Projector:
     ) -> None:
         self._settings = settings
         self._store = store
-        self._sighting_gap_ns = sighting_gap_ns(round(settings.node_lease_seconds * 1e9))
         self.metrics = metrics or ProjectorMetrics()
         self._topic = settings.events_topic
         self._stopping = asyncio.Event()
@@ -407,7 +405,7 @@ class Projector:
             batch,
             batch.fold(),
             batch.fold_nodes(),
-            batch.node_history(self._sighting_gap_ns),
+            batch.node_history(),
             fetched.records,
             fetched.stamps,
         )

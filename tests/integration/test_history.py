@@ -15,18 +15,25 @@ from typing import Any
 
 import grpc
 import pytest
-from sqlalchemy import func, select
+from sqlalchemy import func, select, text, update
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from conntrack.audit.log import LogReader
-from conntrack.audit.replay import read_event_tuples
+from conntrack.audit.replay import read_event_tuples, verify
 from conntrack.core.events import EventTuple, encode, record_key
 from conntrack.core.fold import ConnectionState, fold_nodes, fold_tuples
-from conntrack.core.history import open_at, replay_at
+from conntrack.core.history import bucket_of, buckets_of, open_at, replay_at
+from conntrack.core.history_store import expire
 from conntrack.core.labels import from_json
 from conntrack.core.liveness import Liveness
 from conntrack.core.protogen.conntrack.directory.v1 import directory_pb2 as pb
 from conntrack.core.protogen.conntrack.directory.v1 import directory_pb2_grpc as pb_grpc
+from conntrack.core.protogen.yandex.cloud.serverless.apigateway.websocket.v1 import (
+    connection_service_pb2 as svc,
+)
+from conntrack.core.protogen.yandex.cloud.serverless.apigateway.websocket.v1 import (
+    connection_service_pb2_grpc as svc_grpc,
+)
 from conntrack.core.schema import LIVE
 from conntrack.core.settings import Settings
 from conntrack.core.store import ProjectionStore
@@ -36,8 +43,12 @@ from tests.support.directory import channel_to, failure, serving
 from tests.support.history import GATEWAY, HOUR, SECOND, simulate_day
 from tests.support.kafka import publish
 from tests.support.projector import running, wait_caught_up
+from tests.support.readmodel import ReadModel, closed, opened
 
-pytestmark = [pytest.mark.kafka]
+PARTITIONS = (
+    "SELECT c.relname FROM pg_inherits i JOIN pg_class c ON c.oid = i.inhrelid "
+    "WHERE i.inhparent = 'connection_history'::regclass"
+)
 
 LEASE_S = 150
 LIVENESS = Liveness.of_seconds(LEASE_S, idle=600, lifetime=5 * 3600)
@@ -117,6 +128,7 @@ def expected_state(states: dict[str, ConnectionState], live: Any, cid: str) -> t
     return ("OPEN", "") if gone is None else ("GONE", gone)
 
 
+@pytest.mark.kafka
 async def test_every_answer_in_time_equals_a_replay_of_the_log(
     kafka_settings: Settings, engine: AsyncEngine
 ) -> None:
@@ -193,16 +205,30 @@ async def test_every_answer_in_time_equals_a_replay_of_the_log(
 
         # Each principal's last sighting and its sessions over a window, against the log's.
         final = fold_tuples(log)
-        present = Liveness(
-            LIVENESS.node_lease_ns, LIVENESS.idle_timeout_ns, LIVENESS.max_lifetime_ns
-        )
-        now_bounds = present.bounds(fold_nodes(log), time.time_ns())
+        nodes_now = fold_nodes(log)
+
+        def live_now(theirs: list[ConnectionState], at: int) -> bool:
+            bounds = LIVENESS.bounds(nodes_now, at)
+            return any(
+                s.is_open
+                and bounds.gone(
+                    node_id=s.node_id,
+                    node_incarnation=s.node_incarnation,
+                    connected_at_ns=s.connected_at_ns or 0,
+                    last_active_at_ns=s.last_active_at_ns or 0,
+                )
+                is None
+                for s in theirs
+            )
+
         mine: dict[str, list[ConnectionState]] = {}
         for s in final.values():
             if s.gateway_id == GATEWAY and s.principal and s.connected_at_ns is not None:
                 mine.setdefault(s.principal, []).append(s)
+        connected_now = 0
         for principal in day.principals:
             theirs = mine.get(principal, [])
+            asked = time.time_ns()
             seen = await stub.GetLastSeen(
                 pb.GetLastSeenRequest(gateway_id=GATEWAY, principal=principal), timeout=10
             )
@@ -214,19 +240,12 @@ async def test_every_answer_in_time_equals_a_replay_of_the_log(
                 assert not seen.HasField("last_seen")
             else:
                 assert (to_ns(seen.last_seen), seen.connection_id) == (-best[0], best[1])
-            live_now = [
-                s
-                for s in theirs
-                if s.is_open
-                and now_bounds.gone(
-                    node_id=s.node_id,
-                    node_incarnation=s.node_incarnation,
-                    connected_at_ns=s.connected_at_ns or 0,
-                    last_active_at_ns=s.last_active_at_ns or 0,
-                )
-                is None
-            ]
-            assert seen.connected_now == bool(live_now)
+            # The present's rules move with the clock (the idle rule above all): judged at the
+            # moments before and after the call, and compared when the two agree.
+            judged = {live_now(theirs, t) for t in (asked, time.time_ns())}
+            if len(judged) == 1:
+                assert seen.connected_now == judged.pop()
+                connected_now += seen.connected_now
             start = day.start_ns + rnd.randrange(20 * HOUR)
             end = start + rnd.randrange(1, 4 * HOUR)
             window = sorted(
@@ -246,6 +265,8 @@ async def test_every_answer_in_time_equals_a_replay_of_the_log(
                 assert closed_at == s.disconnected_at_ns
                 assert g.status_code == (s.disconnect_status_code or 0)
 
+        assert connected_now > 20
+
         # Outside the kept history, and in the future.
         week_ago = time.time_ns() - 8 * 24 * HOUR
         err = await failure(list_at(stub, week_ago))
@@ -256,3 +277,77 @@ async def test_every_answer_in_time_equals_a_replay_of_the_log(
         assert err.code() == grpc.StatusCode.INVALID_ARGUMENT
         err = await failure(list_at(stub, now - HOUR, last_active_before=to_timestamp(now)))
         assert err.code() == grpc.StatusCode.INVALID_ARGUMENT
+
+    # `conntrack-audit verify` checks the history too, and notices a row that is not the log's.
+    async with LogReader(settings.kafka_bootstrap_servers, settings.events_topic) as reader:
+        verified = await verify(engine, reader)
+        assert verified.ok, verified.history_differences[:3]
+        assert verified.archived == pruned
+        h = LIVE.connection_history
+        async with engine.begin() as conn:
+            victim = (await conn.execute(select(h.c.connection_id).limit(1))).scalar_one()
+            await conn.execute(
+                update(h)
+                .where(h.c.connection_id == victim)
+                .values(disconnected_at_ns=h.c.disconnected_at_ns + 1)
+            )
+        verified = await verify(engine, reader)
+        assert not verified.ok
+        assert verified.history_differences == [
+            f"connection {victim}: its history rows differ from the log's state"
+        ]
+
+
+@pytest.mark.parametrize("backend", ["sqlite", "postgres"])
+async def test_the_history_expires_by_the_day_without_holding_up_gets(
+    engine: AsyncEngine,
+) -> None:
+    """Closed connections of ten past days move into the history; expiring it to a week drops
+    the three oldest days (whole partitions on PostgreSQL) and nothing else, and a Get is
+    answered while a partition's drop holds its locks."""
+    model = ReadModel(engine)
+    now = time.time_ns()
+    day = 24 * HOUR
+    states = [
+        opened(f"d{d}-{i}", GATEWAY, now - d * day - 2 * HOUR + i * SECOND)
+        for d in range(10)
+        for i in range(20)
+    ]
+    await model.apply([closed(st, (st.connected_at_ns or 0) + 90 * 60 * SECOND) for st in states])
+    await model.apply([opened("still-open", GATEWAY, now - 9 * day)])
+    while (await model.store.prune(now, None, keep_history=True)).pruned:
+        pass
+    horizon = now - 7 * day
+    h = LIVE.connection_history
+
+    async def kept() -> set[str]:
+        async with engine.connect() as conn:
+            return set((await conn.execute(select(h.c.connection_id))).scalars())
+
+    before = await kept()
+    assert len(before) == len(states)
+    expired = await expire(engine, LIVE, horizon, LEASE_S * SECOND)
+    after = await kept()
+    # The hours before the horizon's (whole days before its day on PostgreSQL) are gone: a
+    # connection stays while any of its hours does, so one open at the horizon always stays.
+    postgres = engine.dialect.name == "postgresql"
+    cutoff = (horizon // day) * 24 if postgres else bucket_of(horizon)
+    starts = {st.connection_id: st.connected_at_ns or 0 for st in states}
+    ends = {c: start + 90 * 60 * SECOND for c, start in starts.items()}
+    assert after == {c for c in starts if buckets_of(starts[c], ends[c])[-1] >= cutoff}
+    assert all(c in after for c, end in ends.items() if end >= horizon)
+    assert len(before - after) >= 40  # the eighth and ninth days ago at least
+    if engine.dialect.name == "postgresql":
+        assert expired.partitions >= 2
+        assert expired.rows >= 2 * len(before - after)  # each held two or three hours
+        # A drop holds its locks until it commits: a Get is answered meanwhile.
+        async with engine.connect() as conn:
+            names = sorted((await conn.execute(text(PARTITIONS))).scalars())
+        async with serving(engine) as server, channel_to(server) as channel:
+            stub = svc_grpc.ConnectionServiceStub(channel)
+            async with engine.connect() as conn, conn.begin():
+                await conn.execute(text(f'DROP TABLE "{names[0]}"'))
+                found = await stub.Get(
+                    svc.GetConnectionRequest(connection_id="still-open"), timeout=5
+                )
+                assert found.id == "still-open"
