@@ -2,7 +2,8 @@
 
 history ID            a connection's full ordered event timeline (table or JSON lines)
 as-of TIME            the read model as the system knew it at TIME, into a separate database
-                      (an SQLite file by default); with --connection, one connection's state
+                      (an SQLite file by default); with --connection, one connection's state;
+                      with --clock event, of the events that occurred by TIME
 verify                fold history afresh and compare with the live read model; exits 1 on
                       any divergence
 
@@ -31,11 +32,18 @@ from sqlalchemy.engine import make_url
 from conntrack.audit.generations import RebuildError, abandon, drop_retired, shadow_exists
 from conntrack.audit.log import LogReader, TopicNotFoundError
 from conntrack.audit.rebuild import Progress, Rebuild
-from conntrack.audit.replay import HistoryEntry, fold_until, history, state_of, verify
+from conntrack.audit.replay import (
+    HistoryEntry,
+    fold_by_event_time,
+    fold_until,
+    history,
+    state_of,
+    verify,
+)
 from conntrack.core import cli
 from conntrack.core.batch import gen0_threshold
 from conntrack.core.database import create_engine
-from conntrack.core.fold import ConnectionState
+from conntrack.core.fold import ConnectionState, apply
 from conntrack.core.kafka import KafkaConnection
 from conntrack.core.labels import from_json
 from conntrack.core.settings import Settings
@@ -139,6 +147,17 @@ async def cmd_as_of(settings: Settings, ns: argparse.Namespace) -> int:
     async with LogReader(
         KafkaConnection.from_settings(settings, "audit"), settings.events_topic
     ) as reader:
+        by_event = ns.clock == "event"
+        if ns.connection and by_event:
+            state = None
+            async for entry in history(reader, ns.connection):
+                if entry.event is not None and entry.event.occurred_at_ns <= ns.time * 1_000_000:
+                    state = apply(state, entry.event)
+            if state is None:
+                print(f"no events for connection {ns.connection} by that time", file=sys.stderr)
+                return cli.Exit.NEGATIVE
+            print(json.dumps(state_json(state), indent=2, ensure_ascii=False))
+            return cli.Exit.OK
         if ns.connection:
             state = await state_of(reader, ns.connection, until_ms=ns.time)
             await _clock_note(reader)
@@ -147,8 +166,13 @@ async def cmd_as_of(settings: Settings, ns: argparse.Namespace) -> int:
                 return cli.Exit.NEGATIVE
             print(json.dumps(state_json(state), indent=2, ensure_ascii=False))
             return cli.Exit.OK
-        replay = await fold_until(reader, ns.time, _progress("as-of", ns.progress_interval))
-        clock = await _clock_note(reader)
+        progress = _progress("as-of", ns.progress_interval)
+        if by_event:
+            replay = await fold_by_event_time(reader, ns.time * 1_000_000, progress)
+            clock = "event"
+        else:
+            replay = await fold_until(reader, ns.time, progress)
+            clock = await _clock_note(reader)
     url = ns.output_url or f"sqlite+aiosqlite:///{ns.output or f'as-of-{ns.time}.db'}"
     await asyncio.to_thread(upgrade, url)
     engine = create_engine(url)
@@ -373,6 +397,13 @@ def main(argv: list[str] | None = None) -> None:
     a.add_argument("--output", help="SQLite file to create (default as-of-<ms>.db)")
     a.add_argument("--output-url", help="any SQLAlchemy async URL instead of --output")
     a.add_argument("--connection", help="print only this connection's state as JSON")
+    a.add_argument(
+        "--clock",
+        choices=("log", "event"),
+        default="log",
+        help="log: what the log held at TIME (cut by its timestamps); event: every event that "
+        "occurred by TIME, whenever it arrived (what the directory's answers in time give)",
+    )
     v = sub.add_parser("verify", help="compare the live read model with a fresh fold")
     v.add_argument("--examples", type=int, default=10, help="differences to print")
     for p in (a, v):

@@ -41,6 +41,7 @@ from bench.scenarios import (
     get,
     get_rest,
     get_workers,
+    history,
     lifecycle,
     memory,
     people,
@@ -118,6 +119,11 @@ SCENARIOS: dict[str, tuple[Scenario, str]] = {
         lifecycle.run,
         "11. the lifecycle role's events/s vs the projector's on the same log; a node of 10,000 "
         "sockets SIGKILLed: time to the last closed(node_lost)",
+    ),
+    "history": (
+        history.run,
+        "12. ListConnections and CountConnections as_of p50/p99 at 7 days of 1M connections a "
+        "day; the history's size on disk per million connections",
     ),
     "streams-peer-activity": (
         streams_peer.run_activity,

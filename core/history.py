@@ -39,6 +39,17 @@ BUCKETS_PER_DAY = DAY_NS // HOUR_NS
 SIGHTING_GAP_NS = 10_000_000_000
 
 
+def oldest_answered(
+    since_ns: int | None, now_ns: int, history_days: int, lease_ns: int
+) -> int | None:
+    """The oldest moment answers in time reach: within history_days, and a lease after the
+    read model began keeping node sightings (before, a node's last sighting may be missing).
+    None: no history (none kept, or not begun)."""
+    if since_ns is None or history_days <= 0:
+        return None
+    return max(since_ns + lease_ns, now_ns - history_days * DAY_NS)
+
+
 def bucket_of(at_ns: int) -> int:
     """The hour an instant falls in, counted from the epoch."""
     return at_ns // HOUR_NS

@@ -39,7 +39,13 @@ from sqlalchemy.exc import DataError, IntegrityError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from conntrack.core.fold import ConnectionState, NodeState
-from conntrack.core.history_store import NodeHistory, archive, note_since, write_node_history
+from conntrack.core.history_store import (
+    NodeHistory,
+    archive,
+    note_since,
+    read_since,
+    write_node_history,
+)
 from conntrack.core.merge_sql import (
     STATE_FIELDS,
     database_error,
@@ -399,6 +405,11 @@ class ProjectionStore:
                 )
                 expired = max(result.rowcount, 0)
             return PruneResult(pruned, expired)
+
+    async def history_since(self) -> int | None:
+        """Since when node sightings are kept (core/history_store.py, note_since)."""
+        async with self._engine.connect() as conn:
+            return await read_since(conn, self._tables)
 
     async def get(self, connection_id: str) -> ConnectionState | None:
         connections = self._tables.connections

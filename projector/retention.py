@@ -10,7 +10,7 @@ import contextlib
 import logging
 import time
 
-from conntrack.core.history import DAY_NS
+from conntrack.core.history import DAY_NS, oldest_answered
 from conntrack.core.history_store import expire
 from conntrack.core.retry import Abandoned, Retrier
 from conntrack.core.settings import Settings
@@ -86,7 +86,10 @@ class Retention:
                 lambda: expire(self._store.engine, self._store.tables, horizon, lease_ns),
             )
             self._metrics.history_rows_expired.inc(expired.rows)
-            self._metrics.history_oldest.set(horizon / 1e9)
+            since = await self._retry("database", self._store.history_since)
+            oldest = oldest_answered(since, now_ns, s.history_days, lease_ns)
+            if oldest is not None:
+                self._metrics.history_oldest.set(oldest / 1e9)
             if expired.rows or expired.partitions:
                 log.info(
                     "event=history_expired rows=%d partitions=%d sightings=%d before_ns=%d",

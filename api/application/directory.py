@@ -237,6 +237,10 @@ class ConnectionDirectory:
     def liveness(self) -> Liveness:
         return self._liveness
 
+    async def freshness(self) -> tuple[tuple[str, str], ...]:
+        """The projection's position, as every answer carries it (freshness headers)."""
+        return await self._position.metadata()
+
     async def list_connections(
         self, where: DirectoryFilter, *, page_size: int = 0, page_token: str = ""
     ) -> DirectoryPage:
@@ -379,17 +383,17 @@ class ConnectionDirectoryService:
     async def GetConnectionAsOf(
         self, request: directory_pb2.GetConnectionAsOfRequest | UndecodableRequest, call: Call
     ) -> directory_pb2.ConnectionAsOf:
-        return await self._in_time().get_connection_as_of(request)
+        return await self._in_time().get_connection_as_of(request, call)
 
     async def GetLastSeen(
         self, request: directory_pb2.GetLastSeenRequest | UndecodableRequest, call: Call
     ) -> directory_pb2.LastSeen:
-        return await self._in_time().get_last_seen(request)
+        return await self._in_time().get_last_seen(request, call)
 
     async def ListSessions(
         self, request: directory_pb2.ListSessionsRequest | UndecodableRequest, call: Call
     ) -> directory_pb2.ListSessionsResponse:
-        return await self._in_time().list_sessions(request)
+        return await self._in_time().list_sessions(request, call)
 
     async def SendToConnections(
         self,
@@ -427,7 +431,7 @@ class ConnectionDirectoryService:
             valid = decoded(request)
             where = filter_from_proto(valid.gateway_id, valid.filter)
             if valid.HasField("as_of"):
-                return await self._in_time().list_at(where, valid)
+                return await self._in_time().list_at(where, valid, call)
             page = await self._directory.list_connections(
                 where, page_size=valid.page_size, page_token=valid.page_token
             )
@@ -450,7 +454,7 @@ class ConnectionDirectoryService:
             valid = decoded(request)
             where = filter_from_proto(valid.gateway_id, valid.filter)
             if valid.HasField("as_of"):
-                return await self._in_time().count_at(where, valid)
+                return await self._in_time().count_at(where, valid, call)
             counted = await self._directory.count_connections(where)
         except InvalidDirectoryRequest as exc:
             raise ApiError(grpc.StatusCode.INVALID_ARGUMENT, str(exc)) from None

@@ -18,7 +18,7 @@ from typing import Final
 
 import grpc
 
-from conntrack.api.application.call import ApiError, UndecodableRequest
+from conntrack.api.application.call import ApiError, Call, UndecodableRequest
 from conntrack.api.application.directory import (
     ConnectionDirectory,
     DirectoryCount,
@@ -35,7 +35,7 @@ from conntrack.api.application.directory import (
 )
 from conntrack.api.read.history import HistoryReader, PastConnection
 from conntrack.api.read.repository import DirectoryFilter
-from conntrack.core.history import DAY_NS
+from conntrack.core.history import oldest_answered
 from conntrack.core.ids import id_problem
 from conntrack.core.labels import from_json, matches
 from conntrack.core.liveness import Liveness
@@ -94,12 +94,14 @@ class ConnectionHistory:
         self._liveness = liveness
         self._history_days = history_days
 
+    async def freshness(self) -> tuple[tuple[str, str], ...]:
+        return await self._directory.bounded(self._directory.freshness())
+
     async def oldest_ns(self, now_ns: int) -> int | None:
         """The oldest moment answered now (None: no history is kept yet, or none at all)."""
-        since = await self._reader.since()
-        if since is None or self._history_days <= 0:
-            return None
-        return max(since + self._liveness.node_lease_ns, now_ns - self._history_days * DAY_NS)
+        return oldest_answered(
+            await self._reader.since(), now_ns, self._history_days, self._liveness.node_lease_ns
+        )
 
     async def _check(self, name: str, at_ns: int) -> None:
         now = time.time_ns()
@@ -128,6 +130,7 @@ class ConnectionHistory:
         await self._check("as_of", at_ns)
 
         async def read() -> DirectoryPage:
+            freshness = await self._directory.freshness()
             live = await self._reader.bounds_at(self._liveness, at_ns)
             rows = await self._reader.page_at(where, live, at_ns, after, size + 1)
             more = len(rows) > size
@@ -138,7 +141,7 @@ class ConnectionHistory:
                 if not where.labels or matches(where.labels, from_json(r.view.labels))
             ]
             token = encode_page_token(where, f"{at_ns}/{rows[-1].view.id}") if more else ""
-            return DirectoryPage(views, token, ())
+            return DirectoryPage(views, token, freshness)
 
         return await self._directory.bounded(read())
 
@@ -147,15 +150,16 @@ class ConnectionHistory:
         await self._check("as_of", at_ns)
 
         async def read() -> DirectoryCount:
+            freshness = await self._directory.freshness()
             live = await self._reader.bounds_at(self._liveness, at_ns)
             if not where.labels:
-                return DirectoryCount(await self._reader.count_at(where, live, at_ns), ())
+                return DirectoryCount(await self._reader.count_at(where, live, at_ns), freshness)
             count, after = 0, None
             while True:
                 rows = await self._reader.page_at(where, live, at_ns, after, COUNT_CHUNK)
                 count += sum(matches(where.labels, from_json(r.view.labels)) for r in rows)
                 if len(rows) < COUNT_CHUNK:
-                    return DirectoryCount(count, ())
+                    return DirectoryCount(count, freshness)
                 after = rows[-1].view.id
 
         return await self._directory.bounded(read())
@@ -299,27 +303,29 @@ class HistoryRpc:
         self._history = history
 
     async def list_at(
-        self, where: DirectoryFilter, request: directory_pb2.ListConnectionsRequest
+        self, where: DirectoryFilter, request: directory_pb2.ListConnectionsRequest, call: Call
     ) -> directory_pb2.ListConnectionsResponse:
         async with _errors():
             at = _required_ns("as_of", request, "as_of")
             page = await self._history.list_at(
                 where, at, page_size=request.page_size, page_token=request.page_token
             )
+        call.set_trailing_metadata(page.freshness)
         return directory_pb2.ListConnectionsResponse(
             connections=[entry_proto(v) for v in page.connections],
             next_page_token=page.next_page_token,
         )
 
     async def count_at(
-        self, where: DirectoryFilter, request: directory_pb2.CountConnectionsRequest
+        self, where: DirectoryFilter, request: directory_pb2.CountConnectionsRequest, call: Call
     ) -> directory_pb2.CountConnectionsResponse:
         async with _errors():
             counted = await self._history.count_at(where, _required_ns("as_of", request, "as_of"))
+        call.set_trailing_metadata(counted.freshness)
         return directory_pb2.CountConnectionsResponse(count=counted.count)
 
     async def get_connection_as_of(
-        self, request: directory_pb2.GetConnectionAsOfRequest | UndecodableRequest
+        self, request: directory_pb2.GetConnectionAsOfRequest | UndecodableRequest, call: Call
     ) -> directory_pb2.ConnectionAsOf:
         async with _errors():
             valid = decoded(request)
@@ -328,6 +334,7 @@ class HistoryRpc:
                 raise InvalidDirectoryRequest(problem)
             at = _required_ns("as_of", valid, "as_of")
             found = await self._history.connection_at(valid.connection_id, at)
+            call.set_trailing_metadata(await self._history.freshness())
         if found is None:
             raise ApiError(
                 grpc.StatusCode.NOT_FOUND,
@@ -348,12 +355,13 @@ class HistoryRpc:
         return out
 
     async def get_last_seen(
-        self, request: directory_pb2.GetLastSeenRequest | UndecodableRequest
+        self, request: directory_pb2.GetLastSeenRequest | UndecodableRequest, call: Call
     ) -> directory_pb2.LastSeen:
         async with _errors():
             valid = decoded(request)
             where = _of_principal(valid.gateway_id, valid.principal)
             seen = await self._history.last_seen(where)
+            call.set_trailing_metadata(await self._history.freshness())
         out = directory_pb2.LastSeen(
             connected_now=seen.connected_now, connection_id=seen.connection_id or ""
         )
@@ -362,7 +370,7 @@ class HistoryRpc:
         return out
 
     async def list_sessions(
-        self, request: directory_pb2.ListSessionsRequest | UndecodableRequest
+        self, request: directory_pb2.ListSessionsRequest | UndecodableRequest, call: Call
     ) -> directory_pb2.ListSessionsResponse:
         async with _errors():
             valid = decoded(request)
@@ -372,6 +380,7 @@ class HistoryRpc:
             page = await self._history.sessions(
                 where, start, end, page_size=valid.page_size, page_token=valid.page_token
             )
+            call.set_trailing_metadata(await self._history.freshness())
         return directory_pb2.ListSessionsResponse(
             sessions=[_session_proto(s) for s in page.sessions],
             next_page_token=page.next_page_token,

@@ -19,7 +19,7 @@ from sqlalchemy import func, select, text, update
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from conntrack.audit.log import LogReader
-from conntrack.audit.replay import read_event_tuples, verify
+from conntrack.audit.replay import fold_by_event_time, read_event_tuples, verify
 from conntrack.core.events import EventTuple, encode, record_key
 from conntrack.core.fold import ConnectionState, fold_nodes, fold_tuples
 from conntrack.core.history import bucket_of, buckets_of, open_at, replay_at
@@ -278,8 +278,12 @@ async def test_every_answer_in_time_equals_a_replay_of_the_log(
         err = await failure(list_at(stub, now - HOUR, last_active_before=to_timestamp(now)))
         assert err.code() == grpc.StatusCode.INVALID_ARGUMENT
 
-    # `conntrack-audit verify` checks the history too, and notices a row that is not the log's.
+    # `conntrack-audit verify` checks the history too, and notices a row that is not the log's;
+    # `conntrack-audit as-of --clock event` folds what the answers in time are compared with.
     async with LogReader(settings.kafka_bootstrap_servers, settings.events_topic) as reader:
+        middle = day.start_ns + 12 * HOUR
+        by_event = await fold_by_event_time(reader, middle)
+        assert by_event.states == replay_at(log, middle, LIVENESS)[0]
         verified = await verify(engine, reader)
         assert verified.ok, verified.history_differences[:3]
         assert verified.archived == pruned

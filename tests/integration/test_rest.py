@@ -367,6 +367,9 @@ async def test_bearer_tokens_and_the_openapi_document(
             ("/conntrack/directory/v1/gateways/{gatewayId}/connections:broadcast", "POST"),
             ("/conntrack/directory/v1/gateways/{gatewayId}/connections:send", "POST"),
             ("/conntrack/directory/v1/gateways/{gatewayId}/connections:disconnect", "POST"),
+            ("/conntrack/directory/v1/connections/{connectionId}:asOf", "GET"),
+            ("/conntrack/directory/v1/gateways/{gatewayId}/principals:lastSeen", "GET"),
+            ("/conntrack/directory/v1/gateways/{gatewayId}/principals:sessions", "GET"),
             ("/openapi.json", "GET"),
         } == registered
         send_body = document["paths"][f"{CONNECTIONS}{{connectionId}}:send"]["post"]

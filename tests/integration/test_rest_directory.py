@@ -287,3 +287,68 @@ async def test_tokens_are_required_on_every_directory_route(engine: AsyncEngine)
         code, page, _ = await client.call("GET", list_path("gw-r", pageSize=2), headers=good)
         assert code == 200
         assert len(page["connections"]) == 2
+
+
+async def test_answers_in_time_over_rest_are_grpcs(engine: AsyncEngine) -> None:
+    """ListConnections and CountConnections with asOf, GetConnectionAsOf, GetLastSeen and
+    ListSessions answer over REST what they answer over gRPC; a moment before the kept history
+    is 400 with FAILED_PRECONDITION's status JSON."""
+    base = await seed(engine)
+    now = time.time_ns()
+    at = base + 60 * S
+    principals = BASE + "gw-r/principals"
+    async with serving(engine) as (_, client, stub):
+        grpc_page = await stub.ListConnections(
+            pb.ListConnectionsRequest(gateway_id="gw-r", page_size=7, as_of=to_timestamp(at))
+        )
+        code, page, headers = await client.call(
+            "GET", list_path("gw-r", pageSize=7, asOf=rfc3339(at))
+        )
+        assert code == 200
+        assert page == as_json(grpc_page)
+        assert len(page["connections"]) == 7
+        assert POSITION_HEADER in headers
+        code, counted, _ = await client.call("GET", list_path("gw-r", ":count", asOf=rfc3339(at)))
+        grpc_count = await stub.CountConnections(
+            pb.CountConnectionsRequest(gateway_id="gw-r", as_of=to_timestamp(at))
+        )
+        assert (code, counted) == (200, as_json(grpc_count))
+        # The three closed ones (at `now`) were open at `at`; the idle rule is not judged then.
+        assert int(counted["count"]) == 23 + 9 + 3  # the p* connected after `at`
+        for cid in ("a001", "c001", "b008", "p001"):
+            code, one, _ = await client.call(
+                "GET", f"/conntrack/directory/v1/connections/{cid}:asOf?asOf={rfc3339(at)}"
+            )
+            request = pb.GetConnectionAsOfRequest(connection_id=cid, as_of=to_timestamp(at))
+            if cid == "p001":  # it connected after `at`
+                with pytest.raises(grpc.aio.AioRpcError) as err:
+                    await stub.GetConnectionAsOf(request)
+                assert err.value.code() == grpc.StatusCode.NOT_FOUND
+                assert code == 404
+                assert is_error(one, grpc.StatusCode.NOT_FOUND)
+                continue
+            assert (code, one) == (200, as_json(await stub.GetConnectionAsOf(request)))
+            assert one["state"] == "OPEN"
+        code, seen, _ = await client.call("GET", f"{principals}:lastSeen?principal=user-1")
+        grpc_seen = await stub.GetLastSeen(
+            pb.GetLastSeenRequest(gateway_id="gw-r", principal="user-1")
+        )
+        assert (code, seen) == (200, as_json(grpc_seen))
+        assert seen["connectedNow"] is True
+        query = urllib.parse.urlencode(
+            {"principal": "user-1", "windowStart": rfc3339(base), "pageSize": 2}
+        )
+        code, sessions, _ = await client.call("GET", f"{principals}:sessions?{query}")
+        grpc_sessions = await stub.ListSessions(
+            pb.ListSessionsRequest(
+                gateway_id="gw-r", principal="user-1", window_start=to_timestamp(base), page_size=2
+            )
+        )
+        assert (code, sessions) == (200, as_json(grpc_sessions))
+        assert len(sessions["sessions"]) == 2
+        assert sessions["nextPageToken"]
+        code, refused, _ = await client.call(
+            "GET", list_path("gw-r", asOf=rfc3339(now - 30 * 24 * 3600 * S))
+        )
+        assert code == 400
+        assert is_error(refused, grpc.StatusCode.FAILED_PRECONDITION, containing="oldest")
