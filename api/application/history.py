@@ -34,6 +34,7 @@ from conntrack.api.application.directory import (
     timestamp_ns,
 )
 from conntrack.api.read.history import HistoryReader, PastConnection
+from conntrack.api.read.reading import SharedReading
 from conntrack.api.read.repository import DirectoryFilter
 from conntrack.core.history import oldest_answered
 from conntrack.core.ids import id_problem
@@ -44,6 +45,8 @@ from conntrack.core.timeutil import format_ns, to_timestamp
 
 # Connections a count with a label selector reads at a time.
 COUNT_CHUNK: Final = 5000
+# How long the moment since which history is kept is reused before it is read again.
+SINCE_TTL_S: Final = 5.0
 
 
 class HistoryNotKept(RuntimeError):
@@ -93,15 +96,19 @@ class ConnectionHistory:
         self._directory = directory
         self._liveness = liveness
         self._history_days = history_days
+        # Written once per generation of the read model: read again at most every few seconds.
+        self._since = SharedReading(self._read_since, SINCE_TTL_S)
+
+    async def _read_since(self) -> tuple[int | None]:
+        return (await self._reader.since(),)
 
     async def freshness(self) -> tuple[tuple[str, str], ...]:
         return await self._directory.bounded(self._directory.freshness())
 
     async def oldest_ns(self, now_ns: int) -> int | None:
         """The oldest moment answered now (None: no history is kept yet, or none at all)."""
-        return oldest_answered(
-            await self._reader.since(), now_ns, self._history_days, self._liveness.node_lease_ns
-        )
+        (since,), _ = await self._since.get()
+        return oldest_answered(since, now_ns, self._history_days, self._liveness.node_lease_ns)
 
     async def _check(self, name: str, at_ns: int) -> None:
         now = time.time_ns()

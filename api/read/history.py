@@ -13,7 +13,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import ColumnElement, Select, Table, func, or_, select, union_all
+from sqlalchemy import ColumnElement, Select, Table, func, literal, or_, select, union_all
 
 from conntrack.api.read.database import ReadSource
 from conntrack.api.read.statements import VIEW_COLUMNS, directory_conditions, view_of
@@ -160,16 +160,22 @@ def sessions_statement(
 SINCE = select(LIVE.history_since.c.since_ns)
 
 
-def sightings_statement(at_ns: int) -> Select[Any]:
-    s = LIVE.node_sightings.c
-    return select(s.node_id, s.incarnation, s.first_seen_ns, s.last_seen_ns).where(
-        s.first_seen_ns <= at_ns
+def nodes_statement(at_ns: int) -> Select[Any]:
+    """The nodes' sightings and fences up to at_ns, in one statement: (node, incarnation,
+    first seen, last seen, 0) for a sighting interval, (node, incarnation, decided, decided, 1)
+    for a fence."""
+    s, f = LIVE.node_sightings.c, LIVE.node_fences.c
+    sightings = select(
+        s.node_id,
+        s.incarnation,
+        s.first_seen_ns.label("first"),
+        s.last_seen_ns.label("last"),
+        literal(0).label("fence"),
+    ).where(s.first_seen_ns <= at_ns)
+    fences = select(f.node_id, f.incarnation, f.fenced_at_ns, f.fenced_at_ns, literal(1)).where(
+        f.fenced_at_ns <= at_ns
     )
-
-
-def fences_statement(at_ns: int) -> Select[Any]:
-    f = LIVE.node_fences.c
-    return select(f.node_id, f.incarnation, f.fenced_at_ns).where(f.fenced_at_ns <= at_ns)
+    return select(union_all(sightings, fences).subquery())
 
 
 class HistoryReader:
@@ -186,14 +192,14 @@ class HistoryReader:
     async def bounds_at(self, liveness: Liveness, at_ns: int) -> LiveBounds:
         """The liveness rules at a past moment: the nodes as they were then, the maximum
         lifetime; not the idle rule (activity is not kept moment by moment)."""
-        sightings = [
-            Sighting(r.node_id, int(r.incarnation), int(r.first_seen_ns), int(r.last_seen_ns))
-            for r in await self._source.read(sightings_statement(at_ns))
-        ]
-        fences = {
-            (r.node_id, int(r.incarnation)): int(r.fenced_at_ns)
-            for r in await self._source.read(fences_statement(at_ns))
-        }
+        sightings: list[Sighting] = []
+        fences: dict[tuple[str, int], int] = {}
+        for r in await self._source.read(nodes_statement(at_ns)):
+            node_id, incarnation, first, last = r.node_id, int(r.incarnation), r.first, r.last
+            if r.fence:
+                fences[(node_id, incarnation)] = int(first)
+            else:
+                sightings.append(Sighting(node_id, incarnation, int(first), int(last)))
         lifetime = liveness.max_lifetime_ns
         return LiveBounds(
             min_last_active_ns=None,
