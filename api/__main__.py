@@ -16,7 +16,7 @@ from conntrack.core.process import PYTHON_GEN0_THRESHOLD
 
 def main(argv: list[str] | None = None) -> None:
     prog = "conntrack-api"
-    serving = ("kafka", "database", "api", "liveness", "metrics", "logging")
+    serving = ("kafka", "database", "api", "liveness", "history", "metrics", "logging")
     parser = cli.parser(prog, __doc__, serving)
     sub = parser.add_subparsers(dest="command", required=True)
     s = sub.add_parser("serve", help="run the gRPC server until SIGTERM/SIGINT")

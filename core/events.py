@@ -56,14 +56,14 @@ class Cause(IntEnum):
     """Who ended a connection (Disconnected.cause in events.proto; the lifecycle stream tells
     it). A newer gateway's value this reader does not know is kept as its number."""
 
-    UNSPECIFIED = 0
-    CLIENT_CLOSED = 1
-    DISCONNECTED_BY_API = 2
-    GATEWAY_SHUTDOWN = 3
-    IDLE_TIMEOUT = 4
-    MAX_LIFETIME = 5
-    GATEWAY_ERROR = 6
-    NODE_FENCED = 7
+    UNSPECIFIED = pb.Disconnected.CAUSE_UNSPECIFIED
+    CLIENT_CLOSED = pb.Disconnected.CLIENT_CLOSED
+    DISCONNECTED_BY_API = pb.Disconnected.DISCONNECTED_BY_API
+    GATEWAY_SHUTDOWN = pb.Disconnected.GATEWAY_SHUTDOWN
+    IDLE_TIMEOUT = pb.Disconnected.IDLE_TIMEOUT
+    MAX_LIFETIME = pb.Disconnected.MAX_LIFETIME
+    GATEWAY_ERROR = pb.Disconnected.GATEWAY_ERROR
+    NODE_FENCED = pb.Disconnected.NODE_FENCED
 
 
 @dataclass(frozen=True, slots=True)

@@ -14,7 +14,7 @@ import secrets
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
-from sqlalchemy import and_, delete, func, insert, select, text
+from sqlalchemy import and_, delete, func, insert, select, text, tuple_
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from conntrack.core.fold import ConnectionState
@@ -194,18 +194,16 @@ async def expire(
                     rows += int(held or 0)
                     partitions += 1
     else:
+        old = select(h.c.bucket, h.c.connection_id).where(h.c.bucket < bucket_of(horizon_ns))
         while True:
             async with engine.begin() as conn:
-                old = select(h.c.bucket, h.c.connection_id).where(
-                    h.c.bucket < bucket_of(horizon_ns)
-                )
-                chunk = (await conn.execute(old.limit(EXPIRE_CHUNK))).all()
-                for bucket, cid in chunk:
-                    await conn.execute(
-                        delete(h).where(h.c.bucket == bucket, h.c.connection_id == cid)
+                result = await conn.execute(
+                    delete(h).where(
+                        tuple_(h.c.bucket, h.c.connection_id).in_(old.limit(EXPIRE_CHUNK))
                     )
-            rows += len(chunk)
-            if len(chunk) < EXPIRE_CHUNK:
+                )
+            rows += max(result.rowcount, 0)
+            if result.rowcount < EXPIRE_CHUNK:
                 break
     return Expired(rows, partitions, await _expire_sightings(engine, tables, horizon_ns, lease_ns))
 

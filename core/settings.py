@@ -543,8 +543,8 @@ SECTIONS: dict[str, tuple[str, ...]] = {
         "retention_disconnected_seconds",
         "retention_tombstone_seconds",
         "retention_interval_seconds",
-        "history_days",
     ),
+    "history": ("history_days",),
     "api": tuple(n for n in Settings.model_fields if n.startswith("api_")),
     "liveness": (
         "node_lease_seconds",
@@ -566,6 +566,7 @@ SECTION_READERS: dict[str, str] = {
     "database": "conntrack-projector, conntrack-api serve, conntrack-migrate, conntrack-audit",
     "projector": "conntrack-projector",
     "retention": "conntrack-projector",
+    "history": "conntrack-projector, conntrack-api serve",
     "api": "conntrack-api",
     "liveness": "conntrack-api serve, conntrack-lifecycle (the lease)",
     "rebuild": "conntrack-audit rebuild",

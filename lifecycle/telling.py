@@ -40,20 +40,21 @@ from conntrack.core.events import (
     NodeStarted,
 )
 from conntrack.core.labels import Labels
+from conntrack.core.protogen.conntrack.lifecycle.v1 import lifecycle_pb2 as pb
 
 
 class Reason:
     """Closed.Reason of lifecycle.proto, by number."""
 
-    UNSPECIFIED = 0
-    CLIENT_CLOSED = 1
-    DISCONNECTED_BY_API = 2
-    NODE_LOST = 3
-    NODE_RESTARTED = 4
-    IDLE_TIMEOUT = 5
-    MAX_LIFETIME = 6
-    GATEWAY_SHUTDOWN = 7
-    GATEWAY_ERROR = 8
+    UNSPECIFIED = pb.Closed.REASON_UNSPECIFIED
+    CLIENT_CLOSED = pb.Closed.CLIENT_CLOSED
+    DISCONNECTED_BY_API = pb.Closed.DISCONNECTED_BY_API
+    NODE_LOST = pb.Closed.NODE_LOST
+    NODE_RESTARTED = pb.Closed.NODE_RESTARTED
+    IDLE_TIMEOUT = pb.Closed.IDLE_TIMEOUT
+    MAX_LIFETIME = pb.Closed.MAX_LIFETIME
+    GATEWAY_SHUTDOWN = pb.Closed.GATEWAY_SHUTDOWN
+    GATEWAY_ERROR = pb.Closed.GATEWAY_ERROR
 
 
 _REASON_OF_CAUSE: dict[int, int] = {

@@ -58,7 +58,7 @@ def main(argv: list[str] | None = None) -> None:
     parser = cli.parser(
         "conntrack-projector",
         __doc__,
-        ("kafka", "database", "projector", "retention", "metrics", "logging"),
+        ("kafka", "database", "projector", "retention", "history", "metrics", "logging"),
     )
     ns = parser.parse_args(argv)
     settings = cli.start(

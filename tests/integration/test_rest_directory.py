@@ -347,6 +347,14 @@ async def test_answers_in_time_over_rest_are_grpcs(engine: AsyncEngine) -> None:
         assert (code, sessions) == (200, as_json(grpc_sessions))
         assert len(sessions["sessions"]) == 2
         assert sessions["nextPageToken"]
+        # A page token is bound to its moment.
+        code, page, _ = await client.call("GET", list_path("gw-r", pageSize=7, asOf=rfc3339(at)))
+        code, refused, _ = await client.call(
+            "GET",
+            list_path("gw-r", pageSize=7, asOf=rfc3339(at + S), pageToken=page["nextPageToken"]),
+        )
+        assert code == 400
+        assert is_error(refused, grpc.StatusCode.INVALID_ARGUMENT, containing="page_token")
         code, refused, _ = await client.call(
             "GET", list_path("gw-r", asOf=rfc3339(now - 30 * 24 * 3600 * S))
         )
