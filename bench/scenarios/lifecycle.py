@@ -19,7 +19,7 @@ import signal
 import time
 from collections.abc import AsyncIterator
 
-from aiokafka import AIOKafkaConsumer, TopicPartition
+from aiokafka import AIOKafkaConsumer
 from aiokafka.admin import AIOKafkaAdminClient
 
 from bench.config import BenchConfig
@@ -31,6 +31,7 @@ from bench.scenarios.send import _clients, _gateway, _wait_log
 from bench.services import running
 from bench.workloads import churn_heavy
 from conntrack.core.settings import Settings, default
+from conntrack.lifecycle.reading import assign_from_beginning
 from conntrack.lifecycle.records import decode_lifecycle
 from conntrack.lifecycle.runner import LifecycleRole
 from conntrack.producer.topics import TopicSpec, ensure_topics
@@ -181,13 +182,7 @@ async def _last_closed(settings: Settings, n: int, within_s: float) -> float:
     )
     await consumer.start()
     try:
-        parts = consumer.partitions_for_topic(settings.lifecycle_topic) or set()
-        while not parts:
-            await consumer._client.force_metadata_update()
-            parts = consumer.partitions_for_topic(settings.lifecycle_topic) or set()
-        tps = [TopicPartition(settings.lifecycle_topic, p) for p in sorted(parts)]
-        consumer.assign(tps)
-        await consumer.seek_to_beginning(*tps)
+        await assign_from_beginning(consumer, settings.lifecycle_topic, within_s)
         closed = 0
         deadline = time.monotonic() + within_s
         while closed < n:

@@ -14,10 +14,11 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from aiokafka import AIOKafkaConsumer, TopicPartition
+from aiokafka import AIOKafkaConsumer
 
 from conntrack.core.protogen.conntrack.lifecycle.v1 import lifecycle_pb2 as pb
 from conntrack.core.settings import Settings
+from conntrack.lifecycle.reading import assign_from_beginning, partitions_of
 from conntrack.lifecycle.records import decode_lifecycle
 from conntrack.lifecycle.runner import LifecycleRole
 from tests.support.kafka import delete_topics, unique
@@ -129,16 +130,7 @@ async def read_lifecycle(
     )
     await consumer.start()
     try:
-        parts = consumer.partitions_for_topic(settings.lifecycle_topic)
-        for _ in range(50):
-            if parts:
-                break
-            await asyncio.sleep(0.1)
-            await consumer._client.force_metadata_update()  # a topic the role just created
-            parts = consumer.partitions_for_topic(settings.lifecycle_topic)
-        tps = [TopicPartition(settings.lifecycle_topic, p) for p in sorted(parts or ())]
-        consumer.assign(tps)
-        await consumer.seek_to_beginning(*tps)
+        tps = await assign_from_beginning(consumer, settings.lifecycle_topic)
         ends = await consumer.end_offsets(tps)
         out: list[ToldRecord] = []
         loop = asyncio.get_running_loop()
@@ -197,15 +189,7 @@ class LifecycleWatcher:
         )
         await consumer.start()
         try:
-            parts = None
-            while not parts:
-                await consumer._client.force_metadata_update()
-                parts = consumer.partitions_for_topic(s.lifecycle_topic)
-                if not parts:
-                    await asyncio.sleep(0.2)
-            tps = [TopicPartition(s.lifecycle_topic, p) for p in sorted(parts)]
-            consumer.assign(tps)
-            await consumer.seek_to_beginning(*tps)
+            await assign_from_beginning(consumer, s.lifecycle_topic, within_s=60)
             while True:
                 data = await consumer.getmany(timeout_ms=200)
                 for tp, records in data.items():
@@ -264,17 +248,13 @@ async def kill_in_a_transaction(
     try:
         committed, uncommitted = clients
         deadline = asyncio.get_running_loop().time() + within
+        tps = await partitions_of(committed, settings.lifecycle_topic, within)
         while True:
-            parts = committed.partitions_for_topic(settings.lifecycle_topic)
-            if parts:
-                tps = [TopicPartition(settings.lifecycle_topic, p) for p in sorted(parts)]
-                stable = await committed.end_offsets(tps)
-                written = await uncommitted.end_offsets(tps)
-                if any(written[tp] > stable[tp] for tp in tps):
-                    process.kill()
-                    return
-            else:
-                await committed._client.force_metadata_update()
+            stable = await committed.end_offsets(tps)
+            written = await uncommitted.end_offsets(tps)
+            if any(written[tp] > stable[tp] for tp in tps):
+                process.kill()
+                return
             assert asyncio.get_running_loop().time() < deadline, "no open transaction seen"
             await asyncio.sleep(0.005)
     finally:
