@@ -59,6 +59,12 @@ def upgrade() -> None:
         "ix_connection_history_bucket",
         "connection_history",
         ["bucket", "gateway_id", "connection_id"],
+        postgresql_include=[
+            "connected_at_ns",
+            "disconnected_at_ns",
+            "node_id",
+            "node_incarnation",
+        ],
     )
     op.create_index("ix_connection_history_id", "connection_history", ["connection_id"])
     op.create_index(
