@@ -25,7 +25,7 @@ import logging
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import astuple, dataclass
-from typing import TYPE_CHECKING, Any, Final, TypeVar
+from typing import Any, Final, Protocol, TypeVar
 
 import grpc
 from google.protobuf.message import Message
@@ -47,9 +47,6 @@ from conntrack.core.liveness import Liveness
 from conntrack.core.protogen.conntrack.directory.v1 import directory_pb2
 from conntrack.core.settings import default
 from conntrack.core.timeutil import to_ns
-
-if TYPE_CHECKING:
-    from conntrack.api.application.history import HistoryRpc
 
 log = logging.getLogger(__name__)
 
@@ -355,6 +352,30 @@ DisconnectManyMethod = Callable[
 ]
 
 
+class HistoryMethods(Protocol):
+    """The directory's methods in time (api/application/history.py, HistoryRpc)."""
+
+    async def list_at(
+        self, where: DirectoryFilter, request: directory_pb2.ListConnectionsRequest, call: Call
+    ) -> directory_pb2.ListConnectionsResponse: ...
+
+    async def count_at(
+        self, where: DirectoryFilter, request: directory_pb2.CountConnectionsRequest, call: Call
+    ) -> directory_pb2.CountConnectionsResponse: ...
+
+    async def get_connection_as_of(
+        self, request: directory_pb2.GetConnectionAsOfRequest | UndecodableRequest, call: Call
+    ) -> directory_pb2.ConnectionAsOf: ...
+
+    async def get_last_seen(
+        self, request: directory_pb2.GetLastSeenRequest | UndecodableRequest, call: Call
+    ) -> directory_pb2.LastSeen: ...
+
+    async def list_sessions(
+        self, request: directory_pb2.ListSessionsRequest | UndecodableRequest, call: Call
+    ) -> directory_pb2.ListSessionsResponse: ...
+
+
 class ConnectionDirectoryService:
     """ConnectionDirectoryService's methods over ConnectionDirectory, on a Call of either
     transport. broadcast: Broadcast's implementation (api/application/broadcast.py,
@@ -367,7 +388,7 @@ class ConnectionDirectoryService:
         broadcast: BroadcastMethod | None = None,
         send_to: SendToMethod | None = None,
         disconnect: DisconnectManyMethod | None = None,
-        history: HistoryRpc | None = None,
+        history: HistoryMethods | None = None,
     ) -> None:
         self._directory = directory
         self._broadcast = broadcast
@@ -375,7 +396,7 @@ class ConnectionDirectoryService:
         self._disconnect = disconnect
         self._history = history
 
-    def _in_time(self) -> HistoryRpc:
+    def _in_time(self) -> HistoryMethods:
         if self._history is None:
             raise ApiError(grpc.StatusCode.UNIMPLEMENTED, "this server keeps no history")
         return self._history
