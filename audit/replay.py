@@ -86,17 +86,24 @@ OnProgress = Callable[[int, int], None]
 
 
 async def fold_log(
-    reader: LogReader, bounds: Bounds, on_progress: OnProgress | None = None
+    reader: LogReader,
+    bounds: Bounds,
+    on_progress: OnProgress | None = None,
+    keep: Callable[[Event], bool] | None = None,
 ) -> Replay:
+    """Fold the records within bounds (only the events `keep` accepts, if given)."""
     replay = Replay(bounds=dict(bounds))
     total = sum(max(0, end - start) for start, end in bounds.values())
     done = 0
     async for batch in reader.read(bounds):
         for record in batch:
             try:
-                replay.add(decode_record(record.value, record.key))
+                event = decode_record(record.value, record.key)
             except InvalidEvent:
                 replay.invalid += 1  # the projector dead-letters these; they fold to nothing
+                continue
+            if keep is None or keep(event):
+                replay.add(event)
         done += len(batch)
         if on_progress is not None:
             on_progress(done, total)
@@ -122,22 +129,7 @@ async def fold_by_event_time(
     directory's answers in time give (docs/history.md), where fold_until() cuts the log by its
     own timestamps."""
     bounds = await reader.full_bounds()
-    replay = Replay(bounds=dict(bounds))
-    total = sum(max(0, end - start) for start, end in bounds.values())
-    done = 0
-    async for batch in reader.read(bounds):
-        for record in batch:
-            try:
-                event = decode_record(record.value, record.key)
-            except InvalidEvent:
-                replay.invalid += 1
-                continue
-            if event.occurred_at_ns <= at_ns:
-                replay.add(event)
-        done += len(batch)
-        if on_progress is not None:
-            on_progress(done, total)
-    return replay
+    return await fold_log(reader, bounds, on_progress, lambda e: e.occurred_at_ns <= at_ns)
 
 
 async def read_event_tuples(
