@@ -218,7 +218,10 @@ class ConnectionHistory:
         """The principal's sessions overlapping [start_ns, end_ns) (end None: now)."""
         assert where.principal is not None
         size = page_size_of(page_size)
-        end = time.time_ns() if end_ns is None else end_ns
+        # No connection connects after now: a later end reads the same sessions (and a
+        # timestamp past the year 2262 would not fit the database's 64 bits).
+        now = time.time_ns()
+        end = now if end_ns is None else min(end_ns, now)
         if end <= start_ns:
             raise InvalidDirectoryRequest("window_end must be after window_start")
         after = _after_session(decode_page_token(where, page_token), start_ns)

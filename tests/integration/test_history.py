@@ -15,6 +15,7 @@ from typing import Any
 
 import grpc
 import pytest
+from google.protobuf.timestamp_pb2 import Timestamp
 from sqlalchemy import func, select, text, update
 from sqlalchemy.ext.asyncio import AsyncEngine
 
@@ -276,6 +277,18 @@ async def test_every_answer_in_time_equals_a_replay_of_the_log(
         err = await failure(count_at(stub, time.time_ns() + 3600 * SECOND))
         assert err.code() == grpc.StatusCode.INVALID_ARGUMENT
         err = await failure(list_at(stub, now - HOUR, last_active_before=to_timestamp(now)))
+        assert err.code() == grpc.StatusCode.INVALID_ARGUMENT
+        # The ends of Timestamp's range: refused or answered, never an internal error.
+        first, last = to_ns(Timestamp(seconds=-62135596800)), to_ns(Timestamp(seconds=253402300799))
+        err = await failure(count_at(stub, first))
+        assert err.code() == grpc.StatusCode.FAILED_PRECONDITION
+        someone = day.principals[0]
+        until_last = await sessions_of(stub, someone, now - HOUR, last)
+        until_now = await sessions_of(stub, someone, now - HOUR, time.time_ns())
+        assert [s.entry.connection.id for s in until_last] == [
+            s.entry.connection.id for s in until_now
+        ]
+        err = await failure(sessions_of(stub, someone, now - HOUR, first))
         assert err.code() == grpc.StatusCode.INVALID_ARGUMENT
 
     # `conntrack-audit verify` checks the history too, and notices a row that is not the log's;
