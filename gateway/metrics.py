@@ -9,9 +9,15 @@ from collections.abc import Callable, Iterator
 from typing import Protocol
 
 from prometheus_client import CollectorRegistry
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
 from prometheus_client.registry import Collector
 
+from conntrack.core.latency import LatencySnapshot
 from conntrack.core.process_metrics import add_process_collectors
 from conntrack.producer.command_execution import NodeCommandsStats
 from conntrack.producer.outcomes import PublisherStats
@@ -92,6 +98,11 @@ class _GatewayCollector(Collector):
             for name, count in sorted(commands.outcomes.items()):
                 outcomes.add_metric([name], count)
             yield outcomes
+            yield _histogram(
+                "conntrack_gateway_command_seconds",
+                "Seconds from a command's issue by the API (its clock) to its outcome on the node.",
+                commands.latency.snapshot(),
+            )
             yield CounterMetricFamily(
                 "conntrack_gateway_commands_duplicate",
                 "Commands read again after they were acted on (answered, not executed again).",
@@ -106,6 +117,12 @@ class _GatewayCollector(Collector):
             "Events not delivered (reported to on_undeliverable; without a spool, lost).",
             p.undelivered,
         )
+        if p.delivery_latency is not None:
+            yield _histogram(
+                "conntrack_publisher_delivery_seconds",
+                "Seconds from publishing an event to the broker's acknowledgement.",
+                p.delivery_latency,
+            )
         yield GaugeMetricFamily(
             "conntrack_publisher_in_flight",
             "Events handed to Kafka, not yet acknowledged.",
@@ -138,6 +155,11 @@ class _GatewayCollector(Collector):
             "Events the full spool refused.",
             p.spool_refused,
         )
+
+
+def _histogram(name: str, documentation: str, latency: LatencySnapshot) -> Metric:
+    buckets = [("+Inf" if b == float("inf") else repr(b), c) for b, c in latency.buckets]
+    return HistogramMetricFamily(name, documentation, buckets=buckets, sum_value=latency.sum_s)
 
 
 def gateway_registry(

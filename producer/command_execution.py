@@ -26,6 +26,7 @@ from conntrack.core.commands import (
     OutcomeStatus,
     SendFrame,
 )
+from conntrack.core.latency import LatencyTally
 from conntrack.producer.broadcast import SocketsTally, each_socket, operation_of
 
 log = logging.getLogger(__name__)
@@ -67,6 +68,8 @@ class NodeCommandsStats:
     """Outcomes published, by status name."""
     outcomes_abandoned: int = 0
     """Outcomes the broker did not acknowledge before the command's deadline or stop()."""
+    latency: LatencyTally = field(default_factory=LatencyTally)
+    """Seconds from the command's issued_at (the API's clock) to its outcome on the node."""
 
 
 class CommandExecutor:
@@ -86,8 +89,10 @@ class CommandExecutor:
         self, command: Command, incarnation: int, status: OutcomeStatus, detail: str = ""
     ) -> Outcome:
         self._stats.outcomes[status.name] = self._stats.outcomes.get(status.name, 0) + 1
+        completed_at_ns = self._wall_clock_ns()
+        self._stats.latency.observe((completed_at_ns - command.issued_at_ns) / 1e9)
         return Outcome(
-            command.command_id, self._node_id, incarnation, self._wall_clock_ns(), status, detail
+            command.command_id, self._node_id, incarnation, completed_at_ns, status, detail
         )
 
     async def execute(self, command: Command, incarnation: int) -> Outcome:

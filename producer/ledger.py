@@ -22,6 +22,8 @@ Future = asyncio.Future[Any]
 class Record:
     event: Event
     value: bytes
+    handed_at: float = 0.0
+    """Event-loop time the caller handed the event in (0: not timed, e.g. a report)."""
 
 
 class Ledger:

@@ -10,6 +10,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from conntrack.core.events import Event
+from conntrack.core.latency import LatencySnapshot, LatencyTally
 from conntrack.producer.errors import UndeliveredEventsError
 
 log = logging.getLogger(__name__)
@@ -46,15 +47,22 @@ class PublisherStats:
     """Bytes the spool's segment files (and its write buffer) take; at most spool_max_bytes."""
     spool_lost: int = 0
     """Events the disk refused to write (a failing disk; each logged as an error)."""
+    delivery_latency: LatencySnapshot | None = None
+    """Seconds from publishing an event (the call) to the broker's acknowledgement."""
 
 
 class Outcomes:
     def __init__(self, on_undeliverable: UndeliverableCallback | None) -> None:
         self._on_undeliverable = on_undeliverable
         self.delivered = 0
+        self.delivery = LatencyTally()
         self.undelivered = 0
         self._since_check = 0
         self._first: BaseException | None = None
+
+    def delivered_after(self, seconds: float) -> None:
+        self.delivered += 1
+        self.delivery.observe(seconds)
 
     def undeliverable(self, event: Event, error: BaseException) -> None:
         self.undelivered += 1

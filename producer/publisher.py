@@ -235,6 +235,7 @@ class Publisher:
             spool_pending=0 if spool is None else spool.pending,
             spool_bytes=0 if spool is None else spool.size_bytes,
             spool_lost=0 if spool is None else spool.lost,
+            delivery_latency=self._outcomes.delivery.snapshot(),
         )
 
     @property

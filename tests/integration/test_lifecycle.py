@@ -214,6 +214,8 @@ async def test_the_gateway_closes_idle_and_old_sockets_and_says_why(
     assert metrics[("conntrack_publisher_events_delivered_total", ())] >= 4
     assert metrics[("conntrack_publisher_heartbeats_total", (("outcome", "delivered"),))] >= 1
     assert metrics[("conntrack_publisher_in_flight", ())] == 0
+    delivered = metrics[("conntrack_publisher_events_delivered_total", ())]
+    assert metrics[("conntrack_publisher_delivery_seconds_count", ())] == delivered
     build = [dict(k[1]) for k in metrics if k[0] == "conntrack_build_info"]
     assert [b["component"] for b in build] == ["gateway"]
 

@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 
 from prometheus_client import generate_latest
 
+from conntrack.core.latency import LatencyTally
 from conntrack.gateway.metrics import gateway_registry
 from conntrack.producer.command_execution import NodeCommandsStats
 from conntrack.producer.outcomes import PublisherStats
@@ -45,3 +46,24 @@ def test_a_node_without_commands_has_no_command_families() -> None:
     stats = PublisherStats(0, 0, 0, 0, 0)
     registry = gateway_registry(Sockets(), lambda: stats, lambda: None)
     assert registry.get_sample_value("conntrack_gateway_commands_received_total") is None
+
+
+def test_latencies_are_histograms_with_inclusive_upper_bounds() -> None:
+    delivery = LatencyTally()
+    for seconds in (0.001, 0.0011, 0.2, 45.0):
+        delivery.observe(seconds)
+    stats = PublisherStats(4, 0, 0, 0, 0, delivery_latency=delivery.snapshot())
+    commands = NodeCommandsStats()
+    commands.latency.observe(-0.5)  # the API's clock ahead of the node's: counted as 0
+    registry = gateway_registry(Sockets(), lambda: stats, lambda: commands)
+    value = registry.get_sample_value
+    bucket = "conntrack_publisher_delivery_seconds_bucket"
+    assert value(bucket, {"le": "0.001"}) == 1
+    assert value(bucket, {"le": "0.0025"}) == 2
+    assert value(bucket, {"le": "0.25"}) == 3
+    assert value(bucket, {"le": "30.0"}) == 3
+    assert value(bucket, {"le": "+Inf"}) == 4
+    assert value("conntrack_publisher_delivery_seconds_count") == 4
+    assert value("conntrack_publisher_delivery_seconds_sum") == 45.2021
+    assert value("conntrack_gateway_command_seconds_bucket", {"le": "0.001"}) == 1
+    assert value("conntrack_gateway_command_seconds_sum") == 0
