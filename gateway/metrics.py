@@ -140,6 +140,11 @@ class _GatewayCollector(Collector):
             "conntrack_publisher_spool_bytes", "Bytes of events held in the spool.", p.spool_bytes
         )
         yield GaugeMetricFamily(
+            "conntrack_publisher_spool_max_bytes",
+            "The spool's limit in bytes (0: the gateway has no spool).",
+            p.spool_max_bytes,
+        )
+        yield GaugeMetricFamily(
             "conntrack_publisher_spool_pending",
             "Events in the spool, not yet replayed.",
             p.spool_pending,

@@ -45,6 +45,8 @@ class PublisherStats:
     """Events in the spool not yet acknowledged by the broker (including the previous run's)."""
     spool_bytes: int = 0
     """Bytes the spool's segment files (and its write buffer) take; at most spool_max_bytes."""
+    spool_max_bytes: int = 0
+    """The spool's limit (0: no spool)."""
     spool_lost: int = 0
     """Events the disk refused to write (a failing disk; each logged as an error)."""
     delivery_latency: LatencySnapshot | None = None

@@ -234,6 +234,7 @@ class Publisher:
             spool_refused=0 if spooling is None else spooling.refused,
             spool_pending=0 if spool is None else spool.pending,
             spool_bytes=0 if spool is None else spool.size_bytes,
+            spool_max_bytes=0 if spool is None else spool.max_bytes,
             spool_lost=0 if spool is None else spool.lost,
             delivery_latency=self._outcomes.delivery.snapshot(),
         )

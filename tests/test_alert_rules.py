@@ -15,8 +15,12 @@ import pytest
 from prometheus_client import CollectorRegistry
 
 from conntrack.api.transport.metrics import ApiMetrics
+from conntrack.core.latency import LatencyTally
+from conntrack.gateway.metrics import gateway_registry
 from conntrack.lifecycle.metrics import LifecycleMetrics
 from conntrack.lifecycle.webhook import WebhookMetrics
+from conntrack.producer.command_execution import NodeCommandsStats
+from conntrack.producer.outcomes import PublisherStats
 from conntrack.projector.metrics import ProjectorMetrics
 
 REPO = Path(__file__).resolve().parents[1]
@@ -96,12 +100,24 @@ def _exposed(registry: CollectorRegistry) -> set[str]:
     }
 
 
+class _NoSockets:
+    open_sockets = frames_received = frames_sent = 0
+    handshakes_refused: dict[int, int] = {}  # noqa: RUF012 (read only)
+    closed_by_gateway: dict[str, int] = {}  # noqa: RUF012
+
+
+def _gateway() -> CollectorRegistry:
+    publisher = PublisherStats(0, 0, 0, 0, 0, delivery_latency=LatencyTally().snapshot())
+    return gateway_registry(_NoSockets(), lambda: publisher, NodeCommandsStats)
+
+
 def test_every_metric_an_alert_names_is_exposed() -> None:
     exposed = set().union(
         *(
             _exposed(metrics().registry)
             for metrics in (ProjectorMetrics, ApiMetrics, LifecycleMetrics, WebhookMetrics)
-        )
+        ),
+        _exposed(_gateway()),
     )
     named = {
         name
