@@ -23,7 +23,7 @@ from conntrack.core.process import (
 from conntrack.core.settings import Settings, env_name
 from conntrack.gateway.handshake import HandshakeConfigError, Handshakes
 from conntrack.gateway.metrics import gateway_registry
-from conntrack.gateway.server import Gateway
+from conntrack.gateway.server import Gateway, websockets_logger
 from conntrack.producer.commands import NodeCommands
 from conntrack.producer.errors import (
     BrokerUnavailableError,
@@ -116,6 +116,7 @@ async def run(settings: Settings) -> int:
                         process_request=gateway.check_handshake,
                         process_response=gateway.add_connection_id,
                         close_timeout=5,
+                        logger=websockets_logger(),
                     )
                 except OSError as exc:
                     raise cli.CommandError(

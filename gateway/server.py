@@ -31,6 +31,32 @@ CONNECTION_ID_HEADER: Final = "X-Connection-Id"
 _NO_CODE: Final = (1005, 1006)
 
 
+class _HandshakeFailures(logging.Filter):
+    """websockets logs every failed opening handshake as an ERROR with a traceback, including a
+    TCP probe that connects and closes (a load balancer's or an orchestrator's health check) and
+    a client that is not speaking HTTP. Neither is the gateway's fault: the probe is not logged,
+    anything else is one INFO line."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.msg != "opening handshake failed" or record.exc_info is None:
+            return True
+        error: BaseException | None = record.exc_info[1]
+        cause = error
+        while cause is not None and cause.__cause__ is not None:
+            cause = cause.__cause__
+        if not isinstance(cause, EOFError | ConnectionError):
+            log.info("event=handshake_failed error=%s", error)
+        return False
+
+
+def websockets_logger() -> logging.Logger:
+    """The logger to hand to websockets' server (its `logger=`)."""
+    logger = logging.getLogger("websockets.server")
+    if not any(isinstance(f, _HandshakeFailures) for f in logger.filters):
+        logger.addFilter(_HandshakeFailures())
+    return logger
+
+
 def connection_id(ws: ServerConnection) -> str:
     return ws.id.hex
 

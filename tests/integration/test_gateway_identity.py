@@ -97,6 +97,33 @@ async def test_bad_tokens_are_401_with_no_event_and_a_valid_one_is_named(
     assert connected.labels == (("app", "2.1"), ("device", "ios"), ("tenant", "acme"))
 
 
+async def test_a_tcp_probe_is_not_logged_and_a_non_http_client_is_one_line(
+    kafka_settings: Settings, tmp_path: Path
+) -> None:
+    """A health check that connects and closes (compose's, a load balancer's) is ordinary; a
+    client speaking something else than HTTP is the client's fault: neither is an ERROR."""
+    async with (
+        with_command_topics(kafka_settings) as settings,
+        gateway_node(settings, unique("node"), tmp_path / "gw.log") as gateway,
+    ):
+        host, _, port = gateway.url.removeprefix("ws://").rstrip("/").rpartition(":")
+        for probe in (b"", b"SSH-2.0-OpenSSH_9.6\r\n\r\n"):
+            reader, writer = await asyncio.open_connection(host, int(port))
+            writer.write(probe)
+            await writer.drain()
+            if probe:
+                await reader.read()  # the gateway hangs up
+            writer.close()
+            await writer.wait_closed()
+        async with connect(gateway.url):
+            pass  # and the gateway still serves
+        await asyncio.sleep(0.3)
+        assert_clean(gateway)
+        lines = [line for line in gateway.log().splitlines() if "handshake_failed" in line]
+    assert len(lines) == 1, lines
+    assert " INFO " in lines[0]
+
+
 async def test_a_broadcast_to_a_principal_reaches_exactly_its_sockets(
     kafka_settings: Settings, engine: AsyncEngine, tmp_path: Path
 ) -> None:
