@@ -3,6 +3,8 @@ a frame to one (`send`) or close it (`disconnect`) through the gateway node hold
 
 from __future__ import annotations
 
+import os
+
 from conntrack.api.process.client import add_client_flags, call
 from conntrack.api.process.cores import available_cores, resolve_workers
 from conntrack.api.process.serve import serve
@@ -12,6 +14,7 @@ from conntrack.api.transport.server import security_of
 from conntrack.api.transport.tls import TlsConfigError
 from conntrack.core import cli
 from conntrack.core.process import PYTHON_GEN0_THRESHOLD
+from conntrack.core.tracing_setup import wanted as tracing_wanted
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -42,6 +45,7 @@ def main(argv: list[str] | None = None) -> None:
         try:
             workers = resolve_workers(settings.api_workers, settings.api_listen, available_cores())
             security_of(settings)  # every file named, before any worker is forked
+            tracing_wanted(os.environ)  # an exporter that cannot work, likewise
         except cli.CommandError as exc:
             cli.fail(prog, exc)
         except (TlsConfigError, TokenConfigError) as exc:

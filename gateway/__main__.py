@@ -21,6 +21,7 @@ from conntrack.core.process import (
     on_shutdown_signal,
 )
 from conntrack.core.settings import Settings, env_name
+from conntrack.core.tracing_setup import run_traced
 from conntrack.gateway.handshake import HandshakeConfigError, Handshakes
 from conntrack.gateway.metrics import gateway_registry
 from conntrack.gateway.server import Gateway, websockets_logger
@@ -172,7 +173,7 @@ def main(argv: list[str] | None = None) -> None:
     parser = cli.parser(prog, __doc__, sections)
     ns = parser.parse_args(argv)
     settings = cli.start(prog, ns, gen0_threshold=GATEWAY_GEN0_THRESHOLD)
-    cli.run(prog, lambda: run(settings), settings)
+    cli.run(prog, lambda: run_traced(prog, run(settings)), settings)
 
 
 if __name__ == "__main__":

@@ -18,6 +18,7 @@ from websockets.asyncio.server import ServerConnection
 from websockets.exceptions import ConnectionClosed
 from websockets.http11 import Request, Response
 
+from conntrack.core import tracing
 from conntrack.core.commands import FENCED_CLOSE_CODE, DataType
 from conntrack.core.events import Cause, Connected
 from conntrack.gateway.handshake import NOBODY, HandshakeRefused, Handshakes, Identity
@@ -178,13 +179,14 @@ class Gateway:
         self._sockets[conn_id] = ws
         try:
             try:
-                connected = await self._publisher.connected(
-                    conn_id,
-                    source_ip(ws),
-                    user_agent,
-                    principal=who.principal,
-                    labels=dict(who.labels),
-                )
+                with tracing.span("websocket open", **{"conntrack.connection_id": conn_id}):
+                    connected = await self._publisher.connected(
+                        conn_id,
+                        source_ip(ws),
+                        user_agent,
+                        principal=who.principal,
+                        labels=dict(who.labels),
+                    )
             except (PublisherError, ValueError) as exc:
                 log.error("event=connected_not_published connection_id=%s error=%s", conn_id, exc)
                 await ws.close(1011, "connection tracking unavailable")
@@ -222,9 +224,10 @@ class Gateway:
             why = _WHY[cause]
             self.closed_by_gateway[why] = self.closed_by_gateway.get(why, 0) + 1
         try:
-            await self._publisher.disconnected(
-                conn_id, status_code=code, reason=reason.replace("\x00", ""), cause=cause
-            )
+            with tracing.span("websocket closed", **{"conntrack.connection_id": conn_id}):
+                await self._publisher.disconnected(
+                    conn_id, status_code=code, reason=reason.replace("\x00", ""), cause=cause
+                )
         except PublisherError as exc:
             log.error("event=disconnected_not_published connection_id=%s error=%s", conn_id, exc)
         log.debug("event=disconnected connection_id=%s code=%d", conn_id, code)
@@ -236,8 +239,9 @@ class Gateway:
         if ws is None:
             return False
         try:
-            # A TEXT frame must be UTF-8: invalid data fails the command (UnicodeDecodeError).
-            await ws.send(data.decode("utf-8") if data_type is DataType.TEXT else data)
+            with tracing.span("websocket send", **{"conntrack.connection_id": connection_id}):
+                # A TEXT frame must be UTF-8: invalid data fails the command (UnicodeDecodeError).
+                await ws.send(data.decode("utf-8") if data_type is DataType.TEXT else data)
         except ConnectionClosed:
             return False
         self.frames_sent += 1
@@ -251,7 +255,8 @@ class Gateway:
         # publishes Disconnected. An invalid code or a reason over 123 bytes raises: FAILED.
         self._causes[connection_id] = Cause.DISCONNECTED_BY_API
         try:
-            await ws.close(status_code, reason)
+            with tracing.span("websocket close", **{"conntrack.connection_id": connection_id}):
+                await ws.close(status_code, reason)
         except BaseException:
             self._causes.pop(connection_id, None)
             raise

@@ -44,7 +44,7 @@ from typing import Any, Final
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.errors import KafkaConnectionError, KafkaError
 
-from conntrack.core import aiokafka_internals, kafka
+from conntrack.core import aiokafka_internals, kafka, tracing
 from conntrack.core.commands import (
     Batching,
     Command,
@@ -323,7 +323,13 @@ class NodeCommands:
                 for record in batch.get(tp, []):
                     if self._stopping.is_set():
                         break
-                    await self._handle(record, publishing)
+                    if record.key != self._key:
+                        self._stats.received += 1
+                        self._stats.other_nodes += 1
+                    else:
+                        # The API call's trace continues here (tracing off: no span).
+                        with tracing.processing(tp.topic, record.headers):
+                            await self._handle(record, publishing)
                     self._progress.advanced(record.offset + 1)
                 self._progress.batch_read(publishing)
                 await self._progress.hold_back(publishing)
@@ -337,9 +343,6 @@ class NodeCommands:
         """Act on one record; True if an outcome is being published for it (its task is added
         to `publishing`)."""
         self._stats.received += 1
-        if record.key != self._key:
-            self._stats.other_nodes += 1
-            return False
         try:
             command = decode_command(record.value, record.key)
         except InvalidCommand as exc:
@@ -385,7 +388,10 @@ class NodeCommands:
                 return
             try:
                 async with asyncio.timeout(_SEND_ATTEMPT_S):
-                    future = await producer.send(self._outcomes_topic, value, key=key)
+                    with tracing.sending(self._outcomes_topic, command.reply_to) as context:
+                        future = await producer.send(
+                            self._outcomes_topic, value, key=key, headers=context or None
+                        )
                     await future
                 return
             except (KafkaError, TimeoutError) as exc:

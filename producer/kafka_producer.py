@@ -12,7 +12,7 @@ from typing import Any, Final
 from aiokafka import AIOKafkaProducer
 from aiokafka.errors import KafkaConnectionError
 
-from conntrack.core import kafka
+from conntrack.core import kafka, tracing
 from conntrack.core.aiokafka_internals import back_off_metadata_requests
 from conntrack.core.events import HEADERS
 from conntrack.core.kafka import KafkaConnection
@@ -128,13 +128,14 @@ async def send_event(
 ) -> Any:
     """Hand one connection event's record to the producer: keyed by its connection id, on its
     connection's partition, with the events topic's headers. Returns the delivery future."""
-    return await producer.send(
-        topic,
-        value=value,
-        key=connection_id.encode(),
-        partition=partition,
-        headers=list(HEADERS),
-    )
+    with tracing.sending(topic, connection_id) as context:
+        return await producer.send(
+            topic,
+            value=value,
+            key=connection_id.encode(),
+            partition=partition,
+            headers=[*HEADERS, *context],
+        )
 
 
 def partition_count(producer: Any, topic: str) -> int:

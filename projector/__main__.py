@@ -14,6 +14,7 @@ from conntrack.core.process import (
 )
 from conntrack.core.settings import Settings
 from conntrack.core.store import ProjectionStore
+from conntrack.core.tracing_setup import run_traced
 from conntrack.projector.runner import Abandoned, Projector
 
 log = logging.getLogger("projector")
@@ -64,7 +65,11 @@ def main(argv: list[str] | None = None) -> None:
     settings = cli.start(
         "conntrack-projector", ns, gen0_threshold=lambda s: gen0_threshold(s.batch_max_events)
     )
-    cli.run("conntrack-projector", lambda: _serve(settings), settings)
+    cli.run(
+        "conntrack-projector",
+        lambda: run_traced("conntrack-projector", _serve(settings), database=True),
+        settings,
+    )
 
 
 async def _serve(settings: Settings) -> int:

@@ -32,7 +32,7 @@ from typing import Any
 from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.errors import IllegalStateError
 
-from conntrack.core import kafka
+from conntrack.core import kafka, tracing
 from conntrack.core.batch import YIELD_EVERY, Batch, WriteBehind
 from conntrack.core.fold import ConnectionState, NodeState
 from conntrack.core.history_store import NodeHistory
@@ -428,6 +428,14 @@ class Projector:
 
     async def _commit(self, prepared: _Prepared) -> None:
         """Dead-letter a prepared batch's poison records, then write it with its positions."""
+        with tracing.applying(
+            self._topic,
+            lambda: (r.headers for rs in prepared.records.values() for r in rs),
+            prepared.batch.records,
+        ):
+            await self._write(prepared)
+
+    async def _write(self, prepared: _Prepared) -> None:
         batch, states = prepared.batch, prepared.states
         advances = batch.advances
         if batch.rejected:

@@ -29,6 +29,11 @@ if [ ! -x .local/go/bin/grpcurl ] && ! command -v grpcurl >/dev/null 2>&1 && com
   GOBIN="$repo/.local/go/bin" go install github.com/fullstorydev/grpcurl/cmd/grpcurl@v1.9.4 ||
     echo "test: grpcurl could not be installed; its test will be skipped" >&2
 fi
+# A minimal OpenTelemetry Collector (infra/otelcol: OTLP in, JSON lines out), for the test that
+# follows a Send's trace across the processes.
+if command -v go >/dev/null 2>&1; then
+  bash infra/otelcol.sh build || echo "test: the collector could not be built; its test will fail" >&2
+fi
 export CONNTRACK_TEST_KAFKA="127.0.0.1:${CONNTRACK_KAFKA_PORT:-19092}"
 export CONNTRACK_TEST_POSTGRES_URL="$(bash infra/postgres.sh url)"
 bash scripts/lint.sh

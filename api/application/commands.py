@@ -25,7 +25,7 @@ from typing import Any
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.errors import KafkaError
 
-from conntrack.core import kafka
+from conntrack.core import kafka, tracing
 from conntrack.core.commands import (
     Action,
     Batching,
@@ -173,7 +173,8 @@ class CommandChannel:
                         continue
                     waiter = self._waiting.get(outcome.command_id)
                     if waiter is not None and not waiter.done():
-                        waiter.set_result(outcome)
+                        with tracing.processing(record.topic, record.headers):
+                            waiter.set_result(outcome)
 
     async def execute(
         self,
@@ -212,9 +213,13 @@ class CommandChannel:
         try:
             async with asyncio.timeout(timeout_s):
                 try:
-                    delivery = await producer.send(
-                        self._commands_topic, encode_command(command), key=node_id.encode()
-                    )
+                    with tracing.sending(self._commands_topic, node_id) as context:
+                        delivery = await producer.send(
+                            self._commands_topic,
+                            encode_command(command),
+                            key=node_id.encode(),
+                            headers=context or None,
+                        )
                 except KafkaError as exc:
                     raise CommandNotHanded(
                         f"the command could not be handed to Kafka: {one_line(exc)}"
