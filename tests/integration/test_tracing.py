@@ -7,6 +7,7 @@ linked to the trace of the Connected event it applied, and the database calls ar
 from __future__ import annotations
 
 import asyncio
+import urllib.request
 from collections.abc import Callable
 from pathlib import Path
 
@@ -76,7 +77,7 @@ async def test_a_send_is_one_trace_from_the_call_to_the_socket_and_back(
         monkeypatch.setenv("OTEL_BSP_SCHEDULE_DELAY", "200")
         async with with_command_topics(kafka_settings) as settings:
             projector = ProjectorProcess(settings, database_url, tmp_path / "projector.log")
-            port = free_port()
+            port, rest_port = free_port(), free_port()
             api = await serve_api(
                 database_url,
                 port,
@@ -86,6 +87,7 @@ async def test_a_send_is_one_trace_from_the_call_to_the_socket_and_back(
                 commands_topic=settings.commands_topic,
                 command_outcomes_topic=settings.command_outcomes_topic,
                 api_workers="1",
+                api_rest_port=str(rest_port),
             )
             gateway = GatewayProcess(settings, unique("node"), tmp_path / "gateway.log")
             try:
@@ -99,6 +101,9 @@ async def test_a_send_is_one_trace_from_the_call_to_the_socket_and_back(
                     await wait_for_get(stub, connection_id, "OK")
                     await stub.Send(send_request(connection_id, b"traced"), timeout=30)
                     assert await asyncio.wait_for(client.recv(), 10) == "traced"
+                    rest = f"http://127.0.0.1:{rest_port}{_REST_GET}{connection_id}"
+                    with urllib.request.urlopen(rest, timeout=10) as answer:
+                        assert answer.status == 200
             finally:
                 assert await gateway.terminate() == 0, gateway.log()
                 api.terminate()
@@ -111,7 +116,7 @@ async def test_a_send_is_one_trace_from_the_call_to_the_socket_and_back(
                 ("conntrack-api", f"process {settings.command_outcomes_topic}"),
                 ("conntrack-projector", f"process {settings.events_topic}"),
                 ("conntrack-gateway", f"send {settings.command_outcomes_topic}"),
-            } <= names
+            } <= names and any(n.startswith("GET") for _, n in names)
 
         spans = await _spans_until(collector, complete)
         for log in ("api.log", "gateway.log", "projector.log"):
@@ -144,6 +149,12 @@ async def test_a_send_is_one_trace_from_the_call_to_the_socket_and_back(
     assert gets
     assert any(s.kind == CLIENT and s.parent_id in gets for s in spans)
 
+    # The REST mapping is traced as well, the same way.
+    assert any(
+        s.service == "conntrack-api" and s.kind == SERVER and s.name.startswith("GET")
+        for s in spans
+    ), sorted({(s.name, s.kind) for s in spans if s.service == "conntrack-api"})
+
     # The projector's batch that applied the Connected is linked to the socket's trace.
     opened = _one(spans, service="conntrack-gateway", name="websocket open")
     published = _one(
@@ -166,3 +177,4 @@ async def test_a_send_is_one_trace_from_the_call_to_the_socket_and_back(
 
 _SEND = "/yandex.cloud.serverless.apigateway.websocket.v1.ConnectionService/Send"
 _GET = "/yandex.cloud.serverless.apigateway.websocket.v1.ConnectionService/Get"
+_REST_GET = "/apigateways/websocket/v1/connections/"
