@@ -43,6 +43,11 @@ from tests.support.projector import ProjectorProcess
 pytestmark = [pytest.mark.kafka, pytest.mark.postgres, pytest.mark.slow]
 
 
+def _status(url: str) -> int:
+    with urllib.request.urlopen(url, timeout=10) as answer:
+        return int(answer.status)
+
+
 def _one(spans: list[ExportedSpan], **want: object) -> ExportedSpan:
     found = [s for s in spans if all(getattr(s, k) == v for k, v in want.items())]
     assert len(found) == 1, (want, [(s.service, s.name, s.kind) for s in spans])
@@ -102,8 +107,7 @@ async def test_a_send_is_one_trace_from_the_call_to_the_socket_and_back(
                     await stub.Send(send_request(connection_id, b"traced"), timeout=30)
                     assert await asyncio.wait_for(client.recv(), 10) == "traced"
                     rest = f"http://127.0.0.1:{rest_port}{_REST_GET}{connection_id}"
-                    with urllib.request.urlopen(rest, timeout=10) as answer:
-                        assert answer.status == 200
+                    assert await asyncio.to_thread(_status, rest) == 200
             finally:
                 assert await gateway.terminate() == 0, gateway.log()
                 api.terminate()
