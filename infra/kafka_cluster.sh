@@ -21,6 +21,9 @@
 #   CONNTRACK_CLUSTER_CTRL_PORT  controller port base   (default 19292: nodes on 19293..)
 #   CONNTRACK_CLUSTER_HEAP       JVM heap per node      (default 384m)
 #   CONNTRACK_CLUSTER_JAVA_OPTS  more JVM options per node (default none)
+#   CONNTRACK_CLUSTER_BROKER_PROPS  more server properties per node, `key=value` separated by
+#                                spaces (e.g. broker.session.timeout.ms=3000; written when the
+#                                nodes are formatted, at the first `up`)
 #   CONNTRACK_STATE_DIR          as for infra/kafka.sh  (default <repo>/.local)
 #
 # A separate file, sourced by infra/kafka.sh, rather than more of kafka.sh: the single broker is
@@ -91,6 +94,11 @@ group.initial.rebalance.delay.ms=0
 auto.create.topics.enable=false
 delete.topic.enable=true
 PROPS
+  local prop
+  for prop in ${CONNTRACK_CLUSTER_BROKER_PROPS:-}; do
+    [[ "$prop" == *=* ]] || die "cluster: CONNTRACK_CLUSTER_BROKER_PROPS: '$prop' is not key=value"
+    echo "$prop" >>"$dir/server.properties"
+  done
 }
 
 node_jvm() {

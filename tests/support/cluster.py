@@ -66,6 +66,9 @@ class Cluster:
             # C1 only: a node (re)starts in half the time on a busy 2-core machine (24 -> 10 s
             # measured with `cluster kill 1; cluster start 1`), and 200 events/s need no C2.
             CONNTRACK_CLUSTER_JAVA_OPTS="-XX:TieredStopAtLevel=1",
+            # For measuring what broker settings change (docs/operations.md, "What a broker
+            # failure costs"); unset in the suite.
+            CONNTRACK_CLUSTER_BROKER_PROPS=os.environ.get("CONNTRACK_TEST_CLUSTER_BROKER_PROPS", ""),
         )
         return cls(size, client, env)
 
