@@ -1,12 +1,17 @@
 """Regenerate the Python protobuf/gRPC modules from the .proto files in this folder.
 
-    python proto/generate.py          # rewrite core/protogen/ (conntrack.core.protogen)
-    python proto/generate.py --check  # exit 1 if the committed modules are stale
+    python proto/generate.py          # rewrite core/protogen/ (conntrack.core.protogen) and
+                                      # proto/conntrack-topics.binpb
+    python proto/generate.py --check  # exit 1 if either is stale
 
 The generated modules live under the project-owned package ``conntrack.core.protogen`` and
 their imports are rewritten to point there, so they never shadow (or get shadowed by) the
 official Yandex Cloud SDK's top-level ``yandex`` package, while the names on the wire stay
 upstream's.
+
+conntrack-topics.binpb is the descriptor set (a FileDescriptorSet, imports included) of what the
+Kafka topics carry: the events, the commands and their outcomes, the lifecycle stream. Kafka
+tools decode the records with it (docs/producer.md, "Reading the topics").
 """
 
 from __future__ import annotations
@@ -23,6 +28,12 @@ PROTO_ROOT = Path(__file__).resolve().parent
 REPO = PROTO_ROOT.parent
 PACKAGE = "conntrack.core.protogen"
 OUT = REPO / Path(*PACKAGE.split("."))
+DESCRIPTORS = PROTO_ROOT / "conntrack-topics.binpb"
+TOPIC_PROTOS = (
+    "conntrack/events/v1/events.proto",
+    "conntrack/commands/v1/commands.proto",
+    "conntrack/lifecycle/v1/lifecycle.proto",
+)
 
 # Top-level proto packages we own the generated code for; google.* comes from protobuf and
 # googleapis-common-protos.
@@ -52,6 +63,16 @@ def _generate(out: Path) -> None:
     ]
     if protoc.main(args) != 0:
         raise SystemExit("protoc failed")
+    descriptors = [
+        "grpc_tools.protoc",
+        f"-I{PROTO_ROOT}",
+        f"-I{include}",
+        "--include_imports",
+        f"--descriptor_set_out={out / DESCRIPTORS.name}",
+        *TOPIC_PROTOS,
+    ]
+    if protoc.main(descriptors) != 0:
+        raise SystemExit("protoc failed (descriptor set)")
     for path in out.rglob("*_pb2_grpc.py"):
         if "class " not in path.read_text():  # a file without services needs no gRPC module
             path.unlink()
@@ -82,7 +103,12 @@ def main() -> int:
         fresh = Path(tmp) / "protogen"
         fresh.mkdir()
         _generate(fresh)
+        descriptor_set = fresh / DESCRIPTORS.name
         if ns.check:
+            if not DESCRIPTORS.exists() or DESCRIPTORS.read_bytes() != descriptor_set.read_bytes():
+                print(f"stale {DESCRIPTORS.name}; run: python proto/generate.py", file=sys.stderr)
+                return 1
+            descriptor_set.unlink()
             new, old = _tree(fresh), _tree(OUT) if OUT.exists() else {}
             stale = sorted(
                 name
@@ -98,10 +124,11 @@ def main() -> int:
                 return 1
             print("generated code is up to date")
             return 0
+        shutil.move(descriptor_set, DESCRIPTORS)
         if OUT.exists():
             shutil.rmtree(OUT)
         shutil.copytree(fresh, OUT)
-    print(f"wrote {OUT.relative_to(REPO)}")
+    print(f"wrote {OUT.relative_to(REPO)} and {DESCRIPTORS.relative_to(REPO)}")
     return 0
 
 

@@ -29,6 +29,12 @@ if [ ! -x .local/go/bin/grpcurl ] && ! command -v grpcurl >/dev/null 2>&1 && com
   GOBIN="$repo/.local/go/bin" go install github.com/fullstorydev/grpcurl/cmd/grpcurl@v1.9.4 ||
     echo "test: grpcurl could not be installed; its test will be skipped" >&2
 fi
+# buf, for tests/test_schemas.py (lint and breaking-change checks of the topics' schemas).
+if [ ! -x .local/go/bin/buf ] && ! command -v buf >/dev/null 2>&1 && command -v go >/dev/null 2>&1; then
+  echo "test: installing buf into .local/go/bin"
+  GOBIN="$repo/.local/go/bin" go install github.com/bufbuild/buf/cmd/buf@v1.75.0 ||
+    echo "test: buf could not be installed; its tests will fail" >&2
+fi
 # A minimal OpenTelemetry Collector (infra/otelcol: OTLP in, JSON lines out), for the test that
 # follows a Send's trace across the processes.
 if command -v go >/dev/null 2>&1; then

@@ -5,13 +5,10 @@ role exposes, and each has its runbook entry in docs/operations.md."""
 
 from __future__ import annotations
 
-import os
 import re
-import shutil
 import subprocess
 from pathlib import Path
 
-import pytest
 from prometheus_client import CollectorRegistry
 
 from conntrack.api.transport.metrics import ApiMetrics
@@ -22,22 +19,12 @@ from conntrack.lifecycle.webhook import WebhookMetrics
 from conntrack.producer.command_execution import NodeCommandsStats
 from conntrack.producer.outcomes import PublisherStats
 from conntrack.projector.metrics import ProjectorMetrics
+from tests.support.promql import promtool
 
 REPO = Path(__file__).resolve().parents[1]
 RULES = REPO / "ops" / "prometheus" / "alerts.yml"
 RULE_TESTS = REPO / "ops" / "prometheus" / "alerts_test.yml"
 OPERATIONS = REPO / "docs" / "operations.md"
-INSTALL_HINT = "Debian: apt-get install --no-install-recommends prometheus (for promtool)"
-
-
-def _promtool() -> str:
-    exe = shutil.which("promtool")
-    if exe is None:
-        reason = f"promtool is not on PATH ({INSTALL_HINT})"
-        if os.environ.get("CI"):
-            pytest.fail(reason)
-        pytest.skip(reason)
-    return exe
 
 
 def _rules() -> list[dict[str, str]]:
@@ -67,14 +54,14 @@ def _rules() -> list[dict[str, str]]:
 
 def test_promtool_accepts_the_rules() -> None:
     done = subprocess.run(
-        [_promtool(), "check", "rules", str(RULES)], capture_output=True, text=True, timeout=60
+        [promtool(), "check", "rules", str(RULES)], capture_output=True, text=True, timeout=60
     )
     assert done.returncode == 0, done.stdout + done.stderr
 
 
 def test_each_alert_fires_on_its_test_series_and_no_other() -> None:
     done = subprocess.run(
-        [_promtool(), "test", "rules", RULE_TESTS.name],
+        [promtool(), "test", "rules", RULE_TESTS.name],
         cwd=RULE_TESTS.parent,
         capture_output=True,
         text=True,

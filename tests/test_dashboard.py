@@ -9,8 +9,7 @@ import json
 import subprocess
 from pathlib import Path
 
-from tests.support.promql import DASHBOARD, dashboard_expressions, metric_names
-from tests.test_alert_rules import _promtool
+from tests.support.promql import DASHBOARD, dashboard_expressions, metric_names, promtool
 
 
 def test_metric_names_of_promql() -> None:
@@ -49,6 +48,6 @@ def test_every_query_is_valid_promql(tmp_path: Path) -> None:
     rules = tmp_path / "dashboard_rules.yml"
     rules.write_text("\n".join(lines) + "\n")
     done = subprocess.run(
-        [_promtool(), "check", "rules", str(rules)], capture_output=True, text=True, timeout=60
+        [promtool(), "check", "rules", str(rules)], capture_output=True, text=True, timeout=60
     )
     assert done.returncode == 0, done.stdout + done.stderr

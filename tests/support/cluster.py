@@ -68,7 +68,9 @@ class Cluster:
             CONNTRACK_CLUSTER_JAVA_OPTS="-XX:TieredStopAtLevel=1",
             # For measuring what broker settings change (docs/operations.md, "What a broker
             # failure costs"); unset in the suite.
-            CONNTRACK_CLUSTER_BROKER_PROPS=os.environ.get("CONNTRACK_TEST_CLUSTER_BROKER_PROPS", ""),
+            CONNTRACK_CLUSTER_BROKER_PROPS=os.environ.get(
+                "CONNTRACK_TEST_CLUSTER_BROKER_PROPS", ""
+            ),
         )
         return cls(size, client, env)
 

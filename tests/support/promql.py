@@ -4,12 +4,17 @@ expressions, and the metric names an expression reads."""
 from __future__ import annotations
 
 import json
+import os
 import re
+import shutil
+
+import pytest
 
 from tests.support.repo import REPO
 
 DASHBOARD = REPO / "ops" / "grafana" / "conntrack-dashboard.json"
 ALERTS = REPO / "ops" / "prometheus" / "alerts.yml"
+INSTALL_HINT = "Debian: apt-get install --no-install-recommends prometheus (for promtool)"
 
 _KEYWORDS = {
     "by",
@@ -56,3 +61,13 @@ def alert_expressions() -> list[str]:
     """Each rule's `expr`, on its line or as the indented block after `expr: |`."""
     found = re.findall(r"expr: \|\n((?:[ ]{10}.*\n)+)|expr: (.+)", ALERTS.read_text())
     return [block or line for block, line in found]
+
+
+def promtool() -> str:
+    exe = shutil.which("promtool")
+    if exe is None:
+        reason = f"promtool is not on PATH ({INSTALL_HINT})"
+        if os.environ.get("CI"):
+            pytest.fail(reason)
+        pytest.skip(reason)
+    return exe
