@@ -23,6 +23,7 @@ SCRIPTS = {
     "conntrack-audit": "conntrack.audit.__main__:main",
     "conntrack-gateway": "conntrack.gateway.__main__:main",
     "conntrack-lifecycle": "conntrack.lifecycle.__main__:main",
+    "conntrack-conformance": "conntrack.conformance.__main__:main",
     "conntrack-migrate": "conntrack.migrations.cli:main",
     "conntrack-producer": "conntrack.producer.__main__:main",
     "conntrack-projector": "conntrack.projector.__main__:main",
@@ -87,6 +88,7 @@ def test_wheel_carries_every_subpackage_and_the_migrations(wheel: Path) -> None:
     for package in (
         "api",
         "audit",
+        "conformance",
         "core",
         "gateway",
         "lifecycle",

@@ -67,8 +67,10 @@ class GatewayProcess:
         log_path: Path,
         heartbeat_seconds: float = 0.2,
         env: dict[str, str] | None = None,
+        argv: tuple[str, ...] = (str(GATEWAY),),
     ) -> None:
         self.node_id = node_id
+        self._argv = argv
         self.log_path = log_path
         self.url = ""
         self._env = {k: v for k, v in os.environ.items() if not k.startswith("CONNTRACK_")}
@@ -95,7 +97,7 @@ class GatewayProcess:
         """Start it and wait for its `listening on` line; returns its ws:// URL."""
         with self.log_path.open("ab") as log:
             self.process = await asyncio.create_subprocess_exec(
-                str(GATEWAY), env=self._env, stdout=asyncio.subprocess.PIPE, stderr=log
+                *self._argv, env=self._env, stdout=asyncio.subprocess.PIPE, stderr=log
             )
         assert self.process.stdout is not None
         try:

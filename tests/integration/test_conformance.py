@@ -1,0 +1,103 @@
+"""`conntrack-conformance` against real gateway nodes on real Kafka: the reference gateway keeps
+every rule of the node role, and a gateway that breaks one rule (tests/support/faulty_gateway.py,
+one fault at a time) fails exactly that rule, with the kit exiting 1."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+from conntrack.core.settings import Settings
+from tests.support.gateway import GatewayProcess, with_command_topics
+from tests.support.kafka import unique
+
+pytestmark = [pytest.mark.kafka, pytest.mark.slow]
+
+KIT = Path(sys.executable).parent / "conntrack-conformance"
+ALL_RULES = 15
+
+
+async def judge(settings: Settings, gateway: GatewayProcess, timeout_s: float) -> tuple[int, str]:
+    """Run the kit against the gateway; its exit code and output."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("CONNTRACK_")}
+    env.update(
+        CONNTRACK_KAFKA_BOOTSTRAP_SERVERS=settings.kafka_bootstrap_servers,
+        CONNTRACK_EVENTS_TOPIC=settings.events_topic,
+        CONNTRACK_COMMANDS_TOPIC=settings.commands_topic,
+        CONNTRACK_COMMAND_OUTCOMES_TOPIC=settings.command_outcomes_topic,
+    )
+    kit = await asyncio.create_subprocess_exec(
+        str(KIT),
+        "--ws-url",
+        gateway.url,
+        "--node-id",
+        gateway.node_id,
+        "--timeout",
+        str(timeout_s),
+        env=env,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.STDOUT,
+    )
+    out, _ = await asyncio.wait_for(kit.communicate(), 300)
+    assert kit.returncode is not None
+    return kit.returncode, out.decode()
+
+
+def verdicts(output: str) -> dict[str, str]:
+    lines = [line.split(maxsplit=2) for line in output.splitlines()]
+    return {parts[1]: parts[0] for parts in lines if parts and parts[0] in ("PASS", "FAIL", "SKIP")}
+
+
+async def test_the_reference_gateway_keeps_every_rule(
+    kafka_settings: Settings, tmp_path: Path
+) -> None:
+    async with with_command_topics(kafka_settings) as settings:
+        gateway = GatewayProcess(settings, unique("node"), tmp_path / "gw.log", 1.0)
+        try:
+            await gateway.start()
+            code, output = await judge(settings, gateway, 15)
+        finally:
+            await gateway.close()
+    assert code == 0, output
+    assert list(verdicts(output).values()) == ["PASS"] * ALL_RULES, output
+    assert output.splitlines()[-1] == f"{ALL_RULES} rules: {ALL_RULES} passed, 0 failed, 0 skipped"
+
+
+# Each fault, the rules it breaks (a rule of sockets breaks broadcast's as well), and the rules
+# then not judged because they build on a broken one.
+@pytest.mark.parametrize(
+    ("fault", "broken", "not_judged"),
+    [
+        ("text-as-binary", {"send-text", "duplicate", "broadcast"}, {"client-close"}),
+        ("close-code-ignored", {"disconnect", "disconnect-many"}, set()),
+        ("unknown-as-done", {"unknown-connection", "broadcast"}, {"client-close"}),
+        ("expired-executed", {"expired"}, set()),
+        ("duplicates-executed", {"duplicate"}, set()),
+        ("fence-ignored", {"fencing"}, set()),
+    ],
+)
+async def test_a_broken_rule_fails(
+    kafka_settings: Settings, tmp_path: Path, fault: str, broken: set[str], not_judged: set[str]
+) -> None:
+    async with with_command_topics(kafka_settings) as settings:
+        gateway = GatewayProcess(
+            settings,
+            unique("node"),
+            tmp_path / "gw.log",
+            1.0,
+            argv=(sys.executable, "-m", "tests.support.faulty_gateway", fault),
+        )
+        try:
+            await gateway.start()
+            code, output = await judge(settings, gateway, 4)
+        finally:
+            await gateway.close()
+    assert code == 1, output
+    found = verdicts(output)
+    assert len(found) == ALL_RULES, output
+    assert {rule for rule, v in found.items() if v == "FAIL"} == broken, output
+    assert {rule for rule, v in found.items() if v == "SKIP"} == not_judged, output
