@@ -11,7 +11,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from conntrack.conformance.probe import NotJudged, Probe
+from conntrack.conformance.probe import KitBroken, NotJudged, Probe
 from conntrack.conformance.rules import RULES, Verdict, judge
 from conntrack.core import cli
 from conntrack.core.settings import Settings
@@ -30,6 +30,8 @@ async def run(settings: Settings, ns: argparse.Namespace) -> int:
             verdicts = await judge(probe, _print, skip=ns.skip)
     except NotJudged as exc:
         raise cli.CommandError(str(exc), cli.Exit.USAGE) from None
+    except KitBroken as exc:
+        raise cli.CommandError(str(exc), cli.Exit.UNAVAILABLE) from None
     failed = sum(v.result == "FAIL" for v in verdicts)
     passed = sum(v.result == "PASS" for v in verdicts)
     print(

@@ -11,7 +11,7 @@ import contextlib
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Coroutine
 from dataclasses import dataclass
 from typing import Any
 
@@ -36,6 +36,10 @@ class RuleFailed(AssertionError):
 
 class NotJudged(Exception):
     """A rule that cannot be judged against this gateway; the message says why."""
+
+
+class KitBroken(Exception):
+    """The kit itself cannot go on (a topic it cannot read): no verdict at all."""
 
 
 @dataclass(frozen=True)
@@ -65,6 +69,8 @@ class Probe:
         self._outcomes: dict[str, list[Outcome]] = {}
         self._outcome_arrived = asyncio.Condition()
         self._tasks: list[asyncio.Task[None]] = []
+        # Why the kit cannot read a topic any more (its reader ended), if it cannot.
+        self._broken: str | None = None
         self._clients: list[Any] = []
         self._producer: AIOKafkaProducer | None = None
         self._events_consumer: AIOKafkaConsumer | None = None
@@ -93,18 +99,29 @@ class Probe:
             raise
         self._producer = producer
         self._tasks = [
-            asyncio.create_task(self._read_events(events)),
-            asyncio.create_task(self._read_outcomes(outcomes)),
+            asyncio.create_task(self._reading("events", self._read_events(events))),
+            asyncio.create_task(self._reading("outcomes", self._read_outcomes(outcomes))),
         ]
         return self
 
     async def __aexit__(self, *exc: object) -> None:
         for task in self._tasks:
             task.cancel()
-        for task in self._tasks:
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        await asyncio.gather(*self._tasks, return_exceptions=True)  # each reader reported its end
         await kafka.close(*self._clients)
+
+    async def _reading(self, what: str, read: Coroutine[Any, Any, None]) -> None:
+        """A reader that ends only when cancelled; if it fails instead, every wait of the rules
+        ends at once with why (a record the kit cannot read is no verdict on the gateway)."""
+        try:
+            await read
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            self._broken = f"cannot read the {what} topic any more: {type(exc).__name__}: {exc}"
+            for condition in (self._arrived, self._outcome_arrived):
+                async with condition:
+                    condition.notify_all()
 
     async def _assign(self, consumer: AIOKafkaConsumer, setting: str) -> list[TopicPartition]:
         """Every partition of the topic a setting names, from its end as of now."""
@@ -161,6 +178,8 @@ class Probe:
         deadline = time.monotonic() + self.timeout_s
         async with self._arrived:
             while True:
+                if self._broken:
+                    raise KitBroken(self._broken)
                 for seen in self._events:
                     if seen.at >= since and match(seen):
                         return seen
@@ -220,6 +239,8 @@ class Probe:
         deadline = time.monotonic() + self.timeout_s
         async with self._outcome_arrived:
             while len(self._outcomes.get(command_id, ())) < count:
+                if self._broken:
+                    raise KitBroken(self._broken)
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
                     got = len(self._outcomes.get(command_id, ()))

@@ -1,6 +1,7 @@
-"""`conntrack-conformance` against real gateway nodes on real Kafka: the reference gateway keeps
-every rule of the node role, and a gateway that breaks one rule (tests/support/faulty_gateway.py,
-one fault at a time) fails exactly that rule, with the kit exiting 1."""
+"""`conntrack-conformance` against real gateway nodes on real Kafka: the reference gateway and the
+Go gateway (examples/go-gateway, written from the schemas alone) keep every rule of the node
+role, and a gateway that breaks one rule (tests/support/faulty_gateway.py, one fault at a time)
+fails exactly that rule, with the kit exiting 1."""
 
 from __future__ import annotations
 
@@ -12,13 +13,26 @@ from pathlib import Path
 import pytest
 
 from conntrack.core.settings import Settings
-from tests.support.gateway import GatewayProcess, with_command_topics
+from tests.support.gateway import GATEWAY, GatewayProcess, with_command_topics
 from tests.support.kafka import unique
+from tests.support.repo import REPO
 
 pytestmark = [pytest.mark.kafka, pytest.mark.slow]
 
 KIT = Path(sys.executable).parent / "conntrack-conformance"
+GO_GATEWAY = REPO / ".local" / "go" / "bin" / "conntrack-go-gateway"
 ALL_RULES = 15
+
+
+def gateway_argv(which: str) -> tuple[str, ...]:
+    if which == "python":
+        return (str(GATEWAY),)
+    if not GO_GATEWAY.exists():
+        reason = f"{GO_GATEWAY} is not built (scripts/test.sh builds examples/go-gateway)"
+        if os.environ.get("CI"):
+            pytest.fail(reason)
+        pytest.skip(reason)
+    return (str(GO_GATEWAY),)
 
 
 async def judge(settings: Settings, gateway: GatewayProcess, timeout_s: float) -> tuple[int, str]:
@@ -52,11 +66,14 @@ def verdicts(output: str) -> dict[str, str]:
     return {parts[1]: parts[0] for parts in lines if parts and parts[0] in ("PASS", "FAIL", "SKIP")}
 
 
-async def test_the_reference_gateway_keeps_every_rule(
-    kafka_settings: Settings, tmp_path: Path
+@pytest.mark.parametrize("which", ["python", "go"])
+async def test_both_gateways_keep_every_rule(
+    kafka_settings: Settings, tmp_path: Path, which: str
 ) -> None:
     async with with_command_topics(kafka_settings) as settings:
-        gateway = GatewayProcess(settings, unique("node"), tmp_path / "gw.log", 1.0)
+        gateway = GatewayProcess(
+            settings, unique("node"), tmp_path / "gw.log", 1.0, argv=gateway_argv(which)
+        )
         try:
             await gateway.start()
             code, output = await judge(settings, gateway, 15)
