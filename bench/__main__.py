@@ -101,6 +101,11 @@ SCENARIOS: dict[str, tuple[Scenario, str]] = {
         "6. Send at 1k/s through a real gateway node: call-to-frame and call p50/p99 vs plain "
         "Kafka, most sends/s of one API",
     ),
+    "send-go": (
+        send.run_go,
+        "6g. figure 6's steady Sends through the Go gateway node (examples/go-gateway) instead "
+        "of conntrack-gateway: call-to-frame and call p50/p99 vs plain Kafka",
+    ),
     "directory": (
         directory.run,
         "7. ListConnections p50/p99 of 1,000-connection pages at gateways of 1k/100k/1M",

@@ -26,7 +26,7 @@ _WIDTH = max(len(rule.name) for rule in RULES)
 
 async def run(settings: Settings, ns: argparse.Namespace) -> int:
     try:
-        async with Probe(settings, ns.ws_url, ns.node_id, ns.timeout) as probe:
+        async with Probe(settings, ns.ws_url, ns.node_id, ns.timeout, ns.restart_command) as probe:
             verdicts = await judge(probe, _print, skip=ns.skip)
     except NotJudged as exc:
         raise cli.CommandError(str(exc), cli.Exit.USAGE) from None
@@ -49,6 +49,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--node-id", required=True, help="the gateway node's id")
     parser.add_argument(
         "--timeout", type=float, default=15.0, help="how long each expected thing is waited for (s)"
+    )
+    parser.add_argument(
+        "--restart-command",
+        default="",
+        metavar="COMMAND",
+        help="a shell command that restarts the gateway (on the same URL), for the restart "
+        "rule; without it the rule is skipped",
     )
     parser.add_argument(
         "--skip",

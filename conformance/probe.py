@@ -57,8 +57,16 @@ class Seen:
 class Probe:
     """Async context manager: the kit's Kafka clients and its view of the events topic."""
 
-    def __init__(self, settings: Settings, ws_url: str, node_id: str, timeout_s: float) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        ws_url: str,
+        node_id: str,
+        timeout_s: float,
+        restart_command: str = "",
+    ) -> None:
         self.settings = settings
+        self.restart_command = restart_command
         self.ws_url = ws_url
         self.node_id = node_id
         self.timeout_s = timeout_s

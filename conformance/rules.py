@@ -396,6 +396,38 @@ async def fencing(probe: Probe, state: State) -> str:
     return f"sockets closed with {FENCED_CLOSE_CODE}, new incarnation {state.incarnation}"
 
 
+async def restart(probe: Probe, state: State) -> str:
+    if not probe.restart_command:
+        raise NotJudged("give --restart-command to judge it")
+    socket, since = await _open(probe, state, "r"), time.monotonic()
+    state.sockets.pop("r")
+    done = await asyncio.create_subprocess_shell(probe.restart_command)
+    try:
+        code = await asyncio.wait_for(done.wait(), probe.timeout_s)
+    except TimeoutError:
+        done.kill()
+        raise NotJudged(f"the restart command ran for over {probe.timeout_s:g} s") from None
+    if code != 0:
+        raise NotJudged(f"the restart command exited {code}")
+    seen = await probe.event(
+        f"NodeStarted of an incarnation after {state.incarnation}",
+        _node_event(NodeStarted, probe.node_id, after=state.incarnation),
+        since,
+    )
+    state.incarnation = _incarnation(seen)
+    await _closed(socket, probe.timeout_s)
+    deadline = time.monotonic() + probe.timeout_s
+    while True:  # refused until the new process listens
+        try:
+            await _open(probe, state, "r")
+            break
+        except RuleFailed:
+            if time.monotonic() > deadline:
+                raise
+            await asyncio.sleep(0.2)
+    return f"new incarnation {state.incarnation}; a new socket is of it"
+
+
 RULES: Final = (
     Rule("node-started", (), node_started),
     Rule("heartbeat", ("node-started",), heartbeat),
@@ -412,6 +444,7 @@ RULES: Final = (
     Rule("disconnect-many", ("node-started",), disconnect_many),
     Rule("client-close", ("broadcast",), client_close),
     Rule("fencing", ("node-started",), fencing),
+    Rule("restart", ("node-started",), restart),
 )
 
 

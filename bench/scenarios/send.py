@@ -287,6 +287,7 @@ def _gateway(
     outcomes: str,
     log_dir: Path,
     extra: dict[str, str] | None = None,
+    argv: list[str] | None = None,
 ) -> Service:
     env = service_environment(
         {
@@ -302,7 +303,10 @@ def _gateway(
         }
     )
     return Service(
-        "conntrack-gateway", command("conntrack-gateway", "conntrack.gateway"), env, log_dir
+        "conntrack-gateway",
+        argv or command("conntrack-gateway", "conntrack.gateway"),
+        env,
+        log_dir,
     )
 
 
@@ -351,12 +355,35 @@ async def _warm_up(sends: _Sends, ids: list[str], within_s: float = 60.0) -> Non
 
 
 async def run(cfg: BenchConfig, result: ScenarioResult) -> None:
+    await _run(cfg, result, gateway=None, concurrencies=MAX_CONCURRENCIES)
+
+
+# The Go gateway node (examples/go-gateway), built by scripts/test.sh or its README's command.
+GO_GATEWAY = Path(__file__).resolve().parents[2] / ".local" / "go" / "bin" / "conntrack-go-gateway"
+
+
+async def run_go(cfg: BenchConfig, result: ScenarioResult) -> None:
+    """Figure 6's steady Sends through the Go gateway node instead of conntrack-gateway."""
+    if not GO_GATEWAY.exists():
+        raise RuntimeError(
+            f"{GO_GATEWAY} is not built: cd examples/go-gateway && go build -o {GO_GATEWAY} ."
+        )
+    await _run(cfg, result, gateway=[str(GO_GATEWAY)], concurrencies=())
+
+
+async def _run(
+    cfg: BenchConfig,
+    result: ScenarioResult,
+    gateway: list[str] | None,
+    concurrencies: tuple[int, ...],
+) -> None:
     rate, seconds, n = cfg.send_rate, cfg.send_seconds, cfg.send_clients
     result.params.update(
+        gateway=gateway[0] if gateway else "conntrack-gateway",
         rate=rate,
         seconds=seconds,
         clients=n,
-        max_concurrencies=list(MAX_CONCURRENCIES),
+        max_concurrencies=list(concurrencies),
         max_seconds_each=cfg.send_max_seconds,
         payload="'SEQ START_NS' as a TEXT frame (~25 bytes)",
     )
@@ -375,10 +402,10 @@ async def run(cfg: BenchConfig, result: ScenarioResult) -> None:
             settings = projector_settings(cfg, topic, dlq, url)
             target = f"127.0.0.1:{free_port()}"
             projector = projector_service(settings_environment(settings), log_dir)
-            gateway = _gateway(cfg, topic, commands, outcomes, log_dir)
+            node = _gateway(cfg, topic, commands, outcomes, log_dir, argv=gateway)
             api = _api(cfg, url, target, commands, outcomes, log_dir)
-            async with running(projector), running(gateway), running(api):
-                line = await _wait_log(gateway, "listening on ws://")
+            async with running(projector), running(node), running(api):
+                line = await _wait_log(node, "listening on ws://")
                 ws_url = line.split()[2]
                 await wait_grpc_serving(target, api)
                 await wait_assigned(url, topic, cfg.partitions, projector)
@@ -392,7 +419,7 @@ async def run(cfg: BenchConfig, result: ScenarioResult) -> None:
                         stub = connection_service_pb2_grpc.ConnectionServiceStub(channel)
                         sends = _Sends(stub, ids)
                         await _warm_up(sends, ids)
-                        cpu = CpuWindow({"api": api.pid, "gateway": gateway.pid})
+                        cpu = CpuWindow({"api": api.pid, "gateway": node.pid})
                         with _collector_off():
                             sent, elapsed = await sends.at_rate(rate, seconds)
                         use = cpu.finish()
@@ -400,7 +427,7 @@ async def run(cfg: BenchConfig, result: ScenarioResult) -> None:
                         steady_calls = dict(sends.call_ms)
                         steady_errors = dict(sends.errors)
                         levels: list[dict[str, Any]] = []
-                        for concurrency in MAX_CONCURRENCIES:
+                        for concurrency in concurrencies:
                             sends.errors.clear()
                             achieved, calls = await sends.closed_loop(
                                 concurrency, cfg.send_max_seconds
@@ -422,7 +449,7 @@ async def run(cfg: BenchConfig, result: ScenarioResult) -> None:
                     if holder.is_alive():
                         holder.kill()
                 result.params.update(
-                    api_peak_rss_mb=api.peak_rss_mb(), gateway_peak_rss_mb=gateway.peak_rss_mb()
+                    api_peak_rss_mb=api.peak_rss_mb(), gateway_peak_rss_mb=node.peak_rss_mb()
                 )
     finally:
         admin = AIOKafkaAdminClient(bootstrap_servers=cfg.kafka)
@@ -440,7 +467,7 @@ async def run(cfg: BenchConfig, result: ScenarioResult) -> None:
     delivery = sorted((arrived[s] - start) / 1e6 for s, start in steady.items() if s in arrived)
     calls = sorted(steady_calls.values())
     lost = sum(1 for s in steady if s not in arrived)
-    best = max(levels, key=lambda level: level["sends_per_s"])
+    best = max(levels, key=lambda level: level["sends_per_s"], default=None)
     # Where in the run the slow ones were: a tail spread evenly is queueing, one in bursts is a
     # stall of some process.
     began_ns = min(steady.values(), default=0)
@@ -472,18 +499,19 @@ async def run(cfg: BenchConfig, result: ScenarioResult) -> None:
     )
     result.add(Figure("call_p50_ms", "Send gRPC call p50", percentile(calls, 50), "ms"))
     call_p99 = result.add(Figure("call_p99_ms", "Send gRPC call p99", percentile(calls, 99), "ms"))
-    result.add(
-        Figure(
-            "max_sends_per_s",
-            "most sends/s of one API (closed loop)",
-            best["sends_per_s"],
-            "sends/s",
-            note=f"at concurrency {best['concurrency']}, call p99 {best['call_p99_ms']} ms",
+    if best is not None:
+        result.add(
+            Figure(
+                "max_sends_per_s",
+                "most sends/s of one API (closed loop)",
+                best["sends_per_s"],
+                "sends/s",
+                note=f"at concurrency {best['concurrency']}, call p99 {best['call_p99_ms']} ms",
+            )
         )
-    )
-    result.add(
-        Figure("max_call_p99_ms", "Send gRPC call p99 at that rate", best["call_p99_ms"], "ms")
-    )
+        result.add(
+            Figure("max_call_p99_ms", "Send gRPC call p99 at that rate", best["call_p99_ms"], "ms")
+        )
     if lost or steady_errors:
         result.notes.append(
             f"{lost} of {sent} Sends never reached their client; call errors: {steady_errors}"

@@ -7,10 +7,12 @@ or fail."""
 from __future__ import annotations
 
 import math
+import os
 from pathlib import Path
 
 import pytest
 
+from bench.scenarios.send import GO_GATEWAY
 from tests.support.bench import run_bench
 
 
@@ -59,3 +61,37 @@ def test_send_scenario_runs_end_to_end(kafka_bootstrap: str, tmp_path: Path) -> 
     assert [t["verdict"] for t in scenario["targets"]] == ["n/a", "n/a"]
     assert scenario["cpu"]["steady_sends"]
     assert "send" in proc.stdout
+
+
+@pytest.mark.kafka
+@pytest.mark.postgres
+@pytest.mark.slow
+def test_send_through_the_go_gateway_runs_end_to_end(kafka_bootstrap: str, tmp_path: Path) -> None:
+    if not GO_GATEWAY.exists():
+        reason = f"{GO_GATEWAY} is not built (scripts/test.sh builds examples/go-gateway)"
+        if os.environ.get("CI"):
+            pytest.fail(reason)
+        pytest.skip(reason)
+    run = run_bench(
+        tmp_path,
+        kafka_bootstrap,
+        "--only",
+        "send-go",
+        "--send-rate",
+        "50",
+        "--send-seconds",
+        "0.5",
+        "--send-clients",
+        "5",
+        timeout=180,
+    )
+    (scenario,) = run.scenarios
+    assert scenario["status"] == "ok", scenario["error"]
+    params = scenario["params"]
+    assert params["gateway"] == str(GO_GATEWAY)
+    assert params["not_delivered"] == 0, params
+    assert params["errors"] == {}, params
+    assert params["max_levels"] == []
+    figures = {f["key"] for f in scenario["figures"]}
+    assert {"delivery_p99_ms", "call_p99_ms"} <= figures
+    assert "max_sends_per_s" not in figures
