@@ -3,7 +3,7 @@ package conntrack.bench.streams;
 import com.google.protobuf.ByteString;
 import com.google.protobuf.InvalidProtocolBufferException;
 import com.google.protobuf.Timestamp;
-import conntrack.events.v1.Events.ConnectionEvent;
+import io.github.wsconnectiontracker.conntrack.events.v1.ConnectionEvent;
 
 /**
  * A record of the events topic to the state its one event implies (fold.py of_event), or null
