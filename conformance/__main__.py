@@ -11,8 +11,9 @@ from __future__ import annotations
 import argparse
 import sys
 
+from conntrack.conformance.judge import Verdict, judge
 from conntrack.conformance.probe import KitBroken, NotJudged, Probe
-from conntrack.conformance.rules import RULES, Verdict, judge
+from conntrack.conformance.rules import RULES
 from conntrack.core import cli
 from conntrack.core.settings import Settings
 

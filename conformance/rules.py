@@ -1,14 +1,14 @@
 """The rules of the node role (docs/producer.md, "The node role" and "Commands"), each judged
-from outside by the probe: what a gateway of any make must do to take part. A rule passes with a
-one-line account of what it saw, fails with a one-line account of what went wrong, or is skipped
-when a rule it builds on failed."""
+from outside by the probe: what a gateway of any make must do to take part. A rule returns a
+one-line account of what it saw, or raises RuleFailed with one of what went wrong (NotJudged when
+it cannot be judged here); conformance/judge.py runs them in order."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Final
 
@@ -62,13 +62,6 @@ class Rule:
     name: str
     needs: tuple[str, ...]
     check: Callable[[Probe, State], Awaitable[str]]
-
-
-@dataclass(frozen=True)
-class Verdict:
-    rule: str
-    result: str  # PASS, FAIL or SKIP
-    detail: str
 
 
 # -- helpers ------------------------------------------------------------------------------------
@@ -446,47 +439,3 @@ RULES: Final = (
     Rule("fencing", ("node-started",), fencing),
     Rule("restart", ("node-started",), restart),
 )
-
-
-async def judge(
-    probe: Probe, on_verdict: Callable[[Verdict], None], skip: Sequence[str] = ()
-) -> list[Verdict]:
-    """Every rule in order; each verdict is also handed to `on_verdict` as it comes."""
-    state = State()
-    verdicts: list[Verdict] = []
-    failed: set[str] = set()
-    async with state.stack:
-        for rule in RULES:
-            verdict = await _verdict(probe, state, rule, skip, failed)
-            if verdict.result != "PASS":
-                failed.add(rule.name)
-            if verdict.result == "FAIL":
-                await _drain(state)
-            verdicts.append(verdict)
-            on_verdict(verdict)
-    return verdicts
-
-
-async def _drain(state: State) -> None:
-    """Drop the frames a failed rule left on the kit's sockets (a command the node should not
-    have executed), so that the next rules judge only their own."""
-    for socket in state.sockets.values():
-        with contextlib.suppress(TimeoutError, ConnectionClosed):
-            while True:
-                await asyncio.wait_for(socket.client.recv(), QUIET_S)
-
-
-async def _verdict(
-    probe: Probe, state: State, rule: Rule, skip: Sequence[str], failed: set[str]
-) -> Verdict:
-    if rule.name in skip:
-        return Verdict(rule.name, "SKIP", "skipped as asked")
-    missing = [n for n in rule.needs if n in failed]
-    if missing:
-        return Verdict(rule.name, "SKIP", f"needs {', '.join(missing)}")
-    try:
-        return Verdict(rule.name, "PASS", await rule.check(probe, state))
-    except RuleFailed as exc:
-        return Verdict(rule.name, "FAIL", str(exc))
-    except NotJudged as exc:
-        return Verdict(rule.name, "SKIP", str(exc))
